@@ -1,0 +1,684 @@
+"""The exact (direct) solver: profiled REML/ML deviance by a blocked Cholesky in level space.
+
+The model is ``y = X beta + sum_k Z_k u_k + e`` with ``u_k ~ N(0, s_k^2 I)`` and
+``e ~ N(0, s^2 I)``. With relative scales ``theta_k = s_k / s`` and
+``Lambda = blkdiag(theta_k I_{q_k})``, lme4's penalised least-squares system is
+
+.. math::
+
+    \\Omega(\\theta) = \\begin{bmatrix}
+    \\Lambda Z'Z \\Lambda + I & \\Lambda Z'X & \\Lambda Z'y \\\\
+    X'Z\\Lambda & X'X & X'y \\\\
+    y'Z\\Lambda & y'X & y'y \\end{bmatrix} = L L'.
+
+The factor with the most levels comes first: its block of ``Lambda Z'Z Lambda + I`` is
+diagonal, so eliminating it is exact and cheap, and what remains is a dense Schur
+complement of size ``q_rest + p + 1`` (the other factors, X and y), factored by LAPACK.
+This is MixedModels.jl's blocked Cholesky. From ``L``:
+
+- ``log|Lambda Z'Z Lambda + I| = log|V| - n log s^2`` (matrix determinant lemma);
+- ``log|R_X|^2 = log|X'V^{-1}X| + p log s^2``;
+- ``r^2 = L[-1, -1]^2``, the penalised residual sum of squares.
+
+The profiled criteria (``s^2`` optimised out) are
+
+- ML: ``log|L_Z|^2 + n (1 + log(2 pi r^2 / n))``;
+- REML: ``log|L_Z|^2 + log|R_X|^2 + (n - p)(1 + log(2 pi r^2 / (n - p)))``.
+
+Their gradient in ``theta`` is analytic:
+``d/dtheta_k = 2/theta_k [q_k - tr((M^{-1})_{kk}) - ||v_k||^2 / s^2]`` where ``M`` is the
+leading block of ``Omega`` whose log-determinant enters the criterion (Z only for ML, Z and
+X for REML) and ``v`` the spherical conditional modes; the criterion is even in each
+``theta_k``, so the derivative is 0 on the boundary ``theta_k = 0``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg as sla
+import scipy.sparse as sp
+
+from . import _kernels_direct as kernels
+from ._guard import check_dense
+from .errors import ConvergenceWarning, LmmopsError
+
+__all__ = [
+    "DirectObjective",
+    "Evaluation",
+    "NumericalFailure",
+    "OptSummary",
+    "fit_direct",
+    "moment_start",
+]
+
+_LOG2PI = np.log(2.0 * np.pi)
+
+
+@dataclass
+class Evaluation:
+    """Everything the blocked Cholesky gives at one ``theta``.
+
+    Attributes
+    ----------
+    theta : ndarray, shape (K,)
+    objective : float
+        The profiled criterion (REML criterion or ML deviance), on lme4's scale.
+    gradient : ndarray or None, shape (K,)
+    sigma2 : float
+        Profiled residual variance.
+    beta : ndarray, shape (p,)
+    beta_cov : ndarray, shape (p, p)
+        ``sigma2 * (X'V^{-1}X)^{-1}`` scaled as lme4's ``vcov``.
+    v : list of ndarray
+        Spherical conditional modes per factor (original factor order).
+    logdet_L : float
+        ``log|Lambda Z'Z Lambda + I|``.
+    logdet_RX : float
+        ``log|R_X|^2``.
+    pwrss : float
+        Penalised weighted residual sum of squares ``r^2``.
+    """
+
+    theta: np.ndarray
+    objective: float
+    gradient: np.ndarray | None
+    sigma2: float
+    beta: np.ndarray
+    beta_cov: np.ndarray
+    v: list
+    logdet_L: float
+    logdet_RX: float
+    pwrss: float
+    traces: np.ndarray | None = None
+    factor: tuple | None = field(default=None, repr=False)
+
+
+@dataclass
+class OptSummary:
+    """Record of an optimisation (after MixedModels.jl's ``OptSummary``).
+
+    Attributes
+    ----------
+    theta_initial, theta_final : ndarray
+    f_initial, f_final : float
+    n_evaluations, iterations : int
+    gradient_norm : float
+        Infinity norm of the projected gradient at the end.
+    converged : bool
+    message : str
+    optimizer : str
+    elapsed_s : float
+    fitlog : list of tuple
+        ``(theta, objective)`` for every evaluation.
+    """
+
+    theta_initial: np.ndarray
+    theta_final: np.ndarray
+    f_initial: float
+    f_final: float
+    n_evaluations: int
+    iterations: int
+    gradient_norm: float
+    converged: bool
+    message: str
+    optimizer: str = "L-BFGS-B"
+    elapsed_s: float = 0.0
+    fitlog: list = field(default_factory=list, repr=False)
+
+    def __repr__(self):
+        rows = [
+            ("optimizer", self.optimizer),
+            ("theta initial", np.array2string(self.theta_initial, precision=6)),
+            ("theta final", np.array2string(self.theta_final, precision=6)),
+            ("objective initial", f"{self.f_initial:.6f}"),
+            ("objective final", f"{self.f_final:.6f}"),
+            ("evaluations", str(self.n_evaluations)),
+            ("iterations", str(self.iterations)),
+            ("|projected gradient|", f"{self.gradient_norm:.3g}"),
+            ("converged", f"{self.converged} ({self.message})"),
+            ("elapsed", f"{self.elapsed_s:.3f} s"),
+        ]
+        w = max(len(r[0]) for r in rows)
+        return "OptSummary\n" + "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)
+
+
+class NumericalFailure(LmmopsError):
+    """The Cholesky factorisation failed at a particular ``theta`` (ill-conditioning)."""
+
+
+class DirectObjective:
+    """The exact profiled REML/ML criterion as a function of ``theta``.
+
+    This is lme4's ``devfun``: build it once (an O(n) pass for the sufficient
+    statistics), then evaluate it at any ``theta`` in time independent of n.
+
+    Parameters
+    ----------
+    design : CrossedDesign
+    X : ndarray, shape (n_obs, p)
+        Fixed-effects model matrix, full column rank.
+    y : ndarray, shape (n_obs,)
+    method : {"REML", "ML"}
+
+    Raises
+    ------
+    DenseTooLargeError
+        When the dense Schur block (all factors but the largest, plus X and y) is too
+        large to form.
+
+    Notes
+    -----
+    Memory is ``O(q_1 p + m^2)`` with ``m = q - q_1 + p + 1``, where ``q_1`` is the
+    largest factor's level count; time per evaluation is ``O(m^3)`` plus
+    ``O(sum_i nnz_i^2)`` over the rows ``i`` of the cross-tabulation ``N_1,rest``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lmmops.design import CrossedDesign
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.integers(0, 6, 200), rng.integers(0, 4, 200)
+    >>> d = CrossedDesign.from_codes([a, b], names=["a", "b"])
+    >>> y = 1.0 + rng.normal(size=6)[a] + rng.normal(size=4)[b] + rng.normal(size=200)
+    >>> obj = DirectObjective(d, np.ones((200, 1)), y, method="REML")
+    >>> ev = obj.evaluate(np.array([1.0, 1.0]))
+    >>> bool(np.isfinite(ev.objective))
+    True
+    """
+
+    def __init__(self, design, X, y, method="REML"):
+        method = str(method).upper()
+        if method not in ("REML", "ML"):
+            raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
+        self.method = method
+        self.design = design
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+        n, p = X.shape
+        if y.shape[0] != n or design.n_obs != n:
+            raise LmmopsError("X, y and the design must have the same number of rows")
+        if method == "REML" and n <= p:
+            raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
+        self.n, self.p, self.K = n, p, design.n_factors
+        q = np.asarray(design.n_levels)
+        self.first = int(np.argmax(q))
+        self.rest = [k for k in range(self.K) if k != self.first]
+        self.q1 = int(q[self.first])
+        self.q_rest = [int(q[k]) for k in self.rest]
+        self.qr = int(sum(self.q_rest))
+        m = self.qr + p + 1
+        check_dense((m, m), "the exact solver's dense Schur block", itemsize=8 * 4)
+        self.m = m
+
+        T = np.empty((n, p + 1))
+        T[:, :p] = X
+        T[:, p] = y
+        self.X, self.y = X, y
+        self.d1 = design.counts(self.first).astype(np.float64)
+        Z1t = design.indicator(self.first).T.tocsr()
+        self.Z1T = np.asarray(Z1t @ T)
+        self.TT = T.T @ T
+        if self.qr:
+            self.rest_offsets = np.concatenate([[0], np.cumsum(self.q_rest)]).astype(np.int64)
+            Zr = sp.hstack([design.indicator(k) for k in self.rest], format="csr")
+            self.Arr = (Zr.T @ Zr).toarray()
+            self.ZrT = np.asarray(Zr.T @ T)
+            N = (Z1t @ Zr).tocsr()
+            N.sum_duplicates()
+            N.sort_indices()
+            self.N = N
+            self.Nt = N.T.tocsr()
+        else:
+            self.rest_offsets = np.zeros(1, dtype=np.int64)
+            self.Arr = np.zeros((0, 0))
+            self.ZrT = np.zeros((0, p + 1))
+            self.N = sp.csr_matrix((self.q1, 0))
+            self.Nt = sp.csr_matrix((0, self.q1))
+        self._N_arrays = (
+            self.N.indptr.astype(np.int64), self.N.indices.astype(np.int64),
+            self.N.data.astype(np.float64),
+        )
+        self._S = np.empty((m, m))
+        self._G1 = np.empty((self.qr, self.qr))
+        self._G2 = np.empty((self.qr, self.qr))
+        self.n_evaluations = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _theta_rest(self, theta):
+        if not self.qr:
+            return np.zeros(0)
+        return np.repeat(np.asarray(theta, dtype=np.float64)[self.rest], self.q_rest)
+
+    def _reml_dims(self):
+        """Size of the leading block whose log-determinant enters the criterion."""
+        return self.qr + (self.p if self.method == "REML" else 0)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, theta, gradient=True):
+        """Evaluate the criterion (and optionally its gradient) at ``theta``.
+
+        Parameters
+        ----------
+        theta : array_like, shape (n_factors,)
+            Relative standard deviations ``s_k / s``, in the design's factor order, >= 0.
+        gradient : bool
+            Whether to compute the analytic gradient (about twice the cost).
+
+        Returns
+        -------
+        Evaluation
+
+        Raises
+        ------
+        RankDeficientError
+            If X is numerically rank deficient.
+        """
+        theta = np.asarray(theta, dtype=np.float64).copy()
+        if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
+            raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")
+        self.n_evaluations += 1
+        n, p, qr, m = self.n, self.p, self.qr, self.m
+        t1 = theta[self.first]
+        d = t1 * t1 * self.d1 + 1.0
+        w1 = t1 * t1 / d
+        tr_ = self._theta_rest(theta)
+        S = self._S
+        G1 = self._G1
+        if qr:
+            if gradient:
+                w2 = w1 / d
+                kernels.weighted_gram2(*self._N_arrays, w1, w2, G1, self._G2)
+            else:
+                kernels.weighted_gram(*self._N_arrays, w1, G1)
+            S[:qr, :qr] = self.Arr - G1
+            S[:qr, :qr] *= tr_[:, None]
+            S[:qr, :qr] *= tr_[None, :]
+            S[np.arange(qr), np.arange(qr)] += 1.0
+            NwT = self.Nt @ (w1[:, None] * self.Z1T)
+            S[:qr, qr:] = tr_[:, None] * (self.ZrT - NwT)
+            S[qr:, :qr] = S[:qr, qr:].T
+        S[qr:, qr:] = self.TT - self.Z1T.T @ (w1[:, None] * self.Z1T)
+        L, info = sla.lapack.dpotrf(S, lower=1, overwrite_a=0, clean=1)
+        if info > 0:
+            col = info - 1
+            if col == m - 1:  # y in the span of X and Z: perfect fit
+                L[m - 1, m - 1] = 0.0
+            else:
+                where = "X" if qr <= col < qr + p else "the random effects"
+                raise NumericalFailure(
+                    f"the blocked Cholesky factor lost positive definiteness at pivot {info} "
+                    f"({where}) for theta = {theta}"
+                )
+        diag = np.diag(L)
+        logdet_L = float(np.sum(np.log(d)) + 2.0 * np.sum(np.log(diag[:qr])))
+        logdet_RX = float(2.0 * np.sum(np.log(diag[qr:qr + p])))
+        pwrss = float(diag[m - 1] ** 2)
+        if pwrss <= 0:
+            raise LmmopsError("the response is fitted exactly (zero residual sum of squares)")
+        if self.method == "REML":
+            dof = n - p
+            obj = logdet_L + logdet_RX + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
+        else:
+            dof = n
+            obj = logdet_L + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
+        sigma2 = pwrss / dof
+
+        # conditional modes: back-substitute the y column, then the first block
+        Lm = L[: m - 1, : m - 1]
+        c = L[m - 1, : m - 1]
+        sol = sla.solve_triangular(Lm, c, lower=True, trans="T") if m > 1 else np.zeros(0)
+        v_rest = sol[:qr]
+        beta = sol[qr:qr + p]
+        rhs1 = t1 * self.Z1T[:, p] - t1 * (self.Z1T[:, :p] @ beta)
+        if qr:
+            rhs1 -= t1 * (self.N @ (tr_ * v_rest))
+        v1 = rhs1 / d
+        # beta covariance: sigma2 * (R_X R_X')^{-1}
+        RX = L[qr:qr + p, qr:qr + p]
+        RXinv = sla.solve_triangular(RX, np.eye(p), lower=True) if p else np.zeros((0, 0))
+        beta_cov = sigma2 * (RXinv.T @ RXinv)
+
+        v = [None] * self.K
+        v[self.first] = v1
+        for i, k in enumerate(self.rest):
+            v[k] = v_rest[self.rest_offsets[i]:self.rest_offsets[i + 1]]
+
+        grad = traces = None
+        if gradient:
+            grad, traces = self._gradient(theta, L, d, w1, tr_, v, sigma2)
+        return Evaluation(theta, float(obj), grad, float(sigma2), beta, beta_cov, v,
+                          logdet_L, logdet_RX, pwrss, traces, (L, d, tr_))
+
+    def _gradient(self, theta, L, d, w1, tr_, v, sigma2):
+        p, qr = self.p, self.qr
+        mp = self._reml_dims()
+        grad = np.zeros(self.K)
+        # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X])
+        if mp:
+            Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
+            if info != 0:
+                raise LmmopsError("could not invert the Schur block")
+            iu = np.triu_indices(mp, 1)
+            Sinv[iu] = Sinv.T[iu]
+        else:
+            Sinv = np.zeros((0, 0))
+        # trace of the first factor's block of M^{-1}: sum 1/d + tr(S'^{-1} B'D^{-2}B)
+        tr_first = float(np.sum(1.0 / d))
+        if mp:
+            t1 = theta[self.first]
+            w2 = w1 / d
+            Bt = np.zeros((mp, mp))
+            if qr:
+                Bt[:qr, :qr] = self._G2 * tr_[:, None] * tr_[None, :]
+            if self.method == "REML" and p:
+                X1 = self.Z1T[:, :p]
+                Bt[qr:, qr:] = t1 * t1 * (X1.T @ (X1 / (d * d)[:, None]))
+                if qr:
+                    NwX = self.Nt @ (w2[:, None] * X1)
+                    Bt[:qr, qr:] = tr_[:, None] * NwX
+                    Bt[qr:, :qr] = Bt[:qr, qr:].T
+            tr_first += float(np.sum(Sinv * Bt))
+        diag_inv = np.diag(Sinv)
+        traces = np.zeros(self.K)
+        for k in range(self.K):
+            if k == self.first:
+                trk = tr_first
+                qk = self.q1
+            else:
+                i = self.rest.index(k)
+                lo, hi = self.rest_offsets[i], self.rest_offsets[i + 1]
+                trk = float(np.sum(diag_inv[lo:hi]))
+                qk = hi - lo
+            traces[k] = trk
+            t = theta[k]
+            if t > 0.0:
+                grad[k] = 2.0 / t * ((qk - trk) - float(v[k] @ v[k]) / sigma2)
+        return grad, traces
+
+    def residuals(self, ev):
+        """Conditional residuals ``y - X beta - sum_k Z_k b_k`` at an evaluation.
+
+        Parameters
+        ----------
+        ev : Evaluation
+
+        Returns
+        -------
+        ndarray, shape (n_obs,)
+        """
+        r = self.y - self.X @ ev.beta
+        codes = self.design.codes
+        for k in range(self.K):
+            if ev.theta[k] != 0.0:
+                r -= (ev.theta[k] * ev.v[k])[codes[k]]
+        return r
+
+    def _split_rhs(self, ZtW, XtW, theta):
+        """Spherical right-hand sides ``[Lambda Z'W; X'W]`` in block order."""
+        off = self.design.offsets
+        f = self.first
+        b1 = theta[f] * ZtW[off[f]:off[f + 1]]
+        parts = [theta[k] * ZtW[off[k]:off[k + 1]] for k in self.rest]
+        parts.append(XtW)
+        br = np.vstack(parts)
+        return b1, br
+
+    def solve_spherical(self, ev, b1, br):
+        """Solve ``M x = b`` with the Z-and-X block of Omega factored at ``ev``.
+
+        Parameters
+        ----------
+        ev : Evaluation
+        b1 : ndarray, shape (q_1, m)
+            Rows of the first (largest) factor.
+        br : ndarray, shape (q_rest + p, m)
+            Rows of the other factors, then X.
+
+        Returns
+        -------
+        x1, xr : ndarray
+        """
+        L, d, tr_ = ev.factor
+        qr, p = self.qr, self.p
+        t1 = ev.theta[self.first]
+        X1 = self.Z1T[:, :p]
+        z = b1 / d[:, None]
+        cr = br.copy()
+        if qr:
+            cr[:qr] -= tr_[:, None] * (self.Nt @ (t1 * z))
+        cr[qr:] -= t1 * (X1.T @ z)
+        mp = qr + p
+        xr = sla.cho_solve((L[:mp, :mp], True), cr) if mp else cr
+        back = X1 @ xr[qr:]
+        if qr:
+            back = back + self.N @ (tr_[:, None] * xr[:qr])
+        x1 = (b1 - t1 * back) / d[:, None]
+        return x1, xr
+
+    def average_information(self, ev):
+        """Average information matrix in the variance parameters.
+
+        ``A_kl = 1/2 w_k' P w_l`` with working variates ``w_k = Z_k Z_k' P y`` for each
+        factor and ``w_e = P y`` for the residual (math.md Section 9); ``P w`` comes from one
+        solve with the factored mixed-model equations, so no trace is needed.
+
+        Parameters
+        ----------
+        ev : Evaluation
+
+        Returns
+        -------
+        ndarray, shape (n_factors + 1, n_factors + 1)
+            Order: the factors' variances, then the residual variance.
+        """
+        s2 = ev.sigma2
+        e = self.residuals(ev)
+        codes = self.design.codes
+        W = np.empty((self.n, self.K + 1))
+        for k in range(self.K):
+            ze = np.bincount(codes[k], weights=e, minlength=self.design.n_levels[k])
+            W[:, k] = ze[codes[k]] / s2
+        W[:, self.K] = e / s2
+        ZtW = np.vstack([
+            np.stack([np.bincount(codes[k], weights=W[:, j], minlength=self.design.n_levels[k])
+                      for j in range(self.K + 1)], axis=1)
+            for k in range(self.K)
+        ])
+        XtW = self.X.T @ W
+        b1, br = self._split_rhs(ZtW, XtW, ev.theta)
+        x1, xr = self.solve_spherical(ev, b1, br)
+        WPW = (W.T @ W - (b1.T @ x1 + br.T @ xr)) / s2
+        return 0.25 * (WPW + WPW.T)
+
+    def __call__(self, theta):
+        """Return the criterion at ``theta`` (lme4's ``devfun``)."""
+        return self.evaluate(theta, gradient=False).objective
+
+
+def moment_start(design, X, y):
+    """Starting values for ``theta`` from one-way moment estimators.
+
+    For each factor, the unbiased one-way ANOVA estimators of the between-level and
+    within-level variances are computed on the OLS residuals (the lecture's moment
+    estimators), and ``theta_k = sqrt(s_k^2 / s_e^2)`` with ``s_e^2`` the smallest
+    within-level mean square. Estimates at or below 0 start at 0.1.
+
+    Parameters
+    ----------
+    design : CrossedDesign
+    X : ndarray, shape (n_obs, p)
+    y : ndarray, shape (n_obs,)
+
+    Returns
+    -------
+    ndarray, shape (n_factors,)
+    """
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    r = y - X @ beta
+    n = r.size
+    between, within = [], []
+    for k in range(design.n_factors):
+        cnt = design.counts(k).astype(np.float64)
+        a = cnt.size
+        sums = np.bincount(design.codes[k], weights=r, minlength=a)
+        means = sums / cnt
+        grand = r.mean()
+        msa = float(np.sum(cnt * (means - grand) ** 2) / (a - 1))
+        sse = float(np.sum((r - means[design.codes[k]]) ** 2))
+        mse = sse / max(n - a, 1)
+        n0 = (n - np.sum(cnt**2) / n) / (a - 1)
+        between.append((msa - mse) / n0)
+        within.append(mse)
+    s2e = max(min(within), 1e-12 * max(float(np.var(r)), 1e-300))
+    th = np.array([np.sqrt(b / s2e) if b > 0 else 0.1 for b in between])
+    return np.clip(th, 0.1, 10.0)
+
+
+def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
+               callback=None):
+    """Minimise a :class:`DirectObjective` over ``theta >= 0``.
+
+    A projected Newton method. Its Hessian is the average-information matrix (exact
+    solves with the working variates, math.md Section 9) mapped from the variance
+    parameters to ``theta`` with the profiled residual variance eliminated, plus the exact
+    first-derivative term ``g_k / theta_k`` that dominates near the boundary. Steps are
+    halved until the criterion decreases. Near-zero ``theta_k`` are then tried at exactly
+    0 and kept there if the criterion does not increase (a singular fit), as lme4 and
+    MixedModels.jl do.
+
+    Parameters
+    ----------
+    objective : DirectObjective
+    start : array_like, shape (n_factors,)
+        Initial ``theta``, e.g. from :func:`moment_start`.
+    maxiter : int
+        Maximum number of Newton iterations.
+    tol : float
+        Convergence when the Newton decrement (predicted decrease of the criterion) is
+        below ``tol * max(1, |criterion|)``.
+    boundary_tol : float
+        ``theta_k`` below this are tried at 0.
+    callback : callable, optional
+        Called as ``callback(iteration, theta, objective)`` after each iteration.
+
+    Returns
+    -------
+    evaluation : Evaluation
+        At the optimum.
+    summary : OptSummary
+    """
+    t0 = time.perf_counter()
+    start = np.asarray(start, dtype=np.float64)
+    fitlog = []
+    n_eval0 = objective.n_evaluations
+
+    def evaluate(th):
+        try:
+            ev = objective.evaluate(th, gradient=True)
+        except NumericalFailure:
+            fitlog.append((np.asarray(th).copy(), np.inf))
+            return None
+        fitlog.append((ev.theta.copy(), ev.objective))
+        return ev
+
+    ev = evaluate(start)
+    if ev is None:
+        ev = objective.evaluate(start, gradient=True)  # raises with the reason
+    f0 = ev.objective
+    K = objective.K
+    converged = False
+    message = "maximum number of iterations reached"
+    it = 0
+    for it in range(1, maxiter + 1):
+        theta, g = ev.theta, ev.gradient
+        free = (theta > 0) | (g < 0)
+        H = _newton_hessian(objective, ev)
+        idx = np.flatnonzero(free)
+        if idx.size == 0:
+            converged, message = True, "all parameters on the boundary"
+            break
+        Hf = H[np.ix_(idx, idx)]
+        w, U = np.linalg.eigh(Hf)
+        # saddle-free Newton: |eigenvalues| with a relative floor, then a trust radius
+        w = np.maximum(np.abs(w), 1e-8 * max(1e-300, float(np.max(np.abs(w)))))
+        step = -(U @ ((U.T @ g[idx]) / w))
+        radius = max(1.0, float(np.linalg.norm(theta[idx])))
+        snorm = float(np.linalg.norm(step))
+        if snorm > radius:
+            step *= radius / snorm
+        decrement = float(-g[idx] @ step)
+        if decrement <= tol * max(1.0, abs(ev.objective)):
+            converged, message = True, "Newton decrement below tolerance"
+            break
+        accepted = False
+        alpha = 1.0
+        for _ in range(30):
+            trial = theta.copy()
+            trial[idx] = np.maximum(theta[idx] + alpha * step, 0.0)
+            ev_t = evaluate(trial)
+            if ev_t is not None and ev_t.objective <= ev.objective:
+                accepted = True
+                break
+            alpha *= 0.5
+        if not accepted:
+            converged = decrement <= 1e-6 * max(1.0, abs(ev.objective))
+            message = "line search could not decrease the criterion"
+            break
+        ev = ev_t
+        if callback is not None:
+            callback(it, ev.theta, ev.objective)
+    # boundary check
+    theta = ev.theta.copy()
+    for k in range(K):
+        if 0.0 < theta[k] < boundary_tol:
+            trial = theta.copy()
+            trial[k] = 0.0
+            ev_t = evaluate(trial)
+            slack = 1e-10 * max(1.0, abs(ev.objective))
+            if ev_t is not None and ev_t.objective <= ev.objective + slack:
+                ev, theta = ev_t, trial
+    pg = _projected_gradient(ev.theta, ev.gradient)
+    gnorm = float(np.max(np.abs(pg))) if pg.size else 0.0
+    if not converged:
+        warnings.warn(f"the REML/ML optimisation did not converge: {message} "
+                      f"(projected gradient {gnorm:.3g})", ConvergenceWarning, stacklevel=2)
+    summary = OptSummary(
+        theta_initial=start, theta_final=ev.theta.copy(), f_initial=float(f0),
+        f_final=ev.objective, n_evaluations=objective.n_evaluations - n_eval0,
+        iterations=it, gradient_norm=gnorm, converged=bool(converged), message=message,
+        optimizer="projected Newton (average information)",
+        elapsed_s=time.perf_counter() - t0, fitlog=fitlog,
+    )
+    return ev, summary
+
+
+def _newton_hessian(objective, ev):
+    """Approximate Hessian of the profiled criterion in theta (see :func:`fit_direct`)."""
+    K = objective.K
+    s2 = ev.sigma2
+    theta, g = ev.theta, ev.gradient
+    AI = objective.average_information(ev)
+    J = np.zeros((K + 1, K + 1))
+    for k in range(K):
+        J[k, k] = 2.0 * s2 * theta[k]
+        J[k, K] = theta[k] ** 2
+    J[K, K] = 1.0
+    H = J.T @ (2.0 * AI) @ J
+    for k in range(K):
+        if theta[k] > 0:
+            H[k, k] += g[k] / theta[k]
+            H[k, K] += g[k] / s2
+            H[K, k] += g[k] / s2
+    Hs = H[:K, :K] - np.outer(H[:K, K], H[K, :K]) / H[K, K]
+    return 0.5 * (Hs + Hs.T)
+
+
+def _projected_gradient(theta, grad):
+    g = np.asarray(grad, dtype=np.float64).copy()
+    at_lb = theta <= 0.0
+    g[at_lb & (g > 0)] = 0.0
+    return g
