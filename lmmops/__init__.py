@@ -20,6 +20,7 @@ from .errors import (
     LmmopsError,
     RankDeficientError,
 )
+from .model import LMM, LMMResult, fit
 
 __all__ = [
     "ConvergenceWarning",
@@ -28,7 +29,10 @@ __all__ = [
     "DesignError",
     "DisconnectedDesignError",
     "FormulaError",
+    "LMM",
+    "LMMResult",
     "LmmopsError",
     "RankDeficientError",
     "__version__",
+    "fit",
 ]

