@@ -1,0 +1,473 @@
+"""Numba kernels: every compiled function of lmmops, and nothing else.
+
+All kernels are pure functions of arrays and integers that write their result into a
+preallocated ``out`` (and, for scatters, a scratch array ``work``); they allocate
+nothing. :mod:`lmmops.operators` validates inputs, allocates and picks a variant; it is
+the only caller of this module.
+
+The K grouping factors are passed together as ``codes`` (int32, shape (K, n), C order)
+with ``offsets`` (int64, shape (K + 1,), ``offsets[k]`` the start of factor k's block in
+q-space), so a q-vector holds the K level vectors one after the other. One factor
+``Z_k`` is the case K = 1: ``codes[k:k + 1]`` with ``offsets = [0, q_k]``.
+
+Every kernel is written once as a plain Python function and compiled twice (the umap
+pattern): ``<name>_serial`` (``cache=True``) and ``<name>_parallel`` (``prange``
+loops run in parallel). :func:`get_kernel` picks one. With ``NUMBA_DISABLE_JIT=1`` all
+variants are the plain Python functions.
+
+Scatters (``Z' v``) in parallel are race-free by private bins: ``work`` has one row of
+q bins per block of observation rows, each block (one ``prange`` iteration) writes only
+its own row, and the rows are summed afterwards in a ``prange`` over levels. With one
+block (the serial variants) the summation order is the row order; with more blocks the
+results agree with the serial ones to rounding (about 1e-15 relative).
+
+Kernels
+-------
+gather(codes, offsets, u, out)
+    ``out = Z u``: ``out[i] = sum_k u[offsets[k] + codes[k, i]]``.
+gather_block(codes, offsets, U, out)
+    ``out = Z U`` for ``U`` of shape (q, m).
+scatter(codes, offsets, v, work, out)
+    ``out = Z' v``: ``out[offsets[k] + j] = sum_{i: codes[k, i] = j} v[i]``.
+scatter_block(codes, offsets, V, work, out)
+    ``out = Z' V`` for ``V`` of shape (n, m).
+cov_matvec(codes, offsets, x, sigma2_e, sigma2, work, out)
+    ``out = (sigma2_e I + sum_k sigma2[k] Z_k Z_k') x``, fused.
+cov_matmat(codes, offsets, X, sigma2_e, sigma2, work, out)
+    The same for ``X`` of shape (n, m).
+level_matvec(codes, offsets, u, lam, work, out)
+    ``out = (Z'Z + Lambda) u``, one pass over the rows.
+level_matmat(codes, offsets, U, lam, work, out)
+    The same for ``U`` of shape (q, m).
+"""
+
+import types
+
+import numba
+import numpy as np
+from numba import prange
+
+__all__ = [
+    "KERNELS",
+    "cov_matmat_parallel",
+    "cov_matmat_serial",
+    "cov_matvec_parallel",
+    "cov_matvec_serial",
+    "gather_block_parallel",
+    "gather_block_serial",
+    "gather_parallel",
+    "gather_serial",
+    "get_kernel",
+    "level_matmat_parallel",
+    "level_matmat_serial",
+    "level_matvec_parallel",
+    "level_matvec_serial",
+    "n_blocks",
+    "scatter_block_parallel",
+    "scatter_block_serial",
+    "scatter_parallel",
+    "scatter_serial",
+]
+
+# Parallel variants are cached too: tests/test_kernels.py::test_numba_cache_hits shows the
+# on-disk cache hits for them in a fresh process.
+_PARALLEL_CACHE = True
+
+
+def n_blocks(parallel):
+    """Number of row blocks (rows of ``work``) the scatter kernels should use.
+
+    Parameters
+    ----------
+    parallel : bool
+
+    Returns
+    -------
+    int
+        ``numba.get_num_threads()`` for the parallel variants, 1 for the serial ones.
+    """
+    return int(numba.get_num_threads()) if parallel else 1
+
+
+# --------------------------------------------------------------------------- helpers
+# Loop shape used throughout, found fastest by measurement: rows are cut into ``nb`` blocks
+# (one per thread) and each block into chunks of _CHUNK rows; within a chunk the factors
+# are the outer loop and the rows the inner one, over 1-d slices indexed from 0. This keeps
+# the chunk of x/out in L1 while each inner loop is a plain indexed load/store (an inner
+# loop over k with 2-d ``codes[k, i]`` indexing ran about 3x slower).
+_CHUNK = 4096
+
+
+def _factor_of(j, offsets):
+    # j: int, a q-space index; offsets: (K + 1,) int64. Returns k with offsets[k] <= j.
+    k = 0
+    while j >= offsets[k + 1]:
+        k += 1
+    return k
+
+
+_factor_of_nb = numba.njit(_factor_of, cache=True, inline="always")
+
+
+# --------------------------------------------------------------------------- gather
+def _gather(codes, offsets, u, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; u: (q,) float64; out: (n,) float64
+    K = codes.shape[0]
+    n = codes.shape[1]
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for ch in prange(nch):
+        c0 = ch * _CHUNK
+        c1 = min(n, c0 + _CHUNK)
+        ob = out[c0:c1]
+        ck = codes[0, c0:c1]
+        ok = offsets[0]
+        for i in range(c1 - c0):
+            ob[i] = u[ok + ck[i]]
+        for k in range(1, K):
+            ck = codes[k, c0:c1]
+            ok = offsets[k]
+            for i in range(c1 - c0):
+                ob[i] += u[ok + ck[i]]
+
+
+def _gather_block(codes, offsets, U, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; U: (q, m) float64; out: (n, m) float64
+    K = codes.shape[0]
+    n = codes.shape[1]
+    m = U.shape[1]
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for ch in prange(nch):
+        c0 = ch * _CHUNK
+        c1 = min(n, c0 + _CHUNK)
+        ob = out[c0:c1]
+        ck = codes[0, c0:c1]
+        ok = offsets[0]
+        for i in range(c1 - c0):
+            j = ok + ck[i]
+            for c in range(m):
+                ob[i, c] = U[j, c]
+        for k in range(1, K):
+            ck = codes[k, c0:c1]
+            ok = offsets[k]
+            for i in range(c1 - c0):
+                j = ok + ck[i]
+                for c in range(m):
+                    ob[i, c] += U[j, c]
+
+
+# --------------------------------------------------------------------------- scatter
+def _scatter(codes, offsets, v, work, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; v: (n,) float64;
+    # work: (nb, q) float64 scratch, nb >= 1 row blocks; out: (q,) float64
+    K = codes.shape[0]
+    n = codes.shape[1]
+    nb = work.shape[0]
+    q = work.shape[1]
+    bs = (n + nb - 1) // nb
+    for b in prange(nb):
+        w = work[b]
+        for j in range(q):
+            w[j] = 0.0
+        lo = b * bs
+        hi = min(n, lo + bs)
+        for c0 in range(lo, hi, _CHUNK):
+            c1 = min(hi, c0 + _CHUNK)
+            vb = v[c0:c1]
+            for k in range(K):
+                ck = codes[k, c0:c1]
+                ok = offsets[k]
+                for i in range(c1 - c0):
+                    w[ok + ck[i]] += vb[i]
+    for j in prange(q):
+        s = work[0, j]
+        for b in range(1, nb):
+            s += work[b, j]
+        out[j] = s
+
+
+def _scatter_block(codes, offsets, V, work, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; V: (n, m) float64;
+    # work: (nb, q, m) float64 scratch; out: (q, m) float64
+    K = codes.shape[0]
+    n = codes.shape[1]
+    nb = work.shape[0]
+    q = work.shape[1]
+    m = work.shape[2]
+    bs = (n + nb - 1) // nb
+    for b in prange(nb):
+        w = work[b]
+        for j in range(q):
+            for c in range(m):
+                w[j, c] = 0.0
+        lo = b * bs
+        hi = min(n, lo + bs)
+        for c0 in range(lo, hi, _CHUNK):
+            c1 = min(hi, c0 + _CHUNK)
+            vb = V[c0:c1]
+            for k in range(K):
+                ck = codes[k, c0:c1]
+                ok = offsets[k]
+                for i in range(c1 - c0):
+                    j = ok + ck[i]
+                    for c in range(m):
+                        w[j, c] += vb[i, c]
+    for j in prange(q):
+        for c in range(m):
+            s = work[0, j, c]
+            for b in range(1, nb):
+                s += work[b, j, c]
+            out[j, c] = s
+
+
+# --------------------------------------------------------------------------- V x
+def _cov_matvec(codes, offsets, x, sigma2_e, sigma2, work, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; x: (n,) float64; sigma2_e: float;
+    # sigma2: (K,) float64; work: (nb, q) float64 scratch; out: (n,) float64
+    K = codes.shape[0]
+    n = codes.shape[1]
+    nb = work.shape[0]
+    q = work.shape[1]
+    bs = (n + nb - 1) // nb
+    # pass 1: level sums of x for all K factors, one private row of bins per block
+    for b in prange(nb):
+        w = work[b]
+        for j in range(q):
+            w[j] = 0.0
+        lo = b * bs
+        hi = min(n, lo + bs)
+        for c0 in range(lo, hi, _CHUNK):
+            c1 = min(hi, c0 + _CHUNK)
+            xb = x[c0:c1]
+            for k in range(K):
+                ck = codes[k, c0:c1]
+                ok = offsets[k]
+                for i in range(c1 - c0):
+                    w[ok + ck[i]] += xb[i]
+    # reduce the blocks into work[0], scaled by sigma2_k
+    for j in prange(q):
+        s = work[0, j]
+        for b in range(1, nb):
+            s += work[b, j]
+        work[0, j] = sigma2[_factor_of_nb(j, offsets)] * s
+    # pass 2: out = sigma2_e x + sum_k sigma2_k (level sum of factor k at row i)
+    sums = work[0]
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for ch in prange(nch):
+        c0 = ch * _CHUNK
+        c1 = min(n, c0 + _CHUNK)
+        xb = x[c0:c1]
+        ob = out[c0:c1]
+        for i in range(c1 - c0):
+            ob[i] = sigma2_e * xb[i]
+        for k in range(K):
+            ck = codes[k, c0:c1]
+            ok = offsets[k]
+            for i in range(c1 - c0):
+                ob[i] += sums[ok + ck[i]]
+
+
+def _cov_matmat(codes, offsets, X, sigma2_e, sigma2, work, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; X: (n, m) float64; sigma2_e: float;
+    # sigma2: (K,) float64; work: (nb, q, m) float64 scratch; out: (n, m) float64
+    K = codes.shape[0]
+    n = codes.shape[1]
+    nb = work.shape[0]
+    q = work.shape[1]
+    m = work.shape[2]
+    bs = (n + nb - 1) // nb
+    for b in prange(nb):
+        w = work[b]
+        for j in range(q):
+            for c in range(m):
+                w[j, c] = 0.0
+        lo = b * bs
+        hi = min(n, lo + bs)
+        for c0 in range(lo, hi, _CHUNK):
+            c1 = min(hi, c0 + _CHUNK)
+            xb = X[c0:c1]
+            for k in range(K):
+                ck = codes[k, c0:c1]
+                ok = offsets[k]
+                for i in range(c1 - c0):
+                    j = ok + ck[i]
+                    for c in range(m):
+                        w[j, c] += xb[i, c]
+    for j in prange(q):
+        s2 = sigma2[_factor_of_nb(j, offsets)]
+        for c in range(m):
+            s = work[0, j, c]
+            for b in range(1, nb):
+                s += work[b, j, c]
+            work[0, j, c] = s2 * s
+    sums = work[0]
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for ch in prange(nch):
+        c0 = ch * _CHUNK
+        c1 = min(n, c0 + _CHUNK)
+        xb = X[c0:c1]
+        ob = out[c0:c1]
+        for i in range(c1 - c0):
+            for c in range(m):
+                ob[i, c] = sigma2_e * xb[i, c]
+        for k in range(K):
+            ck = codes[k, c0:c1]
+            ok = offsets[k]
+            for i in range(c1 - c0):
+                j = ok + ck[i]
+                for c in range(m):
+                    ob[i, c] += sums[j, c]
+
+
+# --------------------------------------------------------------------------- M u
+def _level_matvec(codes, offsets, u, lam, work, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; u: (q,) float64; lam: (K,) float64;
+    # work: (nb, q) float64 scratch; out: (q,) float64
+    K = codes.shape[0]
+    n = codes.shape[1]
+    nb = work.shape[0]
+    q = work.shape[1]
+    bs = (n + nb - 1) // nb
+    # one pass over the rows: t = (Z u) on a chunk of rows, then Z' t into private bins
+    for b in prange(nb):
+        w = work[b]
+        for j in range(q):
+            w[j] = 0.0
+        t = np.empty(_CHUNK)  # (chunk,) float64, once per block
+        lo = b * bs
+        hi = min(n, lo + bs)
+        for c0 in range(lo, hi, _CHUNK):
+            c1 = min(hi, c0 + _CHUNK)
+            for i in range(c1 - c0):
+                t[i] = 0.0
+            for k in range(K):
+                ck = codes[k, c0:c1]
+                ok = offsets[k]
+                for i in range(c1 - c0):
+                    t[i] += u[ok + ck[i]]
+            for k in range(K):
+                ck = codes[k, c0:c1]
+                ok = offsets[k]
+                for i in range(c1 - c0):
+                    w[ok + ck[i]] += t[i]
+    for j in prange(q):
+        s = work[0, j]
+        for b in range(1, nb):
+            s += work[b, j]
+        out[j] = s + lam[_factor_of_nb(j, offsets)] * u[j]
+
+
+def _level_matmat(codes, offsets, U, lam, work, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; U: (q, m) float64; lam: (K,) float64;
+    # work: (nb, q, m) float64 scratch; out: (q, m) float64
+    K = codes.shape[0]
+    n = codes.shape[1]
+    nb = work.shape[0]
+    q = work.shape[1]
+    m = work.shape[2]
+    bs = (n + nb - 1) // nb
+    for b in prange(nb):
+        w = work[b]
+        for j in range(q):
+            for c in range(m):
+                w[j, c] = 0.0
+        t = np.empty((_CHUNK, m))  # (chunk, m) float64, once per block
+        lo = b * bs
+        hi = min(n, lo + bs)
+        for c0 in range(lo, hi, _CHUNK):
+            c1 = min(hi, c0 + _CHUNK)
+            for i in range(c1 - c0):
+                for c in range(m):
+                    t[i, c] = 0.0
+            for k in range(K):
+                ck = codes[k, c0:c1]
+                ok = offsets[k]
+                for i in range(c1 - c0):
+                    j = ok + ck[i]
+                    for c in range(m):
+                        t[i, c] += U[j, c]
+            for k in range(K):
+                ck = codes[k, c0:c1]
+                ok = offsets[k]
+                for i in range(c1 - c0):
+                    j = ok + ck[i]
+                    for c in range(m):
+                        w[j, c] += t[i, c]
+    for j in prange(q):
+        lj = lam[_factor_of_nb(j, offsets)]
+        for c in range(m):
+            s = work[0, j, c]
+            for b in range(1, nb):
+                s += work[b, j, c]
+            out[j, c] = s + lj * U[j, c]
+
+
+# --------------------------------------------------------------------------- compile
+def _renamed(fn, suffix):
+    # A copy of ``fn`` under another qualified name. Numba names on-disk cache entries by
+    # qualified name and line and does not key them by ``parallel``, so without this the
+    # parallel variant would load the serial variant's cached machine code.
+    new = types.FunctionType(
+        fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__
+    )
+    new.__qualname__ = fn.__qualname__ + suffix
+    new.__module__ = fn.__module__
+    new.__doc__ = fn.__doc__
+    return new
+
+
+def _compile(fn):
+    serial = numba.njit(fn, cache=True)
+    parallel = numba.njit(_renamed(fn, "_parallel"), parallel=True, cache=_PARALLEL_CACHE)
+    return serial, parallel
+
+
+gather_serial, gather_parallel = _compile(_gather)
+gather_block_serial, gather_block_parallel = _compile(_gather_block)
+scatter_serial, scatter_parallel = _compile(_scatter)
+scatter_block_serial, scatter_block_parallel = _compile(_scatter_block)
+cov_matvec_serial, cov_matvec_parallel = _compile(_cov_matvec)
+cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
+level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
+level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
+
+#: name -> (serial, parallel) compiled variants
+KERNELS = {
+    "gather": (gather_serial, gather_parallel),
+    "gather_block": (gather_block_serial, gather_block_parallel),
+    "scatter": (scatter_serial, scatter_parallel),
+    "scatter_block": (scatter_block_serial, scatter_block_parallel),
+    "cov_matvec": (cov_matvec_serial, cov_matvec_parallel),
+    "cov_matmat": (cov_matmat_serial, cov_matmat_parallel),
+    "level_matvec": (level_matvec_serial, level_matvec_parallel),
+    "level_matmat": (level_matmat_serial, level_matmat_parallel),
+}
+
+
+def get_kernel(name, parallel=False):
+    """Return the serial or parallel compiled variant of a kernel.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`KERNELS` (``"gather"``, ``"scatter"``, ``"cov_matvec"``, ...).
+    parallel : bool, optional
+        Whether to return the ``prange`` variant.
+
+    Returns
+    -------
+    callable
+
+    Examples
+    --------
+    >>> codes = np.array([[0, 1, 1]], dtype=np.int32)
+    >>> offsets = np.array([0, 2], dtype=np.int64)
+    >>> out = np.empty(2)
+    >>> get_kernel("scatter")(codes, offsets, np.array([1.0, 2.0, 3.0]), np.empty((1, 2)), out)
+    >>> out
+    array([1., 5.])
+    """
+    try:
+        pair = KERNELS[name]
+    except KeyError:
+        raise KeyError(f"no kernel named '{name}'; kernels are {sorted(KERNELS)}") from None
+    return pair[1] if parallel else pair[0]
