@@ -268,18 +268,19 @@ def fixed_effects_matrix(fixed, data):
     return X, names
 
 
-def check_full_rank(X, names, tol=None):
+def check_full_rank(X, names, tol=1e-7):
     """Raise :class:`RankDeficientError` naming aliased columns if X is rank deficient.
 
-    Uses a QR decomposition with column pivoting: the columns that pivoting leaves at the
-    end with a negligible diagonal are linear combinations of the others.
+    As R's ``qr`` (and so lme4), columns are taken in order and a column is aliased when
+    it lies in the span of the columns before it: ``|R_jj| <= tol * ||X_j||`` in the
+    (unpivoted) QR decomposition, so the later of two collinear columns is named.
 
     Parameters
     ----------
     X : ndarray, shape (n_obs, p)
     names : sequence of str
-    tol : float, optional
-        Relative tolerance on ``|R_jj| / |R_00|``; default ``max(n, p) * eps * 10``.
+    tol : float
+        Relative tolerance (R's default 1e-7).
 
     Raises
     ------
@@ -297,16 +298,15 @@ def check_full_rank(X, names, tol=None):
     n, p = X.shape
     if p == 0:
         return
-    _, R, piv = sla.qr(X, mode="economic", pivoting=True)
-    d = np.abs(np.diag(R))
-    tol = (max(n, p) * np.finfo(float).eps * 10) if tol is None else tol
-    rank = int(np.sum(d > tol * max(d[0], 1e-300)))
-    if rank < p:
-        aliased = [names[j] for j in piv[rank:]]
+    R = sla.qr(X, mode="r")[0]
+    norms = np.linalg.norm(X, axis=0)
+    d = np.abs(np.diag(R[:p, :p])) if n >= p else np.zeros(p)
+    aliased = [names[j] for j in range(p) if j >= n or d[j] <= tol * max(norms[j], 1e-300)]
+    if aliased:
         raise RankDeficientError(
-            f"fixed-effect model matrix is rank deficient: {p - rank} column(s) are linear "
-            f"combinations of the others: {', '.join(aliased)}. Remove them from the formula "
-            "(handling aliased coefficients automatically is planned)"
+            f"fixed-effect model matrix is rank deficient: {len(aliased)} column(s) are "
+            f"linear combinations of the columns before them: {', '.join(aliased)}. Remove "
+            "them from the formula (handling aliased coefficients automatically is planned)"
         )
 
 
