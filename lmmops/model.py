@@ -312,8 +312,10 @@ class LMMResult:
         Number of parameters: fixed effects, variance components and the residual.
     ranef : dict of pandas.Series
         BLUPs (conditional modes) per factor, indexed by level.
-    residuals : ndarray
-        Conditional residuals ``y - X beta - Z b``.
+    resid : ndarray
+        Conditional residuals ``y - X beta - Z b`` (see :meth:`residuals`).
+    fitted : ndarray
+        Conditional fitted values ``X beta + Z b``.
     converged : bool
     iterations, n_evaluations : int
     gradient_norm : float
@@ -357,7 +359,7 @@ class LMMResult:
             nm: pd.Series(ev.theta[k] * ev.v[k], index=d.levels[k].rename(nm), name=nm)
             for k, nm in enumerate(d.names)
         }
-        self.residuals = resid
+        self.resid = resid
         self.fitted = model.y - resid
         self.converged = bool(opt.converged)
         self.iterations = int(opt.iterations)
@@ -376,6 +378,24 @@ class LMMResult:
             )
         if not self.converged:
             self.notes.append(f"did not converge: {opt.message}")
+
+    def residuals(self, kind="conditional"):
+        """Residuals of the fit.
+
+        Parameters
+        ----------
+        kind : {"conditional", "marginal"}
+            ``"conditional"``: ``y - X beta - Z b``; ``"marginal"``: ``y - X beta``.
+
+        Returns
+        -------
+        ndarray, shape (n_obs,)
+        """
+        if kind == "conditional":
+            return self.resid.copy()
+        if kind == "marginal":
+            return self.model.y - self.model.X @ self.fixef.to_numpy()
+        raise LmmopsError(f"unknown residual kind {kind!r}; use 'conditional' or 'marginal'")
 
     # ------------------------------------------------------------------ output
     def to_dict(self):
@@ -447,7 +467,7 @@ class LMMResult:
             lines.append("".join(v.rjust(w) for v in vals))
         lines.append("")
         lines.append("Scaled residuals: ")
-        q = np.quantile(self.residuals / self.sigma, [0, 0.25, 0.5, 0.75, 1.0])
+        q = np.quantile(self.resid / self.sigma, [0, 0.25, 0.5, 0.75, 1.0])
         hdr = ["Min", "1Q", "Median", "3Q", "Max"]
         vals = [f"{v:.4f}" for v in q]
         w = max(len(v) for v in vals) + 1
