@@ -264,3 +264,26 @@ def test_reml_approximation_uses_given_logdet(design):
     approx = reml_criterion(D1.inverse(), X, y, logdet=D1.logdet())
     assert np.isfinite(approx)
     assert abs(approx - exact) < 0.1 * abs(exact)
+
+
+@pytest.mark.parametrize("base", ["modified", "proportional"])
+def test_reml_exact_inverse_matches_direct_solver(design, base):
+    """ExactInverse's REML criterion equals lmmops.direct's at the profiled s_e^2 (to 1e-8).
+
+    lme4's profiled REML objective is ``-2 l_R + (n - p) log(2 pi)`` evaluated at
+    ``s_e^2 = sigma2_hat`` and ``s_k^2 = theta_k^2 sigma2_hat``.
+    """
+    direct = pytest.importorskip("lmmops.direct")
+    if not hasattr(direct, "DirectObjective"):
+        pytest.skip("lmmops.direct has no DirectObjective")
+    rng = np.random.default_rng(13)
+    n = design.n_obs
+    X = np.column_stack([np.ones(n), rng.standard_normal(n)])
+    y = X @ [0.5, 1.0] + rng.standard_normal(n)
+    obj = direct.DirectObjective(design, X, y, method="REML")
+    for theta in (np.array([0.7, 1.2]), np.array([2.0, 0.3])):
+        ev = obj.evaluate(theta, gradient=False)
+        V = KhatriRaoCovariance(design, ev.sigma2, theta**2 * ev.sigma2)
+        ours = -2 * reml_criterion(ExactInverse(V, base=base), X, y) + (n - 2) * np.log(
+            2 * np.pi)
+        assert abs(ours - ev.objective) < 1e-8 * max(1.0, abs(ev.objective))
