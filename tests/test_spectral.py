@@ -543,3 +543,14 @@ def test_bad_variances():
         KhatriRaoCovariance(d, 1.0, [1.0])
     with pytest.raises(TypeError, match="covariance operator"):
         ModifiedCovariance(np.eye(3))
+
+
+def test_modified_given_reference_totals(unbalanced):
+    d = unbalanced
+    V = KhatriRaoCovariance(d, S_E2, [S_A2, S_B2])
+    r, c = d.counts(0), d.counts(1)
+    given = ModifiedCovariance(V, reference=(r.mean(), c.mean()))
+    assert_allclose(given.inverse().todense(), ModifiedCovariance(V).inverse().todense(),
+                    atol=1e-13)
+    with pytest.raises(ValueError, match="reference"):
+        ModifiedCovariance(V, reference="median")
