@@ -235,9 +235,7 @@ class RandomEffectsOperator(_KernelOperator):
         else:
             self.k = design.index(k)
             if not 0 <= self.k < design.n_factors:
-                raise ValueError(
-                    f"factor index {k} out of range for {design.n_factors} factor(s)"
-                )
+                raise ValueError(f"factor index {k} out of range for {design.n_factors} factor(s)")
             self._codes = design.codes[self.k : self.k + 1]
             self._offsets = np.array([0, design.n_levels[self.k]], dtype=np.int64)
         q = int(self._offsets[-1])
@@ -274,8 +272,7 @@ class RandomEffectsOperator(_KernelOperator):
     def __repr__(self):
         which = "all" if self.k is None else repr(self.design.names[self.k])
         return (
-            f"RandomEffectsOperator(shape={self.shape}, factor={which}, "
-            f"parallel={self.parallel})"
+            f"RandomEffectsOperator(shape={self.shape}, factor={which}, parallel={self.parallel})"
         )
 
 
@@ -399,7 +396,12 @@ class CovarianceOperator(_KernelOperator):
     def _vec(self, x):
         out = np.empty(self.shape[0])
         self._kernel("cov_matvec")(
-            self._codes, self._offsets, x, self.sigma2_e, self.sigma2, self._work(self.design.q),
+            self._codes,
+            self._offsets,
+            x,
+            self.sigma2_e,
+            self.sigma2,
+            self._work(self.design.q),
             out,
         )
         return out
@@ -408,8 +410,13 @@ class CovarianceOperator(_KernelOperator):
         m = X.shape[1]
         out = np.empty((self.shape[0], m))
         self._kernel("cov_matmat")(
-            self._codes, self._offsets, X, self.sigma2_e, self.sigma2,
-            self._work(self.design.q, m), out,
+            self._codes,
+            self._offsets,
+            X,
+            self.sigma2_e,
+            self.sigma2,
+            self._work(self.design.q, m),
+            out,
         )
         return out
 
@@ -500,7 +507,10 @@ class CovarianceOperator(_KernelOperator):
                 f"{zero}; drop them with design.subset_factors(...) first"
             )
         return LevelSpaceOperator(
-            self.design, self.sigma2_e / self.sigma2, self.sigma2_e, parallel=self.parallel,
+            self.design,
+            self.sigma2_e / self.sigma2,
+            self.sigma2_e,
+            parallel=self.parallel,
             _workspace=self._ws,
         )
 
@@ -684,9 +694,7 @@ class LevelSpaceOperator(_KernelOperator):
         """
         n = self.design.n_obs
         q = np.asarray(self.design.n_levels, dtype=np.float64)
-        return float(
-            n * np.log(self.sigma2_e) - np.dot(q, np.log(self.lambdas)) + float(logdet_M)
-        )
+        return float(n * np.log(self.sigma2_e) - np.dot(q, np.log(self.lambdas)) + float(logdet_M))
 
     @staticmethod
     def _as_rows(a, rows, what):

@@ -30,8 +30,10 @@ def _dense_parts(design):
 def _bincount_all(design, v):
     """Z'v by np.bincount, factor by factor."""
     return np.concatenate(
-        [np.bincount(design.codes[k], weights=v, minlength=q) for k, q in
-         enumerate(design.n_levels)]
+        [
+            np.bincount(design.codes[k], weights=v, minlength=q)
+            for k, q in enumerate(design.n_levels)
+        ]
     )
 
 
@@ -101,8 +103,11 @@ def test_scatter_matches_bincount(design_k3, parallel, rng):
     k = 1
     out1 = np.empty(d.n_levels[k])
     kernels.get_kernel("scatter", parallel)(
-        d.codes[k : k + 1], np.array([0, d.n_levels[k]]), v,
-        np.empty((_nb(parallel), d.n_levels[k])), out1,
+        d.codes[k : k + 1],
+        np.array([0, d.n_levels[k]]),
+        v,
+        np.empty((_nb(parallel), d.n_levels[k])),
+        out1,
     )
     assert_allclose(out1, np.bincount(d.codes[k], weights=v), rtol=RTOL, atol=1e-14)
 
@@ -153,8 +158,12 @@ def test_matmat_equals_matvec_columns(name, design_k3, parallel, rng):
         or name.replace("matvec", "matmat"),
         parallel,
     )
-    n_in, n_out = {"gather": (q, n), "scatter": (n, q), "cov_matvec": (n, n),
-                   "level_matvec": (q, q)}[name]
+    n_in, n_out = {
+        "gather": (q, n),
+        "scatter": (n, q),
+        "cov_matvec": (n, n),
+        "level_matvec": (q, q),
+    }[name]
     A = rng.standard_normal((n_in, m))
     extra = {"gather": (), "scatter": (), "cov_matvec": (0.7, s2), "level_matvec": (lam,)}[name]
     needs_work = name != "gather"
@@ -162,8 +171,14 @@ def test_matmat_equals_matvec_columns(name, design_k3, parallel, rng):
     mat(d.codes, d.offsets, A, *extra, *((np.empty((nb, q, m)),) if needs_work else ()), got)
     for c in range(m):
         col = np.empty(n_out)
-        vec(d.codes, d.offsets, np.ascontiguousarray(A[:, c]), *extra,
-            *((np.empty((nb, q)),) if needs_work else ()), col)
+        vec(
+            d.codes,
+            d.offsets,
+            np.ascontiguousarray(A[:, c]),
+            *extra,
+            *((np.empty((nb, q)),) if needs_work else ()),
+            col,
+        )
         assert_allclose(got[:, c], col, rtol=1e-13, atol=1e-13)
 
 
@@ -227,7 +242,10 @@ _CACHE_SCRIPT = textwrap.dedent(
 def _run(script, **env):
     full_env = {**os.environ, **env}
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=full_env,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=full_env,
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr

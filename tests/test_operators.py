@@ -22,8 +22,9 @@ def _k2():
 
 
 def _k3():
-    return random_design(np.random.default_rng(SEED + 1), n_levels=(6, 5, 4), n_obs=50,
-                         missing=0.3)
+    return random_design(
+        np.random.default_rng(SEED + 1), n_levels=(6, 5, 4), n_obs=50, missing=0.3
+    )
 
 
 def _nested():
@@ -97,8 +98,9 @@ class _VChecks(OperatorChecks):
     parallel = False
 
     def create_operator(self):
-        return CovarianceOperator(self.make_design(), self.sigma2_e, self.sigma2,
-                                  parallel=self.parallel)
+        return CovarianceOperator(
+            self.make_design(), self.sigma2_e, self.sigma2, parallel=self.parallel
+        )
 
     def dense(self, op):
         return _dense_V(op.design, self.sigma2_e, self.sigma2)
@@ -144,8 +146,9 @@ class _MChecks(OperatorChecks):
     parallel = False
 
     def create_operator(self):
-        return LevelSpaceOperator(self.make_design(), self.lambdas, sigma2_e=1.7,
-                                  parallel=self.parallel)
+        return LevelSpaceOperator(
+            self.make_design(), self.lambdas, sigma2_e=1.7, parallel=self.parallel
+        )
 
     def dense(self, op):
         Z = _dense_Z(op.design)
