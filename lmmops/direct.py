@@ -42,7 +42,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from . import _kernels_direct as kernels
+from . import kernels
 from ._guard import check_dense
 from .errors import ConvergenceWarning, LmmopsError
 
@@ -51,6 +51,7 @@ __all__ = [
     "Evaluation",
     "NumericalFailure",
     "OptSummary",
+    "check_weights",
     "fit_direct",
     "moment_start",
 ]
@@ -163,6 +164,10 @@ class DirectObjective:
         Fixed-effects model matrix, full column rank.
     y : ndarray, shape (n_obs,)
     method : {"REML", "ML"}
+    weights : array_like, shape (n_obs,), optional
+        Prior (precision) weights: ``R = s^2 W^{-1}``, as lme4's ``weights=``. The
+        sufficient statistics are weighted (``Z'WZ``, ``Z'WT``, ``T'WT`` with
+        ``T = [X y]``) and the criterion gains lme4's ``-sum(log w)`` term.
 
     Raises
     ------
@@ -190,7 +195,7 @@ class DirectObjective:
     True
     """
 
-    def __init__(self, design, X, y, method="REML"):
+    def __init__(self, design, X, y, method="REML", weights=None):
         method = str(method).upper()
         if method not in ("REML", "ML"):
             raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
@@ -201,6 +206,9 @@ class DirectObjective:
         n, p = X.shape
         if y.shape[0] != n or design.n_obs != n:
             raise LmmopsError("X, y and the design must have the same number of rows")
+        self.weights = None if weights is None else check_weights(weights, n)
+        w = self.weights
+        self.ldW = 0.0 if w is None else float(np.sum(np.log(w)))
         if method == "REML" and n <= p:
             raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
         self.n, self.p, self.K = n, p, design.n_factors
@@ -218,16 +226,24 @@ class DirectObjective:
         T[:, :p] = X
         T[:, p] = y
         self.X, self.y = X, y
-        self.d1 = design.counts(self.first).astype(np.float64)
-        Z1t = design.indicator(self.first).T.tocsr()
-        self.Z1T = np.asarray(Z1t @ T)
-        self.TT = T.T @ T
+        # weighted sufficient statistics: Z'WZ, Z'WT, T'WT (W = diag(weights))
+        WT = T if w is None else w[:, None] * T
+        Z1 = design.indicator(self.first)
+        if w is None:
+            self.d1 = design.counts(self.first).astype(np.float64)
+        else:
+            self.d1 = np.bincount(design.codes[self.first], weights=w,
+                                  minlength=self.q1).astype(np.float64)
+        Z1t = Z1.T.tocsr()
+        self.Z1T = np.asarray(Z1t @ WT)
+        self.TT = T.T @ WT
         if self.qr:
             self.rest_offsets = np.concatenate([[0], np.cumsum(self.q_rest)]).astype(np.int64)
             Zr = sp.hstack([design.indicator(k) for k in self.rest], format="csr")
-            self.Arr = (Zr.T @ Zr).toarray()
-            self.ZrT = np.asarray(Zr.T @ T)
-            N = (Z1t @ Zr).tocsr()
+            ZrW = Zr if w is None else sp.diags(w) @ Zr
+            self.Arr = (Zr.T @ ZrW).toarray()
+            self.ZrT = np.asarray(Zr.T @ WT)
+            N = (Z1t @ ZrW).tocsr()
             N.sum_duplicates()
             N.sort_indices()
             self.N = N
@@ -325,6 +341,7 @@ class DirectObjective:
         else:
             dof = n
             obj = logdet_L + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
+        obj -= self.ldW  # log|R| = n log s^2 - sum(log w), as lme4's ldW
         sigma2 = pwrss / dof
 
         # conditional modes: back-substitute the y column, then the first block
@@ -427,7 +444,7 @@ class DirectObjective:
         br = np.vstack(parts)
         return b1, br
 
-    def solve_spherical(self, ev, b1, br):
+    def solve_spherical(self, ev, b1, br, z_only=False):
         """Solve ``M x = b`` with the Z-and-X block of Omega factored at ``ev``.
 
         Parameters
@@ -436,24 +453,28 @@ class DirectObjective:
         b1 : ndarray, shape (q_1, m)
             Rows of the first (largest) factor.
         br : ndarray, shape (q_rest + p, m)
-            Rows of the other factors, then X.
+            Rows of the other factors, then X (``z_only``: the other factors only,
+            shape ``(q_rest, m)``).
+        z_only : bool
+            Solve with ``Lambda Z'WZ Lambda + I`` alone (no X block).
 
         Returns
         -------
         x1, xr : ndarray
         """
         L, d, tr_ = ev.factor
-        qr, p = self.qr, self.p
+        qr, p = self.qr, (0 if z_only else self.p)
         t1 = ev.theta[self.first]
         X1 = self.Z1T[:, :p]
         z = b1 / d[:, None]
-        cr = br.copy()
+        cr = np.array(br, dtype=np.float64, copy=True)
         if qr:
             cr[:qr] -= tr_[:, None] * (self.Nt @ (t1 * z))
-        cr[qr:] -= t1 * (X1.T @ z)
+        if p:
+            cr[qr:] -= t1 * (X1.T @ z)
         mp = qr + p
         xr = sla.cho_solve((L[:mp, :mp], True), cr) if mp else cr
-        back = X1 @ xr[qr:]
+        back = X1 @ xr[qr:] if p else np.zeros_like(b1)
         if qr:
             back = back + self.N @ (tr_[:, None] * xr[:qr])
         x1 = (b1 - t1 * back) / d[:, None]
@@ -477,26 +498,104 @@ class DirectObjective:
         """
         s2 = ev.sigma2
         e = self.residuals(ev)
+        wt = self.weights
+        we = e if wt is None else wt * e  # R^{-1} e s^2 = s^2 P y
         codes = self.design.codes
         W = np.empty((self.n, self.K + 1))
         for k in range(self.K):
-            ze = np.bincount(codes[k], weights=e, minlength=self.design.n_levels[k])
+            ze = np.bincount(codes[k], weights=we, minlength=self.design.n_levels[k])
             W[:, k] = ze[codes[k]] / s2
-        W[:, self.K] = e / s2
+        W[:, self.K] = e / s2  # dV/ds_e^2 P y = W^{-1} P y
+        return 0.5 * self.quadratic_form_P(ev, W)
+
+    def quadratic_form_P(self, ev, W, z_only=False):
+        """``W' P W`` for the columns of ``W``, exactly, by one solve in level space.
+
+        ``P = R^{-1} - R^{-1} [Z X] C^{-1} [Z X]' R^{-1}`` is the REML projection
+        (``z_only=True``: ``V^{-1}``, the same with Z alone), with ``R = s^2 W^{-1}``
+        and ``s^2`` the evaluation's ``sigma2``.
+
+        Parameters
+        ----------
+        ev : Evaluation
+        W : ndarray, shape (n_obs, m)
+        z_only : bool
+            Use ``V^{-1}`` instead of ``P`` (ML's information).
+
+        Returns
+        -------
+        ndarray, shape (m, m)
+        """
+        s2 = ev.sigma2
+        wt = self.weights
+        WW = W if wt is None else wt[:, None] * W
+        codes = self.design.codes
         ZtW = np.vstack([
-            np.stack([np.bincount(codes[k], weights=W[:, j], minlength=self.design.n_levels[k])
-                      for j in range(self.K + 1)], axis=1)
+            np.stack([np.bincount(codes[k], weights=WW[:, j], minlength=self.design.n_levels[k])
+                      for j in range(W.shape[1])], axis=1)
             for k in range(self.K)
         ])
-        XtW = self.X.T @ W
+        XtW = self.X.T @ WW
         b1, br = self._split_rhs(ZtW, XtW, ev.theta)
-        x1, xr = self.solve_spherical(ev, b1, br)
-        WPW = (W.T @ W - (b1.T @ x1 + br.T @ xr)) / s2
-        return 0.25 * (WPW + WPW.T)
+        if z_only:
+            x1, xr = self.solve_spherical(ev, b1, br[:self.qr], z_only=True)
+            br = br[:self.qr]
+        else:
+            x1, xr = self.solve_spherical(ev, b1, br)
+        WPW = (W.T @ WW - (b1.T @ x1 + br.T @ xr)) / s2
+        return 0.5 * (WPW + WPW.T)
 
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
         return self.evaluate(theta, gradient=False).objective
+
+
+def check_weights(weights, n):
+    """Validate prior weights: ``n`` finite values > 0.
+
+    The residual covariance is ``R = s^2 W^{-1}`` with ``W = diag(weights)``, lme4's
+    ``weights=`` (precision weights, not frequencies).
+
+    Parameters
+    ----------
+    weights : array_like, shape (n_obs,)
+    n : int
+        Number of observations.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_obs,)
+
+    Raises
+    ------
+    LmmopsError
+        For a wrong length, a missing or non-finite value, or a weight <= 0.
+
+    Examples
+    --------
+    >>> check_weights([1, 2.5, 0.5], 3)
+    array([1. , 2.5, 0.5])
+    >>> check_weights([1, 0, 2], 3)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    lmmops.errors.LmmopsError: weights must be > 0: 1 weight(s) are <= 0 (first at row 1)
+    """
+    try:
+        w = np.asarray(weights, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise LmmopsError("weights must be numeric") from None
+    if w.shape[0] != n:
+        raise LmmopsError(f"weights has {w.shape[0]} values for {n} observations")
+    bad = ~np.isfinite(w)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise LmmopsError(f"weights must be finite: {rows.size} missing or non-finite "
+                          f"weight(s) (first at row {rows[0]})")
+    bad = w <= 0
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise LmmopsError(f"weights must be > 0: {rows.size} weight(s) are <= 0 "
+                          f"(first at row {rows[0]})")
+    return w
 
 
 def moment_start(design, X, y):
@@ -606,6 +705,14 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
         # saddle-free Newton: |eigenvalues| with a relative floor, then a trust radius
         w = np.maximum(np.abs(w), 1e-8 * max(1e-300, float(np.max(np.abs(w)))))
         step = -(U @ ((U.T @ g[idx]) / w))
+        noise = 0.0
+        step_sd = None
+        gcov = getattr(ev, "gradient_cov", None)
+        if gcov is not None:  # stochastic objective: the step explained by MC noise alone
+            Hinv = U @ np.diag(1.0 / w) @ U.T
+            C = Hinv @ gcov[np.ix_(idx, idx)] @ Hinv
+            noise = float(np.trace(Hinv @ gcov[np.ix_(idx, idx)]))
+            step_sd = np.sqrt(np.maximum(np.diag(C), 0.0))
         radius = max(1.0, float(np.linalg.norm(theta[idx])))
         snorm = float(np.linalg.norm(step))
         if snorm > radius:
@@ -614,9 +721,13 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
         if decrement <= tol * max(1.0, abs(ev.objective)):
             converged, message = True, "Newton decrement below tolerance"
             break
+        if step_sd is not None and np.all(np.abs(step) <= 2.0 * step_sd):
+            converged = True
+            message = "Newton step within the Monte Carlo error of every parameter"
+            break
         accepted = False
         alpha = 1.0
-        for _ in range(30):
+        for _ in range(30 if gcov is None else 3):
             trial = theta.copy()
             trial[idx] = np.maximum(theta[idx] + alpha * step, 0.0)
             ev_t = evaluate(trial)
@@ -625,7 +736,7 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
                 break
             alpha *= 0.5
         if not accepted:
-            converged = decrement <= 1e-6 * max(1.0, abs(ev.objective))
+            converged = decrement <= max(1e-6 * max(1.0, abs(ev.objective)), 25.0 * noise)
             message = "line search could not decrease the criterion"
             break
         ev = ev_t

@@ -3,7 +3,8 @@
 All kernels are pure functions of arrays and integers that write their result into a
 preallocated ``out`` (and, for scatters, a scratch array ``work``); they allocate
 nothing. :mod:`lmmops.operators` validates inputs, allocates and picks a variant; it is
-the only caller of this module.
+the only caller of the matrix-free kernels. :mod:`lmmops.direct` calls the two
+weighted-Gram kernels, which form its dense Schur block.
 
 The K grouping factors are passed together as ``codes`` (int32, shape (K, n), C order)
 with ``offsets`` (int64, shape (K + 1,), ``offsets[k]`` the start of factor k's block in
@@ -39,6 +40,10 @@ level_matvec(codes, offsets, u, lam, work, out)
     ``out = (Z'Z + Lambda) u``, one pass over the rows.
 level_matmat(codes, offsets, U, lam, work, out)
     The same for ``U`` of shape (q, m).
+weighted_gram(indptr, indices, data, w, out)
+    Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
+weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
+    Two weighted Grams of the same ``N`` in one pass (serial only).
 """
 
 import types
@@ -62,6 +67,8 @@ __all__ = [
     "level_matmat_serial",
     "level_matvec_parallel",
     "level_matvec_serial",
+    "weighted_gram",
+    "weighted_gram2",
     "n_blocks",
     "scatter_block_parallel",
     "scatter_block_serial",
@@ -429,6 +436,44 @@ cov_matvec_serial, cov_matvec_parallel = _compile(_cov_matvec)
 cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
 level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
+
+@numba.njit(cache=True, nogil=True)
+def weighted_gram(indptr, indices, data, w, out):  # pragma: no cover - compiled
+    """Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` of shape (q1, qr).
+
+    indptr : (q1 + 1,) int64; indices : (nnz,) int64; data : (nnz,) float64;
+    w : (q1,) float64; out : (qr, qr) float64, overwritten. Cost: sum over the rows of N
+    of nnz_row^2, the Schur complement's fill, not q1 * qr^2.
+    """
+    out[:, :] = 0.0
+    for i in range(indptr.size - 1):
+        wi = w[i]
+        lo, hi = indptr[i], indptr[i + 1]
+        for a in range(lo, hi):
+            ja = indices[a]
+            va = wi * data[a]
+            for b in range(lo, hi):
+                out[ja, indices[b]] += va * data[b]
+
+
+@numba.njit(cache=True, nogil=True)
+def weighted_gram2(indptr, indices, data, w1, w2, out1, out2):  # pragma: no cover
+    """``out1 = N' diag(w1) N`` and ``out2 = N' diag(w2) N`` in one pass over ``N``."""
+    out1[:, :] = 0.0
+    out2[:, :] = 0.0
+    for i in range(indptr.size - 1):
+        wi1 = w1[i]
+        wi2 = w2[i]
+        lo, hi = indptr[i], indptr[i + 1]
+        for a in range(lo, hi):
+            ja = indices[a]
+            da = data[a]
+            for b in range(lo, hi):
+                prod = da * data[b]
+                jb = indices[b]
+                out1[ja, jb] += wi1 * prod
+                out2[ja, jb] += wi2 * prod
+
 
 #: name -> (serial, parallel) compiled variants
 KERNELS = {

@@ -1,0 +1,512 @@
+"""Matrix-free REML and ML: the profiled criterion, score and information by PCG and
+stochastic estimators, for designs too large for the exact solver.
+
+Everything happens in level space (q = sum_k q_k unknowns) with lme4's spherical system
+
+.. math::
+
+    M(\\theta) = \\Lambda Z'Z \\Lambda + I, \\qquad V = \\sigma^2 (I + Z\\Lambda\\Lambda Z'),
+
+applied matrix-free (one pass over the rows per product; ``Z'Z`` is never formed). One
+block preconditioned-CG solve per evaluation, with right-hand sides
+
+- ``Lambda Z'X`` and ``Lambda Z'y``: exact generalised least squares given ``theta``
+  (``X'V^{-1}X``, ``beta``, the penalised residual sum of squares and the conditional
+  modes), to the CG tolerance;
+- ``P^{1/2} w_i`` for fixed Rademacher probes ``w_i`` (common random numbers, drawn once
+  per objective), where ``P = diag(M)`` is the Jacobi preconditioner.
+
+The probe columns give two stochastic quantities with Monte Carlo standard errors:
+
+- ``log|M| = log|P| + log|P^{-1/2} M P^{-1/2}|``: the first term exact (the control
+  variate), the second by stochastic Lanczos quadrature from the CG coefficients
+  (:func:`lmmops.trace.lanczos_from_cg`), so no extra products are needed;
+- ``tr((M^{-1})_{kk})`` per factor by Hutchinson, ``E[(P^{-1/2}w)_k' (M^{-1} P^{1/2} w)_k]``,
+  for the analytic gradient (math.md Section 9; the same formula as :mod:`lmmops.direct`).
+
+The average-information matrix needs only solves with the working variates (no traces),
+so Newton steps are exact given the score; it is computed in level space too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .direct import Evaluation
+from .errors import ConvergenceWarning, LmmopsError
+from .operators import LevelSpaceOperator
+from .trace import lanczos_from_cg, rademacher, slq_quadrature
+
+__all__ = ["IterativeObjective", "block_pcg"]
+
+_LOG2PI = np.log(2.0 * np.pi)
+
+
+def block_pcg(matmat, B, precond_diag, rtol=1e-8, maxiter=1000, record=None):
+    """Block preconditioned CG with a diagonal preconditioner and per-column convergence.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``matmat(U)`` applies the SPD operator to a (q, m) block.
+    B : ndarray, shape (q, m)
+    precond_diag : ndarray, shape (q,)
+        Diagonal ``P`` of the preconditioner (``P^{-1}`` approximates the inverse).
+    rtol : float
+        Per-column stopping rule ``||b_j - A x_j|| <= rtol ||b_j||``.
+    maxiter : int
+    record : array_like of bool, shape (m,), optional
+        Columns whose CG coefficients are recorded (for Lanczos quadrature).
+
+    Returns
+    -------
+    X : ndarray, shape (q, m)
+    info : dict
+        ``iterations`` (max over columns), ``converged`` (bool per column),
+        ``residual`` (relative residual per column), ``first_product``
+        (``A P^{-1} B``, the first CG product, which callers may reuse) and, for recorded
+        columns, ``alpha`` and ``beta`` lists.
+
+    Examples
+    --------
+    >>> A = np.diag([1.0, 2.0, 3.0]) + 0.1
+    >>> X, info = block_pcg(lambda U: A @ U, np.eye(3), np.diag(A), rtol=1e-12)
+    >>> bool(np.allclose(A @ X, np.eye(3)))
+    True
+    """
+    B = np.asarray(B, dtype=np.float64)
+    q, m = B.shape
+    X = np.zeros((q, m))
+    R = B.copy()
+    pinv = 1.0 / precond_diag[:, None]
+    Zr = R * pinv
+    Pd = Zr.copy()
+    rz = np.einsum("ij,ij->j", R, Zr)
+    bnorm = np.linalg.norm(B, axis=0)
+    bnorm[bnorm == 0] = 1.0
+    active = np.ones(m, dtype=bool)
+    record = np.zeros(m, dtype=bool) if record is None else np.asarray(record, dtype=bool)
+    alphas = [[] for _ in range(m)]
+    betas = [[] for _ in range(m)]
+    rel = np.linalg.norm(R, axis=0) / bnorm
+    first = matmat(np.ascontiguousarray(Pd))  # A P^{-1} B: the first product, for all columns
+    it = 0
+    active &= rel > rtol
+    while active.any() and it < maxiter:
+        it += 1
+        idx = np.flatnonzero(active)
+        AP = first[:, idx] if it == 1 else matmat(np.ascontiguousarray(Pd[:, idx]))
+        pAp = np.einsum("ij,ij->j", Pd[:, idx], AP)
+        a = rz[idx] / pAp
+        X[:, idx] += Pd[:, idx] * a
+        R[:, idx] -= AP * a
+        Zr_new = R[:, idx] * pinv
+        rz_new = np.einsum("ij,ij->j", R[:, idx], Zr_new)
+        b = rz_new / rz[idx]
+        Pd[:, idx] = Zr_new + Pd[:, idx] * b
+        rz[idx] = rz_new
+        rel[idx] = np.linalg.norm(R[:, idx], axis=0) / bnorm[idx]
+        for jj, j in enumerate(idx):
+            if record[j]:
+                alphas[j].append(a[jj])
+                betas[j].append(b[jj])
+        active[idx] = rel[idx] > rtol
+    info = {"iterations": it, "converged": ~active, "residual": rel,
+            "alpha": alphas, "beta": betas, "first_product": first}
+    return X, info
+
+
+def _orthonormal_columns(A, tol=1e-10):
+    """Orthonormal basis of the column space of A (rank-revealing, via SVD of R)."""
+    Q, R = np.linalg.qr(A)
+    U, sv, _ = np.linalg.svd(R)
+    keep = sv > tol * sv[0]
+    return Q @ U[:, keep]
+
+
+class IterativeObjective:
+    """The profiled REML/ML criterion evaluated matrix-free, with Monte Carlo errors.
+
+    Same interface as :class:`lmmops.direct.DirectObjective` (``evaluate``,
+    ``average_information``, ``residuals``), so the same optimiser fits both.
+
+    Parameters
+    ----------
+    design : CrossedDesign
+    X : ndarray, shape (n_obs, p)
+    y : ndarray, shape (n_obs,)
+    method : {"REML", "ML"}
+    n_probes : int
+        Rademacher probes for the log-determinant and the traces.
+    seed : int or numpy.random.Generator
+        Seed of the probes, drawn once (common random numbers: the estimated criterion is
+        a smooth function of ``theta``).
+    rtol : float
+        CG tolerance (relative residual, per column).
+    maxiter : int
+        CG iteration limit per solve.
+    parallel : bool or None
+        Use the parallel kernels for the level-space products.
+    deflation_rank : int, optional
+        Extra deflation directions beyond the K proportional ones: the dominant
+        eigenvectors of the normalised level graph ``D^{-1/2}(Z'Z - D)D^{-1/2}`` (its
+        canonical correlations, math.md Section 6), found once per design by block power
+        iteration. Default ``min(32, q // 8)``. They change only the variance of the
+        estimates, never their expectation.
+    power_iters : int
+        Block power iterations for the deflation basis.
+    small_factor_levels : int
+        Factors with at most this many levels are deflated completely (all their level
+        directions join the basis), which makes their traces, and so their gradient
+        components, exact.
+
+    Notes
+    -----
+    Memory is ``O(n K)`` for the codes plus ``O(q (p + 1 + n_probes))`` for the level-space
+    blocks; nothing of size ``n x q`` or ``q x q`` is formed.
+
+    Examples
+    --------
+    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.direct import DirectObjective
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.integers(0, 30, 600), rng.integers(0, 20, 600)
+    >>> d = CrossedDesign.from_codes([a, b])
+    >>> y = rng.normal(size=30)[a] + rng.normal(size=20)[b] + rng.normal(size=600)
+    >>> X = np.ones((600, 1))
+    >>> it = IterativeObjective(d, X, y, n_probes=64, seed=1)
+    >>> ev = it.evaluate(np.array([1.0, 1.0]))
+    >>> exact = DirectObjective(d, X, y).evaluate(np.array([1.0, 1.0])).objective
+    >>> bool(abs(ev.objective - exact) < 4 * ev.objective_se + 1e-6)
+    True
+    """
+
+    def __init__(self, design, X, y, method="REML", n_probes=16, seed=0, rtol=1e-8,
+                 maxiter=2000, parallel=None, deflation_rank=None, power_iters=4,
+                 small_factor_levels=64):
+        method = str(method).upper()
+        if method not in ("REML", "ML"):
+            raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
+        self.method = method
+        self.design = design
+        self.X = np.ascontiguousarray(X, dtype=np.float64)
+        self.y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+        n, p = self.X.shape
+        self.n, self.p, self.K, self.q = n, p, design.n_factors, design.q
+        if method == "REML" and n <= p:
+            raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
+        self.n_probes = int(n_probes)
+        self.small_factor_levels = int(small_factor_levels)
+        self.rtol = float(rtol)
+        self.maxiter = int(maxiter)
+        # one O(n) pass: sufficient statistics in level space
+        self._G = LevelSpaceOperator(design, np.ones(self.K), parallel=parallel)
+        T = np.empty((n, p + 1))
+        T[:, :p] = self.X
+        T[:, p] = self.y
+        self.ZtT = self._G.rhs(T)  # (q, p + 1)
+        self.TT = T.T @ T
+        del T
+        self.counts = np.concatenate(
+            [design.counts(k) for k in range(self.K)]).astype(np.float64)
+        self.sizes = list(design.n_levels)
+        self.offsets = design.offsets
+        rng = np.random.default_rng(seed)
+        self.Q = self._deflation_basis(deflation_rank, power_iters, rng)
+        W = rademacher(self.q, self.n_probes, rng)
+        self.W = W - self.Q @ (self.Q.T @ W)  # probes projected off the deflation basis
+        # squared cross-tabulations, for ||E||_F^2 in closed form
+        self._N2 = []
+        for k in range(self.K):
+            for l in range(k + 1, self.K):
+                N = design.crosstab(k, l).tocsr(copy=True)
+                N.data = N.data**2
+                self._N2.append((k, l, N))
+        self.n_evaluations = 0
+        self.cg_iterations = 0
+        self.last = {}
+
+    def _deflation_basis(self, rank, power_iters, rng):
+        """Orthonormal, theta-independent basis of the dominant level-graph directions.
+
+        The K "proportional" directions ``sqrt(r_k / n)`` (exact eigenvectors of the
+        normalised graph, the rho = 1 pair for K = 2), then the dominant eigenvectors of
+        ``C = D^{-1/2}(Z'Z - D)D^{-1/2}`` on their complement by block power iteration.
+        """
+        off = self.offsets = self.design.offsets
+        QK = np.zeros((self.q, self.K))
+        for k in range(self.K):
+            QK[off[k]:off[k + 1], k] = np.sqrt(self.counts[off[k]:off[k + 1]] / self.n)
+        # small factors (few levels) are deflated completely: their traces become exact
+        cols = [QK]
+        for k in range(self.K):
+            qk = off[k + 1] - off[k]
+            if qk <= self.small_factor_levels:
+                Ek = np.zeros((self.q, qk))
+                Ek[off[k] + np.arange(qk), np.arange(qk)] = 1.0
+                cols.append(Ek)
+        if len(cols) > 1:
+            QK = _orthonormal_columns(np.hstack(cols))
+        if rank is None:
+            rank = min(32, self.q // 8)
+        rank = int(max(0, min(rank, self.q - QK.shape[1])))
+        if rank == 0:
+            return QK
+        isq = 1.0 / np.sqrt(self.counts)
+
+        def C(U):
+            return isq[:, None] * self._gram(isq[:, None] * U) - U
+
+        Y = rng.standard_normal((self.q, rank))
+        for _ in range(max(1, power_iters)):
+            Y -= QK @ (QK.T @ Y)
+            Y, _ = np.linalg.qr(C(C(Y)))
+        Y -= QK @ (QK.T @ Y)
+        Y, _ = np.linalg.qr(Y)
+        H = Y.T @ C(Y)
+        w, U = np.linalg.eigh(0.5 * (H + H.T))
+        Y = Y @ U[:, np.argsort(-np.abs(w))]
+        return _orthonormal_columns(np.hstack([QK, Y]))
+
+    # ------------------------------------------------------------------ operators
+    def _lam(self, theta):
+        return np.repeat(np.asarray(theta, dtype=np.float64), self.sizes)
+
+    def _gram(self, U):
+        """``Z'Z U`` for a (q, m) block (the level operator with lambda = 1, minus U)."""
+        return self._G.matmat(U) - U
+
+    def _M_matmat(self, lam):
+        def mm(U):
+            return lam[:, None] * self._gram(lam[:, None] * U) + U
+        return mm
+
+    def _solve(self, lam, B, record=None):
+        P = lam * lam * self.counts + 1.0
+        X, info = block_pcg(self._M_matmat(lam), B, P, rtol=self.rtol, maxiter=self.maxiter,
+                            record=record)
+        self.cg_iterations += info["iterations"]
+        if not np.all(info["converged"]):
+            import warnings
+
+            warnings.warn(
+                f"PCG did not reach rtol={self.rtol:g} in {self.maxiter} iterations "
+                f"(worst relative residual {np.max(info['residual']):.2g})",
+                ConvergenceWarning, stacklevel=3,
+            )
+        return X, info, P
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, theta, gradient=True):
+        """Evaluate the criterion, its gradient and their Monte Carlo errors at ``theta``.
+
+        Parameters
+        ----------
+        theta : array_like, shape (n_factors,)
+        gradient : bool
+            The gradient comes at no extra cost; accepted for interface compatibility.
+
+        Returns
+        -------
+        Evaluation
+            With ``objective_se`` (standard error of the criterion) and ``gradient_se``.
+        """
+        theta = np.asarray(theta, dtype=np.float64).copy()
+        if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
+            raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")
+        self.n_evaluations += 1
+        t0 = time.perf_counter()
+        n, p, m = self.n, self.p, self.n_probes
+        lam = self._lam(theta)
+        P = lam * lam * self.counts + 1.0
+        sqP = np.sqrt(P)
+        K = self.K
+        r = self.Q.shape[1]
+        c0, cQ, cW = p + 1, p + 1 + r, p + 1 + r + m  # column blocks: [X y | Q | W]
+        B = np.empty((self.q, cW))
+        B[:, :c0] = lam[:, None] * self.ZtT
+        B[:, c0:cQ] = sqP[:, None] * self.Q
+        B[:, cQ:] = sqP[:, None] * self.W
+        record = np.zeros(cW, dtype=bool)
+        record[c0:] = True
+        S, info, _ = self._solve(lam, B, record)
+        Lt = B[:, :c0]
+        St = S[:, :c0]
+        Omega = self.TT - Lt.T @ St  # [X y]' V0^{-1} [X y]
+        Omega = 0.5 * (Omega + Omega.T)
+        A = Omega[:p, :p]
+        if p:
+            try:
+                cA = np.linalg.cholesky(A)
+            except np.linalg.LinAlgError:
+                from .direct import NumericalFailure
+
+                raise NumericalFailure("X'V^{-1}X is not positive definite") from None
+            beta = np.linalg.solve(A, Omega[:p, p])
+            logdet_RX = 2.0 * float(np.sum(np.log(np.diag(cA))))
+        else:
+            beta = np.zeros(0)
+            logdet_RX = 0.0
+        pwrss = float(Omega[p, p] - Omega[:p, p] @ beta)
+        if pwrss <= 0:
+            raise LmmopsError("the response is fitted exactly (zero residual sum of squares)")
+        dof = n - p if self.method == "REML" else n
+        sigma2 = pwrss / dof
+        # normalised operator Ahat = P^{-1/2} M P^{-1/2} = I + E; Ahat x from the first product
+        first = info["first_product"]
+        EQ = first[:, c0:cQ] / sqP[:, None] - self.Q
+        EW = first[:, cQ:] / sqP[:, None] - self.W
+        a = lam * lam / P
+        E2 = 0.0  # ||E||_F^2 = 2 sum_{k<l} sum_ij N_ij^2 a_i a_j
+        off = self.offsets
+        for k, l, N2 in self._N2:
+            E2 += 2.0 * float(a[off[k]:off[k + 1]] @ (N2 @ a[off[l]:off[l + 1]]))
+        # log|M| = log|P| + sum_i q_i' log(Ahat) q_i (deterministic quadrature)
+        #        + tr(Pq log(Ahat) Pq): closed-form Taylor part + stochastic remainder
+        quadQ = 0.0
+        for i in range(r):
+            al, be = info["alpha"][c0 + i], info["beta"][c0 + i]
+            if al:
+                quadQ += slq_quadrature(*lanczos_from_cg(al, be))
+        samples = np.empty(m)
+        wn2 = np.einsum("ij,ij->j", self.W, self.W)
+        for i in range(m):
+            al, be = info["alpha"][cQ + i], info["beta"][cQ + i]
+            if not al:
+                samples[i] = 0.0
+                continue
+            dg, od = lanczos_from_cg(al, be)
+            e1 = dg[0] - 1.0
+            e2 = e1 * e1 + (od[0] ** 2 if od.size else 0.0)
+            samples[i] = wn2[i] * (slq_quadrature(dg, od) - e1 + 0.5 * e2)
+        exact = (float(np.sum(np.log(P))) - float(np.einsum("ij,ij->", self.Q, EQ))
+                 - 0.5 * (E2 - float(np.einsum("ij,ij->", EQ, EQ))))
+        logdet_M = exact + quadQ + float(samples.mean())
+        logdet_se = float(np.std(samples, ddof=1) / np.sqrt(m)) if m > 1 else np.inf
+        if self.method == "REML":
+            obj = logdet_M + logdet_RX + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
+        else:
+            obj = logdet_M + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
+        # conditional modes and fixed-effect covariance
+        Sx = St[:, :p]
+        vfull = St[:, p] - Sx @ beta
+        Ainv = np.linalg.inv(A) if p else np.zeros((0, 0))
+        beta_cov = sigma2 * Ainv
+        # traces of the diagonal blocks of M^{-1}: tr(D_k Ahat^{-1}), D_k = S_k P^{-1},
+        # = tr(Q'D_k Ahat^{-1} Q) + tr(Pq D_k (I - E) Pq) (closed form)
+        #   + tr(Pq D_k (Ahat^{-1} - I + E) Pq) (stochastic remainder)
+        AinvQ = sqP[:, None] * S[:, c0:cQ]
+        AinvW = sqP[:, None] * S[:, cQ:]
+        Pinv = 1.0 / P
+        rowQ = Pinv[:, None] * self.Q * (AinvQ - self.Q + EQ)
+        rem = (Pinv[:, None] * self.W) * (AinvW - self.W + EW)
+        tr_samples = np.stack([rem[off[k]:off[k + 1]].sum(axis=0) for k in range(K)])
+        traces = np.array([
+            float(np.sum(Pinv[off[k]:off[k + 1]]) + np.sum(rowQ[off[k]:off[k + 1]]))
+            for k in range(K)
+        ]) + tr_samples.mean(axis=1)
+        if self.method == "REML" and p:
+            extra = np.einsum("ij,ij->i", Sx @ Ainv, Sx)
+            traces = traces + np.array([extra[off[k]:off[k + 1]].sum()
+                                        for k in range(self.K)])
+        v = [vfull[off[k]:off[k + 1]] for k in range(self.K)]
+        grad = np.zeros(self.K)
+        grad_samples = np.zeros((self.K, m))
+        for k in range(self.K):
+            if theta[k] > 0:
+                qk = self.sizes[k]
+                grad[k] = 2.0 / theta[k] * ((qk - traces[k]) - float(v[k] @ v[k]) / sigma2)
+                grad_samples[k] = -2.0 / theta[k] * tr_samples[k]
+        grad_cov = np.cov(grad_samples) / m if m > 1 else np.full((self.K, self.K), np.inf)
+        ev = Evaluation(theta, float(obj), grad, float(sigma2), beta, beta_cov, v,
+                        logdet_M, logdet_RX, pwrss, traces, None)
+        ev.objective_se = logdet_se
+        ev.gradient_cov = np.atleast_2d(grad_cov)
+        ev.cg_iterations = int(info["iterations"])
+        ev._lam = lam
+        ev._Sx = Sx
+        ev._Ainv = Ainv
+        self.last = {"cg_iterations": ev.cg_iterations, "objective_se": logdet_se,
+                     "seconds": time.perf_counter() - t0}
+        return ev
+
+    def __call__(self, theta):
+        """Return the estimated criterion at ``theta``."""
+        return self.evaluate(theta).objective
+
+    # ------------------------------------------------------------------ information
+    def _Zt_resid(self, ev):
+        """``Z'e`` for the conditional residual e, in level space (no pass over rows)."""
+        lam = ev._lam
+        vfull = np.concatenate(ev.v)
+        return self.ZtT[:, self.p] - self.ZtT[:, : self.p] @ ev.beta - self._gram(
+            (lam * vfull)[:, None])[:, 0]
+
+    def average_information(self, ev):
+        """Average information ``A_kl = 1/2 w_k' P w_l`` in the variance parameters.
+
+        Working variates ``w_k = Z_k Z_k' e / s^2`` and ``w_e = e / s^2`` (e the
+        conditional residual) are handled in level space: ``w_k = Z_k a_k``; one block
+        PCG solve gives every ``P w``. Exact given the solves.
+
+        Parameters
+        ----------
+        ev : Evaluation
+
+        Returns
+        -------
+        ndarray, shape (n_factors + 1, n_factors + 1)
+        """
+        K, p, q = self.K, self.p, self.q
+        s2 = ev.sigma2
+        lam = ev._lam
+        off = self.offsets
+        Zte = self._Zt_resid(ev)
+        vfull = np.concatenate(ev.v)
+        ee = ev.pwrss - float(vfull @ vfull)
+        # level-space coefficients: w_k = Z E_k a_k, a_k = (Z_k'e)/s2; w_e = e/s2
+        Ea = np.zeros((q, K))
+        for k in range(K):
+            Ea[off[k]:off[k + 1], k] = Zte[off[k]:off[k + 1]] / s2
+        GEa = self._gram(Ea)  # Z'Z E_k a_k = Z' w_k
+        Ztw = np.empty((q, K + 1))
+        Ztw[:, :K] = GEa
+        Ztw[:, K] = Zte / s2
+        Xtw = np.empty((p, K + 1))
+        Xtw[:, :K] = self.ZtT[:, :p].T @ Ea
+        Xtw[:, K] = 0.0  # X'e = 0 at the mixed-model-equation solution
+        WW = np.empty((K + 1, K + 1))
+        WW[:K, :K] = Ea.T @ GEa
+        WW[:K, K] = WW[K, :K] = np.einsum("ik,i->k", Ea, Zte) / s2
+        WW[K, K] = ee / s2**2
+        # b = [Lambda Z'w; X'w]; solve the Z-and-X system by its Schur complement
+        bz = lam[:, None] * Ztw
+        T, _, _ = self._solve(lam, bz)
+        Sx, Ainv = ev._Sx, ev._Ainv
+        if p:
+            xb = Ainv @ (Xtw - Sx.T @ bz)  # (X'V0^{-1}X)^{-1}(X'w - X'Z Lambda M^{-1} b_z)
+            xz = T - Sx @ xb
+            bx = bz.T @ xz + Xtw.T @ xb
+        else:
+            bx = bz.T @ T
+        WPW = (WW - bx) / s2
+        return 0.25 * (WPW + WPW.T)
+
+    def residuals(self, ev):
+        """Conditional residuals ``y - X beta - sum_k Z_k b_k`` (one pass over the rows).
+
+        Parameters
+        ----------
+        ev : Evaluation
+
+        Returns
+        -------
+        ndarray, shape (n_obs,)
+        """
+        r = self.y - self.X @ ev.beta
+        for k in range(self.K):
+            if ev.theta[k] != 0.0:
+                r -= (ev.theta[k] * ev.v[k])[self.design.codes[k]]
+        return r
