@@ -287,3 +287,15 @@ def test_reml_exact_inverse_matches_direct_solver(design, base):
         ours = -2 * reml_criterion(ExactInverse(V, base=base), X, y) + (n - 2) * np.log(
             2 * np.pi)
         assert abs(ours - ev.objective) < 1e-8 * max(1.0, abs(ev.objective))
+
+
+@pytest.mark.parametrize("base", ["modified", "proportional"])
+def test_exact_inverse_of_covariance_operator_with_interaction_factor(base):
+    """CovarianceOperator over (a, b, a:b): the a:b factor is recognised as the interaction."""
+    operators = pytest.importorskip("lmmops.operators")
+    d = design_from_table(random_table(5, 4, rng=14, missing=0.3), rng=14, interaction=True)
+    V = operators.CovarianceOperator(d, S_E2, [S_A2, S_B2, S_C2])
+    Vinv = ExactInverse(V, base=base)
+    b = np.random.default_rng(15).standard_normal((d.n_obs, 2))
+    assert_allclose(V @ Vinv.solve(b), b, atol=1e-10)
+    assert_allclose(Vinv.logdet(), np.linalg.slogdet(V.todense())[1], rtol=1e-11)
