@@ -1,0 +1,852 @@
+r"""Preconditioners for the level-space matrix M and the covariance V of a crossed design.
+
+:func:`build` is the single entry point (pyamg's shape): it returns an object with
+``.aspreconditioner()`` (an SPD :class:`~scipy.sparse.linalg.LinearOperator` approximating
+the inverse of the operator it was built for, with a real block ``_matmat``),
+``.logdet()`` (``log det`` of the approximation, where that is exact and cheap) and
+``.describe()``.
+
+Level space, ``M = Z'Z + Lambda`` (a :class:`~lmmops.operators.LevelSpaceOperator`):
+
+=====================  =======================================================  =====
+kind                   approximation of M                                        K
+=====================  =======================================================  =====
+``"identity"``         I (no preconditioning)                                    any
+``"jacobi"``           ``diag(M)`` = the exact diagonal blocks ``D_k + lambda_k`` any
+``"proportional"``     D2: every ``N_kl`` replaced by ``r_k r_l'/n`` (closed form) any
+``"spectral"``         D1's canonical basis: the top-``rank`` SVD triplets of        2
+                       ``D_r^{-1/2} N D_c^{-1/2}`` (once per design), with the
+                       exact margins (default) or D1's reference margins
+``"lowrank"``          a base (``"proportional"``/``"spectral"``/``"jacobi"``) plus  any
+                       a rank-``rank`` correction from the extreme generalized
+                       eigenpairs ``M v = mu B v``; exact at full rank
+``"block_gauss_seidel"`` symmetric block Gauss-Seidel over the factor blocks       any
+``"amg"``              pyamg smoothed aggregation (K = 2: on the sign-flipped M, a  any
+                       shifted bipartite graph Laplacian)
+=====================  =======================================================  =====
+
+Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
+
+- ``"identity"``;
+- ``"spectral"``: D1, the exact inverse of the modified covariance ``V check``
+  (:class:`lmmops.spectral.ModifiedCovariance`; K = 2);
+- ``"exact"``: an inner level-space PCG to a tight tolerance, lifted to observation space
+  (``V^{-1} b = lift(M^{-1} Z'b, b)``); outer CG then needs 1-3 iterations;
+- ``"lowrank"``: D1 plus its exact Woodbury correction
+  (:class:`lmmops.lowrank.ExactInverse`) when the correction rank is affordable (K = 2);
+- ``"lifted"``: a level-space kind ``base`` lifted as ``s_e^{-2}(I - Z B^{-1} Z')``. A
+  documented negative result (math.md Section 12): unless ``B`` is essentially ``M``,
+  the lifted operator is a disastrous preconditioner of V on skewed designs. It exists for
+  the solver study.
+
+Cost of one application, in matvecs of the preconditioned operator: jacobi, proportional
+O(q) (much less than one); spectral/lowrank O(q rank); block Gauss-Seidel ``2(K-1)``
+single-factor gather/scatter passes (about one M matvec); AMG one V-cycle on the sparse
+``M`` (about 1-2 M matvecs, measured in the study); observation-space spectral about one
+V matvec; ``"exact"`` is an inner solve (about 10 M matvecs), the one exception.
+
+Every preconditioner is SPD; the tests check the dense eigenvalues on small designs and
+``x'Px > 0`` at scale.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import numpy as np
+import scipy.linalg as sla
+import scipy.sparse as sp
+from scipy.sparse.linalg import LinearOperator
+
+from ._guard import check_dense
+from .errors import DesignError
+
+__all__ = [
+    "LEVEL_KINDS",
+    "OBSERVATION_KINDS",
+    "Preconditioner",
+    "build",
+]
+
+LEVEL_KINDS = (
+    "identity", "jacobi", "proportional", "spectral", "lowrank", "block_gauss_seidel", "amg",
+)
+OBSERVATION_KINDS = ("identity", "spectral", "exact", "lowrank", "lifted")
+
+_SVD_CACHE = weakref.WeakKeyDictionary()  # design -> {rank: (Phi, rho, Psi)}
+
+
+def _is_level(A):
+    return hasattr(A, "lift") and hasattr(A, "lambdas") and hasattr(A, "design")
+
+
+def _is_covariance(A):
+    return hasattr(A, "level_space") and hasattr(A, "sigma2_e") and hasattr(A, "design")
+
+
+def _col(x):
+    """Return (2-d array, was_1d)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        return x[:, None], True
+    return x, False
+
+
+class _PrecondOperator(LinearOperator):
+    """The SPD LinearOperator of a :class:`Preconditioner` (``_matvec``/``_matmat``)."""
+
+    def __init__(self, owner):
+        super().__init__(dtype=np.float64, shape=owner.shape)
+        self.args = (owner,)
+
+    def _matvec(self, x):
+        x = np.asarray(x)
+        if np.iscomplexobj(x):
+            return self._matvec(x.real) + 1j * self._matvec(x.imag)
+        return self.args[0]._apply(np.asarray(x, np.float64).reshape(-1, 1))[:, 0]
+
+    def _matmat(self, X):
+        X = np.asarray(X)
+        if np.iscomplexobj(X):
+            return self._matmat(X.real) + 1j * self._matmat(X.imag)
+        return self.args[0]._apply(np.ascontiguousarray(X, dtype=np.float64))
+
+    def _adjoint(self):
+        return self
+
+    _transpose = _adjoint
+
+    def __repr__(self):
+        return f"<{self.shape[0]}x{self.shape[1]} {self.args[0].kind} preconditioner>"
+
+
+class Preconditioner:
+    """Base class of the objects returned by :func:`build`.
+
+    Attributes
+    ----------
+    kind : str
+    space : {'level', 'observation'}
+    shape : tuple of int
+    setup_seconds : float
+        Wall time of the construction.
+    """
+
+    kind = "?"
+    space = "level"
+
+    def aspreconditioner(self):
+        """The SPD LinearOperator approximating ``A^{-1}`` (for ``cg(..., M=...)``).
+
+        Returns
+        -------
+        scipy.sparse.linalg.LinearOperator
+            Symmetric positive definite, with ``_matvec`` and a block ``_matmat``.
+        """
+        return _PrecondOperator(self)
+
+    def solve(self, r):
+        """Apply the approximate inverse to ``r`` of shape (n,) or (n, m).
+
+        Parameters
+        ----------
+        r : ndarray
+
+        Returns
+        -------
+        ndarray, shape of ``r``
+        """
+        R, one = _col(r)
+        out = self._apply(np.ascontiguousarray(R))
+        return out[:, 0] if one else out
+
+    def logdet(self):
+        """``log det`` of the approximation of ``A`` this preconditioner inverts.
+
+        Useful as a control variate: ``log|A| = logdet() + log|P^{1/2} A P^{1/2}|``.
+
+        Returns
+        -------
+        float
+
+        Raises
+        ------
+        NotImplementedError
+            When it is not both exact and cheap for this kind.
+        """
+        raise NotImplementedError(
+            f"logdet() is not available for kind={self.kind!r}: the determinant of this "
+            "preconditioner is not cheap and exact; estimate log|A| with "
+            "lmmops.trace.slq_logdet instead"
+        )
+
+    def describe(self):
+        """One-paragraph description: kind, space, sizes, parameters, setup time.
+
+        Returns
+        -------
+        str
+        """
+        return (
+            f"{self.kind} preconditioner ({self.space} space, n={self.shape[0]}): "
+            f"{self._details()}; setup {self.setup_seconds:.3g} s"
+        )
+
+    def _details(self):
+        return ""
+
+    def __repr__(self):
+        return f"<{type(self).__name__}: {self.describe()}>"
+
+
+# ---------------------------------------------------------------------------- level space
+class _Level(Preconditioner):
+    """Common level-space data of ``M = Z'Z + Lambda``."""
+
+    space = "level"
+
+    def __init__(self, M):
+        self.M = M
+        self.design = M.design
+        self.shape = M.shape
+        self.K = self.design.n_factors
+        self.offsets = np.asarray(self.design.offsets)
+        self.counts = [np.asarray(self.design.counts(k), dtype=np.float64)
+                       for k in range(self.K)]
+        self.lambdas = np.asarray(M.lambdas, dtype=np.float64)
+        self.n = float(self.design.n_obs)
+        self.diag = np.concatenate([c + lam for c, lam in zip(self.counts, self.lambdas)])
+
+    def block(self, x, k):
+        return x[self.offsets[k] : self.offsets[k + 1]]
+
+    # B X (the approximation itself), for the low-rank deflation
+    def _forward(self, X):  # pragma: no cover - overridden where used
+        raise NotImplementedError
+
+
+class _Identity(Preconditioner):
+    kind = "identity"
+
+    def __init__(self, A):
+        self.space = "level" if _is_level(A) else "observation"
+        self.shape = A.shape
+
+    def _apply(self, X):
+        return X.copy()
+
+    def _forward(self, X):
+        return X.copy()
+
+    def logdet(self):
+        return 0.0
+
+    def _details(self):
+        return "no preconditioning"
+
+
+class _Jacobi(_Level):
+    kind = "jacobi"
+
+    def __init__(self, M):
+        super().__init__(M)
+        self._inv = 1.0 / self.diag
+
+    def _apply(self, X):
+        return X * self._inv[:, None]
+
+    def _forward(self, X):
+        return X * self.diag[:, None]
+
+    def logdet(self):
+        return float(np.sum(np.log(self.diag)))
+
+    def _details(self):
+        return "diag(M) = level counts + lambda_k; cost O(q)"
+
+
+class _Proportional(_Level):
+    r"""D2 for any K: ``M_prop = P + B (J - I) B' / n`` (math.md Section 11)."""
+
+    kind = "proportional"
+
+    def __init__(self, M):
+        super().__init__(M)
+        K = self.K
+        self.alpha_k = np.array(
+            [np.sum(self.counts[k] ** 2 / self.block(self.diag, k)) for k in range(K)]
+        )
+        T_inv = np.ones((K, K)) / (K - 1) - np.eye(K)
+        self._core = self.n * T_inv + np.diag(self.alpha_k)
+        self._lu = sla.lu_factor(self._core)
+        self._w = np.concatenate(self.counts)
+
+    def _bt(self, Y):  # B'Y: (K, m)
+        return np.add.reduceat(self._w[:, None] * Y, self.offsets[:-1], axis=0)
+
+    def _b(self, S):  # B S: (q, m)
+        return np.repeat(S, np.diff(self.offsets), axis=0) * self._w[:, None]
+
+    def _apply(self, X):
+        Y = X / self.diag[:, None]
+        S = sla.lu_solve(self._lu, self._bt(Y))
+        return Y - self._b(S) / self.diag[:, None]
+
+    def _forward(self, X):
+        T = self._bt(X)
+        TT = T.sum(axis=0, keepdims=True) - T
+        return self.diag[:, None] * X + self._b(TT) / self.n
+
+    def logdet(self):
+        K = self.K
+        core = np.eye(K) + (np.ones((K, K)) - np.eye(K)) * self.alpha_k[None, :] / self.n
+        return float(np.sum(np.log(self.diag)) + np.linalg.slogdet(core)[1])
+
+    def _details(self):
+        return "D2, N_kl -> r_k r_l'/n, diagonal plus rank K (closed form); cost O(q)"
+
+
+def _normalised_svd(design, rank, rng=0):
+    """Top-``rank`` SVD triplets of ``K_N = D_r^{-1/2} N D_c^{-1/2}`` (theta-free, cached).
+
+    The first triplet is known exactly (``rho_1 = 1``, ``sqrt(r/n)``, ``sqrt(c/n)``);
+    the others come from a dense SVD (``min(g, h) <= 300`` or ``rank >= min(g, h) / 2``) or from
+    :func:`scipy.sparse.linalg.svds` on the deflated table.
+    """
+    cache = _SVD_CACHE.setdefault(design, {})
+    g, h = design.n_levels[:2]
+    m = min(g, h)
+    rank = int(min(rank, m))
+    for key, val in cache.items():  # a larger cached SVD serves a smaller rank
+        if key >= rank:
+            return val[0][:, :rank], val[1][:rank], val[2][:, :rank]
+    r = np.asarray(design.counts(0), dtype=np.float64)
+    c = np.asarray(design.counts(1), dtype=np.float64)
+    n = float(design.n_obs)
+    KN = (sp.diags(1 / np.sqrt(r)) @ design.crosstab(0, 1) @ sp.diags(1 / np.sqrt(c))).tocsr()
+    phi1, psi1 = np.sqrt(r / n), np.sqrt(c / n)
+    if m <= 300 or rank >= m // 2:
+        check_dense((g, h), "the dense SVD of the normalised count table")
+        Phi, rho, PsiT = np.linalg.svd(KN.toarray(), full_matrices=False)
+        Phi, rho, Psi = Phi[:, :rank], rho[:rank], PsiT[:rank].T
+        Phi[:, 0], Psi[:, 0], rho[0] = phi1, psi1, 1.0
+    else:
+        from scipy.sparse.linalg import LinearOperator as LO
+        from scipy.sparse.linalg import svds
+
+        KNt = KN.T.tocsr()
+        defl = LO(
+            (g, h), dtype=np.float64,
+            matvec=lambda x: KN @ x - phi1 * (psi1 @ x),
+            rmatvec=lambda y: KNt @ y - psi1 * (phi1 @ y),
+            matmat=lambda X: KN @ X - np.outer(phi1, psi1 @ X),
+            rmatmat=lambda Y: KNt @ Y - np.outer(psi1, phi1 @ Y),
+        )
+        v0 = np.random.default_rng(rng).standard_normal(min(g, h))
+        U, s, Vt = svds(defl, k=rank - 1, v0=v0, tol=1e-6)
+        order = np.argsort(s)[::-1]
+        Phi = np.column_stack([phi1, U[:, order]])
+        Psi = np.column_stack([psi1, Vt[order].T])
+        rho = np.concatenate([[1.0], s[order]])
+    rho = np.clip(rho, 0.0, 1.0)
+    out = (np.ascontiguousarray(Phi), rho, np.ascontiguousarray(Psi))
+    cache[rank] = out
+    return out
+
+
+class _Spectral(_Level):
+    r"""``B = diag(d) + F Om F'`` from the top SVD triplets of the normalised table.
+
+    ``F = blkdiag(D_r^{1/2} Phi_r, D_c^{1/2} Psi_r)``, ``Om = [[0, diag rho], [diag rho, 0]]``
+    (so ``F Om F'`` is the rank-``r`` approximation of the off-diagonal count blocks), and
+    ``d`` the exact margins ``r + lambda_A``, ``c + lambda_B`` (``margins='exact'``) or
+    D1's reference margins ``alpha r``, ``beta c`` with ``alpha = 1 + lambda_A / r̄``
+    (``margins='reference'``: then ``B`` is the level-space matrix of V check itself).
+    """
+
+    kind = "spectral"
+
+    def __init__(self, M, rank=None, margins="exact", reference="mean", rng=0):
+        super().__init__(M)
+        if self.K != 2:
+            raise DesignError(
+                f"kind='spectral' (D1) needs exactly two crossed factors, got K={self.K}: "
+                "the two-projection spectral decomposition has no closed form for three or "
+                "more (math.md Section 8); use kind='proportional' or 'lowrank'"
+            )
+        self.design.check_connected()
+        g, h = self.design.n_levels
+        m = min(g, h)
+        self.rank = int(min(m, 20 if rank is None else rank))
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        Phi, rho, Psi = _normalised_svd(self.design, self.rank, rng)
+        r, c = self.counts
+        if margins == "exact":
+            d = self.diag
+        elif margins == "reference":
+            if reference == "mean":
+                rbar, cbar = r.mean(), c.mean()
+            elif reference == "harmonic":
+                rbar, cbar = r.size / np.sum(1 / r), c.size / np.sum(1 / c)
+            else:
+                rbar, cbar = (float(x) for x in reference)
+            d = np.concatenate([r * (1 + self.lambdas[0] / rbar),
+                                c * (1 + self.lambdas[1] / cbar)])
+        else:
+            raise ValueError(f"margins must be 'exact' or 'reference', got {margins!r}")
+        self.margins = margins
+        self.d = d
+        self.rho = rho
+        dA, dB = d[:g], d[g:]
+        self._FA = np.sqrt(r)[:, None] * Phi  # D_r^{1/2} Phi
+        self._FB = np.sqrt(c)[:, None] * Psi
+        self._UA = self._FA / dA[:, None]
+        self._UB = self._FB / dB[:, None]
+        k = self.rank
+        GA = self._FA.T @ self._UA
+        GB = self._FB.T @ self._UB
+        Om = np.zeros((2 * k, 2 * k))
+        Om[:k, k:] = np.diag(rho)
+        Om[k:, :k] = np.diag(rho)
+        core = np.eye(2 * k)
+        core[:k, k:] += np.diag(rho) @ GB
+        core[k:, :k] += np.diag(rho) @ GA
+        self._Om = Om
+        self._lu = sla.lu_factor(core)
+        self._ld_core = float(np.linalg.slogdet(core)[1])
+        self._g = g
+
+    def _apply(self, X):
+        g = self._g
+        Y = X / self.d[:, None]
+        c = np.vstack([self._UA.T @ X[:g], self._UB.T @ X[g:]])
+        s = sla.lu_solve(self._lu, self._Om @ c)
+        k = self.rank
+        Y[:g] -= self._UA @ s[:k]
+        Y[g:] -= self._UB @ s[k:]
+        return Y
+
+    def _forward(self, X):
+        g, k = self._g, self.rank
+        c = np.vstack([self._FA.T @ X[:g], self._FB.T @ X[g:]])
+        s = self._Om @ c
+        out = self.d[:, None] * X
+        out[:g] += self._FA @ s[:k]
+        out[g:] += self._FB @ s[k:]
+        return out
+
+    def logdet(self):
+        return float(np.sum(np.log(self.d)) + self._ld_core)
+
+    def _details(self):
+        rho2 = self.rho[1] if self.rho.size > 1 else float("nan")
+        last = self.rho[-1]
+        return (f"D1 canonical basis, rank {self.rank} (rho_2={rho2:.3g}, "
+                f"rho_r={last:.3g}), {self.margins} margins; cost O(q rank)")
+
+
+class _BlockGaussSeidel(_Level):
+    r"""Symmetric block Gauss-Seidel over the factor blocks: ``B = (D+L) D^{-1} (D+U)``.
+
+    The diagonal blocks ``D_k + lambda_k I`` are diagonal; the off-diagonal blocks are the
+    sparse cross-tabulations ``N_kl`` (:meth:`CrossedDesign.crosstab`, built once per
+    design and cached there), with ``nnz`` at most the number of non-empty cells.
+    """
+
+    kind = "block_gauss_seidel"
+
+    def __init__(self, M):
+        super().__init__(M)
+        K = self.K
+        self._N = {(k, l): self.design.crosstab(k, l) for k in range(K) for l in range(K)
+                   if k != l}
+        self.nnz = int(sum(N.nnz for N in self._N.values()))
+
+    def _apply(self, X):
+        K = self.K
+        Y = np.empty_like(X)
+        for k in range(K):  # forward: (D + L) y = x
+            acc = self.block(X, k).copy()
+            for l in range(k):
+                acc -= self._N[k, l] @ self.block(Y, l)
+            self.block(Y, k)[:] = acc / self.block(self.diag, k)[:, None]
+        out = np.empty_like(X)
+        for k in range(K - 1, -1, -1):  # backward: (D + U) x = D y
+            acc = self.block(Y, k).copy()
+            if k < K - 1:
+                s = sum(self._N[k, l] @ self.block(out, l) for l in range(k + 1, K))
+                acc -= s / self.block(self.diag, k)[:, None]
+            self.block(out, k)[:] = acc
+        return out
+
+    def _forward(self, X):
+        Y = np.empty_like(X)
+        for k in range(self.K):  # (D + U) x
+            acc = self.block(self.diag, k)[:, None] * self.block(X, k)
+            for l in range(k + 1, self.K):
+                acc = acc + self._N[k, l] @ self.block(X, l)
+            self.block(Y, k)[:] = acc / self.block(self.diag, k)[:, None]
+        out = np.empty_like(X)
+        for k in range(self.K):  # (D + L) y
+            acc = self.block(self.diag, k)[:, None] * self.block(Y, k)
+            for l in range(k):
+                acc = acc + self._N[k, l] @ self.block(Y, l)
+            self.block(out, k)[:] = acc
+        return out
+
+    def logdet(self):
+        # det((D+L) D^{-1} (D+U)) = det(D): the factors are block triangular with blocks D.
+        return float(np.sum(np.log(self.diag)))
+
+    def _details(self):
+        return (f"symmetric block Gauss-Seidel over {self.K} factor blocks, sparse "
+                f"cross-tabulations (nnz={self.nnz}); cost O(nnz) per application")
+
+
+class _AMG(_Level):
+    """pyamg smoothed aggregation on the sparse M (sign-flipped for K = 2)."""
+
+    kind = "amg"
+
+    def __init__(self, M, **options):
+        super().__init__(M)
+        try:
+            import pyamg
+        except ImportError:  # pragma: no cover
+            raise ImportError("kind='amg' needs pyamg (pip install pyamg)") from None
+        A = (self.design.gram() + sp.diags(np.repeat(self.lambdas, self.design.n_levels)))
+        sign = np.ones(self.shape[0])
+        if self.K == 2:
+            sign[self.offsets[1] :] = -1.0
+        self._sign = sign
+        S = sp.diags(sign)
+        A = (S @ A @ S).tocsr()
+        opts = {"symmetry": "hermitian", "max_coarse": 500}
+        opts.update(options)
+        self.ml = pyamg.smoothed_aggregation_solver(A, **opts)
+        self._prec = self.ml.aspreconditioner(cycle="V")
+        self.nnz = A.nnz
+
+    def _apply(self, X):
+        out = np.empty_like(X)
+        s = self._sign
+        for j in range(X.shape[1]):
+            out[:, j] = s * self._prec.matvec(s * X[:, j])
+        return out
+
+    def _details(self):
+        ml = self.ml
+        flip = "sign-flipped (bipartite Laplacian + shift)" if self.K == 2 else "unflipped"
+        return (f"pyamg smoothed aggregation V-cycle on the {flip} sparse M "
+                f"(nnz={self.nnz}, levels={len(ml.levels)}, "
+                f"operator complexity={ml.operator_complexity():.2f})")
+
+
+class _LowRank(_Level):
+    r"""A base ``B`` plus a rank-``r`` deflation: ``P = B^{-1} + W (Mu^{-1} - I) W'``.
+
+    ``(W, Mu)`` are the ``r`` extreme generalized eigenpairs ``M w = mu B w``
+    (``W'BW = I``), computed by ARPACK, or densely when ``r`` is a large fraction of ``q``.
+    Then ``P M w_j = w_j`` for the deflated pairs, ``P`` acts as ``B^{-1}`` elsewhere,
+    ``P`` is SPD for any ``B``-orthonormal ``W``, and ``P = M^{-1}`` once ``r`` reaches
+    the number of eigenvalues ``mu != 1`` (at most ``rank(M - B)``).
+    """
+
+    kind = "lowrank"
+
+    def __init__(self, M, rank=None, base=None, tol=1e-4, rng=0, **base_options):
+        super().__init__(M)
+        if base is None:
+            base = "spectral" if self.K == 2 else "proportional"
+        if base not in ("proportional", "spectral", "jacobi"):
+            raise ValueError(
+                f"lowrank base must be 'proportional', 'spectral' or 'jacobi', got {base!r}"
+            )
+        self.base_kind = base
+        self.base = _LEVEL_BUILDERS[base](M, **base_options)
+        q = self.shape[0]
+        r = 10 if rank is None else int(rank)
+        if r < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.rank = min(r, q)
+        if self.rank >= q // 3 or q <= 400:
+            check_dense((q, q), "the dense generalized eigenproblem of kind='lowrank'")
+            Md = M.todense()
+            Bd = self.base._forward(np.eye(q))
+            Bd = 0.5 * (Bd + Bd.T)
+            mu, W = sla.eigh(Md, Bd)
+            order = np.argsort(-np.abs(np.log(mu)))[: self.rank]
+            mu, W = mu[order], W[:, order]
+        else:
+            from scipy.sparse.linalg import LinearOperator as LO
+            from scipy.sparse.linalg import eigsh
+
+            check_dense((q, 2 * self.rank + 2), "the ARPACK basis of kind='lowrank'")
+            Bop = LO((q, q), matvec=lambda x: self.base._forward(x.reshape(-1, 1))[:, 0],
+                     dtype=np.float64)
+            Binv = LO((q, q), matvec=lambda x: self.base._apply(x.reshape(-1, 1))[:, 0],
+                      dtype=np.float64)
+            v0 = np.random.default_rng(rng).standard_normal(q)
+            k = max(self.rank, 2)
+            mu, W = eigsh(M, k=k, M=Bop, Minv=Binv, which="BE", tol=tol, v0=v0)
+            # Rayleigh-Ritz in the B inner product: exact B-orthonormality, mu > 0
+            BW = self.base._forward(W)
+            L = np.linalg.cholesky(0.5 * ((W.T @ BW) + (W.T @ BW).T))
+            W = sla.solve_triangular(L, W.T, lower=True).T
+            H = W.T @ M.matmat(W)
+            mu, S = np.linalg.eigh(0.5 * (H + H.T))
+            W = W @ S
+            order = np.argsort(-np.abs(np.log(mu)))[: self.rank]
+            mu, W = mu[order], W[:, order]
+        self.mu = mu
+        self._W = np.ascontiguousarray(W)
+        self._c = 1.0 / mu - 1.0
+
+    def _apply(self, X):
+        out = self.base._apply(X)
+        out += self._W @ (self._c[:, None] * (self._W.T @ X))
+        return out
+
+    def _details(self):
+        lo, hi = (float(self.mu.min()), float(self.mu.max())) if self.mu.size else (1, 1)
+        return (f"{self.base_kind} base + rank-{self.rank} deflation of M w = mu B w "
+                f"(deflated mu in [{lo:.3g}, {hi:.3g}]); cost O(q rank)")
+
+
+_LEVEL_BUILDERS = {
+    "jacobi": _Jacobi,
+    "proportional": _Proportional,
+    "spectral": _Spectral,
+    "block_gauss_seidel": _BlockGaussSeidel,
+    "amg": _AMG,
+    "lowrank": _LowRank,
+}
+
+
+# ---------------------------------------------------------------------------- observation
+class _Observation(Preconditioner):
+    space = "observation"
+
+    def __init__(self, V):
+        self.V = V
+        self.shape = V.shape
+
+
+class _ObsOperatorWrap(_Observation):
+    """Wraps an SPD LinearOperator of lmmops.spectral/lowrank (D1, ExactInverse)."""
+
+    def __init__(self, V, kind, op, logdet_fn, details):
+        super().__init__(V)
+        self.kind = kind
+        self.op = op
+        self._logdet_fn = logdet_fn
+        self._details_text = details
+
+    def _apply(self, X):
+        return np.asarray(self.op.matmat(X)).reshape(X.shape)
+
+    def logdet(self):
+        return float(self._logdet_fn())
+
+    def _details(self):
+        return self._details_text
+
+
+class _ExactObservation(_Observation):
+    """``V^{-1}`` through an inner level-space PCG to ``inner_rtol``, lifted."""
+
+    kind = "exact"
+
+    def __init__(self, V, inner=None, inner_rtol=1e-10, inner_maxiter=None, **inner_options):
+        super().__init__(V)
+        from .solvers import AUTO_LEVEL_KIND
+
+        self.M = V.level_space()
+        inner = AUTO_LEVEL_KIND if inner is None else inner
+        self.inner = _build_level(self.M, inner, **inner_options)
+        self._prec = self.inner.aspreconditioner()
+        self.inner_rtol = float(inner_rtol)
+        self.inner_maxiter = inner_maxiter
+        self.inner_iterations = []
+
+    def _apply(self, X):
+        from .solvers import block_cg
+
+        rhs = self.M.rhs(X)
+        res = []
+        U, info = block_cg(self.M, rhs, rtol=self.inner_rtol, maxiter=self.inner_maxiter,
+                           M=self._prec, residuals=res)
+        self.inner_iterations.append(len(res) - 1)
+        return self.M.lift(U, X)
+
+    def _details(self):
+        return (f"inner level-space PCG ({self.inner.kind}) to rtol {self.inner_rtol:g}, "
+                "lifted: V^{-1} b = lift(M^{-1} Z'b, b)")
+
+
+class _Lifted(_Observation):
+    """``s_e^{-2} (I - Z B^{-1} Z')`` for a level-space approximation ``B`` of M."""
+
+    kind = "lifted"
+
+    def __init__(self, V, base="proportional", **options):
+        super().__init__(V)
+        self.M = V.level_space()
+        self.base = _build_level(self.M, base, **options)
+        self.kind = f"lifted_{self.base.kind}"
+
+    def _apply(self, X):
+        return self.M.lift(self.base._apply(self.M.rhs(X)), X)
+
+    def _details(self):
+        return (f"{self.base.kind} lifted from level space; a documented negative result "
+                "(math.md Section 12): badly conditioned, possibly indefinite")
+
+
+def _build_level(M, kind, rank=None, **options):
+    if kind == "identity":
+        return _Identity(M)
+    if kind not in _LEVEL_BUILDERS:
+        if kind in ("exact", "lifted"):
+            raise ValueError(
+                f"kind={kind!r} is an observation-space preconditioner for a "
+                "CovarianceOperator; in level space the exact preconditioner would be M^{-1} "
+                "itself: solve with lmmops.solvers.cg / solve_V instead"
+            )
+        raise ValueError(f"unknown kind {kind!r}; level-space kinds are {LEVEL_KINDS}")
+    cls = _LEVEL_BUILDERS[kind]
+    if kind in ("spectral", "lowrank"):
+        return cls(M, rank=rank, **options)
+    if rank is not None:
+        raise ValueError(f"kind={kind!r} has no rank; rank applies to 'spectral' and 'lowrank'")
+    return cls(M, **options)
+
+
+def _build_observation(V, kind, rank=None, **options):
+    if kind == "identity":
+        return _Identity(V)
+    if kind == "exact":
+        return _ExactObservation(V, **options)
+    if kind == "lifted":
+        return _Lifted(V, rank=rank, **options) if rank is not None else _Lifted(V, **options)
+    if kind in ("spectral", "lowrank"):
+        K = V.design.n_factors
+        if K != 2:
+            raise DesignError(
+                f"observation-space kind={kind!r} is D1, which needs exactly two crossed "
+                f"factors, got K={K}; use kind='exact' (any K), or solve in level space"
+            )
+        if kind == "spectral":
+            from .spectral import ModifiedCovariance
+
+            d1 = ModifiedCovariance(V, rank=rank, **options)
+            return _ObsOperatorWrap(
+                V, "spectral", d1.inverse(), lambda: d1.logdet(margin_correction=False),
+                f"D1 modified-covariance inverse (rank {d1.rank}, rho_2={d1.rho[1]:.3g}); "
+                "logdet() is log|V check|",
+            )
+        from .lowrank import ExactInverse
+
+        max_rank = int(options.pop("max_rank", 4000))
+        if rank is not None:
+            raise ValueError(
+                "observation-space kind='lowrank' applies the complete D1 correction (rank "
+                "t = levels whose total differs from the mean); do not pass rank"
+            )
+        g, h = V.design.n_levels
+        t_bound = g + h
+        if t_bound > max_rank:
+            raise ValueError(
+                f"observation-space kind='lowrank' needs a dense correction of rank up to "
+                f"t <= g + h = {t_bound}, above max_rank={max_rank}; use kind='exact' (inner "
+                "level-space PCG) or raise max_rank"
+            )
+        ex = ExactInverse(V, base="modified", **options)
+        return _ObsOperatorWrap(
+            V, "lowrank", ex, ex.logdet,
+            f"D1 + exact Woodbury correction of rank t={ex.correction_rank}; logdet() = log|V|",
+        )
+    if kind in LEVEL_KINDS:
+        raise ValueError(
+            f"kind={kind!r} is a level-space preconditioner; build it on V.level_space() and "
+            "solve there (lmmops.solvers.solve_V does), or lift it with kind='lifted', "
+            f"base={kind!r} (not recommended: math.md Section 12 measured 2,230-2,469 "
+            "iterations against 213 without a preconditioner)"
+        )
+    raise ValueError(f"unknown kind {kind!r}; observation-space kinds are {OBSERVATION_KINDS}")
+
+
+def build(A, kind="auto", rank=None, **options):
+    """Build a preconditioner for a level-space ``M`` or an observation-space ``V``.
+
+    Parameters
+    ----------
+    A : LevelSpaceOperator or CovarianceOperator
+    kind : str, optional
+        Level space: ``'identity'``, ``'jacobi'``, ``'proportional'``, ``'spectral'``
+        (K = 2), ``'lowrank'``, ``'block_gauss_seidel'``, ``'amg'``. Observation space:
+        ``'identity'``, ``'spectral'`` (K = 2), ``'exact'``, ``'lowrank'`` (K = 2),
+        ``'lifted'``. ``'auto'`` (default): ``'block_gauss_seidel'`` in level space,
+        ``'exact'`` in observation space.
+    rank : int, optional
+        ``'spectral'``: SVD triplets (default 20, at most ``min(g, h)``; full rank with
+        exact margins is M itself). ``'lowrank'`` (level): deflation rank (default 10;
+        ``q`` or more is exact). Observation ``'spectral'``: D1's triplets.
+    **options
+        Per kind. ``'spectral'`` (level): ``margins={'exact','reference'}``,
+        ``reference``, ``rng``. ``'lowrank'`` (level): ``base`` (default ``'spectral'``
+        for K = 2, else ``'proportional'``), ``tol``, ``rng``. ``'amg'``: passed to
+        :func:`pyamg.smoothed_aggregation_solver`. ``'exact'``: ``inner`` (level kind),
+        ``inner_rtol`` (1e-10), ``inner_maxiter``. ``'lowrank'`` (observation):
+        ``max_rank`` (4000) and :class:`lmmops.lowrank.ExactInverse` options.
+        ``'lifted'``: ``base`` (a level kind).
+
+    Returns
+    -------
+    Preconditioner
+        With ``.aspreconditioner()``, ``.logdet()``, ``.describe()`` and ``.solve(r)``.
+
+    Raises
+    ------
+    ValueError
+        For a kind that does not exist or does not apply to the space, saying why.
+    DesignError
+        For a kind that does not apply to the number of factors (D1 needs K = 2).
+    TypeError
+        If ``A`` is neither operator.
+
+    Examples
+    --------
+    >>> from scipy.sparse.linalg import cg
+    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.operators import CovarianceOperator
+    >>> rng = np.random.default_rng(0)
+    >>> codes = np.vstack([rng.integers(0, 40, 800), rng.integers(0, 12, 800)])
+    >>> V = CovarianceOperator(CrossedDesign.from_codes(codes), 1.0, [0.5, 2.0])
+    >>> M = V.level_space()
+    >>> b = rng.standard_normal(800)
+    >>> P = build(M, kind="proportional")
+    >>> u, info = cg(M, M.rhs(b), rtol=1e-10, M=P.aspreconditioner())
+    >>> x = M.lift(u, b)
+    >>> info, bool(np.linalg.norm(V @ x - b) < 1e-7 * np.linalg.norm(b))
+    (0, True)
+    >>> x2, info = cg(V, b, rtol=1e-10, M=build(V, kind="exact").aspreconditioner())
+    >>> info, bool(np.allclose(x2, x))
+    (0, True)
+    """
+    t0 = time.perf_counter()
+    if _is_level(A):
+        kind = "block_gauss_seidel" if kind == "auto" else kind
+        out = _build_level(A, kind, rank=rank, **options)
+    elif _is_covariance(A):
+        kind = "exact" if kind == "auto" else kind
+        out = _build_observation(A, kind, rank=rank, **options)
+    else:
+        raise TypeError(
+            "build() needs a LevelSpaceOperator (M = Z'Z + Lambda) or a CovarianceOperator "
+            f"(V), got {type(A).__name__}"
+        )
+    out.setup_seconds = time.perf_counter() - t0
+    return out
