@@ -54,8 +54,12 @@ html_theme_options = {
 # Pages that other parts of the project add when they are ready. Each is linked from the
 # index only when its source file exists, so a missing page never breaks the build.
 OPTIONAL_DOCS = [
+    "tutorial",
+    "embedding",
     "theory_inverse",
     "studies/paper_study",
+    "studies/solver_study",
+    "benchmarks",
 ]
 OPTIONAL_MARKER = ".. optional-documents"
 # api.rst documents the known modules by hand; these markers are filled in from the
