@@ -559,7 +559,7 @@ class _LowRank(_Level):
     def __init__(self, M, rank=None, base=None, tol=1e-4, rng=0, **base_options):
         super().__init__(M)
         if base is None:
-            base = "spectral" if self.K == 2 else "proportional"
+            base = "spectral" if self.K == 2 and self.design.is_connected else "proportional"
         if base not in ("proportional", "spectral", "jacobi"):
             raise ValueError(
                 f"lowrank base must be 'proportional', 'spectral' or 'jacobi', got {base!r}"
@@ -797,7 +797,7 @@ def build(A, kind="auto", rank=None, **options):
     **options
         Per kind. ``'spectral'`` (level): ``margins={'exact','reference'}``,
         ``reference``, ``rng``. ``'lowrank'`` (level): ``base`` (default ``'spectral'``
-        for K = 2, else ``'proportional'``), ``tol``, ``rng``. ``'amg'``: passed to
+        for a connected K = 2 design, else ``'proportional'``), ``tol``, ``rng``. ``'amg'``: passed to
         :func:`pyamg.smoothed_aggregation_solver`. ``'exact'``: ``inner`` (level kind),
         ``inner_rtol`` (1e-10), ``inner_maxiter``. ``'lowrank'`` (observation):
         ``max_rank`` (4000) and :class:`lmmops.lowrank.ExactInverse` options.
