@@ -797,10 +797,11 @@ def build(A, kind="auto", rank=None, **options):
     **options
         Per kind. ``'spectral'`` (level): ``margins={'exact','reference'}``,
         ``reference``, ``rng``. ``'lowrank'`` (level): ``base`` (default ``'spectral'``
-        for a connected K = 2 design, else ``'proportional'``), ``tol``, ``rng``. ``'amg'``: passed to
-        :func:`pyamg.smoothed_aggregation_solver`. ``'exact'``: ``inner`` (level kind),
-        ``inner_rtol`` (1e-10), ``inner_maxiter``. ``'lowrank'`` (observation):
-        ``max_rank`` (4000) and :class:`lmmops.lowrank.ExactInverse` options.
+        for a connected K = 2 design, else ``'proportional'``), ``tol``, ``rng``.
+        ``'amg'``: passed to :func:`pyamg.smoothed_aggregation_solver`. ``'exact'``:
+        ``inner`` (level kind), ``inner_rtol`` (1e-10), ``inner_maxiter``.
+        ``'lowrank'`` (observation): ``max_rank`` (4000) and
+        :class:`lmmops.lowrank.ExactInverse` options.
         ``'lifted'``: ``base`` (a level kind).
 
     Returns

@@ -302,7 +302,8 @@ def block_cg(A, B, *, X0=None, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     callback : callable, optional
         ``callback(Xk)`` (the whole block) after every iteration.
     residuals : list, optional
-        Filled with arrays of the column residual norms (0 for converged columns).
+        Filled with arrays (shape (m,)) of the column residual norms, before the first
+        iteration and after each one (0 for columns already converged or zero).
     return_lanczos : bool, optional
         Also return the :class:`LanczosCoefficients` of every column (requires ``X0``
         None).
@@ -347,6 +348,8 @@ def block_cg(A, B, *, X0=None, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     if zero.all():
         iters, done = np.zeros(m, np.int64), np.ones(m, bool)
         X[:] = 0.0
+        if residuals is not None:
+            residuals[:] = [np.zeros(m)]
     else:
         cols = np.flatnonzero(~zero)
         Xs = np.ascontiguousarray(X[:, cols])
@@ -359,9 +362,17 @@ def block_cg(A, B, *, X0=None, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
             def cb(Xk):
                 X[:, cols] = Xk
                 callback(X[:, 0] if one_d else X)
+        res_s = [] if residuals is not None else None
         iters_s, done_s = _pcg_block(A, np.ascontiguousarray(B2[:, cols]), Xs, tol[cols],
-                                     maxiter, M=M, callback=cb, residuals=residuals,
+                                     maxiter, M=M, callback=cb, residuals=res_s,
                                      record=sub)
+        if residuals is not None:
+            full = []
+            for r in res_s:
+                f = np.zeros(m)
+                f[cols] = r
+                full.append(f)
+            residuals[:] = full
         X[:, cols] = Xs
         X[:, zero] = 0.0
         iters, done = np.zeros(m, np.int64), np.ones(m, bool)
