@@ -87,12 +87,23 @@ def _dump(result):
 def _fit_and_print(df, formula, args, data_name):
     from .model import fit
 
+    # progress: one line per iteration on a terminal (or with --verbose), never with --quiet
+    show = (bool(getattr(args, "verbose", False)) or sys.stderr.isatty()) and not getattr(
+        args, "quiet", False)
     res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
-              verbose=bool(getattr(args, "verbose", False)))
+              verbose=show, weights=getattr(args, "weights", None),
+              n_probes=args.probes, seed=args.seed)
     if args.json:
         print(_dump(res))
     else:
         print(res.summary())
+    plot = getattr(args, "plot", None)
+    if plot:
+        from .plots import save_diagnostics
+
+        save_diagnostics(res, plot)
+        if not args.json:
+            print(f"\ndiagnostic plots written to {plot}")
     return res
 
 
@@ -189,11 +200,19 @@ def build_parser():
         sp.add_argument("--formula", required=formula_required,
                         help='lme4 formula, e.g. "y ~ 1 + x + (1|g) + (1|h)"')
         sp.add_argument("--method", default="REML", type=str.upper, choices=["REML", "ML"])
-        sp.add_argument("--solver", default="direct", choices=["direct"],
-                        help="direct: exact blocked Cholesky (default)")
+        sp.add_argument("--solver", default="auto", choices=["auto", "direct", "iterative"],
+                        help="direct: exact blocked Cholesky; iterative: matrix-free PCG with "
+                             "stochastic estimators; auto (default): direct while its dense "
+                             "Schur block is small, else iterative")
+        sp.add_argument("--probes", type=int, default=16,
+                        help="iterative solver: Rademacher probes (default 16)")
+        sp.add_argument("--seed", type=int, default=0,
+                        help="iterative solver: seed of the probes (default 0)")
         sp.add_argument("--json", action="store_true",
                         help="print machine-readable JSON instead of the summary")
-        sp.add_argument("--verbose", action="store_true", help="one line per iteration")
+        sp.add_argument("--verbose", action="store_true",
+                        help="one line per iteration on stderr (default on a terminal)")
+        sp.add_argument("--quiet", action="store_true", help="no progress lines")
 
     f = sub.add_parser("fit", help="fit a model to a CSV/Parquet file",
                        description="Fit a linear mixed model to a data file.")
@@ -201,6 +220,11 @@ def build_parser():
     add_fit_options(f, True)
     f.add_argument("--categorical", metavar="COLS",
                    help="comma-separated columns to treat as factors in the fixed part")
+    f.add_argument("--weights", metavar="COL",
+                   help="column of prior weights (R = s^2 W^{-1}, as lme4's weights=)")
+    f.add_argument("--plot", metavar="PNG",
+                   help="write diagnostic plots (BLUP caterpillar, residuals vs fitted, "
+                        "normal QQ, outlier scan) to this image file; needs matplotlib")
     f.set_defaults(func=_cmd_fit)
 
     d = sub.add_parser("demo", help="fit lme4's InstEval example",

@@ -23,10 +23,13 @@ from .errors import FormulaError, RankDeficientError
 
 __all__ = [
     "ParsedFormula",
+    "RankDeficientWarning",
     "check_full_rank",
     "fixed_effects_matrix",
     "lme4_names",
     "parse_formula",
+    "rank_columns",
+    "rank_message",
     "response_vector",
 ]
 
@@ -215,7 +218,7 @@ def lme4_names(columns):
     return out
 
 
-def fixed_effects_matrix(fixed, data):
+def fixed_effects_matrix(fixed, data, return_spec=False):
     """Build the fixed-effects model matrix with formulaic.
 
     Parameters
@@ -223,12 +226,17 @@ def fixed_effects_matrix(fixed, data):
     fixed : str
         Right-hand side of the fixed part (``"1 + service"``).
     data : pandas.DataFrame
+    return_spec : bool
+        Also return formulaic's model spec, which rebuilds the same columns (same factor
+        levels and contrasts) for new data.
 
     Returns
     -------
     X : ndarray of float64, shape (n_obs, p)
     names : list of str
         lme4-style coefficient names.
+    spec : formulaic.ModelSpec
+        Only with ``return_spec=True``.
 
     Raises
     ------
@@ -265,6 +273,8 @@ def fixed_effects_matrix(fixed, data):
     if not np.all(np.isfinite(X)):
         bad = [names[j] for j in range(X.shape[1]) if not np.all(np.isfinite(X[:, j]))]
         raise FormulaError(f"fixed-effect column(s) {bad} contain non-finite values")
+    if return_spec:
+        return X, names, mm.model_spec
     return X, names
 
 
@@ -308,6 +318,93 @@ def check_full_rank(X, names, tol=1e-7):
             f"linear combinations of the columns before them: {', '.join(aliased)}. Remove "
             "them from the formula (handling aliased coefficients automatically is planned)"
         )
+
+
+class RankDeficientWarning(UserWarning):
+    """The fixed-effects model matrix is rank deficient; aliased columns were dropped."""
+
+
+def rank_columns(X, names, tol=1e-7):
+    """Find a full-rank subset of the columns of X, as lme4 does (``chkRank.drop.cols``).
+
+    The rank comes from a QR decomposition with column pivoting (``|R_jj| > tol |R_00|``).
+    The columns kept are chosen in order, as R's ``qr`` (LINPACK ``dqrdc2``, limited
+    pivoting) does: a column is aliased when it lies in the span of the columns kept
+    before it, so of two collinear columns the later is dropped. In the cheat sheet's
+    notation ``X T = [X_1 X_2]`` with ``X_2`` (the kept columns) of full rank and
+    ``X_1 = X_2 F``; the selected generalised inverse sets ``tau_1 = 0``.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n_obs, p)
+    names : sequence of str
+    tol : float
+        Relative tolerance (R's default 1e-7).
+
+    Returns
+    -------
+    keep : ndarray of int
+        Indices of the kept columns, in their original order.
+    dropped : list of str
+        Names of the aliased (dropped) columns.
+
+    Examples
+    --------
+    >>> X = np.column_stack([np.ones(4), [1., 2, 3, 4], [2., 4, 6, 8]])
+    >>> keep, dropped = rank_columns(X, ["(Intercept)", "x", "x2"])
+    >>> keep.tolist(), dropped
+    ([0, 1], ['x2'])
+    """
+    import scipy.linalg as sla
+
+    X = np.asarray(X, dtype=np.float64)
+    n, p = X.shape
+    if p == 0:
+        return np.zeros(0, dtype=int), []
+    R = sla.qr(X, mode="r", pivoting=True)[0]
+    dg = np.abs(np.diag(R[: min(n, p), : min(n, p)]))
+    rank = int(np.sum(dg > tol * max(dg[0] if dg.size else 0.0, 1e-300)))
+    # R's order: greedy, a column is kept when it adds a new direction
+    norms = np.linalg.norm(X, axis=0)
+    keep = []
+    Q = np.zeros((n, 0))
+    for j in range(p):
+        if norms[j] == 0.0:
+            continue
+        r = X[:, j] - Q @ (Q.T @ X[:, j])
+        r = r - Q @ (Q.T @ r)  # re-orthogonalise
+        nr = np.linalg.norm(r)
+        if nr > tol * norms[j] and len(keep) < rank:
+            keep.append(j)
+            Q = np.column_stack([Q, r / nr])
+    if len(keep) != rank:  # the greedy order disagrees: fall back to the pivoted QR
+        piv = sla.qr(X, mode="r", pivoting=True)[1]
+        keep = sorted(int(j) for j in piv[:rank])
+    keep = np.asarray(keep, dtype=int)
+    dropped = [names[j] for j in range(p) if j not in set(keep.tolist())]
+    return keep, dropped
+
+
+def rank_message(dropped):
+    """lme4's message for dropped columns.
+
+    Parameters
+    ----------
+    dropped : list of str
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> rank_message(["x2"])
+    'fixed-effect model matrix is rank deficient so dropping 1 column / coefficient (x2)'
+    """
+    k = len(dropped)
+    plural = "s" if k > 1 else ""
+    return (f"fixed-effect model matrix is rank deficient so dropping {k} column{plural} / "
+            f"coefficient{plural} ({', '.join(dropped)})")
 
 
 def response_vector(data, name):

@@ -17,18 +17,25 @@ import pandas as pd
 
 from . import __version__
 from .design import CrossedDesign
-from .direct import DirectObjective, fit_direct, moment_start
+from .direct import DirectObjective, check_weights, fit_direct, moment_start
 from .errors import DisconnectedDesignWarning, FormulaError, LmmopsError
 from .formula import (
-    check_full_rank,
+    RankDeficientWarning,
     fixed_effects_matrix,
     parse_formula,
+    rank_columns,
+    rank_message,
     response_vector,
 )
 
 __all__ = ["LMM", "LMMResult", "fit"]
 
-SOLVERS = ("direct",)
+SOLVERS = ("auto", "direct", "iterative")
+
+#: ``solver="auto"`` uses the direct solver while its dense Schur block has at most this many
+#: rows (its Cholesky factor then costs at most ~2e11 flops per evaluation and
+#: ``8 * AUTO_DIRECT_MAX_SCHUR**2`` bytes per copy), and the iterative solver otherwise.
+AUTO_DIRECT_MAX_SCHUR = 8000
 
 
 def _check_method(method):
@@ -55,7 +62,10 @@ class LMM:
     design : CrossedDesign
         The grouping factors.
     X : ndarray, shape (n_obs, p)
-        Fixed-effects model matrix (full column rank).
+        Fixed-effects model matrix. If it is rank deficient, the aliased columns (those in
+        the span of the columns before them, found by pivoted QR) are dropped with
+        lme4's message and reported as NaN coefficients (the selected generalised
+        inverse with ``tau_1 = 0``); see :func:`lmmops.formula.rank_columns`.
     y : ndarray, shape (n_obs,)
         Response.
     fixef_names : sequence of str, optional
@@ -66,6 +76,20 @@ class LMM:
         Name of the response, for printing.
     method : {"REML", "ML"}
         Default criterion for :meth:`fit`.
+    weights : array_like, shape (n_obs,), optional
+        Prior weights, ``R = s^2 W^{-1}`` (lme4's ``weights=``): finite and > 0.
+
+    Attributes
+    ----------
+    X : ndarray, shape (n_obs, rank)
+        The kept (full-rank) columns of the fixed-effects matrix, used in the fit.
+    X_full : ndarray, shape (n_obs, p)
+        All columns, as given.
+    fixef_names : list of str
+        Names of the kept columns; ``all_fixef_names`` names every column.
+    rank_deficient : list of str
+        Names of the dropped (aliased) columns; empty for a full-rank X.
+    weights : ndarray or None
 
     See Also
     --------
@@ -88,7 +112,7 @@ class LMM:
     """
 
     def __init__(self, design, X, y, fixef_names=None, formula=None, response="y",
-                 method="REML", data_name=None):
+                 method="REML", data_name=None, weights=None):
         self.design = design
         self.X = np.ascontiguousarray(X, dtype=np.float64)
         self.y = np.ascontiguousarray(y, dtype=np.float64).ravel()
@@ -100,10 +124,21 @@ class LMM:
             )
         if not np.all(np.isfinite(self.y)):
             raise LmmopsError("the response has missing or non-finite values")
-        self.fixef_names = list(fixef_names) if fixef_names is not None else [
+        names = list(fixef_names) if fixef_names is not None else [
             f"x{j}" for j in range(self.X.shape[1])
         ]
-        check_full_rank(self.X, self.fixef_names)
+        self.weights = None if weights is None else check_weights(weights, self.y.shape[0])
+        self.all_fixef_names = names
+        self.X_full = self.X
+        keep, dropped = rank_columns(self.X, names)
+        self.keep = keep
+        self.rank_deficient = dropped
+        self.rank_message = rank_message(dropped) if dropped else None
+        if dropped:
+            warnings.warn(self.rank_message, RankDeficientWarning, stacklevel=2)
+            self.X = np.ascontiguousarray(self.X[:, keep])
+        self.fixef_names = [names[j] for j in keep]
+        self.fixed_spec = None
         self.formula = formula
         self.response = response
         self.method = _check_method(method)
@@ -141,7 +176,7 @@ class LMM:
             )
 
     @classmethod
-    def from_formula(cls, formula, data, method="REML", data_name=None):
+    def from_formula(cls, formula, data, method="REML", data_name=None, weights=None):
         """Build a model from an lme4 formula and a DataFrame.
 
         Parameters
@@ -153,6 +188,9 @@ class LMM:
         method : {"REML", "ML"}
         data_name : str, optional
             Name of the data, for printing.
+        weights : str or array_like, optional
+            Prior weights (``R = s^2 W^{-1}``): the name of a column of ``data`` or an
+            array with one value per row, finite and > 0.
 
         Returns
         -------
@@ -166,8 +204,8 @@ class LMM:
         DesignError
             For a grouping factor with missing values, a single level, or as many levels as
             observations.
-        RankDeficientError
-            If the fixed-effects matrix is rank deficient (naming the aliased columns).
+        LmmopsError
+            For invalid weights (unknown column, wrong length, non-finite or <= 0).
         NotImplementedError
             For random slopes.
         """
@@ -177,9 +215,23 @@ class LMM:
         pf = parse_formula(formula)
         y = response_vector(data, pf.response)
         design = CrossedDesign.from_frame(data, list(pf.random))
-        X, names = fixed_effects_matrix(pf.fixed, data)
+        X, names, spec = fixed_effects_matrix(pf.fixed, data, return_spec=True)
+        if isinstance(weights, str):
+            if weights not in data.columns:
+                raise LmmopsError(
+                    f"unknown weights column '{weights}'; available columns: "
+                    f"{', '.join(map(str, data.columns))}"
+                )
+            col = data[weights]
+            if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+                raise LmmopsError(f"weights must be numeric: column '{weights}' has dtype "
+                                  f"{col.dtype}")
+            weights = col.to_numpy(dtype=np.float64, na_value=np.nan)
         model = cls(design, X, y, fixef_names=names, formula=pf.formula,
-                    response=pf.response, method=method, data_name=data_name)
+                    response=pf.response, method=method, data_name=data_name,
+                    weights=weights)
+        model.fixed_spec = spec
+        model.parsed_formula = pf
         model.build_s = time.perf_counter() - t0
         return model
 
@@ -204,44 +256,134 @@ class LMM:
         """
         m = _check_method(method or self.method)
         if m not in self._objectives:
-            self._objectives[m] = DirectObjective(self.design, self.X, self.y, method=m)
+            self._objectives[m] = DirectObjective(self.design, self.X, self.y, method=m,
+                                                  weights=self.weights)
         return self._objectives[m]
 
-    def fit(self, method=None, solver="direct", start=None, verbose=False, maxiter=100):
+    def choose_solver(self, solver="auto"):
+        """Resolve ``solver="auto"`` to ``"direct"`` or ``"iterative"``.
+
+        Parameters
+        ----------
+        solver : {"auto", "direct", "iterative"}
+
+        Returns
+        -------
+        picked : str
+        reason : str
+            Why, for the result's notes.
+        """
+        solver = _check_solver(solver)
+        q = list(self.design.n_levels)
+        m = sum(q) - max(q) + self.X.shape[1] + 1
+        if solver != "auto":
+            return solver, f"solver '{solver}' requested"
+        from ._guard import max_dense_bytes
+
+        fits = 4 * 8 * m * m <= max_dense_bytes()
+        if m <= AUTO_DIRECT_MAX_SCHUR and fits:
+            return "direct", (f"solver 'auto' picked 'direct': the dense Schur block is "
+                              f"{m} x {m} ({8 * m * m / 2**20:.1f} MiB)")
+        return "iterative", (f"solver 'auto' picked 'iterative': the dense Schur block "
+                             f"would be {m} x {m} ({8 * m * m / 2**30:.2f} GiB per copy)")
+
+    def iterative_objective(self, method=None, n_probes=16, seed=0, rtol=1e-8, **options):
+        """The matrix-free stochastic criterion (:class:`lmmops.reml.IterativeObjective`).
+
+        Parameters
+        ----------
+        method : {"REML", "ML"}, optional
+        n_probes : int
+            Rademacher probes (fixed for the whole fit: common random numbers).
+        seed : int
+            Seed of the probes.
+        rtol : float
+            PCG tolerance.
+        **options
+            Passed to :class:`~lmmops.reml.IterativeObjective`.
+
+        Returns
+        -------
+        IterativeObjective
+        """
+        from .reml import IterativeObjective
+
+        if getattr(self, "weights", None) is not None:
+            raise NotImplementedError(
+                "prior weights are supported by the direct solver only; use solver='direct'"
+            )
+        m = _check_method(method or self.method)
+        return IterativeObjective(self.design, self.X, self.y, method=m, n_probes=n_probes,
+                                  seed=seed, rtol=rtol, **options)
+
+    def fit(self, method=None, solver="auto", start=None, verbose=False, maxiter=100,
+            n_probes=16, seed=0, rtol=1e-8, progress=None):
         """Fit by REML or ML.
 
         Parameters
         ----------
         method : {"REML", "ML"}, optional
             Default: the model's method.
-        solver : {"direct"}
-            ``"direct"``: the exact blocked-Cholesky solver.
+        solver : {"auto", "direct", "iterative"}
+            ``"direct"``: the exact blocked-Cholesky solver. ``"iterative"``: matrix-free
+            PCG with stochastic log-determinant and trace estimators (Monte Carlo standard
+            errors in ``mc_stderr``). ``"auto"`` (default): direct while the dense Schur
+            block is small (see :meth:`choose_solver`), iterative otherwise.
         start : array_like, optional
             Initial ``theta`` (relative standard deviations, one per factor); default from
             one-way moment estimators.
         verbose : bool
-            Print one line per iteration.
+            Print one line per iteration (criterion, step, CG iterations, Monte Carlo
+            error) to standard error.
         maxiter : int
             Maximum number of optimiser iterations.
+        n_probes, seed, rtol
+            Iterative solver only: probes, their seed, and the PCG tolerance.
+        progress : callable, optional
+            Called as ``progress(message)`` once per iteration (overrides ``verbose``).
 
         Returns
         -------
         LMMResult
         """
+        import sys
+
         method = _check_method(method or self.method)
-        solver = _check_solver(solver)
+        picked, reason = self.choose_solver(solver)
         t0 = time.perf_counter()
-        obj = self.objective(method)
+        if picked == "iterative":
+            obj = self.iterative_objective(method, n_probes=n_probes, seed=seed, rtol=rtol)
+        else:
+            obj = self.objective(method)
         if start is None:
             start = moment_start(self.design, self.X, self.y)
+        if progress is None and verbose:
+            def progress(msg):
+                print(msg, file=sys.stderr, flush=True)
         callback = None
-        if verbose:
+        if progress is not None:
+            state = {"theta": np.asarray(start, dtype=float), "cg": 0}
+
             def callback(it, theta, f):
-                print(f"iteration {it:3d}  criterion {f:.6f}  theta {np.round(theta, 6)}")
+                step = float(np.max(np.abs(np.asarray(theta) - state["theta"])))
+                state["theta"] = np.asarray(theta, dtype=float).copy()
+                extra = ""
+                if picked == "iterative":
+                    cg = obj.cg_iterations - state["cg"]
+                    state["cg"] = obj.cg_iterations
+                    extra = (f"  CG iterations {cg:5d}  MC error "
+                             f"{obj.last.get('objective_se', 0.0):.3g}")
+                progress(f"iteration {it:3d}  criterion {f:.6f}  step {step:.3g}{extra}  "
+                         f"theta {np.round(theta, 6)}")
         ev, opt = fit_direct(obj, start, maxiter=maxiter, callback=callback)
         resid = obj.residuals(ev)
         elapsed = self.build_s + (time.perf_counter() - t0)
-        return LMMResult(self, ev, opt, method, solver, resid, elapsed)
+        res = LMMResult(self, ev, opt, method, picked, resid, elapsed)
+        if solver == "auto":
+            res.notes.append(reason)
+        if picked == "iterative":
+            res._set_mc_stderr(obj, ev)
+        return res
 
     def __repr__(self):
         levels = dict(zip(self.design.names, self.design.n_levels))
@@ -249,7 +391,7 @@ class LMM:
                 f"p={self.X.shape[1]})")
 
 
-def fit(formula, data, method="REML", solver="direct", **kwargs):
+def fit(formula, data, method="REML", solver="auto", **kwargs):
     """Fit a linear mixed model with crossed random intercepts.
 
     Parameters
@@ -258,9 +400,13 @@ def fit(formula, data, method="REML", solver="direct", **kwargs):
         lme4 formula, e.g. ``"y ~ 1 + service + (1|s) + (1|d) + (1|dept)"``.
     data : pandas.DataFrame
     method : {"REML", "ML"}
-    solver : {"direct"}
+    solver : {"auto", "direct", "iterative"}
+        See :meth:`LMM.fit`.
     **kwargs
-        Passed to :meth:`LMM.fit` (``start``, ``verbose``, ``maxiter``).
+        ``weights`` (a column name or an array of prior weights, see
+        :meth:`LMM.from_formula`) and ``data_name``; the rest is passed to
+        :meth:`LMM.fit` (``start``, ``verbose``, ``maxiter``, ``n_probes``, ``seed``,
+        ``rtol``, ``progress``).
 
     Returns
     -------
@@ -280,7 +426,9 @@ def fit(formula, data, method="REML", solver="direct", **kwargs):
     True
     """
     data_name = kwargs.pop("data_name", None)
-    model = LMM.from_formula(formula, data, method=method, data_name=data_name)
+    weights = kwargs.pop("weights", None)
+    model = LMM.from_formula(formula, data, method=method, data_name=data_name,
+                             weights=weights)
     return model.fit(solver=solver, **kwargs)
 
 
@@ -335,12 +483,21 @@ class LMMResult:
         d = model.design
         self.n_obs = model.n_obs
         self.n_levels = dict(zip(d.names, d.n_levels))
-        names = model.fixef_names
-        self.fixef = pd.Series(ev.beta, index=names, name="Estimate")
-        se = np.sqrt(np.diag(ev.beta_cov))
+        # aliased columns of a rank-deficient X: NaN (not estimable; tau_1 = 0 is used)
+        names = list(getattr(model, "all_fixef_names", model.fixef_names))
+        keep = np.asarray(getattr(model, "keep", np.arange(len(names))))
+        p_all = len(names)
+        beta = np.full(p_all, np.nan)
+        beta[keep] = ev.beta
+        cov = np.full((p_all, p_all), np.nan)
+        cov[np.ix_(keep, keep)] = ev.beta_cov
+        self.rank_deficient = list(getattr(model, "rank_deficient", []))
+        self.fixef = pd.Series(beta, index=names, name="Estimate")
+        se = np.sqrt(np.diag(cov))
         self.fixef_se = pd.Series(se, index=names, name="Std. Error")
-        self.tvalues = pd.Series(ev.beta / se, index=names, name="t value")
-        self.vcov = pd.DataFrame(ev.beta_cov, index=names, columns=names)
+        self.tvalues = pd.Series(beta / se, index=names, name="t value")
+        self.vcov = pd.DataFrame(cov, index=names, columns=names)
+        self.evaluation = ev
         self.theta = pd.Series(ev.theta, index=list(d.names), name="theta")
         self.sigma = float(np.sqrt(ev.sigma2))
         self.variances = {nm: float(ev.sigma2 * t * t) for nm, t in zip(d.names, ev.theta)}
@@ -350,7 +507,7 @@ class LMMResult:
         self.loglik = -0.5 * self.objective
         self.reml_criterion = self.objective if method == "REML" else None
         self.deviance = self.objective if method == "ML" else None
-        p = len(names)
+        p = len(keep)
         self.df = p + d.n_factors + 1
         self.aic = -2.0 * self.loglik + 2.0 * self.df
         self.bic = -2.0 * self.loglik + math.log(self.n_obs) * self.df
@@ -368,6 +525,8 @@ class LMMResult:
         self.elapsed_s = float(elapsed)
         self.optsum = opt
         self.notes = []
+        if self.rank_deficient:
+            self.notes.append(model.rank_message)
         zero = [nm for nm, t in zip(d.names, ev.theta) if t == 0.0]
         self.singular = bool(zero)
         if zero:
@@ -378,24 +537,271 @@ class LMMResult:
             )
         if not self.converged:
             self.notes.append(f"did not converge: {opt.message}")
+        self.mc_stderr = {"loglik": 0.0, "variances": {k: 0.0 for k in self.variances}}
+
+    def _set_mc_stderr(self, obj, ev):
+        """Monte Carlo standard errors of an iterative fit (delta method).
+
+        ``Cov(theta) = H^{-1} Cov(g) H^{-1}`` with ``Cov(g)`` the probe covariance of the
+        gradient and ``H`` the Newton Hessian at the optimum; variances ``s^2 theta_k^2``
+        and the residual variance ``s^2(theta)`` (``d s^2 / d theta_k =
+        -2 ||v_k||^2 / (theta_k dof)``) follow by the delta method. The log-likelihood's
+        error is half the criterion's.
+        """
+        from .direct import _newton_hessian
+
+        K = len(self.theta)
+        theta = ev.theta
+        free = np.flatnonzero(theta > 0)
+        C = np.zeros((K, K))
+        if free.size:
+            H = _newton_hessian(obj, ev)[np.ix_(free, free)]
+            try:
+                Hinv = np.linalg.inv(H)
+                C[np.ix_(free, free)] = Hinv @ ev.gradient_cov[np.ix_(free, free)] @ Hinv
+            except np.linalg.LinAlgError:
+                C[:] = np.nan
+        dof = self.n_obs - len(self.fixef) if self.method == "REML" else self.n_obs
+        s2 = ev.sigma2
+        ds2 = np.array([-2.0 * float(v @ v) / (t * dof) if t > 0 else 0.0
+                        for v, t in zip(ev.v, theta)])
+        J = np.zeros((K + 1, K))
+        for k in range(K):
+            J[k] = theta[k] ** 2 * ds2
+            J[k, k] += 2.0 * s2 * theta[k]
+        J[K] = ds2
+        cov = J @ C @ J.T
+        se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+        names = list(self.variances)
+        self.mc_stderr = {
+            "loglik": 0.5 * float(getattr(ev, "objective_se", 0.0)),
+            "variances": {nm: float(x) for nm, x in zip(names, se)},
+        }
+        self.notes.append(
+            f"iterative solver: {obj.n_probes} probes, {obj.cg_iterations} CG iterations; "
+            f"Monte Carlo standard error of the log-likelihood {self.mc_stderr['loglik']:.3g}"
+        )
+
+    RESIDUAL_KINDS = ("conditional", "marginal", "model", "pearson", "shift", "studentized")
 
     def residuals(self, kind="conditional"):
-        """Residuals of the fit.
+        """Residuals of the fit (the cheat sheet's, exact on the direct solver).
 
         Parameters
         ----------
-        kind : {"conditional", "marginal"}
-            ``"conditional"``: ``y - X beta - Z b``; ``"marginal"``: ``y - X beta``.
+        kind : {"conditional", "marginal", "model", "pearson", "shift", "studentized"}
+            - ``"conditional"``: ``y - X tau_hat - Z u_tilde``;
+            - ``"marginal"``: ``y - X tau_hat`` (``= Z u_tilde + e``);
+            - ``"model"``: the model-based residual ``e_tilde = R P y`` (it equals the
+              conditional residual, as ``P y = R^{-1}(y - X tau_hat - Z u_tilde)``);
+            - ``"pearson"``: ``sqrt(w_i) e_i / s`` (lme4's ``type = "pearson"``);
+            - ``"shift"``: the conditional residual of the cheat sheet,
+              ``r_i = (delta_i'P delta_i)^{-1} delta_i'P y`` (the mean-shift estimate),
+              with ``var(r_i) = (delta_i'P delta_i)^{-1}`` (see :meth:`residual_table`);
+            - ``"studentized"``: ``t_i = r_i / sqrt(var(r_i))``.
+
+            ``diag(P)`` is exact, from the level-space factor (:func:`lmmops.mme.diag_P`);
+            on an iterative solver it would be a stochastic diagonal estimate.
 
         Returns
         -------
         ndarray, shape (n_obs,)
+
+        Raises
+        ------
+        LmmopsError
+            For an unknown kind.
         """
         if kind == "conditional":
             return self.resid.copy()
         if kind == "marginal":
-            return self.model.y - self.model.X @ self.fixef.to_numpy()
-        raise LmmopsError(f"unknown residual kind {kind!r}; use 'conditional' or 'marginal'")
+            return self.model.y - self.model.X @ self.evaluation.beta
+        if kind not in self.RESIDUAL_KINDS:
+            raise LmmopsError(f"unknown residual kind {kind!r}; use one of "
+                              f"{', '.join(self.RESIDUAL_KINDS)}")
+        wts = getattr(self.model, "weights", None)
+        w = np.ones(self.n_obs) if wts is None else wts
+        s2 = self.sigma ** 2
+        Py = w * self.resid / s2
+        if kind == "model":
+            return s2 * Py / w
+        if kind == "pearson":
+            return np.sqrt(w) * self.resid / self.sigma
+        dP = self._diag_P()
+        if kind == "shift":
+            return Py / dP
+        return Py / np.sqrt(dP)
+
+    def _direct(self):
+        """The exact solver's objective and evaluation at the optimum."""
+        if self.solver != "direct":
+            raise LmmopsError(f"this quantity is exact only on the direct solver (the fit "
+                              f"used solver={self.solver!r}); refit with solver='direct'")
+        return self.model.objective(self.method), self.evaluation
+
+    def _diag_P(self):
+        if getattr(self, "_dP", None) is None:
+            from .mme import diag_P
+
+            obj, ev = self._direct()
+            self._dP = diag_P(obj, ev)
+        return self._dP
+
+    def residual_table(self):
+        """Residual diagnostics per observation as a DataFrame.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``fitted``, ``conditional``, ``marginal``, ``shift`` (``r_i``),
+            ``shift_var`` (``(delta_i'P delta_i)^{-1}``), ``studentized`` (``t_i``) and
+            ``diag_P``.
+        """
+        dP = self._diag_P()
+        return pd.DataFrame({
+            "fitted": self.fitted,
+            "conditional": self.residuals("conditional"),
+            "marginal": self.residuals("marginal"),
+            "shift": self.residuals("shift"),
+            "shift_var": 1.0 / dP,
+            "studentized": self.residuals("studentized"),
+            "diag_P": dP,
+        })
+
+    def ranef_pev(self, conditional_on_beta=False):
+        """Prediction error variances of the BLUPs, per factor.
+
+        Parameters
+        ----------
+        conditional_on_beta : bool
+            ``False``: the diagonal of ``C^{ZZ} = G - G Z'P Z G`` (accounts for estimating
+            ``tau``); ``True``: lme4's ``condVar``,
+            ``s^2 Lambda (Lambda Z'WZ Lambda + I)^{-1} Lambda``, given ``tau_hat``.
+
+        Returns
+        -------
+        dict of pandas.Series
+            Indexed by level, as :attr:`ranef`.
+        """
+        from .mme import level_space_diagonals
+
+        obj, ev = self._direct()
+        dg = level_space_diagonals(obj, ev, z_only=conditional_on_beta)["omega_diag"]
+        d = self.model.design
+        s2 = self.sigma ** 2
+        return {nm: pd.Series(s2 * ev.theta[k] ** 2 * dg[k], index=self.ranef[nm].index,
+                              name=nm) for k, nm in enumerate(d.names)}
+
+    @property
+    def variances_cov(self):
+        """pandas.DataFrame: covariance of the variance estimates (inverse average
+        information; order: the factors, then ``Residual``)."""
+        if getattr(self, "_vcov_var", None) is None:
+            from .inference import variance_covariance
+
+            obj, ev = self._direct()
+            names = list(self.n_levels) + ["Residual"]
+            self._vcov_var = pd.DataFrame(variance_covariance(obj, ev), index=names,
+                                          columns=names)
+        return self._vcov_var
+
+    @property
+    def variances_se(self):
+        """dict: standard errors of the variance components (inverse average
+        information), keyed as :attr:`variances`; NaN off the direct solver."""
+        try:
+            c = self.variances_cov
+        except LmmopsError:
+            return {k: float("nan") for k in self.variances}
+        return {k: float(np.sqrt(max(c.loc[k, k], 0.0))) for k in c.index}
+
+    def confint(self, method="profile", level=0.95, parm=None):
+        """Confidence intervals (see :func:`lmmops.inference.confint`).
+
+        Parameters
+        ----------
+        method : {"profile", "wald"}
+        level : float
+        parm : sequence of str, optional
+
+        Returns
+        -------
+        pandas.DataFrame
+        """
+        from .inference import confint
+
+        return confint(self, method=method, level=level, parm=parm)
+
+    def outliers(self, method="msom", rows=None, top=None):
+        """Outlier statistics (see :mod:`lmmops.outliers`).
+
+        Parameters
+        ----------
+        method : {"msom", "vsom"}
+        rows : array_like of int, optional
+            A set I of observation positions: the mean shift (MSOM) or variance shift
+            (VSOM) for that set. Without it, the MSOM scan over all single observations.
+        top : int, optional
+            Keep the ``top`` largest ``|t|`` of the scan.
+
+        Returns
+        -------
+        pandas.DataFrame (the scan) or dict (a set I)
+
+        Raises
+        ------
+        LmmopsError
+            For an unknown method, the VSOM without a set, or bad indices.
+        """
+        from .outliers import msom, msom_scan, vsom
+
+        m = str(method).lower()
+        if m not in ("msom", "vsom"):
+            raise LmmopsError(f"unknown outlier method {method!r}; use 'msom' or 'vsom'")
+        obj, ev = self._direct()
+        if m == "vsom":
+            if rows is None:
+                raise LmmopsError("the VSOM needs a set of observations: rows=[...]")
+            return vsom(obj, rows, start=ev.theta)
+        if rows is not None:
+            return msom(obj, ev, rows)
+        return msom_scan(obj, ev, top=top)
+
+    def predict(self, newdata=None, random=True, interval=None, level=0.95):
+        """Predictions (see :func:`lmmops.predict.predict`).
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame, optional
+        random : bool
+        interval : {None, "confidence", "prediction"}
+        level : float
+
+        Returns
+        -------
+        ndarray or pandas.DataFrame
+        """
+        from .predict import predict
+
+        return predict(self, newdata, random=random, interval=interval, level=level)
+
+    def plot(self, kind="diagnostics", ax=None, **kwargs):
+        """Diagnostic plot (see :func:`lmmops.plots.plot`; needs matplotlib).
+
+        Parameters
+        ----------
+        kind : {"caterpillar", "resid_fitted", "qq", "outliers", "diagnostics"}
+        ax : matplotlib Axes, optional
+        **kwargs
+            ``factor``, ``level``, ``top``.
+
+        Returns
+        -------
+        matplotlib Axes or Figure
+        """
+        from .plots import plot
+
+        return plot(self, kind, ax=ax, **kwargs)
 
     # ------------------------------------------------------------------ output
     def to_dict(self):
@@ -408,7 +814,12 @@ class LMMResult:
             ``n_levels``, ``loglik``, ``reml_criterion`` (REML) or ``deviance`` (ML),
             ``aic``, ``bic``, ``df``, ``fixef``, ``fixef_se``, ``variances``, ``stddev``,
             ``theta``, ``converged``, ``iterations``, ``n_evaluations``,
-            ``gradient_norm``, ``elapsed_s``, ``singular``, ``notes``.
+            ``gradient_norm``, ``elapsed_s``, ``singular``, ``notes``, ``mc_stderr``
+            (Monte Carlo standard errors of ``loglik`` and of each variance; 0 for the
+            direct solver), ``variances_se`` (standard errors of ``variances`` from the
+            inverse average information; null where not available) and
+            ``rank_deficient`` (names of the dropped aliased coefficients, which appear
+            in ``fixef`` and ``fixef_se`` as null).
         """
         out = {
             "lmmops_version": __version__,
@@ -439,7 +850,13 @@ class LMMResult:
             "elapsed_s": self.elapsed_s,
             "singular": self.singular,
             "notes": list(self.notes),
+            "mc_stderr": {"loglik": self.mc_stderr["loglik"],
+                          "variances": dict(self.mc_stderr["variances"])},
+            "variances_se": self.variances_se,
+            "rank_deficient": list(self.rank_deficient),
         })
+        for key in ("fixef", "fixef_se", "variances_se"):
+            out[key] = {k: (v if math.isfinite(v) else None) for k, v in out[key].items()}
         return out
 
     def summary(self):

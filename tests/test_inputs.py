@@ -12,7 +12,12 @@ from lmmops.errors import (
     FormulaError,
     RankDeficientError,
 )
-from lmmops.formula import lme4_names, parse_formula
+from lmmops.formula import (
+    RankDeficientWarning,
+    check_full_rank,
+    lme4_names,
+    parse_formula,
+)
 
 
 @pytest.fixture
@@ -136,9 +141,25 @@ def test_factor_with_as_many_levels_as_observations(df):
 
 
 def test_rank_deficient_x_names_the_aliased_columns(df):
+    """lme4's behaviour: drop the later aliased column with a message; report it as NaN."""
     df["x2"] = 2 * df["x"]
+    with pytest.warns(RankDeficientWarning, match=(
+            r"fixed-effect model matrix is rank deficient so dropping 1 column / "
+            r"coefficient \(x2\)")):
+        res = lmmops.fit("y ~ x + x2 + (1|g)", df)
+    assert np.isnan(res.fixef["x2"])
+    assert np.isnan(res.fixef_se["x2"])
+    assert res.rank_deficient == ["x2"]
+    assert res.to_dict()["rank_deficient"] == ["x2"]
+    assert "rank deficient so dropping 1 column" in res.summary()
+    ref = lmmops.fit("y ~ x + (1|g)", df)
+    np.testing.assert_allclose(res.objective, ref.objective, rtol=1e-12)
+    np.testing.assert_allclose(res.fixef[["(Intercept)", "x"]], ref.fixef, rtol=1e-10)
+    assert res.df == ref.df
+    # the formula-free building block still refuses a rank-deficient X
+    X = np.column_stack([np.ones(4), [1., 2, 3, 4], [2., 4, 6, 8]])
     with pytest.raises(RankDeficientError, match="rank deficient.*x2"):
-        lmmops.fit("y ~ x + x2 + (1|g)", df)
+        check_full_rank(X, ["(Intercept)", "x", "x2"])
 
 
 def test_codes_out_of_range():
@@ -170,7 +191,11 @@ def test_nested_design_does_not_warn(df):
 def test_dense_block_too_big_is_refused(df, monkeypatch):
     monkeypatch.setenv("LMMOPS_MAX_DENSE_GIB", "1e-9")
     with pytest.raises(DenseTooLargeError, match="dense Schur block .* GiB"):
-        lmmops.fit("y ~ 1 + (1|g) + (1|h)", df)
+        lmmops.fit("y ~ 1 + (1|g) + (1|h)", df, solver="direct")
+    # solver="auto" takes the matrix-free route instead, and says so
+    res = lmmops.fit("y ~ 1 + (1|g) + (1|h)", df, solver="auto")
+    assert res.solver == "iterative"
+    assert any("picked 'iterative'" in note for note in res.notes)
 
 
 def test_bad_method_and_solver(df):

