@@ -6,10 +6,15 @@ The public surface:
   pandas DataFrame and an lme4 formula.
 - :class:`CrossedDesign`: grouping factors, counts and cross-tabulations.
 - :class:`CovarianceOperator`: the n x n covariance V as a scipy LinearOperator.
+- :func:`anova`: likelihood-ratio tests and an AIC/BIC table for nested fits.
+- :mod:`lmmops.oneway` (the one-way model's estimators), :mod:`lmmops.mme` (Henderson's
+  equations and PEV), :mod:`lmmops.outliers`, :mod:`lmmops.inference`.
 """
 
 __version__ = "0.1.0"
 
+from . import inference, mme, oneway, outliers  # noqa: F401  (submodules, as attributes)
+from .compare import anova
 from .design import CrossedDesign
 from .errors import (
     ConvergenceWarning,
@@ -20,6 +25,7 @@ from .errors import (
     LmmopsError,
     RankDeficientError,
 )
+from .formula import RankDeficientWarning
 from .model import LMM, LMMResult, fit
 
 __all__ = [
@@ -33,6 +39,8 @@ __all__ = [
     "LMMResult",
     "LmmopsError",
     "RankDeficientError",
+    "RankDeficientWarning",
     "__version__",
+    "anova",
     "fit",
 ]

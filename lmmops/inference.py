@@ -1,0 +1,259 @@
+"""Inference for the variance parameters: information-based standard errors, Wald and
+profile-likelihood intervals.
+
+- **Standard errors** of ``(s_1^2, ..., s_K^2, s_e^2)`` come from the inverse of the
+  average-information matrix ``A_kl = 1/2 w_k' P w_l`` (REML; working variates
+  ``w_k = dV/ds_k^2 P y``) or, for ML fits, ``1/2 w_k' V^{-1} w_l``: exact solves with the
+  factored mixed-model equations (:meth:`lmmops.direct.DirectObjective.average_information`).
+  At the optimum the average information equals the expected (Fisher) information up to
+  terms of mean zero.
+- **Wald intervals**: ``estimate -/+ z se`` (fixed effects from ``vcov``; standard
+  deviations by the delta method ``se(s) = se(s^2) / (2 s)``, truncated at 0).
+- **Profile intervals** on the standard-deviation scale, as lme4's ``confint``: for each
+  ``s_k`` (and ``s``) the criterion ``-2 l(s_1..s_K, s)`` (REML or ML, not profiled in ``s``)
+  is minimised over the other parameters with the parameter fixed, and the interval is
+  ``{c : -2 l_prof(c) - min <= chi2_1(level)}``. Every evaluation is exact (direct solver).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+
+from .errors import LmmopsError
+
+__all__ = [
+    "confint",
+    "full_criterion",
+    "profile_interval",
+    "variance_covariance",
+]
+
+_LOG2PI = np.log(2.0 * np.pi)
+
+
+def variance_covariance(obj, ev):
+    """Asymptotic covariance of the variance-parameter estimates (inverse information).
+
+    Parameters
+    ----------
+    obj : DirectObjective
+    ev : Evaluation
+        At the REML or ML optimum (``obj.method`` decides which information).
+
+    Returns
+    -------
+    ndarray, shape (K + 1, K + 1)
+        In the order ``s_1^2, ..., s_K^2, s_e^2`` (factors in design order). A
+        pseudo-inverse is used if the information is singular.
+    """
+    if obj.method == "REML":
+        A = obj.average_information(ev)
+    else:
+        s2 = ev.sigma2
+        e = obj.residuals(ev)
+        wt = np.ones(obj.n) if obj.weights is None else obj.weights
+        codes = obj.design.codes
+        W = np.empty((obj.n, obj.K + 1))
+        for k in range(obj.K):
+            ze = np.bincount(codes[k], weights=wt * e, minlength=obj.design.n_levels[k])
+            W[:, k] = ze[codes[k]] / s2
+        W[:, obj.K] = e / s2
+        A = 0.5 * obj.quadratic_form_P(ev, W, z_only=True)
+    try:
+        return np.linalg.inv(A)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(A)
+
+
+def full_criterion(obj, sd, sigma, gradient=False):
+    """``-2 log L`` (REML or ML) at standard deviations ``sd`` and residual ``sigma``.
+
+    ``-2 l = log|L|^2 - sum(log w) [+ log|R_X|^2] + dof log(2 pi s^2) + r^2 / s^2`` with
+    ``dof = n - p`` (REML) or ``n`` (ML); at ``s^2 = r^2/dof`` it is the profiled criterion.
+
+    Parameters
+    ----------
+    obj : DirectObjective
+    sd : array_like, shape (K,)
+        ``s_k >= 0``.
+    sigma : float
+        ``s > 0``.
+    gradient : bool
+        Also return the gradient in ``(sd, sigma)``.
+
+    Returns
+    -------
+    float, or (float, ndarray of shape (K + 1,))
+    """
+    sd = np.abs(np.asarray(sd, dtype=np.float64))
+    sigma = float(sigma)
+    theta = sd / sigma
+    ev = obj.evaluate(theta, gradient=gradient)
+    s2 = sigma * sigma
+    dof = obj.n - obj.p if obj.method == "REML" else obj.n
+    f = ev.logdet_L - obj.ldW + dof * (_LOG2PI + np.log(s2)) + ev.pwrss / s2
+    if obj.method == "REML":
+        f += ev.logdet_RX
+    if not gradient:
+        return f
+    q = np.asarray(obj.design.n_levels, dtype=np.float64)
+    gth = np.zeros(obj.K)
+    for k in range(obj.K):
+        if theta[k] > 0:
+            gth[k] = 2.0 / theta[k] * (q[k] - ev.traces[k] - float(ev.v[k] @ ev.v[k]) / s2)
+    g = np.empty(obj.K + 1)
+    g[:obj.K] = gth / sigma
+    g[obj.K] = -float(gth @ theta) / sigma + 2.0 * dof / sigma - 2.0 * ev.pwrss / sigma**3
+    return f, g
+
+
+def _profile_value(obj, j, c, x0):
+    """min over the other parameters with parameter j (0..K-1: s_k, K: s) fixed at c."""
+    K = obj.K
+    free = [i for i in range(K + 1) if i != j]
+
+    def fun(z):
+        x = np.empty(K + 1)
+        x[free] = z
+        x[j] = c
+        f, g = full_criterion(obj, x[:K], x[K], gradient=True)
+        return f, g[free]
+
+    bounds = [(0.0, None) if i < K else (1e-10, None) for i in free]
+    z0 = np.asarray(x0, dtype=np.float64)[free]
+    r = optimize.minimize(fun, z0, jac=True, method="L-BFGS-B", bounds=bounds,
+                          options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500})
+    x = np.empty(K + 1)
+    x[free] = r.x
+    x[j] = c
+    return float(r.fun), x
+
+
+def profile_interval(obj, ev, j, level=0.95):
+    """Profile-likelihood interval for one standard deviation.
+
+    Parameters
+    ----------
+    obj : DirectObjective
+    ev : Evaluation
+        At the optimum.
+    j : int
+        ``0..K-1`` for ``s_k`` (design order), ``K`` for the residual ``s``.
+    level : float
+
+    Returns
+    -------
+    (float, float)
+        Lower and upper limits; the lower limit is 0 when the profile stays below the
+        cut-off down to ``s_k = 0``.
+    """
+    K = obj.K
+    sigma = np.sqrt(ev.sigma2)
+    xhat = np.append(ev.theta * sigma, sigma)
+    fmin = full_criterion(obj, xhat[:K], xhat[K])
+    cut = stats.chi2.ppf(level, 1)
+    est = xhat[j]
+    state = {"x": xhat.copy()}
+
+    def excess(c):
+        f, x = _profile_value(obj, j, c, state["x"])
+        state["x"] = x
+        return (f - fmin) - cut
+
+    # lower limit
+    lower = 0.0
+    if j < K:
+        state["x"] = xhat.copy()
+        if est > 0 and excess(0.0) > 0:
+            state["x"] = xhat.copy()
+            lower = optimize.brentq(excess, 0.0, est, xtol=1e-6 * max(est, 1e-8))
+    else:
+        lo = est / 2.0
+        state["x"] = xhat.copy()
+        while excess(lo) < 0:
+            lo /= 2.0
+        state["x"] = xhat.copy()
+        lower = optimize.brentq(excess, lo, est, xtol=1e-6 * est)
+    # upper limit
+    scale = max(est, 1e-3 * sigma)
+    hi = est + scale
+    state["x"] = xhat.copy()
+    for _ in range(60):
+        if excess(hi) > 0:
+            break
+        hi = est + 2.0 * (hi - est)
+    else:
+        raise LmmopsError(f"the profile of parameter {j} did not reach the cut-off")
+    state["x"] = xhat.copy()
+    upper = optimize.brentq(excess, est, hi, xtol=1e-6 * max(est, 1e-8))
+    return float(lower), float(upper)
+
+
+def confint(result, method="profile", level=0.95, parm=None):
+    """Confidence intervals for the standard deviations and the fixed effects.
+
+    Parameters
+    ----------
+    result : LMMResult
+        A direct-solver fit.
+    method : {"profile", "wald"}
+        ``"profile"``: profile-likelihood intervals for the standard deviations (fixed
+        effects get Wald intervals); ``"wald"``: Wald intervals for everything.
+    level : float
+        Confidence level in (0, 1).
+    parm : sequence of str, optional
+        Rows to compute (``"sd_<factor>"``, ``"sigma"`` or a fixed-effect name); default
+        all.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``sd_<factor>``, ..., ``sigma``, then the fixed effects; columns
+        ``estimate``, ``lower``, ``upper`` and ``method``.
+
+    Raises
+    ------
+    LmmopsError
+        For an unknown method or parameter, or a level outside (0, 1).
+    """
+    method = str(method).lower()
+    if method not in ("profile", "wald"):
+        raise LmmopsError(f"unknown interval method {method!r}; use 'profile' or 'wald'")
+    if not 0.0 < float(level) < 1.0:
+        raise LmmopsError(f"level must be in (0, 1), got {level}")
+    obj, ev = result._direct()
+    names = [f"sd_{nm}" for nm in result.n_levels] + ["sigma"]
+    fixed = list(result.fixef.index)
+    allp = names + fixed
+    if parm is None:
+        parm = allp
+    unknown = [p for p in parm if p not in allp]
+    if unknown:
+        raise LmmopsError(f"unknown parameter(s) {unknown}; choose from {allp}")
+    z = stats.norm.ppf(0.5 + level / 2.0)
+    sigma = np.sqrt(ev.sigma2)
+    sds = np.append(ev.theta * sigma, sigma)
+    cov = variance_covariance(obj, ev)
+    var_se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    rows = []
+    for p in parm:
+        if p in names:
+            j = names.index(p)
+            est = sds[j]
+            if method == "profile":
+                lo, hi = profile_interval(obj, ev, j, level)
+                how = "profile"
+            else:
+                se = var_se[j] / (2.0 * est) if est > 0 else np.nan
+                lo, hi = max(0.0, est - z * se), est + z * se
+                how = "wald"
+        else:
+            est = float(result.fixef[p])
+            se = float(result.fixef_se[p])
+            lo, hi = est - z * se, est + z * se
+            how = "wald"
+        rows.append((p, est, lo, hi, how))
+    out = pd.DataFrame(rows, columns=["parameter", "estimate", "lower", "upper", "method"])
+    return out.set_index("parameter")

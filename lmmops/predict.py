@@ -1,0 +1,139 @@
+"""Prediction from a fitted model, with prediction variances.
+
+For new rows with fixed-effects row ``x`` and random-effects row ``z`` the prediction is
+``x' tau_hat + z' u_tilde`` (``random=True``) or ``x' tau_hat`` (``random=False``). A level
+not seen in the fit contributes 0 (the population-level prediction), as lme4's
+``allow.new.levels=TRUE``.
+
+Variances (``interval=``):
+
+- ``"confidence"``: ``var(x'tau_hat + z'u_tilde - x'tau - z'u) = h' C^{-1} h`` with
+  ``h = [x; z]`` and ``C^{-1}`` the inverse of Henderson's equations (the PEV, including the
+  covariance of ``tau_hat`` and ``u_tilde``); for ``random=False``, ``x' var(tau_hat) x``.
+  A new level adds its variance ``s_k^2`` when ``random=True`` (its effect is unknown).
+- ``"prediction"``: the above plus the residual variance ``s^2 / w`` of a new observation.
+
+``h' C^{-1} h = s^2 g' Omega^{-1} g`` with ``g = [Lambda z; x]`` is computed by one
+level-space solve for all new rows; no ``q x q`` matrix is formed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import LmmopsError
+
+__all__ = ["predict"]
+
+
+def _codes_for(result, newdata):
+    """Level codes of the new rows per factor (-1 for a level not in the fit)."""
+    d = result.model.design
+    out = []
+    for k, name in enumerate(d.names):
+        parts = name.split(":")
+        for p in parts:
+            if p not in newdata.columns:
+                raise LmmopsError(f"newdata has no column '{p}' for the grouping factor "
+                                  f"'{name}'")
+        if len(parts) == 1:
+            labels = np.asarray(newdata[parts[0]].to_numpy(dtype=object))
+            lev = pd.Index(d.levels[k])
+            idx = lev.get_indexer(pd.Index(labels, dtype=object))
+            if np.all(idx < 0) and len(labels):  # e.g. "3" against integer labels
+                idx = pd.Index(lev.astype(str)).get_indexer(pd.Index(labels).astype(str))
+        else:
+            labels = newdata[parts].astype(str).agg(":".join, axis=1)
+            idx = pd.Index(d.levels[k]).get_indexer(labels)
+        out.append(np.asarray(idx, dtype=np.int64))
+    return out
+
+
+def predict(result, newdata=None, random=True, interval=None, level=0.95, weights=None):
+    """Predictions for new (or the original) data.
+
+    Parameters
+    ----------
+    result : LMMResult
+    newdata : pandas.DataFrame, optional
+        Default: the data of the fit (then the predictions are the fitted values).
+    random : bool
+        Include the BLUPs (conditional prediction) or not (population level).
+    interval : {None, "confidence", "prediction"}
+        Add standard errors and limits.
+    level : float
+        Interval level.
+    weights : array_like, optional
+        Prior weights of the new observations for ``"prediction"`` (default 1).
+
+    Returns
+    -------
+    ndarray, shape (n_new,), or pandas.DataFrame
+        Without ``interval``: the predictions. With it: columns ``fit``, ``se``,
+        ``lower``, ``upper``.
+
+    Raises
+    ------
+    LmmopsError
+        For an unknown interval type, missing columns, or a model built without a formula
+        (``newdata`` needs the formula's fixed-effects specification).
+    """
+    if interval not in (None, "confidence", "prediction"):
+        raise LmmopsError(f"unknown interval {interval!r}; use None, 'confidence' or "
+                          "'prediction'")
+    model = result.model
+    obj, ev = result._direct()
+    if newdata is None:
+        X = model.X
+        codes = [np.asarray(c, dtype=np.int64) for c in model.design.codes]
+    else:
+        if not isinstance(newdata, pd.DataFrame):
+            raise LmmopsError("newdata must be a pandas DataFrame")
+        if getattr(model, "fixed_spec", None) is None:
+            raise LmmopsError("predicting for newdata needs a model built from a formula")
+        try:
+            mm = model.fixed_spec.get_model_matrix(newdata, na_action="raise")
+        except Exception as exc:  # formulaic raises several types
+            raise LmmopsError(f"cannot build the fixed effects for newdata: {exc}") from None
+        X = np.asarray(mm, dtype=np.float64)[:, model.keep]
+        codes = _codes_for(result, newdata)
+    m = X.shape[0]
+    theta = ev.theta
+    fit = X @ ev.beta
+    if random:
+        for k in range(obj.K):
+            c = codes[k]
+            known = c >= 0
+            fit[known] += theta[k] * ev.v[k][c[known]]
+    if interval is None:
+        return fit
+    s2 = ev.sigma2
+    if random:
+        # g = [Lambda z; x] in the solver's blocks; one solve for all rows
+        b1 = np.zeros((obj.q1, m))
+        br = np.zeros((obj.qr + obj.p, m))
+        cols = np.arange(m)
+        c1 = codes[obj.first]
+        k1 = c1 >= 0
+        b1[c1[k1], cols[k1]] = theta[obj.first]
+        for i, k in enumerate(obj.rest):
+            c = codes[k]
+            kk = c >= 0
+            br[obj.rest_offsets[i] + c[kk], cols[kk]] = theta[k]
+        br[obj.qr:] = X.T
+        x1, xr = obj.solve_spherical(ev, b1, br)
+        var = s2 * (np.sum(b1 * x1, axis=0) + np.sum(br * xr, axis=0))
+        for k in range(obj.K):
+            var += np.where(codes[k] < 0, s2 * theta[k] ** 2, 0.0)
+    else:
+        var = np.einsum("ij,jk,ik->i", X, ev.beta_cov, X)
+    if interval == "prediction":
+        w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
+        var = var + s2 / w
+    se = np.sqrt(np.maximum(var, 0.0))
+    z = stats.norm.ppf(0.5 + level / 2.0)
+    index = newdata.index if newdata is not None else None
+    return pd.DataFrame({"fit": fit, "se": se, "lower": fit - z * se, "upper": fit + z * se},
+                        index=index)
