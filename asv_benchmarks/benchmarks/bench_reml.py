@@ -1,0 +1,87 @@
+"""Benchmarks of the matrix-free stochastic REML fit (``solver="iterative"``, lmmops.reml).
+
+- ``IterativeEvaluation``: one REML objective-and-gradient evaluation (block PCG with the
+  probe columns) at n = 10^6 and 10^7 rows, K = 2 Zipf-skewed factors, with its CG
+  iterations and the Monte Carlo standard error of the criterion as ``track_`` numbers,
+  and the peak memory of building the objective.
+- ``IterativeFit``: a whole REML fit at n = 10^6 (the issue-5 target at 10^7 is measured
+  by ``asv_benchmarks/peers/scale.py``, too long for a routine asv run).
+
+The objective is built in ``setup`` (one O(n) pass plus the deflation basis), so the
+timed part is the evaluation or the fit alone.
+"""
+
+import numpy as np
+
+from .common import pick, safe_import, warm_up_jit
+
+with safe_import():
+    from lmmops.design import CrossedDesign
+    from lmmops.direct import fit_direct, moment_start
+    from lmmops.reml import IterativeObjective
+    from lmmops.simulate import simulate_codes
+
+SIZES = {10**6: (100_000, 3_000), 10**7: (1_000_000, 30_000)}
+
+
+def problem(n):
+    levels = SIZES.get(n, (max(2, n // 10), max(2, n // 300)))
+    codes = simulate_codes(n, list(levels), zipf=[1.0, 1.0], seed=5)
+    rng = np.random.default_rng(6)
+    y = (0.7 * rng.normal(size=levels[0])[codes[0]] + 0.9 * rng.normal(size=levels[1])[codes[1]]
+         + rng.normal(size=n))
+    return CrossedDesign.from_codes(codes), np.ones((n, 1)), y
+
+
+class IterativeEvaluation:
+    params = [pick([10**6, 10**7], [2000])]
+    param_names = ["n_obs"]
+    timeout = pick(1800, 60)
+
+    def setup(self, n):
+        try:
+            d, X, y = problem(n)
+        except NameError:
+            raise NotImplementedError("lmmops.reml is not available") from None
+        warm_up_jit()
+        self.obj = IterativeObjective(d, X, y, n_probes=16, seed=0)
+        self.theta = moment_start(d, X, y)
+        self.ev = self.obj.evaluate(self.theta)  # compile outside the timed part
+
+    def time_evaluate(self, n):
+        self.obj.evaluate(self.theta)
+
+    def track_cg_iterations(self, n):
+        return int(self.ev.cg_iterations)
+
+    def track_criterion_mc_stderr(self, n):
+        return float(self.ev.objective_se)
+
+    def peakmem_build_objective(self, n):
+        d, X, y = problem(n)
+        IterativeObjective(d, X, y, n_probes=16, seed=0)
+
+
+class IterativeFit:
+    params = [pick([10**6], [2000])]
+    param_names = ["n_obs"]
+    timeout = pick(1800, 60)
+    number = 1
+    repeat = 1
+
+    def setup(self, n):
+        try:
+            d, X, y = problem(n)
+        except NameError:
+            raise NotImplementedError("lmmops.reml is not available") from None
+        warm_up_jit()
+        self.obj = IterativeObjective(d, X, y, n_probes=16, seed=0)
+        self.start = moment_start(d, X, y)
+        self.obj.evaluate(self.start)
+
+    def time_fit(self, n):
+        fit_direct(self.obj, self.start)
+
+    def track_fit_iterations(self, n):
+        _, opt = fit_direct(self.obj, self.start)
+        return int(opt.iterations)
