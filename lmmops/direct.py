@@ -427,12 +427,7 @@ class DirectObjective:
         -------
         ndarray, shape (n_obs,)
         """
-        r = self.y - self.X @ ev.beta
-        codes = self.design.codes
-        for k in range(self.K):
-            if ev.theta[k] != 0.0:
-                r -= (ev.theta[k] * ev.v[k])[codes[k]]
-        return r
+        return conditional_residuals(self.design, self.X, self.y, ev)
 
     def _split_rhs(self, ZtW, XtW, theta):
         """Spherical right-hand sides ``[Lambda Z'W; X'W]`` in block order."""
@@ -596,6 +591,28 @@ def check_weights(weights, n):
         raise LmmopsError(f"weights must be > 0: {rows.size} weight(s) are <= 0 "
                           f"(first at row {rows[0]})")
     return w
+
+
+def conditional_residuals(design, X, y, ev):
+    """Conditional residuals ``y - X beta - sum_k Z_k (theta_k v_k)`` (one pass over the rows).
+
+    Parameters
+    ----------
+    design : CrossedDesign
+    X : ndarray, shape (n_obs, p)
+    y : ndarray, shape (n_obs,)
+    ev : Evaluation
+        Supplies ``beta``, ``theta`` and the spherical modes ``v``.
+
+    Returns
+    -------
+    ndarray, shape (n_obs,)
+    """
+    r = y - X @ ev.beta
+    for k in range(design.n_factors):
+        if ev.theta[k] != 0.0:
+            r -= (ev.theta[k] * ev.v[k])[design.codes[k]]
+    return r
 
 
 def moment_start(design, X, y):

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from .direct import Evaluation
+from .direct import Evaluation, conditional_residuals
 from .errors import ConvergenceWarning, LmmopsError
 from .operators import LevelSpaceOperator
 from .trace import lanczos_from_cg, rademacher, slq_quadrature
@@ -505,8 +505,4 @@ class IterativeObjective:
         -------
         ndarray, shape (n_obs,)
         """
-        r = self.y - self.X @ ev.beta
-        for k in range(self.K):
-            if ev.theta[k] != 0.0:
-                r -= (ev.theta[k] * ev.v[k])[self.design.codes[k]]
-        return r
+        return conditional_residuals(self.design, self.X, self.y, ev)

@@ -33,20 +33,25 @@ def problem(n):
     return CrossedDesign.from_codes(codes), np.ones((n, 1)), y
 
 
+def build_objective(n):
+    """The iterative objective and its start for ``problem(n)``, compiled and warm."""
+    try:
+        d, X, y = problem(n)
+    except NameError:
+        raise NotImplementedError("lmmops.reml is not available") from None
+    warm_up_jit()
+    obj = IterativeObjective(d, X, y, n_probes=16, seed=0)
+    start = moment_start(d, X, y)
+    return obj, start, obj.evaluate(start)
+
+
 class IterativeEvaluation:
     params = [pick([10**6, 10**7], [2000])]
     param_names = ["n_obs"]
     timeout = pick(1800, 60)
 
     def setup(self, n):
-        try:
-            d, X, y = problem(n)
-        except NameError:
-            raise NotImplementedError("lmmops.reml is not available") from None
-        warm_up_jit()
-        self.obj = IterativeObjective(d, X, y, n_probes=16, seed=0)
-        self.theta = moment_start(d, X, y)
-        self.ev = self.obj.evaluate(self.theta)  # compile outside the timed part
+        self.obj, self.theta, self.ev = build_objective(n)  # compiled outside the timing
 
     def time_evaluate(self, n):
         self.obj.evaluate(self.theta)
@@ -70,14 +75,7 @@ class IterativeFit:
     repeat = 1
 
     def setup(self, n):
-        try:
-            d, X, y = problem(n)
-        except NameError:
-            raise NotImplementedError("lmmops.reml is not available") from None
-        warm_up_jit()
-        self.obj = IterativeObjective(d, X, y, n_probes=16, seed=0)
-        self.start = moment_start(d, X, y)
-        self.obj.evaluate(self.start)
+        self.obj, self.start, _ = build_objective(n)
 
     def time_fit(self, n):
         fit_direct(self.obj, self.start)
