@@ -765,7 +765,7 @@ class LMMResult:
             return vsom(obj, rows, start=ev.theta)
         if rows is not None:
             return msom(obj, ev, rows)
-        return msom_scan(obj, ev, top=top)
+        return msom_scan(obj, ev, top=top, diag=self._diag_P())
 
     def predict(self, newdata=None, random=True, interval=None, level=0.95):
         """Predictions (see :func:`lmmops.predict.predict`).

@@ -98,7 +98,7 @@ def msom(obj, ev, rows):
             "p_value": float(2.0 * stats.norm.sf(abs(stat)))}
 
 
-def msom_scan(obj, ev, top=None, index=None):
+def msom_scan(obj, ev, top=None, index=None, diag=None):
     """Mean-shift outlier statistics for every single observation, ranked.
 
     For ``I = {i}``: ``phi_hat_i = (P y)_i / P_ii`` (the conditional residual ``r_i``),
@@ -113,6 +113,9 @@ def msom_scan(obj, ev, top=None, index=None):
         Keep the ``top`` largest ``|t|``; default all.
     index : array_like, optional
         Row labels for the output (default 0..n-1).
+    diag : ndarray, optional
+        ``diag(P)`` if already computed (for example a stochastic estimate from an
+        iterative solver); default exact, by :func:`lmmops.mme.diag_P`.
 
     Returns
     -------
@@ -121,7 +124,7 @@ def msom_scan(obj, ev, top=None, index=None):
         ``t``, ``p_value`` (two-sided normal) and ``p_bonferroni`` (times n, capped at 1).
     """
     Py = _py(obj, ev)
-    dP = diag_P(obj, ev)
+    dP = diag_P(obj, ev) if diag is None else np.asarray(diag, dtype=np.float64)
     phi = Py / dP
     se = 1.0 / np.sqrt(dP)
     t = Py / np.sqrt(dP)

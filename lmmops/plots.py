@@ -128,7 +128,9 @@ def _caterpillar(result, ax, factor, level):
         ax.set_xlabel(f"levels of {factor}, sorted ({b.size})")
     else:
         ax.errorbar(b, pos, xerr=z * s, fmt="o", ms=4, color="C0", ecolor="0.5", capsize=2)
-        ax.plot(b[excl], pos[excl], "o", ms=4, color="C3")
+        ax.plot(b[excl], pos[excl], "o", ms=4, color="C3", zorder=3,
+                label=f"interval excludes 0 ({int(excl.sum())})")
+        ax.legend(loc="lower right", fontsize=8)
         ax.set_yticks(pos)
         ax.set_yticklabels([str(v) for v in blup.index[order]],
                            fontsize=8 if b.size <= 30 else 6)
@@ -190,4 +192,5 @@ def _outliers(result, ax, top):
     ax.set_xlabel("observation")
     ax.set_ylabel("|t_i| (mean-shift outlier statistic)")
     ax.set_title("Outlier scan (MSOM)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, max(crit, float(t.max()) if n else crit) * 1.15)
+    ax.legend(loc="upper left", fontsize=8)

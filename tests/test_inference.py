@@ -14,7 +14,7 @@ from lmmops.inference import full_criterion, variance_covariance
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(11)
-    d = random_design(rng, n_levels=(12, 6), n_obs=150)
+    d = random_design(rng, n_levels=(12, 6), n_obs=150, missing=0.2)
     n = d.n_obs
     df = pd.DataFrame({"a": d.codes[0], "b": d.codes[1], "x": rng.normal(size=n)})
     df["y"] = (1 + 0.5 * df.x + rng.normal(size=12)[df.a] + 0.7 * rng.normal(size=6)[df.b]
