@@ -146,3 +146,30 @@ def test_result_methods(planted):
         res.outliers(method="msom", rows=[70])
     with pytest.raises(LmmopsError, match="the outlier set I is empty"):
         res.outliers(method="msom", rows=[])
+
+
+def test_residual_kinds_match_the_dense_cheat_sheet(planted):
+    d, X, y, obj, ev = planted
+    df = pd.DataFrame({f"f{k}": d.codes[k] for k in range(d.n_factors)})
+    df["x"], df["y"] = X[:, 1], y
+    w = np.random.default_rng(1).uniform(0.5, 2.0, d.n_obs)
+    df["w"] = w
+    formula = "y ~ x + " + " + ".join(f"(1|f{k})" for k in range(d.n_factors))
+    res = lmmops.fit(formula, df, weights="w", solver="direct")
+    s2 = res.sigma ** 2
+    P, V = dense_P(d, X, res.theta.to_numpy(), s2, w)
+    R = s2 * np.diag(1.0 / w)
+    Vi = np.linalg.inv(V)
+    tau = np.linalg.solve(X.T @ Vi @ X, X.T @ Vi @ y)
+    np.testing.assert_allclose(res.residuals("marginal"), y - X @ tau, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(res.residuals("model"), R @ P @ y, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(res.residuals("conditional"), R @ P @ y, rtol=1e-7, atol=1e-9)
+    dP = np.diag(P)
+    np.testing.assert_allclose(res.residuals("shift"), (P @ y) / dP, rtol=1e-7)
+    np.testing.assert_allclose(res.residuals("studentized"), (P @ y) / np.sqrt(dP), rtol=1e-7)
+    np.testing.assert_allclose(res.residuals("pearson"),
+                               np.sqrt(w) * res.residuals("conditional") / res.sigma)
+    tab = res.residual_table()
+    np.testing.assert_allclose(tab["shift_var"], 1.0 / dP, rtol=1e-8)
+    with pytest.raises(LmmopsError, match="unknown residual kind 'raw'"):
+        res.residuals("raw")
