@@ -47,6 +47,8 @@ class CovarianceMatvec:
     def setup_cache(self):
         return _codes_cache()
 
+    setup_cache.timeout = 600
+
     def setup(self, cache, n, K, parallel):
         self.V = _operator(cache[n], K, parallel)
         self.x = np.random.default_rng(0).standard_normal(n)
@@ -88,6 +90,8 @@ class CovarianceMatmat:
 
     def setup_cache(self):
         return _codes_cache()
+
+    setup_cache.timeout = 600
 
     def setup(self, cache, n, K, parallel):
         self.V = _operator(cache[n], K, parallel)

@@ -423,9 +423,10 @@ def markdown(report):
             lines.append(f"- cold run failed: {cold['error']}")
         else:
             lines.append(f"- `import lmmops`: {cold['import_s']:.2f} s")
+            warm = min(cold["time_warm"], t_base or cold["time_warm"])
             lines.append("- first fit with an empty Numba cache (compiles the kernels the fit "
                          f"uses): {cold['time_first']:.2f} s, then warm {cold['time_warm']:.3f} s "
-                         f"(compile about {cold['time_first'] - cold['time_warm']:.2f} s)")
+                         f"(compile about {max(0.0, cold['time_first'] - warm):.2f} s)")
         if "error" not in base:
             lines.append(f"- first fit with the Numba cache warm (cache load): "
                          f"{base['time_first']:.3f} s vs warm {t_base:.3f} s")
