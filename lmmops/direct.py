@@ -706,69 +706,91 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
         ev = objective.evaluate(start, gradient=True)  # raises with the reason
     f0 = ev.objective
     K = objective.K
-    converged = False
-    message = "maximum number of iterations reached"
-    it = 0
-    for it in range(1, maxiter + 1):
-        theta, g = ev.theta, ev.gradient
-        free = (theta > 0) | (g < 0)
-        H = _newton_hessian(objective, ev)
-        idx = np.flatnonzero(free)
-        if idx.size == 0:
-            converged, message = True, "all parameters on the boundary"
-            break
-        Hf = H[np.ix_(idx, idx)]
-        w, U = np.linalg.eigh(Hf)
-        # saddle-free Newton: |eigenvalues| with a relative floor, then a trust radius
-        w = np.maximum(np.abs(w), 1e-8 * max(1e-300, float(np.max(np.abs(w)))))
-        step = -(U @ ((U.T @ g[idx]) / w))
-        noise = 0.0
-        step_sd = None
-        gcov = getattr(ev, "gradient_cov", None)
-        if gcov is not None:  # stochastic objective: the step explained by MC noise alone
-            Hinv = U @ np.diag(1.0 / w) @ U.T
-            C = Hinv @ gcov[np.ix_(idx, idx)] @ Hinv
-            noise = float(np.trace(Hinv @ gcov[np.ix_(idx, idx)]))
-            step_sd = np.sqrt(np.maximum(np.diag(C), 0.0))
-        radius = max(1.0, float(np.linalg.norm(theta[idx])))
-        snorm = float(np.linalg.norm(step))
-        if snorm > radius:
-            step *= radius / snorm
-        decrement = float(-g[idx] @ step)
-        if decrement <= tol * max(1.0, abs(ev.objective)):
-            converged, message = True, "Newton decrement below tolerance"
-            break
-        if step_sd is not None and np.all(np.abs(step) <= 2.0 * step_sd):
-            converged = True
-            message = "Newton step within the Monte Carlo error of every parameter"
-            break
-        accepted = False
-        alpha = 1.0
-        for _ in range(30 if gcov is None else 3):
-            trial = theta.copy()
-            trial[idx] = np.maximum(theta[idx] + alpha * step, 0.0)
-            ev_t = evaluate(trial)
-            if ev_t is not None and ev_t.objective <= ev.objective:
-                accepted = True
+
+    def newton(ev, it0):
+        converged = False
+        message = "maximum number of iterations reached"
+        it = it0
+        for it in range(it0 + 1, maxiter + 1):
+            theta, g = ev.theta, ev.gradient
+            free = (theta > 0) | (g < 0)
+            H = _newton_hessian(objective, ev)
+            idx = np.flatnonzero(free)
+            if idx.size == 0:
+                converged, message = True, "all parameters on the boundary"
                 break
-            alpha *= 0.5
-        if not accepted:
-            converged = decrement <= max(1e-6 * max(1.0, abs(ev.objective)), 25.0 * noise)
-            message = "line search could not decrease the criterion"
+            Hf = H[np.ix_(idx, idx)]
+            w, U = np.linalg.eigh(Hf)
+            # saddle-free Newton: |eigenvalues| with a relative floor, then a trust radius
+            w = np.maximum(np.abs(w), 1e-8 * max(1e-300, float(np.max(np.abs(w)))))
+            step = -(U @ ((U.T @ g[idx]) / w))
+            noise = 0.0
+            step_sd = None
+            gcov = getattr(ev, "gradient_cov", None)
+            if gcov is not None:  # stochastic objective: the step explained by MC noise alone
+                Hinv = U @ np.diag(1.0 / w) @ U.T
+                C = Hinv @ gcov[np.ix_(idx, idx)] @ Hinv
+                noise = float(np.trace(Hinv @ gcov[np.ix_(idx, idx)]))
+                step_sd = np.sqrt(np.maximum(np.diag(C), 0.0))
+            radius = max(1.0, float(np.linalg.norm(theta[idx])))
+            snorm = float(np.linalg.norm(step))
+            if snorm > radius:
+                step *= radius / snorm
+            decrement = float(-g[idx] @ step)
+            if decrement <= tol * max(1.0, abs(ev.objective)):
+                converged, message = True, "Newton decrement below tolerance"
+                break
+            if step_sd is not None and np.all(np.abs(step) <= 2.0 * step_sd):
+                converged = True
+                message = "Newton step within the Monte Carlo error of every parameter"
+                break
+            accepted = False
+            alpha = 1.0
+            for _ in range(30 if gcov is None else 3):
+                trial = theta.copy()
+                # fraction to the boundary: one step shrinks a coordinate at most tenfold
+                trial[idx] = np.maximum(theta[idx] + alpha * step, 0.1 * theta[idx])
+                ev_t = evaluate(trial)
+                if ev_t is not None and ev_t.objective <= ev.objective:
+                    accepted = True
+                    break
+                alpha *= 0.5
+            if not accepted:
+                converged = decrement <= max(1e-6 * max(1.0, abs(ev.objective)), 25.0 * noise)
+                message = "line search could not decrease the criterion"
+                break
+            ev = ev_t
+            if callback is not None:
+                callback(it, ev.theta, ev.objective)
+        return ev, converged, message, it
+
+    it = 0
+    for _round in range(4):
+        ev, converged, message, it = newton(ev, it)
+        # boundary check: near-zero theta_k are tried at exactly 0 (a singular fit)
+        theta = ev.theta.copy()
+        for k in range(K):
+            if 0.0 < theta[k] < boundary_tol:
+                trial = theta.copy()
+                trial[k] = 0.0
+                ev_t = evaluate(trial)
+                slack = 1e-10 * max(1.0, abs(ev.objective))
+                if ev_t is not None and ev_t.objective <= ev.objective + slack:
+                    ev, theta = ev_t, trial
+        # escape: the criterion is even in each theta_k, so its gradient at theta_k = 0 is
+        # 0 and Newton cannot leave the boundary; probe small positive values instead
+        moved = False
+        for k in np.flatnonzero(ev.theta == 0.0):
+            for delta in (1e-2, 1e-1):
+                trial = ev.theta.copy()
+                trial[k] = delta * max(1.0, float(np.max(ev.theta)))
+                ev_t = evaluate(trial)
+                if ev_t is not None and ev_t.objective < ev.objective - 1e-9 * max(
+                        1.0, abs(ev.objective)):
+                    ev, moved = ev_t, True
+                    break
+        if not moved or it >= maxiter:
             break
-        ev = ev_t
-        if callback is not None:
-            callback(it, ev.theta, ev.objective)
-    # boundary check
-    theta = ev.theta.copy()
-    for k in range(K):
-        if 0.0 < theta[k] < boundary_tol:
-            trial = theta.copy()
-            trial[k] = 0.0
-            ev_t = evaluate(trial)
-            slack = 1e-10 * max(1.0, abs(ev.objective))
-            if ev_t is not None and ev_t.objective <= ev.objective + slack:
-                ev, theta = ev_t, trial
     pg = _projected_gradient(ev.theta, ev.gradient)
     gnorm = float(np.max(np.abs(pg))) if pg.size else 0.0
     if not converged:

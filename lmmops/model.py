@@ -561,7 +561,7 @@ class LMMResult:
                 C[np.ix_(free, free)] = Hinv @ ev.gradient_cov[np.ix_(free, free)] @ Hinv
             except np.linalg.LinAlgError:
                 C[:] = np.nan
-        dof = self.n_obs - len(self.fixef) if self.method == "REML" else self.n_obs
+        dof = self.n_obs - self.model.X.shape[1] if self.method == "REML" else self.n_obs
         s2 = ev.sigma2
         ds2 = np.array([-2.0 * float(v @ v) / (t * dof) if t > 0 else 0.0
                         for v, t in zip(ev.v, theta)])

@@ -204,3 +204,25 @@ def test_nonconvergence_is_reported():
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         _, opt = fit_direct(obj, np.array([5.0, 5.0]), maxiter=1)
     assert not opt.converged
+
+
+@pytest.mark.parametrize("seed", [2, 13, 18])
+def test_optimum_does_not_depend_on_the_start(seed):
+    """Regression: a step used to clip a small variance to exactly 0, where the gradient of
+    the (even) criterion vanishes, and the optimiser stalled there."""
+    from lmmops.simulate import simulate_codes
+
+    codes = simulate_codes(600, [40, 15, 5], zipf=[0.5, 0.5, 0], seed=seed)
+    d = CrossedDesign.from_codes(codes)
+    rng = np.random.default_rng(seed)
+    y = (rng.normal(size=40)[codes[0]] + 0.3 * rng.normal(size=15)[codes[1]]
+         + 0.05 * rng.normal(size=5)[codes[2]] + rng.normal(size=600))
+    X = np.ones((600, 1))
+    obj = DirectObjective(d, X, y)
+    ref, _ = fit_direct(obj, moment_start(d, X, y))
+    assert ref.theta[2] > 0
+    for start in (np.ones(3), np.full(3, 5.0), np.array([1.0, 1.0, 0.0])):
+        ev, opt = fit_direct(obj, start)
+        assert opt.converged
+        assert ev.objective == pytest.approx(ref.objective, abs=1e-6)
+        np.testing.assert_allclose(ev.theta, ref.theta, rtol=1e-3)
