@@ -661,9 +661,10 @@ class _ExactObservation(_Observation):
 
     def __init__(self, V, inner=None, inner_rtol=1e-10, inner_maxiter=None, **inner_options):
         super().__init__(V)
-        from .solvers import AUTO_LEVEL_KIND
+        from .solvers import AUTO_LEVEL_KIND, SparseLevelOperator
 
         self.M = V.level_space()
+        self._A = SparseLevelOperator(self.M)  # same matrix, O(cells) products
         inner = AUTO_LEVEL_KIND if inner is None else inner
         self.inner = _build_level(self.M, inner, **inner_options)
         self._prec = self.inner.aspreconditioner()
@@ -676,7 +677,7 @@ class _ExactObservation(_Observation):
 
         rhs = self.M.rhs(X)
         res = []
-        U, info = block_cg(self.M, rhs, rtol=self.inner_rtol, maxiter=self.inner_maxiter,
+        U, info = block_cg(self._A, rhs, rtol=self.inner_rtol, maxiter=self.inner_maxiter,
                            M=self._prec, residuals=res)
         self.inner_iterations.append(len(res) - 1)
         return self.M.lift(U, X)

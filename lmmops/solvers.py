@@ -463,10 +463,14 @@ class SolveInfo:
 
 #: Level-space preconditioner chosen by ``solve_V(method="auto")`` (any number of factors).
 #: Measured in docs/studies/solver_study.md: symmetric block Gauss-Seidel needs the fewest
-#: iterations of the cheap kinds (5-8 on Zipf designs, against 9-10 for D2 and 12-16 for
+#: iterations of the kinds without setup cost (4-8 on uniform, Poisson, missing-cell and
+#: Zipf designs, 9-11 at variance ratio 10 or K = 3, against 5-15 for D2 and 8-22 for
 #: Jacobi), and one application (two sweeps over the sparse cross-tabulations) costs less
-#: than one product by M; AMG needs fewer iterations but costs several products per
-#: application plus seconds of setup.
+#: than one product by M. It is the fastest route at n = 10^6 and 10^7. Exception: banded
+#: ("staircase") designs, where the canonical correlations have a few outliers near 1 and
+#: it needs about 20 iterations; pass ``preconditioner="spectral"`` (K = 2: 7) or
+#: ``"amg"`` (8) there. AMG needs the fewest iterations everywhere but costs several
+#: products per application and a setup of its own.
 AUTO_LEVEL_KIND = "block_gauss_seidel"
 
 
