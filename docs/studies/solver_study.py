@@ -388,16 +388,19 @@ def plot_quick(results, scaling, prefix):
     fig.savefig(f"{prefix}_scaling.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for nm in names:
-        rows = [r for r in results[nm][1.0]["rows"] if r["space"] == "level"]
-        ax.scatter([r["setup"] + r["solve"] for r in rows],
-                   [r["its"][1e-10] or np.nan for r in rows], label=nm, s=18)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, k in enumerate(LEVEL_KINDS):
+        pts = [(r["setup"] + r["solve"], r["its"][1e-10]) for nm in names
+               for r in results[nm][1.0]["rows"]
+               if r["space"] == "level" and r["kind"] == k and r["its"][1e-10]]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, label=k, s=22, marker="osD^vx+"[i])
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("total seconds (setup + solve to 1e-10)")
+    ax.set_xlabel("total seconds (setup + solve to 1e-10), n = 20,000")
     ax.set_ylabel("iterations to rtol 1e-10")
-    ax.set_title("Level space: iterations against total time, ratio 1")
+    ax.set_title("Level space, every design, ratio 1: iterations against total time")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(f"{prefix}_cost.png", dpi=110)
