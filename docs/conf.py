@@ -57,9 +57,7 @@ OPTIONAL_DOCS = [
     "tutorial",
     "embedding",
     "theory_inverse",
-    "studies/paper_study",
-    "studies/solver_study",
-    "benchmarks",
+    "studies",
 ]
 OPTIONAL_MARKER = ".. optional-documents"
 # api.rst documents the known modules by hand; these markers are filled in from the

@@ -8,22 +8,18 @@ the inverse of the operator it was built for, with a real block ``_matmat``),
 
 Level space, ``M = Z'Z + Lambda`` (a :class:`~lmmops.operators.LevelSpaceOperator`):
 
-=====================  =======================================================  =====
-kind                   approximation of M                                        K
-=====================  =======================================================  =====
-``"identity"``         I (no preconditioning)                                    any
-``"jacobi"``           ``diag(M)`` = the exact diagonal blocks ``D_k + lambda_k`` any
-``"proportional"``     D2: every ``N_kl`` replaced by ``r_k r_l'/n`` (closed form) any
-``"spectral"``         D1's canonical basis: the top-``rank`` SVD triplets of        2
-                       ``D_r^{-1/2} N D_c^{-1/2}`` (once per design), with the
-                       exact margins (default) or D1's reference margins
-``"lowrank"``          a base (``"proportional"``/``"spectral"``/``"jacobi"``) plus  any
-                       a rank-``rank`` correction from the extreme generalized
-                       eigenpairs ``M v = mu B v``; exact at full rank
-``"block_gauss_seidel"`` symmetric block Gauss-Seidel over the factor blocks       any
-``"amg"``              pyamg smoothed aggregation (K = 2: on the sign-flipped M, a  any
-                       shifted bipartite graph Laplacian)
-=====================  =======================================================  =====
+- ``"identity"`` (any K): I, no preconditioning;
+- ``"jacobi"`` (any K): ``diag(M)``, the exact diagonal blocks ``D_k + lambda_k``;
+- ``"proportional"`` (any K): D2, every ``N_kl`` replaced by ``r_k r_l'/n`` (closed form);
+- ``"spectral"`` (K = 2): D1's canonical basis, the top-``rank`` SVD triplets of
+  ``D_r^{-1/2} N D_c^{-1/2}`` (once per design), with the exact margins (default) or D1's
+  reference margins;
+- ``"lowrank"`` (any K): a base (``"proportional"``/``"spectral"``/``"jacobi"``) plus a
+  rank-``rank`` correction from the extreme generalized eigenpairs ``M v = mu B v``; exact
+  at full rank;
+- ``"block_gauss_seidel"`` (any K): symmetric block Gauss-Seidel over the factor blocks;
+- ``"amg"`` (any K): pyamg smoothed aggregation (K = 2: on the sign-flipped M, a shifted
+  bipartite graph Laplacian).
 
 Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
 

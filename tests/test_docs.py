@@ -157,11 +157,10 @@ def test_index_links_optional_documents_only_when_present(tmp_path):
     assert conf.OPTIONAL_MARKER in text
     assert "theory_inverse" not in conf.expand_index(text, tmp_path)
     (tmp_path / "theory_inverse.rst").write_text("Inverse\n=======\n")
-    (tmp_path / "studies").mkdir()
-    (tmp_path / "studies" / "paper_study.rst").write_text("Study\n=====\n")
+    (tmp_path / "studies.rst").write_text("Studies\n=======\n")
     expanded = conf.expand_index(text, tmp_path)
     assert "   theory_inverse\n" in expanded
-    assert "   studies/paper_study\n" in expanded
+    assert "   studies\n" in expanded
     assert conf.OPTIONAL_MARKER not in expanded
 
 
