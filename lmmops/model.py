@@ -379,6 +379,7 @@ class LMM:
         resid = obj.residuals(ev)
         elapsed = self.build_s + (time.perf_counter() - t0)
         res = LMMResult(self, ev, opt, method, picked, resid, elapsed)
+        res._objective = obj
         if solver == "auto":
             res.notes.append(reason)
         if picked == "iterative":
@@ -699,16 +700,26 @@ class LMMResult:
         if getattr(self, "_vcov_var", None) is None:
             from .inference import variance_covariance
 
-            obj, ev = self._direct()
             names = list(self.n_levels) + ["Residual"]
-            self._vcov_var = pd.DataFrame(variance_covariance(obj, ev), index=names,
-                                          columns=names)
+            if self.solver == "iterative":
+                # the average information is exact from PCG solves (no traces), so the
+                # standard errors are available at scale too (P form for REML and ML)
+                A = self._objective.average_information(self.evaluation)
+                try:
+                    cov = np.linalg.inv(A)
+                except np.linalg.LinAlgError:
+                    cov = np.linalg.pinv(A)
+            else:
+                obj, ev = self._direct()
+                cov = variance_covariance(obj, ev)
+            self._vcov_var = pd.DataFrame(cov, index=names, columns=names)
         return self._vcov_var
 
     @property
     def variances_se(self):
         """dict: standard errors of the variance components (inverse average
-        information), keyed as :attr:`variances`; NaN off the direct solver."""
+        information), keyed as :attr:`variances`. On the iterative solver the average
+        information comes from exact PCG solves, in its REML (P) form for both methods."""
         try:
             c = self.variances_cov
         except LmmopsError:

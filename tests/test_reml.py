@@ -151,6 +151,9 @@ def test_insteval_iterative_agrees_with_direct(insteval, formula):
     assert direct.to_dict()["mc_stderr"]["loglik"] == 0.0
     np.testing.assert_allclose(it.ranef["d"].to_numpy(), direct.ranef["d"].to_numpy(),
                                atol=2e-3)
+    # variance standard errors: average information from PCG solves vs the exact solver
+    for k, v in direct.variances_se.items():
+        assert it.variances_se[k] == pytest.approx(v, rel=1e-2)
 
 
 @pytest.mark.slow
