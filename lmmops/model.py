@@ -601,8 +601,10 @@ class LMMResult:
               with ``var(r_i) = (delta_i'P delta_i)^{-1}`` (see :meth:`residual_table`);
             - ``"studentized"``: ``t_i = r_i / sqrt(var(r_i))``.
 
-            ``diag(P)`` is exact, from the level-space factor (:func:`lmmops.mme.diag_P`);
-            on an iterative solver it would be a stochastic diagonal estimate.
+            ``diag(P)`` is exact on the direct solver, from the level-space factor
+            (:func:`lmmops.mme.diag_P`); on the iterative solver it is a stochastic
+            diagonal estimate (:meth:`lmmops.reml.IterativeObjective.diag_P`) whose
+            standard errors are in :meth:`residual_table`.
 
         Returns
         -------
@@ -641,11 +643,18 @@ class LMMResult:
         return self.model.objective(self.method), self.evaluation
 
     def _diag_P(self):
+        """``diag(P)``: exact on the direct solver; on the iterative solver a stochastic
+        diagonal estimate (64 probes) whose standard errors are kept in ``_dP_se``."""
         if getattr(self, "_dP", None) is None:
-            from .mme import diag_P
+            if self.solver == "iterative":
+                est = self._objective.diag_P(self.evaluation)
+                self._dP, self._dP_se = est.estimate, est.stderr
+            else:
+                from .mme import diag_P
 
-            obj, ev = self._direct()
-            self._dP = diag_P(obj, ev)
+                obj, ev = self._direct()
+                self._dP = diag_P(obj, ev)
+                self._dP_se = np.zeros_like(self._dP)
         return self._dP
 
     def residual_table(self):
@@ -655,8 +664,9 @@ class LMMResult:
         -------
         pandas.DataFrame
             Columns ``fitted``, ``conditional``, ``marginal``, ``shift`` (``r_i``),
-            ``shift_var`` (``(delta_i'P delta_i)^{-1}``), ``studentized`` (``t_i``) and
-            ``diag_P``.
+            ``shift_var`` (``(delta_i'P delta_i)^{-1}``), ``studentized`` (``t_i``),
+            ``diag_P`` and ``diag_P_se`` (the Monte Carlo standard error of ``diag_P`` on the
+            iterative solver; 0 on the direct one).
         """
         dP = self._diag_P()
         return pd.DataFrame({
@@ -667,6 +677,7 @@ class LMMResult:
             "shift_var": 1.0 / dP,
             "studentized": self.residuals("studentized"),
             "diag_P": dP,
+            "diag_P_se": self._dP_se,
         })
 
     def ranef_pev(self, conditional_on_beta=False):
@@ -769,6 +780,10 @@ class LMMResult:
         m = str(method).lower()
         if m not in ("msom", "vsom"):
             raise LmmopsError(f"unknown outlier method {method!r}; use 'msom' or 'vsom'")
+        if m == "msom" and rows is None and self.solver == "iterative":
+            # the scan needs only P y and diag(P): the latter estimated stochastically
+            return msom_scan(self._objective, self.evaluation, top=top,
+                             diag=self._diag_P())
         obj, ev = self._direct()
         if m == "vsom":
             if rows is None:

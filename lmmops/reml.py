@@ -199,6 +199,7 @@ class IterativeObjective:
             raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
         self.n_probes = int(n_probes)
         self.small_factor_levels = int(small_factor_levels)
+        self.weights = None  # prior weights: direct solver only
         self.rtol = float(rtol)
         self.maxiter = int(maxiter)
         # one O(n) pass: sufficient statistics in level space
@@ -493,6 +494,77 @@ class IterativeObjective:
             bx = bz.T @ T
         WPW = (WW - bx) / s2
         return 0.25 * (WPW + WPW.T)
+
+    def apply_P(self, ev, B):
+        """``P B`` for an (n, m) block, ``P = V^{-1} - V^{-1}X(X'V^{-1}X)^{-1}X'V^{-1}``.
+
+        One block PCG solve in level space: with ``T = M^{-1} Lambda Z'B``,
+        ``V_0^{-1} B = B - Z Lambda T`` and ``P = [V_0^{-1}B - V_0^{-1}X A^{-1}
+        X'V_0^{-1}B] / s^2`` (``A = X'V_0^{-1}X``, ``V = s^2 V_0``).
+
+        Parameters
+        ----------
+        ev : Evaluation
+        B : ndarray, shape (n_obs, m)
+
+        Returns
+        -------
+        ndarray, shape (n_obs, m)
+        """
+        from .operators import RandomEffectsOperator
+
+        Z = getattr(self, "_Z", None)
+        if Z is None:
+            Z = self._Z = RandomEffectsOperator(self.design, None)
+        B = np.ascontiguousarray(B, dtype=np.float64)
+        lam = ev._lam
+        rhs = lam[:, None] * (Z.H @ B)
+        T, _, _ = self._solve(lam, rhs)
+        out = B - Z @ (lam[:, None] * T)
+        p = self.p
+        if p:
+            Lx = lam[:, None] * self.ZtT[:, :p]
+            XtVB = self.X.T @ B - Lx.T @ T
+            VX = self.X - Z @ (lam[:, None] * ev._Sx)
+            out -= VX @ (ev._Ainv @ XtVB)
+        return out / ev.sigma2
+
+    def diag_P(self, ev, n_probes=64, seed=1, chunk=8):
+        """Stochastic estimate of ``diag(P)`` with per-entry standard errors.
+
+        Rademacher probes in observation space, ``d_i = mean_j z_ij (P z_j)_i``
+        (:func:`lmmops.trace.diagonal`), applied in chunks of ``chunk`` probes so memory stays
+        ``O(n chunk)``. The noise of entry i comes only from the off-diagonal
+        ``P_il`` (observations sharing levels with i), which are ``O(1 / level count)``.
+
+        Parameters
+        ----------
+        ev : Evaluation
+        n_probes : int
+        seed : int
+        chunk : int
+
+        Returns
+        -------
+        TraceEstimate
+            ``estimate`` and ``stderr`` of shape (n_obs,).
+        """
+        from .trace import TraceEstimate
+
+        rng = np.random.default_rng(seed)
+        s1 = np.zeros(self.n)
+        s2 = np.zeros(self.n)
+        done = 0
+        while done < n_probes:
+            m = min(chunk, n_probes - done)
+            Zp = rademacher(self.n, m, rng)
+            samples = Zp * self.apply_P(ev, Zp)
+            s1 += samples.sum(axis=1)
+            s2 += (samples**2).sum(axis=1)
+            done += m
+        d = s1 / n_probes
+        var = np.maximum(s2 / n_probes - d * d, 0.0) * n_probes / max(n_probes - 1, 1)
+        return TraceEstimate(d, np.sqrt(var / n_probes), n_probes)
 
     def residuals(self, ev):
         """Conditional residuals ``y - X beta - sum_k Z_k b_k`` (one pass over the rows).

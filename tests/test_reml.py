@@ -208,3 +208,23 @@ def test_bad_solver_and_iterative_weights():
         lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="cholesky")
     with pytest.raises(NotImplementedError, match="weights are supported by the direct"):
         lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="iterative", weights="w")
+
+
+def test_diag_P_and_outlier_scan_on_the_iterative_solver():
+    """diag(P) by stochastic diagonal estimation: calibrated standard errors, and the
+    mean-shift outlier scan ranks like the exact one."""
+    from lmmops.simulate import simulate_crossed
+
+    df = simulate_crossed(3000, [120, 40], zipf=[1, 1], seed=2)
+    df.loc[7, "y"] += 8.0  # a planted outlier
+    exact = lmmops.fit("y ~ 1 + (1|g1) + (1|g2)", df, solver="direct")
+    it = lmmops.fit("y ~ 1 + (1|g1) + (1|g2)", df, solver="iterative")
+    te, ti = exact.residual_table(), it.residual_table()
+    z = (ti.diag_P - te.diag_P) / ti.diag_P_se
+    assert abs(z.mean()) < 0.1
+    assert 0.85 < z.std() < 1.15
+    assert np.mean(np.abs(z) > 3) < 0.01
+    assert (te.diag_P_se == 0).all()
+    assert it.outliers(top=1).row.iloc[0] == exact.outliers(top=1).row.iloc[0] == 7
+    studentized = it.residuals("studentized")
+    np.testing.assert_allclose(studentized[7], exact.residuals("studentized")[7], rtol=0.05)
