@@ -40,6 +40,8 @@ level_matvec(codes, offsets, u, lam, work, out)
     ``out = (Z'Z + Lambda) u``, one pass over the rows.
 level_matmat(codes, offsets, U, lam, work, out)
     The same for ``U`` of shape (q, m).
+csr_matmat(indptr, indices, data, X, out)
+    ``out = A X`` for a CSR matrix ``A`` and a dense block ``X`` (rows in parallel).
 weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
 weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
@@ -58,22 +60,25 @@ __all__ = [
     "cov_matmat_serial",
     "cov_matvec_parallel",
     "cov_matvec_serial",
+    "csr_matmat_parallel",
+    "csr_matmat_serial",
     "gather_block_parallel",
     "gather_block_serial",
     "gather_parallel",
     "gather_serial",
+    "get_csr_matmat",
     "get_kernel",
     "level_matmat_parallel",
     "level_matmat_serial",
     "level_matvec_parallel",
     "level_matvec_serial",
-    "weighted_gram",
-    "weighted_gram2",
     "n_blocks",
     "scatter_block_parallel",
     "scatter_block_serial",
     "scatter_parallel",
     "scatter_serial",
+    "weighted_gram",
+    "weighted_gram2",
 ]
 
 # Parallel variants are cached too: tests/test_kernels.py::test_numba_cache_hits shows the
@@ -409,6 +414,22 @@ def _level_matmat(codes, offsets, U, lam, work, out):
 
 
 # --------------------------------------------------------------------------- compile
+def _csr_matmat(indptr, indices, data, X, out):
+    # out = A X for a CSR matrix A (rows in prange: each iteration writes only its own
+    # row of out, so the parallel variant is race-free)
+    # indptr: (r + 1,) int64; indices: (nnz,) int32/int64; data: (nnz,) float64;
+    # X: (c, m) float64 C order; out: (r, m) float64, overwritten
+    m = X.shape[1]
+    for i in prange(indptr.size - 1):
+        for j in range(m):
+            out[i, j] = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            a = data[p]
+            col = indices[p]
+            for j in range(m):
+                out[i, j] += a * X[col, j]
+
+
 def _renamed(fn, suffix):
     # A copy of ``fn`` under another qualified name. Numba names on-disk cache entries by
     # qualified name and line and does not key them by ``parallel``, so without this the
@@ -436,6 +457,7 @@ cov_matvec_serial, cov_matvec_parallel = _compile(_cov_matvec)
 cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
 level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
+csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
 
 @numba.njit(cache=True, nogil=True)
 def weighted_gram(indptr, indices, data, w, out):  # pragma: no cover - compiled
@@ -486,6 +508,23 @@ KERNELS = {
     "level_matvec": (level_matvec_serial, level_matvec_parallel),
     "level_matmat": (level_matmat_serial, level_matmat_parallel),
 }
+
+
+def get_csr_matmat(parallel=False):
+    """The serial or parallel ``csr_matmat`` kernel (``out = A X`` for CSR ``A``).
+
+    Kept out of :data:`KERNELS`, whose members share the ``(codes, offsets, ...)``
+    signature.
+
+    Parameters
+    ----------
+    parallel : bool
+
+    Returns
+    -------
+    callable
+    """
+    return csr_matmat_parallel if parallel else csr_matmat_serial
 
 
 def get_kernel(name, parallel=False):

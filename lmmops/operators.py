@@ -30,6 +30,7 @@ from ._guard import check_dense
 __all__ = [
     "PARALLEL_MIN_ROWS",
     "CovarianceOperator",
+    "GramOperator",
     "LevelSpaceOperator",
     "RandomEffectsAdjointOperator",
     "RandomEffectsOperator",
@@ -710,3 +711,78 @@ class LevelSpaceOperator(_KernelOperator):
             f"lambdas={_fmt(self.lambdas)}, sigma2_e={self.sigma2_e:.6g}, "
             f"parallel={self.parallel})"
         )
+
+
+class GramOperator(LinearOperator):
+    """``Z'Z`` (q x q) applied through its sparse form, one pass over the non-empty cells.
+
+    ``Z'Z`` does not depend on the variances; it is built once per design
+    (:meth:`~lmmops.design.CrossedDesign.gram`, ``nnz <= q + K(K-1) * cells``) and applied by
+    a row-parallel CSR kernel, race-free because each row of the result has one writer.
+    For level-space blocks of many columns this is cheaper than the two passes over the
+    ``n`` rows that :class:`LevelSpaceOperator` makes, since cells are at most rows and the
+    gathered rows of the block are contiguous.
+
+    Parameters
+    ----------
+    design : CrossedDesign
+    parallel : bool or None, optional
+        Use the parallel kernel; ``None`` decides from the number of non-zeros.
+
+    Examples
+    --------
+    >>> from lmmops.design import CrossedDesign
+    >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]])
+    >>> G = GramOperator(d)
+    >>> bool(np.allclose(G.todense(), d.gram().toarray()))
+    True
+    >>> U = np.arange(10.0).reshape(5, 2)
+    >>> bool(np.allclose(G @ U, d.gram() @ U))
+    True
+    """
+
+    def __init__(self, design, parallel=None):
+        q = design.q
+        super().__init__(dtype=np.float64, shape=(q, q))
+        A = design.gram().tocsr()
+        A.sort_indices()
+        self.design = design
+        self._indptr = A.indptr.astype(np.int64)
+        self._indices = A.indices.astype(np.int32)
+        self._data = A.data.astype(np.float64)
+        self.nnz = int(A.nnz)
+        self.parallel = _resolve_parallel(parallel, self.nnz)
+
+    def _mat(self, X):
+        X = np.asarray(X)
+        if np.iscomplexobj(X):  # real kernel: apply to both parts
+            return self._mat(X.real) + 1j * self._mat(X.imag)
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        out = np.empty((self.shape[0], X.shape[1]))
+        kernels.get_csr_matmat(self.parallel)(
+            self._indptr, self._indices, self._data, X, out)
+        return out
+
+    def _matvec(self, x):
+        return self._mat(np.asarray(x, dtype=np.float64).reshape(-1, 1))[:, 0]
+
+    def _matmat(self, X):
+        return self._mat(X)
+
+    def _adjoint(self):
+        return self
+
+    _transpose = _adjoint
+
+    def todense(self):
+        """Dense ``Z'Z`` (tests and small problems only; size-guarded).
+
+        Returns
+        -------
+        ndarray, shape (q, q)
+        """
+        check_dense(self.shape, "GramOperator.todense()")
+        return self.design.gram().toarray()
+
+    def __repr__(self):
+        return f"GramOperator(q={self.shape[0]}, nnz={self.nnz}, parallel={self.parallel})"

@@ -36,7 +36,7 @@ import numpy as np
 
 from .direct import Evaluation, conditional_residuals
 from .errors import ConvergenceWarning, LmmopsError
-from .operators import LevelSpaceOperator
+from .operators import GramOperator, LevelSpaceOperator
 from .trace import lanczos_from_cg, rademacher, slq_quadrature
 
 __all__ = ["IterativeObjective", "block_pcg"]
@@ -204,6 +204,7 @@ class IterativeObjective:
         self.maxiter = int(maxiter)
         # one O(n) pass: sufficient statistics in level space
         self._G = LevelSpaceOperator(design, np.ones(self.K), parallel=parallel)
+        self._ZtZ = GramOperator(design, parallel=parallel)  # products in the PCG loop
         T = np.empty((n, p + 1))
         T[:, :p] = self.X
         T[:, p] = self.y
@@ -276,8 +277,8 @@ class IterativeObjective:
         return np.repeat(np.asarray(theta, dtype=np.float64), self.sizes)
 
     def _gram(self, U):
-        """``Z'Z U`` for a (q, m) block (the level operator with lambda = 1, minus U)."""
-        return self._G.matmat(U) - U
+        """``Z'Z U`` for a (q, m) block, through the sparse ``Z'Z`` (one pass over cells)."""
+        return self._ZtZ.matmat(U)
 
     def _M_matmat(self, lam):
         def mm(U):

@@ -315,3 +315,19 @@ def test_kernels_without_jit():
         """
     )
     assert _run(script, NUMBA_DISABLE_JIT="1").strip().endswith("ok")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_csr_matmat_matches_scipy(parallel):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(3)
+    A = sp.random(300, 200, density=0.05, random_state=4, format="csr")
+    A.sort_indices()
+    X = rng.normal(size=(200, 7))
+    out = np.full((300, 7), np.nan)
+    kernels.get_csr_matmat(parallel)(A.indptr.astype(np.int64), A.indices.astype(np.int32),
+                                     A.data.astype(np.float64), X, out)
+    np.testing.assert_allclose(out, A @ X, rtol=1e-13, atol=1e-13)
+    assert kernels.get_csr_matmat(parallel) is (
+        kernels.csr_matmat_parallel if parallel else kernels.csr_matmat_serial)

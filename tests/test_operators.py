@@ -10,6 +10,7 @@ from lmmops import operators
 from lmmops.errors import DenseTooLargeError
 from lmmops.operators import (
     CovarianceOperator,
+    GramOperator,
     LevelSpaceOperator,
     RandomEffectsAdjointOperator,
     RandomEffectsOperator,
@@ -87,6 +88,22 @@ class TestRandomEffectsAdjoint(OperatorChecks):
     def dense(self, op):
         d = op.design
         return _dense_Z(d)[:, d.offsets[1] : d.offsets[2]].T
+
+
+class TestGramOperatorSerial(OperatorChecks):
+    symmetric = True
+
+    def create_operator(self):
+        return GramOperator(_k3(), parallel=False)
+
+    def dense(self, op):
+        Z = _dense_Z(op.design)
+        return Z.T @ Z
+
+
+class TestGramOperatorParallel(TestGramOperatorSerial):
+    def create_operator(self):
+        return GramOperator(_k3(), parallel=True)
 
 
 class _VChecks(OperatorChecks):
