@@ -308,13 +308,9 @@ class LMM:
         """
         from .reml import IterativeObjective
 
-        if getattr(self, "weights", None) is not None:
-            raise NotImplementedError(
-                "prior weights are supported by the direct solver only; use solver='direct'"
-            )
         m = _check_method(method or self.method)
         return IterativeObjective(self.design, self.X, self.y, method=m, n_probes=n_probes,
-                                  seed=seed, rtol=rtol, **options)
+                                  seed=seed, rtol=rtol, weights=self.weights, **options)
 
     def fit(self, method=None, solver="auto", start=None, verbose=False, maxiter=100,
             n_probes=16, seed=0, rtol=1e-8, progress=None):

@@ -728,6 +728,8 @@ class GramOperator(LinearOperator):
     design : CrossedDesign
     parallel : bool or None, optional
         Use the parallel kernel; ``None`` decides from the number of non-zeros.
+    weights : ndarray, shape (n_obs,), optional
+        Prior weights: the operator is then ``Z'WZ``.
 
     Examples
     --------
@@ -741,10 +743,17 @@ class GramOperator(LinearOperator):
     True
     """
 
-    def __init__(self, design, parallel=None):
+    def __init__(self, design, parallel=None, weights=None):
         q = design.q
         super().__init__(dtype=np.float64, shape=(q, q))
-        A = design.gram().tocsr()
+        if weights is None:
+            A = design.gram().tocsr()
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (design.n_obs,):
+                raise ValueError(f"weights must have shape ({design.n_obs},), got {w.shape}")
+            Z = design.indicator_all()
+            A = (Z.T @ (Z.multiply(w[:, None]))).tocsr()
         A.sort_indices()
         self.design = design
         self._indptr = A.indptr.astype(np.int64)
@@ -782,7 +791,9 @@ class GramOperator(LinearOperator):
         ndarray, shape (q, q)
         """
         check_dense(self.shape, "GramOperator.todense()")
-        return self.design.gram().toarray()
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((self._data, self._indices, self._indptr), shape=self.shape).toarray()
 
     def __repr__(self):
         return f"GramOperator(q={self.shape[0]}, nnz={self.nnz}, parallel={self.parallel})"

@@ -161,6 +161,11 @@ class IterativeObjective:
         Factors with at most this many levels are deflated completely (all their level
         directions join the basis), which makes their traces, and so their gradient
         components, exact.
+    weights : array_like, shape (n_obs,), optional
+        Prior weights, ``R = s^2 W^{-1}`` (lme4's ``weights=``). The weighted problem is
+        the unweighted one with rows scaled by ``sqrt(w)``: ``Z'Z`` becomes ``Z'WZ``, the
+        sufficient statistics ``Z'W[X y]`` and ``[X y]'W[X y]``, and the criterion gains
+        ``-sum(log w)``, exactly as :class:`~lmmops.direct.DirectObjective`.
 
     Notes
     -----
@@ -185,7 +190,7 @@ class IterativeObjective:
 
     def __init__(self, design, X, y, method="REML", n_probes=16, seed=0, rtol=1e-8,
                  maxiter=2000, parallel=None, deflation_rank=None, power_iters=4,
-                 small_factor_levels=64):
+                 small_factor_levels=64, weights=None):
         method = str(method).upper()
         if method not in ("REML", "ML"):
             raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
@@ -199,20 +204,30 @@ class IterativeObjective:
             raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
         self.n_probes = int(n_probes)
         self.small_factor_levels = int(small_factor_levels)
-        self.weights = None  # prior weights: direct solver only
+        from .direct import check_weights
+
+        self.weights = None if weights is None else check_weights(weights, n)
+        self.ldW = 0.0 if self.weights is None else float(np.sum(np.log(self.weights)))
         self.rtol = float(rtol)
         self.maxiter = int(maxiter)
         # one O(n) pass: sufficient statistics in level space
         self._G = LevelSpaceOperator(design, np.ones(self.K), parallel=parallel)
-        self._ZtZ = GramOperator(design, parallel=parallel)  # products in the PCG loop
+        # Z'WZ for the products in the PCG loop (one pass over the cells)
+        self._ZtZ = GramOperator(design, parallel=parallel, weights=self.weights)
         T = np.empty((n, p + 1))
         T[:, :p] = self.X
         T[:, p] = self.y
-        self.ZtT = self._G.rhs(T)  # (q, p + 1)
-        self.TT = T.T @ T
-        del T
-        self.counts = np.concatenate(
-            [design.counts(k) for k in range(self.K)]).astype(np.float64)
+        WT = T if self.weights is None else T * self.weights[:, None]
+        self.ZtT = self._G.rhs(WT)  # Z'W[X y], (q, p + 1)
+        self.TT = T.T @ WT
+        del T, WT
+        if self.weights is None:
+            self.counts = np.concatenate(
+                [design.counts(k) for k in range(self.K)]).astype(np.float64)
+        else:  # weighted level counts: the diagonal of Z'WZ
+            self.counts = np.concatenate([
+                np.bincount(design.codes[k], weights=self.weights, minlength=q_k)
+                for k, q_k in enumerate(design.n_levels)])
         self.sizes = list(design.n_levels)
         self.offsets = design.offsets
         rng = np.random.default_rng(seed)
@@ -223,7 +238,14 @@ class IterativeObjective:
         self._N2 = []
         for k in range(self.K):
             for l in range(k + 1, self.K):
-                N = design.crosstab(k, l).tocsr(copy=True)
+                if self.weights is None:
+                    N = design.crosstab(k, l).tocsr(copy=True)
+                else:
+                    import scipy.sparse as sp
+
+                    N = sp.coo_matrix((self.weights, (design.codes[k], design.codes[l])),
+                                      shape=(design.n_levels[k], design.n_levels[l])).tocsr()
+                    N.sum_duplicates()
                 N.data = N.data**2
                 self._N2.append((k, l, N))
         self.n_evaluations = 0
@@ -391,6 +413,7 @@ class IterativeObjective:
             obj = logdet_M + logdet_RX + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
         else:
             obj = logdet_M + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
+        obj -= self.ldW  # log|R| = n log s^2 - sum(log w)
         # conditional modes and fixed-effect covariance
         Sx = St[:, :p]
         vfull = St[:, p] - Sx @ beta
@@ -499,9 +522,9 @@ class IterativeObjective:
     def apply_P(self, ev, B):
         """``P B`` for an (n, m) block, ``P = V^{-1} - V^{-1}X(X'V^{-1}X)^{-1}X'V^{-1}``.
 
-        One block PCG solve in level space: with ``T = M^{-1} Lambda Z'B``,
-        ``V_0^{-1} B = B - Z Lambda T`` and ``P = [V_0^{-1}B - V_0^{-1}X A^{-1}
-        X'V_0^{-1}B] / s^2`` (``A = X'V_0^{-1}X``, ``V = s^2 V_0``).
+        One block PCG solve in level space: with ``T = M^{-1} Lambda Z'WB``,
+        ``P B = W [B - Z Lambda T - (X - Z Lambda S_x) A^{-1} (X'WB - (Lambda Z'WX)'T)] / s^2``
+        (``A = X'V_0^{-1}X``, ``V = s^2 V_0``, ``W = I`` without prior weights).
 
         Parameters
         ----------
@@ -518,16 +541,20 @@ class IterativeObjective:
         if Z is None:
             Z = self._Z = RandomEffectsOperator(self.design, None)
         B = np.ascontiguousarray(B, dtype=np.float64)
+        w = None if self.weights is None else self.weights[:, None]
+        WB = B if w is None else w * B
         lam = ev._lam
-        rhs = lam[:, None] * (Z.H @ B)
+        rhs = lam[:, None] * (Z.H @ WB)
         T, _, _ = self._solve(lam, rhs)
         out = B - Z @ (lam[:, None] * T)
         p = self.p
         if p:
             Lx = lam[:, None] * self.ZtT[:, :p]
-            XtVB = self.X.T @ B - Lx.T @ T
+            XtVB = self.X.T @ WB - Lx.T @ T
             VX = self.X - Z @ (lam[:, None] * ev._Sx)
             out -= VX @ (ev._Ainv @ XtVB)
+        if w is not None:  # P = W^{1/2} P_s W^{1/2} for the row-scaled problem
+            out *= w
         return out / ev.sigma2
 
     def diag_P(self, ev, n_probes=64, seed=1, chunk=8):
