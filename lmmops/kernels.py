@@ -42,6 +42,8 @@ level_matmat(codes, offsets, U, lam, work, out)
     The same for ``U`` of shape (q, m).
 csr_matmat(indptr, indices, data, X, out)
     ``out = A X`` for a CSR matrix ``A`` and a dense block ``X`` (rows in parallel).
+cg_update(X, R, P, AP, pinv, a, nblocks, partial), cg_direction(P, R, pinv, b, nblocks)
+    The fused updates of block preconditioned CG with a diagonal preconditioner.
 weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
 weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
@@ -56,6 +58,10 @@ from numba import prange
 
 __all__ = [
     "KERNELS",
+    "cg_direction_parallel",
+    "cg_direction_serial",
+    "cg_update_parallel",
+    "cg_update_serial",
     "cov_matmat_parallel",
     "cov_matmat_serial",
     "cov_matvec_parallel",
@@ -66,6 +72,7 @@ __all__ = [
     "gather_block_serial",
     "gather_parallel",
     "gather_serial",
+    "get_cg_kernels",
     "get_csr_matmat",
     "get_kernel",
     "level_matmat_parallel",
@@ -430,6 +437,43 @@ def _csr_matmat(indptr, indices, data, X, out):
                 out[i, j] += a * X[col, j]
 
 
+def _cg_update(X, R, P, AP, pinv, a, nblocks, partial):
+    # One block-CG update, fused: X += P a, R -= AP a, and the per-column reductions
+    # rz = sum R * pinv * R and rr = sum R * R into partial[block, 0, j] / [block, 1, j]
+    # (one row of partial per block of rows: race-free), for the caller to sum.
+    # X, R, P, AP: (q, m) float64; pinv: (q,); a: (m,); partial: (nblocks, 2, m)
+    q, m = X.shape
+    size = (q + nblocks - 1) // nblocks
+    for blk in prange(nblocks):
+        lo = blk * size
+        hi = min(q, lo + size)
+        for j in range(m):
+            partial[blk, 0, j] = 0.0
+            partial[blk, 1, j] = 0.0
+        for i in range(lo, hi):
+            w = pinv[i]
+            for j in range(m):
+                aj = a[j]
+                X[i, j] += aj * P[i, j]
+                r = R[i, j] - aj * AP[i, j]
+                R[i, j] = r
+                partial[blk, 0, j] += r * r * w
+                partial[blk, 1, j] += r * r
+
+
+def _cg_direction(P, R, pinv, b, nblocks):
+    # P = pinv * R + P b (the new search directions), rows in blocks
+    q, m = P.shape
+    size = (q + nblocks - 1) // nblocks
+    for blk in prange(nblocks):
+        lo = blk * size
+        hi = min(q, lo + size)
+        for i in range(lo, hi):
+            w = pinv[i]
+            for j in range(m):
+                P[i, j] = w * R[i, j] + b[j] * P[i, j]
+
+
 def _renamed(fn, suffix):
     # A copy of ``fn`` under another qualified name. Numba names on-disk cache entries by
     # qualified name and line and does not key them by ``parallel``, so without this the
@@ -458,6 +502,8 @@ cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
 level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
 csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
+cg_update_serial, cg_update_parallel = _compile(_cg_update)
+cg_direction_serial, cg_direction_parallel = _compile(_cg_direction)
 
 @numba.njit(cache=True, nogil=True)
 def weighted_gram(indptr, indices, data, w, out):  # pragma: no cover - compiled
@@ -508,6 +554,27 @@ KERNELS = {
     "level_matvec": (level_matvec_serial, level_matvec_parallel),
     "level_matmat": (level_matmat_serial, level_matmat_parallel),
 }
+
+
+def get_cg_kernels(parallel=False):
+    """The fused block-CG kernels ``(cg_update, cg_direction)``, serial or parallel.
+
+    ``cg_update(X, R, P, AP, pinv, a, nblocks, partial)`` does ``X += P a``,
+    ``R -= AP a`` and writes per-block partial sums of ``R * pinv * R`` and ``R * R`` per
+    column; ``cg_direction(P, R, pinv, b, nblocks)`` sets ``P = pinv * R + P b``. Each is
+    one pass over the (q, m) blocks; blocks of rows make the reductions race-free.
+
+    Parameters
+    ----------
+    parallel : bool
+
+    Returns
+    -------
+    tuple of callable
+    """
+    if parallel:
+        return cg_update_parallel, cg_direction_parallel
+    return cg_update_serial, cg_direction_serial
 
 
 def get_csr_matmat(parallel=False):

@@ -748,6 +748,7 @@ class GramOperator(LinearOperator):
         super().__init__(dtype=np.float64, shape=(q, q))
         if weights is None:
             A = design.gram().tocsr()
+            design._cache.pop(("gram",), None)  # the arrays below are the only copy kept
         else:
             w = np.asarray(weights, dtype=np.float64)
             if w.shape != (design.n_obs,):

@@ -44,8 +44,13 @@ __all__ = ["IterativeObjective", "block_pcg"]
 _LOG2PI = np.log(2.0 * np.pi)
 
 
-def block_pcg(matmat, B, precond_diag, rtol=1e-8, maxiter=1000, record=None):
+def block_pcg(matmat, B, precond_diag, rtol=1e-8, maxiter=1000, record=None, parallel=None):
     """Block preconditioned CG with a diagonal preconditioner and per-column convergence.
+
+    Every column runs its own CG recurrence; they share the block products ``A P`` (one
+    ``matmat`` per iteration) and the fused update kernels of :mod:`lmmops.kernels`
+    (``X += P a``, ``R -= A P a`` and the residual reductions in one pass, then the new
+    directions in a second). A converged column keeps a zero step length.
 
     Parameters
     ----------
@@ -59,6 +64,8 @@ def block_pcg(matmat, B, precond_diag, rtol=1e-8, maxiter=1000, record=None):
     maxiter : int
     record : array_like of bool, shape (m,), optional
         Columns whose CG coefficients are recorded (for Lanczos quadrature).
+    parallel : bool or None
+        Use the parallel update kernels; default when the block is large.
 
     Returns
     -------
@@ -76,43 +83,45 @@ def block_pcg(matmat, B, precond_diag, rtol=1e-8, maxiter=1000, record=None):
     >>> bool(np.allclose(A @ X, np.eye(3)))
     True
     """
-    B = np.asarray(B, dtype=np.float64)
+    from . import kernels
+
+    B = np.ascontiguousarray(B, dtype=np.float64)
     q, m = B.shape
+    if parallel is None:
+        parallel = q * m >= 200_000
+    nb = kernels.n_blocks(True) if parallel else 1
+    update, direction = kernels.get_cg_kernels(parallel and nb > 1)
     X = np.zeros((q, m))
     R = B.copy()
-    pinv = 1.0 / precond_diag[:, None]
-    Zr = R * pinv
-    Pd = Zr.copy()
-    rz = np.einsum("ij,ij->j", R, Zr)
+    pinv = np.ascontiguousarray(1.0 / np.asarray(precond_diag, dtype=np.float64))
+    P = pinv[:, None] * R
+    rz = np.einsum("ij,ij->j", R, P)
     bnorm = np.linalg.norm(B, axis=0)
     bnorm[bnorm == 0] = 1.0
-    active = np.ones(m, dtype=bool)
+    rel = np.linalg.norm(R, axis=0) / bnorm
     record = np.zeros(m, dtype=bool) if record is None else np.asarray(record, dtype=bool)
     alphas = [[] for _ in range(m)]
     betas = [[] for _ in range(m)]
-    rel = np.linalg.norm(R, axis=0) / bnorm
-    first = matmat(np.ascontiguousarray(Pd))  # A P^{-1} B: the first product, for all columns
+    partial = np.zeros((nb, 2, m))
+    first = matmat(P)  # A P^{-1} B: the first product, for all columns
+    active = rel > rtol
     it = 0
-    active &= rel > rtol
     while active.any() and it < maxiter:
         it += 1
-        idx = np.flatnonzero(active)
-        AP = first[:, idx] if it == 1 else matmat(np.ascontiguousarray(Pd[:, idx]))
-        pAp = np.einsum("ij,ij->j", Pd[:, idx], AP)
-        a = rz[idx] / pAp
-        X[:, idx] += Pd[:, idx] * a
-        R[:, idx] -= AP * a
-        Zr_new = R[:, idx] * pinv
-        rz_new = np.einsum("ij,ij->j", R[:, idx], Zr_new)
-        b = rz_new / rz[idx]
-        Pd[:, idx] = Zr_new + Pd[:, idx] * b
-        rz[idx] = rz_new
-        rel[idx] = np.linalg.norm(R[:, idx], axis=0) / bnorm[idx]
-        for jj, j in enumerate(idx):
-            if record[j]:
-                alphas[j].append(a[jj])
-                betas[j].append(b[jj])
-        active[idx] = rel[idx] > rtol
+        AP = first if it == 1 else matmat(P)  # the update kernel only reads AP
+        pAp = np.einsum("ij,ij->j", P, AP)
+        a = np.where(active & (pAp > 0), rz / np.where(pAp > 0, pAp, 1.0), 0.0)
+        update(X, R, P, AP, pinv, a, nb, partial)
+        rz_new = partial[:, 0, :].sum(axis=0)
+        rr = partial[:, 1, :].sum(axis=0)
+        b = np.where(active & (rz > 0), rz_new / np.where(rz > 0, rz, 1.0), 0.0)
+        for j in np.flatnonzero(active & record):
+            alphas[j].append(a[j])
+            betas[j].append(b[j])
+        direction(P, R, pinv, b, nb)
+        rz = np.where(active, rz_new, rz)
+        rel = np.where(active, np.sqrt(rr) / bnorm, rel)
+        active &= rel > rtol
     info = {"iterations": it, "converged": ~active, "residual": rel,
             "alpha": alphas, "beta": betas, "first_product": first}
     return X, info
@@ -153,8 +162,9 @@ class IterativeObjective:
         Extra deflation directions beyond the K proportional ones: the dominant
         eigenvectors of the normalised level graph ``D^{-1/2}(Z'Z - D)D^{-1/2}`` (its
         canonical correlations, math.md Section 6), found once per design by block power
-        iteration. Default ``min(32, q // 8)``. They change only the variance of the
-        estimates, never their expectation.
+        iteration. Default ``min(32, q // 8)``, and 8 above q = 200,000 (the blocks are
+        ``O(q r)`` in memory). They change only the variance of the estimates, never their
+        expectation.
     power_iters : int
         Block power iterations for the deflation basis.
     small_factor_levels : int
@@ -273,8 +283,8 @@ class IterativeObjective:
                 cols.append(Ek)
         if len(cols) > 1:
             QK = _orthonormal_columns(np.hstack(cols))
-        if rank is None:
-            rank = min(32, self.q // 8)
+        if rank is None:  # fewer directions for huge q: memory O(q r), MC error reported
+            rank = min(32, self.q // 8) if self.q <= 200_000 else 8
         rank = int(max(0, min(rank, self.q - QK.shape[1])))
         if rank == 0:
             return QK
@@ -356,8 +366,8 @@ class IterativeObjective:
         record = np.zeros(cW, dtype=bool)
         record[c0:] = True
         S, info, _ = self._solve(lam, B, record)
-        Lt = B[:, :c0]
-        St = S[:, :c0]
+        Lt = B[:, :c0].copy()  # copies: views would keep the whole blocks alive
+        St = S[:, :c0].copy()
         Omega = self.TT - Lt.T @ St  # [X y]' V0^{-1} [X y]
         Omega = 0.5 * (Omega + Omega.T)
         A = Omega[:p, :p]
@@ -379,9 +389,10 @@ class IterativeObjective:
         dof = n - p if self.method == "REML" else n
         sigma2 = pwrss / dof
         # normalised operator Ahat = P^{-1/2} M P^{-1/2} = I + E; Ahat x from the first product
-        first = info["first_product"]
+        first = info.pop("first_product")
         EQ = first[:, c0:cQ] / sqP[:, None] - self.Q
         EW = first[:, cQ:] / sqP[:, None] - self.W
+        del first, B
         a = lam * lam / P
         E2 = 0.0  # ||E||_F^2 = 2 sum_{k<l} sum_ij N_ij^2 a_i a_j
         off = self.offsets
@@ -422,11 +433,17 @@ class IterativeObjective:
         # traces of the diagonal blocks of M^{-1}: tr(D_k Ahat^{-1}), D_k = S_k P^{-1},
         # = tr(Q'D_k Ahat^{-1} Q) + tr(Pq D_k (I - E) Pq) (closed form)
         #   + tr(Pq D_k (Ahat^{-1} - I + E) Pq) (stochastic remainder)
-        AinvQ = sqP[:, None] * S[:, c0:cQ]
-        AinvW = sqP[:, None] * S[:, cQ:]
         Pinv = 1.0 / P
-        rowQ = Pinv[:, None] * self.Q * (AinvQ - self.Q + EQ)
-        rem = (Pinv[:, None] * self.W) * (AinvW - self.W + EW)
+        rowQ = sqP[:, None] * S[:, c0:cQ]
+        rowQ -= self.Q
+        rowQ += EQ
+        rowQ *= Pinv[:, None] * self.Q
+        rem = sqP[:, None] * S[:, cQ:]
+        del S
+        rem -= self.W
+        rem += EW
+        del EW
+        rem *= Pinv[:, None] * self.W
         tr_samples = np.stack([rem[off[k]:off[k + 1]].sum(axis=0) for k in range(K)])
         traces = np.array([
             float(np.sum(Pinv[off[k]:off[k + 1]]) + np.sum(rowQ[off[k]:off[k + 1]]))
