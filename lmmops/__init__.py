@@ -5,7 +5,10 @@ The public surface:
 - :func:`fit` and :class:`LMM`: fit ``y ~ X + (1|a) + (1|b) + ...`` by REML or ML from a
   pandas DataFrame and an lme4 formula.
 - :class:`CrossedDesign`: grouping factors, counts and cross-tabulations.
-- :class:`CovarianceOperator`: the n x n covariance V as a scipy LinearOperator.
+- :class:`CovarianceOperator` and :class:`LevelSpaceOperator`: the n x n covariance V and
+  its q x q level-space form as scipy LinearOperators (:mod:`lmmops.operators`), with
+  solvers and preconditioners in :mod:`lmmops.solvers` and :mod:`lmmops.preconditioners`,
+  and the seed paper's inverses of V in :mod:`lmmops.spectral` and :mod:`lmmops.lowrank`.
 - :func:`anova`: likelihood-ratio tests and an AIC/BIC table for nested fits.
 - :mod:`lmmops.oneway` (the one-way model's estimators), :mod:`lmmops.mme` (Henderson's
   equations and PEV), :mod:`lmmops.outliers`, :mod:`lmmops.inference`.
@@ -27,9 +30,11 @@ from .errors import (
 )
 from .formula import RankDeficientWarning
 from .model import LMM, LMMResult, fit
+from .operators import CovarianceOperator, LevelSpaceOperator
 
 __all__ = [
     "ConvergenceWarning",
+    "CovarianceOperator",
     "CrossedDesign",
     "DenseTooLargeError",
     "DesignError",
@@ -37,6 +42,7 @@ __all__ = [
     "FormulaError",
     "LMM",
     "LMMResult",
+    "LevelSpaceOperator",
     "LmmopsError",
     "RankDeficientError",
     "RankDeficientWarning",

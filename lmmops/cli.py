@@ -87,12 +87,30 @@ def _dump(result):
 def _fit_and_print(df, formula, args, data_name):
     from .model import fit
 
-    # progress: one line per iteration on a terminal (or with --verbose), never with --quiet
-    show = (bool(getattr(args, "verbose", False)) or sys.stderr.isatty()) and not getattr(
-        args, "quiet", False)
-    res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
-              verbose=show, weights=getattr(args, "weights", None),
-              n_probes=args.probes, seed=args.seed)
+    # progress: a tqdm bar on a terminal, plain lines with --verbose elsewhere; never
+    # with --quiet
+    quiet = bool(getattr(args, "quiet", False))
+    verbose = bool(getattr(args, "verbose", False))
+    bar = None
+    progress = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"{args.method} fit", unit="it", file=sys.stderr, leave=False)
+
+        def progress(msg):
+            bar.set_postfix_str(msg.split("theta")[0].strip(), refresh=False)
+            bar.update(1)
+    elif verbose and not quiet:
+        def progress(msg):
+            print(msg, file=sys.stderr, flush=True)
+    try:
+        res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
+                  weights=getattr(args, "weights", None), n_probes=args.probes,
+                  seed=args.seed, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     if args.json:
         print(_dump(res))
     else:
@@ -211,7 +229,8 @@ def build_parser():
         sp.add_argument("--json", action="store_true",
                         help="print machine-readable JSON instead of the summary")
         sp.add_argument("--verbose", action="store_true",
-                        help="one line per iteration on stderr (default on a terminal)")
+                        help="one line per iteration on stderr (a progress bar on a "
+                             "terminal)")
         sp.add_argument("--quiet", action="store_true", help="no progress lines")
 
     f = sub.add_parser("fit", help="fit a model to a CSV/Parquet file",

@@ -166,3 +166,23 @@ def test_version_and_help(capsys):
     assert e.value.code == 0
     assert "lmmops" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_progress_bar_lines_and_quiet(csv_path, capsys, monkeypatch):
+    argv = ["fit", str(csv_path), "--formula", "y ~ 1 + (1|g1) + (1|g2)", "--json"]
+    # not a terminal, no --verbose: silent
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    # --verbose: one line per iteration
+    assert main(argv + ["--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "iteration   1" in err
+    assert "criterion" in err
+    # a terminal: a tqdm progress bar, which --quiet turns off
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "REML fit" in err
+    assert "it" in err
+    assert main(argv + ["--quiet"]) == 0
+    assert capsys.readouterr().err == ""
