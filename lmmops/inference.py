@@ -197,7 +197,8 @@ def confint(result, method="profile", level=0.95, parm=None):
     Parameters
     ----------
     result : LMMResult
-        A direct-solver fit.
+        A fit; profile intervals need the direct solver, Wald intervals work on both
+        (on the iterative solver the information comes from exact PCG solves).
     method : {"profile", "wald"}
         ``"profile"``: profile-likelihood intervals for the standard deviations (fixed
         effects get Wald intervals); ``"wald"``: Wald intervals for everything.
@@ -223,7 +224,12 @@ def confint(result, method="profile", level=0.95, parm=None):
         raise LmmopsError(f"unknown interval method {method!r}; use 'profile' or 'wald'")
     if not 0.0 < float(level) < 1.0:
         raise LmmopsError(f"level must be in (0, 1), got {level}")
-    obj, ev = result._direct()
+    if method == "profile":
+        obj, ev = result._direct()  # every profile point is an exact refit
+        cov = variance_covariance(obj, ev)
+    else:  # Wald needs only the estimates and the information (also on iterative fits)
+        obj, ev = None, result.evaluation
+        cov = result.variances_cov.to_numpy()
     names = [f"sd_{nm}" for nm in result.n_levels] + ["sigma"]
     fixed = list(result.fixef.index)
     allp = names + fixed
@@ -235,7 +241,6 @@ def confint(result, method="profile", level=0.95, parm=None):
     z = stats.norm.ppf(0.5 + level / 2.0)
     sigma = np.sqrt(ev.sigma2)
     sds = np.append(ev.theta * sigma, sigma)
-    cov = variance_covariance(obj, ev)
     var_se = np.sqrt(np.maximum(np.diag(cov), 0.0))
     rows = []
     for p in parm:

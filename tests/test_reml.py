@@ -256,3 +256,15 @@ def test_diag_P_and_outlier_scan_on_the_iterative_solver():
     assert it.outliers(top=1).row.iloc[0] == exact.outliers(top=1).row.iloc[0] == 7
     studentized = it.residuals("studentized")
     np.testing.assert_allclose(studentized[7], exact.residuals("studentized")[7], rtol=0.05)
+
+
+def test_wald_intervals_on_the_iterative_solver():
+    d, X, y = make(K=2, n=3000, levels=(100, 50))
+    df = pd.DataFrame({"y": y, "a": d.codes[0], "b": d.codes[1]})
+    exact = lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="direct").confint(method="wald")
+    it = lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="iterative")
+    ci = it.confint(method="wald")
+    np.testing.assert_allclose(ci[["lower", "upper"]].to_numpy(),
+                               exact[["lower", "upper"]].to_numpy(), rtol=5e-3)
+    with pytest.raises(lmmops.LmmopsError, match="exact only on the direct solver"):
+        it.confint(method="profile")
