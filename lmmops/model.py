@@ -689,13 +689,29 @@ class LMMResult:
         Returns
         -------
         dict of pandas.Series
-            Indexed by level, as :attr:`ranef`.
+            Indexed by level, as :attr:`ranef`. Exact on the direct solver; on the
+            iterative solver a stochastic diagonal estimate
+            (:meth:`lmmops.reml.IterativeObjective.diag_inverse`) whose Monte Carlo
+            standard errors are then in ``ranef_pev_se``.
         """
-        from .mme import level_space_diagonals
-
-        obj, ev = self._direct()
-        dg = level_space_diagonals(obj, ev, z_only=conditional_on_beta)["omega_diag"]
         d = self.model.design
+        if self.solver == "iterative":
+            # stochastic diagonal of the inverse (control variate + probes); the Monte
+            # Carlo standard errors are kept in ``ranef_pev_se``
+            ev = self.evaluation
+            est = self._objective.diag_inverse(ev, z_only=conditional_on_beta)
+            off = d.offsets
+            dg = [est.estimate[off[k]:off[k + 1]] for k in range(d.n_factors)]
+            s2 = self.sigma ** 2
+            self.ranef_pev_se = {
+                nm: pd.Series(s2 * ev.theta[k] ** 2 * est.stderr[off[k]:off[k + 1]],
+                              index=self.ranef[nm].index, name=nm)
+                for k, nm in enumerate(d.names)}
+        else:
+            from .mme import level_space_diagonals
+
+            obj, ev = self._direct()
+            dg = level_space_diagonals(obj, ev, z_only=conditional_on_beta)["omega_diag"]
         s2 = self.sigma ** 2
         return {nm: pd.Series(s2 * ev.theta[k] ** 2 * dg[k], index=self.ranef[nm].index,
                               name=nm) for k, nm in enumerate(d.names)}

@@ -611,6 +611,60 @@ class IterativeObjective:
         var = np.maximum(s2 / n_probes - d * d, 0.0) * n_probes / max(n_probes - 1, 1)
         return TraceEstimate(d, np.sqrt(var / n_probes), n_probes)
 
+    def diag_inverse(self, ev, n_probes=64, seed=2, z_only=False):
+        """Stochastic estimate of the diagonal of the spherical system's inverse.
+
+        ``diag(M^{-1})`` (``z_only``) or the random-effects block of the Z-and-X system's
+        inverse, ``diag(M^{-1}) + diag(S_x A^{-1} S_x')`` (exact second term), in level
+        space. With ``Ahat = P^{-1/2} M P^{-1/2} = I + E`` (``E`` zero-diagonal) and
+        ``F = Ahat^{-1}``, ``diag(M^{-1}) = P^{-1} diag(F)`` and, for the deflation basis
+        ``Q`` of the criterion and ``Pq = I - QQ'``,
+        ``diag(F) = diag(F Q Q') + diag((I - E) Pq) + diag((F - I + E) Pq)``: the first two
+        terms exactly (solves with the columns of ``Q``; ``E Q`` from the first CG product),
+        the last by Rademacher probes ``w`` as ``w * (F - I + E) Pq w``. One block solve
+        does it all. Multiplied by ``s^2 theta_k^2`` these are the prediction error
+        variances of the BLUPs.
+
+        Parameters
+        ----------
+        ev : Evaluation
+        n_probes : int
+        seed : int
+        z_only : bool
+            ``True``: given ``beta`` (lme4's ``condVar``).
+
+        Returns
+        -------
+        TraceEstimate
+            ``estimate`` and ``stderr`` of shape (q,).
+        """
+        from .trace import TraceEstimate
+
+        rng = np.random.default_rng(seed)
+        Q = self.Q
+        r = Q.shape[1]
+        W = rademacher(self.q, n_probes, rng)
+        Wt = W - Q @ (Q.T @ W)  # projected probes
+        lam = ev._lam
+        P = lam * lam * self.counts + 1.0
+        sqP = np.sqrt(P)
+        S, info, _ = self._solve(lam, sqP[:, None] * np.hstack([Q, Wt]))
+        first = info["first_product"]
+        FQ = sqP[:, None] * S[:, :r]  # Ahat^{-1} Q
+        EQ = first[:, :r] / sqP[:, None] - Q
+        FW = sqP[:, None] * S[:, r:]
+        EW = first[:, r:] / sqP[:, None] - Wt
+        del S, first
+        # diag(F) = diag(F QQ') + diag((I - E)(I - QQ')) + diag((F - I + E)(I - QQ'))
+        exact = np.einsum("ij,ij->i", FQ, Q) + 1.0 - np.einsum("ij,ij->i", Q, Q) \
+            + np.einsum("ij,ij->i", EQ, Q)
+        samples = W * (FW - Wt + EW)
+        d = (exact + samples.mean(axis=1)) / P
+        se = samples.std(axis=1, ddof=1) / np.sqrt(n_probes) / P
+        if not z_only and self.p:
+            d = d + np.einsum("ij,ij->i", ev._Sx @ ev._Ainv, ev._Sx)
+        return TraceEstimate(d, se, n_probes)
+
     def residuals(self, ev):
         """Conditional residuals ``y - X beta - sum_k Z_k b_k`` (one pass over the rows).
 

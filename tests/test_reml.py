@@ -268,3 +268,21 @@ def test_wald_intervals_on_the_iterative_solver():
                                exact[["lower", "upper"]].to_numpy(), rtol=5e-3)
     with pytest.raises(lmmops.LmmopsError, match="exact only on the direct solver"):
         it.confint(method="profile")
+
+
+@pytest.mark.parametrize("given_beta", [False, True])
+def test_ranef_pev_on_the_iterative_solver(given_beta):
+    """Prediction error variances of the BLUPs by stochastic diagonal estimation, within
+    their reported standard errors of the exact values."""
+    d, X, y = make(K=2, n=3000, levels=(100, 50))
+    df = pd.DataFrame({"y": y, "a": d.codes[0], "b": d.codes[1]})
+    ex = lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="direct")
+    it = lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="iterative")
+    pe = ex.ranef_pev(conditional_on_beta=given_beta)
+    pi = it.ranef_pev(conditional_on_beta=given_beta)
+    # the fits differ by Monte Carlo error in theta; compare on the same scale
+    for k in ("a", "b"):
+        scale = (it.variances[k] / ex.variances[k])
+        z = (pi[k] - pe[k] * scale) / it.ranef_pev_se[k]
+        assert np.mean(np.abs(z) > 3) < 0.05, k
+        np.testing.assert_allclose(pi[k], pe[k], rtol=0.1)
