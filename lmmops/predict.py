@@ -84,7 +84,11 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
         raise LmmopsError(f"unknown interval {interval!r}; use None, 'confidence' or "
                           "'prediction'")
     model = result.model
-    obj, ev = result._direct()
+    iterative = result.solver == "iterative"
+    if iterative:  # prediction variances from level-space PCG solves (exact to tolerance)
+        obj, ev = result._objective, result.evaluation
+    else:
+        obj, ev = result._direct()
     if newdata is None:
         X = model.X
         codes = [np.asarray(c, dtype=np.int64) for c in model.design.codes]
@@ -110,7 +114,22 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
     if interval is None:
         return fit
     s2 = ev.sigma2
-    if random:
+    if random and iterative:
+        # g = [Lambda z; x] in design order; block solves of at most 256 rows at a time
+        off = model.design.offsets
+        var = np.empty(m)
+        for lo in range(0, m, 256):
+            hi = min(m, lo + 256)
+            cols = np.arange(hi - lo)
+            bz = np.zeros((model.design.q, hi - lo))
+            for k in range(obj.K):
+                c = codes[k][lo:hi]
+                kk = c >= 0
+                bz[off[k] + c[kk], cols[kk]] = theta[k]
+            var[lo:hi] = s2 * obj.quadratic_zx(ev, bz, X[lo:hi].T)
+        for k in range(obj.K):
+            var += np.where(codes[k] < 0, s2 * theta[k] ** 2, 0.0)
+    elif random:
         # g = [Lambda z; x] in the solver's blocks; one solve for all rows
         b1 = np.zeros((obj.q1, m))
         br = np.zeros((obj.qr + obj.p, m))

@@ -611,6 +611,31 @@ class IterativeObjective:
         var = np.maximum(s2 / n_probes - d * d, 0.0) * n_probes / max(n_probes - 1, 1)
         return TraceEstimate(d, np.sqrt(var / n_probes), n_probes)
 
+    def quadratic_zx(self, ev, bz, bx):
+        """``g' M_zx^{-1} g`` per column for ``g = [bz; bx]`` and the Z-and-X system.
+
+        ``M_zx = [[M, Lambda Z'WX], [X'WZ Lambda, X'WX]]`` is solved by its Schur complement:
+        one level-space block PCG solve ``T = M^{-1} bz``, then exact dense algebra for X.
+        Exact to the CG tolerance.
+
+        Parameters
+        ----------
+        ev : Evaluation
+        bz : ndarray, shape (q, m)
+        bx : ndarray, shape (p, m)
+
+        Returns
+        -------
+        ndarray, shape (m,)
+        """
+        T, _, _ = self._solve(ev._lam, np.ascontiguousarray(bz, dtype=np.float64))
+        out = np.einsum("ij,ij->j", bz, T)
+        if self.p:
+            Sx, Ainv = ev._Sx, ev._Ainv
+            u = bx - Sx.T @ bz
+            out += np.einsum("ij,ij->j", u, Ainv @ u)
+        return out
+
     def diag_inverse(self, ev, n_probes=64, seed=2, z_only=False):
         """Stochastic estimate of the diagonal of the spherical system's inverse.
 

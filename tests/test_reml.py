@@ -286,3 +286,20 @@ def test_ranef_pev_on_the_iterative_solver(given_beta):
         z = (pi[k] - pe[k] * scale) / it.ranef_pev_se[k]
         assert np.mean(np.abs(z) > 3) < 0.05, k
         np.testing.assert_allclose(pi[k], pe[k], rtol=0.1)
+
+
+def test_prediction_intervals_on_the_iterative_solver():
+    from lmmops.simulate import simulate_crossed
+
+    df = simulate_crossed(3000, [100, 50], zipf=[1, 1], seed=5)
+    new = pd.DataFrame({"g1": [0, 5, 999], "g2": [1, 2, 3]})  # 999: a new level
+    ex = lmmops.fit("y ~ 1 + (1|g1) + (1|g2)", df, solver="direct")
+    it = lmmops.fit("y ~ 1 + (1|g1) + (1|g2)", df, solver="iterative")
+    for interval in ("confidence", "prediction"):
+        a = ex.predict(new, interval=interval)
+        b = it.predict(new, interval=interval)
+        np.testing.assert_allclose(b["fit"], a["fit"], atol=5e-3)
+        np.testing.assert_allclose(b["se"], a["se"], rtol=5e-3)
+    # the new level gets the population-level prediction and its variance
+    assert b["fit"].iloc[2] == pytest.approx(it.predict(new, random=False)[2]
+                                             + it.ranef["g2"].loc[3], abs=1e-10)
