@@ -792,8 +792,11 @@ class LMMResult:
         m = str(method).lower()
         if m not in ("msom", "vsom"):
             raise LmmopsError(f"unknown outlier method {method!r}; use 'msom' or 'vsom'")
-        if m == "msom" and rows is None and self.solver == "iterative":
-            # the scan needs only P y and diag(P): the latter estimated stochastically
+        if m == "msom" and self.solver == "iterative":
+            # the scan needs only P y and diag(P) (estimated stochastically); a set I needs
+            # P delta_I (one PCG solve)
+            if rows is not None:
+                return msom(self._objective, self.evaluation, rows)
             return msom_scan(self._objective, self.evaluation, top=top,
                              diag=self._diag_P())
         obj, ev = self._direct()

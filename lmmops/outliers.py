@@ -54,7 +54,9 @@ def msom(obj, ev, rows):
 
     Parameters
     ----------
-    obj : DirectObjective
+    obj : DirectObjective or IterativeObjective
+        On the iterative solver ``P delta_I`` comes from one PCG solve (exact to its
+        tolerance).
     ev : Evaluation
         The fit (REML or ML) at which ``P`` is evaluated.
     rows : array_like of int
@@ -88,8 +90,13 @@ def msom(obj, ev, rows):
     """
     r = _rows(rows, obj.n)
     Py = _py(obj, ev)
-    _, block = P_columns(obj, ev, r)
-    dPd = float(block.sum())
+    if hasattr(obj, "apply_P"):  # iterative solver: P delta_I by one block PCG solve
+        delta = np.zeros((obj.n, 1))
+        delta[r, 0] = 1.0
+        dPd = float(obj.apply_P(ev, delta)[r, 0].sum())
+    else:
+        _, block = P_columns(obj, ev, r)
+        dPd = float(block.sum())
     dPy = float(Py[r].sum())
     phi = dPy / dPd
     se = 1.0 / np.sqrt(dPd)

@@ -303,3 +303,17 @@ def test_prediction_intervals_on_the_iterative_solver():
     # the new level gets the population-level prediction and its variance
     assert b["fit"].iloc[2] == pytest.approx(it.predict(new, random=False)[2]
                                              + it.ranef["g2"].loc[3], abs=1e-10)
+
+
+def test_msom_for_a_set_on_the_iterative_solver():
+    from lmmops.simulate import simulate_crossed
+
+    df = simulate_crossed(2000, [80, 40], zipf=[1, 1], seed=6)
+    df.loc[[3, 17], "y"] += 6.0
+    ex = lmmops.fit("y ~ 1 + (1|g1) + (1|g2)", df, solver="direct")
+    it = lmmops.fit("y ~ 1 + (1|g1) + (1|g2)", df, solver="iterative")
+    a = ex.outliers(method="msom", rows=[3, 17])
+    b = it.outliers(method="msom", rows=[3, 17])
+    for key in ("phi", "se", "statistic"):
+        assert b[key] == pytest.approx(a[key], rel=2e-3)
+    assert b["statistic"] > 5
