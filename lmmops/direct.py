@@ -54,6 +54,7 @@ __all__ = [
     "check_weights",
     "fit_direct",
     "moment_start",
+    "theta_gradient",
 ]
 
 _LOG2PI = np.log(2.0 * np.pi)
@@ -373,7 +374,6 @@ class DirectObjective:
     def _gradient(self, theta, L, d, w1, tr_, v, sigma2):
         p, qr = self.p, self.qr
         mp = self._reml_dims()
-        grad = np.zeros(self.K)
         # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X])
         if mp:
             Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
@@ -403,17 +403,12 @@ class DirectObjective:
         traces = np.zeros(self.K)
         for k in range(self.K):
             if k == self.first:
-                trk = tr_first
-                qk = self.q1
+                traces[k] = tr_first
             else:
                 i = self.rest.index(k)
                 lo, hi = self.rest_offsets[i], self.rest_offsets[i + 1]
-                trk = float(np.sum(diag_inv[lo:hi]))
-                qk = hi - lo
-            traces[k] = trk
-            t = theta[k]
-            if t > 0.0:
-                grad[k] = 2.0 / t * ((qk - trk) - float(v[k] @ v[k]) / sigma2)
+                traces[k] = float(np.sum(diag_inv[lo:hi]))
+        grad = theta_gradient(theta, self.design.n_levels, traces, v, sigma2)
         return grad, traces
 
     def residuals(self, ev):
@@ -591,6 +586,35 @@ def check_weights(weights, n):
         raise LmmopsError(f"weights must be > 0: {rows.size} weight(s) are <= 0 "
                           f"(first at row {rows[0]})")
     return w
+
+
+def theta_gradient(theta, n_levels, traces, v, sigma2):
+    """Gradient of the profiled criterion in ``theta`` (both solvers use it).
+
+    ``d/dtheta_k = 2/theta_k [q_k - tr((M^{-1})_kk) - ||v_k||^2 / s^2]`` for
+    ``theta_k > 0``, and 0 at ``theta_k = 0`` (the criterion is even in ``theta_k``).
+
+    Parameters
+    ----------
+    theta : ndarray, shape (K,)
+    n_levels : sequence of int
+        ``q_k``.
+    traces : ndarray, shape (K,)
+        ``tr((M^{-1})_kk)`` of the system whose log-determinant enters the criterion.
+    v : list of ndarray
+        Spherical conditional modes per factor.
+    sigma2 : float
+        Profiled residual variance ``s^2``.
+
+    Returns
+    -------
+    ndarray, shape (K,)
+    """
+    grad = np.zeros(len(theta))
+    for k, t in enumerate(theta):
+        if t > 0.0:
+            grad[k] = 2.0 / t * ((n_levels[k] - traces[k]) - float(v[k] @ v[k]) / sigma2)
+    return grad
 
 
 def conditional_residuals(design, X, y, ev):

@@ -98,11 +98,9 @@ def full_criterion(obj, sd, sigma, gradient=False):
         f += ev.logdet_RX
     if not gradient:
         return f
-    q = np.asarray(obj.design.n_levels, dtype=np.float64)
-    gth = np.zeros(obj.K)
-    for k in range(obj.K):
-        if theta[k] > 0:
-            gth[k] = 2.0 / theta[k] * (q[k] - ev.traces[k] - float(ev.v[k] @ ev.v[k]) / s2)
+    from .direct import theta_gradient
+
+    gth = theta_gradient(theta, obj.design.n_levels, ev.traces, ev.v, s2)
     g = np.empty(obj.K + 1)
     g[:obj.K] = gth / sigma
     g[obj.K] = -float(gth @ theta) / sigma + 2.0 * dof / sigma - 2.0 * ev.pwrss / sigma**3

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from .direct import Evaluation, conditional_residuals
+from .direct import Evaluation, conditional_residuals, theta_gradient
 from .errors import ConvergenceWarning, LmmopsError
 from .operators import GramOperator, LevelSpaceOperator
 from .trace import lanczos_from_cg, rademacher, slq_quadrature
@@ -454,12 +454,10 @@ class IterativeObjective:
             traces = traces + np.array([extra[off[k]:off[k + 1]].sum()
                                         for k in range(self.K)])
         v = [vfull[off[k]:off[k + 1]] for k in range(self.K)]
-        grad = np.zeros(self.K)
+        grad = theta_gradient(theta, self.sizes, traces, v, sigma2)
         grad_samples = np.zeros((self.K, m))
         for k in range(self.K):
             if theta[k] > 0:
-                qk = self.sizes[k]
-                grad[k] = 2.0 / theta[k] * ((qk - traces[k]) - float(v[k] @ v[k]) / sigma2)
                 grad_samples[k] = -2.0 / theta[k] * tr_samples[k]
         grad_cov = np.cov(grad_samples) / m if m > 1 else np.full((self.K, self.K), np.inf)
         ev = Evaluation(theta, float(obj), grad, float(sigma2), beta, beta_cov, v,
