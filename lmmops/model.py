@@ -792,6 +792,10 @@ class LMMResult:
         m = str(method).lower()
         if m not in ("msom", "vsom"):
             raise LmmopsError(f"unknown outlier method {method!r}; use 'msom' or 'vsom'")
+        if m == "vsom" and self.solver == "iterative":
+            if rows is None:
+                raise LmmopsError("the VSOM needs a set of observations: rows=[...]")
+            return vsom(self._objective, rows, start=self.evaluation.theta)
         if m == "msom" and self.solver == "iterative":
             # the scan needs only P y and diag(P) (estimated stochastically); a set I needs
             # P delta_I (one PCG solve)

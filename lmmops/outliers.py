@@ -157,8 +157,10 @@ def vsom(obj, rows, *, start=None, omega_max=None):
 
     Parameters
     ----------
-    obj : DirectObjective
-        The null model (its method, REML or ML, is used throughout).
+    obj : DirectObjective or IterativeObjective
+        The null model (its method, REML or ML, is used throughout). On the iterative
+        solver every refit reuses the null model's probes and deflation basis, so the
+        likelihood-ratio statistic is a difference under common random numbers.
     rows : array_like of int
         Positions of the observations in ``I``.
     start : array_like, optional
@@ -194,7 +196,10 @@ def vsom(obj, rows, *, start=None, omega_max=None):
             return cache[key][0]
         w = w0.copy()
         w[r] = 1.0 / (1.0 / w0[r] + omega)
-        o = DirectObjective(obj.design, obj.X, obj.y, method=obj.method, weights=w)
+        if hasattr(obj, "with_weights"):  # iterative: same probes (common random numbers)
+            o = obj.with_weights(w)
+        else:
+            o = DirectObjective(obj.design, obj.X, obj.y, method=obj.method, weights=w)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ev, _ = fit_direct(o, np.maximum(theta0, 0.05))

@@ -171,6 +171,9 @@ class IterativeObjective:
         Factors with at most this many levels are deflated completely (all their level
         directions join the basis), which makes their traces, and so their gradient
         components, exact.
+    deflation_basis : ndarray, shape (q, r), optional
+        An orthonormal deflation basis to use instead of computing one (any orthonormal
+        basis keeps the estimates unbiased; see :meth:`with_weights`).
     weights : array_like, shape (n_obs,), optional
         Prior weights, ``R = s^2 W^{-1}`` (lme4's ``weights=``). The weighted problem is
         the unweighted one with rows scaled by ``sqrt(w)``: ``Z'Z`` becomes ``Z'WZ``, the
@@ -200,7 +203,7 @@ class IterativeObjective:
 
     def __init__(self, design, X, y, method="REML", n_probes=16, seed=0, rtol=1e-8,
                  maxiter=2000, parallel=None, deflation_rank=None, power_iters=4,
-                 small_factor_levels=64, weights=None):
+                 small_factor_levels=64, weights=None, deflation_basis=None):
         method = str(method).upper()
         if method not in ("REML", "ML"):
             raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
@@ -241,7 +244,14 @@ class IterativeObjective:
         self.sizes = list(design.n_levels)
         self.offsets = design.offsets
         rng = np.random.default_rng(seed)
-        self.Q = self._deflation_basis(deflation_rank, power_iters, rng)
+        self.seed = seed
+        if deflation_basis is None:
+            self.Q = self._deflation_basis(deflation_rank, power_iters, rng)
+        else:
+            self.offsets = design.offsets
+            self.Q = np.asarray(deflation_basis, dtype=np.float64)
+            if self.Q.ndim != 2 or self.Q.shape[0] != self.q:
+                raise LmmopsError(f"deflation_basis must have shape ({self.q}, r)")
         W = rademacher(self.q, self.n_probes, rng)
         self.W = W - self.Q @ (self.Q.T @ W)  # probes projected off the deflation basis
         # squared cross-tabulations, for ||E||_F^2 in closed form
@@ -608,6 +618,27 @@ class IterativeObjective:
         d = s1 / n_probes
         var = np.maximum(s2 / n_probes - d * d, 0.0) * n_probes / max(n_probes - 1, 1)
         return TraceEstimate(d, np.sqrt(var / n_probes), n_probes)
+
+    def with_weights(self, weights):
+        """The same objective with other prior weights, the same probes and basis.
+
+        Used for refits whose criteria are compared (the variance-shift model): common
+        random numbers make the difference of two estimated criteria far more precise
+        than either.
+
+        Parameters
+        ----------
+        weights : array_like, shape (n_obs,)
+
+        Returns
+        -------
+        IterativeObjective
+        """
+        return IterativeObjective(
+            self.design, self.X, self.y, method=self.method, n_probes=self.n_probes,
+            seed=self.seed, rtol=self.rtol, maxiter=self.maxiter,
+            small_factor_levels=self.small_factor_levels, weights=weights,
+            deflation_basis=self.Q)
 
     def quadratic_zx(self, ev, bz, bx):
         """``g' M_zx^{-1} g`` per column for ``g = [bz; bx]`` and the Z-and-X system.

@@ -317,3 +317,17 @@ def test_msom_for_a_set_on_the_iterative_solver():
     for key in ("phi", "se", "statistic"):
         assert b[key] == pytest.approx(a[key], rel=2e-3)
     assert b["statistic"] > 5
+
+
+def test_vsom_on_the_iterative_solver():
+    from lmmops.simulate import simulate_crossed
+
+    df = simulate_crossed(1500, [60, 30], zipf=[1, 1], seed=7)
+    df.loc[[4, 9, 11], "y"] += np.array([5.0, -6.0, 5.5])
+    ex = lmmops.fit("y ~ 1 + (1|g1) + (1|g2)", df, solver="direct")
+    it = lmmops.fit("y ~ 1 + (1|g1) + (1|g2)", df, solver="iterative")
+    a = ex.outliers(method="vsom", rows=[4, 9, 11])
+    b = it.outliers(method="vsom", rows=[4, 9, 11])
+    assert b["lrt"] == pytest.approx(a["lrt"], abs=0.05)
+    assert b["sigma2_o"] == pytest.approx(a["sigma2_o"], rel=0.02)
+    assert b["p_value"] < 1e-4
