@@ -582,6 +582,55 @@ class IterativeObjective:
             out *= w
         return out / ev.sigma2
 
+    def expected_information(self, ev, n_probes=32, seed=4):
+        """Stochastic expected (Fisher) information in the variance parameters.
+
+        ``I_kl = 1/2 tr(P Vdot_k P Vdot_l)`` with ``Vdot_k = Z_k Z_k'`` for the factors and
+        ``Vdot_e = W^{-1}`` for the residual. For factors the trace is a squared Frobenius
+        norm of a level-space block, ``1/2 ||Z_k' P Z_l||_F^2``, and ``||B||_F^2 =
+        E ||B z||^2`` for Rademacher ``z``; so each column of the information needs one
+        block ``P Z_l z`` (:meth:`apply_P`), and the residual row uses
+        ``W^{-1/2} P Z_l z`` and ``W^{-1/2} P W^{-1/2} z`` likewise. (The average
+        information, exact from solves, is what the optimiser uses; this is the expected
+        one, for inference where it is wanted.)
+
+        Parameters
+        ----------
+        ev : Evaluation
+        n_probes : int
+        seed : int
+
+        Returns
+        -------
+        info : ndarray, shape (K + 1, K + 1)
+            Order: the factors' variances, then the residual variance.
+        stderr : ndarray, shape (K + 1, K + 1)
+            Monte Carlo standard errors.
+        """
+        rng = np.random.default_rng(seed)
+        K, n = self.K, self.n
+        codes = self.design.codes
+        winv_sqrt = (np.ones(n) if self.weights is None else 1.0 / np.sqrt(self.weights))
+        samples = np.zeros((K + 1, K + 1, n_probes))
+        for l in range(K + 1):
+            if l < K:
+                z = rademacher(self.design.n_levels[l], n_probes, rng)
+                B = z[codes[l]]  # Z_l z
+            else:
+                B = winv_sqrt[:, None] * rademacher(n, n_probes, rng)  # W^{-1/2} z
+            PB = self.apply_P(ev, B)
+            for k in range(K):
+                ZtPB = np.stack([np.bincount(codes[k], weights=PB[:, j],
+                                             minlength=self.design.n_levels[k])
+                                 for j in range(n_probes)], axis=1)
+                samples[k, l] = np.einsum("ij,ij->j", ZtPB, ZtPB)
+            R = winv_sqrt[:, None] * PB
+            samples[K, l] = np.einsum("ij,ij->j", R, R)
+        samples = 0.5 * (samples + samples.transpose(1, 0, 2)) / 2.0  # symmetrise
+        info = samples.mean(axis=2)
+        se = samples.std(axis=2, ddof=1) / np.sqrt(n_probes)
+        return info, se
+
     def diag_P(self, ev, n_probes=64, seed=1, chunk=8):
         """Stochastic estimate of ``diag(P)`` with per-entry standard errors.
 

@@ -331,3 +331,20 @@ def test_vsom_on_the_iterative_solver():
     assert b["lrt"] == pytest.approx(a["lrt"], abs=0.05)
     assert b["sigma2_o"] == pytest.approx(a["sigma2_o"], rel=0.02)
     assert b["p_value"] < 1e-4
+
+
+def test_expected_information_within_standard_errors():
+    """Stochastic Fisher information 1/2 tr(P Vdot_k P Vdot_l) against the dense formula."""
+    d, X, y = make(K=2, n=600, levels=(30, 12))
+    it = IterativeObjective(d, X, y, n_probes=8, small_factor_levels=100)
+    ev = it.evaluate(np.array([0.8, 1.2]))
+    info, se = it.expected_information(ev, n_probes=400)
+    s2 = ev.sigma2
+    Zs = [d.indicator(k).toarray() for k in range(2)]
+    V = s2 * np.eye(d.n_obs) + sum(s2 * t**2 * Z @ Z.T for t, Z in zip(ev.theta, Zs))
+    Vi = np.linalg.inv(V)
+    P = Vi - Vi @ X @ np.linalg.solve(X.T @ Vi @ X, X.T @ Vi)
+    Vd = [Z @ Z.T for Z in Zs] + [np.eye(d.n_obs)]
+    F = np.array([[0.5 * np.trace(P @ a @ P @ b) for b in Vd] for a in Vd])
+    assert np.all(np.abs(info - F) <= Z_MAX * se + 1e-12)
+    np.testing.assert_allclose(info, F, rtol=0.05, atol=1e-3)
