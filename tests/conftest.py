@@ -127,3 +127,36 @@ def design(request, rng):
     if request.param == "k3":
         return random_design(rng, n_levels=(6, 5, 4), n_obs=50, missing=0.3)
     return nested_design(rng)
+
+
+# ----- two-factor designs from a cell-count table (test_spectral, test_lowrank)
+def design_from_table(N, rng=None, interaction=False):
+    """Codes (shuffled) for a g x h count table; optionally add the a:b factor."""
+    N = np.asarray(N)
+    i, j = np.nonzero(N)
+    reps = N[i, j]
+    a, b = np.repeat(i, reps), np.repeat(j, reps)
+    if rng is not None:
+        perm = np.random.default_rng(rng).permutation(a.size)
+        a, b = a[perm], b[perm]
+    codes = [a, b]
+    names = ["a", "b"]
+    if interaction:
+        _, ab = np.unique(a * N.shape[1] + b, return_inverse=True)
+        codes.append(ab.ravel())
+        names.append("a:b")
+    return CrossedDesign.from_codes(np.vstack(codes), names=names)
+
+
+def random_table(g, h, rng, missing=0.3, lam=2.0):
+    """Poisson(lam)+1 counts with a fraction of missing cells; every row/column non-empty."""
+    rng = np.random.default_rng(rng)
+    N = 1 + rng.poisson(lam, (g, h))
+    N[rng.random((g, h)) < missing] = 0
+    # keep connected and without empty margins: a staircase of cells always present
+    for i in range(g):
+        N[i, (i * h) // g] = max(N[i, (i * h) // g], 1)
+        N[i, min(((i + 1) * h) // g, h - 1)] = max(N[i, min(((i + 1) * h) // g, h - 1)], 1)
+    for j in range(h):
+        N[(j * g) // h, j] = max(N[(j * g) // h, j], 1)
+    return N

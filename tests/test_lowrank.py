@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import design_from_table, random_table
 from numpy.testing import assert_allclose
 
 from lmmops.design import CrossedDesign
@@ -12,34 +13,6 @@ from lmmops.lowrank import CorrectionRankWarning, ExactInverse, reml_criterion
 from lmmops.spectral import KhatriRaoCovariance, ModifiedCovariance
 
 S_E2, S_A2, S_B2, S_C2 = 1.3, 0.5, 0.8, 0.4
-
-
-def design_from_table(N, rng=None, interaction=False):
-    N = np.asarray(N)
-    i, j = np.nonzero(N)
-    reps = N[i, j]
-    a, b = np.repeat(i, reps), np.repeat(j, reps)
-    if rng is not None:
-        perm = np.random.default_rng(rng).permutation(a.size)
-        a, b = a[perm], b[perm]
-    codes, names = [a, b], ["a", "b"]
-    if interaction:
-        _, ab = np.unique(a * N.shape[1] + b, return_inverse=True)
-        codes.append(ab.ravel())
-        names.append("a:b")
-    return CrossedDesign.from_codes(np.vstack(codes), names=names)
-
-
-def random_table(g, h, rng, missing=0.3, lam=2.0):
-    rng = np.random.default_rng(rng)
-    N = 1 + rng.poisson(lam, (g, h))
-    N[rng.random((g, h)) < missing] = 0
-    for i in range(g):
-        N[i, (i * h) // g] = max(N[i, (i * h) // g], 1)
-        N[i, min(((i + 1) * h) // g, h - 1)] = max(N[i, min(((i + 1) * h) // g, h - 1)], 1)
-    for j in range(h):
-        N[(j * g) // h, j] = max(N[(j * g) // h, j], 1)
-    return N
 
 
 def relerr(A, B):

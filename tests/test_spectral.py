@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import design_from_table, random_table
 from numpy.testing import assert_allclose
 
 from lmmops.design import CrossedDesign
@@ -20,38 +21,6 @@ S_E2, S_A2, S_B2, S_C2 = 1.3, 0.5, 0.8, 0.4
 
 
 # ---------------------------------------------------------------------------- designs
-def design_from_table(N, rng=None, interaction=False):
-    """Codes (shuffled) for a g x h count table; optionally add the a:b factor."""
-    N = np.asarray(N)
-    i, j = np.nonzero(N)
-    reps = N[i, j]
-    a, b = np.repeat(i, reps), np.repeat(j, reps)
-    if rng is not None:
-        perm = np.random.default_rng(rng).permutation(a.size)
-        a, b = a[perm], b[perm]
-    codes = [a, b]
-    names = ["a", "b"]
-    if interaction:
-        _, ab = np.unique(a * N.shape[1] + b, return_inverse=True)
-        codes.append(ab.ravel())
-        names.append("a:b")
-    return CrossedDesign.from_codes(np.vstack(codes), names=names)
-
-
-def random_table(g, h, rng, missing=0.3, lam=2.0):
-    """Poisson(lam)+1 counts with a fraction of missing cells; every row/column non-empty."""
-    rng = np.random.default_rng(rng)
-    N = 1 + rng.poisson(lam, (g, h))
-    N[rng.random((g, h)) < missing] = 0
-    # keep connected and without empty margins: a staircase of cells always present
-    for i in range(g):
-        N[i, (i * h) // g] = max(N[i, (i * h) // g], 1)
-        N[i, min(((i + 1) * h) // g, h - 1)] = max(N[i, min(((i + 1) * h) // g, h - 1)], 1)
-    for j in range(h):
-        N[(j * g) // h, j] = max(N[(j * g) // h, j], 1)
-    return N
-
-
 def dense_v(design, s_e2, sigma2, s_c2=0.0):
     V = s_e2 * np.eye(design.n_obs)
     for k, s in enumerate(sigma2):
