@@ -281,9 +281,9 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
 def check_full_rank(X, names, tol=1e-7):
     """Raise :class:`RankDeficientError` naming aliased columns if X is rank deficient.
 
-    As R's ``qr`` (and so lme4), columns are taken in order and a column is aliased when
-    it lies in the span of the columns before it: ``|R_jj| <= tol * ||X_j||`` in the
-    (unpivoted) QR decomposition, so the later of two collinear columns is named.
+    The strict counterpart of :func:`rank_columns` (which the model uses to drop aliased
+    columns as lme4 does): the same rule decides which columns are aliased, the later of
+    two collinear columns.
 
     Parameters
     ----------
@@ -303,20 +303,12 @@ def check_full_rank(X, names, tol=1e-7):
     Traceback (most recent call last):
     lmmops.errors.RankDeficientError: fixed-effect model matrix is rank deficient ...
     """
-    import scipy.linalg as sla
-
-    n, p = X.shape
-    if p == 0:
-        return
-    R = sla.qr(X, mode="r")[0]
-    norms = np.linalg.norm(X, axis=0)
-    d = np.abs(np.diag(R[:p, :p])) if n >= p else np.zeros(p)
-    aliased = [names[j] for j in range(p) if j >= n or d[j] <= tol * max(norms[j], 1e-300)]
+    _, aliased = rank_columns(X, names, tol=tol)
     if aliased:
         raise RankDeficientError(
             f"fixed-effect model matrix is rank deficient: {len(aliased)} column(s) are "
             f"linear combinations of the columns before them: {', '.join(aliased)}. Remove "
-            "them from the formula (handling aliased coefficients automatically is planned)"
+            "them, or fit through lmmops.fit / LMM, which drops them as lme4 does"
         )
 
 

@@ -224,14 +224,14 @@ class IterativeObjective:
         self.rtol = float(rtol)
         self.maxiter = int(maxiter)
         # one O(n) pass: sufficient statistics in level space
-        self._G = LevelSpaceOperator(design, np.ones(self.K), parallel=parallel)
         # Z'WZ for the products in the PCG loop (one pass over the cells)
         self._ZtZ = GramOperator(design, parallel=parallel, weights=self.weights)
         T = np.empty((n, p + 1))
         T[:, :p] = self.X
         T[:, p] = self.y
         WT = T if self.weights is None else T * self.weights[:, None]
-        self.ZtT = self._G.rhs(WT)  # Z'W[X y], (q, p + 1)
+        # Z'W[X y], (q, p + 1): the one pass over the rows (the scatter of a level operator)
+        self.ZtT = LevelSpaceOperator(design, np.ones(self.K), parallel=parallel).rhs(WT)
         self.TT = T.T @ WT
         del T, WT
         if self.weights is None:
