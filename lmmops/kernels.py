@@ -28,6 +28,8 @@ gather(codes, offsets, u, out)
     ``out = Z u``: ``out[i] = sum_k u[offsets[k] + codes[k, i]]``.
 gather_block(codes, offsets, U, out)
     ``out = Z U`` for ``U`` of shape (q, m).
+axpy_gather(codes, offsets, x, a, u, c, out), axpy_gather_block(codes, offsets, X, a, U, c, out)
+    ``out = a x + c Z u`` (the lift ``(b - Z u) / sigma2_e`` of a level-space solution).
 scatter(codes, offsets, v, work, out)
     ``out = Z' v``: ``out[offsets[k] + j] = sum_{i: codes[k, i] = j} v[i]``.
 scatter_block(codes, offsets, V, work, out)
@@ -42,6 +44,10 @@ level_matmat(codes, offsets, U, lam, work, out)
     The same for ``U`` of shape (q, m).
 csr_matmat(indptr, indices, data, X, out)
     ``out = A X`` for a CSR matrix ``A`` and a dense block ``X`` (rows in parallel).
+dense_matmat(U, Ct, out), dense_tmatmat(U, T, work, out)
+    ``out = U C`` and ``out = (U' T)'`` for a dense ``U`` (the D1 preconditioner's
+    eigenvectors), in numba's threads rather than BLAS's: on a small machine the two
+    thread pools contend (measured: a 3-6x slower preconditioner application).
 cg_update(X, R, P, AP, pinv, a, nblocks, partial), cg_direction(P, R, pinv, b, nblocks)
     The fused updates of block preconditioned CG with a diagonal preconditioner.
 weighted_gram(indptr, indices, data, w, out)
@@ -58,6 +64,10 @@ from numba import prange
 
 __all__ = [
     "KERNELS",
+    "axpy_gather_block_parallel",
+    "axpy_gather_block_serial",
+    "axpy_gather_parallel",
+    "axpy_gather_serial",
     "cg_direction_parallel",
     "cg_direction_serial",
     "cg_update_parallel",
@@ -68,12 +78,17 @@ __all__ = [
     "cov_matvec_serial",
     "csr_matmat_parallel",
     "csr_matmat_serial",
+    "dense_matmat_parallel",
+    "dense_matmat_serial",
+    "dense_tmatmat_parallel",
+    "dense_tmatmat_serial",
     "gather_block_parallel",
     "gather_block_serial",
     "gather_parallel",
     "gather_serial",
     "get_cg_kernels",
     "get_csr_matmat",
+    "get_dense_kernels",
     "get_kernel",
     "level_matmat_parallel",
     "level_matmat_serial",
@@ -172,6 +187,60 @@ def _gather_block(codes, offsets, U, out):
                 j = ok + ck[i]
                 for c in range(m):
                     ob[i, c] += U[j, c]
+
+
+def _axpy_gather(codes, offsets, x, a, u, c, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; x: (n,) float64; a, c: float;
+    # u: (q,) float64; out: (n,) float64. out = a x + c Z u (the lift of a level solution)
+    K = codes.shape[0]
+    n = codes.shape[1]
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for ch in prange(nch):
+        c0 = ch * _CHUNK
+        c1 = min(n, c0 + _CHUNK)
+        ob = out[c0:c1]
+        xb = x[c0:c1]
+        ck = codes[0, c0:c1]
+        ok = offsets[0]
+        for i in range(c1 - c0):
+            ob[i] = u[ok + ck[i]]
+        for k in range(1, K):
+            ck = codes[k, c0:c1]
+            ok = offsets[k]
+            for i in range(c1 - c0):
+                ob[i] += u[ok + ck[i]]
+        for i in range(c1 - c0):
+            ob[i] = a * xb[i] + c * ob[i]
+
+
+def _axpy_gather_block(codes, offsets, X, a, U, c, out):
+    # codes: (K, n) int32; offsets: (K + 1,) int64; X: (n, m) float64; a, c: float;
+    # U: (q, m) float64; out: (n, m) float64. out = a X + c Z U
+    K = codes.shape[0]
+    n = codes.shape[1]
+    m = U.shape[1]
+    nch = (n + _CHUNK - 1) // _CHUNK
+    for ch in prange(nch):
+        c0 = ch * _CHUNK
+        c1 = min(n, c0 + _CHUNK)
+        ob = out[c0:c1]
+        xb = X[c0:c1]
+        ck = codes[0, c0:c1]
+        ok = offsets[0]
+        for i in range(c1 - c0):
+            j = ok + ck[i]
+            for col in range(m):
+                ob[i, col] = U[j, col]
+        for k in range(1, K):
+            ck = codes[k, c0:c1]
+            ok = offsets[k]
+            for i in range(c1 - c0):
+                j = ok + ck[i]
+                for col in range(m):
+                    ob[i, col] += U[j, col]
+        for i in range(c1 - c0):
+            for col in range(m):
+                ob[i, col] = a * xb[i, col] + c * ob[i, col]
 
 
 # --------------------------------------------------------------------------- scatter
@@ -427,6 +496,13 @@ def _csr_matmat(indptr, indices, data, X, out):
     # indptr: (r + 1,) int64; indices: (nnz,) int32/int64; data: (nnz,) float64;
     # X: (c, m) float64 C order; out: (r, m) float64, overwritten
     m = X.shape[1]
+    if m == 1:  # one column: accumulate in a register
+        for i in prange(indptr.size - 1):
+            s = 0.0
+            for p in range(indptr[i], indptr[i + 1]):
+                s += data[p] * X[indices[p], 0]
+            out[i, 0] = s
+        return
     for i in prange(indptr.size - 1):
         for j in range(m):
             out[i, j] = 0.0
@@ -435,6 +511,45 @@ def _csr_matmat(indptr, indices, data, X, out):
             col = indices[p]
             for j in range(m):
                 out[i, j] += a * X[col, j]
+
+
+def _dense_matmat(U, Ct, out):
+    # out = U C for a dense U (m, r) and C given transposed, Ct (k, r) C order;
+    # out: (m, k), overwritten. Rows of U in prange; the inner loop is a contiguous dot.
+    r = U.shape[1]
+    k = Ct.shape[0]
+    for i in prange(U.shape[0]):
+        for c in range(k):
+            s = 0.0
+            for j in range(r):
+                s += U[i, j] * Ct[c, j]
+            out[i, c] = s
+
+
+def _dense_tmatmat(U, T, work, out):
+    # out = (U' T)' for a dense U (m, r) and T (m, k): out (k, r), overwritten.
+    # work: (nb, k, r) scratch, one private accumulator per block of rows of U.
+    m = U.shape[0]
+    r = U.shape[1]
+    k = T.shape[1]
+    nb = work.shape[0]
+    bs = (m + nb - 1) // nb
+    for b in prange(nb):
+        w = work[b]
+        for c in range(k):
+            for j in range(r):
+                w[c, j] = 0.0
+        for i in range(b * bs, min(m, (b + 1) * bs)):
+            for c in range(k):
+                t = T[i, c]
+                for j in range(r):
+                    w[c, j] += U[i, j] * t
+    for j in prange(r):
+        for c in range(k):
+            s = 0.0
+            for b in range(nb):
+                s += work[b, c, j]
+            out[c, j] = s
 
 
 def _cg_update(X, R, P, AP, pinv, a, nblocks, partial):
@@ -487,14 +602,18 @@ def _renamed(fn, suffix):
     return new
 
 
-def _compile(fn):
-    serial = numba.njit(fn, cache=True)
-    parallel = numba.njit(_renamed(fn, "_parallel"), parallel=True, cache=_PARALLEL_CACHE)
+def _compile(fn, fastmath=False):
+    serial = numba.njit(fn, cache=True, fastmath=fastmath)
+    parallel = numba.njit(
+        _renamed(fn, "_parallel"), parallel=True, cache=_PARALLEL_CACHE, fastmath=fastmath
+    )
     return serial, parallel
 
 
 gather_serial, gather_parallel = _compile(_gather)
 gather_block_serial, gather_block_parallel = _compile(_gather_block)
+axpy_gather_serial, axpy_gather_parallel = _compile(_axpy_gather)
+axpy_gather_block_serial, axpy_gather_block_parallel = _compile(_axpy_gather_block)
 scatter_serial, scatter_parallel = _compile(_scatter)
 scatter_block_serial, scatter_block_parallel = _compile(_scatter_block)
 cov_matvec_serial, cov_matvec_parallel = _compile(_cov_matvec)
@@ -502,6 +621,9 @@ cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
 level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
 csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
+# fastmath lets the contiguous dot products and axpys use SIMD (reassociated float64 sums)
+dense_matmat_serial, dense_matmat_parallel = _compile(_dense_matmat, fastmath=True)
+dense_tmatmat_serial, dense_tmatmat_parallel = _compile(_dense_tmatmat, fastmath=True)
 cg_update_serial, cg_update_parallel = _compile(_cg_update)
 cg_direction_serial, cg_direction_parallel = _compile(_cg_direction)
 
@@ -547,6 +669,8 @@ def weighted_gram2(indptr, indices, data, w1, w2, out1, out2):  # pragma: no cov
 KERNELS = {
     "gather": (gather_serial, gather_parallel),
     "gather_block": (gather_block_serial, gather_block_parallel),
+    "axpy_gather": (axpy_gather_serial, axpy_gather_parallel),
+    "axpy_gather_block": (axpy_gather_block_serial, axpy_gather_block_parallel),
     "scatter": (scatter_serial, scatter_parallel),
     "scatter_block": (scatter_block_serial, scatter_block_parallel),
     "cov_matvec": (cov_matvec_serial, cov_matvec_parallel),
@@ -592,6 +716,22 @@ def get_csr_matmat(parallel=False):
     callable
     """
     return csr_matmat_parallel if parallel else csr_matmat_serial
+
+
+def get_dense_kernels(parallel=False):
+    """The serial or parallel ``(dense_matmat, dense_tmatmat)`` kernels.
+
+    Parameters
+    ----------
+    parallel : bool
+
+    Returns
+    -------
+    tuple of callable
+    """
+    if parallel:
+        return dense_matmat_parallel, dense_tmatmat_parallel
+    return dense_matmat_serial, dense_tmatmat_serial
 
 
 def get_kernel(name, parallel=False):

@@ -176,8 +176,20 @@ class _KernelOperator(LinearOperator):
             self._kernel("gather_block")(self._codes, self._offsets, u, out)
         return out
 
+    def _axpy_gather(self, x, a, u, c):
+        """``a x + c Z u`` in one pass (x: (n,) or (n, m), u matching)."""
+        if u.ndim == 2 and u.shape[1] == 1:
+            return self._axpy_gather(x[:, 0], a, u[:, 0], c)[:, None]
+        out = np.empty(x.shape)
+        name = "axpy_gather" if u.ndim == 1 else "axpy_gather_block"
+        self._kernel(name)(self._codes, self._offsets, np.ascontiguousarray(x), float(a),
+                           np.ascontiguousarray(u), float(c), out)
+        return out
+
     def _scatter(self, v):
         q = int(self._offsets[-1])
+        if v.ndim == 2 and v.shape[1] == 1:
+            return self._scatter(np.ascontiguousarray(v[:, 0]))[:, None]
         if v.ndim == 1:
             out = np.empty(q)
             self._kernel("scatter")(self._codes, self._offsets, v, self._work(q), out)
@@ -677,7 +689,7 @@ class LevelSpaceOperator(_KernelOperator):
                 f"b has shape {b.shape}, expected ({self.design.n_obs},) or "
                 f"({self.design.n_obs}, m) matching u of shape {u.shape}"
             )
-        return (b - self._gather(u)) / self.sigma2_e
+        return self._axpy_gather(b, 1.0 / self.sigma2_e, u, -1.0 / self.sigma2_e)
 
     def logdet_V(self, logdet_M):
         """``log|V|`` from ``log|M|`` by the matrix determinant lemma.

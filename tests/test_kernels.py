@@ -64,6 +64,12 @@ def _run_all(design, rng, parallel, m=3):
     out = np.empty((n, m))
     get("gather_block")(codes, off, U, out)
     res["gather_block"] = (out, Z @ U)
+    out = np.empty(n)
+    get("axpy_gather")(codes, off, x, 0.3, u, -1.7, out)
+    res["axpy_gather"] = (out, 0.3 * x - 1.7 * (Z @ u))
+    out = np.empty((n, m))
+    get("axpy_gather_block")(codes, off, X, 0.3, U, -1.7, out)
+    res["axpy_gather_block"] = (out, 0.3 * X - 1.7 * (Z @ U))
     out = np.empty(q)
     get("scatter")(codes, off, x, np.empty((nb, q)), out)
     res["scatter"] = (out, Z.T @ x)
@@ -317,17 +323,34 @@ def test_kernels_without_jit():
     assert _run(script, NUMBA_DISABLE_JIT="1").strip().endswith("ok")
 
 
+@pytest.mark.parametrize("m", [1, 7])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_csr_matmat_matches_scipy(parallel):
+def test_csr_matmat_matches_scipy(parallel, m):
     import scipy.sparse as sp
 
     rng = np.random.default_rng(3)
     A = sp.random(300, 200, density=0.05, random_state=4, format="csr")
     A.sort_indices()
-    X = rng.normal(size=(200, 7))
-    out = np.full((300, 7), np.nan)
+    X = rng.normal(size=(200, m))
+    out = np.full((300, m), np.nan)
     kernels.get_csr_matmat(parallel)(A.indptr.astype(np.int64), A.indices.astype(np.int32),
                                      A.data.astype(np.float64), X, out)
     np.testing.assert_allclose(out, A @ X, rtol=1e-13, atol=1e-13)
     assert kernels.get_csr_matmat(parallel) is (
         kernels.csr_matmat_parallel if parallel else kernels.csr_matmat_serial)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_dense_kernels_match_numpy(parallel, k):
+    rng = np.random.default_rng(5)
+    U = rng.normal(size=(301, 37))
+    C = rng.normal(size=(37, k))
+    T = rng.normal(size=(301, k))
+    matmat, tmatmat = kernels.get_dense_kernels(parallel)
+    out = np.full((301, k), np.nan)
+    matmat(U, np.ascontiguousarray(C.T), out)
+    np.testing.assert_allclose(out, U @ C, rtol=1e-12, atol=1e-12)
+    outt = np.full((k, 37), np.nan)
+    tmatmat(U, T, np.full((kernels.n_blocks(parallel), k, 37), np.nan), outt)
+    np.testing.assert_allclose(outt, (U.T @ T).T, rtol=1e-12, atol=1e-12)

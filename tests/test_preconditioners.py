@@ -81,6 +81,39 @@ def test_every_observation_kind_is_spd(small, kind):
     _assert_spd(_dense(build(V, kind=kind)), kind)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_observation_spectral_is_exactly_d1(small, transpose):
+    """Full rank: the Schur-complement form equals lmmops.spectral's V check^{-1}."""
+    from lmmops.spectral import ModifiedCovariance
+
+    d = CrossedDesign.from_codes(small.codes[::-1]) if transpose else small
+    V = _V(d)
+    P = build(V, kind="spectral")
+    assert P.rank == min(d.n_levels) and "exact V check" in P.describe()
+    D1 = ModifiedCovariance(V)
+    assert_allclose(_dense(P), D1.inverse().todense(), rtol=1e-10, atol=1e-12)
+    assert_allclose(P.logdet(), D1.logdet(margin_correction=False), rtol=1e-12)
+    P_h = build(V, kind="spectral", reference="harmonic")
+    D1_h = ModifiedCovariance(V, reference="harmonic")
+    assert_allclose(_dense(P_h), D1_h.inverse().todense(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [{"rank": 1}, {"rank": 3}, {"max_full": 2}])
+def test_truncated_observation_spectral_is_spd_and_dominates_d1(small, opts):
+    """Dropping tail rho_k^2 from K'K gives B >= Kc: P is SPD, P >= V check^{-1}, and
+    P <= s_e^{-2} I (the safe truncation; truncating K itself can be indefinite)."""
+    V = _V(small)
+    P = build(V, kind="spectral", **opts)
+    assert P.rank < min(small.n_levels)
+    D = _dense(P)
+    _assert_spd(D, str(opts))
+    full = _dense(build(V, kind="spectral"))
+    assert np.linalg.eigvalsh(D - full).min() > -1e-12
+    assert np.linalg.eigvalsh(D).max() <= 1 / V.sigma2_e + 1e-12
+    with pytest.raises(NotImplementedError, match="every SVD triplet"):
+        P.logdet()
+
+
 def test_lifted_is_symmetric_but_poor(small):
     V = _V(small)
     P = build(V, kind="lifted", base="jacobi")
@@ -98,6 +131,11 @@ def test_quadratic_forms_at_scale(medium):
         PX = build(M, kind=kind).aspreconditioner().matmat(X)
         assert np.all(np.einsum("ij,ij->j", X, PX) > 0), kind
         assert_allclose(X.T @ PX, (X.T @ PX).T, rtol=1e-8, atol=1e-10, err_msg=kind)
+    Y = np.random.default_rng(4).standard_normal((medium.n_obs, 8))
+    for kind in ["spectral", "exact"]:
+        PY = build(V, kind=kind).aspreconditioner().matmat(Y)
+        assert np.all(np.einsum("ij,ij->j", Y, PY) > 0), kind
+        assert_allclose(Y.T @ PY, (Y.T @ PY).T, rtol=1e-8, atol=1e-10, err_msg=kind)
     Xn = np.random.default_rng(4).standard_normal((V.shape[0], 3))
     for kind in ["spectral", "exact"]:
         PX = build(V, kind=kind).aspreconditioner().matmat(Xn)
