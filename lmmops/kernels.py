@@ -54,6 +54,8 @@ weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
 weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
     Two weighted Grams of the same ``N`` in one pass (serial only).
+csr_gauss_seidel(indptr, indices, data, x, b, forward)
+    One in-place Gauss-Seidel sweep on a CSR matrix (serial only; AMG's coarse levels).
 """
 
 import types
@@ -73,6 +75,7 @@ __all__ = [
     "cg_update_parallel",
     "cg_update_serial",
     "cov_matmat_parallel",
+    "csr_gauss_seidel",
     "cov_matmat_serial",
     "cov_matvec_parallel",
     "cov_matvec_serial",
@@ -663,6 +666,29 @@ def weighted_gram2(indptr, indices, data, w1, w2, out1, out2):  # pragma: no cov
                 jb = indices[b]
                 out1[ja, jb] += wi1 * prod
                 out2[ja, jb] += wi2 * prod
+
+
+@numba.njit(cache=True, nogil=True)
+def csr_gauss_seidel(indptr, indices, data, x, b, forward):  # pragma: no cover - compiled
+    """One in-place Gauss-Seidel sweep on ``A x = b`` for a CSR matrix ``A`` (serial).
+
+    indptr : (r + 1,) int; indices : (nnz,) int; data : (nnz,) float64 (the diagonal
+    entries must be present and nonzero); x, b : (r,) float64; forward : bool (rows in
+    increasing order) or False (decreasing; a forward then a backward sweep is the
+    symmetric Gauss-Seidel smoother).
+    """
+    nr = indptr.size - 1
+    for t in range(nr):
+        i = t if forward else nr - 1 - t
+        s = b[i]
+        d = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            if j == i:
+                d = data[p]
+            else:
+                s -= data[p] * x[j]
+        x[i] = s / d
 
 
 #: name -> (serial, parallel) compiled variants
