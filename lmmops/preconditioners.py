@@ -37,14 +37,17 @@ Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
   the lifted operator is a disastrous preconditioner of V on skewed designs. It exists for
   the solver study.
 
-Cost of one application, in matvecs of the preconditioned operator: jacobi, proportional
-O(q) (much less than one); spectral/lowrank O(q rank); block Gauss-Seidel ``2(K-1)``
-single-factor gather/scatter passes (about one M matvec); AMG one V-cycle on the sparse
-``M`` (about 1-2 M matvecs, measured in the study); observation-space spectral the two row
-passes of a V matvec plus two passes over the cells and ``O(min(g, h)^2)``.
-``"exact"`` is an inner solve, not a stationary preconditioner: one application costs a
-whole level-space solve (its outer CG then needs 1-2 iterations, so the total is the
-level-space route's cost plus one or two V matvecs).
+Cost of one application, in matvecs of the preconditioned operator (measured at n = 10^6
+in ``docs/studies/solver_study_large.md``): jacobi, proportional, spectral and lowrank
+work on q-vectors, a small fraction of an M matvec; block Gauss-Seidel makes two passes
+over the non-empty cells (0.4-1.4); observation-space spectral makes the two row passes of
+a V matvec plus two cell passes and a dense ``O(min(g, h) rank)`` product (1.4-2.2).
+Two kinds are not stationary preconditioners and are not held to a cost of two matvecs.
+``"amg"`` runs a multilevel cycle with at least three passes over the finest matrix
+(1.1-5.4 M matvecs with lmmops' parallel cycle; pyamg's serial one on the same hierarchy,
+``cycle="pyamg"``, 9-17). ``"exact"`` runs an inner solve on every application (5-21 V
+matvecs), after which outer CG needs 1-2 iterations; observation ``"lowrank"`` is an
+exact inverse too (about 7 V matvecs, 1 iteration).
 
 Every preconditioner is SPD; the tests check the dense eigenvalues on small designs and
 ``x'Px > 0`` at scale.

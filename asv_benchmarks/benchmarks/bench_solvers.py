@@ -11,8 +11,17 @@
   REML fit reuses it), ``time_solve_V_cold`` and ``peakmem_solve_V_cold`` on a fresh
   design object (``Z'Z`` built inside). Targets: <= 10 s and <= 3 GiB at n = 10^7.
 
+- ``ApplyCost.track_apply_in_matvecs``: one preconditioner application in matvecs of the
+  operator it preconditions (M or V), for every kind in both spaces, on a Poisson-cell
+  design and a one-observation-per-cell uniform design at n = 10^6. Both times are taken
+  in the same process, best of 7 interleaved repeats, so the ratio is robust on a noisy
+  machine. Target (issue 4): at most 2 for the stationary kinds; ``amg`` (a multilevel
+  cycle) and ``exact`` (an inner solve) are tracked, not held to it.
+
 ``LMMOPS_BENCH_TINY=1`` swaps every size for n = 10^3 (see :mod:`benchmarks.common`).
 """
+
+import time
 
 import numpy as np
 
@@ -133,3 +142,51 @@ class SolveV:
         return solve_V(self.V, self.b, rtol=RTOL)[1].iterations
 
     track_iterations.unit = "iterations"
+
+
+def _best_ratio(f, g, x, y, reps=7):
+    """min over interleaved repeats of time(f(x)) / min of time(g(y))."""
+    f(x)
+    g(y)
+    tf = tg = np.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x)
+        tf = min(tf, time.perf_counter() - t)
+        t = time.perf_counter()
+        g(y)
+        tg = min(tg, time.perf_counter() - t)
+    return tf / tg
+
+
+class ApplyCost:
+    """One preconditioner application, in matvecs of the operator it preconditions."""
+
+    params = [["poisson", "uniform"],
+              ["level:jacobi", "level:proportional", "level:spectral", "level:lowrank",
+               "level:block_gauss_seidel", "level:amg", "observation:spectral",
+               "observation:exact"]]
+    param_names = ["design", "kind"]
+    timeout = 900
+
+    def setup_cache(self):
+        n = pick(10**6, TINY_N)
+        if pick(False, True):
+            return {"poisson": _poisson_codes(20, 10),
+                    "uniform": simulate_codes(n, (50, 20), seed=5)}
+        return {"poisson": _poisson_codes(774, 516),
+                "uniform": simulate_codes(n, (100_000, 13_333), seed=5)}
+
+    def setup(self, cache, design, kind):
+        space, k = kind.split(":")
+        codes = cache[design]
+        V = CovarianceOperator(_design(codes), 1.0, [1.0, 1.0])
+        A = V.level_space() if space == "level" else V
+        self.A = A
+        self.x = np.random.default_rng(0).standard_normal(A.shape[0])
+        self.P = build(A, kind=k).aspreconditioner()
+
+    def track_apply_in_matvecs(self, cache, design, kind):
+        return _best_ratio(lambda v: self.P @ v, lambda v: self.A @ v, self.x, self.x)
+
+    track_apply_in_matvecs.unit = "matvecs"

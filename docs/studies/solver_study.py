@@ -121,7 +121,12 @@ def design_facts(d):
 
 # ---------------------------------------------------------------------------- runs
 def _time_apply(fn, x, reps=5):
-    """Best of ``reps`` timings (the machine is shared: the minimum is the least noisy)."""
+    """Best of ``reps`` timings (the machine is shared: the minimum is the least noisy).
+
+    Sleeps 0.3 s first, so that BLAS worker threads left spinning by a setup's LAPACK
+    calls are idle and do not compete with numba's threads for the two cores.
+    """
+    time.sleep(0.3)
     fn(x)
     best = np.inf
     for _ in range(reps):
@@ -145,7 +150,7 @@ def run_cg(A, b, P, maxiter):
     return out, elapsed, len(res) - 1
 
 
-def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000):
+def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000, level=True, observation=True):
     K = d.n_factors
     V = CovarianceOperator(d, 1.0, [ratio] * K)
     M = V.level_space()
@@ -155,7 +160,7 @@ def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000):
     rows = []
     t_M = _time_apply(lambda x: M @ x, rhs)
     t_V = _time_apply(lambda x: V @ x, b)
-    for kind in LEVEL_KINDS:
+    for kind in LEVEL_KINDS if level else ():
         if kind == "spectral" and K != 2:
             continue
         t0 = time.perf_counter()
@@ -167,20 +172,20 @@ def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000):
         rows.append({"space": "level", "kind": kind, "its": its, "setup": setup,
                      "solve": elapsed, "per_it": elapsed / max(total_its, 1),
                      "apply_in_matvecs": t_P / t_M})
-    obs = list(OBS_KINDS)
+    obs = list(OBS_KINDS) if observation else []
     if K != 2:
         obs = [k for k in obs if k not in ("spectral", "lowrank")]
     if sum(d.n_levels) > (1500 if quick else 4000):
         obs = [k for k in obs if k != "lowrank"]
     entries = [(k, {}) for k in obs]
-    if lifted:
+    if lifted and observation:
         entries += [("lifted", {"base": base}) for base in LIFTED]
     for kind, opts in entries:
         t0 = time.perf_counter()
         P = build(V, kind=kind, **opts)
         setup = time.perf_counter() - t0
         Pop = P.aspreconditioner()
-        t_P = _time_apply(lambda x, Pop=Pop: Pop @ x, b, reps=2)
+        t_P = _time_apply(lambda x, Pop=Pop: Pop @ x, b, reps=3 if kind == "exact" else 5)
         its, elapsed, total_its = run_cg(V, b, Pop, maxiter=maxiter_obs)
         rows.append({"space": "observation", "kind": P.kind, "its": its, "setup": setup,
                      "solve": elapsed, "per_it": elapsed / max(total_its, 1),
@@ -298,8 +303,8 @@ DISCUSSION = """## Findings
   Gauss-Seidel (two sweeps over the sparse cross-tabulations, no setup beyond the
   design's `Z'Z`) needs the fewest iterations among the kinds without a setup cost; D2
   (proportional, closed form, any K) beats Jacobi by a few iterations at almost no cost;
-  AMG needs the fewest iterations of all but costs several matvecs per application plus
-  its own setup. The counts do not grow when the level counts grow tenfold (table above;
+  AMG needs the fewest iterations of all, but it costs several matvecs per application,
+  plus its own setup. The counts do not grow when the level counts grow tenfold (table above;
   they fall slightly).
 - **Banded (staircase) designs are the exception**: their canonical correlations rho_k
   have a few outliers near 1, which the D1 canonical basis (`kind="spectral"`, 20
@@ -321,12 +326,31 @@ DISCUSSION = """## Findings
   on Zipf(0.5-1) and hurts on Zipf(1.5), where the margins span orders of magnitude; the
   complete D1 low-rank correction (`kind="lowrank"`) is exact (1 iteration) when its rank,
   at most g + h, is affordable.
-- **Cost**: one application costs at most about one matvec of M for Jacobi, D2, spectral
-  and block Gauss-Seidel; AMG's V-cycle costs about 1.5-4 M matvecs; in observation space
-  D1 and `"exact"` (an inner solve) cost more than a V matvec at this small n, where
-  Python overheads dominate. Times at n = 10^6 and 10^7 are in
-  [solver_study_large.md](solver_study_large.md): `solve_V` at n = 10^7, q = 10^6 took
-  about 3 s (1 s with `Z'Z` already built) and 1.3 GiB peak.
+- **Cost of one application** (the *apply* column; at n = 10^6, where the fixed cost of
+  a Python call no longer dominates, in [solver_study_large.md](solver_study_large.md)):
+  - Jacobi, D2, spectral and low-rank (level space) cost a small fraction of an M matvec
+    (they work on q-vectors, M on the n rows); block Gauss-Seidel costs 0.4-1.4 M matvecs
+    (two passes over the non-empty cells).
+  - Observation-space D1 costs 1.4-2.2 V matvecs: the two row passes of a V matvec, two
+    passes over the non-empty cells and a dense product with the smaller factor's
+    eigenvectors. It is under 2 on the designs it is meant for (several observations per
+    cell); with one observation per cell the cell passes cost about as much as the row
+    passes.
+  - AMG and `exact` are not stationary preconditioners, and the target of at most two
+    matvecs does not apply to them. AMG runs a multilevel cycle: pyamg builds the
+    smoothed-aggregation hierarchy, and lmmops applies the V-cycle with parallel
+    factor-block Gauss-Seidel on the finest level. That cycle makes at least three passes
+    over the finest matrix, so it costs 1.1-5.4 M matvecs at n = 10^6 (pyamg's own serial
+    cycle on the same hierarchy, `cycle="pyamg"`, measured 9-17). `exact` runs a whole
+    inner level-space solve on every application, 5-21 V matvecs; its outer CG then
+    stops after 1-2 iterations, so the total is the level-space route's cost plus one or
+    two V matvecs. The complete
+    D1 correction (`lowrank` in observation space) is an exact inverse too: 1 iteration,
+    about 7 V matvecs per application.
+  - At this study's n = 20,000 a V matvec takes about 0.06 ms, so each extra Python call
+    adds a visible fraction of a matvec to the ratios below.
+  - `solve_V` at n = 10^7 with q = 10^6 took about 3 s (under 1 s with `Z'Z` already
+    built) and 1.3 GiB peak.
 - **Why `auto` is block Gauss-Seidel in level space**: the fewest iterations of the cheap
   kinds on every design but the staircase, no setup beyond `Z'Z` (which REML reuses at
   every variance), any K, and the fastest measured route at n = 10^6 and 10^7.
@@ -486,7 +510,7 @@ def run_large(sizes):
     return out
 
 
-def write_large(records, level_rows, path, elapsed):
+def write_large(records, level_rows, path, elapsed, cost_rows=None):
     lines = []
     w = lines.append
     w("# Solver study at scale (n = 10^6 and 10^7)\n")
@@ -517,6 +541,23 @@ def write_large(records, level_rows, path, elapsed):
             w(f"| {r['kind']} | {_fmt_its(r['its'][1e-6])} | {_fmt_its(r['its'][1e-10])} | "
               f"{r['setup']:.2f} | {r['per_it'] * 1e3:.1f} | {r['setup'] + r['solve']:.2f} | "
               f"{r['apply_in_matvecs']:.2f} |")
+    if cost_rows:
+        w("\n## Cost of one application at n = 10^6, both spaces\n")
+        w("The quick study's designs at n = 10^6 (variance ratio 1), where the fixed Python "
+          "cost of a call no longer dominates. *apply*: one application of the "
+          "preconditioner in matvecs of the operator it preconditions (M for level space, "
+          "V for observation space), both timed in the same run (best of 5, or of 3 for "
+          "`exact`). *M*, *V*: one matvec, ms.\n")
+        w("| design | levels | cells | M ms | V ms | space | kind | its 1e-6 | its 1e-10 | "
+          "setup s | apply |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|")
+        for nm, (facts, rows, base) in cost_rows.items():
+            lev = " x ".join(f"{x:,}" for x in facts["levels"])
+            for r in rows:
+                w(f"| {nm} | {lev} | {facts['cells']:,} | {base['t_M'] * 1e3:.2f} | "
+                  f"{base['t_V'] * 1e3:.2f} | {r['space']} | {r['kind']} | "
+                  f"{_fmt_its(r['its'][1e-6])} | {_fmt_its(r['its'][1e-10])} | "
+                  f"{r['setup']:.2f} | {r['apply_in_matvecs']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -534,10 +575,15 @@ def main(argv=None):
         records = run_large(sizes)
         d = CrossedDesign.from_codes(simulate_codes(10**6, [100_000, 10_000], zipf=[1, 1],
                                                     seed=11))
-        rows, _, _ = study_one(d, 1.0, quick=False, lifted=False)
-        level_rows = [r for r in rows if r["space"] == "level"]
+        level_rows, _, _ = study_one(d, 1.0, quick=False, lifted=False, observation=False)
+        cost_rows = {}
+        for nm in ("poisson", "missing90", "uniform"):
+            dd = make_design(nm, 10**6)
+            rows, _, base = study_one(dd, 1.0, quick=False, lifted=False)
+            cost_rows[nm] = (design_facts(dd), rows, base)
+            print(nm, [(r["kind"], round(r["apply_in_matvecs"], 2)) for r in rows], flush=True)
         write_large(records, level_rows, HERE / "solver_study_large.md",
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, cost_rows)
         return
     n = 20_000 if args.quick else 100_000
     results, scaling = run_quick(n)
