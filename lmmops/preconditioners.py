@@ -63,6 +63,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
+from . import kernels
 from ._guard import check_dense
 from .errors import DesignError
 
@@ -360,6 +361,22 @@ def _normalised_svd(design, rank, rng=0):
     return out
 
 
+def _reference_totals(counts, reference):
+    """D1's reference totals ``(r̄, c̄)``: 'mean', 'harmonic' or a given pair."""
+    if isinstance(reference, str):
+        from .spectral import _reference_total
+
+        return [_reference_total(c, reference) for c in counts]
+    return [float(x) for x in reference]
+
+
+def _csr_product(kernel, A, X):
+    """``A X`` for a CSR ``A`` and a 2-d ``X`` by a :func:`kernels.get_csr_matmat` kernel."""
+    out = np.empty((A.shape[0], X.shape[1]))
+    kernel(A.indptr, A.indices, A.data, np.ascontiguousarray(X), out)
+    return out
+
+
 def _schur_eigen(design, S):
     """All ``min(g, h)`` canonical correlations from the smaller factor's side (cached).
 
@@ -374,8 +391,10 @@ def _schur_eigen(design, S):
         check_dense((m, m), "the dense m x m canonical-correlation matrix of kind='spectral'")
         cS = np.asarray(design.counts(S), dtype=np.float64)
         cL = np.asarray(design.counts(L), dtype=np.float64)
-        N = design.crosstab(S, L)
-        C = (N @ sp.diags(1.0 / cL) @ N.T).toarray()
+        N = design.crosstab(L, S)  # C = N' D_L^{-1} N, formed densely in one pass over N
+        C = np.empty((m, m))
+        kernels.weighted_gram(N.indptr.astype(np.int64), N.indices.astype(np.int64),
+                              N.data.astype(np.float64), 1.0 / cL, C)
         C *= 1.0 / np.sqrt(cS)[:, None]
         C *= 1.0 / np.sqrt(cS)[None, :]
         ev, U = np.linalg.eigh(0.5 * (C + C.T))
@@ -415,12 +434,7 @@ class _Spectral(_Level):
         if margins == "exact":
             d = self.diag
         elif margins == "reference":
-            if reference == "mean":
-                rbar, cbar = r.mean(), c.mean()
-            elif reference == "harmonic":
-                rbar, cbar = r.size / np.sum(1 / r), c.size / np.sum(1 / c)
-            else:
-                rbar, cbar = (float(x) for x in reference)
+            rbar, cbar = _reference_totals([r, c], reference)
             d = np.concatenate([r * (1 + self.lambdas[0] / rbar),
                                 c * (1 + self.lambdas[1] / cbar)])
         else:
@@ -575,8 +589,6 @@ class _AMG(_Level):
         if cycle == "pyamg":
             self._prec = self.ml.aspreconditioner(cycle="V")
             return
-        from . import kernels
-
         par = bool(getattr(M, "parallel", False))
         self._csr_kernel = kernels.get_csr_matmat(par)
         self._dense = kernels.get_dense_kernels(par)[0]
@@ -601,9 +613,7 @@ class _AMG(_Level):
         self._coarse_inv = np.ascontiguousarray(np.linalg.inv(0.5 * (Ac + Ac.T)))
 
     def _csr(self, A, x):
-        out = np.empty((A.shape[0], 1))
-        self._csr_kernel(A.indptr, A.indices, A.data, x[:, None], out)
-        return out[:, 0]
+        return _csr_product(self._csr_kernel, A, x[:, None])[:, 0]
 
     def _fine_smooth(self, x, b, forward, zero=False):
         o, d = self.offsets, self.diag
@@ -615,8 +625,6 @@ class _AMG(_Level):
             x[o[k] : o[k + 1]] = rhs / d[o[k] : o[k + 1]]
 
     def _vcycle(self, lev, b):
-        from .kernels import csr_gauss_seidel
-
         if lev == len(self._levels):
             out = np.empty((b.size, 1))
             self._dense(self._coarse_inv, b[None, :], out)
@@ -626,7 +634,7 @@ class _AMG(_Level):
         if lev == 0:
             self._fine_smooth(x, b, True, zero=True)
         else:
-            csr_gauss_seidel(A.indptr, A.indices, A.data, x, b, True)
+            kernels.csr_gauss_seidel(A.indptr, A.indices, A.data, x, b, True)
         if lev == 0:  # after a forward block sweep the last block's residual is zero
             o = self.offsets
             r = np.zeros_like(b)
@@ -639,7 +647,7 @@ class _AMG(_Level):
         if lev == 0:
             self._fine_smooth(x, b, False)
         else:
-            csr_gauss_seidel(A.indptr, A.indices, A.data, x, b, False)
+            kernels.csr_gauss_seidel(A.indptr, A.indices, A.data, x, b, False)
         return x
 
     def _apply(self, X):
@@ -827,17 +835,7 @@ class _SpectralObservation(_Observation):
             U = Psi if S == 1 else Phi
         counts = [np.asarray(design.counts(k), dtype=np.float64) for k in (0, 1)]
         lambdas = np.asarray(self.M.lambdas, dtype=np.float64)
-        if isinstance(reference, str):
-            if reference == "mean":
-                refs = [c.mean() for c in counts]
-            elif reference == "harmonic":
-                refs = [c.size / np.sum(1.0 / c) for c in counts]
-            else:
-                raise ValueError(
-                    f"reference must be 'mean', 'harmonic' or a pair of totals, got {reference!r}"
-                )
-        else:
-            refs = [float(x) for x in reference]
+        refs = _reference_totals(counts, reference)
         gam = [1.0 + lam / ref for lam, ref in zip(lambdas, refs)]
         self.reference_totals = tuple(refs)
         self.alpha, self.beta = gam
@@ -853,18 +851,10 @@ class _SpectralObservation(_Observation):
         self.full = self.rank == m
         self.m = m
         self._aL = self._isq[L] ** 2 / self._gL  # D_L^{-1} / gamma_L
-        from . import kernels
-
         par = bool(self.M.parallel)
         self._csr_kernel = kernels.get_csr_matmat(par)
         self._matmat, self._tmatmat = kernels.get_dense_kernels(par)
         self._nb = kernels.n_blocks(par)
-        self._scratch = None
-
-    def _csr(self, N, X):
-        out = np.empty((N.shape[0], X.shape[1]))
-        self._csr_kernel(N.indptr, N.indices, N.data, np.ascontiguousarray(X), out)
-        return out
 
     def _level_solve(self, Z):
         """``Kc^{-1} Z`` (exact at full rank), Z of shape (q, k)."""
@@ -873,12 +863,12 @@ class _SpectralObservation(_Observation):
         ZS, ZL = Z[o[S] : o[S + 1]], Z[o[L] : o[L + 1]]
         aL = self._aL[:, None]
         # t = D_S^{-1/2} (z_S - N_SL D_L^{-1} z_L / gamma_L): the Schur right-hand side
-        t = self._csr(self._NSL, ZL * aL)
+        t = _csr_product(self._csr_kernel, self._NSL, ZL * aL)
         np.subtract(ZS, t, out=t)
         t *= self._isq[S][:, None]
         k = Z.shape[1]
         ct = np.empty((k, self.rank))
-        self._tmatmat(self._U, t, self._work((k, self.rank)), ct)
+        self._tmatmat(self._U, t, np.empty((self._nb, k, self.rank)), ct)
         ct *= self._coef[None, :]
         xs = np.empty_like(t)
         self._matmat(self._U, ct, xs)
@@ -887,17 +877,11 @@ class _SpectralObservation(_Observation):
         xs *= self._isq[S][:, None]
         out = np.empty_like(Z)
         out[o[S] : o[S + 1]] = xs
-        yl = self._csr(self._NLS, xs)
+        yl = _csr_product(self._csr_kernel, self._NLS, xs)
         np.subtract(ZL, yl, out=yl)
         yl *= aL
         out[o[L] : o[L + 1]] = yl
         return out
-
-    def _work(self, shape):
-        shape = (self._nb, *shape)
-        if self._scratch is None or self._scratch.shape != shape:
-            self._scratch = np.empty(shape)
-        return self._scratch
 
     def _apply(self, X):
         M = self.M

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from .common import TINY_N, pick, safe_import
+from .common import TINY, TINY_N, pick, safe_import
 
 with safe_import():
     from lmmops.design import CrossedDesign
@@ -171,7 +171,7 @@ class ApplyCost:
 
     def setup_cache(self):
         n = pick(10**6, TINY_N)
-        if pick(False, True):
+        if TINY:
             return {"poisson": _poisson_codes(20, 10),
                     "uniform": simulate_codes(n, (50, 20), seed=5)}
         return {"poisson": _poisson_codes(774, 516),
