@@ -85,6 +85,8 @@ __all__ = [
     "dense_matmat_serial",
     "dense_tmatmat_parallel",
     "dense_tmatmat_serial",
+    "sym_matmat_parallel",
+    "sym_matmat_serial",
     "gather_block_parallel",
     "gather_block_serial",
     "gather_parallel",
@@ -555,6 +557,40 @@ def _dense_tmatmat(U, T, work, out):
             out[c, j] = s
 
 
+def _sym_matmat(A, Xt, work, out):
+    # out = A X for a symmetric A (m, m) of which only the lower triangle (j <= i) is
+    # read, so the matrix is streamed once at half its size; X given transposed, Xt
+    # (k, m) C order; work (nb, k, m) scratch, one private accumulator per block of rows
+    # (blocks of equal triangular area); out (m, k), overwritten.
+    m = A.shape[0]
+    k = Xt.shape[0]
+    nb = work.shape[0]
+    for b in prange(nb):
+        lo = int(m * np.sqrt(b / nb))
+        hi = m if b == nb - 1 else int(m * np.sqrt((b + 1) / nb))
+        w = work[b]
+        for c in range(k):
+            for j in range(m):
+                w[c, j] = 0.0
+        for i in range(lo, hi):
+            for c in range(k):
+                xi = Xt[c, i]
+                wc = w[c]
+                xc = Xt[c]
+                s = A[i, i] * xi
+                for j in range(i):
+                    a = A[i, j]
+                    s += a * xc[j]
+                    wc[j] += a * xi
+                wc[i] += s
+    for i in prange(m):
+        for c in range(k):
+            s = 0.0
+            for b in range(nb):
+                s += work[b, c, i]
+            out[i, c] = s
+
+
 def _cg_update(X, R, P, AP, pinv, a, nblocks, partial):
     # One block-CG update, fused: X += P a, R -= AP a, and the per-column reductions
     # rz = sum R * pinv * R and rr = sum R * R into partial[block, 0, j] / [block, 1, j]
@@ -627,6 +663,7 @@ csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
 # fastmath lets the contiguous dot products and axpys use SIMD (reassociated float64 sums)
 dense_matmat_serial, dense_matmat_parallel = _compile(_dense_matmat, fastmath=True)
 dense_tmatmat_serial, dense_tmatmat_parallel = _compile(_dense_tmatmat, fastmath=True)
+sym_matmat_serial, sym_matmat_parallel = _compile(_sym_matmat, fastmath=True)
 cg_update_serial, cg_update_parallel = _compile(_cg_update)
 cg_direction_serial, cg_direction_parallel = _compile(_cg_direction)
 

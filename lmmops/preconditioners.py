@@ -377,6 +377,14 @@ def _csr_product(kernel, A, X):
     return out
 
 
+def _count_table(N):
+    """A CSR count table with its (integer) counts stored as float32: exact below 2^24,
+    and a third less memory traffic per pass (the kernels accumulate in float64)."""
+    if N.nnz and N.data.max() >= 2**24:
+        return N
+    return sp.csr_matrix((N.data.astype(np.float32), N.indices, N.indptr), shape=N.shape)
+
+
 def _schur_eigen(design, S):
     """All ``min(g, h)`` canonical correlations from the smaller factor's side (cached).
 
@@ -781,7 +789,78 @@ class _ObsOperatorWrap(_Observation):
         return self._details_text
 
 
-class _SpectralObservation(_Observation):
+class _SchurObservation(_Observation):
+    r"""Observation kinds applied as ``s_e^{-2}(b - Z B^{-1} Z'b)`` with ``B`` eliminated
+    onto all factors but the largest.
+
+    ``B = [[A_L, N_LR], [N_RL, B_RR]]`` with ``A_L`` diagonal (``L``, the factor with the
+    most levels, has one level per row). With ``a_L = A_L^{-1}`` the level solve is
+    ``t = z_R - N_RL a_L z_L``, ``u_R = S^{-1} t`` (the dense part, per subclass) and
+    ``u_L = a_L (z_L - N_LR u_R)``: one application is ``Z'b`` and ``Z u`` (the two row
+    passes of a V matvec), two passes over the non-empty cells and one dense product on
+    the ``q_R = q - q_L`` remaining levels.
+    """
+
+    def _init_schur(self, V):
+        design = V.design
+        self.M = V.level_space()
+        K = design.n_factors
+        n_levels = [int(x) for x in design.n_levels]
+        L = int(np.argmax(n_levels))
+        R = [k for k in range(K) if k != L]
+        off = np.asarray(design.offsets)
+        self._L, self._R = L, R
+        self._slL = slice(int(off[L]), int(off[L + 1]))
+        if K == 2:
+            self._idxR = slice(int(off[R[0]]), int(off[R[0] + 1]))
+            self._NLR, self._NRL = design.crosstab(L, R[0]), design.crosstab(R[0], L)
+        else:
+            self._idxR = np.concatenate([np.arange(off[k], off[k + 1]) for k in R])
+            NLR = sp.hstack([design.crosstab(L, k) for k in R], format="csr")
+            self._NLR, self._NRL = NLR, NLR.T.tocsr()
+        self._NLR, self._NRL = _count_table(self._NLR), _count_table(self._NRL)
+        self.q_R = int(sum(n_levels[k] for k in R))
+        par = bool(self.M.parallel)
+        self._csr_kernel = kernels.get_csr_matmat(par)
+        self._matmat, self._tmatmat = kernels.get_dense_kernels(par)
+        self._sym_matmat = kernels.sym_matmat_parallel if par else kernels.sym_matmat_serial
+        self._nb = kernels.n_blocks(par)
+
+    def _dense_solve(self, t):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _sym_solve(self, t):
+        """``Sinv t`` for the dense symmetric ``self._Sinv`` (its lower triangle is read)."""
+        k = t.shape[1]
+        out = np.empty_like(t)
+        self._sym_matmat(self._Sinv, np.ascontiguousarray(t.T),
+                         np.empty((self._nb, k, t.shape[0])), out)
+        return out
+
+    def _level_solve(self, Z):
+        """``B^{-1} Z`` for Z of shape (q, k)."""
+        aL = self._aL[:, None]
+        ZL, ZR = Z[self._slL], Z[self._idxR]
+        t = _csr_product(self._csr_kernel, self._NRL, ZL * aL)
+        np.subtract(ZR, t, out=t)
+        xR = self._dense_solve(t)
+        yL = _csr_product(self._csr_kernel, self._NLR, xR)
+        np.subtract(ZL, yL, out=yL)
+        yL *= aL
+        out = np.empty_like(Z)
+        out[self._slL] = yL
+        out[self._idxR] = xR
+        return out
+
+    def _apply(self, X):
+        M = self.M
+        if X.shape[1] == 1:
+            x = np.ascontiguousarray(X[:, 0])
+            return M.lift(self._level_solve(M.rhs(x)[:, None])[:, 0], x)[:, None]
+        return M.lift(self._level_solve(M.rhs(X)), X)
+
+
+class _SpectralObservation(_SchurObservation):
     r"""D1 in observation space: ``V check^{-1} = s_e^{-2}(I - Z Kc^{-1} Z')``.
 
     ``Kc = Z'Z + blkdiag(lambda_A r / r̄, lambda_B c / c̄)`` is the level-space matrix of the
@@ -815,7 +894,7 @@ class _SpectralObservation(_Observation):
         super().__init__(V)
         design = V.design
         design.check_connected()
-        self.M = V.level_space()
+        self._init_schur(V)
         g, h = (int(x) for x in design.n_levels)
         m = min(g, h)
         if rank is None:
@@ -825,8 +904,7 @@ class _SpectralObservation(_Observation):
         self.rank = int(min(int(rank), m))
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self._small = 1 if h <= g else 0  # the factor whose Schur complement is formed
-        S, L = self._small, 1 - self._small
+        S, L = self._R[0], self._L  # the Schur complement is formed on the smaller factor
         if m <= max_full or self.rank == m:
             rho, U = _schur_eigen(design, S)
             rho, U = rho[: self.rank], np.ascontiguousarray(U[:, : self.rank])
@@ -843,30 +921,27 @@ class _SpectralObservation(_Observation):
         self._U = np.ascontiguousarray(U)
         self._gS, self._gL = gam[S], gam[L]
         self._coef = 1.0 / (self._gS - rho**2 / self._gL) - 1.0 / self._gS
-        self._NLS = design.crosstab(L, S)
-        self._NSL = design.crosstab(S, L)
         self._isq = [1.0 / np.sqrt(c) for c in counts]
-        self._off = np.asarray(design.offsets)
         self._counts, self._lambdas, self._refs = counts, lambdas, refs
         self.full = self.rank == m
         self.m = m
         self._aL = self._isq[L] ** 2 / self._gL  # D_L^{-1} / gamma_L
-        par = bool(self.M.parallel)
-        self._csr_kernel = kernels.get_csr_matmat(par)
-        self._matmat, self._tmatmat = kernels.get_dense_kernels(par)
-        self._nb = kernels.n_blocks(par)
+        self._Sinv = None
+        if self.full:  # one dense symmetric m x m inverse: half the traffic of U, U'
+            W = sla.blas.dsyrk(1.0, self._U * np.sqrt(self._coef)[None, :], lower=1)
+            W[np.diag_indices(m)] += 1.0 / self._gS
+            isq = self._isq[S]
+            W *= isq[:, None]
+            W *= isq[None, :]
+            self._Sinv = np.ascontiguousarray(W)  # lower triangle valid
 
-    def _level_solve(self, Z):
-        """``Kc^{-1} Z`` (exact at full rank), Z of shape (q, k)."""
-        S, L = self._small, 1 - self._small
-        o = self._off
-        ZS, ZL = Z[o[S] : o[S + 1]], Z[o[L] : o[L + 1]]
-        aL = self._aL[:, None]
-        # t = D_S^{-1/2} (z_S - N_SL D_L^{-1} z_L / gamma_L): the Schur right-hand side
-        t = _csr_product(self._csr_kernel, self._NSL, ZL * aL)
-        np.subtract(ZS, t, out=t)
-        t *= self._isq[S][:, None]
-        k = Z.shape[1]
+    def _dense_solve(self, t):
+        """``S^{-1} t`` for D1's Schur complement, in place of ``t`` where it can."""
+        if self._Sinv is not None:
+            return self._sym_solve(t)
+        isq = self._isq[self._R[0]][:, None]
+        t *= isq
+        k = t.shape[1]
         ct = np.empty((k, self.rank))
         self._tmatmat(self._U, t, np.empty((self._nb, k, self.rank)), ct)
         ct *= self._coef[None, :]
@@ -874,21 +949,8 @@ class _SpectralObservation(_Observation):
         self._matmat(self._U, ct, xs)
         t *= 1.0 / self._gS
         xs += t
-        xs *= self._isq[S][:, None]
-        out = np.empty_like(Z)
-        out[o[S] : o[S + 1]] = xs
-        yl = _csr_product(self._csr_kernel, self._NLS, xs)
-        np.subtract(ZL, yl, out=yl)
-        yl *= aL
-        out[o[L] : o[L + 1]] = yl
-        return out
-
-    def _apply(self, X):
-        M = self.M
-        if X.shape[1] == 1:
-            x = np.ascontiguousarray(X[:, 0])
-            return M.lift(self._level_solve(M.rhs(x)[:, None])[:, 0], x)[:, None]
-        return M.lift(self._level_solve(M.rhs(X)), X)
+        xs *= isq
+        return xs
 
     def logdet(self):
         if not self.full:
@@ -903,7 +965,7 @@ class _SpectralObservation(_Observation):
         for c, lam, ref in zip(self._counts, self._lambdas, self._refs):
             # log|Gc / s_e^2| + log|D| = sum_i log(ref / (lam c_i)) + sum_i log c_i
             val += c.size * float(np.log(ref / lam))
-        S, L = self._small, 1 - self._small
+        S, L = self._R[0], self._L
         qL, qS = self._counts[L].size, self._counts[S].size
         val += qL * np.log(self._gL) + (qS - self.rank) * np.log(self._gS)
         val += float(np.sum(np.log(self._gS - self.rho**2 / self._gL)))
@@ -916,6 +978,84 @@ class _SpectralObservation(_Observation):
         return (f"D1 modified-covariance inverse, {exact} (rho_2={rho2:.3g}); cost one "
                 f"V matvec + 2 passes over the cells + O(min(g, h) rank)"
                 + ("; logdet() is log|V check|" if self.full else ""))
+
+
+def _schur_gram_flops(design):
+    """Flops of the one pass that forms :class:`_DirectObservation`'s Schur complement.
+
+    ``sum_i nnz_i^2`` over the rows of ``N_LR`` (:func:`kernels.weighted_gram`, serial),
+    with ``L`` the largest factor; the dense Cholesky is bounded by ``max_dense``.
+    """
+    n_levels = [int(x) for x in design.n_levels]
+    L = int(np.argmax(n_levels))
+    nnz = np.zeros(n_levels[L])
+    for k in range(design.n_factors):
+        if k != L:
+            nnz += np.diff(design.crosstab(L, k).indptr)
+    return float(np.dot(nnz, nnz))
+
+
+class _DirectObservation(_SchurObservation):
+    r"""``V^{-1}`` exactly, by the dense Schur complement of M on all but its largest factor.
+
+    ``M = [[D_L, N_LR], [N_RL, M_RR]]`` with ``D_L = diag(c_L + lambda_L)``; the Schur
+    complement ``S = M_RR - N_RL D_L^{-1} N_LR`` (``q_R x q_R``, SPD) is formed in one
+    pass over the cells (:func:`kernels.weighted_gram`) and inverted once by Cholesky.
+    Then ``V^{-1} b = lift(M^{-1} Z'b, b)`` costs what D1 costs (see
+    :class:`_SchurObservation`) and ``log|V|`` is exact: ``log|M| = sum log D_L + log|S|``.
+
+    For K = 2 this is also D1 plus its complete correction: ``M - Kc`` is diagonal (the
+    levels whose totals differ from D1's reference), and eliminating the larger factor
+    turns it into a correction of D1's ``m x m`` Schur complement, so the corrected
+    complement is ``S`` itself.
+    """
+
+    def __init__(self, V, kind="exact", max_dense=4000):
+        super().__init__(V)
+        self.kind = kind
+        self._init_schur(V)
+        design, M = V.design, self.M
+        q_R = self.q_R
+        if q_R > max_dense:
+            raise ValueError(
+                f"the direct route needs a dense {q_R} x {q_R} Schur complement (the levels "
+                f"of every factor but the largest), above max_dense={max_dense}"
+            )
+        check_dense((q_R, q_R), f"the dense Schur complement of kind={kind!r}")
+        lam = np.asarray(M.lambdas, dtype=np.float64)
+        L, R = self._L, self._R
+        dL = np.asarray(design.counts(L), dtype=np.float64) + lam[L]
+        self._aL = 1.0 / dL
+        NLR = self._NLR
+        S = np.empty((q_R, q_R))
+        kernels.weighted_gram(NLR.indptr.astype(np.int64), NLR.indices.astype(np.int64),
+                              NLR.data.astype(np.float64), self._aL, S)
+        np.negative(S, out=S)
+        loc = np.cumsum([0] + [int(design.n_levels[k]) for k in R])
+        for i, k in enumerate(R):
+            idx = np.arange(loc[i], loc[i + 1])
+            S[idx, idx] += np.asarray(design.counts(k), dtype=np.float64) + lam[k]
+            for j in range(i + 1, len(R)):
+                block = design.crosstab(k, R[j]).toarray()
+                S[loc[i] : loc[i + 1], loc[j] : loc[j + 1]] += block
+                S[loc[j] : loc[j + 1], loc[i] : loc[i + 1]] += block.T
+        chol = sla.cho_factor(S, lower=True, overwrite_a=True, check_finite=False)
+        self._logdet_M = float(np.sum(np.log(dL)) + 2.0 * np.sum(np.log(np.diag(chol[0]))))
+        Sinv = sla.cho_solve(chol, np.eye(q_R), check_finite=False)
+        self._Sinv = np.ascontiguousarray(0.5 * (Sinv + Sinv.T))
+
+    def _dense_solve(self, t):
+        return self._sym_solve(t)
+
+    def logdet(self):
+        return self.M.logdet_V(self._logdet_M)
+
+    def _details(self):
+        names = self.V.design.names
+        lead = ("D1 + its complete correction, " if self.kind == "lowrank" else "")
+        return (f"{lead}exact V^{{-1}} by the dense {self.q_R} x {self.q_R} Schur complement of "
+                f"M on the factors other than {names[self._L]!r} (Cholesky, once); cost one V "
+                "matvec + 2 passes over the cells + O(q_R^2); logdet() = log|V|")
 
 
 class _ExactObservation(_Observation):
@@ -993,7 +1133,22 @@ def _build_observation(V, kind, rank=None, **options):
     if kind == "identity":
         return _Identity(V)
     if kind == "exact":
-        return _ExactObservation(V, **options)
+        inner = options.pop("inner", None)
+        max_dense = int(options.pop("max_dense", 4000))
+        max_gram = float(options.pop("max_gram_flops", 2e9))
+        if inner in (None, "auto"):
+            design = V.design
+            affordable = (
+                design.n_factors >= 2
+                and sum(design.n_levels) - max(design.n_levels) <= max_dense
+                and _schur_gram_flops(design) <= max_gram
+            )
+            inner = "direct" if affordable else None
+        if inner == "direct":
+            if options:
+                raise ValueError(f"inner='direct' takes no options {sorted(options)}")
+            return _DirectObservation(V, "exact", max_dense=max_dense)
+        return _ExactObservation(V, inner=inner, **options)
     if kind == "lifted":
         return _Lifted(V, rank=rank, **options) if rank is not None else _Lifted(V, **options)
     if kind in ("spectral", "lowrank"):
@@ -1005,21 +1160,34 @@ def _build_observation(V, kind, rank=None, **options):
             )
         if kind == "spectral":
             return _SpectralObservation(V, rank=rank, **options)
-        from .lowrank import ExactInverse
-
         max_rank = int(options.pop("max_rank", 4000))
         if rank is not None:
             raise ValueError(
                 "observation-space kind='lowrank' applies the complete D1 correction (rank "
                 "t = levels whose total differs from the mean); do not pass rank"
             )
+        form = options.pop("form", "schur")
+        if form == "schur":
+            if options:
+                raise ValueError(f"form='schur' takes no options {sorted(options)}")
+            m = min(V.design.n_levels)
+            if m > max_rank:
+                raise ValueError(
+                    f"observation-space kind='lowrank' corrects D1's dense m x m Schur "
+                    f"complement, m = min(g, h) = {m}, above max_rank={max_rank}; use "
+                    "kind='exact' (inner level-space PCG) or raise max_rank"
+                )
+            return _DirectObservation(V, "lowrank", max_dense=max_rank)
+        if form != "woodbury":
+            raise ValueError(f"form must be 'schur' or 'woodbury', got {form!r}")
+        from .lowrank import ExactInverse
+
         g, h = V.design.n_levels
-        t_bound = g + h
-        if t_bound > max_rank:
+        if g + h > max_rank:
             raise ValueError(
-                f"observation-space kind='lowrank' needs a dense correction of rank up to "
-                f"t <= g + h = {t_bound}, above max_rank={max_rank}; use kind='exact' (inner "
-                "level-space PCG) or raise max_rank"
+                f"observation-space kind='lowrank', form='woodbury' needs a dense correction "
+                f"of rank up to t <= g + h = {g + h}, above max_rank={max_rank}; use "
+                "form='schur', kind='exact' (inner level-space PCG) or raise max_rank"
             )
         ex = ExactInverse(V, base="modified", **options)
         return _ObsOperatorWrap(

@@ -354,3 +354,20 @@ def test_dense_kernels_match_numpy(parallel, k):
     outt = np.full((k, 37), np.nan)
     tmatmat(U, T, np.full((kernels.n_blocks(parallel), k, 37), np.nan), outt)
     np.testing.assert_allclose(outt, (U.T @ T).T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("nb", [1, 2, 7])
+def test_sym_matmat_reads_only_the_lower_triangle(parallel, k, nb):
+    """out = A X from the lower triangle alone (the upper one is NaN), for any number of
+    row blocks, including more blocks than the kernel has threads."""
+    rng = np.random.default_rng(6)
+    B = rng.normal(size=(203, 203))
+    A = B + B.T
+    X = rng.normal(size=(203, k))
+    low = np.tril(A) + np.triu(np.full_like(A, np.nan), 1)
+    sym = kernels.sym_matmat_parallel if parallel else kernels.sym_matmat_serial
+    out = np.full((203, k), np.nan)
+    sym(low, np.ascontiguousarray(X.T), np.full((nb, k, 203), np.nan), out)
+    np.testing.assert_allclose(out, A @ X, rtol=1e-12, atol=1e-12)

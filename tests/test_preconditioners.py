@@ -134,8 +134,9 @@ def test_quadratic_forms_at_scale(medium):
         assert np.all(np.einsum("ij,ij->j", X, PX) > 0), kind
         assert_allclose(X.T @ PX, (X.T @ PX).T, rtol=1e-8, atol=1e-10, err_msg=kind)
     Y = np.random.default_rng(4).standard_normal((medium.n_obs, 8))
-    for kind in ["spectral", "exact"]:
-        PY = build(V, kind=kind).aspreconditioner().matmat(Y)
+    for kind, opts in [("spectral", {}), ("exact", {}), ("exact", {"inner": "jacobi"}),
+                       ("lowrank", {})]:
+        PY = build(V, kind=kind, **opts).aspreconditioner().matmat(Y)
         assert np.all(np.einsum("ij,ij->j", Y, PY) > 0), kind
         assert_allclose(Y.T @ PY, (Y.T @ PY).T, rtol=1e-8, atol=1e-10, err_msg=kind)
     Xn = np.random.default_rng(4).standard_normal((V.shape[0], 3))
@@ -184,8 +185,52 @@ def test_full_rank_spectral_and_lowrank_are_exact(small):
 def test_observation_exact_and_lowrank_are_inverses(small):
     V = _V(small)
     Vinv = np.linalg.inv(V.todense())
-    assert_allclose(_dense(build(V, kind="exact")), Vinv, rtol=1e-7, atol=1e-9)
-    assert_allclose(_dense(build(V, kind="lowrank")), Vinv, rtol=1e-9, atol=1e-11)
+    direct = build(V, kind="exact")
+    assert "Schur complement" in direct.describe()
+    assert_allclose(_dense(direct), Vinv, rtol=1e-10, atol=1e-12)
+    inner = build(V, kind="exact", inner="block_gauss_seidel")
+    assert_allclose(_dense(inner), Vinv, rtol=1e-7, atol=1e-9)
+    assert max(inner.inner_iterations) > 1
+    assert_allclose(_dense(build(V, kind="exact", max_dense=2)), Vinv, rtol=1e-7, atol=1e-9)
+    lowrank = build(V, kind="lowrank")
+    assert "D1 + its complete correction" in lowrank.describe()
+    assert_allclose(_dense(lowrank), Vinv, rtol=1e-10, atol=1e-12)
+    woodbury = build(V, kind="lowrank", form="woodbury")
+    assert_allclose(_dense(woodbury), Vinv, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2), (2, 1, 0)])
+def test_direct_exact_any_k_and_factor_order(rng, order):
+    """The dense Schur complement on all factors but the largest is V^{-1} exactly, with
+    the largest factor first, in the middle or last (index sets, not slices), and
+    log|V| from the Cholesky factor is exact."""
+    codes = np.vstack([rng.integers(0, 30, 200), rng.integers(0, 7, 200),
+                       rng.integers(0, 5, 200)])[list(order)]
+    V = CovarianceOperator(CrossedDesign.from_codes(codes), 0.7, [0.5, 2.0, 1.0])
+    P = build(V, kind="exact")
+    assert P.q_R == 12
+    assert P.V.design.n_levels[P._L] == 30
+    Vd = V.todense()
+    assert_allclose(_dense(P), np.linalg.inv(Vd), rtol=1e-10, atol=1e-12)
+    assert_allclose(P.logdet(), np.linalg.slogdet(Vd)[1], rtol=1e-12)
+    Y = rng.standard_normal((200, 3))
+    assert_allclose(Vd @ P.solve(Y), Y, atol=1e-10)
+    assert_allclose(Vd @ P.solve(Y[:, 0]), Y[:, 0], atol=1e-10)
+
+
+def test_direct_exact_is_one_outer_iteration_and_falls_back(medium):
+    V = CovarianceOperator(medium, 1.0, [1.0, 1.0])
+    b = np.random.default_rng(6).standard_normal(medium.n_obs)
+    P = build(V, kind="exact")
+    assert isinstance(P.logdet(), float)
+    assert "Schur" in P.describe()
+    assert _iterations(V, b, P, rtol=1e-10) <= 1
+    # above the setup budget the default is the inner PCG, which still converges
+    Q = build(V, kind="exact", max_gram_flops=1.0)
+    assert "inner level-space PCG" in Q.describe()
+    assert _iterations(V, b, Q) <= 3
+    with pytest.raises(ValueError, match="max_dense"):
+        build(V, kind="exact", inner="direct", max_dense=10)
 
 
 def test_logdet_of_each_kind(design):
@@ -210,8 +255,9 @@ def test_observation_logdets(small):
     assert_allclose(build(V, kind="lowrank").logdet(), ld_V, rtol=1e-10)
     P = build(V, kind="spectral")
     assert_allclose(P.logdet(), -np.linalg.slogdet(_dense(P))[1], rtol=1e-9)
+    assert_allclose(build(V, kind="exact").logdet(), ld_V, rtol=1e-12)
     with pytest.raises(NotImplementedError, match="slq_logdet"):
-        build(V, kind="exact").logdet()
+        build(V, kind="exact", inner="jacobi").logdet()
 
 
 # ------------------------------------------------------------------ errors
@@ -232,6 +278,12 @@ def test_kinds_that_do_not_apply_say_why(design_k3, small):
         build(V.level_space(), kind="ilu")
     with pytest.raises(ValueError, match="max_rank"):
         build(V, kind="lowrank", max_rank=3)
+    with pytest.raises(ValueError, match="max_rank"):
+        build(V, kind="lowrank", form="woodbury", max_rank=3)
+    with pytest.raises(ValueError, match="form must be"):
+        build(V, kind="lowrank", form="svd")
+    with pytest.raises(ValueError, match="takes no options"):
+        build(V, kind="exact", inner="direct", inner_rtol=1e-3)
     with pytest.raises(TypeError, match="LevelSpaceOperator"):
         build(np.eye(3), kind="jacobi")
 
