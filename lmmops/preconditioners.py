@@ -28,10 +28,18 @@ Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
   (:class:`lmmops.spectral.ModifiedCovariance`; K = 2), applied through the Schur
   complement on the smaller factor; with ``rank`` below ``min(g, h)`` a truncation that
   stays SPD;
-- ``"exact"``: an inner level-space PCG to a tight tolerance, lifted to observation space
-  (``V^{-1} b = lift(M^{-1} Z'b, b)``); outer CG then needs 1-3 iterations;
-- ``"lowrank"``: D1 plus its exact Woodbury correction
-  (:class:`lmmops.lowrank.ExactInverse`) when the correction rank is affordable (K = 2);
+- ``"exact"``: ``V^{-1}`` itself. When the levels of every factor but the largest fit a
+  dense Schur complement (``q_R <= max_dense``, default 4000, and a one-pass setup of at
+  most ``max_gram_flops``), by that complement, factored once (any K; ``logdet()`` is
+  ``log|V|``); otherwise (or with ``inner=<level kind>``) by an inner level-space PCG to a
+  tight tolerance, lifted (``V^{-1} b = lift(M^{-1} Z'b, b)``). Outer CG then needs 1-2
+  iterations;
+- ``"lowrank"``: D1 plus its complete correction (K = 2). ``M - Kc`` is diagonal (the
+  levels whose totals differ from D1's reference), so after eliminating the larger factor
+  the correction lands in D1's ``m x m`` Schur complement (``m = min(g, h) <= max_rank``)
+  and the corrected complement is factored once: the result is ``V^{-1}`` at D1's cost.
+  ``form="woodbury"`` applies the explicit rank-``t`` Woodbury form of
+  :class:`lmmops.lowrank.ExactInverse` instead (several V matvecs per application);
 - ``"lifted"``: a level-space kind ``base`` lifted as ``s_e^{-2}(I - Z B^{-1} Z')``. A
   documented negative result (math.md Section 12): unless ``B`` is essentially ``M``,
   the lifted operator is a disastrous preconditioner of V on skewed designs. It exists for
@@ -39,15 +47,19 @@ Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
 
 Cost of one application, in matvecs of the preconditioned operator (measured at n = 10^6
 in ``docs/studies/solver_study_large.md``): jacobi, proportional, spectral and lowrank
-work on q-vectors, a small fraction of an M matvec; block Gauss-Seidel makes two passes
-over the non-empty cells (0.4-1.4); observation-space spectral makes the two row passes of
-a V matvec plus two cell passes and a dense ``O(min(g, h) rank)`` product (1.4-2.2).
-Two kinds are not stationary preconditioners and are not held to a cost of two matvecs.
-``"amg"`` runs a multilevel cycle with at least three passes over the finest matrix
-(1.1-5.4 M matvecs with lmmops' parallel cycle; pyamg's serial one on the same hierarchy,
-``cycle="pyamg"``, 9-17). ``"exact"`` runs an inner solve on every application (5-21 V
-matvecs), after which outer CG needs 1-2 iterations; observation ``"lowrank"`` is an
-exact inverse too (about 7 V matvecs, 1 iteration).
+work on q-vectors, 0.01-1.5 M matvecs; block Gauss-Seidel makes two passes over the
+non-empty cells (0.5-1.2). The observation kinds D1, direct ``"exact"`` and ``"lowrank"``
+share one form, a Schur complement on all factors but the largest: the two row passes of
+a V matvec, two passes over the non-empty cells and one dense symmetric product on the
+``q_R`` levels of the smaller factors; 1.3-1.6 V matvecs with several observations per cell, 2.1-2.7 for
+D1 when every cell holds one observation (its cell passes then cost as much as the row
+passes, so about 2 is a floor there). Two kinds are solvers rather than stationary
+preconditioners and are not held to two matvecs: ``"amg"`` runs a multilevel cycle whose
+finest level alone makes four half passes over the cells plus the grid transfers (0.1-5
+M matvecs with lmmops' parallel cycle; pyamg's own serial cycle on the same hierarchy,
+``cycle="pyamg"``, 9-17); ``"exact"`` through the inner PCG (when the Schur complement
+does not fit) runs a whole inner solve on every application (about 20 V matvecs at n =
+10^6), after which outer CG needs 1-2 iterations.
 
 Every preconditioner is SPD; the tests check the dense eigenvalues on small designs and
 ``x'Px > 0`` at scale.
@@ -793,12 +805,13 @@ class _SchurObservation(_Observation):
     r"""Observation kinds applied as ``s_e^{-2}(b - Z B^{-1} Z'b)`` with ``B`` eliminated
     onto all factors but the largest.
 
-    ``B = [[A_L, N_LR], [N_RL, B_RR]]`` with ``A_L`` diagonal (``L``, the factor with the
-    most levels, has one level per row). With ``a_L = A_L^{-1}`` the level solve is
-    ``t = z_R - N_RL a_L z_L``, ``u_R = S^{-1} t`` (the dense part, per subclass) and
-    ``u_L = a_L (z_L - N_LR u_R)``: one application is ``Z'b`` and ``Z u`` (the two row
-    passes of a V matvec), two passes over the non-empty cells and one dense product on
-    the ``q_R = q - q_L`` remaining levels.
+    ``B = [[A_L, N_LR], [N_RL, B_RR]]``, where ``L`` is the factor with the most levels
+    and ``A_L`` is diagonal (every observation has one level of ``L``, so ``Z_L'Z_L``
+    is). With ``a_L = A_L^{-1}`` the level solve is ``t = z_R - N_RL a_L z_L``,
+    ``u_R = S^{-1} t`` (the dense part, per subclass) and ``u_L = a_L (z_L - N_LR u_R)``: one
+    application is ``Z'b`` and ``Z u`` (the two row passes of a V matvec), two passes
+    over the non-empty cells and one dense product on the ``q_R = q - q_L`` remaining
+    levels.
     """
 
     def _init_schur(self, V):
@@ -1226,9 +1239,14 @@ def build(A, kind="auto", rank=None, **options):
         ``reference``, ``rng``. ``'lowrank'`` (level): ``base`` (default ``'spectral'``
         for a connected K = 2 design, else ``'proportional'``), ``tol``, ``rng``.
         ``'amg'``: passed to :func:`pyamg.smoothed_aggregation_solver`. ``'exact'``:
-        ``inner`` (level kind), ``inner_rtol`` (1e-10), ``inner_maxiter``.
-        ``'lowrank'`` (observation): ``max_rank`` (4000) and
-        :class:`lmmops.lowrank.ExactInverse` options. ``'spectral'`` (observation):
+        ``inner`` (``'direct'``, the dense Schur complement, or a level kind for the inner
+        PCG; default: direct when it fits), ``max_dense`` (4000: the largest dense
+        complement), ``max_gram_flops`` (2e9: the largest one-pass setup chosen
+        automatically), and for the inner PCG ``inner_rtol`` (1e-10), ``inner_maxiter``
+        and the level kind's options. ``'lowrank'`` (observation): ``form``
+        (``'schur'``, default, or ``'woodbury'``), ``max_rank`` (4000: the largest
+        ``min(g, h)``; with ``'woodbury'`` the largest ``g + h``) and, with
+        ``'woodbury'``, :class:`lmmops.lowrank.ExactInverse` options. ``'spectral'`` (observation):
         ``reference`` (``'mean'``, ``'harmonic'`` or a pair of totals), ``max_full``
         (4000: the largest ``min(g, h)`` for the dense eigenproblem), ``rng``.
         ``'lifted'``: ``base`` (a level kind).

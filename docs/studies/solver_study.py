@@ -136,6 +136,26 @@ def _time_apply(fn, x, reps=5):
     return best
 
 
+def _cost_ratio(apply, matvec, x, reps=7):
+    """One application in matvecs: best-of-``reps`` times of the two, interleaved.
+
+    Timing them alternately in one loop exposes both to the same load, so the ratio is
+    steadier than two separately timed minima on a shared machine.
+    """
+    time.sleep(0.3)
+    apply(x)
+    matvec(x)
+    best_p = best_a = np.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        apply(x)
+        best_p = min(best_p, time.perf_counter() - t)
+        t = time.perf_counter()
+        matvec(x)
+        best_a = min(best_a, time.perf_counter() - t)
+    return best_p / best_a
+
+
 def run_cg(A, b, P, maxiter):
     """One CG run to the smaller rtol; iterations to each rtol from the residual history."""
     res = []
@@ -167,15 +187,15 @@ def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000, level=True, observ
         P = build(M, kind=kind)
         setup = time.perf_counter() - t0
         Pop = P.aspreconditioner()
-        t_P = _time_apply(lambda x, Pop=Pop: Pop @ x, rhs)
+        ratio = _cost_ratio(lambda x, Pop=Pop: Pop @ x, lambda x: M @ x, rhs)
         its, elapsed, total_its = run_cg(M, rhs, Pop, maxiter=20 * M.shape[0])
         rows.append({"space": "level", "kind": kind, "its": its, "setup": setup,
                      "solve": elapsed, "per_it": elapsed / max(total_its, 1),
-                     "apply_in_matvecs": t_P / t_M})
+                     "apply_in_matvecs": ratio})
     obs = list(OBS_KINDS) if observation else []
     if K != 2:
         obs = [k for k in obs if k not in ("spectral", "lowrank")]
-    if sum(d.n_levels) > (1500 if quick else 4000):
+    if min(d.n_levels) > (1500 if quick else 4000):  # the dense m x m Schur complement
         obs = [k for k in obs if k != "lowrank"]
     entries = [(k, {}) for k in obs]
     if lifted and observation:
@@ -185,11 +205,12 @@ def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000, level=True, observ
         P = build(V, kind=kind, **opts)
         setup = time.perf_counter() - t0
         Pop = P.aspreconditioner()
-        t_P = _time_apply(lambda x, Pop=Pop: Pop @ x, b, reps=3 if kind == "exact" else 5)
+        ratio = _cost_ratio(lambda x, Pop=Pop: Pop @ x, lambda x: V @ x, b,
+                            reps=3 if hasattr(P, "inner") else 7)
         its, elapsed, total_its = run_cg(V, b, Pop, maxiter=maxiter_obs)
         rows.append({"space": "observation", "kind": P.kind, "its": its, "setup": setup,
                      "solve": elapsed, "per_it": elapsed / max(total_its, 1),
-                     "apply_in_matvecs": t_P / t_V})
+                     "apply_in_matvecs": ratio})
     x, info = solve_V(V, b, rtol=1e-6)
     auto = {"method": info.method, "iterations": info.iterations,
             "residual": info.residual_norm / np.linalg.norm(b),
@@ -320,33 +341,36 @@ DISCUSSION = """## Findings
   Zipf(1.5)), although the same B is an excellent preconditioner of M. The reason:
   `T V = I + Z (I - B^{-1} M) Lambda^{-1} Z'`, and `Lambda^{-1} Z'Z` has eigenvalues of
   order count x s_k^2/s_e^2, so any error in B is amplified by the level counts.
-- **Observation space needs a nearly exact preconditioner**: `kind="exact"` (inner
-  level-space PCG to 1e-10, lifted) converges in one outer iteration everywhere; D1 halves
-  the iterations on the mildly unbalanced Poisson and missing-cell designs, helps little
-  on Zipf(0.5-1) and hurts on Zipf(1.5), where the margins span orders of magnitude; the
-  complete D1 low-rank correction (`kind="lowrank"`) is exact (1 iteration) when its rank,
-  at most g + h, is affordable.
+- **Observation space needs a nearly exact preconditioner**: `kind="exact"` converges in
+  one outer iteration everywhere. When the levels of every factor but the largest fit a
+  dense Schur complement (at most 4,000 of them: every design here but `uniform` and the
+  Zipf designs at n = 10^6) it is `V^{-1}` to rounding, factored once; otherwise it is an
+  inner level-space PCG to 1e-10, lifted. D1 halves the iterations on the mildly
+  unbalanced Poisson and missing-cell designs, helps little on Zipf(0.5-1) and hurts on
+  Zipf(1.5), where the margins span orders of magnitude. D1 plus its complete correction
+  (`kind="lowrank"`) is the same exact inverse (1 iteration) when `min(g, h) <= 4000`.
 - **Cost of one application** (the *apply* column; at n = 10^6, where the fixed cost of
-  a Python call no longer dominates, in [solver_study_large.md](solver_study_large.md)):
-  - Jacobi, D2, spectral and low-rank (level space) cost a small fraction of an M matvec
-    (they work on q-vectors, M on the n rows); block Gauss-Seidel costs 0.4-1.4 M matvecs
-    (two passes over the non-empty cells).
-  - Observation-space D1 costs 1.4-2.2 V matvecs: the two row passes of a V matvec, two
-    passes over the non-empty cells and a dense product with the smaller factor's
-    eigenvectors. It is under 2 on the designs it is meant for (several observations per
-    cell); with one observation per cell the cell passes cost about as much as the row
-    passes.
-  - AMG and `exact` are not stationary preconditioners, and the target of at most two
-    matvecs does not apply to them. AMG runs a multilevel cycle: pyamg builds the
-    smoothed-aggregation hierarchy, and lmmops applies the V-cycle with parallel
-    factor-block Gauss-Seidel on the finest level. That cycle makes at least three passes
-    over the finest matrix, so it costs 1.1-5.4 M matvecs at n = 10^6 (pyamg's own serial
-    cycle on the same hierarchy, `cycle="pyamg"`, measured 9-17). `exact` runs a whole
-    inner level-space solve on every application, 5-21 V matvecs; its outer CG then
-    stops after 1-2 iterations, so the total is the level-space route's cost plus one or
-    two V matvecs. The complete
-    D1 correction (`lowrank` in observation space) is an exact inverse too: 1 iteration,
-    about 7 V matvecs per application.
+  a Python call no longer dominates, in [solver_study_large.md](solver_study_large.md);
+  each ratio is the best of 7 timings of the preconditioner and of the operator, taken
+  alternately in one loop):
+  - Jacobi, D2, spectral and low-rank (level space) cost 0.01-1.5 M matvecs (they work
+    on q-vectors, M on the n rows; low-rank adds a dense q x rank product); block
+    Gauss-Seidel costs 0.5-1.2 (two passes over the non-empty cells).
+  - Observation-space D1, the direct `exact` and `lowrank` share one form: the two row
+    passes of a V matvec, two passes over the non-empty cells and one dense symmetric
+    product on the smaller factor's levels. With several observations per cell (the
+    designs D1 is meant for) they cost 1.3-1.6 V matvecs. With one observation per cell
+    (`uniform`) D1 costs 2.1-2.7: its two cell passes then cost as much as the two row
+    passes of V, so about 2 is a floor for any form that solves exactly in level space.
+  - Two kinds are solvers rather than stationary preconditioners. AMG runs a multilevel
+    cycle: pyamg builds the smoothed-aggregation hierarchy, and lmmops applies the V-cycle
+    with parallel factor-block Gauss-Seidel on the finest level. A symmetric cycle makes
+    four half passes over the finest matrix's cells plus the grid transfers, so it costs
+    0.1-5 M matvecs at n = 10^6 (pyamg's own serial cycle on the same hierarchy,
+    `cycle="pyamg"`, measured 9-17). `exact` through its inner PCG (on `uniform`, whose
+    smaller factor has 13,333 levels) runs a whole level-space solve on every
+    application, about 20 V matvecs; its outer CG then stops after 1-2 iterations, so the
+    total is the level-space route's cost plus one or two V matvecs.
   - At this study's n = 20,000 a V matvec takes about 0.06 ms, so each extra Python call
     adds a visible fraction of a matvec to the ratios below.
   - `solve_V` at n = 10^7 with q = 10^6 took about 3 s (under 1 s with `Z'Z` already
@@ -514,9 +538,11 @@ def write_large(records, level_rows, path, elapsed, cost_rows=None):
     lines = []
     w = lines.append
     w("# Solver study at scale (n = 10^6 and 10^7)\n")
+    load = os.getloadavg()[2]
     w(f"Generated by `python docs/studies/solver_study.py --large` ({elapsed:.0f} s). The "
-      "machine has 2 cores and was **shared with other engineers' jobs** during the run "
-      "(load average well above 2), so absolute times are pessimistic and noisy.\n")
+      f"machine has 2 cores and may be shared with other jobs (15-minute load average "
+      f"{load:.1f} at the end of the run), so absolute times are noisy; ratios measured in "
+      "the same run are the reliable numbers.\n")
     w("Designs: K = 2, Zipf(1) level frequencies on both factors "
       "(`simulate_codes(n, [g, h], zipf=[1, 1])`), variance ratios 1, rtol 1e-6 on the "
       "observation-space residual (measured on V).\n")
@@ -546,8 +572,8 @@ def write_large(records, level_rows, path, elapsed, cost_rows=None):
         w("The quick study's designs at n = 10^6 (variance ratio 1), where the fixed Python "
           "cost of a call no longer dominates. *apply*: one application of the "
           "preconditioner in matvecs of the operator it preconditions (M for level space, "
-          "V for observation space), both timed in the same run (best of 5, or of 3 for "
-          "`exact`). *M*, *V*: one matvec, ms.\n")
+          "V for observation space): the best of 7 timings of each, taken alternately in one "
+          "loop (3 for `exact` through its inner PCG). *M*, *V*: one matvec, ms.\n")
         w("| design | levels | cells | M ms | V ms | space | kind | its 1e-6 | its 1e-10 | "
           "setup s | apply |")
         w("|---|---|---|---|---|---|---|---|---|---|---|")
