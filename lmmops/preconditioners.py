@@ -83,6 +83,7 @@ __all__ = [
     "LEVEL_KINDS",
     "OBSERVATION_KINDS",
     "Preconditioner",
+    "apply_cost",
     "build",
 ]
 
@@ -1298,3 +1299,54 @@ def build(A, kind="auto", rank=None, **options):
         )
     out.setup_seconds = time.perf_counter() - t0
     return out
+
+
+def apply_cost(apply, matvec, x, reps=7, pause=0.0):
+    """The cost of one application in matvecs: best-of-``reps`` times, taken alternately.
+
+    Timing the two in one loop, one after the other, exposes both to the same load, so the
+    ratio of the two minima is steadier on a shared machine than two separately timed
+    minima. Each callable is called once first (compilation, caches) and then ``reps``
+    times. The solver study and the asv benchmark ``bench_solvers.ApplyCost`` use it.
+
+    Parameters
+    ----------
+    apply, matvec : callable
+        ``apply(x)``: one preconditioner application; ``matvec(x)``: one product with the
+        operator it preconditions.
+    x : ndarray
+        The vector both are called with.
+    reps : int, optional
+        Timed repeats of each (default 7).
+    pause : float, optional
+        Seconds to sleep first (default 0), so that BLAS worker threads left spinning by
+        a setup's LAPACK calls are idle and do not compete with numba's threads.
+
+    Returns
+    -------
+    float
+        ``min time(apply) / min time(matvec)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> A = np.diag(np.arange(1.0, 5.0))
+    >>> r = apply_cost(lambda v: v / np.diag(A), lambda v: A @ v, np.ones(4), reps=3)
+    >>> r > 0
+    True
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    if pause > 0:
+        time.sleep(pause)
+    apply(x)
+    matvec(x)
+    best_p = best_a = np.inf
+    for _ in range(int(reps)):
+        t = time.perf_counter()
+        apply(x)
+        best_p = min(best_p, time.perf_counter() - t)
+        t = time.perf_counter()
+        matvec(x)
+        best_a = min(best_a, time.perf_counter() - t)
+    return float(best_p / best_a)

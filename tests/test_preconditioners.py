@@ -360,3 +360,26 @@ def test_pyamg_krylov_accepts_our_operators(small):
     x, info = pyamg.krylov.cg(V, b, tol=1e-10, M=build(V, kind="exact").aspreconditioner())
     assert info == 0
     assert_allclose(x, x_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_apply_cost_interleaves_and_takes_minima(monkeypatch):
+    """With a fake clock, apply takes 3 ticks and matvec 2 (1 on its fastest call): the
+    ratio of the minima is 3.0, each callable runs reps + 1 times, alternately."""
+    import lmmops.preconditioners as pc
+
+    clock = {"t": 0.0}
+    calls = []
+
+    def apply(x):
+        calls.append("P")
+        clock["t"] += 3.0
+
+    def matvec(x):
+        calls.append("A")
+        clock["t"] += 1.0 if len(calls) == 6 else 2.0
+
+    monkeypatch.setattr(pc.time, "perf_counter", lambda: clock["t"])
+    assert pc.apply_cost(apply, matvec, None, reps=3) == 3.0
+    assert calls == ["P", "A"] * 4
+    with pytest.raises(ValueError, match="reps"):
+        pc.apply_cost(apply, matvec, None, reps=0)

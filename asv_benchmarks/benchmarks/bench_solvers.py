@@ -21,7 +21,6 @@
 ``LMMOPS_BENCH_TINY=1`` swaps every size for n = 10^3 (see :mod:`benchmarks.common`).
 """
 
-import time
 
 import numpy as np
 
@@ -30,7 +29,7 @@ from .common import TINY, TINY_N, pick, safe_import
 with safe_import():
     from lmmops.design import CrossedDesign
     from lmmops.operators import CovarianceOperator
-    from lmmops.preconditioners import build
+    from lmmops.preconditioners import apply_cost, build
     from lmmops.simulate import simulate_codes
     from lmmops.solvers import cg, solve_V
 
@@ -144,21 +143,6 @@ class SolveV:
     track_iterations.unit = "iterations"
 
 
-def _best_ratio(f, g, x, y, reps=7):
-    """min over interleaved repeats of time(f(x)) / min of time(g(y))."""
-    f(x)
-    g(y)
-    tf = tg = np.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(x)
-        tf = min(tf, time.perf_counter() - t)
-        t = time.perf_counter()
-        g(y)
-        tg = min(tg, time.perf_counter() - t)
-    return tf / tg
-
-
 class ApplyCost:
     """One preconditioner application, in matvecs of the operator it preconditions."""
 
@@ -190,6 +174,6 @@ class ApplyCost:
         self.P = build(A, kind=k).aspreconditioner()
 
     def track_apply_in_matvecs(self, cache, design, kind):
-        return _best_ratio(lambda v: self.P @ v, lambda v: self.A @ v, self.x, self.x)
+        return apply_cost(lambda v: self.P @ v, lambda v: self.A @ v, self.x)
 
     track_apply_in_matvecs.unit = "matvecs"

@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lmmops.design import CrossedDesign  # noqa: E402
 from lmmops.operators import CovarianceOperator  # noqa: E402
-from lmmops.preconditioners import _normalised_svd, build  # noqa: E402
+from lmmops.preconditioners import _normalised_svd, apply_cost, build  # noqa: E402
 from lmmops.simulate import simulate_codes  # noqa: E402
 from lmmops.solvers import AUTO_LEVEL_KIND, cg, solve_V  # noqa: E402
 
@@ -136,26 +136,6 @@ def _time_apply(fn, x, reps=5):
     return best
 
 
-def _cost_ratio(apply, matvec, x, reps=7):
-    """One application in matvecs: best-of-``reps`` times of the two, interleaved.
-
-    Timing them alternately in one loop exposes both to the same load, so the ratio is
-    steadier than two separately timed minima on a shared machine.
-    """
-    time.sleep(0.3)
-    apply(x)
-    matvec(x)
-    best_p = best_a = np.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        apply(x)
-        best_p = min(best_p, time.perf_counter() - t)
-        t = time.perf_counter()
-        matvec(x)
-        best_a = min(best_a, time.perf_counter() - t)
-    return best_p / best_a
-
-
 def run_cg(A, b, P, maxiter):
     """One CG run to the smaller rtol; iterations to each rtol from the residual history."""
     res = []
@@ -187,7 +167,7 @@ def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000, level=True, observ
         P = build(M, kind=kind)
         setup = time.perf_counter() - t0
         Pop = P.aspreconditioner()
-        ratio = _cost_ratio(lambda x, Pop=Pop: Pop @ x, lambda x: M @ x, rhs)
+        ratio = apply_cost(lambda x, Pop=Pop: Pop @ x, lambda x: M @ x, rhs, pause=0.3)
         its, elapsed, total_its = run_cg(M, rhs, Pop, maxiter=20 * M.shape[0])
         rows.append({"space": "level", "kind": kind, "its": its, "setup": setup,
                      "solve": elapsed, "per_it": elapsed / max(total_its, 1),
@@ -205,8 +185,8 @@ def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000, level=True, observ
         P = build(V, kind=kind, **opts)
         setup = time.perf_counter() - t0
         Pop = P.aspreconditioner()
-        ratio = _cost_ratio(lambda x, Pop=Pop: Pop @ x, lambda x: V @ x, b,
-                            reps=3 if hasattr(P, "inner") else 7)
+        ratio = apply_cost(lambda x, Pop=Pop: Pop @ x, lambda x: V @ x, b,
+                           reps=3 if hasattr(P, "inner") else 7, pause=0.3)
         its, elapsed, total_its = run_cg(V, b, Pop, maxiter=maxiter_obs)
         rows.append({"space": "observation", "kind": P.kind, "its": its, "setup": setup,
                      "solve": elapsed, "per_it": elapsed / max(total_its, 1),
