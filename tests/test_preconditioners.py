@@ -383,3 +383,19 @@ def test_apply_cost_interleaves_and_takes_minima(monkeypatch):
     assert calls == ["P", "A"] * 4
     with pytest.raises(ValueError, match="reps"):
         pc.apply_cost(apply, matvec, None, reps=0)
+
+
+def test_schur_setup_flops_and_one_factor_fallback(rng):
+    """The setup estimate is sum over the largest factor's levels of (cells)^2; with one
+    factor there is no complement and kind='exact' is the inner PCG, still V^{-1}."""
+    from lmmops.preconditioners import _schur_gram_flops
+
+    codes = np.vstack([rng.integers(0, 25, 300), rng.integers(0, 6, 300),
+                       rng.integers(0, 4, 300)])
+    d = CrossedDesign.from_codes(codes)
+    cells = sum((np.asarray(d.crosstab(0, k).todense()) > 0).sum(axis=1) for k in (1, 2))
+    assert _schur_gram_flops(d) == float(np.sum(cells**2))
+    V1 = CovarianceOperator(CrossedDesign.from_codes(codes[:1]), 1.0, [2.0])
+    P = build(V1, kind="exact")
+    assert "inner level-space PCG" in P.describe()
+    assert_allclose(_dense(P), np.linalg.inv(V1.todense()), rtol=1e-8, atol=1e-10)
