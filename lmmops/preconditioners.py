@@ -825,7 +825,11 @@ class _SchurObservation(_Observation):
         off = np.asarray(design.offsets)
         self._L, self._R = L, R
         self._slL = slice(int(off[L]), int(off[L + 1]))
-        if K == 2:
+        if K == 1:  # M is diagonal: nothing is left to eliminate onto
+            self._idxR = slice(int(off[L + 1]), int(off[L + 1]))
+            self._NLR = sp.csr_matrix((n_levels[L], 0))
+            self._NRL = sp.csr_matrix((0, n_levels[L]))
+        elif K == 2:
             self._idxR = slice(int(off[R[0]]), int(off[R[0] + 1]))
             self._NLR, self._NRL = design.crosstab(L, R[0]), design.crosstab(R[0], L)
         else:
@@ -1057,10 +1061,13 @@ class _DirectObservation(_SchurObservation):
                 block = design.crosstab(k, R[j]).toarray()
                 S[loc[i] : loc[i + 1], loc[j] : loc[j + 1]] += block
                 S[loc[j] : loc[j + 1], loc[i] : loc[i + 1]] += block.T
-        chol = sla.cho_factor(S, lower=True, overwrite_a=True, check_finite=False)
-        self._logdet_M = float(np.sum(np.log(dL)) + 2.0 * np.sum(np.log(np.diag(chol[0]))))
-        Sinv = sla.cho_solve(chol, np.eye(q_R), check_finite=False)
-        self._Sinv = np.ascontiguousarray(0.5 * (Sinv + Sinv.T))
+        self._logdet_M = float(np.sum(np.log(dL)))
+        self._Sinv = np.zeros((0, 0))
+        if q_R:
+            chol = sla.cho_factor(S, lower=True, overwrite_a=True, check_finite=False)
+            self._logdet_M += 2.0 * float(np.sum(np.log(np.diag(chol[0]))))
+            Sinv = sla.cho_solve(chol, np.eye(q_R), check_finite=False)
+            self._Sinv = np.ascontiguousarray(0.5 * (Sinv + Sinv.T))
 
     def _dense_solve(self, t):
         return self._sym_solve(t)
@@ -1157,8 +1164,7 @@ def _build_observation(V, kind, rank=None, **options):
         if inner in (None, "auto"):
             design = V.design
             affordable = (
-                design.n_factors >= 2
-                and sum(design.n_levels) - max(design.n_levels) <= max_dense
+                sum(design.n_levels) - max(design.n_levels) <= max_dense
                 and _schur_gram_flops(design) <= max_gram
             )
             inner = "direct" if affordable else None

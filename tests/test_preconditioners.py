@@ -385,9 +385,9 @@ def test_apply_cost_interleaves_and_takes_minima(monkeypatch):
         pc.apply_cost(apply, matvec, None, reps=0)
 
 
-def test_schur_setup_flops_and_one_factor_fallback(rng):
+def test_schur_setup_flops_and_one_factor(rng):
     """The setup estimate is sum over the largest factor's levels of (cells)^2; with one
-    factor there is no complement and kind='exact' is the inner PCG, still V^{-1}."""
+    factor M is diagonal, the complement is empty, and both routes give V^{-1}."""
     from lmmops.preconditioners import _schur_gram_flops
 
     codes = np.vstack([rng.integers(0, 25, 300), rng.integers(0, 6, 300),
@@ -396,6 +396,11 @@ def test_schur_setup_flops_and_one_factor_fallback(rng):
     cells = sum((np.asarray(d.crosstab(0, k).todense()) > 0).sum(axis=1) for k in (1, 2))
     assert _schur_gram_flops(d) == float(np.sum(cells**2))
     V1 = CovarianceOperator(CrossedDesign.from_codes(codes[:1]), 1.0, [2.0])
+    Vd = V1.todense()
     P = build(V1, kind="exact")
-    assert "inner level-space PCG" in P.describe()
-    assert_allclose(_dense(P), np.linalg.inv(V1.todense()), rtol=1e-8, atol=1e-10)
+    assert P.q_R == 0
+    assert_allclose(_dense(P), np.linalg.inv(Vd), rtol=1e-12, atol=1e-14)
+    assert_allclose(P.logdet(), np.linalg.slogdet(Vd)[1], rtol=1e-12)
+    Q = build(V1, kind="exact", inner="jacobi")
+    assert "inner level-space PCG" in Q.describe()
+    assert_allclose(_dense(Q), np.linalg.inv(Vd), rtol=1e-8, atol=1e-10)

@@ -222,6 +222,26 @@ def test_solve_V_auto_route_blocks_and_zero_variance(rng, design_k3):
         solve_V(V, B[:3, 0])
 
 
+def test_solve_V_direct_many_right_hand_sides(rng, design_k3):
+    """method='direct': V^{-1} B to rounding for every column, no iterations, the residual
+    measured on V; zero variances are dropped first (down to one factor, where M is
+    diagonal); options it cannot use are refused."""
+    V = CovarianceOperator(design_k3, 0.7, [0.5, 2.0, 1.5])
+    B = rng.standard_normal((V.shape[0], 5))
+    X, info = solve_V(V, B, method="direct", rtol=1e-12)
+    assert_allclose(X, np.linalg.solve(V.todense(), B), rtol=1e-10, atol=1e-12)
+    assert (info.method, info.iterations, info.converged) == ("direct:schur", 0, True)
+    assert info.residual_norm == pytest.approx(np.linalg.norm(B - V @ X, axis=0).max())
+    V1 = CovarianceOperator(design_k3, 0.7, [0.0, 2.0, 0.0])
+    x, info = solve_V(V1, B[:, 0], method="direct", rtol=1e-12)
+    assert_allclose(x, np.linalg.solve(V1.todense(), B[:, 0]), rtol=1e-10, atol=1e-12)
+    assert info.converged
+    with pytest.raises(ValueError, match="no preconditioner"):
+        solve_V(V, B, method="direct", preconditioner="jacobi")
+    with pytest.raises(ValueError, match="max_dense"):
+        solve_V(V, B, method="direct", max_dense=3)
+
+
 def test_solve_V_medium_zipf_iterations_and_residual():
     codes = simulate_codes(30_000, [3000, 400], zipf=[1.0, 1.0], seed=SEED)
     V = CovarianceOperator(CrossedDesign.from_codes(codes), 1.0, [1.0, 1.0])
