@@ -53,9 +53,9 @@ non-empty cells (0.5-1.2). The observation kinds D1, direct ``"exact"`` and
 row passes of a V matvec, two passes over the non-empty cells and one dense symmetric
 product on the ``q_R`` levels of the smaller factors; 1.3-1.6 V matvecs with several
 observations per cell, 2.1-2.7 for D1 when every cell holds one observation (its cell
-passes then cost as much as the row passes, so about 2 is a floor there). Two kinds are
-solvers rather than stationary preconditioners and are not held to two matvecs:
-``"amg"`` runs a multilevel cycle whose finest level alone makes four half passes over
+passes then cost as much as the row passes, so about 2 is a floor there). Two kinds do
+more than one sweep's work by construction and are not held to two matvecs: ``"amg"``
+runs a multilevel cycle whose finest level alone makes four half passes over
 the cells plus the grid transfers (0.1-5 M matvecs with lmmops' parallel cycle; pyamg's
 own serial cycle on the same hierarchy, ``cycle="pyamg"``, 9-17); ``"exact"`` through
 the inner PCG (when the Schur complement does not fit) runs a whole inner solve on every

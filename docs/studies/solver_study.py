@@ -342,7 +342,7 @@ DISCUSSION = """## Findings
     designs D1 is meant for) they cost 1.3-1.6 V matvecs. With one observation per cell
     (`uniform`) D1 costs 2.1-2.7: its two cell passes then cost as much as the two row
     passes of V, so about 2 is a floor for any form that solves exactly in level space.
-  - Two kinds are solvers rather than stationary preconditioners. AMG runs a multilevel
+  - Two kinds do more than one sweep's work by construction. AMG runs a multilevel
     cycle: pyamg builds the smoothed-aggregation hierarchy, and lmmops applies the V-cycle
     with parallel factor-block Gauss-Seidel on the finest level. A symmetric cycle makes
     four half passes over the finest matrix's cells plus the grid transfers, so it costs
