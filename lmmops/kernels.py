@@ -496,26 +496,34 @@ def _level_matmat(codes, offsets, U, lam, work, out):
 
 # --------------------------------------------------------------------------- compile
 def _csr_matmat(indptr, indices, data, X, out):
-    # out = A X for a CSR matrix A (rows in prange: each iteration writes only its own
-    # row of out, so the parallel variant is race-free)
-    # indptr: (r + 1,) int64; indices: (nnz,) int32/int64; data: (nnz,) float64;
+    # out = A X for a CSR matrix A. The rows are split into blocks of equal nnz (not of
+    # equal row count: on Zipf-skewed designs a few levels hold most of the cells, and
+    # equal row ranges would leave one thread with nearly all the work); blocks in prange,
+    # each writing only its own rows of out, so the parallel variant is race-free.
+    # indptr: (r + 1,) int; indices: (nnz,) int32/int64; data: (nnz,) float;
     # X: (c, m) float64 C order; out: (r, m) float64, overwritten
     m = X.shape[1]
-    if m == 1:  # one column: accumulate in a register
-        for i in prange(indptr.size - 1):
-            s = 0.0
-            for p in range(indptr[i], indptr[i + 1]):
-                s += data[p] * X[indices[p], 0]
-            out[i, 0] = s
-        return
-    for i in prange(indptr.size - 1):
-        for j in range(m):
-            out[i, j] = 0.0
-        for p in range(indptr[i], indptr[i + 1]):
-            a = data[p]
-            col = indices[p]
-            for j in range(m):
-                out[i, j] += a * X[col, j]
+    r = indptr.size - 1
+    nnz = indptr[r]
+    nb = min(r, 64)
+    for blk in prange(nb):
+        lo = min(r, np.searchsorted(indptr, (nnz * blk) // nb))
+        hi = r if blk == nb - 1 else min(r, np.searchsorted(indptr, (nnz * (blk + 1)) // nb))
+        if m == 1:  # one column: accumulate in a register
+            for i in range(lo, hi):
+                s = 0.0
+                for p in range(indptr[i], indptr[i + 1]):
+                    s += data[p] * X[indices[p], 0]
+                out[i, 0] = s
+        else:
+            for i in range(lo, hi):
+                for j in range(m):
+                    out[i, j] = 0.0
+                for p in range(indptr[i], indptr[i + 1]):
+                    a = data[p]
+                    col = indices[p]
+                    for j in range(m):
+                        out[i, j] += a * X[col, j]
 
 
 def _dense_matmat(U, Ct, out):

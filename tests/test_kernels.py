@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from conftest import nested_design, random_design
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -371,3 +372,23 @@ def test_sym_matmat_reads_only_the_lower_triangle(parallel, k, nb):
     out = np.full((203, k), np.nan)
     sym(low, np.ascontiguousarray(X.T), np.full((nb, k, 203), np.nan), out)
     np.testing.assert_allclose(out, A @ X, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_csr_matmat_skewed_rows_and_empty_rows(parallel, m):
+    """Rows split into blocks of equal nnz: one row holding most of the entries, empty
+    rows at the start, in the middle and at the end, more blocks than non-empty rows,
+    and an all-zero matrix are all covered exactly once."""
+    rng = np.random.default_rng(8)
+    counts = np.zeros(150, dtype=np.int64)
+    counts[[3, 4, 70, 71, 140]] = [4000, 2, 1, 30, 5]
+    rows = np.repeat(np.arange(150), counts)
+    A = sp.csr_matrix((rng.normal(size=rows.size), (rows, rng.integers(0, 90, rows.size))),
+                      shape=(150, 90))
+    X = rng.normal(size=(90, m))
+    kern = kernels.get_csr_matmat(parallel)
+    for B in (A, sp.csr_matrix((150, 90)), A[:5]):
+        out = np.full((B.shape[0], m), np.nan)
+        kern(B.indptr.astype(np.int64), B.indices.astype(np.int32), B.data, X, out)
+        np.testing.assert_allclose(out, B @ X, rtol=1e-13, atol=1e-13)
