@@ -47,16 +47,16 @@ Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
 
 Cost of one application, in matvecs of the preconditioned operator (measured at n = 10^6
 in ``docs/studies/solver_study_large.md``): jacobi, proportional, spectral and lowrank
-work on q-vectors, 0.01-1.5 M matvecs; block Gauss-Seidel makes two passes over the
+work on q-vectors, 0.01-1.2 M matvecs; block Gauss-Seidel makes two passes over the
 non-empty cells (0.5-1.2). The observation kinds D1, direct ``"exact"`` and
 ``"lowrank"`` share one form, a Schur complement on all factors but the largest: the two
 row passes of a V matvec, two passes over the non-empty cells and one dense symmetric
-product on the ``q_R`` levels of the smaller factors; 1.3-1.6 V matvecs with several
-observations per cell, 2.1-2.7 for D1 when every cell holds one observation (its cell
+product on the ``q_R`` levels of the smaller factors; 1.3-1.7 V matvecs with several
+observations per cell, 2.1-2.8 for D1 when every cell holds one observation (its cell
 passes then cost as much as the row passes, so about 2 is a floor there). Two kinds do
 more than one sweep's work by construction and are not held to two matvecs: ``"amg"``
 runs a multilevel cycle whose finest level alone makes four half passes over
-the cells plus the grid transfers (0.1-5 M matvecs with lmmops' parallel cycle; pyamg's
+the cells plus the grid transfers (0.1-5.5 M matvecs with lmmops' parallel cycle; pyamg's
 own serial cycle on the same hierarchy, ``cycle="pyamg"``, 9-17); ``"exact"`` through
 the inner PCG (when the Schur complement does not fit) runs a whole inner solve on every
 application (about 20 V matvecs at n = 10^6), after which outer CG needs 1-2 iterations.
@@ -906,7 +906,7 @@ class _SpectralObservation(_SchurObservation):
     symmetric ``m x m`` product with ``S^{-1}``, formed once per build (a rank-``m``
     update, about 1.3 s at ``m = 4000``; the eigenvectors themselves are cached per
     design), else ``4 m rank`` flops with the kept eigenvectors. At n = 10^6 that is
-    1.4-1.6 V matvecs with several observations per cell and 2.1-2.7 with one (the solver
+    1.3-1.7 V matvecs with several observations per cell and 2.1-2.8 with one (the solver
     study measures it).
     """
 

@@ -334,20 +334,20 @@ DISCUSSION = """## Findings
   a Python call no longer dominates, in [solver_study_large.md](solver_study_large.md);
   each ratio is the best of 7 timings of the preconditioner and of the operator, taken
   alternately in one loop):
-  - Jacobi, D2, spectral and low-rank (level space) cost 0.01-1.5 M matvecs (they work
+  - Jacobi, D2, spectral and low-rank (level space) cost 0.01-1.2 M matvecs (they work
     on q-vectors, M on the n rows; low-rank adds a dense q x rank product); block
     Gauss-Seidel costs 0.5-1.2 (two passes over the non-empty cells).
   - Observation-space D1, the direct `exact` and `lowrank` share one form: the two row
     passes of a V matvec, two passes over the non-empty cells and one dense symmetric
     product on the smaller factor's levels. With several observations per cell (the
-    designs D1 is meant for) they cost 1.3-1.6 V matvecs. With one observation per cell
-    (`uniform`) D1 costs 2.1-2.7: its two cell passes then cost as much as the two row
+    designs D1 is meant for) they cost 1.3-1.7 V matvecs. With one observation per cell
+    (`uniform`) D1 costs 2.1-2.8: its two cell passes then cost as much as the two row
     passes of V, so about 2 is a floor for any form that solves exactly in level space.
   - Two kinds do more than one sweep's work by construction. AMG runs a multilevel
     cycle: pyamg builds the smoothed-aggregation hierarchy, and lmmops applies the V-cycle
     with parallel factor-block Gauss-Seidel on the finest level. A symmetric cycle makes
     four half passes over the finest matrix's cells plus the grid transfers, so it costs
-    0.1-5 M matvecs at n = 10^6 (pyamg's own serial cycle on the same hierarchy,
+    0.1-5.5 M matvecs at n = 10^6 (pyamg's own serial cycle on the same hierarchy,
     `cycle="pyamg"`, measured 9-17). `exact` through its inner PCG (on `uniform`, whose
     smaller factor has 13,333 levels) runs a whole level-space solve on every
     application, about 20 V matvecs; its outer CG then stops after 1-2 iterations, so the
