@@ -150,7 +150,9 @@ def _cmd_demo(args):
     t_read = time.perf_counter() - t0
     # warm the JIT cache on a tiny problem so the timing below is the fit itself
     t0 = time.perf_counter()
-    _warm_up()
+    from .direct import warm_up
+
+    warm_up()
     t_jit = time.perf_counter() - t0
     res = _fit_and_print(df, args.formula or DEMO_FORMULA, args, "InstEval (lme4)")
     if not args.json:
@@ -158,19 +160,6 @@ def _cmd_demo(args):
         print(f"time: {res.elapsed_s:.3f} s to build and fit {res.n_obs} rows "
               f"(reading the data {t_read:.2f} s, Numba compilation/cache load {t_jit:.2f} s)")
     return 0
-
-
-def _warm_up():
-    import numpy as np
-
-    from .design import CrossedDesign
-    from .direct import DirectObjective
-
-    a = np.array([0, 0, 1, 1, 2, 2, 0, 1])
-    b = np.array([0, 1, 0, 1, 0, 1, 1, 0])
-    d = CrossedDesign.from_codes([a, b])
-    y = np.arange(8, dtype=float) ** 1.5
-    DirectObjective(d, np.ones((8, 1)), y).evaluate(np.array([0.5, 0.5]))
 
 
 def _parse_list(text, conv, what):

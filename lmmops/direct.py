@@ -55,6 +55,7 @@ __all__ = [
     "fit_direct",
     "moment_start",
     "theta_gradient",
+    "warm_up",
 ]
 
 _LOG2PI = np.log(2.0 * np.pi)
@@ -856,3 +857,22 @@ def _projected_gradient(theta, grad):
     at_lb = theta <= 0.0
     g[at_lb & (g > 0)] = 0.0
     return g
+
+
+def warm_up():
+    """Compile (or load from Numba's cache) the kernels of the exact fit on a tiny model.
+
+    Call it before timing a fit, so that the time is the fit's and not compilation's (the
+    ``lmmops demo`` command and the asv benchmarks do).
+
+    Examples
+    --------
+    >>> warm_up()
+    """
+    from .design import CrossedDesign
+
+    a = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    b = np.array([0, 1, 0, 1, 0, 1, 1, 0])
+    d = CrossedDesign.from_codes([a, b])
+    y = np.arange(8, dtype=float) ** 1.5
+    DirectObjective(d, np.ones((8, 1)), y).evaluate(np.array([0.5, 0.5]))

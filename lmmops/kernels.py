@@ -148,56 +148,85 @@ def _factor_of(j, offsets):
 _factor_of_nb = numba.njit(_factor_of, cache=True, inline="always")
 
 
+# ------------------------------------------------------------- row-chunk building blocks
+# One chunk of rows [c0, c1) at a time, inlined into every kernel below (Numba
+# ``inline="always"``), so that each kernel is its loop structure plus these two pieces.
+def _gather_add(codes, offsets, u, c0, c1, ob):
+    # ob[i] += sum_k u[offsets[k] + codes[k, c0 + i]]; ob: (c1 - c0,), u: (q,)
+    for k in range(codes.shape[0]):
+        ck = codes[k, c0:c1]
+        ok = offsets[k]
+        for i in range(c1 - c0):
+            ob[i] += u[ok + ck[i]]
+
+
+def _gather_add_block(codes, offsets, U, c0, c1, ob):
+    # ob[i, :] += sum_k U[offsets[k] + codes[k, c0 + i], :]; ob: (c1 - c0, m), U: (q, m)
+    m = U.shape[1]
+    for k in range(codes.shape[0]):
+        ck = codes[k, c0:c1]
+        ok = offsets[k]
+        for i in range(c1 - c0):
+            j = ok + ck[i]
+            for c in range(m):
+                ob[i, c] += U[j, c]
+
+
+def _scatter_add(codes, offsets, vb, c0, c1, w):
+    # w[offsets[k] + codes[k, c0 + i]] += vb[i] for every k; vb: (c1 - c0,), w: (q,)
+    for k in range(codes.shape[0]):
+        ck = codes[k, c0:c1]
+        ok = offsets[k]
+        for i in range(c1 - c0):
+            w[ok + ck[i]] += vb[i]
+
+
+def _scatter_add_block(codes, offsets, vb, c0, c1, w):
+    # w[offsets[k] + codes[k, c0 + i], :] += vb[i, :]; vb: (c1 - c0, m), w: (q, m)
+    m = w.shape[1]
+    for k in range(codes.shape[0]):
+        ck = codes[k, c0:c1]
+        ok = offsets[k]
+        for i in range(c1 - c0):
+            j = ok + ck[i]
+            for c in range(m):
+                w[j, c] += vb[i, c]
+
+
+_gather_add_nb = numba.njit(_gather_add, cache=True, inline="always")
+_gather_add_block_nb = numba.njit(_gather_add_block, cache=True, inline="always")
+_scatter_add_nb = numba.njit(_scatter_add, cache=True, inline="always")
+_scatter_add_block_nb = numba.njit(_scatter_add_block, cache=True, inline="always")
+
+
 # --------------------------------------------------------------------------- gather
 def _gather(codes, offsets, u, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; u: (q,) float64; out: (n,) float64
-    K = codes.shape[0]
     n = codes.shape[1]
     nch = (n + _CHUNK - 1) // _CHUNK
     for ch in prange(nch):
         c0 = ch * _CHUNK
         c1 = min(n, c0 + _CHUNK)
         ob = out[c0:c1]
-        ck = codes[0, c0:c1]
-        ok = offsets[0]
-        for i in range(c1 - c0):
-            ob[i] = u[ok + ck[i]]
-        for k in range(1, K):
-            ck = codes[k, c0:c1]
-            ok = offsets[k]
-            for i in range(c1 - c0):
-                ob[i] += u[ok + ck[i]]
+        ob[:] = 0.0
+        _gather_add_nb(codes, offsets, u, c0, c1, ob)
 
 
 def _gather_block(codes, offsets, U, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; U: (q, m) float64; out: (n, m) float64
-    K = codes.shape[0]
     n = codes.shape[1]
-    m = U.shape[1]
     nch = (n + _CHUNK - 1) // _CHUNK
     for ch in prange(nch):
         c0 = ch * _CHUNK
         c1 = min(n, c0 + _CHUNK)
         ob = out[c0:c1]
-        ck = codes[0, c0:c1]
-        ok = offsets[0]
-        for i in range(c1 - c0):
-            j = ok + ck[i]
-            for c in range(m):
-                ob[i, c] = U[j, c]
-        for k in range(1, K):
-            ck = codes[k, c0:c1]
-            ok = offsets[k]
-            for i in range(c1 - c0):
-                j = ok + ck[i]
-                for c in range(m):
-                    ob[i, c] += U[j, c]
+        ob[:, :] = 0.0
+        _gather_add_block_nb(codes, offsets, U, c0, c1, ob)
 
 
 def _axpy_gather(codes, offsets, x, a, u, c, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; x: (n,) float64; a, c: float;
     # u: (q,) float64; out: (n,) float64. out = a x + c Z u (the lift of a level solution)
-    K = codes.shape[0]
     n = codes.shape[1]
     nch = (n + _CHUNK - 1) // _CHUNK
     for ch in prange(nch):
@@ -205,15 +234,8 @@ def _axpy_gather(codes, offsets, x, a, u, c, out):
         c1 = min(n, c0 + _CHUNK)
         ob = out[c0:c1]
         xb = x[c0:c1]
-        ck = codes[0, c0:c1]
-        ok = offsets[0]
-        for i in range(c1 - c0):
-            ob[i] = u[ok + ck[i]]
-        for k in range(1, K):
-            ck = codes[k, c0:c1]
-            ok = offsets[k]
-            for i in range(c1 - c0):
-                ob[i] += u[ok + ck[i]]
+        ob[:] = 0.0
+        _gather_add_nb(codes, offsets, u, c0, c1, ob)
         for i in range(c1 - c0):
             ob[i] = a * xb[i] + c * ob[i]
 
@@ -221,7 +243,6 @@ def _axpy_gather(codes, offsets, x, a, u, c, out):
 def _axpy_gather_block(codes, offsets, X, a, U, c, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; X: (n, m) float64; a, c: float;
     # U: (q, m) float64; out: (n, m) float64. out = a X + c Z U
-    K = codes.shape[0]
     n = codes.shape[1]
     m = U.shape[1]
     nch = (n + _CHUNK - 1) // _CHUNK
@@ -230,19 +251,8 @@ def _axpy_gather_block(codes, offsets, X, a, U, c, out):
         c1 = min(n, c0 + _CHUNK)
         ob = out[c0:c1]
         xb = X[c0:c1]
-        ck = codes[0, c0:c1]
-        ok = offsets[0]
-        for i in range(c1 - c0):
-            j = ok + ck[i]
-            for col in range(m):
-                ob[i, col] = U[j, col]
-        for k in range(1, K):
-            ck = codes[k, c0:c1]
-            ok = offsets[k]
-            for i in range(c1 - c0):
-                j = ok + ck[i]
-                for col in range(m):
-                    ob[i, col] += U[j, col]
+        ob[:, :] = 0.0
+        _gather_add_block_nb(codes, offsets, U, c0, c1, ob)
         for i in range(c1 - c0):
             for col in range(m):
                 ob[i, col] = a * xb[i, col] + c * ob[i, col]
@@ -252,25 +262,17 @@ def _axpy_gather_block(codes, offsets, X, a, U, c, out):
 def _scatter(codes, offsets, v, work, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; v: (n,) float64;
     # work: (nb, q) float64 scratch, nb >= 1 row blocks; out: (q,) float64
-    K = codes.shape[0]
     n = codes.shape[1]
     nb = work.shape[0]
     q = work.shape[1]
     bs = (n + nb - 1) // nb
     for b in prange(nb):
         w = work[b]
-        for j in range(q):
-            w[j] = 0.0
-        lo = b * bs
-        hi = min(n, lo + bs)
-        for c0 in range(lo, hi, _CHUNK):
+        w[:] = 0.0
+        hi = min(n, b * bs + bs)
+        for c0 in range(b * bs, hi, _CHUNK):
             c1 = min(hi, c0 + _CHUNK)
-            vb = v[c0:c1]
-            for k in range(K):
-                ck = codes[k, c0:c1]
-                ok = offsets[k]
-                for i in range(c1 - c0):
-                    w[ok + ck[i]] += vb[i]
+            _scatter_add_nb(codes, offsets, v[c0:c1], c0, c1, w)
     for j in prange(q):
         s = work[0, j]
         for b in range(1, nb):
@@ -281,7 +283,6 @@ def _scatter(codes, offsets, v, work, out):
 def _scatter_block(codes, offsets, V, work, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; V: (n, m) float64;
     # work: (nb, q, m) float64 scratch; out: (q, m) float64
-    K = codes.shape[0]
     n = codes.shape[1]
     nb = work.shape[0]
     q = work.shape[1]
@@ -289,21 +290,11 @@ def _scatter_block(codes, offsets, V, work, out):
     bs = (n + nb - 1) // nb
     for b in prange(nb):
         w = work[b]
-        for j in range(q):
-            for c in range(m):
-                w[j, c] = 0.0
-        lo = b * bs
-        hi = min(n, lo + bs)
-        for c0 in range(lo, hi, _CHUNK):
+        w[:, :] = 0.0
+        hi = min(n, b * bs + bs)
+        for c0 in range(b * bs, hi, _CHUNK):
             c1 = min(hi, c0 + _CHUNK)
-            vb = V[c0:c1]
-            for k in range(K):
-                ck = codes[k, c0:c1]
-                ok = offsets[k]
-                for i in range(c1 - c0):
-                    j = ok + ck[i]
-                    for c in range(m):
-                        w[j, c] += vb[i, c]
+            _scatter_add_block_nb(codes, offsets, V[c0:c1], c0, c1, w)
     for j in prange(q):
         for c in range(m):
             s = work[0, j, c]
@@ -316,7 +307,6 @@ def _scatter_block(codes, offsets, V, work, out):
 def _cov_matvec(codes, offsets, x, sigma2_e, sigma2, work, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; x: (n,) float64; sigma2_e: float;
     # sigma2: (K,) float64; work: (nb, q) float64 scratch; out: (n,) float64
-    K = codes.shape[0]
     n = codes.shape[1]
     nb = work.shape[0]
     q = work.shape[1]
@@ -324,18 +314,11 @@ def _cov_matvec(codes, offsets, x, sigma2_e, sigma2, work, out):
     # pass 1: level sums of x for all K factors, one private row of bins per block
     for b in prange(nb):
         w = work[b]
-        for j in range(q):
-            w[j] = 0.0
-        lo = b * bs
-        hi = min(n, lo + bs)
-        for c0 in range(lo, hi, _CHUNK):
+        w[:] = 0.0
+        hi = min(n, b * bs + bs)
+        for c0 in range(b * bs, hi, _CHUNK):
             c1 = min(hi, c0 + _CHUNK)
-            xb = x[c0:c1]
-            for k in range(K):
-                ck = codes[k, c0:c1]
-                ok = offsets[k]
-                for i in range(c1 - c0):
-                    w[ok + ck[i]] += xb[i]
+            _scatter_add_nb(codes, offsets, x[c0:c1], c0, c1, w)
     # reduce the blocks into work[0], scaled by sigma2_k
     for j in prange(q):
         s = work[0, j]
@@ -352,17 +335,12 @@ def _cov_matvec(codes, offsets, x, sigma2_e, sigma2, work, out):
         ob = out[c0:c1]
         for i in range(c1 - c0):
             ob[i] = sigma2_e * xb[i]
-        for k in range(K):
-            ck = codes[k, c0:c1]
-            ok = offsets[k]
-            for i in range(c1 - c0):
-                ob[i] += sums[ok + ck[i]]
+        _gather_add_nb(codes, offsets, sums, c0, c1, ob)
 
 
 def _cov_matmat(codes, offsets, X, sigma2_e, sigma2, work, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; X: (n, m) float64; sigma2_e: float;
     # sigma2: (K,) float64; work: (nb, q, m) float64 scratch; out: (n, m) float64
-    K = codes.shape[0]
     n = codes.shape[1]
     nb = work.shape[0]
     q = work.shape[1]
@@ -370,21 +348,11 @@ def _cov_matmat(codes, offsets, X, sigma2_e, sigma2, work, out):
     bs = (n + nb - 1) // nb
     for b in prange(nb):
         w = work[b]
-        for j in range(q):
-            for c in range(m):
-                w[j, c] = 0.0
-        lo = b * bs
-        hi = min(n, lo + bs)
-        for c0 in range(lo, hi, _CHUNK):
+        w[:, :] = 0.0
+        hi = min(n, b * bs + bs)
+        for c0 in range(b * bs, hi, _CHUNK):
             c1 = min(hi, c0 + _CHUNK)
-            xb = X[c0:c1]
-            for k in range(K):
-                ck = codes[k, c0:c1]
-                ok = offsets[k]
-                for i in range(c1 - c0):
-                    j = ok + ck[i]
-                    for c in range(m):
-                        w[j, c] += xb[i, c]
+            _scatter_add_block_nb(codes, offsets, X[c0:c1], c0, c1, w)
     for j in prange(q):
         s2 = sigma2[_factor_of_nb(j, offsets)]
         for c in range(m):
@@ -402,20 +370,13 @@ def _cov_matmat(codes, offsets, X, sigma2_e, sigma2, work, out):
         for i in range(c1 - c0):
             for c in range(m):
                 ob[i, c] = sigma2_e * xb[i, c]
-        for k in range(K):
-            ck = codes[k, c0:c1]
-            ok = offsets[k]
-            for i in range(c1 - c0):
-                j = ok + ck[i]
-                for c in range(m):
-                    ob[i, c] += sums[j, c]
+        _gather_add_block_nb(codes, offsets, sums, c0, c1, ob)
 
 
 # --------------------------------------------------------------------------- M u
 def _level_matvec(codes, offsets, u, lam, work, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; u: (q,) float64; lam: (K,) float64;
     # work: (nb, q) float64 scratch; out: (q,) float64
-    K = codes.shape[0]
     n = codes.shape[1]
     nb = work.shape[0]
     q = work.shape[1]
@@ -423,25 +384,15 @@ def _level_matvec(codes, offsets, u, lam, work, out):
     # one pass over the rows: t = (Z u) on a chunk of rows, then Z' t into private bins
     for b in prange(nb):
         w = work[b]
-        for j in range(q):
-            w[j] = 0.0
+        w[:] = 0.0
         t = np.empty(_CHUNK)  # (chunk,) float64, once per block
-        lo = b * bs
-        hi = min(n, lo + bs)
-        for c0 in range(lo, hi, _CHUNK):
+        hi = min(n, b * bs + bs)
+        for c0 in range(b * bs, hi, _CHUNK):
             c1 = min(hi, c0 + _CHUNK)
-            for i in range(c1 - c0):
-                t[i] = 0.0
-            for k in range(K):
-                ck = codes[k, c0:c1]
-                ok = offsets[k]
-                for i in range(c1 - c0):
-                    t[i] += u[ok + ck[i]]
-            for k in range(K):
-                ck = codes[k, c0:c1]
-                ok = offsets[k]
-                for i in range(c1 - c0):
-                    w[ok + ck[i]] += t[i]
+            tb = t[: c1 - c0]
+            tb[:] = 0.0
+            _gather_add_nb(codes, offsets, u, c0, c1, tb)
+            _scatter_add_nb(codes, offsets, tb, c0, c1, w)
     for j in prange(q):
         s = work[0, j]
         for b in range(1, nb):
@@ -452,7 +403,6 @@ def _level_matvec(codes, offsets, u, lam, work, out):
 def _level_matmat(codes, offsets, U, lam, work, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; U: (q, m) float64; lam: (K,) float64;
     # work: (nb, q, m) float64 scratch; out: (q, m) float64
-    K = codes.shape[0]
     n = codes.shape[1]
     nb = work.shape[0]
     q = work.shape[1]
@@ -460,31 +410,15 @@ def _level_matmat(codes, offsets, U, lam, work, out):
     bs = (n + nb - 1) // nb
     for b in prange(nb):
         w = work[b]
-        for j in range(q):
-            for c in range(m):
-                w[j, c] = 0.0
+        w[:, :] = 0.0
         t = np.empty((_CHUNK, m))  # (chunk, m) float64, once per block
-        lo = b * bs
-        hi = min(n, lo + bs)
-        for c0 in range(lo, hi, _CHUNK):
+        hi = min(n, b * bs + bs)
+        for c0 in range(b * bs, hi, _CHUNK):
             c1 = min(hi, c0 + _CHUNK)
-            for i in range(c1 - c0):
-                for c in range(m):
-                    t[i, c] = 0.0
-            for k in range(K):
-                ck = codes[k, c0:c1]
-                ok = offsets[k]
-                for i in range(c1 - c0):
-                    j = ok + ck[i]
-                    for c in range(m):
-                        t[i, c] += U[j, c]
-            for k in range(K):
-                ck = codes[k, c0:c1]
-                ok = offsets[k]
-                for i in range(c1 - c0):
-                    j = ok + ck[i]
-                    for c in range(m):
-                        w[j, c] += t[i, c]
+            tb = t[: c1 - c0]
+            tb[:, :] = 0.0
+            _gather_add_block_nb(codes, offsets, U, c0, c1, tb)
+            _scatter_add_block_nb(codes, offsets, tb, c0, c1, w)
     for j in prange(q):
         lj = lam[_factor_of_nb(j, offsets)]
         for c in range(m):

@@ -390,6 +390,11 @@ def _csr_product(kernel, A, X):
     return out
 
 
+def _largest_factor(design):
+    """The factor the Schur-complement kinds eliminate (the first with the most levels)."""
+    return int(np.argmax([int(x) for x in design.n_levels]))
+
+
 def _count_table(N):
     """A CSR count table with its (integer) counts stored as float32: exact below 2^24,
     and a third less memory traffic per pass (the kernels accumulate in float64)."""
@@ -820,7 +825,7 @@ class _SchurObservation(_Observation):
         self.M = V.level_space()
         K = design.n_factors
         n_levels = [int(x) for x in design.n_levels]
-        L = int(np.argmax(n_levels))
+        L = _largest_factor(design)
         R = [k for k in range(K) if k != L]
         off = np.asarray(design.offsets)
         self._L, self._R = L, R
@@ -1008,9 +1013,8 @@ def _schur_gram_flops(design):
     ``sum_i nnz_i^2`` over the rows of ``N_LR`` (:func:`kernels.weighted_gram`, serial),
     with ``L`` the largest factor; the dense Cholesky is bounded by ``max_dense``.
     """
-    n_levels = [int(x) for x in design.n_levels]
-    L = int(np.argmax(n_levels))
-    nnz = np.zeros(n_levels[L])
+    L = _largest_factor(design)
+    nnz = np.zeros(int(design.n_levels[L]))
     for k in range(design.n_factors):
         if k != L:
             nnz += np.diff(design.crosstab(L, k).indptr)

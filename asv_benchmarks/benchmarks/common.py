@@ -13,8 +13,6 @@
 import contextlib
 import os
 
-import numpy as np
-
 __all__ = [
     "LEVELS",
     "TINY",
@@ -79,11 +77,6 @@ def crossed_codes(n_obs, K=3, seed=20240601):
 
 def warm_up_jit():
     """Compile (or load from the Numba cache) the kernels of the exact fit on a tiny model."""
-    from lmmops.design import CrossedDesign
-    from lmmops.direct import DirectObjective
+    from lmmops.direct import warm_up
 
-    a = np.array([0, 0, 1, 1, 2, 2, 0, 1])
-    b = np.array([0, 1, 0, 1, 0, 1, 1, 0])
-    d = CrossedDesign.from_codes([a, b])
-    y = np.arange(8, dtype=float) ** 1.5
-    DirectObjective(d, np.ones((8, 1)), y).evaluate(np.array([0.5, 0.5]))
+    warm_up()

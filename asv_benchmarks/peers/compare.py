@@ -31,6 +31,7 @@ python asv_benchmarks/peers/compare.py --json > results.json
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -492,22 +493,19 @@ def _worker_main(args):
         out = worker_lmmops(args._data, args.formula, factors, args.method, args.repeat)
     elif args._worker == "lmmops_cold":
         out = worker_lmmops_cold(args._data, args.formula, factors, args.method)
-    elif args._worker == "mixedlm":
+    elif args._worker in ("mixedlm", "statsmodels"):
         try:
-            import mixedlm  # noqa: F401
+            importlib.import_module(args._worker)
         except ImportError:
-            print("@result " + json.dumps({"error": "not installed (pip install mixedlm)"}))
+            print("@result " + json.dumps(
+                {"error": f"not installed (pip install {args._worker})"}))
             return 0
-        out = worker_mixedlm(args._data, args.formula, factors, args.method,
-                             max(1, args.repeat))
-    elif args._worker == "statsmodels":
-        try:
-            import statsmodels  # noqa: F401
-        except ImportError:
-            print("@result " + json.dumps({"error": "not installed (pip install statsmodels)"}))
-            return 0
-        out = worker_statsmodels(args._data, args.formula, factors, args.method,
-                                 args.mem_limit_gb)
+        if args._worker == "mixedlm":
+            out = worker_mixedlm(args._data, args.formula, factors, args.method,
+                                 max(1, args.repeat))
+        else:
+            out = worker_statsmodels(args._data, args.formula, factors, args.method,
+                                     args.mem_limit_gb)
     else:
         raise SystemExit(f"unknown worker {args._worker}")
     print("@result " + json.dumps(out))

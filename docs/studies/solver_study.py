@@ -237,32 +237,24 @@ def write_quick(results, scaling, path, elapsed):
       "1 + Poisson(1.5) observations each (mild imbalance). missingP: P% of the cells empty "
       "at random, the others 1 + Poisson(1.5). staircase: a band of cells around the "
       "diagonal. K3: a third factor.\n")
-    for ratio in RATIOS:
-        w(f"## Variance ratio s_k^2/s_e^2 = {ratio:g}\n")
-        w("### Level space (CG on M), iterations to rtol 1e-6 / 1e-10\n")
-        kinds = LEVEL_KINDS
+    def iteration_table(ratio, space, kinds):
         w("| design | " + " | ".join(kinds) + " |")
         w("|---|" + "---|" * len(kinds))
         for name, res in results.items():
-            rows = {r["kind"]: r for r in res[ratio]["rows"] if r["space"] == "level"}
+            rows = {r["kind"]: r for r in res[ratio]["rows"] if r["space"] == space}
             cells = []
             for k in kinds:
                 r = rows.get(k)
                 cells.append("n/a" if r is None else
                              f"{_fmt_its(r['its'][1e-6])} / {_fmt_its(r['its'][1e-10])}")
             w(f"| {name} | " + " | ".join(cells) + " |")
+
+    for ratio in RATIOS:
+        w(f"## Variance ratio s_k^2/s_e^2 = {ratio:g}\n")
+        w("### Level space (CG on M), iterations to rtol 1e-6 / 1e-10\n")
+        iteration_table(ratio, "level", LEVEL_KINDS)
         w("\n### Observation space (CG on V), iterations to rtol 1e-6 / 1e-10\n")
-        okinds = OBS_KINDS + [f"lifted_{b}" for b in LIFTED]
-        w("| design | " + " | ".join(okinds) + " |")
-        w("|---|" + "---|" * len(okinds))
-        for name, res in results.items():
-            rows = {r["kind"]: r for r in res[ratio]["rows"] if r["space"] == "observation"}
-            cells = []
-            for k in okinds:
-                r = rows.get(k)
-                cells.append("n/a" if r is None else
-                             f"{_fmt_its(r['its'][1e-6])} / {_fmt_its(r['its'][1e-10])}")
-            w(f"| {name} | " + " | ".join(cells) + " |")
+        iteration_table(ratio, "observation", OBS_KINDS + [f"lifted_{b}" for b in LIFTED])
         w("")
     w("## Cost (variance ratio 1)\n")
     w("Seconds; *apply* in matvecs of the preconditioned operator.\n")
