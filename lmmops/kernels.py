@@ -44,6 +44,8 @@ level_matmat(codes, offsets, U, lam, work, out)
     The same for ``U`` of shape (q, m).
 csr_matmat(indptr, indices, data, X, out)
     ``out = A X`` for a CSR matrix ``A`` and a dense block ``X`` (rows in parallel).
+csr_residual(indptr, indices, data, x, b, scale, out)
+    ``out = scale * (b - A x)`` for a CSR ``A``, fused (one block update of AMG's cycle).
 dense_matmat(U, Ct, out), dense_tmatmat(U, T, work, out)
     ``out = U C`` and ``out = (U' T)'`` for a dense ``U`` (the D1 preconditioner's
     eigenvectors), in numba's threads rather than BLAS's: on a small machine the two
@@ -81,6 +83,8 @@ __all__ = [
     "cov_matvec_serial",
     "csr_matmat_parallel",
     "csr_matmat_serial",
+    "csr_residual_parallel",
+    "csr_residual_serial",
     "dense_matmat_parallel",
     "dense_matmat_serial",
     "dense_tmatmat_parallel",
@@ -460,6 +464,25 @@ def _csr_matmat(indptr, indices, data, X, out):
                         out[i, j] += a * X[col, j]
 
 
+def _csr_residual(indptr, indices, data, x, b, scale, out):
+    # out = scale * (b - A x) for a CSR matrix A and vectors x, b, scale (elementwise; the
+    # fused form of one Gauss-Seidel block update or one residual). Rows split into blocks
+    # of equal nnz as in _csr_matmat; each block writes only its own rows of out.
+    # indptr: (r + 1,) int; indices: (nnz,) int32/int64; data: (nnz,) float;
+    # x: (c,) float64; b, scale, out: (r,) float64
+    r = indptr.size - 1
+    nnz = indptr[r]
+    nb = min(r, 64)
+    for blk in prange(nb):
+        lo = min(r, np.searchsorted(indptr, (nnz * blk) // nb))
+        hi = r if blk == nb - 1 else min(r, np.searchsorted(indptr, (nnz * (blk + 1)) // nb))
+        for i in range(lo, hi):
+            s = b[i]
+            for p in range(indptr[i], indptr[i + 1]):
+                s -= data[p] * x[indices[p]]
+            out[i] = scale[i] * s
+
+
 def _dense_matmat(U, Ct, out):
     # out = U C for a dense U (m, r) and C given transposed, Ct (k, r) C order;
     # out: (m, k), overwritten. Rows of U in prange; the inner loop is a contiguous dot.
@@ -602,6 +625,7 @@ cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
 level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
 csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
+csr_residual_serial, csr_residual_parallel = _compile(_csr_residual)
 # fastmath lets the contiguous dot products and axpys use SIMD (reassociated float64 sums)
 dense_matmat_serial, dense_matmat_parallel = _compile(_dense_matmat, fastmath=True)
 dense_tmatmat_serial, dense_tmatmat_parallel = _compile(_dense_tmatmat, fastmath=True)

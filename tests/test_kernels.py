@@ -392,3 +392,24 @@ def test_csr_matmat_skewed_rows_and_empty_rows(parallel, m):
         out = np.full((B.shape[0], m), np.nan)
         kern(B.indptr.astype(np.int64), B.indices.astype(np.int32), B.data, X, out)
         np.testing.assert_allclose(out, B @ X, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_csr_residual_matches_scipy(parallel):
+    """out = scale * (b - A x), fused, on a skewed matrix with empty rows, float32 data
+    (the count tables' storage) and an all-zero matrix; out may be a view of b."""
+    rng = np.random.default_rng(9)
+    counts = np.zeros(120, dtype=np.int64)
+    counts[[0, 5, 6, 60, 119]] = [900, 3, 1, 40, 7]
+    rows = np.repeat(np.arange(120), counts)
+    A = sp.csr_matrix((rng.integers(1, 4, rows.size).astype(np.float32),
+                       (rows, rng.integers(0, 80, rows.size))), shape=(120, 80))
+    x, b, scale = rng.normal(size=80), rng.normal(size=120), rng.uniform(0.5, 2.0, 120)
+    kern = kernels.csr_residual_parallel if parallel else kernels.csr_residual_serial
+    for B in (A, sp.csr_matrix((120, 80))):
+        out = np.full(120, np.nan)
+        kern(B.indptr, B.indices, B.data, x, b, scale, out)
+        np.testing.assert_allclose(out, scale * (b - B @ x), rtol=1e-13, atol=1e-13)
+    inplace = b.copy()
+    kern(A.indptr, A.indices, A.data, x, inplace, scale, inplace)
+    np.testing.assert_allclose(inplace, scale * (b - A @ x), rtol=1e-13, atol=1e-13)

@@ -30,6 +30,7 @@ def _level_kinds(K, q):
     kinds = [("identity", {}), ("jacobi", {}), ("proportional", {}),
              ("block_gauss_seidel", {}), ("amg", {}), ("amg", {"max_coarse": 10}),
              ("amg", {"max_coarse": 10, "cycle": "pyamg"}),
+             ("amg", {"max_coarse": 10, "smooth": "jacobi"}),
              ("lowrank", {"rank": 3}), ("lowrank", {"rank": 3, "base": "jacobi"})]
     if K == 2:
         kinds += [("spectral", {"rank": 2}), ("spectral", {"margins": "reference"}),
@@ -404,3 +405,27 @@ def test_schur_setup_flops_and_one_factor(rng):
     Q = build(V1, kind="exact", inner="jacobi")
     assert "inner level-space PCG" in Q.describe()
     assert_allclose(_dense(Q), np.linalg.inv(Vd), rtol=1e-8, atol=1e-10)
+
+
+def test_amg_default_is_plain_aggregation_and_smoothing_is_an_option(medium):
+    """The default hierarchy's prolongators are plain aggregates (one unit entry per row);
+    smooth='jacobi' gives classical smoothed aggregation (denser prolongators); both are
+    SPD and converge on the medium design within the loose bound."""
+    V = _V(medium)
+    M = V.level_space()
+    b = M.rhs(np.random.default_rng(2).normal(size=medium.n_obs))
+    plain = build(M, "amg", max_coarse=50)
+    smooth = build(M, "amg", max_coarse=50, smooth="jacobi")
+    assert len(plain.ml.levels) >= 2
+    assert len(smooth.ml.levels) >= 2
+    P0 = plain.ml.levels[0].P.tocsr()
+    assert np.all(np.diff(P0.indptr) <= 1)
+    assert smooth.ml.levels[0].P.nnz > P0.nnz
+    assert "plain aggregation" in plain.describe()
+    assert "smoothed aggregation" in smooth.describe()
+    for P in (plain, smooth):
+        its = []
+        x, info = cg(M, b, rtol=1e-8, M=P.aspreconditioner(), callback=its.append)
+        assert info == 0
+        assert len(its) <= 15
+        np.testing.assert_allclose(M.matvec(x), b, rtol=0, atol=1e-6 * np.linalg.norm(b))
