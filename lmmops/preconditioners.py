@@ -48,20 +48,22 @@ Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
   the solver study.
 
 Cost of one application, in matvecs of the preconditioned operator (measured at n = 10^6
-in ``docs/studies/solver_study_large.md``): jacobi, proportional, spectral and lowrank
-work on q-vectors, 0.01-1.2 M matvecs; block Gauss-Seidel makes two passes over the
-non-empty cells (0.5-1.2). The observation kinds D1, direct ``"exact"`` and
+and 10^7 in ``docs/studies/solver_study_large.md``): jacobi, proportional, spectral and
+lowrank work on q-vectors, 0.01-1.1 M matvecs; block Gauss-Seidel makes two passes over
+the non-empty cells (0.4-0.9). The observation kinds D1, direct ``"exact"`` and
 ``"lowrank"`` share one form, a Schur complement on all factors but the largest: the two
 row passes of a V matvec, two passes over the non-empty cells and one dense symmetric
 product on the ``q_R`` levels of the smaller factors; 1.3-1.7 V matvecs with several
-observations per cell, 2.1-2.8 for D1 when every cell holds one observation (its cell
-passes then cost as much as the row passes, so about 2 is a floor there). Two kinds do
-more than one sweep's work by construction and are not held to two matvecs: ``"amg"``
-runs a multilevel cycle whose finest level alone makes four half passes over
-the cells plus the grid transfers (0.1-5.5 M matvecs with lmmops' parallel cycle; pyamg's
-own serial cycle on the same hierarchy, ``cycle="pyamg"``, 9-17); ``"exact"`` through
-the inner PCG (when the Schur complement does not fit) runs a whole inner solve on every
-application (about 20 V matvecs at n = 10^6), after which outer CG needs 1-2 iterations.
+observations per cell. With one observation per cell D1's two cell passes cost about
+what V's two row passes cost: 1.9 V matvecs at n = 10^7, 2.2 at 10^6, where a V matvec
+timed in a loop keeps its working set in this machine's L3 cache and a preconditioner
+that also streams the count tables does not. ``"amg"`` runs a symmetric V-cycle whose
+finest level makes four half passes over the cells, plus the grid transfers: with the
+default plain aggregates 0.2-2.2 M matvecs at n = 10^6 and 0.9-1.5 at 10^7 (classical
+smoothed aggregation, ``smooth="jacobi"``: 2.8-10; pyamg's own serial cycle,
+``cycle="pyamg"``: 9-17). One kind runs a whole solve per application by definition and
+is not held to two matvecs: ``"exact"`` through the inner PCG (when the Schur complement
+does not fit) costs about 20 V matvecs, after which outer CG needs 1-2 iterations.
 
 Every preconditioner is SPD; the tests check the dense eigenvalues on small designs and
 ``x'Px > 0`` at scale.

@@ -469,8 +469,8 @@ class SolveInfo:
 #: than one product by M. It is the fastest route at n = 10^6 and 10^7. Exception: banded
 #: ("staircase") designs, where the canonical correlations have a few outliers near 1 and
 #: it needs about 20 iterations; pass ``preconditioner="spectral"`` (K = 2: 7) or
-#: ``"amg"`` (8) there. AMG needs the fewest iterations everywhere but costs several
-#: products per application and a setup of its own.
+#: ``"amg"`` (8) there. AMG needs the fewest iterations everywhere but costs about two
+#: products per application (a symmetric V-cycle) and a setup of its own.
 AUTO_LEVEL_KIND = "block_gauss_seidel"
 
 
