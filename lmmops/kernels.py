@@ -433,6 +433,19 @@ def _level_matmat(codes, offsets, U, lam, work, out):
 
 
 # --------------------------------------------------------------------------- compile
+def _nnz_block(indptr, blk, nb):
+    # Rows [lo, hi) of block blk of nb for a CSR matrix, blocks of equal nnz (not of equal
+    # row count: on Zipf-skewed designs a few levels hold most of the cells).
+    r = indptr.size - 1
+    nnz = indptr[r]
+    lo = min(r, np.searchsorted(indptr, (nnz * blk) // nb))
+    hi = r if blk == nb - 1 else min(r, np.searchsorted(indptr, (nnz * (blk + 1)) // nb))
+    return lo, hi
+
+
+_nnz_block_nb = numba.njit(_nnz_block, cache=True, inline="always")
+
+
 def _csr_matmat(indptr, indices, data, X, out):
     # out = A X for a CSR matrix A. The rows are split into blocks of equal nnz (not of
     # equal row count: on Zipf-skewed designs a few levels hold most of the cells, and
@@ -441,12 +454,9 @@ def _csr_matmat(indptr, indices, data, X, out):
     # indptr: (r + 1,) int; indices: (nnz,) int32/int64; data: (nnz,) float;
     # X: (c, m) float64 C order; out: (r, m) float64, overwritten
     m = X.shape[1]
-    r = indptr.size - 1
-    nnz = indptr[r]
-    nb = min(r, 64)
+    nb = min(indptr.size - 1, 64)
     for blk in prange(nb):
-        lo = min(r, np.searchsorted(indptr, (nnz * blk) // nb))
-        hi = r if blk == nb - 1 else min(r, np.searchsorted(indptr, (nnz * (blk + 1)) // nb))
+        lo, hi = _nnz_block_nb(indptr, blk, nb)
         if m == 1:  # one column: accumulate in a register
             for i in range(lo, hi):
                 s = 0.0
@@ -470,12 +480,9 @@ def _csr_residual(indptr, indices, data, x, b, scale, out):
     # of equal nnz as in _csr_matmat; each block writes only its own rows of out.
     # indptr: (r + 1,) int; indices: (nnz,) int32/int64; data: (nnz,) float;
     # x: (c,) float64; b, scale, out: (r,) float64
-    r = indptr.size - 1
-    nnz = indptr[r]
-    nb = min(r, 64)
+    nb = min(indptr.size - 1, 64)
     for blk in prange(nb):
-        lo = min(r, np.searchsorted(indptr, (nnz * blk) // nb))
-        hi = r if blk == nb - 1 else min(r, np.searchsorted(indptr, (nnz * (blk + 1)) // nb))
+        lo, hi = _nnz_block_nb(indptr, blk, nb)
         for i in range(lo, hi):
             s = b[i]
             for p in range(indptr[i], indptr[i + 1]):
