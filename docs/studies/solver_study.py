@@ -151,28 +151,36 @@ def run_cg(A, b, P, maxiter):
     return out, elapsed, len(res) - 1
 
 
+def _problem(d, ratio):
+    """V, M, a seeded b, ``M.rhs(b)`` and one matvec's time of each, for design ``d``."""
+    V = CovarianceOperator(d, 1.0, [ratio] * d.n_factors)
+    M = V.level_space()
+    b = np.random.default_rng(1).standard_normal(d.n_obs)
+    rhs = M.rhs(b)
+    return V, M, b, rhs, {"t_M": _time_apply(M.matvec, rhs), "t_V": _time_apply(V.matvec, b)}
+
+
+def _measure(A, x, space, kind, maxiter, label=None, reps=7, **opts):
+    """Build ``kind`` for ``A``; its setup time, cost in A matvecs and CG iterations."""
+    t0 = time.perf_counter()
+    P = build(A, kind=kind, **opts)
+    setup = time.perf_counter() - t0
+    Pop = P.aspreconditioner()
+    ratio = apply_cost(Pop.matvec, A.matvec, x, reps=3 if hasattr(P, "inner") else reps,
+                       pause=0.3)
+    its, elapsed, total_its = run_cg(A, x, Pop, maxiter=maxiter)
+    return {"space": space, "kind": label or P.kind, "its": its, "setup": setup,
+            "solve": elapsed, "per_it": elapsed / max(total_its, 1), "apply_in_matvecs": ratio}
+
+
 def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000, level=True, observation=True):
     K = d.n_factors
-    V = CovarianceOperator(d, 1.0, [ratio] * K)
-    M = V.level_space()
-    rng = np.random.default_rng(1)
-    b = rng.standard_normal(d.n_obs)
-    rhs = M.rhs(b)
+    V, M, b, rhs, base = _problem(d, ratio)
     rows = []
-    t_M = _time_apply(lambda x: M @ x, rhs)
-    t_V = _time_apply(lambda x: V @ x, b)
     for kind in LEVEL_KINDS if level else ():
         if kind == "spectral" and K != 2:
             continue
-        t0 = time.perf_counter()
-        P = build(M, kind=kind)
-        setup = time.perf_counter() - t0
-        Pop = P.aspreconditioner()
-        ratio = apply_cost(lambda x, Pop=Pop: Pop @ x, lambda x: M @ x, rhs, pause=0.3)
-        its, elapsed, total_its = run_cg(M, rhs, Pop, maxiter=20 * M.shape[0])
-        rows.append({"space": "level", "kind": kind, "its": its, "setup": setup,
-                     "solve": elapsed, "per_it": elapsed / max(total_its, 1),
-                     "apply_in_matvecs": ratio})
+        rows.append(_measure(M, rhs, "level", kind, 20 * M.shape[0], label=kind))
     obs = list(OBS_KINDS) if observation else []
     if K != 2:
         obs = [k for k in obs if k not in ("spectral", "lowrank")]
@@ -182,21 +190,12 @@ def study_one(d, ratio, quick, lifted=True, maxiter_obs=3000, level=True, observ
     if lifted and observation:
         entries += [("lifted", {"base": base}) for base in LIFTED]
     for kind, opts in entries:
-        t0 = time.perf_counter()
-        P = build(V, kind=kind, **opts)
-        setup = time.perf_counter() - t0
-        Pop = P.aspreconditioner()
-        ratio = apply_cost(lambda x, Pop=Pop: Pop @ x, lambda x: V @ x, b,
-                           reps=3 if hasattr(P, "inner") else 7, pause=0.3)
-        its, elapsed, total_its = run_cg(V, b, Pop, maxiter=maxiter_obs)
-        rows.append({"space": "observation", "kind": P.kind, "its": its, "setup": setup,
-                     "solve": elapsed, "per_it": elapsed / max(total_its, 1),
-                     "apply_in_matvecs": ratio})
+        rows.append(_measure(V, b, "observation", kind, maxiter_obs, **opts))
     x, info = solve_V(V, b, rtol=1e-6)
     auto = {"method": info.method, "iterations": info.iterations,
             "residual": info.residual_norm / np.linalg.norm(b),
             "time": info.setup_seconds + info.solve_seconds}
-    return rows, auto, {"t_M": t_M, "t_V": t_V}
+    return rows, auto, base
 
 
 # ---------------------------------------------------------------------------- report
@@ -363,6 +362,18 @@ DISCUSSION = """## Findings
 """
 
 
+def _save_loglog(fig, ax, xlabel, ylabel, title, path):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_quick(results, scaling, prefix):
     names = list(results)
     x = np.arange(len(names))
@@ -408,15 +419,9 @@ def plot_quick(results, scaling, prefix):
         ys = [s["its"].get(k) for s in scaling]
         ax.plot([s["max_count"] for s in scaling], ys, marker=markers[i],
                 ls="-" if i % 2 else "--", label=k, alpha=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("largest level count (same levels, 10x the observations)")
-    ax.set_ylabel("level-space CG iterations to rtol 1e-6")
-    ax.set_title("Zipf(1), ratio 1: iterations vs level counts")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(f"{prefix}_scaling.png", dpi=110)
-    plt.close(fig)
+    _save_loglog(fig, ax, "largest level count (same levels, 10x the observations)",
+                 "level-space CG iterations to rtol 1e-6",
+                 "Zipf(1), ratio 1: iterations vs level counts", f"{prefix}_scaling.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, k in enumerate(LEVEL_KINDS):
@@ -426,15 +431,10 @@ def plot_quick(results, scaling, prefix):
         if pts:
             xs, ys = zip(*pts)
             ax.scatter(xs, ys, label=k, s=22, marker="osD^vx+"[i])
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("total seconds (setup + solve to 1e-10), n = 20,000")
-    ax.set_ylabel("iterations to rtol 1e-10")
-    ax.set_title("Level space, every design, ratio 1: iterations against total time")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(f"{prefix}_cost.png", dpi=110)
-    plt.close(fig)
+    _save_loglog(fig, ax, "total seconds (setup + solve to 1e-10), n = 20,000",
+                 "iterations to rtol 1e-10",
+                 "Level space, every design, ratio 1: iterations against total time",
+                 f"{prefix}_cost.png")
 
 
 def scaling_runs(n0, levels):
@@ -520,24 +520,14 @@ def cost_at_scale(n=10**7):
     out = {}
     for nm, kinds in SCALE_KINDS.items():
         d = make_design(nm, n)
-        V = CovarianceOperator(d, 1.0, [1.0] * d.n_factors)
-        M = V.level_space()
-        b = np.random.default_rng(1).standard_normal(d.n_obs)
-        rhs = M.rhs(b)
-        base = {"t_M": _time_apply(M.matvec, rhs), "t_V": _time_apply(V.matvec, b)}
+        V, M, b, rhs, base = _problem(d, 1.0)
         rows = []
         for space, kind in kinds:
             A, x = (M, rhs) if space == "level" else (V, b)
-            t0 = time.perf_counter()
-            P = build(A, kind=kind)
-            setup = time.perf_counter() - t0
-            Pop = P.aspreconditioner()
-            ratio = apply_cost(lambda v, Pop=Pop: Pop @ v, lambda v, A=A: A @ v, x, pause=0.3)
-            its, elapsed, total_its = run_cg(A, x, Pop, maxiter=3000)
-            rows.append({"space": space, "kind": kind, "its": its, "setup": setup,
-                         "solve": elapsed, "per_it": elapsed / max(total_its, 1),
-                         "apply_in_matvecs": ratio})
-            print(nm, n, space, kind, round(ratio, 2), its, round(setup, 1), flush=True)
+            rows.append(_measure(A, x, space, kind, 3000, label=kind))
+            r = rows[-1]
+            print(nm, n, space, kind, round(r["apply_in_matvecs"], 2), r["its"],
+                  round(r["setup"], 1), flush=True)
         out[nm] = (design_facts(d), rows, base)
     return out
 
