@@ -9,19 +9,50 @@ coefficient names are rewritten to lme4's (``service[T.1]`` becomes ``service1``
 - ``(1|a/b)``: nesting, expanded to ``(1|a) + (1|a:b)``.
 
 Random slopes such as ``(x|g)`` or ``(0 + x|g)`` raise :class:`NotImplementedError`.
+
+Formula text never runs code. A formula is parsed here, not by Python, and everything
+in it must be on an allow-list before anything is evaluated:
+
+- the formula operators ``+ - * / : ** ^ %in%`` and parentheses, data columns (R names
+  such as ``Sepal.Length`` and backtick-quoted names such as ```a b```), numbers;
+- inside a call or a ``{...}`` block: data columns, numbers, ``+ - * / // % **``,
+  comparisons, ``& | ~``, and calls of :data:`ALLOWED_FUNCTIONS` (``I``, ``C`` and
+  ``factor``, ``log``, ``log1p``, ``exp``, ``sqrt``, ``abs``, ``scale``, ``center``,
+  ``poly``, ``bs``, ``np.log``-style numpy ufuncs, and in ``C(x, ...)`` the contrasts
+  ``Treatment('b')``, ``Sum``, ``Helmert``, ``Poly``, ``Diff``, ``contr.treatment`` ...,
+  with ``levels=[...]`` of literals);
+- no builtins, no other attribute access, no subscripts, strings only where ``C()``
+  takes a level or ``bs`` an option, no lambdas, comprehensions, starred or keyword
+  arguments outside the allow-list, no names starting with ``__``.
+
+Anything else raises :class:`~lmmops.errors.FormulaError` naming the offending token and
+its position, before evaluation. formulaic then evaluates the checked formula in a
+namespace holding only the allowed transforms, in which every builtin name is shadowed
+by a stub that refuses to run, and its own parse of the formula is checked against the
+same allow-list: the refusal does not depend on how formulaic tokenises a string.
+Error messages carry no terminal escape sequences.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import keyword
 import re
+import types
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import formulaic
 import numpy as np
 import pandas as pd
+from formulaic.transforms import TRANSFORMS as _FORMULAIC_TRANSFORMS
 
 from .errors import FormulaError, RankDeficientError
 
 __all__ = [
+    "ALLOWED_FUNCTIONS",
+    "FixedEffectsSpec",
     "ParsedFormula",
     "RankDeficientWarning",
     "check_full_rank",
@@ -56,83 +87,763 @@ class ParsedFormula:
     random: tuple
 
 
-def _split_top_level(s, sep):
-    out, depth, cur = [], 0, []
-    for ch in s:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        if ch == sep and depth == 0:
-            out.append("".join(cur))
-            cur = []
+# ---------------------------------------------------------------- messages
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def _printable(text):
+    """``text`` with every non-printable character written as an escape (``\\x1b``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _clean(msg):
+    """One printable line: no ANSI colour codes, formulaic's markers or control characters."""
+    msg = _ANSI.sub("", str(msg)).replace("\u29db", "").replace("\u29da", "")
+    return _printable(" ".join(msg.split()))
+
+
+def _fail(msg):
+    return FormulaError(_clean(msg))
+
+
+def _short(text, width=60):
+    text = str(text)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# ---------------------------------------------------------------- the allow-list
+# Argument kinds: a column-valued expression, one literal (number, bool or None),
+# a string, one level (a number or a string), a list of levels, a list of numbers,
+# a contrast.
+_VALUE, _LITERAL, _STRING, _LEVEL, _LEVELS, _NUMBERS, _CONTRAST_ARG = (
+    "value", "literal", "string", "level", "levels", "numbers", "contrast")
+_NUMPY_UNARY = ("abs", "absolute", "arccos", "arccosh", "arcsin", "arcsinh", "arctan",
+                "arctanh", "cbrt", "ceil", "cos", "cosh", "exp", "exp2", "expm1", "fabs",
+                "floor", "log", "log10", "log1p", "log2", "rint", "sign", "sin", "sinh",
+                "sqrt", "square", "tan", "tanh", "trunc")
+_NUMPY_BINARY = ("arctan2", "fmax", "fmin", "hypot", "maximum", "minimum", "power")
+_NUMPY_CONSTANTS = ("e", "pi")
+_BARE_UNARY = ("abs", "exp", "exp2", "expm1", "log", "log10", "log1p", "log2", "sqrt")
+_C_ARGS = ((_VALUE, _CONTRAST_ARG),
+           {"contrasts": _CONTRAST_ARG, "levels": _LEVELS, "spans_intercept": _LITERAL})
+_FUNCTIONS = {  # name -> (kinds of the positional arguments, kinds of the keywords)
+    "I": ((_VALUE,), {}),
+    "C": _C_ARGS,
+    "factor": _C_ARGS,
+    "scale": ((_VALUE, _LITERAL, _LITERAL, _LITERAL),
+              {"center": _LITERAL, "scale": _LITERAL, "ddof": _LITERAL}),
+    "center": ((_VALUE,), {}),
+    "poly": ((_VALUE, _LITERAL, _LITERAL), {"degree": _LITERAL, "raw": _LITERAL}),
+    "bs": ((_VALUE,), {"df": _LITERAL, "knots": _NUMBERS, "degree": _LITERAL,
+                       "include_intercept": _LITERAL, "lower_bound": _LITERAL,
+                       "upper_bound": _LITERAL, "extrapolation": _STRING}),
+    **{f: ((_VALUE,), {}) for f in _BARE_UNARY},
+}
+for _m in ("np", "numpy"):
+    _FUNCTIONS.update({f"{_m}.{f}": ((_VALUE,), {}) for f in _NUMPY_UNARY})
+    _FUNCTIONS.update({f"{_m}.{f}": ((_VALUE, _VALUE), {}) for f in _NUMPY_BINARY})
+    _FUNCTIONS[f"{_m}.round"] = ((_VALUE, _LITERAL), {"decimals": _LITERAL})
+    _FUNCTIONS[f"{_m}.clip"] = ((_VALUE, _VALUE, _VALUE), {})
+_CONSTANTS = {f"{m}.{c}" for m in ("np", "numpy") for c in _NUMPY_CONSTANTS}
+_TREATMENT = ((_LEVEL,), {"base": _LEVEL})
+_HELMERT = ((_LITERAL, _LITERAL), {"reverse": _LITERAL, "scale": _LITERAL})
+_POLY = ((_NUMBERS,), {"scores": _NUMBERS})
+_DIFF = ((_LITERAL,), {"backward": _LITERAL})
+_CONTRASTS = {  # allowed as the contrasts of C(), called or not
+    "Treatment": ((_LEVEL,), {"reference": _LEVEL}),
+    "Sum": ((), {}), "Helmert": _HELMERT, "Poly": _POLY, "Diff": _DIFF,
+    "contr.treatment": _TREATMENT, "contr.SAS": _TREATMENT, "contr.sum": ((), {}),
+    "contr.helmert": _HELMERT, "contr.poly": _POLY, "contr.diff": _DIFF,
+}
+_NAMESPACES = ("np", "numpy", "contr")
+
+#: Functions a formula may call (``np.f`` also as ``numpy.f``; contrasts inside ``C()``).
+ALLOWED_FUNCTIONS = tuple(sorted(k for k in _FUNCTIONS if not k.startswith("numpy."))
+                          + sorted(_CONTRASTS))
+_ALLOWED_TEXT = ("a formula may use data columns, numbers, arithmetic operators and the "
+                 "transforms of lmmops.formula.ALLOWED_FUNCTIONS (I, C or factor, log, "
+                 "exp, sqrt, abs, scale, center, poly, bs, np.log-style ufuncs, ...)")
+
+
+class _Refused:
+    """Stands in for a builtin or an unlisted transform in the evaluation namespace."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise _fail(f"'{self.name}' is not allowed in a formula; {_ALLOWED_TEXT}")
+
+    def __repr__(self):
+        return f"<refused {self.name}>"
+
+
+def _evaluation_context():
+    t = _FORMULAIC_TRANSFORMS
+    npns = types.SimpleNamespace(**{f: getattr(np, f) for f in
+                                    _NUMPY_UNARY + _NUMPY_BINARY + ("round", "clip")},
+                                 **{c: getattr(np, c) for c in _NUMPY_CONSTANTS})
+    contr = types.SimpleNamespace(**{k.split(".")[1]: getattr(t["contr"], k.split(".")[1])
+                                     for k in _CONTRASTS if k.startswith("contr.")})
+    ctx = {name: _Refused(name) for name in dir(builtins)}
+    ctx.update({name: _Refused(name) for name in t})
+    ctx.update({f: getattr(np, f) for f in _BARE_UNARY})
+    ctx.update({k: t[k] for k in ("I", "C", "scale", "center", "poly", "bs", "Treatment",
+                                  "Sum", "Helmert", "Poly", "Diff")})
+    ctx.update(factor=t["C"], np=npns, numpy=npns, contr=contr)
+    return types.MappingProxyType(ctx)
+
+
+# The only namespace formulaic evaluates formula code in (besides the data's columns).
+_CONTEXT = _evaluation_context()
+
+
+# ---------------------------------------------------------------- where an error is
+class _Where:
+    """Names the formula text being checked, for messages."""
+
+    def __init__(self, what, text):
+        self.text = text
+        self.label = f"{what} '{_short(text, 200)}'"
+
+    def error(self, msg, pos=None):
+        at = "" if pos is None else f" at character {pos + 1}"
+        return _fail(f"{self.label}: {msg}{at}")
+
+    def refuse(self, what, token, pos=None):
+        at = "" if pos is None else f" at character {pos + 1}"
+        return _fail(f"{self.label}: {what} '{_short(token)}'{at} is not allowed; "
+                     f"{_ALLOWED_TEXT}")
+
+
+def _is_dunder(name):
+    return any(part.startswith("__") for part in str(name).split("."))
+
+
+# ---------------------------------------------------------------- Python inside calls
+_BIN_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow,
+            ast.BitAnd, ast.BitOr)
+_UNARY_OPS = (ast.USub, ast.UAdd, ast.Invert)
+_CMP_OPS = (ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq)
+_MAX_LITERAL_EXPONENT = 64
+_KIND_NAMES = {
+    ast.Lambda: "lambda", ast.ListComp: "list comprehension", ast.SetComp: "set comprehension",
+    ast.DictComp: "dict comprehension", ast.GeneratorExp: "generator expression",
+    ast.Subscript: "subscript", ast.Starred: "starred argument", ast.Slice: "slice",
+    ast.NamedExpr: "assignment expression", ast.IfExp: "conditional expression",
+    ast.Dict: "dict", ast.Set: "set", ast.List: "list", ast.Tuple: "tuple",
+    ast.JoinedStr: "f-string", ast.BoolOp: "'and'/'or'", ast.Await: "await",
+    ast.Yield: "yield", ast.YieldFrom: "yield", ast.Attribute: "attribute access",
+    ast.Constant: "literal", ast.Call: "call", ast.Name: "name",
+}
+
+
+def _dotted(node):
+    """``np.log`` for ``Attribute(Name('np'), 'log')``; None for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _unquote(src):
+    """Replace backtick-quoted names by placeholder identifiers.
+
+    Returns the new text, a map placeholder -> quoted name, and the list of
+    (position in the new text, shift to the old position) at each replacement.
+    """
+    out, aliases, shifts, i, k = [], {}, [], 0, 0
+    while i < len(src):
+        ch = src[i]
+        j = _quote_end(src, i) if ch in "'\"`" else i + 1
+        if j < 0:  # unterminated: the parser reports it
+            j = len(src)
+        if ch in "'\"":
+            out.append(src[i:j])
+            i = j
+        elif ch == "`":
+            while f"_q{k}_" in src:
+                k += 1
+            name = f"_q{k}_"
+            aliases[name] = src[i + 1:j - 1]
+            out.append(name)
+            pos = sum(len(p) for p in out)
+            shifts.append((pos, j - pos))
+            k += 1
+            i = j
         else:
-            cur.append(ch)
-    out.append("".join(cur))
-    return out
-
-
-def _random_terms(rhs):
-    """Find ``( lhs | rhs )`` groups at any position; return (terms, remaining fixed text)."""
-    terms, keep, i = [], [], 0
-    while i < len(rhs):
-        if rhs[i] == "(":
-            depth, j = 0, i
-            while j < len(rhs):
-                if rhs[j] == "(":
-                    depth += 1
-                elif rhs[j] == ")":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j += 1
-            if depth != 0:
-                raise FormulaError(f"unbalanced parentheses in formula right-hand side '{rhs}'")
-            inner = rhs[i + 1:j]
-            if "|" in _strip_nested(inner):
-                terms.append(inner)
-                keep.append(" ")
-            else:
-                keep.append(rhs[i:j + 1])
-            i = j + 1
-        else:
-            keep.append(rhs[i])
-            i += 1
-    return terms, "".join(keep)
-
-
-def _strip_nested(s):
-    """Text of ``s`` with nested parenthesised groups removed (to find a top-level bar)."""
-    out, depth = [], 0
-    for ch in s:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif depth == 0:
             out.append(ch)
-    return "".join(out)
+            i += 1
+    return "".join(out), aliases, shifts
 
 
-def _expand_grouping(expr, term):
-    expr = expr.strip()
-    if not expr:
-        raise FormulaError(f"random term '({term})' has no grouping factor after '|'")
-    if "/" in expr:
-        parts = [p.strip() for p in expr.split("/")]
-        if any(not p for p in parts):
-            raise FormulaError(f"cannot parse nesting in random term '({term})'")
-        return [":".join(parts[: i + 1]) for i in range(len(parts))]
-    if "+" in expr or "*" in expr or "(" in expr:
-        raise FormulaError(
-            f"grouping factor '{expr}' in '({term})' is not supported; use a column name, "
-            "a:b for an interaction or a/b for nesting"
-        )
-    return [":".join(p.strip() for p in expr.split(":"))]
+def _quote_end(text, i):
+    """Index after the string literal (or backtick name) opened at ``text[i]``."""
+    q, k, n = text[i], i + 1, len(text)
+    while k < n and text[k] != q:
+        k += 2 if (text[k] == "\\" and q != "`") else 1
+    return k + 1 if k < n else -1
+
+
+class _PythonCheck:
+    """Walk the ast of the Python code in a call or ``{...}`` block with the allow-list.
+
+    ``columns`` is the set of data columns, or None to check the structure only (a name
+    is then taken to be a column).
+    """
+
+    def __init__(self, where, columns):
+        self.where = where
+        self.columns = columns
+
+    def run(self, src, pos=None):
+        self.pos = pos
+        sub, self.aliases, self.shifts = _unquote(src)
+        body = sub.strip()
+        self.lead = len(sub) - len(sub.lstrip())
+        self.src = body
+        try:
+            tree = ast.parse(body, mode="eval")
+        except SyntaxError as exc:
+            off = max(0, min((exc.offset or 1) - 1, len(body)))
+            raise self.where.error(f"cannot parse '{_short(src)}' ({exc.msg})",
+                                   self._at(off)) from None
+        except (RecursionError, MemoryError, ValueError):
+            raise self.where.error(f"'{_short(src)}' is too deeply nested or too large",
+                                   pos) from None
+        try:
+            self.visit(tree.body, _VALUE)
+        except RecursionError:
+            raise self.where.error(f"'{_short(src)}' is too deeply nested", pos) from None
+
+    # positions and text of a node, in the formula's terms
+    def _at(self, off):
+        if self.pos is None:
+            return None
+        off += self.lead
+        shift = 0
+        for p, s in self.shifts:
+            if p <= off:
+                shift = s
+        return self.pos + off + shift
+
+    def _node_pos(self, node):
+        line = self.src.encode("utf-8")[: node.col_offset]
+        return self._at(len(line.decode("utf-8", "ignore")))
+
+    def _text(self, node):
+        seg = ast.get_source_segment(self.src, node) or type(node).__name__
+        for alias, name in self.aliases.items():
+            seg = seg.replace(alias, f"`{name}`")
+        return seg
+
+    def _refuse(self, what, node):
+        return self.where.refuse(what, self._text(node), self._node_pos(node))
+
+    # the walk
+    def visit(self, node, kind):
+        if kind == _VALUE:
+            return self._value(node)
+        if kind == _CONTRAST_ARG:
+            return self._contrast(node)
+        if kind in (_LEVELS, _NUMBERS):
+            if not isinstance(node, (ast.List, ast.Tuple)):
+                raise self._refuse(f"{_KIND_NAMES.get(type(node), 'expression')} (a list "
+                                   "of literals is expected here)", node)
+            for elt in node.elts:
+                self.visit(elt, _LEVEL if kind == _LEVELS else _LITERAL)
+            return None
+        return self._literal(node, kind)
+
+    def _literal(self, node, kind):
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            node = node.operand
+            numeric_only = True
+        else:
+            numeric_only = False
+        if isinstance(node, ast.Constant):
+            v = node.value
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            ok = {_LITERAL: number or (not numeric_only and (v is None or isinstance(v, bool))),
+                  _STRING: isinstance(v, str) and not numeric_only,
+                  _LEVEL: number or (not numeric_only and isinstance(v, (str, bool)))}[kind]
+            if ok:
+                return None
+        raise self._refuse(f"{_KIND_NAMES.get(type(node), 'expression')} (a literal is "
+                           "expected here)", node)
+
+    def _name(self, node):
+        name = self.aliases.get(node.id)
+        if name is None:
+            name = node.id
+            if _is_dunder(name):
+                raise self._refuse("dunder name", node)
+        if self.columns is None or name in self.columns:
+            return
+        if name in _FUNCTIONS or name in _CONTRASTS or name in _NAMESPACES:
+            raise self.where.error(f"'{name}' is a function or namespace, not a data "
+                                   f"column (call it, as {name}(x))", self._node_pos(node))
+        raise _unknown_column(name, self.where, self.columns)
+
+    def _value(self, node):
+        if isinstance(node, ast.Constant):
+            v = node.value
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return
+            raise self._refuse("string or other literal" if isinstance(v, (str, bytes))
+                               else "literal", node)
+        if isinstance(node, ast.Name):
+            return self._name(node)
+        if isinstance(node, ast.Attribute):
+            dotted = _dotted(node)
+            if _is_dunder(node.attr) or (dotted is not None and _is_dunder(dotted)):
+                raise self.where.refuse("dunder name", node.attr, self._node_pos(node))
+            if dotted in _CONSTANTS:
+                return
+            if dotted is None:  # report what is refused inside first
+                self._value(node.value)
+            raise self._refuse("attribute access", node)
+        if isinstance(node, ast.Call):
+            return self._call(node, _FUNCTIONS)
+        if isinstance(node, ast.BinOp):
+            if not isinstance(node.op, _BIN_OPS):
+                raise self._refuse(f"operator {type(node.op).__name__}", node)
+            if isinstance(node.op, ast.Pow):
+                self._check_power(node)
+            self._value(node.left)
+            return self._value(node.right)
+        if isinstance(node, ast.UnaryOp):
+            if not isinstance(node.op, _UNARY_OPS):
+                raise self._refuse(f"operator {type(node.op).__name__}", node)
+            return self._value(node.operand)
+        if isinstance(node, ast.Compare):
+            for op in node.ops:
+                if not isinstance(op, _CMP_OPS):
+                    raise self._refuse(f"comparison {type(op).__name__}", node)
+            for sub in (node.left, *node.comparators):
+                self._value(sub)
+            return None
+        raise self._refuse(_KIND_NAMES.get(type(node), f"{type(node).__name__} expression"),
+                           node)
+
+    def _contrast(self, node):
+        target = node.func if isinstance(node, ast.Call) else node
+        dotted = _dotted(target)
+        if dotted is not None and _is_dunder(dotted):
+            raise self._refuse("dunder name", target)
+        if isinstance(node, ast.Call):
+            return self._call(node, _CONTRASTS)
+        if dotted in _CONTRASTS:
+            return None
+        raise self._refuse(f"{_KIND_NAMES.get(type(node), 'expression')} as a contrast (use "
+                           "Treatment('level'), Sum, Helmert, Poly, Diff or contr.*)", node)
+
+    def _call(self, node, table):
+        dotted = _dotted(node.func)
+        if dotted is None:  # report what is refused inside first
+            self._value(node.func)
+            raise self._refuse("call of a computed function", node)
+        if _is_dunder(dotted):
+            raise self._refuse("dunder name", node.func)
+        if dotted not in table:
+            raise self._refuse("call of", node.func)
+        head = dotted.split(".")[0]
+        if self.columns is not None and head in self.columns:
+            raise self.where.error(f"data column '{head}' hides the transform {dotted}(); "
+                                   "rename the column", self._node_pos(node))
+        positional, keywords = table[dotted]
+        if len(node.args) > len(positional):
+            raise self._refuse(f"{dotted}() with {len(node.args)} positional arguments "
+                               f"(at most {len(positional)}) in", node)
+        for arg, kind in zip(node.args, positional):
+            if isinstance(arg, ast.Starred):
+                raise self._refuse("starred argument", arg)
+            self.visit(arg, kind)
+        for kw in node.keywords:
+            if kw.arg is None:
+                raise self._refuse("** argument", kw.value)
+            if kw.arg not in keywords:
+                raise self.where.refuse(f"keyword argument of {dotted}()", kw.arg,
+                                        self._node_pos(kw.value))
+            self.visit(kw.value, keywords[kw.arg])
+        return None
+
+    def _check_power(self, node):
+        """No unbounded integer powers: a column-free exponent is a small literal."""
+        if _mentions_column(node.right):
+            return
+        exp = node.right.operand if isinstance(node.right, ast.UnaryOp) else node.right
+        small = (isinstance(exp, ast.Constant) and isinstance(exp.value, (int, float))
+                 and not isinstance(exp.value, bool)
+                 and abs(exp.value) <= _MAX_LITERAL_EXPONENT)
+        base_ok = _mentions_column(node.left) or (
+            isinstance(node.left, ast.Constant) and isinstance(node.left.value, (int, float)))
+        if not (small and base_ok):
+            raise self._refuse(f"power (a constant exponent must be a literal of at most "
+                               f"{_MAX_LITERAL_EXPONENT} on a column or a number)", node)
+
+
+def _mentions_column(node):
+    funcs = {id(n.func) for n in ast.walk(node) if isinstance(n, ast.Call)}
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and id(n) not in funcs and n.id not in _NAMESPACES:
+            return True
+    return False
+
+
+def _unknown_column(name, where, columns):
+    return _fail(f"unknown column '{name}' in the {where.label}; available columns: "
+                 f"{', '.join(map(str, sorted(columns, key=str)))}")
+
+
+# ---------------------------------------------------------------- formula level
+class _Tok(NamedTuple):
+    kind: str  # name, qname, num, op, py (a call), block ({...}), end
+    text: str
+    start: int
+    end: int
+
+
+class _Node(NamedTuple):
+    kind: str  # atom, bin, neg, group, random
+    start: int
+    end: int
+    op: str = ""
+    parts: tuple = ()
+    tok: _Tok | None = None
+
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+  | (?P<name>(?:[^\W\d]|\.)[\w.]*)
+  | (?P<qname>`[^`]*`)
+  | (?P<op>\*\*|\|\||%in%|[-+*/:^~|()])
+""", re.VERBOSE)
+_ATTR = re.compile(r"\.[^\W\d]\w*")
+_PAIRS = {"(": ")", "[": "]", "{": "}"}
+_MAX_DEPTH = 50
+_MAX_LENGTH = 100_000
+
+
+def _closing(text, i, where):
+    """Index after the bracket matching ``text[i]``, skipping string literals."""
+    stack, j, n = [], i, len(text)
+    while j < n:
+        ch = text[j]
+        if ch in "'\"`":
+            k = _quote_end(text, j)
+            if k < 0:
+                raise where.error(f"unterminated quote {ch}", j)
+            j = k
+            continue
+        if ch in _PAIRS:
+            stack.append(_PAIRS[ch])
+        elif ch in ")]}":
+            if stack.pop() != ch:
+                raise where.error(f"unbalanced brackets: '{ch}' does not close "
+                                  f"'{text[i]}'", j)
+            if not stack:
+                return j + 1
+        j += 1
+    raise where.error(f"unbalanced parentheses: '{text[i]}' is never closed", i)
+
+
+def _tokenize(text, start, where):
+    toks, i, n = [], start, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "'\"":
+            raise where.refuse("string literal (strings are only allowed as levels inside "
+                               "C() or options of bs())", text[i:_quote_end(text, i)], i)
+        if ch == "{":
+            j = _closing(text, i, where)
+            toks.append(_Tok("block", text[i:j], i, j))
+            i = j
+            continue
+        m = _TOKEN.match(text, i)
+        if m is None:
+            raise where.refuse("character", ch, i)
+        kind, j = m.lastgroup, m.end()
+        if kind == "ws":
+            i = j
+            continue
+        if kind == "name" and j < n and text[j] in "([":
+            while j < n and text[j] in "([":  # a call: name(...)(...)[...].attr ...
+                j = _closing(text, j, where)
+                attr = _ATTR.match(text, j)
+                if attr:
+                    j = attr.end()
+            kind = "py"
+        toks.append(_Tok(kind, text[i:j], i, j))
+        i = j
+    toks.append(_Tok("end", "", n, n))
+    return toks
+
+
+class _Parser:
+    """Recursive descent over formula tokens, with formulaic's precedences.
+
+    ``sum: ['-'] prod (('+'|'-') prod)*``, ``prod: inter (('*'|'/'|'%in%') inter)*``,
+    ``inter: power (':' power)*``, ``power: atom (('**'|'^') number)*``,
+    ``atom: name | `name` | number | call | {block} | '(' sum ')' | '(' sum '|' grouping ')'``.
+    """
+
+    def __init__(self, text, start, where):
+        self.text, self.where = text, where
+        self.toks = _tokenize(text, start, where)
+        self.i = 0
+        self.depth = 0
+
+    def peek(self):
+        return self.toks[self.i]
+
+    def take(self):
+        tok = self.toks[self.i]
+        self.i += 1
+        return tok
+
+    def at_op(self, *ops):
+        tok = self.peek()
+        return tok.kind == "op" and tok.text in ops
+
+    def parse(self):
+        node = self.parse_sum()
+        self.expect_end(node)
+        return node
+
+    def expect_end(self, node, closer=None):
+        tok = self.peek()
+        if closer is not None and tok.kind == "op" and tok.text == closer:
+            return self.take()
+        if tok.kind == "end":
+            if closer is None:
+                return tok
+            raise self.where.error("unbalanced parentheses: '(' is never closed",
+                                   self.open_pos)
+        if tok.kind == "op" and tok.text == ")":
+            raise self.where.error("unbalanced parentheses: ')' has no matching '('",
+                                   tok.start)
+        if tok.kind == "op" and tok.text == "~":
+            raise self.where.error("more than one '~'", tok.start)
+        if tok.kind == "op" and tok.text in ("|", "||"):
+            raise self.where.error(f"'{tok.text}' outside parentheses (write random terms "
+                                   "as (1|g))", tok.start)
+        prev = self.text[node.start:node.end]
+        raise self.where.error(f"missing '+' between '{_short(prev, 40)}' and "
+                               f"'{_short(tok.text, 40)}'", tok.start)
+
+    def operand_expected(self):
+        tok = self.peek()
+        prev = self.toks[self.i - 1] if self.i else None
+        if prev is not None and prev.kind == "op" and prev.text not in ("(", ")"):
+            if tok.kind == "end":
+                return self.where.error(f"'{prev.text}' has no term after it (a trailing "
+                                        f"'{prev.text}')", prev.start)
+            return self.where.error(f"'{prev.text}' is followed by '{tok.text}' instead of "
+                                    "a term", tok.start)
+        if tok.kind == "end":
+            return self.where.error("a term is missing", tok.start)
+        return self.where.error(f"'{tok.text}' has no term before it", tok.start)
+
+    def parse_sum(self):
+        if self.at_op("-"):
+            tok = self.take()
+            operand = self.parse_prod()
+            node = _Node("neg", tok.start, operand.end, "-", (operand,))
+        else:
+            node = self.parse_prod()
+        while self.at_op("+", "-"):
+            op = self.take().text
+            right = self.parse_prod()
+            node = _Node("bin", node.start, right.end, op, (node, right))
+        return node
+
+    def _binary(self, ops, sub):
+        node = sub()
+        while self.at_op(*ops):
+            op = self.take().text
+            right = sub()
+            node = _Node("bin", node.start, right.end, op, (node, right))
+        return node
+
+    def parse_prod(self):
+        return self._binary(("*", "/", "%in%"), self.parse_inter)
+
+    def parse_inter(self):
+        return self._binary((":",), self.parse_power)
+
+    def parse_power(self):
+        node = self.parse_atom()
+        while self.at_op("**", "^"):
+            op = self.take()
+            tok = self.take()
+            if tok.kind != "num":
+                raise self.where.error(f"the exponent of '{op.text}' must be a number, got "
+                                       f"'{tok.text}'", tok.start)
+            node = _Node("bin", node.start, tok.end, op.text,
+                         (node, _Node("atom", tok.start, tok.end, tok=tok)))
+        return node
+
+    def parse_atom(self):
+        tok = self.peek()
+        if tok.kind in ("name", "qname", "num", "py", "block"):
+            self.take()
+            return _Node("atom", tok.start, tok.end, tok=tok)
+        if not (tok.kind == "op" and tok.text == "("):
+            raise self.operand_expected()
+        self.take()
+        self.depth += 1
+        if self.depth > _MAX_DEPTH:
+            raise self.where.error(f"more than {_MAX_DEPTH} nested parentheses", tok.start)
+        bar = self._bar_ahead()
+        inner = self.parse_sum()
+        if bar:
+            node = self.parse_random(tok, inner)
+        else:
+            self.open_pos = tok.start
+            close = self.expect_end(inner, ")")
+            node = _Node("group", tok.start, close.end, parts=(inner,))
+        self.depth -= 1
+        return node
+
+    def _bar_ahead(self):
+        depth = 0
+        for tok in self.toks[self.i:]:
+            if tok.kind == "op" and tok.text == "(":
+                depth += 1
+            elif tok.kind == "op" and tok.text == ")":
+                if depth == 0:
+                    return False
+                depth -= 1
+            elif tok.kind == "op" and tok.text in ("|", "||") and depth == 0:
+                return True
+        return False
+
+    def parse_random(self, open_tok, left):
+        if not self.at_op("|", "||"):
+            self.open_pos = open_tok.start
+            self.expect_end(left, "|")  # raises: something between the effects and '|'
+        bar = self.take()
+        group, depth = [], 0
+        while True:
+            tok = self.take()
+            if tok.kind == "end":
+                raise self.where.error("unbalanced parentheses: '(' is never closed",
+                                       open_tok.start)
+            if tok.kind == "op" and tok.text == ")":
+                if depth == 0:
+                    break
+                depth -= 1
+            elif tok.kind == "op" and tok.text == "(":
+                depth += 1
+            group.append(tok)
+        close = tok
+        return _Node("random", open_tok.start, close.end, bar.text, (left, tuple(group)))
+
+
+def _terms(node):
+    """The top-level sum as a list of (sign, node)."""
+    if node.kind == "bin" and node.op in ("+", "-"):
+        return _terms(node.parts[0]) + [(node.op, node.parts[1])]
+    if node.kind == "neg":
+        return [("-", node.parts[0])]
+    return [("+", node)]
+
+
+def _check_fixed(node, where, columns):
+    """Check a fixed-effects node: every atom on the allow-list, no random term inside."""
+    if node.kind == "random":
+        raise where.error(f"random term '{where.text[node.start:node.end]}' must be added "
+                          "to the model with '+' at the top level", node.start)
+    if node.kind != "atom":
+        for part in node.parts:
+            _check_fixed(part, where, columns)
+        return
+    tok = node.tok
+    if tok.kind == "py":
+        _PythonCheck(where, columns).run(tok.text, tok.start)
+    elif tok.kind == "block":
+        _PythonCheck(where, columns).run(tok.text[1:-1], tok.start + 1)
+    elif tok.kind in ("name", "qname"):
+        name = tok.text[1:-1] if tok.kind == "qname" else tok.text
+        if tok.kind == "name" and _is_dunder(name):
+            raise where.refuse("dunder name", name, tok.start)
+        if tok.kind == "name" and keyword.iskeyword(name):
+            raise where.refuse(f"Python keyword (quote a column of that name as `{name}`)",
+                               name, tok.start)
+        if tok.kind == "name" and name.strip(".") == "":
+            raise where.refuse("name", name, tok.start)
+        if columns is not None and name not in columns:
+            raise _unknown_column(name, where, columns)
+
+
+def _random_grouping(node, where):
+    """Grouping factors of a random term: ``g``, ``a:b`` or ``a/b`` (-> ``a``, ``a:b``)."""
+    term = where.text[node.start + 1:node.end - 1].strip()
+    toks = node.parts[1]
+    if not toks:
+        raise where.error(f"random term '({term})' has no grouping factor after "
+                          f"'{node.op}'", node.end - 1)
+    names, ops = toks[0::2], toks[1::2]
+    ok = (len(toks) % 2 == 1 and all(t.kind in ("name", "qname") for t in names)
+          and all(t.kind == "op" and t.text in (":", "/") for t in ops))
+    if not ok:
+        expr = where.text[toks[0].start:toks[-1].end]
+        raise where.error(f"grouping factor '{expr}' in '({term})' is not supported; use a "
+                          "column name, a:b for an interaction or a/b for nesting",
+                          toks[0].start)
+    for t in names:
+        if t.kind == "name" and _is_dunder(t.text):
+            raise where.refuse("dunder name", t.text, t.start)
+    parts, cur = [], [names[0]]
+    for op, t in zip(ops, names[1:]):
+        if op.text == "/":
+            parts.append(cur)
+            cur = []
+        cur.append(t)
+    parts.append(cur)
+    labels = [":".join(t.text[1:-1] if t.kind == "qname" else t.text for t in p)
+              for p in parts]
+    return [":".join(labels[: i + 1]) for i in range(len(labels))]
+
+
+def _random_intercept_only(node, where):
+    left = node.parts[0]
+    _check_fixed(left, where, None)
+    ones = all(sign == "+" and n.kind == "atom" and n.tok.kind == "num"
+               and n.tok.text == "1" for sign, n in _terms(left))
+    if not ones:
+        term = where.text[node.start + 1:node.end - 1].strip()
+        raise NotImplementedError(_clean(
+            f"random slopes are not supported yet: '({term})' has effects "
+            f"'{where.text[left.start:left.end]}'; only random intercepts (1|g) are "
+            "implemented"))
+
+
+def _normalise(text, what):
+    if not isinstance(text, str):
+        raise _fail(f"the {what} must be a string, got {type(text).__name__}")
+    if len(text) > _MAX_LENGTH:
+        raise _fail(f"the {what} is {len(text)} characters long, more than {_MAX_LENGTH}")
+    for i, ch in enumerate(text):
+        if not ch.isprintable() and ch not in "\t\n\r":
+            raise _fail(f"the {what} '{_printable(_short(text))}' has a control character "
+                        f"{_printable(ch)} at character {i + 1}")
+    return text.replace("\t", " ").replace("\n", " ").replace("\r", " ")
 
 
 def parse_formula(formula):
     """Parse an lme4 formula with random intercepts.
+
+    The right-hand side is parsed and checked against the formula allow-list (see the
+    module documentation) without looking at any data and without evaluating anything.
 
     Parameters
     ----------
@@ -146,7 +857,10 @@ def parse_formula(formula):
     Raises
     ------
     FormulaError
-        If there is no ``~``, no response, no random term, or a term cannot be parsed.
+        If there is no ``~``, no response, no random term, a term cannot be parsed (a
+        trailing ``+``, two terms without ``+``, unbalanced parentheses), or the formula
+        uses anything outside the allow-list (the message names the token and its
+        position).
     NotImplementedError
         For random slopes such as ``(x|g)``.
 
@@ -155,39 +869,43 @@ def parse_formula(formula):
     >>> pf = parse_formula("y ~ x + (1|a/b) + (1|c)")
     >>> pf.response, pf.fixed, pf.random
     ('y', 'x', ('a', 'a:b', 'c'))
+    >>> parse_formula("y ~ x + (1|g) +")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    lmmops.errors.FormulaError: formula 'y ~ x + (1|g) +': '+' has no term after it ...
     """
     if not isinstance(formula, str) or "~" not in formula:
-        raise FormulaError(f"a formula needs the form 'response ~ terms', got {formula!r}")
-    lhs, rhs = formula.split("~", 1)
-    lhs = lhs.strip()
-    if not lhs:
-        raise FormulaError(f"formula {formula!r} has no response on the left of '~'")
-    if "~" in rhs:
-        raise FormulaError(f"formula {formula!r} has more than one '~'")
-    terms, fixed_text = _random_terms(rhs)
-    if not terms:
-        raise FormulaError(
-            f"formula {formula!r} has no random-effects term such as (1|group); lmmops fits "
+        raise _fail(f"a formula needs the form 'response ~ terms', got {_short(repr(formula))}")
+    text = _normalise(formula, "formula")
+    where = _Where("formula", text)
+    lhs = text.split("~", 1)[0]
+    response = lhs.strip()
+    if not response:
+        raise _fail(f"formula '{_short(text.strip())}' has no response on the left of '~'")
+    if len(response) > 1 and response[0] == response[-1] == "`":
+        response = response[1:-1]
+    terms = _terms(_Parser(text, len(lhs) + 1, where).parse())
+    groups, fixed = [], []
+    for sign, node in terms:
+        if node.kind != "random":
+            _check_fixed(node, where, None)
+            fixed.append((sign, text[node.start:node.end]))
+            continue
+        if sign != "+":
+            raise where.error(f"random term '{text[node.start:node.end]}' must be added "
+                              "with '+', not subtracted", node.start)
+        _random_intercept_only(node, where)
+        for g in _random_grouping(node, where):
+            if g in groups:
+                raise _fail(f"grouping factor '{g}' appears twice in {where.label}")
+            groups.append(g)
+    if not groups:
+        raise _fail(
+            f"{where.label} has no random-effects term such as (1|group); lmmops fits "
             "mixed models (use ordinary least squares for a purely fixed model)"
         )
-    groups = []
-    for term in terms:
-        bar = "||" if "||" in term else "|"
-        left, right = term.split(bar, 1)
-        left_terms = {t.strip() for t in left.split("+")}
-        if left_terms != {"1"}:
-            raise NotImplementedError(
-                f"random slopes are not supported yet: '({term.strip()})' has effects "
-                f"'{left.strip()}'; only random intercepts (1|g) are implemented"
-            )
-        for g in _expand_grouping(right, term.strip()):
-            if g in groups:
-                raise FormulaError(f"grouping factor '{g}' appears twice in {formula!r}")
-            groups.append(g)
-    pieces = [p.strip() for p in _split_top_level(fixed_text, "+")]
-    pieces = [p for p in pieces if p]
-    fixed = " + ".join(pieces) if pieces else "1"
-    return ParsedFormula(formula.strip(), lhs, fixed, tuple(groups))
+    pieces = [("-" if sign == "-" else "") + t if i == 0 else f"{sign} {t}"
+              for i, (sign, t) in enumerate(fixed)]
+    return ParsedFormula(formula.strip(), response, " ".join(pieces) or "1", tuple(groups))
 
 
 _CONTRAST = re.compile(r"\[(?:T\.)?([^\]]*)\]")
@@ -218,8 +936,75 @@ def lme4_names(columns):
     return out
 
 
+class FixedEffectsSpec:
+    """formulaic's model spec of a checked fixed part, evaluated only in the sandbox.
+
+    Rebuilds the same columns (same factor levels, contrasts and transform state) for
+    new data, in the same restricted namespace as the fit.
+
+    Parameters
+    ----------
+    model_spec : formulaic.ModelSpec
+
+    Attributes
+    ----------
+    model_spec : formulaic.ModelSpec
+    """
+
+    def __init__(self, model_spec):
+        self.model_spec = model_spec
+
+    def get_model_matrix(self, data, **kwargs):
+        """Model matrix of ``data`` (keywords as formulaic's ``ModelSpec.get_model_matrix``).
+
+        Parameters
+        ----------
+        data : pandas.DataFrame
+        **kwargs
+            Passed to formulaic, e.g. ``na_action="raise"``.
+
+        Returns
+        -------
+        formulaic.ModelMatrix
+
+        Raises
+        ------
+        FormulaError
+            If formulaic cannot build the matrix (the message is formulaic's, cleaned).
+        """
+        try:
+            return self.model_spec.get_model_matrix(data, context=_CONTEXT, **kwargs)
+        except FormulaError:
+            raise
+        except Exception as exc:  # formulaic raises several types
+            raise _fail(exc) from None
+
+
+def _check_formulaic(formula, where, columns):
+    """Check formulaic's own parse: every factor it would evaluate is on the allow-list."""
+    if not isinstance(formula, formulaic.formula.SimpleFormula):
+        raise where.error("formulaic reads it as a structured formula (with '|' or '~')")
+    for term in formula:
+        for factor in term.factors:
+            method = factor.eval_method.value
+            if method == "python":
+                _PythonCheck(where, columns).run(factor.expr)
+            elif method == "lookup":
+                if factor.expr not in columns:
+                    raise _unknown_column(factor.expr, where, columns)
+            else:
+                try:
+                    float(factor.expr)
+                except ValueError:
+                    raise where.refuse("literal", factor.expr) from None
+
+
 def fixed_effects_matrix(fixed, data, return_spec=False):
-    """Build the fixed-effects model matrix with formulaic.
+    """Build the fixed-effects model matrix with formulaic, inside the formula sandbox.
+
+    ``fixed`` is parsed and checked against the allow-list and the data's columns, then
+    formulaic's parse of it is checked the same way, and formulaic evaluates it in a
+    namespace holding only the allowed transforms (see the module documentation).
 
     Parameters
     ----------
@@ -227,7 +1012,7 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
         Right-hand side of the fixed part (``"1 + service"``).
     data : pandas.DataFrame
     return_spec : bool
-        Also return formulaic's model spec, which rebuilds the same columns (same factor
+        Also return the model spec, which rebuilds the same columns (same factor
         levels and contrasts) for new data.
 
     Returns
@@ -235,46 +1020,61 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
     X : ndarray of float64, shape (n_obs, p)
     names : list of str
         lme4-style coefficient names.
-    spec : formulaic.ModelSpec
+    spec : FixedEffectsSpec
         Only with ``return_spec=True``.
 
     Raises
     ------
     FormulaError
-        For an unknown column, a missing value, or a term formulaic cannot evaluate.
-    """
-    import formulaic
+        For an unknown column, a missing value, anything outside the allow-list, or a
+        term formulaic cannot evaluate.
 
-    spec = fixed.replace("factor(", "C(")
+    Examples
+    --------
+    >>> df = pd.DataFrame({"x": [1.0, 2.0, 4.0], "f": ["a", "b", "a"]})
+    >>> X, names = fixed_effects_matrix("log(x) + f", df)
+    >>> names
+    ['(Intercept)', 'log(x)', 'fb']
+    >>> fixed_effects_matrix("I(open('/etc/passwd'))", df)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    lmmops.errors.FormulaError: fixed effects ...: call of 'open' at character 3 is not allowed
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise _fail(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    text = _normalise(fixed, "fixed effects")
+    where = _Where("fixed effects", text)
+    columns = {c for c in data.columns if isinstance(c, str)}
+    for _, node in _terms(_Parser(text, 0, where).parse()):
+        _check_fixed(node, where, columns)
     try:
-        mm = formulaic.model_matrix(spec, data, na_action="raise")
+        formula = formulaic.Formula(text)
+    except Exception as exc:  # formulaic raises several types; name the problem
+        raise where.error(f"formulaic cannot parse it: {exc}") from None
+    _check_formulaic(formula, where, columns)
+    try:
+        mm = formulaic.model_matrix(formula, data, context=_CONTEXT, na_action="raise")
+    except FormulaError:
+        raise
     except Exception as exc:  # formulaic raises several types; name the problem
         msg = str(exc)
-        m = re.search(r"`([^`]+)` is not present", msg)
-        if m:
-            raise FormulaError(
-                f"unknown column '{m.group(1)}' in the fixed effects '{fixed}'; available "
-                f"columns: {', '.join(map(str, data.columns))}"
-            ) from None
         m = re.search(r"`([^`]+)` contains null values", msg)
         if m:
             col = m.group(1)
             nbad = int(data[col].isna().sum()) if col in data.columns else -1
-            raise FormulaError(
+            raise _fail(
                 f"column '{col}' in the fixed effects has {nbad} missing value(s); remove or "
                 "impute them before fitting (lmmops never drops rows silently)"
             ) from None
-        raise FormulaError(f"cannot build the fixed effects '{fixed}': {msg}") from None
+        raise _fail(f"cannot build the fixed effects '{_short(text)}': {msg}") from None
     X = np.asarray(mm, dtype=np.float64)
     names = lme4_names([str(c) for c in mm.columns])
-    names = [n.replace("C(", "factor(") if "factor(" in fixed else n for n in names]
     if X.shape[0] != len(data):
-        raise FormulaError("the fixed-effects matrix lost rows; check for missing values")
+        raise _fail("the fixed-effects matrix lost rows; check for missing values")
     if not np.all(np.isfinite(X)):
         bad = [names[j] for j in range(X.shape[1]) if not np.all(np.isfinite(X[:, j]))]
-        raise FormulaError(f"fixed-effect column(s) {bad} contain non-finite values")
+        raise _fail(f"fixed-effect column(s) {bad} contain non-finite values")
     if return_spec:
-        return X, names, mm.model_spec
+        return X, names, FixedEffectsSpec(mm.model_spec)
     return X, names
 
 
@@ -417,7 +1217,7 @@ def response_vector(data, name):
         If the column is unknown, not numeric, or has missing or infinite values.
     """
     if name not in data.columns:
-        raise FormulaError(
+        raise _fail(
             f"unknown response column '{name}'; available columns: "
             f"{', '.join(map(str, data.columns))}"
         )
@@ -425,7 +1225,7 @@ def response_vector(data, name):
     if isinstance(col.dtype, pd.CategoricalDtype) or not (
         pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
     ):
-        raise FormulaError(
+        raise _fail(
             f"response '{name}' is not numeric (dtype {col.dtype}); a linear mixed model needs "
             "a numeric response"
         )
@@ -433,7 +1233,7 @@ def response_vector(data, name):
     bad = ~np.isfinite(y)
     if bad.any():
         rows = np.flatnonzero(bad)
-        raise FormulaError(
+        raise _fail(
             f"response '{name}' has {rows.size} missing or non-finite value(s) (first at row "
             f"{rows[0]}); remove or impute them before fitting"
         )
