@@ -46,13 +46,14 @@ from typing import NamedTuple
 import formulaic
 import numpy as np
 import pandas as pd
+from formulaic.materializers import PandasMaterializer
 from formulaic.transforms import TRANSFORMS as _FORMULAIC_TRANSFORMS
+from interface_meta import override
 
 from .errors import FormulaError, RankDeficientError
 
 __all__ = [
     "ALLOWED_FUNCTIONS",
-    "FixedEffectsSpec",
     "ParsedFormula",
     "RankDeficientWarning",
     "check_full_rank",
@@ -936,48 +937,26 @@ def lme4_names(columns):
     return out
 
 
-class FixedEffectsSpec:
-    """formulaic's model spec of a checked fixed part, evaluated only in the sandbox.
+class _SandboxMaterializer(PandasMaterializer):
+    """formulaic's pandas materializer, confined to the formula sandbox.
 
-    Rebuilds the same columns (same factor levels, contrasts and transform state) for
-    new data, in the same restricted namespace as the fit.
-
-    Parameters
-    ----------
-    model_spec : formulaic.ModelSpec
-
-    Attributes
-    ----------
-    model_spec : formulaic.ModelSpec
+    It evaluates in :data:`_CONTEXT` whatever context it is given, and checks every
+    Python expression against the allow-list just before formulaic evaluates it. A model
+    spec it builds records it by name, so rebuilding the matrix for new data (as
+    :func:`lmmops.predict.predict` does) runs in the sandbox too.
     """
 
-    def __init__(self, model_spec):
-        self.model_spec = model_spec
+    REGISTER_NAME = "lmmops_sandbox"
 
-    def get_model_matrix(self, data, **kwargs):
-        """Model matrix of ``data`` (keywords as formulaic's ``ModelSpec.get_model_matrix``).
+    @override
+    def __init__(self, data, context=None, **params):
+        super().__init__(data, context=_CONTEXT, **params)
 
-        Parameters
-        ----------
-        data : pandas.DataFrame
-        **kwargs
-            Passed to formulaic, e.g. ``na_action="raise"``.
-
-        Returns
-        -------
-        formulaic.ModelMatrix
-
-        Raises
-        ------
-        FormulaError
-            If formulaic cannot build the matrix (the message is formulaic's, cleaned).
-        """
-        try:
-            return self.model_spec.get_model_matrix(data, context=_CONTEXT, **kwargs)
-        except FormulaError:
-            raise
-        except Exception as exc:  # formulaic raises several types
-            raise _fail(exc) from None
+    @override
+    def _evaluate(self, expr, metadata, spec):
+        columns = {c for c in self.data.columns if isinstance(c, str)}
+        _PythonCheck(_Where("formula term", expr), columns).run(expr)
+        return super()._evaluate(expr, metadata, spec)
 
 
 def _check_formulaic(formula, where, columns):
@@ -1020,8 +999,8 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
     X : ndarray of float64, shape (n_obs, p)
     names : list of str
         lme4-style coefficient names.
-    spec : FixedEffectsSpec
-        Only with ``return_spec=True``.
+    spec : formulaic.ModelSpec
+        Only with ``return_spec=True``. It rebuilds the matrix in the sandbox too.
 
     Raises
     ------
@@ -1052,7 +1031,8 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
         raise where.error(f"formulaic cannot parse it: {exc}") from None
     _check_formulaic(formula, where, columns)
     try:
-        mm = formulaic.model_matrix(formula, data, context=_CONTEXT, na_action="raise")
+        mm = formulaic.model_matrix(formula, data, context=_CONTEXT, na_action="raise",
+                                    materializer=_SandboxMaterializer)
     except FormulaError:
         raise
     except Exception as exc:  # formulaic raises several types; name the problem
@@ -1074,7 +1054,7 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
         bad = [names[j] for j in range(X.shape[1]) if not np.all(np.isfinite(X[:, j]))]
         raise _fail(f"fixed-effect column(s) {bad} contain non-finite values")
     if return_spec:
-        return X, names, FixedEffectsSpec(mm.model_spec)
+        return X, names, mm.model_spec
     return X, names
 
 
