@@ -205,18 +205,20 @@ _CONTEXT = _evaluation_context()
 class _Where:
     """Names the formula text being checked, for messages."""
 
-    def __init__(self, what, text):
+    def __init__(self, what, text, data=None):
         self.text = text
         self.label = f"{what} '{_short(text, 200)}'"
+        self.columns = None if data is None else ", ".join(map(str, data.columns))
 
     def error(self, msg, pos=None):
         at = "" if pos is None else f" at character {pos + 1}"
         return _fail(f"{self.label}: {msg}{at}")
 
-    def refuse(self, what, token, pos=None):
+    def refuse(self, what, token, pos=None, hint=""):
         at = "" if pos is None else f" at character {pos + 1}"
-        return _fail(f"{self.label}: {what} '{_short(token)}'{at} is not allowed; "
-                     f"{_ALLOWED_TEXT}")
+        token = _short(token)
+        shown = f'"{token}"' if "'" in token else f"'{token}'"
+        return _fail(f"{self.label}: {what} {shown}{at} is not allowed{hint}; {_ALLOWED_TEXT}")
 
 
 def _is_dunder(name):
@@ -344,8 +346,8 @@ class _PythonCheck:
             seg = seg.replace(alias, f"`{name}`")
         return seg
 
-    def _refuse(self, what, node):
-        return self.where.refuse(what, self._text(node), self._node_pos(node))
+    def _refuse(self, what, node, hint=""):
+        return self.where.refuse(what, self._text(node), self._node_pos(node), hint)
 
     # the walk
     def visit(self, node, kind):
@@ -355,8 +357,8 @@ class _PythonCheck:
             return self._contrast(node)
         if kind in (_LEVELS, _NUMBERS):
             if not isinstance(node, (ast.List, ast.Tuple)):
-                raise self._refuse(f"{_KIND_NAMES.get(type(node), 'expression')} (a list "
-                                   "of literals is expected here)", node)
+                raise self._refuse(_KIND_NAMES.get(type(node), "expression"), node,
+                                   " (a list of literals is expected here)")
             for elt in node.elts:
                 self.visit(elt, _LEVEL if kind == _LEVELS else _LITERAL)
             return None
@@ -376,8 +378,8 @@ class _PythonCheck:
                   _LEVEL: number or (not numeric_only and isinstance(v, (str, bool)))}[kind]
             if ok:
                 return None
-        raise self._refuse(f"{_KIND_NAMES.get(type(node), 'expression')} (a literal is "
-                           "expected here)", node)
+        raise self._refuse(_KIND_NAMES.get(type(node), "expression"), node,
+                           " (a literal is expected here)")
 
     def _name(self, node):
         name = self.aliases.get(node.id)
@@ -442,8 +444,9 @@ class _PythonCheck:
             return self._call(node, _CONTRASTS)
         if dotted in _CONTRASTS:
             return None
-        raise self._refuse(f"{_KIND_NAMES.get(type(node), 'expression')} as a contrast (use "
-                           "Treatment('level'), Sum, Helmert, Poly, Diff or contr.*)", node)
+        raise self._refuse(_KIND_NAMES.get(type(node), "expression"), node,
+                           " as a contrast (use Treatment('level'), Sum, Helmert, Poly, Diff "
+                           "or contr.*)")
 
     def _call(self, node, table):
         dotted = _dotted(node.func)
@@ -460,8 +463,8 @@ class _PythonCheck:
                                    "rename the column", self._node_pos(node))
         positional, keywords = table[dotted]
         if len(node.args) > len(positional):
-            raise self._refuse(f"{dotted}() with {len(node.args)} positional arguments "
-                               f"(at most {len(positional)}) in", node)
+            raise self._refuse("call", node, f" with {len(node.args)} positional arguments "
+                               f"(at most {len(positional)})")
         for arg, kind in zip(node.args, positional):
             if isinstance(arg, ast.Starred):
                 raise self._refuse("starred argument", arg)
@@ -486,8 +489,8 @@ class _PythonCheck:
         base_ok = _mentions_column(node.left) or (
             isinstance(node.left, ast.Constant) and isinstance(node.left.value, (int, float)))
         if not (small and base_ok):
-            raise self._refuse(f"power (a constant exponent must be a literal of at most "
-                               f"{_MAX_LITERAL_EXPONENT} on a column or a number)", node)
+            raise self._refuse("power", node, " (a constant exponent must be a literal of "
+                               f"at most {_MAX_LITERAL_EXPONENT} on a column or a number)")
 
 
 def _mentions_column(node):
@@ -499,8 +502,8 @@ def _mentions_column(node):
 
 
 def _unknown_column(name, where, columns):
-    return _fail(f"unknown column '{name}' in the {where.label}; available columns: "
-                 f"{', '.join(map(str, sorted(columns, key=str)))}")
+    listing = where.columns or ", ".join(sorted(columns))
+    return _fail(f"unknown column '{name}' in the {where.label}; available columns: {listing}")
 
 
 # ---------------------------------------------------------------- formula level
@@ -561,8 +564,9 @@ def _tokenize(text, start, where):
     while i < n:
         ch = text[i]
         if ch in "'\"":
-            raise where.refuse("string literal (strings are only allowed as levels inside "
-                               "C() or options of bs())", text[i:_quote_end(text, i)], i)
+            raise where.refuse("string literal", text[i:_quote_end(text, i)], i,
+                               " (strings are only allowed as levels in C() and options of "
+                               "bs())")
         if ch == "{":
             j = _closing(text, i, where)
             toks.append(_Tok("block", text[i:j], i, j))
@@ -751,23 +755,29 @@ class _Parser:
 
 def _terms(node):
     """The top-level sum as a list of (sign, node)."""
-    if node.kind == "bin" and node.op in ("+", "-"):
-        return _terms(node.parts[0]) + [(node.op, node.parts[1])]
-    if node.kind == "neg":
-        return [("-", node.parts[0])]
-    return [("+", node)]
+    out = []
+    while node.kind == "bin" and node.op in ("+", "-"):
+        out.append((node.op, node.parts[1]))
+        node = node.parts[0]
+    out.append(("-", node.parts[0]) if node.kind == "neg" else ("+", node))
+    return out[::-1]
 
 
 def _check_fixed(node, where, columns):
     """Check a fixed-effects node: every atom on the allow-list, no random term inside."""
-    if node.kind == "random":
-        raise where.error(f"random term '{where.text[node.start:node.end]}' must be added "
-                          "to the model with '+' at the top level", node.start)
-    if node.kind != "atom":
-        for part in node.parts:
-            _check_fixed(part, where, columns)
-        return
-    tok = node.tok
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if node.kind == "random":
+            raise where.error(f"random term '{where.text[node.start:node.end]}' must be "
+                              "added to the model with '+' at the top level", node.start)
+        if node.kind == "atom":
+            _check_atom(node.tok, where, columns)
+        else:
+            stack.extend(reversed(node.parts))
+
+
+def _check_atom(tok, where, columns):
     if tok.kind == "py":
         _PythonCheck(where, columns).run(tok.text, tok.start)
     elif tok.kind == "block":
@@ -777,8 +787,8 @@ def _check_fixed(node, where, columns):
         if tok.kind == "name" and _is_dunder(name):
             raise where.refuse("dunder name", name, tok.start)
         if tok.kind == "name" and keyword.iskeyword(name):
-            raise where.refuse(f"Python keyword (quote a column of that name as `{name}`)",
-                               name, tok.start)
+            raise where.refuse("Python keyword", name, tok.start,
+                               f" (quote a column of that name as `{name}`)")
         if tok.kind == "name" and name.strip(".") == "":
             raise where.refuse("name", name, tok.start)
         if columns is not None and name not in columns:
@@ -834,10 +844,10 @@ def _normalise(text, what):
     if len(text) > _MAX_LENGTH:
         raise _fail(f"the {what} is {len(text)} characters long, more than {_MAX_LENGTH}")
     for i, ch in enumerate(text):
-        if not ch.isprintable() and ch not in "\t\n\r":
+        if not (ch.isprintable() or ch.isspace()):
             raise _fail(f"the {what} '{_printable(_short(text))}' has a control character "
                         f"{_printable(ch)} at character {i + 1}")
-    return text.replace("\t", " ").replace("\n", " ").replace("\r", " ")
+    return "".join(" " if ch.isspace() else ch for ch in text)  # newlines, tabs, NBSP
 
 
 def parse_formula(formula):
@@ -955,7 +965,7 @@ class _SandboxMaterializer(PandasMaterializer):
     @override
     def _evaluate(self, expr, metadata, spec):
         columns = {c for c in self.data.columns if isinstance(c, str)}
-        _PythonCheck(_Where("formula term", expr), columns).run(expr)
+        _PythonCheck(_Where("formula term", expr, self.data), columns).run(expr)
         return super()._evaluate(expr, metadata, spec)
 
 
@@ -1021,7 +1031,7 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
     if not isinstance(data, pd.DataFrame):
         raise _fail(f"data must be a pandas DataFrame, got {type(data).__name__}")
     text = _normalise(fixed, "fixed effects")
-    where = _Where("fixed effects", text)
+    where = _Where("fixed effects", text, data)
     columns = {c for c in data.columns if isinstance(c, str)}
     for _, node in _terms(_Parser(text, 0, where).parse()):
         _check_fixed(node, where, columns)
