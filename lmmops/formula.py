@@ -255,22 +255,32 @@ def _dotted(node):
     return ".".join(reversed(parts))
 
 
+# Strings and backtick-quoted names that formulaic, Python and this module all delimit
+# the same way: no quotes, backslashes or backticks inside, no prefixes, no triple quotes.
+_QUOTES = "'\"\\\\`"  # quotes, backslash and backtick (a regex class body)
+_PLAIN_STRING = re.compile(f"'[^{_QUOTES}]*'|\"[^{_QUOTES}]*\"")
+_PLAIN_QUOTED_NAME = re.compile(f"`[^{_QUOTES}]+`")
+
+
 def _unquote(src):
     """Replace backtick-quoted names by placeholder identifiers.
 
-    Returns the new text, a map placeholder -> quoted name, and the list of
-    (position in the new text, shift to the old position) at each replacement.
+    Returns the new text, a map placeholder -> quoted name, the list of (position in
+    the new text, shift to the old position) at each replacement, and the offset of an
+    unterminated quote or of a quoted name holding quotes or backslashes (else None).
     """
     out, aliases, shifts, i, k = [], {}, [], 0, 0
     while i < len(src):
         ch = src[i]
         j = _quote_end(src, i) if ch in "'\"`" else i + 1
-        if j < 0:  # unterminated: the parser reports it
-            j = len(src)
+        if j < 0:
+            return "", {}, [], i
         if ch in "'\"":
             out.append(src[i:j])
             i = j
         elif ch == "`":
+            if not _PLAIN_QUOTED_NAME.fullmatch(src, i, j):
+                return "", {}, [], i
             while f"_q{k}_" in src:
                 k += 1
             name = f"_q{k}_"
@@ -283,7 +293,7 @@ def _unquote(src):
         else:
             out.append(ch)
             i += 1
-    return "".join(out), aliases, shifts
+    return "".join(out), aliases, shifts, None
 
 
 def _quote_end(text, i):
@@ -307,7 +317,11 @@ class _PythonCheck:
 
     def run(self, src, pos=None):
         self.pos = pos
-        sub, self.aliases, self.shifts = _unquote(src)
+        sub, self.aliases, self.shifts, bad = _unquote(src)
+        if bad is not None:
+            raise self.where.error(f"unterminated quote or a backtick-quoted name with "
+                                   f"quotes or backslashes in '{_short(src)}'",
+                                   None if pos is None else pos + bad)
         body = sub.strip()
         self.lead = len(sub) - len(sub.lstrip())
         self.src = body
@@ -372,6 +386,8 @@ class _PythonCheck:
             numeric_only = False
         if isinstance(node, ast.Constant):
             v = node.value
+            if isinstance(v, str):
+                self._check_string(node)
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
             ok = {_LITERAL: number or (not numeric_only and (v is None or isinstance(v, bool))),
                   _STRING: isinstance(v, str) and not numeric_only,
@@ -380,6 +396,12 @@ class _PythonCheck:
                 return None
         raise self._refuse(_KIND_NAMES.get(type(node), "expression"), node,
                            " (a literal is expected here)")
+
+    def _check_string(self, node):
+        seg = ast.get_source_segment(self.src, node) or ""
+        if not _PLAIN_STRING.fullmatch(seg) or any(a in seg for a in self.aliases):
+            raise self._refuse("string", node, " (a plain 'text' or \"text\" without "
+                               "quotes, backslashes or backticks inside is expected here)")
 
     def _name(self, node):
         name = self.aliases.get(node.id)

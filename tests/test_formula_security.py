@@ -468,3 +468,22 @@ def test_any_text_gives_a_fit_or_a_clean_message(df, rhs):
         fixed_effects_matrix(parse_formula(f"y ~ {rhs} + (1|g)").fixed, df)
     except (LmmopsError, NotImplementedError) as exc:
         _assert_printable(str(exc))
+
+
+@pytest.mark.parametrize(("fixed", "match"), [
+    ("C(f, levels=['\\\\', 'lo'])", "string"),  # formulaic's sanitiser misreads '\\'
+    ("C(f, levels=['`', 'lo'])", "string"),
+    ("C(f, levels=['''lo''', 'hi'])", "string"),
+    ("C(f, levels=['lo' 'hi'])", "string"),
+    ("C(f, levels=[r'lo'])", "string"),
+    ("log(`a'b`)", "backtick-quoted name with quotes"),
+    ("log(``)", "backtick-quoted name"),
+    ("log(`a b)", "unterminated"),
+])
+def test_quotes_every_reader_delimits_alike(df, fixed, match):
+    # strings and quoted names are accepted only where formulaic's sanitiser, Python and
+    # lmmops agree on where they start and end
+    with pytest.raises(FormulaError, match=match):
+        fixed_effects_matrix(fixed, df)
+    X, names = fixed_effects_matrix("C(f, levels=['mid', \"lo\", 'hi'])", df)
+    assert names[1:] == ["C(f, levels='mid', 'lo', 'hi')lo", "C(f, levels='mid', 'lo', 'hi')hi"]
