@@ -40,6 +40,8 @@ import builtins
 import keyword
 import re
 import types
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -188,13 +190,37 @@ def _evaluation_context():
                                  **{c: getattr(np, c) for c in _NUMPY_CONSTANTS})
     contr = types.SimpleNamespace(**{k.split(".")[1]: getattr(t["contr"], k.split(".")[1])
                                      for k in _CONTRASTS if k.startswith("contr.")})
-    ctx = {name: _Refused(name) for name in dir(builtins)}
-    ctx.update({name: _Refused(name) for name in t})
+    ctx = {name: _Refused(name) for name in t}
     ctx.update({f: getattr(np, f) for f in _BARE_UNARY})
     ctx.update({k: t[k] for k in ("I", "C", "scale", "center", "poly", "bs", "Treatment",
                                   "Sum", "Helmert", "Poly", "Diff")})
     ctx.update(factor=t["C"], np=npns, numpy=npns, contr=contr)
-    return types.MappingProxyType(ctx)
+    return _Namespace(ctx)
+
+
+class _Namespace(Mapping):
+    """The allowed transforms, and a refusing stub for every builtin name.
+
+    Builtins are looked up when asked for, so a name added to :mod:`builtins` later
+    (``_`` by the interpreter's display hook, ``_`` by :func:`gettext.install`) is
+    shadowed too.
+    """
+
+    def __init__(self, allowed):
+        self._allowed = dict(allowed)
+
+    def __getitem__(self, name):
+        if name in self._allowed:
+            return self._allowed[name]
+        if isinstance(name, str) and hasattr(builtins, name):
+            return _Refused(name)
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(set(self._allowed) | set(dir(builtins)))
+
+    def __len__(self):
+        return len(set(self._allowed) | set(dir(builtins)))
 
 
 # The only namespace formulaic evaluates formula code in (besides the data's columns).
@@ -326,7 +352,9 @@ class _PythonCheck:
         self.lead = len(sub) - len(sub.lstrip())
         self.src = body
         try:
-            tree = ast.parse(body, mode="eval")
+            with warnings.catch_warnings():  # e.g. "'int' object is not callable"
+                warnings.simplefilter("ignore", SyntaxWarning)
+                tree = ast.parse(body, mode="eval")
         except SyntaxError as exc:
             off = max(0, min((exc.offset or 1) - 1, len(body)))
             raise self.where.error(f"cannot parse '{_short(src)}' ({exc.msg})",

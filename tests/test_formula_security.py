@@ -245,12 +245,18 @@ def test_evaluation_namespace_alone_blocks_builtins(df, sentinel, code, match):
     assert _no_side_effect(sentinel)
 
 
-def test_evaluation_namespace_shadows_every_builtin():
+def test_evaluation_namespace_shadows_every_builtin(monkeypatch, df, sentinel):
+    # also one added after import (gettext.install adds _, the display hook too)
+    monkeypatch.setattr(builtins, "late_builtin", open, raising=False)
     for name in dir(builtins):
         value = _CONTEXT[name]
         if name != "abs":  # abs is numpy's, the same numbers as the builtin
             with pytest.raises(FormulaError, match=f"'{name}' is not allowed"):
                 value()
+    with pytest.raises(FactorEvaluationError, match="'late_builtin' is not allowed"):
+        formulaic.model_matrix(_fill("I(late_builtin('S', 'w'))", sentinel), df,
+                               context=_CONTEXT)
+    assert _no_side_effect(sentinel)
 
 
 @pytest.mark.parametrize("code", [
