@@ -6,6 +6,8 @@ and the command-line tool can tell user errors from bugs.
 """
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "ConvergenceWarning",
     "DenseTooLargeError",
     "DesignError",
@@ -14,11 +16,35 @@ __all__ = [
     "FormulaError",
     "LmmopsError",
     "RankDeficientError",
+    "UnknownNameError",
 ]
 
 
 class LmmopsError(Exception):
     """Base class of every error lmmops raises on purpose."""
+
+
+class ArgumentError(LmmopsError, ValueError):
+    """An argument has a value the function cannot take (shape, range, option name)."""
+
+
+class ArgumentTypeError(LmmopsError, TypeError):
+    """An argument has a type the function cannot use."""
+
+
+class UnknownNameError(LmmopsError, KeyError):
+    """A factor, kernel or other name that does not exist was asked for.
+
+    Its message prints as given (a plain :class:`KeyError` would quote it).
+
+    Examples
+    --------
+    >>> str(UnknownNameError("no factor named 'x'"))
+    "no factor named 'x'"
+    """
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
 
 
 class DesignError(LmmopsError, ValueError):
