@@ -1,8 +1,11 @@
 """Exceptions and warnings raised by lmmops.
 
-Every error that a user can cause by their input derives from :class:`LmmopsError`
-(and from :class:`ValueError` where the input value is at fault), so that callers
-and the command-line tool can tell user errors from bugs.
+Every error that a user can cause by their input derives from :class:`LmmopsError`,
+so that callers and the command-line tool can tell user errors from bugs. Each also
+derives from the built-in exception a plain-Python caller would catch: :class:`ValueError`
+where the input value is at fault (:class:`ArgumentError`, :class:`DesignError`, ...),
+:class:`TypeError` for an input of the wrong type (:class:`ArgumentTypeError`) and
+:class:`KeyError` for an unknown name (:class:`UnknownNameError`).
 """
 
 __all__ = [

@@ -375,7 +375,7 @@ class CovarianceOperator(_KernelOperator):
 
     Raises
     ------
-    ValueError
+    ArgumentError
         For a non-finite or non-positive ``sigma2_e``, or ``sigma2`` of the wrong length,
         with unknown or missing names, non-finite or negative entries.
 
@@ -516,7 +516,7 @@ class CovarianceOperator(_KernelOperator):
 
         Raises
         ------
-        ValueError
+        ArgumentError
             If some ``sigma2_k`` is 0 (its ``lambda_k`` would be infinite; drop the
             factor with ``design.subset_factors`` instead).
         """

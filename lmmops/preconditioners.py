@@ -1309,11 +1309,11 @@ def build(A, kind="auto", rank=None, **options):
 
     Raises
     ------
-    ValueError
+    ArgumentError
         For a kind that does not exist or does not apply to the space, saying why.
     DesignError
         For a kind that does not apply to the number of factors (D1 needs K = 2).
-    TypeError
+    ArgumentTypeError
         If ``A`` is neither operator.
 
     Examples

@@ -24,10 +24,8 @@ def _rng(seed):
 
 def _count(value, what, low):
     """An integer count >= ``low`` (an integral float is accepted, a fraction is not)."""
-    try:
-        ok = float(value) == int(value)
-    except (TypeError, ValueError, OverflowError):
-        ok = False
+    ok = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and float(value).is_integer())
     if not ok or int(value) < low:
         raise ArgumentError(f"{what} must be an integer >= {low}, got {value!r}")
     return int(value)
@@ -93,7 +91,10 @@ def simulate_codes(n_obs, n_levels, zipf=None, seed=None):
             raise ArgumentError(
                 f"factor {k + 1}: {q} levels for {n_obs} observations; need 2 <= levels < n_obs"
             )
-    codes = np.empty((len(n_levels), n_obs), dtype=np.int32)
+    try:
+        codes = np.empty((len(n_levels), n_obs), dtype=np.int32)
+    except ValueError:  # numpy's "array is too big", beyond any memory
+        raise ArgumentError(f"n_obs = {n_obs} rows are too many to hold in memory") from None
     for k, (q, s) in enumerate(zip(n_levels, zipf)):
         p = np.arange(1, q + 1, dtype=np.float64) ** (-s)
         cdf = np.cumsum(p)

@@ -1018,7 +1018,7 @@ class ModifiedCovariance(_ApproximationBase):
 
         Raises
         ------
-        ValueError
+        ArgumentError
             If the SVD was truncated.
         """
         if self.svd.truncated:
