@@ -40,6 +40,8 @@ def _sort_key_labels(labels):
 
 def _check_label_text(uniq, name):
     """Refuse distinct labels that print alike (``1`` and ``"1"`` would be two levels)."""
+    if all(isinstance(v, str) for v in uniq):  # the usual case: distinct strings
+        return
     seen = {}
     for v in uniq:
         other = seen.setdefault(str(v), v)
@@ -112,6 +114,7 @@ def sorted_levels(values, name="factor"):
         )
     if isinstance(s.dtype, pd.CategoricalDtype):
         cat = s.cat.remove_unused_categories()
+        _check_label_text(cat.cat.categories, name)
         return cat.cat.codes.to_numpy().astype(np.int32), pd.Index(cat.cat.categories)
     arr = s.to_numpy()
     if arr.dtype.kind in "biuf":

@@ -339,6 +339,8 @@ def test_labels_that_print_alike_are_refused(sim):
         sorted_levels(pd.Series([1, "1", 2], dtype=object), "g")
     with pytest.raises(DesignError, match=r"1\.5 \(float\) and '1\.5' \(str\)"):
         sorted_levels(pd.Series(["1.5", 1.5, "a"], dtype=object), "g")
+    with pytest.raises(DesignError, match=r"1 \(int\) and '1' \(str\)"):
+        sorted_levels(pd.Series(pd.Categorical([1, "1", 2, 1])), "g")
     codes, levels = sorted_levels(pd.Series([2, "b", 2, "a"], dtype=object))  # distinct text
     assert len(levels) == 3
     assert codes[0] == codes[2]
