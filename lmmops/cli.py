@@ -19,8 +19,8 @@ from .errors import LmmopsError
 
 __all__ = ["main", "read_data"]
 
-_USER_ERRORS = (LmmopsError, NotImplementedError, FileNotFoundError, IsADirectoryError,
-                PermissionError, KeyError)
+# OSError covers a missing, unreadable or unwritable file and a full disk
+_USER_ERRORS = (LmmopsError, NotImplementedError, OSError, KeyError)
 
 
 class UserError(LmmopsError):
@@ -63,6 +63,10 @@ def read_data(path, categorical=()):
         raise
     except Exception as exc:  # pandas raises many types for malformed files
         raise UserError(f"could not read {path}: {exc}") from None
+    if len(df) == 0:
+        what = f"only a header ({', '.join(map(str, df.columns))})" if len(df.columns) else (
+            "no columns either")
+        raise UserError(f"{path} has no rows of data: {what}")
     for c in categorical:
         if c not in df.columns:
             raise UserError(f"--categorical: unknown column '{c}'")
@@ -104,6 +108,10 @@ def _fit_and_print(df, formula, args, data_name):
     elif verbose and not quiet:
         def progress(msg):
             print(msg, file=sys.stderr, flush=True)
+    _check_seed(args.seed)
+    plot = getattr(args, "plot", None)
+    if plot:
+        _check_plot_path(plot)
     try:
         res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
                   weights=getattr(args, "weights", None), n_probes=args.probes,
@@ -115,7 +123,6 @@ def _fit_and_print(df, formula, args, data_name):
         print(_dump(res))
     else:
         print(res.summary())
-    plot = getattr(args, "plot", None)
     if plot:
         from .plots import save_diagnostics
 
@@ -123,6 +130,35 @@ def _fit_and_print(df, formula, args, data_name):
         if not args.json:
             print(f"\ndiagnostic plots written to {plot}")
     return res
+
+
+def _check_seed(seed):
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+
+
+def _check_output_dir(path, option):
+    """Refuse, before any work is done, an output file whose directory does not exist."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{option}: cannot write {path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{option}: cannot write {path}: it is a directory")
+
+
+def _check_plot_path(path):
+    """``--plot``: matplotlib present, a file type it writes, and an existing directory."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'lmmops[plot]'") from None
+    kinds = sorted(FigureCanvasBase.get_supported_filetypes())
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in kinds:
+        got = f"'.{ext}' is not an image type matplotlib writes" if ext else (
+            "it has no file extension")
+        raise UserError(f"--plot: cannot write {path}: {got}; use one of .{', .'.join(kinds)}")
+    _check_output_dir(path, "--plot")
 
 
 def _cmd_fit(args):
@@ -173,6 +209,11 @@ def _cmd_simulate(args):
     from .simulate import simulate_crossed
 
     levels = _parse_list(args.levels, int, "--levels")
+    if not levels:
+        raise UserError(f"--levels: expected one level count per factor, e.g. 20000,3000; "
+                        f"got {args.levels!r}")
+    _check_seed(args.seed)
+    _check_output_dir(args.out, "simulate")
     zipf = _parse_list(args.zipf, float, "--zipf") if args.zipf else None
     sigma2 = _parse_list(args.sigma2, float, "--sigma2") if args.sigma2 else None
     t0 = time.perf_counter()

@@ -22,9 +22,12 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from .errors import DesignError, DisconnectedDesignError
+from .errors import DesignError, DisconnectedDesignError, UnknownNameError
 
 __all__ = ["CrossedDesign", "sorted_levels"]
+
+#: Level codes are int32: a factor has at most this many levels.
+_MAX_CODE = int(np.iinfo(np.int32).max)
 
 
 def _sort_key_labels(labels):
@@ -33,6 +36,43 @@ def _sort_key_labels(labels):
         return sorted(labels)
     except TypeError:  # mixed types: sort by type name, then value as text
         return sorted(labels, key=lambda v: (type(v).__name__, str(v)))
+
+
+def _check_label_text(uniq, name):
+    """Refuse distinct labels that print alike (``1`` and ``"1"`` would be two levels)."""
+    if all(isinstance(v, str) for v in uniq):  # the usual case: distinct strings
+        return
+    seen = {}
+    for v in uniq:
+        other = seen.setdefault(str(v), v)
+        if other is not v:
+            if isinstance(other, str):  # name the non-string label first
+                other, v = v, other
+            raise DesignError(
+                f"grouping factor '{name}' has distinct labels that print alike (mixed "
+                f"label types?): {other!r} ({type(other).__name__}) and {v!r} "
+                f"({type(v).__name__}); lmmops does not guess whether they are one level. "
+                f"Convert the column to one type first, e.g. data['{name}'].astype(str)"
+            )
+
+
+def _unique_labels(arr, name):
+    """``pandas.unique`` of object labels, refusing unhashable ones with their row."""
+    try:
+        return pd.unique(arr).tolist()
+    except TypeError:
+        for i, v in enumerate(arr):
+            try:
+                hash(v)
+            except TypeError:
+                text = repr(v)
+                text = text if len(text) <= 40 else text[:37] + "..."
+                raise DesignError(
+                    f"grouping factor '{name}' has an unhashable label {text} "
+                    f"({type(v).__name__}) at row {i}; labels must be hashable values such "
+                    "as strings or integers"
+                ) from None
+        raise
 
 
 def sorted_levels(values, name="factor"):
@@ -55,7 +95,8 @@ def sorted_levels(values, name="factor"):
     Raises
     ------
     DesignError
-        If any label is missing (NaN or None).
+        If any label is missing (NaN or None) or unhashable, or if two labels of
+        different types print alike (``1`` and ``"1"``), which would be two levels.
 
     Examples
     --------
@@ -73,13 +114,15 @@ def sorted_levels(values, name="factor"):
         )
     if isinstance(s.dtype, pd.CategoricalDtype):
         cat = s.cat.remove_unused_categories()
+        _check_label_text(cat.cat.categories, name)
         return cat.cat.codes.to_numpy().astype(np.int32), pd.Index(cat.cat.categories)
     arr = s.to_numpy()
     if arr.dtype.kind in "biuf":
         uniq, codes = np.unique(arr, return_inverse=True)
         return codes.astype(np.int32).ravel(), pd.Index(uniq)
-    uniq = _sort_key_labels(pd.unique(arr).tolist())
-    index = pd.Index(uniq, dtype=object)
+    uniq = _unique_labels(arr, name)
+    _check_label_text(uniq, name)
+    index = pd.Index(_sort_key_labels(uniq), dtype=object)
     codes = index.get_indexer(arr)
     return codes.astype(np.int32), index
 
@@ -151,6 +194,11 @@ class CrossedDesign:
         if n == 0:
             raise DesignError("the design has no observations")
         for k in range(K):
+            if n_levels[k] > _MAX_CODE:
+                raise DesignError(
+                    f"factor '{names[k]}': {n_levels[k]} levels do not fit in lmmops' int32 "
+                    f"level codes (at most {_MAX_CODE} levels per factor)"
+                )
             c = codes[k]
             lo, hi = int(c.min()), int(c.max())
             if lo < 0 or hi >= n_levels[k]:
@@ -282,22 +330,15 @@ class CrossedDesign:
         if len(parts) == 1:
             return sorted_levels(data[parts[0]], parts[0])
         sub = [sorted_levels(data[p], p) for p in parts]
-        # interaction: lexicographic in the component codes (first factor slowest)
-        radix = np.ones(len(parts), dtype=np.int64)
-        for j in range(len(parts) - 2, -1, -1):
-            radix[j] = radix[j + 1] * len(sub[j + 1][1])
-        combined = np.zeros(len(data), dtype=np.int64)
-        for j, (c, _) in enumerate(sub):
-            combined += c.astype(np.int64) * radix[j]
-        uniq, codes = np.unique(combined, return_inverse=True)
-        labels = []
-        for u in uniq:
-            lab, rem = [], int(u)
-            for j in range(len(parts)):
-                idx, rem = divmod(rem, int(radix[j]))
-                lab.append(str(sub[j][1][idx]))
-            labels.append(":".join(lab))
-        return codes.astype(np.int32).ravel(), pd.Index(labels, dtype=object)
+        # interaction: lexicographic in the component codes (first factor slowest),
+        # combined one factor at a time so that no code exceeds n_obs * q_j (no overflow)
+        codes = sub[0][0].astype(np.int64)
+        for c, lv in sub[1:]:
+            combined = codes * len(lv) + c
+            _, first, codes = np.unique(combined, return_index=True, return_inverse=True)
+            codes = codes.ravel()
+        labels = [":".join(str(lv[c[i]]) for c, lv in sub) for i in first]
+        return codes.astype(np.int32), pd.Index(labels, dtype=object)
 
     # ------------------------------------------------------------------ validation
     def _validate(self):
@@ -322,6 +363,17 @@ class CrossedDesign:
                     "of levels must be less than the number of observations, or its variance "
                     "is not identifiable apart from the residual"
                 )
+        for k in range(self.n_factors):
+            for l in range(k + 1, self.n_factors):
+                if self._n_levels[k] == self._n_levels[l] and (
+                    self.crosstab(k, l).nnz == self._n_levels[k]
+                ):
+                    raise DesignError(
+                        f"grouping factors '{self._names[k]}' and '{self._names[l]}' group the "
+                        f"observations identically (each level of one is exactly one level of "
+                        "the other), so their variances cannot be told apart; drop one of the "
+                        "two terms"
+                    )
 
     # ------------------------------------------------------------------ basic facts
     @property
@@ -380,7 +432,9 @@ class CrossedDesign:
         try:
             return self._names.index(name)
         except ValueError:
-            raise KeyError(f"no factor named '{name}'; factors are {list(self._names)}") from None
+            raise UnknownNameError(
+                f"no factor named '{name}'; factors are {list(self._names)}"
+            ) from None
 
     def counts(self, k):
         """Level counts of factor ``k``: the diagonal of ``Z_k' Z_k``.

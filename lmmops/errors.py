@@ -1,11 +1,16 @@
 """Exceptions and warnings raised by lmmops.
 
-Every error that a user can cause by their input derives from :class:`LmmopsError`
-(and from :class:`ValueError` where the input value is at fault), so that callers
-and the command-line tool can tell user errors from bugs.
+Every error that a user can cause by their input derives from :class:`LmmopsError`,
+so that callers and the command-line tool can tell user errors from bugs. Each also
+derives from the built-in exception a plain-Python caller would catch: :class:`ValueError`
+where the input value is at fault (:class:`ArgumentError`, :class:`DesignError`, ...),
+:class:`TypeError` for an input of the wrong type (:class:`ArgumentTypeError`) and
+:class:`KeyError` for an unknown name (:class:`UnknownNameError`).
 """
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "ConvergenceWarning",
     "DenseTooLargeError",
     "DesignError",
@@ -14,11 +19,35 @@ __all__ = [
     "FormulaError",
     "LmmopsError",
     "RankDeficientError",
+    "UnknownNameError",
 ]
 
 
 class LmmopsError(Exception):
     """Base class of every error lmmops raises on purpose."""
+
+
+class ArgumentError(LmmopsError, ValueError):
+    """An argument has a value the function cannot take (shape, range, option name)."""
+
+
+class ArgumentTypeError(LmmopsError, TypeError):
+    """An argument has a type the function cannot use."""
+
+
+class UnknownNameError(LmmopsError, KeyError):
+    """A factor, kernel or other name that does not exist was asked for.
+
+    Its message prints as given (a plain :class:`KeyError` would quote it).
+
+    Examples
+    --------
+    >>> str(UnknownNameError("no factor named 'x'"))
+    "no factor named 'x'"
+    """
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
 
 
 class DesignError(LmmopsError, ValueError):

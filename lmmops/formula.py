@@ -1254,7 +1254,7 @@ def response_vector(data, name):
     Raises
     ------
     FormulaError
-        If the column is unknown, not numeric, or has missing or infinite values.
+        If the column is unknown, not numeric, complex, or has missing or infinite values.
     """
     if name not in data.columns:
         raise _fail(
@@ -1268,6 +1268,11 @@ def response_vector(data, name):
         raise _fail(
             f"response '{name}' is not numeric (dtype {col.dtype}); a linear mixed model needs "
             "a numeric response"
+        )
+    if pd.api.types.is_complex_dtype(col):
+        raise FormulaError(
+            f"response '{name}' is complex (dtype {col.dtype}); a linear mixed model needs a "
+            "real response: fit its real part or modulus explicitly if that is what is meant"
         )
     y = col.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(y)

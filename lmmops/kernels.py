@@ -66,6 +66,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from .errors import UnknownNameError
+
 __all__ = [
     "KERNELS",
     "axpy_gather_block_parallel",
@@ -796,5 +798,6 @@ def get_kernel(name, parallel=False):
     try:
         pair = KERNELS[name]
     except KeyError:
-        raise KeyError(f"no kernel named '{name}'; kernels are {sorted(KERNELS)}") from None
+        msg = f"no kernel named '{name}'; kernels are {sorted(KERNELS)}"
+        raise UnknownNameError(msg) from None
     return pair[1] if parallel else pair[0]

@@ -35,7 +35,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ._guard import check_dense
-from .errors import DesignError
+from .errors import ArgumentError, DesignError
 from .spectral import (
     ModifiedCovariance,
     ProportionalApproximation,
@@ -148,7 +148,7 @@ class ExactInverse(_LevelInverse):
             apply_b = appr._apply_m_inv
             logdet_b = appr.logdet_level()
         else:
-            raise ValueError(f"base must be 'modified' or 'proportional', got {base!r}")
+            raise ArgumentError(f"base must be 'modified' or 'proportional', got {base!r}")
         self.approximation = appr
         self.correction_rank = int(t)
         self._apply_b = apply_b

@@ -211,11 +211,17 @@ def _expand(out, keep, p, dropped):
 
 def _solve_dense(X, y, Z, G, R, sigma2_e, weights, blocks):
     n, p = X.shape
-    Z = Z.toarray() if sp.issparse(Z) else np.atleast_2d(np.asarray(Z, dtype=np.float64))
-    if Z.shape[0] != n:
-        raise LmmopsError(f"Z has {Z.shape[0]} rows for {n} observations")
+    if not sp.issparse(Z):
+        Z = np.atleast_2d(np.asarray(Z, dtype=np.float64))
+    if Z.ndim != 2 or Z.shape[0] != n:
+        raise LmmopsError(f"Z has {Z.shape[0]} rows for {n} observations (shape {Z.shape})")
     q = Z.shape[1]
+    # the dense route forms Z and R^{-1} Z (n x q) as well as C ((p + q)^2): check both
+    # before densifying a sparse Z
+    check_dense((n, q), "mme.solve's Z= route (Z dense, n x q; design= works in level space)")
     check_dense((p + q, p + q), "the dense mixed model equations")
+    if sp.issparse(Z):
+        Z = Z.toarray()
     if G is None:
         raise LmmopsError("the dense route needs G (a q x q matrix or a length-q vector)")
     G = np.asarray(G, dtype=np.float64)

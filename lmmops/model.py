@@ -17,7 +17,13 @@ import pandas as pd
 
 from . import __version__
 from .design import CrossedDesign
-from .direct import DirectObjective, check_weights, fit_direct, moment_start
+from .direct import (
+    DirectObjective,
+    check_response,
+    check_weights,
+    fit_direct,
+    moment_start,
+)
 from .errors import DisconnectedDesignWarning, FormulaError, LmmopsError
 from .formula import (
     RankDeficientWarning,
@@ -115,15 +121,13 @@ class LMM:
                  method="REML", data_name=None, weights=None):
         self.design = design
         self.X = np.ascontiguousarray(X, dtype=np.float64)
-        self.y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+        self.y = check_response(y, response)
         if self.X.ndim != 2 or self.X.shape[0] != self.y.shape[0]:
             raise LmmopsError("X must be 2-d with one row per observation")
         if design.n_obs != self.y.shape[0]:
             raise LmmopsError(
                 f"the design has {design.n_obs} rows but y has {self.y.shape[0]}"
             )
-        if not np.all(np.isfinite(self.y)):
-            raise LmmopsError("the response has missing or non-finite values")
         names = list(fixef_names) if fixef_names is not None else [
             f"x{j}" for j in range(self.X.shape[1])
         ]
@@ -227,6 +231,8 @@ class LMM:
                 raise LmmopsError(f"weights must be numeric: column '{weights}' has dtype "
                                   f"{col.dtype}")
             weights = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        elif weights is not None:  # a Series is aligned to the rows by its index
+            weights = check_weights(weights, len(data), index=data.index)
         model = cls(design, X, y, fixef_names=names, formula=pf.formula,
                     response=pf.response, method=method, data_name=data_name,
                     weights=weights)

@@ -22,10 +22,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from . import kernels
 from ._guard import check_dense
+from .direct import check_weights
+from .errors import ArgumentError
 
 __all__ = [
     "PARALLEL_MIN_ROWS",
@@ -76,31 +79,33 @@ def _check_factor_values(design, values, what, *, positive):
         keys = [str(key) for key in values]
         unknown = [key for key in keys if key not in names]
         if unknown:
-            raise ValueError(f"{what} names unknown factor(s) {unknown}; factors are {names}")
+            raise ArgumentError(f"{what} names unknown factor(s) {unknown}; factors are {names}")
         missing = [nm for nm in names if nm not in keys]
         if missing:
-            raise ValueError(f"{what} has no value for factor(s) {missing}; factors are {names}")
+            raise ArgumentError(
+                f"{what} has no value for factor(s) {missing}; factors are {names}"
+            )
         lookup = {str(key): val for key, val in values.items()}
         values = [lookup[nm] for nm in names]
     try:
         arr = np.array(values, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be real numbers, got {values!r}") from None
+        raise ArgumentError(f"{what} must be real numbers, got {values!r}") from None
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or arr.size != K:
-        raise ValueError(
+        raise ArgumentError(
             f"{what} must have one value per factor: got {arr.size} value(s) for {K} "
             f"factor(s) {names}"
         )
     for k in range(K):
         v = arr[k]
         if not np.isfinite(v):
-            raise ValueError(f"{what} must be finite; got {v} for factor '{names[k]}'")
+            raise ArgumentError(f"{what} must be finite; got {v} for factor '{names[k]}'")
         if positive and v <= 0:
-            raise ValueError(f"{what} must be > 0; got {v} for factor '{names[k]}'")
+            raise ArgumentError(f"{what} must be > 0; got {v} for factor '{names[k]}'")
         if not positive and v < 0:
-            raise ValueError(f"{what} must be >= 0; got {v} for factor '{names[k]}'")
+            raise ArgumentError(f"{what} must be >= 0; got {v} for factor '{names[k]}'")
     arr.setflags(write=False)
     return arr
 
@@ -109,9 +114,9 @@ def _check_sigma2_e(sigma2_e):
     try:
         s2e = float(sigma2_e)
     except (TypeError, ValueError):
-        raise ValueError(f"sigma2_e must be a real number, got {sigma2_e!r}") from None
+        raise ArgumentError(f"sigma2_e must be a real number, got {sigma2_e!r}") from None
     if not np.isfinite(s2e) or s2e <= 0:
-        raise ValueError(f"sigma2_e must be finite and > 0, got {s2e}")
+        raise ArgumentError(f"sigma2_e must be finite and > 0, got {s2e}")
     return s2e
 
 
@@ -248,7 +253,9 @@ class RandomEffectsOperator(_KernelOperator):
         else:
             self.k = design.index(k)
             if not 0 <= self.k < design.n_factors:
-                raise ValueError(f"factor index {k} out of range for {design.n_factors} factor(s)")
+                raise ArgumentError(
+                    f"factor index {k} out of range for {design.n_factors} factor(s)"
+                )
             self._codes = design.codes[self.k : self.k + 1]
             self._offsets = np.array([0, design.n_levels[self.k]], dtype=np.int64)
         q = int(self._offsets[-1])
@@ -368,7 +375,7 @@ class CovarianceOperator(_KernelOperator):
 
     Raises
     ------
-    ValueError
+    ArgumentError
         For a non-finite or non-positive ``sigma2_e``, or ``sigma2`` of the wrong length,
         with unknown or missing names, non-finite or negative entries.
 
@@ -509,13 +516,13 @@ class CovarianceOperator(_KernelOperator):
 
         Raises
         ------
-        ValueError
+        ArgumentError
             If some ``sigma2_k`` is 0 (its ``lambda_k`` would be infinite; drop the
             factor with ``design.subset_factors`` instead).
         """
         zero = [self.design.names[k] for k in np.flatnonzero(self.sigma2 == 0.0)]
         if zero:
-            raise ValueError(
+            raise ArgumentError(
                 f"level_space() needs every sigma2_k > 0, but sigma2 is 0 for factor(s) "
                 f"{zero}; drop them with design.subset_factors(...) first"
             )
@@ -685,7 +692,7 @@ class LevelSpaceOperator(_KernelOperator):
         u = self._as_rows(u, self.shape[0], "u")
         b = np.asarray(b, dtype=np.float64)
         if b.shape[0] != self.design.n_obs or b.ndim != u.ndim:
-            raise ValueError(
+            raise ArgumentError(
                 f"b has shape {b.shape}, expected ({self.design.n_obs},) or "
                 f"({self.design.n_obs}, m) matching u of shape {u.shape}"
             )
@@ -713,7 +720,7 @@ class LevelSpaceOperator(_KernelOperator):
     def _as_rows(a, rows, what):
         a = np.asarray(a, dtype=np.float64)
         if a.ndim not in (1, 2) or a.shape[0] != rows:
-            raise ValueError(f"{what} has shape {a.shape}, expected ({rows},) or ({rows}, m)")
+            raise ArgumentError(f"{what} has shape {a.shape}, expected ({rows},) or ({rows}, m)")
         return np.ascontiguousarray(a)
 
     def __repr__(self):
@@ -741,7 +748,8 @@ class GramOperator(LinearOperator):
     parallel : bool or None, optional
         Use the parallel kernel; ``None`` decides from the number of non-zeros.
     weights : ndarray, shape (n_obs,), optional
-        Prior weights: the operator is then ``Z'WZ``.
+        Prior weights, finite and > 0 (:func:`lmmops.direct.check_weights`): the operator
+        is then ``Z'WZ``.
 
     Examples
     --------
@@ -762,9 +770,10 @@ class GramOperator(LinearOperator):
             A = design.gram().tocsr()
             design._cache.pop(("gram",), None)  # the arrays below are the only copy kept
         else:
-            w = np.asarray(weights, dtype=np.float64)
-            if w.shape != (design.n_obs,):
-                raise ValueError(f"weights must have shape ({design.n_obs},), got {w.shape}")
+            w = np.asarray(weights)
+            if w.ndim != 1:
+                raise ArgumentError(f"weights must have shape ({design.n_obs},), got {w.shape}")
+            w = check_weights(w, design.n_obs)
             Z = design.indicator_all()
             A = (Z.T @ (Z.multiply(w[:, None]))).tocsr()
         A.sort_indices()
@@ -804,8 +813,6 @@ class GramOperator(LinearOperator):
         ndarray, shape (q, q)
         """
         check_dense(self.shape, "GramOperator.todense()")
-        import scipy.sparse as sp
-
         return sp.csr_matrix((self._data, self._indices, self._indptr), shape=self.shape).toarray()
 
     def __repr__(self):

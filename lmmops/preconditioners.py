@@ -81,7 +81,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from . import kernels
 from ._guard import check_dense
-from .errors import DesignError
+from .errors import ArgumentError, ArgumentTypeError, DesignError
 
 __all__ = [
     "LEVEL_KINDS",
@@ -458,7 +458,7 @@ class _Spectral(_Level):
         m = min(g, h)
         self.rank = int(min(m, 20 if rank is None else rank))
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise ArgumentError(f"rank must be >= 1, got {rank}")
         Phi, rho, Psi = _normalised_svd(self.design, self.rank, rng)
         r, c = self.counts
         if margins == "exact":
@@ -468,7 +468,7 @@ class _Spectral(_Level):
             d = np.concatenate([r * (1 + self.lambdas[0] / rbar),
                                 c * (1 + self.lambdas[1] / cbar)])
         else:
-            raise ValueError(f"margins must be 'exact' or 'reference', got {margins!r}")
+            raise ArgumentError(f"margins must be 'exact' or 'reference', got {margins!r}")
         self.margins = margins
         self.d = d
         self.rho = rho
@@ -618,7 +618,7 @@ class _AMG(_Level):
         except ImportError:  # pragma: no cover
             raise ImportError("kind='amg' needs pyamg (pip install pyamg)") from None
         if cycle not in ("lmmops", "pyamg"):
-            raise ValueError(f"cycle must be 'lmmops' or 'pyamg', got {cycle!r}")
+            raise ArgumentError(f"cycle must be 'lmmops' or 'pyamg', got {cycle!r}")
         self.cycle = cycle
         A = (self.design.gram() + sp.diags(np.repeat(self.lambdas, self.design.n_levels)))
         sign = np.ones(self.shape[0])
@@ -748,7 +748,7 @@ class _LowRank(_Level):
         if base is None:
             base = "spectral" if self.K == 2 and self.design.is_connected else "proportional"
         if base not in ("proportional", "spectral", "jacobi"):
-            raise ValueError(
+            raise ArgumentError(
                 f"lowrank base must be 'proportional', 'spectral' or 'jacobi', got {base!r}"
             )
         self.base_kind = base
@@ -756,7 +756,7 @@ class _LowRank(_Level):
         q = self.shape[0]
         r = 10 if rank is None else int(rank)
         if r < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise ArgumentError(f"rank must be >= 1, got {rank}")
         self.rank = min(r, q)
         if self.rank >= q // 3 or q <= 400:
             check_dense((q, q), "the dense generalized eigenproblem of kind='lowrank'")
@@ -964,7 +964,7 @@ class _SpectralObservation(_SchurObservation):
             rank = m if m <= max_full else min(50, m - 1)
         self.rank = int(min(int(rank), m))
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise ArgumentError(f"rank must be >= 1, got {rank}")
         S, L = self._R[0], self._L  # the Schur complement is formed on the smaller factor
         if m <= max_full or self.rank == m:
             rho, U = _schur_eigen(design, S)
@@ -1077,7 +1077,7 @@ class _DirectObservation(_SchurObservation):
         design, M = V.design, self.M
         q_R = self.q_R
         if q_R > max_dense:
-            raise ValueError(
+            raise ArgumentError(
                 f"the direct route needs a dense {q_R} x {q_R} Schur complement (the levels "
                 f"of every factor but the largest), above max_dense={max_dense}"
             )
@@ -1178,17 +1178,17 @@ def _build_level(M, kind, rank=None, **options):
         return _Identity(M)
     if kind not in _LEVEL_BUILDERS:
         if kind in ("exact", "lifted"):
-            raise ValueError(
+            raise ArgumentError(
                 f"kind={kind!r} is an observation-space preconditioner for a "
                 "CovarianceOperator; in level space the exact preconditioner would be M^{-1} "
                 "itself: solve with lmmops.solvers.cg / solve_V instead"
             )
-        raise ValueError(f"unknown kind {kind!r}; level-space kinds are {LEVEL_KINDS}")
+        raise ArgumentError(f"unknown kind {kind!r}; level-space kinds are {LEVEL_KINDS}")
     cls = _LEVEL_BUILDERS[kind]
     if kind in ("spectral", "lowrank"):
         return cls(M, rank=rank, **options)
     if rank is not None:
-        raise ValueError(f"kind={kind!r} has no rank; rank applies to 'spectral' and 'lowrank'")
+        raise ArgumentError(f"kind={kind!r} has no rank; rank applies to 'spectral' and 'lowrank'")
     return cls(M, **options)
 
 
@@ -1208,7 +1208,7 @@ def _build_observation(V, kind, rank=None, **options):
             inner = "direct" if affordable else None
         if inner == "direct":
             if options:
-                raise ValueError(f"inner='direct' takes no options {sorted(options)}")
+                raise ArgumentError(f"inner='direct' takes no options {sorted(options)}")
             return _DirectObservation(V, "exact", max_dense=max_dense)
         return _ExactObservation(V, inner=inner, **options)
     if kind == "lifted":
@@ -1224,29 +1224,29 @@ def _build_observation(V, kind, rank=None, **options):
             return _SpectralObservation(V, rank=rank, **options)
         max_rank = int(options.pop("max_rank", 4000))
         if rank is not None:
-            raise ValueError(
+            raise ArgumentError(
                 "observation-space kind='lowrank' applies the complete D1 correction (rank "
                 "t = levels whose total differs from the mean); do not pass rank"
             )
         form = options.pop("form", "schur")
         if form == "schur":
             if options:
-                raise ValueError(f"form='schur' takes no options {sorted(options)}")
+                raise ArgumentError(f"form='schur' takes no options {sorted(options)}")
             m = min(V.design.n_levels)
             if m > max_rank:
-                raise ValueError(
+                raise ArgumentError(
                     f"observation-space kind='lowrank' corrects D1's dense m x m Schur "
                     f"complement, m = min(g, h) = {m}, above max_rank={max_rank}; use "
                     "kind='exact' (inner level-space PCG) or raise max_rank"
                 )
             return _DirectObservation(V, "lowrank", max_dense=max_rank)
         if form != "woodbury":
-            raise ValueError(f"form must be 'schur' or 'woodbury', got {form!r}")
+            raise ArgumentError(f"form must be 'schur' or 'woodbury', got {form!r}")
         from .lowrank import ExactInverse
 
         g, h = V.design.n_levels
         if g + h > max_rank:
-            raise ValueError(
+            raise ArgumentError(
                 f"observation-space kind='lowrank', form='woodbury' needs a dense correction "
                 f"of rank up to t <= g + h = {g + h}, above max_rank={max_rank}; use "
                 "form='schur', kind='exact' (inner level-space PCG) or raise max_rank"
@@ -1257,13 +1257,13 @@ def _build_observation(V, kind, rank=None, **options):
             f"D1 + exact Woodbury correction of rank t={ex.correction_rank}; logdet() = log|V|",
         )
     if kind in LEVEL_KINDS:
-        raise ValueError(
+        raise ArgumentError(
             f"kind={kind!r} is a level-space preconditioner; build it on V.level_space() and "
             "solve there (lmmops.solvers.solve_V does), or lift it with kind='lifted', "
             f"base={kind!r} (not recommended: math.md Section 12 measured 2,230-2,469 "
             "iterations against 213 without a preconditioner)"
         )
-    raise ValueError(f"unknown kind {kind!r}; observation-space kinds are {OBSERVATION_KINDS}")
+    raise ArgumentError(f"unknown kind {kind!r}; observation-space kinds are {OBSERVATION_KINDS}")
 
 
 def build(A, kind="auto", rank=None, **options):
@@ -1309,11 +1309,11 @@ def build(A, kind="auto", rank=None, **options):
 
     Raises
     ------
-    ValueError
+    ArgumentError
         For a kind that does not exist or does not apply to the space, saying why.
     DesignError
         For a kind that does not apply to the number of factors (D1 needs K = 2).
-    TypeError
+    ArgumentTypeError
         If ``A`` is neither operator.
 
     Examples
@@ -1343,7 +1343,7 @@ def build(A, kind="auto", rank=None, **options):
         kind = "exact" if kind == "auto" else kind
         out = _build_observation(A, kind, rank=rank, **options)
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             "build() needs a LevelSpaceOperator (M = Z'Z + Lambda) or a CovarianceOperator "
             f"(V), got {type(A).__name__}"
         )
@@ -1386,7 +1386,7 @@ def apply_cost(apply, matvec, x, reps=7, pause=0.0):
     True
     """
     if reps < 1:
-        raise ValueError(f"reps must be >= 1, got {reps}")
+        raise ArgumentError(f"reps must be >= 1, got {reps}")
     if pause > 0:
         time.sleep(pause)
     apply(x)

@@ -2,16 +2,48 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import pandas as pd
 
-from .errors import LmmopsError
+from .errors import ArgumentError
 
 __all__ = ["simulate_codes", "simulate_crossed"]
 
 
 def _rng(seed):
-    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and (not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ArgumentError(
+            f"seed must be a non-negative integer, a numpy Generator or None, got {seed!r}"
+        )
+    return np.random.default_rng(seed)
+
+
+def _count(value, what, low):
+    """An integer count >= ``low`` (an integral float is accepted, a fraction is not)."""
+    ok = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and float(value).is_integer())
+    if not ok or int(value) < low:
+        raise ArgumentError(f"{what} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _reals(values, what, count, low, strict=False):
+    """``count`` finite floats, each >= ``low`` (> ``low`` with ``strict``)."""
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{what} must be real numbers, got {values!r}") from None
+    if len(out) != count:
+        raise ArgumentError(f"got {len(out)} {what} for {count} factor(s)")
+    for k, v in enumerate(out):
+        if not np.isfinite(v) or v < low or (strict and v == low):
+            rel = "" if low == -np.inf else f" and {'>' if strict else '>='} {low}"
+            raise ArgumentError(f"{what}: value {k + 1} must be finite{rel}, got {v}")
+    return out
 
 
 def simulate_codes(n_obs, n_levels, zipf=None, seed=None):
@@ -35,6 +67,12 @@ def simulate_codes(n_obs, n_levels, zipf=None, seed=None):
     -------
     ndarray of int32, shape (n_factors, n_obs)
 
+    Raises
+    ------
+    ArgumentError
+        For no factors, a count that is not an integer, a factor with fewer than 2 or at
+        least ``n_obs`` levels, a negative or non-finite exponent, or a negative seed.
+
     Examples
     --------
     >>> codes = simulate_codes(1000, [50, 20], zipf=[1.0, 0.0], seed=1)
@@ -42,19 +80,22 @@ def simulate_codes(n_obs, n_levels, zipf=None, seed=None):
     ((2, 1000), [50, 20])
     """
     rng = _rng(seed)
-    n_obs = int(n_obs)
-    n_levels = [int(q) for q in n_levels]
-    zipf = [0.0] * len(n_levels) if zipf is None else [float(z) for z in zipf]
-    if len(zipf) != len(n_levels):
-        raise LmmopsError(f"got {len(zipf)} Zipf exponents for {len(n_levels)} factors")
-    codes = np.empty((len(n_levels), n_obs), dtype=np.int32)
-    for k, (q, s) in enumerate(zip(n_levels, zipf)):
-        if q < 2 or q >= n_obs:
-            raise LmmopsError(
+    n_obs = _count(n_obs, "n_obs", 1)
+    n_levels = [_count(q, "a level count", 2) for q in n_levels]
+    if not n_levels:
+        raise ArgumentError("n_levels is empty: give the number of levels of each factor")
+    zipf = [0.0] * len(n_levels) if zipf is None else _reals(zipf, "Zipf exponents",
+                                                              len(n_levels), 0.0)
+    for k, q in enumerate(n_levels):
+        if q >= n_obs:
+            raise ArgumentError(
                 f"factor {k + 1}: {q} levels for {n_obs} observations; need 2 <= levels < n_obs"
             )
-        if s < 0:
-            raise LmmopsError(f"factor {k + 1}: Zipf exponent must be >= 0, got {s}")
+    try:
+        codes = np.empty((len(n_levels), n_obs), dtype=np.int32)
+    except ValueError:  # numpy's "array is too big", beyond any memory
+        raise ArgumentError(f"n_obs = {n_obs} rows are too many to hold in memory") from None
+    for k, (q, s) in enumerate(zip(n_levels, zipf)):
         p = np.arange(1, q + 1, dtype=np.float64) ** (-s)
         cdf = np.cumsum(p)
         cdf /= cdf[-1]
@@ -87,6 +128,12 @@ def simulate_crossed(n_obs, n_levels, zipf=None, sigma2=None, sigma2_e=1.0, inte
     pandas.DataFrame
         Columns ``y``, then ``g1`` ... ``gK`` (integer level codes), in the order given.
 
+    Raises
+    ------
+    ArgumentError
+        As :func:`simulate_codes`, and for variances that are negative or non-finite, a
+        residual variance <= 0 or a non-finite intercept.
+
     Examples
     --------
     >>> df = simulate_crossed(500, [20, 8], zipf=[0.8, 1.0], seed=2)
@@ -94,12 +141,12 @@ def simulate_crossed(n_obs, n_levels, zipf=None, sigma2=None, sigma2_e=1.0, inte
     (['y', 'g1', 'g2'], 500)
     """
     rng = _rng(seed)
+    K = len(n_levels)
+    sigma2 = [1.0] * K if sigma2 is None else _reals(sigma2, "variances", K, 0.0)
+    sigma2_e, = _reals([sigma2_e], "residual variances", 1, 0.0, strict=True)
+    intercept, = _reals([intercept], "intercepts", 1, -np.inf)
     codes = simulate_codes(n_obs, n_levels, zipf, rng)
-    K = codes.shape[0]
-    sigma2 = [1.0] * K if sigma2 is None else [float(s) for s in sigma2]
-    if len(sigma2) != K or any(s < 0 for s in sigma2) or sigma2_e <= 0:
-        raise LmmopsError("need one variance >= 0 per factor and a residual variance > 0")
-    y = np.full(codes.shape[1], float(intercept))
+    y = np.full(codes.shape[1], intercept)
     for k in range(K):
         u = rng.normal(scale=np.sqrt(sigma2[k]), size=int(n_levels[k]))
         y += u[codes[k]]

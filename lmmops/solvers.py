@@ -26,6 +26,8 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
+from .errors import ArgumentError, ArgumentTypeError
+
 __all__ = [
     "LanczosCoefficients",
     "SolveInfo",
@@ -43,7 +45,7 @@ def _operator(A, name):
     try:
         return aslinearoperator(A)
     except TypeError:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name} must be an ndarray, a sparse matrix or a LinearOperator, got "
             f"{type(A).__name__}"
         ) from None
@@ -51,7 +53,7 @@ def _operator(A, name):
 
 def _atol_vector(bnorm, rtol, atol):
     if rtol < 0 or atol < 0:
-        raise ValueError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+        raise ArgumentError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
     return np.maximum(float(atol), float(rtol) * bnorm)
 
 
@@ -258,7 +260,7 @@ def cg(A, b, *, x0=None, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     b = np.asarray(b)
     n = A.shape[0]
     if b.shape not in ((n,), (n, 1)):
-        raise ValueError(f"b has shape {b.shape}, expected ({n},) or ({n}, 1)")
+        raise ArgumentError(f"b has shape {b.shape}, expected ({n},) or ({n}, 1)")
     dtype = np.result_type(A.dtype, b.dtype, np.float64)
     if np.issubdtype(dtype, np.complexfloating):
         from scipy.sparse.linalg import cg as _scipy_cg
@@ -333,9 +335,9 @@ def block_cg(A, B, *, X0=None, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     B2 = B[:, None] if one_d else B
     n, m = B2.shape
     if n != A.shape[0] or B2.ndim != 2:
-        raise ValueError(f"B has shape {B.shape}, expected ({A.shape[0]}, m)")
+        raise ArgumentError(f"B has shape {B.shape}, expected ({A.shape[0]}, m)")
     if return_lanczos and X0 is not None:
-        raise ValueError("return_lanczos=True needs X0=None (the quadrature starts at 0)")
+        raise ArgumentError("return_lanczos=True needs X0=None (the quadrature starts at 0)")
     maxiter = 10 * n if maxiter is None else int(maxiter)
     bnorm = np.linalg.norm(B2, axis=0)
     tol = _atol_vector(bnorm, rtol, atol)
@@ -534,6 +536,12 @@ def solve_V(V, b, method="auto", rtol=1e-6, atol=0.0, maxiter=None, precondition
     info : SolveInfo
         ``iterations``, ``residual_norm`` (measured on V), ``method``, ``converged``.
 
+    Raises
+    ------
+    ArgumentError
+        For ``b`` of the wrong shape, a NaN or infinite entry in ``b`` or ``x0``, or an
+        unknown ``method`` or ``level_operator``.
+
     Notes
     -----
     Why level space: there ``M`` is exact (V in Woodbury form), and a good preconditioner
@@ -559,11 +567,18 @@ def solve_V(V, b, method="auto", rtol=1e-6, atol=0.0, maxiter=None, precondition
     b = np.asarray(b, dtype=np.float64)
     n = V.shape[0]
     if b.ndim not in (1, 2) or b.shape[0] != n:
-        raise ValueError(f"b has shape {b.shape}, expected ({n},) or ({n}, m)")
+        raise ArgumentError(f"b has shape {b.shape}, expected ({n},) or ({n}, m)")
+    for what, arr in (("b", b), ("x0", x0)):
+        bad = None if arr is None else ~np.isfinite(np.asarray(arr, dtype=np.float64))
+        if bad is not None and bad.any():
+            raise ArgumentError(
+                f"{what} has {int(bad.sum())} NaN or infinite entr(ies) (first at flat index "
+                f"{int(np.flatnonzero(bad)[0])}); V x = b needs a finite right-hand side"
+            )
     if level_operator not in ("sparse", "kernel"):
-        raise ValueError(f"level_operator must be 'sparse' or 'kernel', got {level_operator!r}")
+        raise ArgumentError(f"level_operator must be 'sparse' or 'kernel', got {level_operator!r}")
     if method not in ("auto", "level", "observation", "direct"):
-        raise ValueError(
+        raise ArgumentError(
             f"method must be 'auto', 'level', 'observation' or 'direct', got {method!r}"
         )
     b2 = b[:, None] if b.ndim == 1 else b
@@ -578,7 +593,7 @@ def solve_V(V, b, method="auto", rtol=1e-6, atol=0.0, maxiter=None, precondition
             return (x2[:, 0] if b.ndim == 1 else x2), info
     if method == "direct":
         if preconditioner is not None or x0 is not None:
-            raise ValueError("method='direct' takes no preconditioner and no x0")
+            raise ArgumentError("method='direct' takes no preconditioner and no x0")
         P = _pc.build(Vr, kind="exact", inner="direct", **options)
         setup = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -55,7 +55,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, svds
 
 from ._guard import check_dense
-from .errors import DesignError
+from .errors import ArgumentError, ArgumentTypeError, DesignError
 
 __all__ = [
     "AsymptoticInverse",
@@ -111,7 +111,9 @@ def khatri_rao(A, B):
     A = sp.csr_matrix(A, dtype=_DTYPE)
     B = sp.csr_matrix(B, dtype=_DTYPE)
     if A.shape[0] != B.shape[0]:
-        raise ValueError(f"khatri_rao needs the same number of rows, got {A.shape} and {B.shape}")
+        raise ArgumentError(
+            f"khatri_rao needs the same number of rows, got {A.shape} and {B.shape}"
+        )
     A.sum_duplicates()
     B.sum_duplicates()
     A.sort_indices()
@@ -210,11 +212,11 @@ class _Model:
         K = design.n_factors
         s2 = np.atleast_1d(np.asarray(sigma2, dtype=_DTYPE)).ravel()
         if s2.size != K:
-            raise ValueError(f"sigma2 needs one variance per factor ({K}), got {s2.size}")
+            raise ArgumentError(f"sigma2 needs one variance per factor ({K}), got {s2.size}")
         inter = _find_interaction(design)
         if inter is not None:
             if sigma2_interaction is not None:
-                raise ValueError(
+                raise ArgumentError(
                     f"factor '{design.names[inter]}' is already the interaction of the two "
                     "others; do not pass sigma2_interaction as well"
                 )
@@ -228,14 +230,14 @@ class _Model:
             raise DesignError("the spectral constructions need at least two crossed factors")
         s_e2 = float(sigma2_e)
         if not (np.isfinite(s_e2) and s_e2 > 0):
-            raise ValueError(f"sigma2_e must be positive and finite, got {sigma2_e}")
+            raise ArgumentError(f"sigma2_e must be positive and finite, got {sigma2_e}")
         if not np.all(np.isfinite(s2) & (s2 > 0)):
-            raise ValueError(
+            raise ArgumentError(
                 f"the factor variances must be positive and finite, got {s2.tolist()}; drop a "
                 "factor whose variance is 0"
             )
         if not (np.isfinite(s_c2) and s_c2 >= 0):
-            raise ValueError(f"the interaction variance must be >= 0, got {s_c2}")
+            raise ArgumentError(f"the interaction variance must be >= 0, got {s_c2}")
         self.design = design
         self.interaction = inter
         self.st = _structure(design, main)
@@ -335,7 +337,7 @@ def _as_model(V):
         return V.model
     for attr in ("design", "sigma2_e", "sigma2"):
         if not hasattr(V, attr):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"expected a covariance operator with .design, .sigma2_e and .sigma2 "
                 f"(e.g. KhatriRaoCovariance or CovarianceOperator), got {type(V).__name__}"
             )
@@ -670,7 +672,9 @@ def _reference_total(w, reference):
         return float(np.mean(w))
     if reference == "harmonic":
         return float(w.size / np.sum(1.0 / w))
-    raise ValueError(f"reference must be 'mean', 'harmonic' or a pair of totals, got {reference}")
+    raise ArgumentError(
+        f"reference must be 'mean', 'harmonic' or a pair of totals, got {reference}"
+    )
 
 
 def _randomized_svd(A, r, rng, n_oversample=10, n_iter=6):
@@ -708,7 +712,9 @@ class _NormalisedSVD:
         else:
             r = min(100, mfull - 1) if rank is None else int(rank)
             if not 1 <= r < mfull:
-                raise ValueError(f"a truncated SVD needs 1 <= rank < min(g, h) = {mfull}, got {r}")
+                raise ArgumentError(
+                    f"a truncated SVD needs 1 <= rank < min(g, h) = {mfull}, got {r}"
+                )
             if method == "lanczos":
                 v0 = np.random.default_rng(rng).standard_normal(mfull)
                 Phi, rho, PsiT = svds(KN if g <= h else KN.T.tocsr(), k=r, v0=v0)
@@ -719,7 +725,7 @@ class _NormalisedSVD:
             elif method == "randomized":
                 Phi, rho, Psi = _randomized_svd(KN, r, rng)
             else:
-                raise ValueError(
+                raise ArgumentError(
                     f"svd must be 'auto', 'full', 'lanczos' or 'randomized', got {method!r}"
                 )
         self.method = method
@@ -1012,11 +1018,11 @@ class ModifiedCovariance(_ApproximationBase):
 
         Raises
         ------
-        ValueError
+        ArgumentError
             If the SVD was truncated.
         """
         if self.svd.truncated:
-            raise ValueError("eigenvalues() needs the full SVD (rank=None, svd='full')")
+            raise ArgumentError("eigenvalues() needs the full SVD (rank=None, svd='full')")
         m = self.model
         g, h = (int(x) for x in m.st.q_k)
         mm = self.svd.full_rank

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as sla
 
+from .errors import ArgumentError
+
 __all__ = [
     "TraceEstimate",
     "as_rng",
@@ -102,7 +104,7 @@ def _matmat(A, X):
 def _shape(A):
     n, n2 = A.shape
     if n != n2:
-        raise ValueError(f"trace estimators need a square operator, got shape {A.shape}")
+        raise ArgumentError(f"trace estimators need a square operator, got shape {A.shape}")
     return n
 
 
@@ -110,11 +112,11 @@ def _probes(A, n_probes, rng, probes):
     n = _shape(A)
     if probes is None:
         if n_probes is None or n_probes < 1:
-            raise ValueError("give n_probes >= 1 or an explicit probe block")
+            raise ArgumentError("give n_probes >= 1 or an explicit probe block")
         probes = rademacher(n, int(n_probes), rng)
     probes = np.asarray(probes, dtype=np.float64)
     if probes.ndim != 2 or probes.shape[0] != n:
-        raise ValueError(f"probes must have shape ({n}, m), got {probes.shape}")
+        raise ArgumentError(f"probes must have shape ({n}, m), got {probes.shape}")
     return probes
 
 
@@ -191,7 +193,7 @@ def hutchpp(A, n_matvecs, rng=None):
     n = _shape(A)
     rng = as_rng(rng)
     if n_matvecs < 3:
-        raise ValueError("Hutch++ needs a budget of at least 3 matvecs")
+        raise ArgumentError("Hutch++ needs a budget of at least 3 matvecs")
     k = n_matvecs // 3
     m = n_matvecs - 2 * k
     S = rademacher(n, min(k, n), rng)
