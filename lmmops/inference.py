@@ -75,7 +75,10 @@ def full_criterion(obj, sd, sigma, gradient=False):
 
     Parameters
     ----------
-    obj : DirectObjective
+    obj : DirectObjective or UserScaleObjective
+        A model's :meth:`~lmmops.LMM.objective` gives the criterion of the user's X and y
+        (evaluated on the conditioned data at ``sd / s`` and ``sigma / s``, see
+        :mod:`lmmops.conditioning`).
     sd : array_like, shape (K,)
         ``s_k >= 0``.
     sigma : float
@@ -87,6 +90,13 @@ def full_criterion(obj, sd, sigma, gradient=False):
     -------
     float, or (float, ndarray of shape (K + 1,))
     """
+    cond = getattr(obj, "conditioning", None)
+    if cond is not None:
+        out = full_criterion(obj.conditioned, np.asarray(sd, dtype=np.float64) / cond.scale,
+                             float(sigma) / cond.scale, gradient=gradient)
+        if not gradient:
+            return cond.criterion(out, obj.method)
+        return cond.criterion(out[0], obj.method), out[1] / cond.scale
     sd = np.abs(np.asarray(sd, dtype=np.float64))
     sigma = float(sigma)
     theta = sd / sigma
@@ -224,10 +234,11 @@ def confint(result, method="profile", level=0.95, parm=None):
         raise LmmopsError(f"level must be in (0, 1), got {level}")
     if method == "profile":
         obj, ev = result._direct()  # every profile point is an exact refit
-        cov = variance_covariance(obj, ev)
-    else:  # Wald needs only the estimates and the information (also on iterative fits)
-        obj, ev = None, result.evaluation
-        cov = result.variances_cov.to_numpy()
+    # Wald needs only the estimates and the information (also on iterative fits); both on
+    # the user's scale, while the profiles run on the solver's conditioned data, whose
+    # standard deviations are the user's divided by conditioning.scale
+    cov = result.variances_cov.to_numpy()
+    scale = result.model.conditioning.scale
     names = [f"sd_{nm}" for nm in result.n_levels] + ["sigma"]
     fixed = list(result.fixef.index)
     allp = names + fixed
@@ -237,8 +248,7 @@ def confint(result, method="profile", level=0.95, parm=None):
     if unknown:
         raise LmmopsError(f"unknown parameter(s) {unknown}; choose from {allp}")
     z = stats.norm.ppf(0.5 + level / 2.0)
-    sigma = np.sqrt(ev.sigma2)
-    sds = np.append(ev.theta * sigma, sigma)
+    sds = np.array([result.stddev[nm] for nm in result.n_levels] + [result.sigma])
     var_se = np.sqrt(np.maximum(np.diag(cov), 0.0))
     rows = []
     for p in parm:
@@ -246,7 +256,7 @@ def confint(result, method="profile", level=0.95, parm=None):
             j = names.index(p)
             est = sds[j]
             if method == "profile":
-                lo, hi = profile_interval(obj, ev, j, level)
+                lo, hi = (scale * c for c in profile_interval(obj, ev, j, level))
                 how = "profile"
             else:
                 se = var_se[j] / (2.0 * est) if est > 0 else np.nan
