@@ -118,25 +118,34 @@ def full_criterion(obj, sd, sigma, gradient=False):
 
 
 def _profile_value(obj, j, c, x0):
-    """min over the other parameters with parameter j (0..K-1: s_k, K: s) fixed at c."""
+    """min over the other parameters with parameter j (0..K-1: s_k, K: s) fixed at c.
+
+    The free parameters are measured in units of the residual standard deviation ``u``
+    of the start (or ``c`` when ``s`` is fixed), and ``s`` itself on the log scale, so
+    the optimiser's steps do not depend on the units of y and cannot reach ``s = 0``.
+    """
     K = obj.K
     free = [i for i in range(K + 1) if i != j]
+    x0 = np.asarray(x0, dtype=np.float64)
+    u = float(c) if j == K else float(x0[K])
+
+    def unpack(z):
+        x = np.empty(K + 1)
+        x[j] = c
+        for t, i in enumerate(free):
+            x[i] = u * np.exp(z[t]) if i == K else u * z[t]
+        return x
 
     def fun(z):
-        x = np.empty(K + 1)
-        x[free] = z
-        x[j] = c
+        x = unpack(z)
         f, g = full_criterion(obj, x[:K], x[K], gradient=True)
-        return f, g[free]
+        return f, np.array([g[i] * (x[K] if i == K else u) for i in free])
 
-    bounds = [(0.0, None) if i < K else (1e-10, None) for i in free]
-    z0 = np.asarray(x0, dtype=np.float64)[free]
+    z0 = np.array([np.log(x0[K] / u) if i == K else x0[i] / u for i in free])
+    bounds = [(None, None) if i == K else (0.0, None) for i in free]
     r = optimize.minimize(fun, z0, jac=True, method="L-BFGS-B", bounds=bounds,
                           options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500})
-    x = np.empty(K + 1)
-    x[free] = r.x
-    x[j] = c
-    return float(r.fun), x
+    return float(r.fun), unpack(r.x)
 
 
 def profile_interval(obj, ev, j, level=0.95):
