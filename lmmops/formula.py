@@ -52,6 +52,7 @@ from formulaic.materializers import PandasMaterializer
 from formulaic.transforms import TRANSFORMS as _FORMULAIC_TRANSFORMS
 from interface_meta import override
 
+from .conditioning import orthogonalise
 from .errors import FormulaError, RankDeficientError
 
 __all__ = [
@@ -1159,12 +1160,17 @@ class RankDeficientWarning(UserWarning):
 def rank_columns(X, names, tol=1e-7):
     """Find a full-rank subset of the columns of X, as lme4 does (``chkRank.drop.cols``).
 
-    The rank comes from a QR decomposition with column pivoting (``|R_jj| > tol |R_00|``).
-    The columns kept are chosen in order, as R's ``qr`` (LINPACK ``dqrdc2``, limited
-    pivoting) does: a column is aliased when it lies in the span of the columns kept
-    before it, so of two collinear columns the later is dropped. In the cheat sheet's
-    notation ``X T = [X_1 X_2]`` with ``X_2`` (the kept columns) of full rank and
-    ``X_1 = X_2 F``; the selected generalised inverse sets ``tau_1 = 0``.
+    The columns are taken in order, as R's ``qr`` (LINPACK ``dqrdc2``, limited pivoting)
+    does: a column is aliased when what is left of it after projecting out the columns
+    kept before it is at most ``tol`` times its own norm, so of two collinear columns the
+    later is dropped. The norms are those of the conditioned columns
+    (:func:`lmmops.conditioning.orthogonalise`): once the constant lies in the span of
+    the kept columns a column is compared with its centred self, so the test does not
+    depend on the units or the origin of a covariate (a covariate N(1e4, 1), a column
+    times 3e7 or Unix times are kept); a column whose centred values are rounding noise
+    is aliased with the intercept. In the cheat sheet's notation ``X T = [X_1 X_2]``
+    with ``X_2`` (the kept columns) of full rank and ``X_1 = X_2 F``; the selected
+    generalised inverse sets ``tau_1 = 0``.
 
     Parameters
     ----------
@@ -1186,35 +1192,14 @@ def rank_columns(X, names, tol=1e-7):
     >>> keep, dropped = rank_columns(X, ["(Intercept)", "x", "x2"])
     >>> keep.tolist(), dropped
     ([0, 1], ['x2'])
+    >>> t = 1.7e9 + np.array([0.0, 3600.0, 86400.0, 2e6])     # Unix times
+    >>> rank_columns(np.column_stack([np.ones(4), t]), ["(Intercept)", "t"])[1]
+    []
     """
-    import scipy.linalg as sla
-
     X = np.asarray(X, dtype=np.float64)
-    n, p = X.shape
-    if p == 0:
-        return np.zeros(0, dtype=int), []
-    R = sla.qr(X, mode="r", pivoting=True)[0]
-    dg = np.abs(np.diag(R[: min(n, p), : min(n, p)]))
-    rank = int(np.sum(dg > tol * max(dg[0] if dg.size else 0.0, 1e-300)))
-    # R's order: greedy, a column is kept when it adds a new direction
-    norms = np.linalg.norm(X, axis=0)
-    keep = []
-    Q = np.zeros((n, 0))
-    for j in range(p):
-        if norms[j] == 0.0:
-            continue
-        r = X[:, j] - Q @ (Q.T @ X[:, j])
-        r = r - Q @ (Q.T @ r)  # re-orthogonalise
-        nr = np.linalg.norm(r)
-        if nr > tol * norms[j] and len(keep) < rank:
-            keep.append(j)
-            Q = np.column_stack([Q, r / nr])
-    if len(keep) != rank:  # the greedy order disagrees: fall back to the pivoted QR
-        piv = sla.qr(X, mode="r", pivoting=True)[1]
-        keep = sorted(int(j) for j in piv[:rank])
-    keep = np.asarray(keep, dtype=int)
-    dropped = [names[j] for j in range(p) if j not in set(keep.tolist())]
-    return keep, dropped
+    keep = orthogonalise(X, tol=tol)[0]
+    kept = set(keep.tolist())
+    return keep, [names[j] for j in range(X.shape[1]) if j not in kept]
 
 
 def rank_message(dropped):

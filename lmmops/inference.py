@@ -75,7 +75,10 @@ def full_criterion(obj, sd, sigma, gradient=False):
 
     Parameters
     ----------
-    obj : DirectObjective
+    obj : DirectObjective or UserScaleObjective
+        A model's :meth:`~lmmops.LMM.objective` gives the criterion of the user's X and y
+        (evaluated on the conditioned data at ``sd / s`` and ``sigma / s``, see
+        :mod:`lmmops.conditioning`).
     sd : array_like, shape (K,)
         ``s_k >= 0``.
     sigma : float
@@ -87,6 +90,13 @@ def full_criterion(obj, sd, sigma, gradient=False):
     -------
     float, or (float, ndarray of shape (K + 1,))
     """
+    cond = getattr(obj, "conditioning", None)
+    if cond is not None:
+        out = full_criterion(obj.conditioned, np.asarray(sd, dtype=np.float64) / cond.scale,
+                             float(sigma) / cond.scale, gradient=gradient)
+        if not gradient:
+            return cond.criterion(out, obj.method)
+        return cond.criterion(out[0], obj.method), out[1] / cond.scale
     sd = np.abs(np.asarray(sd, dtype=np.float64))
     sigma = float(sigma)
     theta = sd / sigma
@@ -108,25 +118,34 @@ def full_criterion(obj, sd, sigma, gradient=False):
 
 
 def _profile_value(obj, j, c, x0):
-    """min over the other parameters with parameter j (0..K-1: s_k, K: s) fixed at c."""
+    """min over the other parameters with parameter j (0..K-1: s_k, K: s) fixed at c.
+
+    The free parameters are measured in units of the residual standard deviation ``u``
+    of the start (or ``c`` when ``s`` is fixed), and ``s`` itself on the log scale, so
+    the optimiser's steps do not depend on the units of y and cannot reach ``s = 0``.
+    """
     K = obj.K
     free = [i for i in range(K + 1) if i != j]
+    x0 = np.asarray(x0, dtype=np.float64)
+    u = float(c) if j == K else float(x0[K])
+
+    def unpack(z):
+        x = np.empty(K + 1)
+        x[j] = c
+        for t, i in enumerate(free):
+            x[i] = u * np.exp(z[t]) if i == K else u * z[t]
+        return x
 
     def fun(z):
-        x = np.empty(K + 1)
-        x[free] = z
-        x[j] = c
+        x = unpack(z)
         f, g = full_criterion(obj, x[:K], x[K], gradient=True)
-        return f, g[free]
+        return f, np.array([g[i] * (x[K] if i == K else u) for i in free])
 
-    bounds = [(0.0, None) if i < K else (1e-10, None) for i in free]
-    z0 = np.asarray(x0, dtype=np.float64)[free]
+    z0 = np.array([np.log(x0[K] / u) if i == K else x0[i] / u for i in free])
+    bounds = [(None, None) if i == K else (0.0, None) for i in free]
     r = optimize.minimize(fun, z0, jac=True, method="L-BFGS-B", bounds=bounds,
                           options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500})
-    x = np.empty(K + 1)
-    x[free] = r.x
-    x[j] = c
-    return float(r.fun), x
+    return float(r.fun), unpack(r.x)
 
 
 def profile_interval(obj, ev, j, level=0.95):
@@ -224,10 +243,11 @@ def confint(result, method="profile", level=0.95, parm=None):
         raise LmmopsError(f"level must be in (0, 1), got {level}")
     if method == "profile":
         obj, ev = result._direct()  # every profile point is an exact refit
-        cov = variance_covariance(obj, ev)
-    else:  # Wald needs only the estimates and the information (also on iterative fits)
-        obj, ev = None, result.evaluation
-        cov = result.variances_cov.to_numpy()
+    # Wald needs only the estimates and the information (also on iterative fits); both on
+    # the user's scale, while the profiles run on the solver's conditioned data, whose
+    # standard deviations are the user's divided by conditioning.scale
+    cov = result.variances_cov.to_numpy()
+    scale = result.model.conditioning.scale
     names = [f"sd_{nm}" for nm in result.n_levels] + ["sigma"]
     fixed = list(result.fixef.index)
     allp = names + fixed
@@ -237,8 +257,7 @@ def confint(result, method="profile", level=0.95, parm=None):
     if unknown:
         raise LmmopsError(f"unknown parameter(s) {unknown}; choose from {allp}")
     z = stats.norm.ppf(0.5 + level / 2.0)
-    sigma = np.sqrt(ev.sigma2)
-    sds = np.append(ev.theta * sigma, sigma)
+    sds = np.array([result.stddev[nm] for nm in result.n_levels] + [result.sigma])
     var_se = np.sqrt(np.maximum(np.diag(cov), 0.0))
     rows = []
     for p in parm:
@@ -246,7 +265,7 @@ def confint(result, method="profile", level=0.95, parm=None):
             j = names.index(p)
             est = sds[j]
             if method == "profile":
-                lo, hi = profile_interval(obj, ev, j, level)
+                lo, hi = (scale * c for c in profile_interval(obj, ev, j, level))
                 how = "profile"
             else:
                 se = var_se[j] / (2.0 * est) if est > 0 else np.nan

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .conditioning import UserScaleObjective, condition
 from .design import CrossedDesign
 from .direct import (
     DirectObjective,
@@ -29,7 +30,6 @@ from .formula import (
     RankDeficientWarning,
     fixed_effects_matrix,
     parse_formula,
-    rank_columns,
     rank_message,
     response_vector,
 )
@@ -69,9 +69,10 @@ class LMM:
         The grouping factors.
     X : ndarray, shape (n_obs, p)
         Fixed-effects model matrix. If it is rank deficient, the aliased columns (those in
-        the span of the columns before them, found by pivoted QR) are dropped with
-        lme4's message and reported as NaN coefficients (the selected generalised
-        inverse with ``tau_1 = 0``); see :func:`lmmops.formula.rank_columns`.
+        the span of the columns before them, by R's column-order test relative to each
+        column's own conditioned norm) are dropped with lme4's message and reported as
+        NaN coefficients (the selected generalised inverse with ``tau_1 = 0``); see
+        :func:`lmmops.formula.rank_columns`.
     y : ndarray, shape (n_obs,)
         Response.
     fixef_names : sequence of str, optional
@@ -91,6 +92,13 @@ class LMM:
         The kept (full-rank) columns of the fixed-effects matrix, used in the fit.
     X_full : ndarray, shape (n_obs, p)
         All columns, as given.
+    conditioning : lmmops.conditioning.Conditioning
+        The map between the user's scale and the conditioned data the solvers see.
+    X_conditioned, y_conditioned : ndarray
+        The conditioned ``X_c = X T`` (orthonormal columns of unit root mean square) and
+        ``y_c = (y - X_c b) / s``; every reported quantity is mapped back to the scale of
+        ``X`` and ``y``, so a fit does not depend on the units or the origin of y or of a
+        covariate (see :mod:`lmmops.conditioning`).
     fixef_names : list of str
         Names of the kept columns; ``all_fixef_names`` names every column.
     rank_deficient : list of str
@@ -128,13 +136,19 @@ class LMM:
             raise LmmopsError(
                 f"the design has {design.n_obs} rows but y has {self.y.shape[0]}"
             )
+        if not np.all(np.isfinite(self.X)):
+            raise LmmopsError("the fixed-effects matrix X has missing or non-finite values")
         names = list(fixef_names) if fixef_names is not None else [
             f"x{j}" for j in range(self.X.shape[1])
         ]
         self.weights = None if weights is None else check_weights(weights, self.y.shape[0])
         self.all_fixef_names = names
         self.X_full = self.X
-        keep, dropped = rank_columns(self.X, names)
+        # the solvers see conditioned data (lmmops.conditioning); results are mapped back
+        self.conditioning, keep, self.X_conditioned, self.y_conditioned = condition(
+            self.X, self.y)
+        kept = set(keep.tolist())
+        dropped = [names[j] for j in range(len(names)) if j not in kept]
         self.keep = keep
         self.rank_deficient = dropped
         self.rank_message = rank_message(dropped) if dropped else None
@@ -256,14 +270,17 @@ class LMM:
 
         Returns
         -------
-        DirectObjective
-            ``obj(theta)`` returns the REML criterion or ML deviance;
-            ``obj.evaluate(theta)`` returns everything at ``theta``.
+        UserScaleObjective
+            ``obj(theta)`` returns the REML criterion or ML deviance of the user's X and
+            y; ``obj.evaluate(theta)`` returns everything at ``theta`` on the user's scale.
+            The exact solver's :class:`~lmmops.direct.DirectObjective` on the
+            conditioned data is ``obj.conditioned``.
         """
         m = _check_method(method or self.method)
         if m not in self._objectives:
-            self._objectives[m] = DirectObjective(self.design, self.X, self.y, method=m,
-                                                  weights=self.weights)
+            obj = DirectObjective(self.design, self.X_conditioned, self.y_conditioned,
+                                  method=m, weights=self.weights)
+            self._objectives[m] = UserScaleObjective(obj, self.conditioning)
         return self._objectives[m]
 
     def choose_solver(self, solver="auto"):
@@ -311,11 +328,16 @@ class LMM:
         Returns
         -------
         IterativeObjective
+            On the conditioned data (:attr:`X_conditioned`, :attr:`y_conditioned`): its
+            criterion differs from the user-scale one by
+            ``conditioning.criterion_offset(method)`` and its estimates map back through
+            :attr:`conditioning`.
         """
         from .reml import IterativeObjective
 
         m = _check_method(method or self.method)
-        return IterativeObjective(self.design, self.X, self.y, method=m, n_probes=n_probes,
+        return IterativeObjective(self.design, self.X_conditioned, self.y_conditioned,
+                                  method=m, n_probes=n_probes,
                                   seed=seed, rtol=rtol, weights=self.weights, **options)
 
     def fit(self, method=None, solver="auto", start=None, verbose=False, maxiter=100,
@@ -356,9 +378,10 @@ class LMM:
         if picked == "iterative":
             obj = self.iterative_objective(method, n_probes=n_probes, seed=seed, rtol=rtol)
         else:
-            obj = self.objective(method)
+            obj = self.objective(method).conditioned
         if start is None:
-            start = moment_start(self.design, self.X, self.y)
+            start = moment_start(self.design, self.X_conditioned, self.y_conditioned)
+        offset = self.conditioning.criterion_offset(method)  # progress on the user's scale
         if progress is None and verbose:
             def progress(msg):
                 print(msg, file=sys.stderr, flush=True)
@@ -375,7 +398,7 @@ class LMM:
                     state["cg"] = obj.cg_iterations
                     extra = (f"  CG iterations {cg:5d}  MC error "
                              f"{obj.last.get('objective_se', 0.0):.3g}")
-                progress(f"iteration {it:3d}  criterion {f:.6f}  step {step:.3g}{extra}  "
+                progress(f"iteration {it:3d}  criterion {f + offset:.6f}  step {step:.3g}{extra}  "
                          f"theta {np.round(theta, 6)}")
         ev, opt = fit_direct(obj, start, maxiter=maxiter, callback=callback)
         resid = obj.residuals(ev)
@@ -475,6 +498,11 @@ class LMMResult:
     notes : list of str
         For example the singular-fit note.
     optsum : OptSummary
+        With user-scale criteria.
+    evaluation : Evaluation
+        The solver's evaluation at the optimum, on the conditioned scale of
+        ``model.X_conditioned`` and ``model.y_conditioned`` (``model.conditioning``
+        maps it back; every attribute above is already on the user's scale).
     """
 
     def __init__(self, model, ev, opt, method, solver, resid, elapsed):
@@ -490,10 +518,14 @@ class LMMResult:
         names = list(getattr(model, "all_fixef_names", model.fixef_names))
         keep = np.asarray(getattr(model, "keep", np.arange(len(names))))
         p_all = len(names)
+        # ev is on the conditioned scale the solvers saw; everything reported is mapped
+        # back to the user's (lmmops.conditioning)
+        cond = model.conditioning
+        s, s2 = cond.scale, cond.variance_scale
         beta = np.full(p_all, np.nan)
-        beta[keep] = ev.beta
+        beta[keep] = cond.fixef(ev.beta)
         cov = np.full((p_all, p_all), np.nan)
-        cov[np.ix_(keep, keep)] = ev.beta_cov
+        cov[np.ix_(keep, keep)] = cond.fixef_cov(ev.beta_cov)
         self.rank_deficient = list(getattr(model, "rank_deficient", []))
         self.fixef = pd.Series(beta, index=names, name="Estimate")
         se = np.sqrt(np.diag(cov))
@@ -502,11 +534,12 @@ class LMMResult:
         self.vcov = pd.DataFrame(cov, index=names, columns=names)
         self.evaluation = ev
         self.theta = pd.Series(ev.theta, index=list(d.names), name="theta")
-        self.sigma = float(np.sqrt(ev.sigma2))
-        self.variances = {nm: float(ev.sigma2 * t * t) for nm, t in zip(d.names, ev.theta)}
-        self.variances["Residual"] = float(ev.sigma2)
+        sigma2 = s2 * ev.sigma2
+        self.sigma = float(np.sqrt(sigma2))
+        self.variances = {nm: float(sigma2 * t * t) for nm, t in zip(d.names, ev.theta)}
+        self.variances["Residual"] = float(sigma2)
         self.stddev = {k: float(np.sqrt(v)) for k, v in self.variances.items()}
-        self.objective = float(ev.objective)
+        self.objective = cond.criterion(ev.objective, method)
         self.loglik = -0.5 * self.objective
         self.reml_criterion = self.objective if method == "REML" else None
         self.deviance = self.objective if method == "ML" else None
@@ -516,17 +549,17 @@ class LMMResult:
         self.bic = -2.0 * self.loglik + math.log(self.n_obs) * self.df
         self.df_resid = self.n_obs - self.df
         self.ranef = {
-            nm: pd.Series(ev.theta[k] * ev.v[k], index=d.levels[k].rename(nm), name=nm)
+            nm: pd.Series(s * ev.theta[k] * ev.v[k], index=d.levels[k].rename(nm), name=nm)
             for k, nm in enumerate(d.names)
         }
-        self.resid = resid
-        self.fitted = model.y - resid
+        self.resid = s * np.asarray(resid)
+        self.fitted = model.y - self.resid
         self.converged = bool(opt.converged)
         self.iterations = int(opt.iterations)
         self.n_evaluations = int(opt.n_evaluations)
         self.gradient_norm = float(opt.gradient_norm)
         self.elapsed_s = float(elapsed)
-        self.optsum = opt
+        self.optsum = cond.opt_summary(opt, method)
         self.notes = []
         if self.rank_deficient:
             self.notes.append(model.rank_message)
@@ -574,7 +607,8 @@ class LMMResult:
             J[k, k] += 2.0 * s2 * theta[k]
         J[K] = ds2
         cov = J @ C @ J.T
-        se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+        # ev is on the conditioned scale: variances (and their errors) scale by s^2
+        se = self.model.conditioning.variance_scale * np.sqrt(np.maximum(np.diag(cov), 0.0))
         names = list(self.variances)
         self.mc_stderr = {
             "loglik": 0.5 * float(getattr(ev, "objective_se", 0.0)),
@@ -619,8 +653,10 @@ class LMMResult:
         """
         if kind == "conditional":
             return self.resid.copy()
-        if kind == "marginal":
-            return self.model.y - self.model.X @ self.evaluation.beta
+        if kind == "marginal":  # s (y_c - X_c beta_c) = y - X beta
+            m = self.model
+            return m.conditioning.scale * (m.y_conditioned
+                                           - m.X_conditioned @ self.evaluation.beta)
         if kind not in self.RESIDUAL_KINDS:
             raise LmmopsError(f"unknown residual kind {kind!r}; use one of "
                               f"{', '.join(self.RESIDUAL_KINDS)}")
@@ -638,26 +674,35 @@ class LMMResult:
         return Py / np.sqrt(dP)
 
     def _direct(self):
-        """The exact solver's objective and evaluation at the optimum."""
+        """The exact solver's objective and evaluation at the optimum (conditioned scale)."""
         if self.solver != "direct":
             raise LmmopsError(f"this quantity is exact only on the direct solver (the fit "
                               f"used solver={self.solver!r}); refit with solver='direct'")
-        return self.model.objective(self.method), self.evaluation
+        obj = getattr(self, "_objective", None)
+        if obj is None:
+            obj = self.model.objective(self.method).conditioned
+        return obj, self.evaluation
 
-    def _diag_P(self):
+    def _diag_P(self, conditioned=False):
         """``diag(P)``: exact on the direct solver; on the iterative solver a stochastic
-        diagonal estimate (64 probes) whose standard errors are kept in ``_dP_se``."""
-        if getattr(self, "_dP", None) is None:
+        diagonal estimate (64 probes) whose standard errors are kept in ``_dP_se``.
+        On the user's scale (``P`` scales as ``1/s^2``), or the solver's with
+        ``conditioned=True``."""
+        if getattr(self, "_dP_c", None) is None:
             if self.solver == "iterative":
                 est = self._objective.diag_P(self.evaluation)
-                self._dP, self._dP_se = est.estimate, est.stderr
+                self._dP_c, self._dP_c_se = est.estimate, est.stderr
             else:
                 from .mme import diag_P
 
                 obj, ev = self._direct()
-                self._dP = diag_P(obj, ev)
-                self._dP_se = np.zeros_like(self._dP)
-        return self._dP
+                self._dP_c = diag_P(obj, ev)
+                self._dP_c_se = np.zeros_like(self._dP_c)
+        if conditioned:
+            return self._dP_c
+        v = self.model.conditioning.variance_scale
+        self._dP_se = self._dP_c_se / v
+        return self._dP_c / v
 
     def residual_table(self):
         """Residual diagnostics per observation as a DataFrame.
@@ -741,6 +786,7 @@ class LMMResult:
             else:
                 obj, ev = self._direct()
                 cov = variance_covariance(obj, ev)
+            cov = cov * self.model.conditioning.variance_scale ** 2  # to the user's scale
             self._vcov_var = pd.DataFrame(cov, index=names, columns=names)
         return self._vcov_var
 
@@ -798,25 +844,20 @@ class LMMResult:
         m = str(method).lower()
         if m not in ("msom", "vsom"):
             raise LmmopsError(f"unknown outlier method {method!r}; use 'msom' or 'vsom'")
-        if m == "vsom" and self.solver == "iterative":
-            if rows is None:
-                raise LmmopsError("the VSOM needs a set of observations: rows=[...]")
-            return vsom(self._objective, rows, start=self.evaluation.theta)
-        if m == "msom" and self.solver == "iterative":
-            # the scan needs only P y and diag(P) (estimated stochastically); a set I needs
-            # P delta_I (one PCG solve)
-            if rows is not None:
-                return msom(self._objective, self.evaluation, rows)
-            return msom_scan(self._objective, self.evaluation, top=top,
-                             diag=self._diag_P())
-        obj, ev = self._direct()
+        # computed on the solver's conditioned scale, reported on the user's
+        cond = self.model.conditioning
         if m == "vsom":
             if rows is None:
                 raise LmmopsError("the VSOM needs a set of observations: rows=[...]")
-            return vsom(obj, rows, start=ev.theta)
+            obj = self._objective if self.solver == "iterative" else self._direct()[0]
+            return cond.vsom(vsom(obj, rows, start=self.evaluation.theta), self.method)
+        # on the iterative solver the scan needs only P y and diag(P) (estimated
+        # stochastically), a set I needs P delta_I (one PCG solve)
+        obj, ev = ((self._objective, self.evaluation) if self.solver == "iterative"
+                   else self._direct())
         if rows is not None:
-            return msom(obj, ev, rows)
-        return msom_scan(obj, ev, top=top, diag=self._diag_P())
+            return cond.msom(msom(obj, ev, rows))
+        return cond.msom(msom_scan(obj, ev, top=top, diag=self._diag_P(conditioned=True)))
 
     def predict(self, newdata=None, random=True, interval=None, level=0.95):
         """Predictions (see :func:`lmmops.predict.predict`).

@@ -89,8 +89,11 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
         obj, ev = result._objective, result.evaluation
     else:
         obj, ev = result._direct()
+    # the solvers' conditioned scale (lmmops.conditioning): X_c = X T, and the values map
+    # back as X_c b + s f_c, the variances as s^2
+    cond = model.conditioning
     if newdata is None:
-        X = model.X
+        X = model.X_conditioned
         codes = [np.asarray(c, dtype=np.int64) for c in model.design.codes]
     else:
         if not isinstance(newdata, pd.DataFrame):
@@ -101,7 +104,7 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
             mm = model.fixed_spec.get_model_matrix(newdata, na_action="raise")
         except Exception as exc:  # formulaic raises several types
             raise LmmopsError(f"cannot build the fixed effects for newdata: {exc}") from None
-        X = np.asarray(mm, dtype=np.float64)[:, model.keep]
+        X = cond.X(np.asarray(mm, dtype=np.float64)[:, model.keep])
         codes = _codes_for(result, newdata)
     m = X.shape[0]
     theta = ev.theta
@@ -111,6 +114,7 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
             c = codes[k]
             known = c >= 0
             fit[known] += theta[k] * ev.v[k][c[known]]
+    fit = cond.response(X, fit)
     if interval is None:
         return fit
     s2 = ev.sigma2
@@ -151,7 +155,7 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
     if interval == "prediction":
         w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
         var = var + s2 / w
-    se = np.sqrt(np.maximum(var, 0.0))
+    se = cond.scale * np.sqrt(np.maximum(var, 0.0))
     z = stats.norm.ppf(0.5 + level / 2.0)
     index = newdata.index if newdata is not None else None
     return pd.DataFrame({"fit": fit, "se": se, "lower": fit - z * se, "upper": fit + z * se},

@@ -43,7 +43,7 @@ def dense_minus2ll(df, sds, sigma, method):
 @pytest.mark.parametrize("method", ["REML", "ML"])
 def test_full_criterion_and_its_gradient(data, method):
     res = lmmops.fit("y ~ x + (1|a) + (1|b)", data, method=method)
-    obj, _ = res._direct()
+    obj = res.model.objective(method)  # the user-scale criterion (lme4's devfun)
     for sds, sigma in (([0.8, 0.5], 1.1), ([0.0, 0.9], 0.7)):
         f, g = full_criterion(obj, sds, sigma, gradient=True)
         assert f == pytest.approx(dense_minus2ll(data, sds, sigma, method), rel=1e-10)
@@ -82,8 +82,9 @@ def test_variance_se_from_the_information_matches_dense(data, method):
     se_obs = np.sqrt(np.diag(np.linalg.inv(Hd)))
     se = res.variances_se
     np.testing.assert_allclose([se["a"], se["b"], se["Residual"]], se_obs, rtol=0.1)
-    obj, ev = res._direct()
-    np.testing.assert_allclose(res.variances_cov.to_numpy(), variance_covariance(obj, ev))
+    obj, ev = res._direct()  # the solver's conditioned scale: variances times s^2
+    np.testing.assert_allclose(res.variances_cov.to_numpy(), variance_covariance(obj, ev)
+                               * res.model.conditioning.variance_scale ** 2)
     # exactly the average information of the cheat sheet, 1/2 Q' P Q (ML: V^{-1} for P)
     d = lmmops.CrossedDesign.from_frame(data, ["a", "b"])
     X = np.column_stack([np.ones(len(data)), data.x])
