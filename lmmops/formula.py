@@ -215,7 +215,7 @@ class _Namespace(Mapping):
             return self._allowed[name]
         if isinstance(name, str) and hasattr(builtins, name):
             return _Refused(name)
-        raise KeyError(name)
+        raise KeyError(name)  # protocol: a Mapping's __getitem__ raises KeyError
 
     def __iter__(self):
         return iter(set(self._allowed) | set(dir(builtins)))

@@ -506,10 +506,11 @@ def test_no_plain_builtin_raises_in_the_package():
     pkg = pathlib.Path(lmmops.__file__).parent
     pattern = re.compile(r"raise (ValueError|TypeError|KeyError)\(")
     found = []
-    for path in sorted(pkg.glob("*.py")):
+    for path in sorted(pkg.rglob("*.py")):
         for i, line in enumerate(path.read_text().splitlines(), 1):
-            if pattern.search(line):
-                found.append(f"{path.name}:{i}: {line.strip()}")
+            # "# protocol:" marks a raise that a Python protocol requires (Mapping.__getitem__)
+            if pattern.search(line) and "# protocol:" not in line:
+                found.append(f"{path.relative_to(pkg)}:{i}: {line.strip()}")
     # json.dumps' default= hook must raise TypeError itself, by json's protocol
     found = [f for f in found if not f.startswith("cli.py") or "not JSON serialisable" not in f]
     assert found == []
