@@ -288,8 +288,9 @@ class CrossedDesign:
         Raises
         ------
         DesignError
-            For an unknown column, a missing label, or the conditions listed in
-            :class:`CrossedDesign`.
+            For an unknown column, a missing, unhashable or ambiguous label, two factors
+            that group the rows identically (:meth:`check_distinct_partitions`), or the
+            conditions listed in :class:`CrossedDesign`.
 
         Examples
         --------
@@ -307,7 +308,9 @@ class CrossedDesign:
             levels.append(flevels)
             nlev.append(len(flevels))
             out_names.append(names[i] if names is not None else label)
-        return cls(np.vstack(codes), nlev, out_names, levels)
+        design = cls(np.vstack(codes), nlev, out_names, levels)
+        design.check_distinct_partitions()
+        return design
 
     @staticmethod
     def _term_parts(data, col):
@@ -363,6 +366,28 @@ class CrossedDesign:
                     "of levels must be less than the number of observations, or its variance "
                     "is not identifiable apart from the residual"
                 )
+
+    def check_distinct_partitions(self):
+        """Raise :class:`DesignError` if two factors group the observations identically.
+
+        Two factors with the same partition of the rows, such as ``(1|g) + (1|g:g)``, or
+        ``(1|a) + (1|a:b)`` with ``b`` constant within ``a``, have the same ``Z_k`` up to
+        a relabelling of levels, so their variances are not identifiable apart. The
+        operators do not need distinct factors; a model does, and
+        :meth:`from_frame` and :class:`lmmops.LMM` call this check.
+
+        Raises
+        ------
+        DesignError
+            Naming both factors.
+
+        Examples
+        --------
+        >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [2, 2, 0, 0, 1]], names=["a", "b"])
+        >>> d.check_distinct_partitions()  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        lmmops.errors.DesignError: grouping factors 'a' and 'b' group the observations ...
+        """
         for k in range(self.n_factors):
             for l in range(k + 1, self.n_factors):
                 if self._n_levels[k] == self._n_levels[l] and (

@@ -128,6 +128,7 @@ class LMM:
     def __init__(self, design, X, y, fixef_names=None, formula=None, response="y",
                  method="REML", data_name=None, weights=None):
         self.design = design
+        design.check_distinct_partitions()
         self.X = np.ascontiguousarray(X, dtype=np.float64)
         self.y = check_response(y, response)
         if self.X.ndim != 2 or self.X.shape[0] != self.y.shape[0]:

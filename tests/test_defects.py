@@ -399,6 +399,15 @@ def test_same_partition_twice_in_a_formula(sim):
         lmmops.fit("y ~ 1 + (1|g1) + (1|g1:b)", const)
     res = lmmops.fit("y ~ 1 + (1|g1) + (1|g1:g2)", sim)  # a genuine interaction still fits
     assert res.converged
+    # operators accept a relabelled copy of a factor (V is well defined); a model does not
+    g = sim["g1"].to_numpy()
+    d = CrossedDesign.from_codes([g, 19 - g, sim["g2"].to_numpy()], names=["a", "b", "c"])
+    V = CovarianceOperator(d, 1.0, [1.0, 2.0, 0.5])
+    Z = d.indicator_all().toarray()
+    dense = np.eye(len(g)) + Z @ np.diag(np.repeat([1.0, 2.0, 0.5], d.n_levels)) @ Z.T
+    np.testing.assert_allclose(V @ sim["y"].to_numpy(), dense @ sim["y"].to_numpy())
+    with pytest.raises(DesignError, match="'a' and 'b' group the observations identically"):
+        lmmops.LMM(d, np.ones((len(g), 1)), sim["y"].to_numpy())
 
 
 def test_codes_beyond_int32_refused():
