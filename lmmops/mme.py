@@ -41,6 +41,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 
 from ._guard import check_dense
+from .conditioning import condition
 from .errors import LmmopsError
 
 __all__ = [
@@ -268,18 +269,23 @@ def _solve_level_space(X, y, design, variances, sigma2_e, weights, blocks):
         raise LmmopsError(f"variances must be {design.n_factors} finite values >= 0")
     if not sigma2_e > 0:
         raise LmmopsError("sigma2_e must be > 0")
-    obj = DirectObjective(design, X, y, method="ML", weights=weights)
+    # solved on conditioned data (X_c = X T, y_c = (y - X_c b) / s, lmmops.conditioning),
+    # so an offset or the units of y or of a covariate cost no accuracy; the variances
+    # are the user's, so only the X blocks and the y-linear quantities map back
+    cond, _, Xc, yc = condition(X, y)
+    T = cond.T
+    obj = DirectObjective(design, Xc, yc, method="ML", weights=weights)
     theta = np.sqrt(var / sigma2_e)
     ev = obj.evaluate(theta, gradient=False)
     diags = level_space_diagonals(obj, ev)
     q = design.q
-    u = np.concatenate([theta[k] * ev.v[k] for k in range(design.n_factors)])
+    u = cond.scale * np.concatenate([theta[k] * ev.v[k] for k in range(design.n_factors)])
     scale = np.concatenate([np.full(design.n_levels[k], theta[k] ** 2)
                             for k in range(design.n_factors)])
     pev_diag = sigma2_e * scale * np.concatenate(diags["omega_diag"])
     g = np.repeat(var, design.n_levels)
-    var_tau = sigma2_e * diags["omega_xx"]
-    out = MMESolution(tau=ev.beta.copy(), u=u, var_tau=var_tau, pev_diag=pev_diag,
+    var_tau = sigma2_e * (T @ diags["omega_xx"] @ T.T)
+    out = MMESolution(tau=cond.fixef(ev.beta), u=u, var_tau=var_tau, pev_diag=pev_diag,
                       var_u_diag=g - pev_diag)
     if any(b in blocks for b in ("pev", "C_inv", "cov_tau_u")):
         p = X.shape[1]
@@ -297,6 +303,8 @@ def _solve_level_space(X, y, design, variances, sigma2_e, weights, blocks):
             Oinv[c] = x1[row] if blk == 0 else xr[row]
         dvec = np.concatenate([np.sqrt(scale), np.ones(p)])
         Cz = sigma2_e * dvec[:, None] * Oinv * dvec[None, :]  # order: Z (design), X
+        Cz[q:] = T @ Cz[q:]  # the X rows and columns in the user's basis
+        Cz[:, q:] = Cz[:, q:] @ T.T
         Cinv = np.block([[Cz[q:, q:], Cz[q:, :q]], [Cz[:q, q:], Cz[:q, :q]]])
         if "pev" in blocks:
             out.pev = Cz[:q, :q].copy()
