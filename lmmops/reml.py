@@ -345,6 +345,8 @@ class IterativeObjective:
                 raise LmmopsError(f"deflation_basis must have shape ({self.q}, r)")
         self._probe_rng = rng
         self.W = self._project(rademacher(self.q, self.n_probes, rng))
+        # seed of the boundary probes (one stream per factor, see boundary_gradient)
+        self._boundary_seed = int(rng.integers(2**62))
         # squared cross-tabulations, for ||E||_F^2 in closed form
         self._N2 = []
         for k in range(self.K):
@@ -611,6 +613,78 @@ class IterativeObjective:
     def __call__(self, theta):
         """Return the estimated criterion at ``theta``."""
         return self.evaluate(theta).objective
+
+    def _boundary_probes(self, k, m):
+        """The first ``m`` Rademacher probes of factor ``k``'s level space (a fixed
+        stream per factor: more probes extend the same set)."""
+        rng = np.random.default_rng([self._boundary_seed, k])
+        return rademacher(m, self.sizes[k], rng).T
+
+    def boundary_gradient(self, ev, factors):
+        """Derivative of the criterion in ``tau_k = theta_k^2`` at ``theta_k = 0``.
+
+        On the boundary the derivative in ``theta_k`` is 0 by symmetry, and the
+        ``theta``-form estimator's noise grows as ``1 / theta_k``; in ``tau_k`` the
+        derivative is finite,
+
+        .. math::
+
+            \\partial F / \\partial \\tau_k = \\operatorname{tr}(Z_k' P_0 Z_k)
+            - \\|Z_k' e\\|^2 / s^2
+
+        (``P_0 = V_0^{-1}`` for ML, the REML projection for REML, ``V = s^2 V_0``, ``e``
+        the conditional residual). In level space ``Z_k'V_0^{-1}Z_k = D_k - C'M^{-1}C``
+        with ``C = Lambda Z'Z_k`` (no factor-``k`` rows, since ``theta_k = 0``): ``tr D_k``
+        and the Jacobi control variate ``tr(C'P^{-1}C)`` are exact (squared
+        cross-tabulations), ``tr(C'(M^{-1} - P^{-1})C)`` is estimated with Rademacher
+        probes in factor ``k``'s levels (fixed per factor: common random numbers), and the
+        REML term ``tr(B A^{-1} B')``, ``B = Z_k'V_0^{-1}X``, is exact. With two factors
+        ``M`` restricted to the other factor is diagonal and the derivative is exact.
+
+        Parameters
+        ----------
+        ev : Evaluation
+            From :meth:`evaluate`, with ``theta_k = 0`` for every ``k`` in ``factors``.
+        factors : sequence of int
+
+        Returns
+        -------
+        value : ndarray, shape (len(factors),)
+        samples : ndarray, shape (len(factors), n_probes)
+            Per-probe terms whose mean is the stochastic part of ``value``.
+        pcg_converged : bool
+        """
+        factors = [int(k) for k in factors]
+        if any(ev.theta[k] != 0.0 for k in factors):
+            raise LmmopsError("boundary_gradient needs theta_k = 0 for the factors asked")
+        lam, off, p, m = ev._lam, self.offsets, self.p, self.n_probes
+        P = lam * lam * self.counts + 1.0
+        R = np.zeros((self.q, m * len(factors)))
+        for i, k in enumerate(factors):
+            E = np.zeros((self.q, m))
+            E[off[k]:off[k + 1]] = self._boundary_probes(k, m)
+            R[:, i * m:(i + 1) * m] = lam[:, None] * self._gram(E)
+        X, info, _ = self._solve(lam, R)
+        X -= R / P[:, None]
+        samples = -np.einsum("ij,ij->j", R, X).reshape(len(factors), m)
+        Zte = self._Zt_resid(ev)
+        a = lam * lam / P
+        if self.method == "REML" and p:
+            ZZS = self._gram(lam[:, None] * ev._Sx)
+        value = np.empty(len(factors))
+        for i, k in enumerate(factors):
+            sl = slice(off[k], off[k + 1])
+            exact = float(np.sum(self.counts[sl]))  # tr D_k
+            for k1, l1, N2 in self._N2:  # tr(C'P^{-1}C) = sum_l sum_ij N_kl[i,j]^2 a_j
+                if k1 == k:
+                    exact -= float(np.asarray(N2.sum(axis=0)).ravel() @ a[off[l1]:off[l1 + 1]])
+                elif l1 == k:
+                    exact -= float(np.asarray(N2.sum(axis=1)).ravel() @ a[off[k1]:off[k1 + 1]])
+            if self.method == "REML" and p:
+                B = self.ZtT[sl, :p] - ZZS[sl]
+                exact -= float(np.einsum("ij,ij->", B @ ev._Ainv, B))
+            value[i] = exact + samples[i].mean() - float(Zte[sl] @ Zte[sl]) / ev.sigma2
+        return value, samples, bool(np.all(info["converged"]))
 
     # ------------------------------------------------------------------ information
     def _Zt_resid(self, ev):

@@ -109,27 +109,41 @@ def tau_hessian(objective, ev, gtau):
 
 
 class _Point:
-    """One evaluation at ``tau``, in ``tau`` terms, with its Monte Carlo quantities."""
+    """One evaluation at ``tau``, in ``tau`` terms, with its Monte Carlo quantities.
 
-    def __init__(self, tau, ev):
+    Components on the boundary take their derivative from
+    :meth:`~lmmops.reml.IterativeObjective.boundary_gradient` (own probes, so their
+    Monte Carlo covariance with the others is 0).
+    """
+
+    def __init__(self, tau, ev, objective):
         self.tau = tau
         self.ev = ev
         self.f = float(ev.objective)
-        # d/dtau = d/dtheta / (2 theta); at theta_k = 0 exactly (a component held on the
-        # boundary) the theta-derivative is 0 by symmetry and carries no information
+        self.fs = np.asarray(ev.objective_samples, dtype=np.float64)
         on = ev.theta > 0
-        scale = np.where(on, 0.5 / np.where(on, ev.theta, 1.0), 0.0)
+        scale = np.where(on, 0.5 / np.where(on, ev.theta, 1.0), 0.0)  # d/dtau = d/dtheta / 2 theta
         self.g = ev.gradient * scale
         self.S = ev.gradient_samples * scale[:, None]
-        self.gdet = self.g - self.S.mean(axis=1)  # the part the probes do not touch
         m = self.S.shape[1]
+        self.pcg_failed = int(not ev.pcg_converged)
+        bound = np.flatnonzero(~on)
+        if bound.size:
+            value, samples, ok = objective.boundary_gradient(ev, bound)
+            self.g[bound] = value
+            self.S[bound] = samples
+            self.pcg_failed += int(not ok)
+        self.gdet = self.g - self.S.mean(axis=1)  # the part the probes do not touch
         self.cov = np.atleast_2d(np.cov(self.S)) / m
+        self.cov[np.ix_(on, ~on)] = 0.0  # independent probe sets
+        self.cov[np.ix_(~on, on)] = 0.0
         self._H = None
         self.hessian_failed = 0
 
-    def free(self):
+    def free(self, held=None):
         """Components off the bound or pushed away from it by the gradient."""
-        return (self.tau > 0) | (self.g < 0)
+        free = (self.tau > 0) | (self.g < 0)
+        return free if held is None else free & ((self.tau > 0) | ~held)
 
     def hessian(self, objective):
         if self._H is None:
@@ -141,7 +155,13 @@ class _Point:
     def failed(self, objective):
         """PCG solves at this point (evaluation and Hessian) that missed the tolerance."""
         self.hessian(objective)
-        return int(not self.ev.pcg_converged) + self.hessian_failed
+        return self.pcg_failed + self.hessian_failed
+
+    def diff_sd(self, other):
+        """Monte Carlo standard deviation of ``other.f - self.f`` (the same probes)."""
+        if other.fs.shape != self.fs.shape or self.fs.size < 2:
+            return 0.0
+        return float(np.std(other.fs - self.fs, ddof=1) / math.sqrt(self.fs.size))
 
 
 def _inverse(H):
@@ -182,7 +202,14 @@ def _fresh_check(pt, m_old, free, level):
     if idx.size == 0:
         return out
     w, U = np.linalg.eigh(0.5 * (C + C.T))
-    keep = w > 1e-12 * max(float(np.max(w)), 1e-300)
+    top = max(float(np.max(w)), 0.0)
+    keep = w > 1e-12 * top
+    # directions without Monte Carlo variance (deflated completely) must agree exactly,
+    # to rounding: otherwise the probes' spread understates the error
+    if np.any(np.abs(U[:, ~keep].T @ d) > 1e-6 * math.sqrt(top) + 1e-12 * (
+            1.0 + float(np.max(np.abs(pt.gdet[idx]))))):
+        out.update(chi2=math.inf, df=int(idx.size), p_value=0.0, passed=False)
+        return out
     r = int(np.count_nonzero(keep))
     if r == 0:  # the gradient is exact (every free component is deflated completely)
         return out
@@ -210,8 +237,8 @@ def _check_start(start, K):
 
 
 def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
-                  check_level=1e-3, max_rounds=3, boundary_eps=None, max_halvings=8,
-                  fd_step=1e-5, callback=None):
+                  check_level=1e-3, max_rounds=3, boundary_tol=1e-4, max_halvings=8,
+                  max_releases=2, fd_step=1e-5, callback=None):
     """Minimise an :class:`~lmmops.reml.IterativeObjective` over ``theta >= 0``, honestly.
 
     Projected Newton in ``tau = theta^2`` on the fixed-probe criterion, converged to
@@ -240,12 +267,15 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
         The fresh-probe check fails below this p-value.
     max_rounds : int
         Fresh-probe rounds at most (each doubles the probe count).
-    boundary_eps : float, optional
-        ``theta_k`` at which the derivative on the boundary is taken, and below which a
-        ``theta_k`` is set to 0; default ``max(1e-4, 10 sqrt(rtol))`` (1e-3 at the default
-        PCG tolerance: there the PCG error of the gradient is 1 % of ``rtol / eps^2``).
+    boundary_tol : float
+        A step that takes ``theta_k`` below this puts it on the boundary, exactly 0
+        (lme4's tolerance for a singular fit).
     max_halvings : int
         Step halvings per line search.
+    max_releases : int
+        How often a component may leave the boundary; after that it is held there (the
+        boundary and the interior estimates of its derivative disagree within their
+        Monte Carlo error, so the two would alternate).
     fd_step : float
         Relative step of the forward differences of the gradient at the estimate (the
         Jacobian of the delta method; one evaluation per free component).
@@ -291,27 +321,26 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
     t0 = time.perf_counter()
     K = objective.K
     start = _check_start(start, K)
-    eps = (max(1e-4, 10.0 * math.sqrt(objective.rtol)) if boundary_eps is None
-           else float(boundary_eps))
-    if not (math.isfinite(eps) and eps > 0):
-        raise LmmopsError(f"boundary_eps must be a finite number > 0, got {boundary_eps!r}")
-    eps2 = eps * eps
+    bt = float(boundary_tol)
+    if not (math.isfinite(bt) and bt >= 0):
+        raise LmmopsError(f"boundary_tol must be a finite number >= 0, got {boundary_tol!r}")
+    bt2 = bt * bt
     n_eval0 = objective.n_evaluations
     failed0 = objective.failed_solves
     m_initial = objective.n_probes
     fitlog = []
     notes = []
+    releases = np.zeros(K, dtype=int)
 
-    def point(tau, shadow=True):
-        """Evaluate at ``tau``; zeros at ``eps`` (``shadow``, for their derivative) or at 0."""
-        tau = np.where(tau < eps2, 0.0, tau)
+    def point(tau):
+        tau = np.where(tau < bt2, 0.0, tau)
         try:
-            ev = objective.evaluate(np.where(tau > 0, np.sqrt(tau), eps if shadow else 0.0))
+            ev = objective.evaluate(np.sqrt(tau))
         except NumericalFailure:
             fitlog.append((np.sqrt(tau), np.inf))
             return None
         fitlog.append((np.sqrt(tau), float(ev.objective)))
-        return _Point(tau, ev)
+        return _Point(tau, ev, objective)
 
     pt = point(start**2)
     if pt is None:
@@ -321,15 +350,15 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
     def project(g, tau):
         return np.where((tau <= 0) & (g > 0), 0.0, g)
 
-    def newton(pt, it, fixed=None, rel=step_tol):
-        """Projected Newton on the current probes, ``fixed`` components held at 0, to
-        ``rel`` of the Monte Carlo error. Returns (point, converged, why, it).
+    def newton(pt, it, rel):
+        """Projected Newton on the current probes, to ``rel`` of the Monte Carlo error.
+
+        Returns (point, converged, why, it).
         """
-        shadow = fixed is None
         polished = False
         while it < maxiter:
-            free = pt.free() if shadow else ~fixed
-            idx = np.flatnonzero(free)
+            held = releases >= max_releases
+            idx = np.flatnonzero(pt.free(held))
             if idx.size == 0:
                 return pt, True, "every variance ratio is on the boundary", it
             Hinv, _ = _inverse(pt.hessian(objective)[np.ix_(idx, idx)])
@@ -337,7 +366,7 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
             step = -Hinv @ g
             sd = np.sqrt(np.maximum(np.diag(Hinv @ pt.cov[np.ix_(idx, idx)] @ Hinv), 0.0))
             decrement = float(-g @ step)
-            small = np.abs(step) <= np.maximum(rel * sd, 1e-9 * (pt.tau[idx] + eps2))
+            small = np.abs(step) <= np.maximum(rel * sd, 1e-9 * (pt.tau[idx] + bt2))
             if np.all(small):
                 return pt, True, f"Newton step below {rel:g} of its Monte Carlo error", it
             # a decrement at the criterion's precision still gets one more step (the
@@ -351,9 +380,9 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
             if snorm > radius:
                 step *= radius / snorm
             # how much the estimated criterion may rise along a step that reduces the
-            # gradient: its Monte Carlo noise along the step, plus its numerical floor
-            # (the Lanczos quadrature of a PCG run that stops at rtol)
-            noise = 3.0 * math.sqrt(max(float(step @ pt.cov[np.ix_(idx, idx)] @ step), 0.0))
+            # gradient: 3 Monte Carlo standard deviations of the change (the same probes
+            # at both points), plus its numerical floor (the Lanczos quadrature of a PCG
+            # run that stops at rtol)
             floor = 10.0 * objective.rtol * max(1.0, abs(pt.f))
             g0 = project(pt.g, pt.tau)[idx]
             merit0 = float(g0 @ Hinv @ g0)
@@ -361,15 +390,15 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
             for _ in range(max_halvings + 1):
                 trial = pt.tau.copy()
                 trial[idx] = np.maximum(pt.tau[idx] + alpha * step, 0.0)
-                trial[trial < eps2] = 0.0
+                trial[trial < bt2] = 0.0
                 if np.array_equal(trial, pt.tau):
-                    # the step only pushes components below eps: their optimum is there
-                    return pt, True, ("optimum within boundary_eps of the boundary"), it
-                tp = point(trial, shadow)
+                    # the step only pushes components below boundary_tol: they stay at 0
+                    return pt, True, "optimum within boundary_tol of the boundary", it
+                tp = point(trial)
                 if tp is not None:
                     gt = project(tp.g, tp.tau)[idx]
                     armijo = tp.f <= pt.f - 1e-4 * alpha * decrement
-                    within = (tp.f <= pt.f + alpha * noise + floor
+                    within = (tp.f <= pt.f + 3.0 * pt.diff_sd(tp) + floor
                               and float(gt @ Hinv @ gt) < merit0)
                     if armijo or within:
                         accepted = tp
@@ -381,6 +410,7 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
                 return pt, False, ("the line search could decrease neither the criterion "
                                    "nor its gradient"), it
             it += 1
+            releases[(pt.tau <= 0) & (accepted.tau > 0)] += 1
             pt = accepted
             if callback is not None:
                 callback(it, np.sqrt(pt.tau), pt.f)
@@ -388,7 +418,7 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
 
     exact = not np.any(pt.S)  # no probe touches the gradient: nothing to check
     rounds = 0 if exact else max_rounds
-    pt, converged, message, it = newton(pt, 0, rel=max(step_tol, 0.5) if rounds else step_tol)
+    pt, converged, message, it = newton(pt, 0, max(step_tol, 0.5) if rounds else step_tol)
     checks = []
     for _ in range(rounds):
         if not converged:
@@ -399,9 +429,9 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
         if merged is None:
             converged, message = False, "the criterion failed at the optimum"
             break
-        check = _fresh_check(merged, m_old, pt.free(), check_level)
+        check = _fresh_check(merged, m_old, pt.tau > 0, check_level)
         checks.append(check)
-        pt, converged, message, it = newton(merged, it)
+        pt, converged, message, it = newton(merged, it, step_tol)
         if check["passed"]:
             message += "; confirmed by fresh probes"
             break
@@ -410,44 +440,33 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
             converged = False
             message = (f"fresh probes rejected the optimum in all {max_rounds} rounds "
                        f"(last p = {checks[-1]['p_value']:.2g})")
-
-    # the boundary was found with its components at eps (for their derivative); the
-    # others now converge with those at exactly 0, as reported (an O(eps^2) shift)
-    free = pt.tau > 0
-    kkt = pt
-    if converged and not free.all():
-        pt0 = point(pt.tau, shadow=False)
-        if pt0 is None:
-            converged, message = False, "the criterion failed on the boundary"
-        else:
-            pt, converged, why, it = newton(pt0, it, fixed=~free)
-            if not converged:
-                message = why
+    if np.any(releases >= max_releases) and np.any(pt.tau <= 0):
+        notes.append("a variance left the boundary and returned to it "
+                     f"{max_releases} times and is held there: its derivative at 0 is "
+                     "within Monte Carlo error of 0")
 
     # Monte Carlo covariance of tau_hat at the final point: the delta method with the
     # Jacobian of the fixed-probe gradient (forward differences; common random numbers make
     # g_W smooth), since the average information only approximates it (it is about the
     # mean of the observed and the expected information, tens of per cent off on weakly
     # identified components)
+    free = pt.tau > 0
     idx = np.flatnonzero(free)
     H = pt.hessian(objective).copy()
-    failed_fd = objective.failed_solves
-    fd_ok = True
+    pcg_final = pt.failed(objective)
     for k in idx:
         trial = pt.tau.copy()
         trial[k] *= 1.0 + fd_step
-        tp = point(trial, shadow=False)
+        tp = point(trial)
         if tp is None:
-            fd_ok = False
+            H = pt.hessian(objective)
+            notes.append("the Jacobian of the gradient could not be differenced at the "
+                         "estimate: the Monte Carlo errors use the average information")
             break
+        pcg_final += tp.pcg_failed
         H[idx, k] = (tp.g[idx] - pt.g[idx]) / (trial[k] - pt.tau[k])
-    if fd_ok:
-        H[np.ix_(idx, idx)] = 0.5 * (H[np.ix_(idx, idx)] + H[np.ix_(idx, idx)].T)
     else:
-        H = pt.hessian(objective)
-        notes.append("the Jacobian of the gradient could not be differenced at the "
-                     "estimate: the Monte Carlo errors use the average information")
-    failed_fd = objective.failed_solves - failed_fd
+        H[np.ix_(idx, idx)] = 0.5 * (H[np.ix_(idx, idx)] + H[np.ix_(idx, idx)].T)
     tau_cov = np.zeros((K, K))
     shortfall = 0.0
     if idx.size:
@@ -460,17 +479,13 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
             notes.append("the Hessian at the estimate is not positive definite: the Monte "
                          "Carlo errors use its absolute eigenvalues")
     bound = np.flatnonzero(~free)
-    pcg_final = pt.failed(objective) + failed_fd
     if bound.size:
         # a boundary estimate is max(0, tau_u) for the unconstrained Newton estimate tau_u
-        # (from the point with the boundary components at eps, where their derivative is)
-        Hinv_all, _ = _inverse(kkt.hessian(objective))
-        step_u = -Hinv_all @ kkt.g
-        sd_u = np.sqrt(np.maximum(np.diag(Hinv_all @ kkt.cov @ Hinv_all), 0.0))
+        Hinv_all, _ = _inverse(H)
+        step_u = -Hinv_all @ pt.g
+        sd_u = np.sqrt(np.maximum(np.diag(Hinv_all @ pt.cov @ Hinv_all), 0.0))
         for k in bound:
             tau_cov[k, k] = _censored_sd(float(step_u[k]), float(sd_u[k])) ** 2
-        if kkt is not pt:
-            pcg_final += kkt.failed(objective)
     ev = pt.ev
     ev.tau_cov = tau_cov
     pcg_before = objective.failed_solves - failed0 - pcg_final
