@@ -22,7 +22,8 @@ The probe columns give two stochastic quantities with Monte Carlo standard error
   variate), the second by stochastic Lanczos quadrature from the CG coefficients
   (:func:`lmmops.trace.lanczos_from_cg`), so no extra products are needed;
 - ``tr((M^{-1})_{kk})`` per factor by Hutchinson, ``E[(P^{-1/2}w)_k' (M^{-1} P^{1/2} w)_k]``,
-  for the analytic gradient (math.md Section 9; the same formula as :mod:`lmmops.direct`).
+  for the analytic gradient (the same formula as :mod:`lmmops.direct`; see
+  ``docs/theory.rst``, "REML identities").
 
 The average-information matrix needs only solves with the working variates (no traces),
 so Newton steps are exact given the score; it is computed in level space too.
@@ -251,8 +252,8 @@ class IterativeObjective:
     deflation_rank : int, optional
         Extra deflation directions beyond the K proportional ones: the dominant
         eigenvectors of the normalised level graph ``D^{-1/2}(Z'Z - D)D^{-1/2}`` (its
-        canonical correlations, math.md Section 6), found once per design by block power
-        iteration. Default ``min(32, q // 8)``, and 8 above q = 200,000 (the blocks are
+        canonical correlations, ``docs/theory_inverse.rst``), found once per design by
+        block power iteration. Default ``min(32, q // 8)``, and 8 above q = 200,000 (the blocks are
         ``O(q r)`` in memory). They change only the variance of the estimates, never their
         expectation.
     power_iters : int
@@ -885,6 +886,7 @@ class IterativeObjective:
             small_factor_levels=self.small_factor_levels, weights=weights,
             deflation_basis=self.Q)
         other.W = self.W.copy()  # the very same probes, not a redraw from the seed
+        other._boundary_seed = self._boundary_seed
         return other
 
     def quadratic_zx(self, ev, bz, bx):
