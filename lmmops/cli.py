@@ -14,8 +14,11 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from . import __version__
 from .errors import LmmopsError
+from .reml import check_n_probes
 
 __all__ = ["main", "read_data"]
 
@@ -75,22 +78,42 @@ def read_data(path, categorical=()):
 
 
 def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
+    """JSON for what :mod:`json` cannot encode by itself: numpy scalars and arrays."""
+    if isinstance(o, np.ndarray):
+        return _strict(o.tolist())
+    if isinstance(o, np.generic):
+        return _strict(o.item())
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _strict(o):
+    """``o`` with every non-finite number, at any depth, replaced by ``None`` (JSON null)."""
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _strict(o.tolist())
+    if isinstance(o, (bool, np.bool_)):
+        return bool(o)
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
+
+
 def _dump(result):
-    d = result.to_dict()
-    for k, v in d.items():  # JSON has no NaN/inf
-        if isinstance(v, float) and not math.isfinite(v):
-            d[k] = None
-    return json.dumps(d, indent=2, default=_json_default)
+    """The ``--json`` text of a result: strict JSON (no NaN or Infinity), null where a value
+    is undefined."""
+    return json.dumps(_strict(result.to_dict()), indent=2, default=_json_default,
+                      allow_nan=False)
 
 
 def _fit_and_print(df, formula, args, data_name):
     from .model import fit
 
+    n_probes = check_n_probes(args.probes, "--probes")
     # progress: a tqdm bar on a terminal, plain lines with --verbose elsewhere; never
     # with --quiet
     quiet = bool(getattr(args, "quiet", False))
@@ -114,7 +137,7 @@ def _fit_and_print(df, formula, args, data_name):
         _check_plot_path(plot)
     try:
         res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
-                  weights=getattr(args, "weights", None), n_probes=args.probes,
+                  weights=getattr(args, "weights", None), n_probes=n_probes,
                   seed=args.seed, progress=progress)
     finally:
         if bar is not None:
@@ -253,7 +276,7 @@ def build_parser():
                              "stochastic estimators; auto (default): direct while its dense "
                              "Schur block is small, else iterative")
         sp.add_argument("--probes", type=int, default=16,
-                        help="iterative solver: Rademacher probes (default 16)")
+                        help="iterative solver: Rademacher probes, at least 2 (default 16)")
         sp.add_argument("--seed", type=int, default=0,
                         help="iterative solver: seed of the probes (default 0)")
         sp.add_argument("--json", action="store_true",

@@ -33,6 +33,8 @@ from .formula import (
     rank_message,
     response_vector,
 )
+from .reml import IterativeObjective, check_n_probes, check_rtol
+from .stochastic import fit_iterative
 
 __all__ = ["LMM", "LMMResult", "fit"]
 
@@ -334,8 +336,6 @@ class LMM:
             ``conditioning.criterion_offset(method)`` and its estimates map back through
             :attr:`conditioning`.
         """
-        from .reml import IterativeObjective
-
         m = _check_method(method or self.method)
         return IterativeObjective(self.design, self.X_conditioned, self.y_conditioned,
                                   method=m, n_probes=n_probes,
@@ -363,18 +363,31 @@ class LMM:
         maxiter : int
             Maximum number of optimiser iterations.
         n_probes, seed, rtol
-            Iterative solver only: probes, their seed, and the PCG tolerance.
+            Iterative solver only: probes (at least 2, see
+            :func:`lmmops.reml.check_n_probes`), their seed, and the PCG tolerance
+            (``0 < rtol < 1``). The iterative fit is
+            :func:`lmmops.stochastic.fit_iterative`: converged within its Monte Carlo
+            error and checked with as many fresh probes again, which then join the
+            estimate.
         progress : callable, optional
             Called as ``progress(message)`` once per iteration (overrides ``verbose``).
 
         Returns
         -------
         LMMResult
+
+        Raises
+        ------
+        LmmopsError
+            For an unknown method or solver, fewer than 2 probes, or ``rtol`` outside
+            ``(0, 1)``.
         """
         import sys
 
         method = _check_method(method or self.method)
         picked, reason = self.choose_solver(solver)
+        n_probes = check_n_probes(n_probes)
+        rtol = check_rtol(rtol)
         t0 = time.perf_counter()
         if picked == "iterative":
             obj = self.iterative_objective(method, n_probes=n_probes, seed=seed, rtol=rtol)
@@ -401,7 +414,10 @@ class LMM:
                              f"{obj.last.get('objective_se', 0.0):.3g}")
                 progress(f"iteration {it:3d}  criterion {f + offset:.6f}  step {step:.3g}{extra}  "
                          f"theta {np.round(theta, 6)}")
-        ev, opt = fit_direct(obj, start, maxiter=maxiter, callback=callback)
+        if picked == "iterative":
+            ev, opt = fit_iterative(obj, start, maxiter=maxiter, callback=callback)
+        else:
+            ev, opt = fit_direct(obj, start, maxiter=maxiter, callback=callback)
         resid = obj.residuals(ev)
         elapsed = self.build_s + (time.perf_counter() - t0)
         res = LMMResult(self, ev, opt, method, picked, resid, elapsed)
@@ -579,46 +595,45 @@ class LMMResult:
     def _set_mc_stderr(self, obj, ev):
         """Monte Carlo standard errors of an iterative fit (delta method).
 
-        ``Cov(theta) = H^{-1} Cov(g) H^{-1}`` with ``Cov(g)`` the probe covariance of the
-        gradient and ``H`` the Newton Hessian at the optimum; variances ``s^2 theta_k^2``
-        and the residual variance ``s^2(theta)`` (``d s^2 / d theta_k =
-        -2 ||v_k||^2 / (theta_k dof)``) follow by the delta method. The log-likelihood's
-        error is half the criterion's.
+        :func:`lmmops.stochastic.fit_iterative` leaves ``ev.tau_cov``, the Monte Carlo
+        covariance of ``tau_hat = theta_hat^2`` (``H^{-1} Cov(g) H^{-1}`` on the free
+        components, the spread of ``max(0, .)`` on boundary ones). The variances
+        ``s^2 tau_k`` and the residual variance ``s^2(tau)`` follow by the delta method
+        (``d s^2 / d tau_k = -||v_k||^2 / (tau_k dof)``, 0 on the boundary, where the
+        estimate is held at 0). The log-likelihood's error is half the criterion's.
         """
-        from .direct import _newton_hessian
-
         K = len(self.theta)
-        theta = ev.theta
-        free = np.flatnonzero(theta > 0)
-        C = np.zeros((K, K))
-        if free.size:
-            H = _newton_hessian(obj, ev)[np.ix_(free, free)]
-            try:
-                Hinv = np.linalg.inv(H)
-                C[np.ix_(free, free)] = Hinv @ ev.gradient_cov[np.ix_(free, free)] @ Hinv
-            except np.linalg.LinAlgError:
-                C[:] = np.nan
+        tau = np.asarray(ev.theta, dtype=np.float64) ** 2
+        C = np.asarray(getattr(ev, "tau_cov", np.full((K, K), np.nan)), dtype=np.float64)
         dof = self.n_obs - self.model.X.shape[1] if self.method == "REML" else self.n_obs
         s2 = ev.sigma2
-        ds2 = np.array([-2.0 * float(v @ v) / (t * dof) if t > 0 else 0.0
-                        for v, t in zip(ev.v, theta)])
+        ds2 = np.array([-float(v @ v) / (t * dof) if t > 0 else 0.0
+                        for v, t in zip(ev.v, tau)])
         J = np.zeros((K + 1, K))
-        for k in range(K):
-            J[k] = theta[k] ** 2 * ds2
-            J[k, k] += 2.0 * s2 * theta[k]
+        J[:K] = tau[:, None] * ds2[None, :]
+        J[np.arange(K), np.arange(K)] += s2
         J[K] = ds2
         cov = J @ C @ J.T
         # ev is on the conditioned scale: variances (and their errors) scale by s^2
         se = self.model.conditioning.variance_scale * np.sqrt(np.maximum(np.diag(cov), 0.0))
+        se[~np.isfinite(np.diag(cov))] = np.nan
         names = list(self.variances)
         self.mc_stderr = {
             "loglik": 0.5 * float(getattr(ev, "objective_se", 0.0)),
             "variances": {nm: float(x) for nm, x in zip(names, se)},
         }
-        self.notes.append(
-            f"iterative solver: {obj.n_probes} probes, {obj.cg_iterations} CG iterations; "
-            f"Monte Carlo standard error of the log-likelihood {self.mc_stderr['loglik']:.3g}"
-        )
+        opt = self.optsum
+        probes = getattr(opt, "n_probes", obj.n_probes)
+        first = getattr(opt, "n_probes_initial", probes)
+        used = f"{first} probes" if probes == first else f"{first} probes ({probes} in the end)"
+        line = (f"iterative solver: {used}, {obj.cg_iterations} CG iterations; Monte Carlo "
+                f"standard error of the log-likelihood {self.mc_stderr['loglik']:.3g}")
+        shortfall = getattr(opt, "loglik_shortfall", None)
+        if shortfall is not None:
+            line += (f", expected log-likelihood shortfall from the Monte Carlo error of the "
+                     f"estimate {shortfall:.2g}")
+        self.notes.append(line)
+        self.notes.extend(getattr(opt, "notes", []))
 
     RESIDUAL_KINDS = ("conditional", "marginal", "model", "pearson", "shift", "studentized")
 

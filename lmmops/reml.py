@@ -22,7 +22,8 @@ The probe columns give two stochastic quantities with Monte Carlo standard error
   variate), the second by stochastic Lanczos quadrature from the CG coefficients
   (:func:`lmmops.trace.lanczos_from_cg`), so no extra products are needed;
 - ``tr((M^{-1})_{kk})`` per factor by Hutchinson, ``E[(P^{-1/2}w)_k' (M^{-1} P^{1/2} w)_k]``,
-  for the analytic gradient (math.md Section 9; the same formula as :mod:`lmmops.direct`).
+  for the analytic gradient (the same formula as :mod:`lmmops.direct`; see
+  ``docs/theory.rst``, "REML identities").
 
 The average-information matrix needs only solves with the working variates (no traces),
 so Newton steps are exact given the score; it is computed in level space too.
@@ -30,16 +31,107 @@ so Newton steps are exact given the score; it is computed in level space too.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
+import warnings
 
 import numpy as np
+import scipy.sparse as sp
 
-from .direct import Evaluation, conditional_residuals, theta_gradient
+from . import kernels
+from .direct import (
+    Evaluation,
+    NumericalFailure,
+    check_weights,
+    conditional_residuals,
+    theta_gradient,
+)
 from .errors import ConvergenceWarning, LmmopsError
-from .operators import GramOperator, LevelSpaceOperator
-from .trace import lanczos_from_cg, rademacher, slq_quadrature
+from .operators import GramOperator, LevelSpaceOperator, RandomEffectsOperator
+from .trace import TraceEstimate, lanczos_from_cg, rademacher, slq_quadrature
 
-__all__ = ["IterativeObjective", "block_pcg"]
+__all__ = ["MIN_PROBES", "USEFUL_PROBES", "IterativeObjective", "block_pcg",
+           "check_n_probes", "check_rtol"]
+
+#: The smallest probe count with a Monte Carlo standard error: the sample variance of the
+#: per-probe estimates has ``m - 1`` degrees of freedom.
+MIN_PROBES = 2
+#: Below this many probes the standard errors are themselves too uncertain to judge
+#: convergence by (their relative error is about ``1 / sqrt(2 (m - 1))``: 27 % at 8).
+USEFUL_PROBES = 8
+
+
+def check_n_probes(n_probes, name="n_probes"):
+    """Validate a probe count for the stochastic estimators.
+
+    Parameters
+    ----------
+    n_probes : int
+    name : str
+        How the caller spells the option, for the message (``--probes`` on the CLI).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    LmmopsError
+        For a non-integer or a count below :data:`MIN_PROBES`.
+
+    Examples
+    --------
+    >>> check_n_probes(16)
+    16
+    >>> check_n_probes(1)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    lmmops.errors.LmmopsError: n_probes must be an integer >= 2, got 1: ...
+    """
+    ok = isinstance(n_probes, numbers.Integral) and not isinstance(n_probes, bool)
+    if ok and n_probes >= MIN_PROBES:
+        return int(n_probes)
+    raise LmmopsError(
+        f"{name} must be an integer >= {MIN_PROBES}, got {n_probes!r}: a Monte Carlo "
+        f"standard error needs at least {MIN_PROBES} probes (the sample variance of the "
+        f"per-probe estimates has m - 1 degrees of freedom), and {USEFUL_PROBES} or more "
+        f"are useful (with m probes the standard error itself is uncertain by about "
+        f"1/sqrt(2(m - 1)): 27% at 8, 18% at 16)"
+    )
+
+
+def check_rtol(rtol):
+    """Validate a PCG tolerance: a finite number with ``0 < rtol < 1``.
+
+    Parameters
+    ----------
+    rtol : float
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    LmmopsError
+        For anything else (``rtol = 0`` can never be met in floating point).
+
+    Examples
+    --------
+    >>> check_rtol(1e-8)
+    1e-08
+    """
+    try:
+        r = float(rtol)
+    except (TypeError, ValueError):
+        r = math.nan
+    if not (math.isfinite(r) and 0.0 < r < 1.0):
+        raise LmmopsError(
+            f"rtol must be a finite number with 0 < rtol < 1, got {rtol!r}: PCG stops when "
+            "every column's residual is at most rtol times its right-hand side, which "
+            "rtol <= 0 can never meet in floating point"
+        )
+    return r
 
 _LOG2PI = np.log(2.0 * np.pi)
 
@@ -83,8 +175,7 @@ def block_pcg(matmat, B, precond_diag, rtol=1e-8, maxiter=1000, record=None, par
     >>> bool(np.allclose(A @ X, np.eye(3)))
     True
     """
-    from . import kernels
-
+    rtol = check_rtol(rtol)
     B = np.ascontiguousarray(B, dtype=np.float64)
     q, m = B.shape
     if parallel is None:
@@ -161,8 +252,8 @@ class IterativeObjective:
     deflation_rank : int, optional
         Extra deflation directions beyond the K proportional ones: the dominant
         eigenvectors of the normalised level graph ``D^{-1/2}(Z'Z - D)D^{-1/2}`` (its
-        canonical correlations, math.md Section 6), found once per design by block power
-        iteration. Default ``min(32, q // 8)``, and 8 above q = 200,000 (the blocks are
+        canonical correlations, ``docs/theory_inverse.rst``), found once per design by
+        block power iteration. Default ``min(32, q // 8)``, and 8 above q = 200,000 (the blocks are
         ``O(q r)`` in memory). They change only the variance of the estimates, never their
         expectation.
     power_iters : int
@@ -215,13 +306,14 @@ class IterativeObjective:
         self.n, self.p, self.K, self.q = n, p, design.n_factors, design.q
         if method == "REML" and n <= p:
             raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
-        self.n_probes = int(n_probes)
+        self.n_probes = check_n_probes(n_probes)
         self.small_factor_levels = int(small_factor_levels)
-        from .direct import check_weights
-
         self.weights = None if weights is None else check_weights(weights, n)
         self.ldW = 0.0 if self.weights is None else float(np.sum(np.log(self.weights)))
-        self.rtol = float(rtol)
+        self.rtol = check_rtol(rtol)
+        if not isinstance(maxiter, numbers.Integral) or maxiter < 1:
+            raise LmmopsError(f"maxiter (the PCG iteration limit) must be an integer >= 1, "
+                              f"got {maxiter!r}")
         self.maxiter = int(maxiter)
         # one O(n) pass: sufficient statistics in level space
         # Z'WZ for the products in the PCG loop (one pass over the cells)
@@ -252,8 +344,10 @@ class IterativeObjective:
             self.Q = np.asarray(deflation_basis, dtype=np.float64)
             if self.Q.ndim != 2 or self.Q.shape[0] != self.q:
                 raise LmmopsError(f"deflation_basis must have shape ({self.q}, r)")
-        W = rademacher(self.q, self.n_probes, rng)
-        self.W = W - self.Q @ (self.Q.T @ W)  # probes projected off the deflation basis
+        self._probe_rng = rng
+        self.W = self._project(rademacher(self.q, self.n_probes, rng))
+        # seed of the boundary probes (one stream per factor, see boundary_gradient)
+        self._boundary_seed = int(rng.integers(2**62))
         # squared cross-tabulations, for ||E||_F^2 in closed form
         self._N2 = []
         for k in range(self.K):
@@ -261,8 +355,6 @@ class IterativeObjective:
                 if self.weights is None:
                     N = design.crosstab(k, l).tocsr(copy=True)
                 else:
-                    import scipy.sparse as sp
-
                     N = sp.coo_matrix((self.weights, (design.codes[k], design.codes[l])),
                                       shape=(design.n_levels[k], design.n_levels[l])).tocsr()
                     N.sum_duplicates()
@@ -270,6 +362,9 @@ class IterativeObjective:
                 self._N2.append((k, l, N))
         self.n_evaluations = 0
         self.cg_iterations = 0
+        self.n_solves = 0  # block PCG solves, and how many missed rtol within maxiter
+        self.failed_solves = 0
+        self.worst_residual = 0.0
         self.last = {}
 
     def _deflation_basis(self, rank, power_iters, rng):
@@ -314,6 +409,31 @@ class IterativeObjective:
         Y = Y @ U[:, np.argsort(-np.abs(w))]
         return _orthonormal_columns(np.hstack([QK, Y]))
 
+    def _project(self, W):
+        """Probes projected off the deflation basis (they stay unbiased for the remainder)."""
+        return W - self.Q @ (self.Q.T @ W)
+
+    def add_probes(self, m):
+        """Append ``m`` fresh Rademacher probes (independent of the ones in use).
+
+        The new probes come from the objective's own generator, so a fit that refreshes
+        its probes is still determined by ``seed``. Every later evaluation uses all the
+        probes (common random numbers across evaluations again).
+
+        Parameters
+        ----------
+        m : int
+
+        Returns
+        -------
+        int
+            The probe count now in use.
+        """
+        m = check_n_probes(m, "m")
+        self.W = np.hstack([self.W, self._project(rademacher(self.q, m, self._probe_rng))])
+        self.n_probes = self.W.shape[1]
+        return self.n_probes
+
     # ------------------------------------------------------------------ operators
     def _lam(self, theta):
         return np.repeat(np.asarray(theta, dtype=np.float64), self.sizes)
@@ -332,12 +452,14 @@ class IterativeObjective:
         X, info = block_pcg(self._M_matmat(lam), B, P, rtol=self.rtol, maxiter=self.maxiter,
                             record=record)
         self.cg_iterations += info["iterations"]
+        self.n_solves += 1
         if not np.all(info["converged"]):
-            import warnings
-
+            worst = float(np.max(info["residual"]))
+            self.failed_solves += 1
+            self.worst_residual = max(self.worst_residual, worst)
             warnings.warn(
                 f"PCG did not reach rtol={self.rtol:g} in {self.maxiter} iterations "
-                f"(worst relative residual {np.max(info['residual']):.2g})",
+                f"(worst relative residual {worst:.2g})",
                 ConvergenceWarning, stacklevel=3,
             )
         return X, info, P
@@ -355,7 +477,12 @@ class IterativeObjective:
         Returns
         -------
         Evaluation
-            With ``objective_se`` (standard error of the criterion) and ``gradient_se``.
+            With the Monte Carlo quantities ``objective_se`` (standard error of the
+            criterion), ``gradient_cov`` (covariance of the gradient estimate),
+            ``gradient_samples`` (shape (K, m): the per-probe terms whose mean is the
+            stochastic part of the gradient) and ``objective_samples`` (the same for the
+            criterion), and the PCG status ``pcg_converged`` (every column reached
+            ``rtol``) and ``pcg_residual`` (the worst relative residual).
         """
         theta = np.asarray(theta, dtype=np.float64).copy()
         if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
@@ -385,8 +512,6 @@ class IterativeObjective:
             try:
                 cA = np.linalg.cholesky(A)
             except np.linalg.LinAlgError:
-                from .direct import NumericalFailure
-
                 raise NumericalFailure("X'V^{-1}X is not positive definite") from None
             beta = np.linalg.solve(A, Omega[:p, p])
             logdet_RX = 2.0 * float(np.sum(np.log(np.diag(cA))))
@@ -429,7 +554,7 @@ class IterativeObjective:
         exact = (float(np.sum(np.log(P))) - float(np.einsum("ij,ij->", self.Q, EQ))
                  - 0.5 * (E2 - float(np.einsum("ij,ij->", EQ, EQ))))
         logdet_M = exact + quadQ + float(samples.mean())
-        logdet_se = float(np.std(samples, ddof=1) / np.sqrt(m)) if m > 1 else np.inf
+        logdet_se = float(np.std(samples, ddof=1) / np.sqrt(m))
         if self.method == "REML":
             obj = logdet_M + logdet_RX + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
         else:
@@ -469,11 +594,15 @@ class IterativeObjective:
         for k in range(self.K):
             if theta[k] > 0:
                 grad_samples[k] = -2.0 / theta[k] * tr_samples[k]
-        grad_cov = np.cov(grad_samples) / m if m > 1 else np.full((self.K, self.K), np.inf)
+        grad_cov = np.atleast_2d(np.cov(grad_samples)) / m
         ev = Evaluation(theta, float(obj), grad, float(sigma2), beta, beta_cov, v,
                         logdet_M, logdet_RX, pwrss, traces, None)
         ev.objective_se = logdet_se
-        ev.gradient_cov = np.atleast_2d(grad_cov)
+        ev.gradient_cov = grad_cov
+        ev.gradient_samples = grad_samples  # gradient = deterministic part + their mean
+        ev.objective_samples = samples  # the same for the criterion
+        ev.pcg_converged = bool(np.all(info["converged"]))
+        ev.pcg_residual = float(np.max(info["residual"]))
         ev.cg_iterations = int(info["iterations"])
         ev._lam = lam
         ev._Sx = Sx
@@ -485,6 +614,78 @@ class IterativeObjective:
     def __call__(self, theta):
         """Return the estimated criterion at ``theta``."""
         return self.evaluate(theta).objective
+
+    def _boundary_probes(self, k, m):
+        """The first ``m`` Rademacher probes of factor ``k``'s level space (a fixed
+        stream per factor: more probes extend the same set)."""
+        rng = np.random.default_rng([self._boundary_seed, k])
+        return rademacher(m, self.sizes[k], rng).T
+
+    def boundary_gradient(self, ev, factors):
+        """Derivative of the criterion in ``tau_k = theta_k^2`` at ``theta_k = 0``.
+
+        On the boundary the derivative in ``theta_k`` is 0 by symmetry, and the
+        ``theta``-form estimator's noise grows as ``1 / theta_k``; in ``tau_k`` the
+        derivative is finite,
+
+        .. math::
+
+            \\partial F / \\partial \\tau_k = \\operatorname{tr}(Z_k' P_0 Z_k)
+            - \\|Z_k' e\\|^2 / s^2
+
+        (``P_0 = V_0^{-1}`` for ML, the REML projection for REML, ``V = s^2 V_0``, ``e``
+        the conditional residual). In level space ``Z_k'V_0^{-1}Z_k = D_k - C'M^{-1}C``
+        with ``C = Lambda Z'Z_k`` (no factor-``k`` rows, since ``theta_k = 0``): ``tr D_k``
+        and the Jacobi control variate ``tr(C'P^{-1}C)`` are exact (squared
+        cross-tabulations), ``tr(C'(M^{-1} - P^{-1})C)`` is estimated with Rademacher
+        probes in factor ``k``'s levels (fixed per factor: common random numbers), and the
+        REML term ``tr(B A^{-1} B')``, ``B = Z_k'V_0^{-1}X``, is exact. With two factors
+        ``M`` restricted to the other factor is diagonal and the derivative is exact.
+
+        Parameters
+        ----------
+        ev : Evaluation
+            From :meth:`evaluate`, with ``theta_k = 0`` for every ``k`` in ``factors``.
+        factors : sequence of int
+
+        Returns
+        -------
+        value : ndarray, shape (len(factors),)
+        samples : ndarray, shape (len(factors), n_probes)
+            Per-probe terms whose mean is the stochastic part of ``value``.
+        pcg_converged : bool
+        """
+        factors = [int(k) for k in factors]
+        if any(ev.theta[k] != 0.0 for k in factors):
+            raise LmmopsError("boundary_gradient needs theta_k = 0 for the factors asked")
+        lam, off, p, m = ev._lam, self.offsets, self.p, self.n_probes
+        P = lam * lam * self.counts + 1.0
+        R = np.zeros((self.q, m * len(factors)))
+        for i, k in enumerate(factors):
+            E = np.zeros((self.q, m))
+            E[off[k]:off[k + 1]] = self._boundary_probes(k, m)
+            R[:, i * m:(i + 1) * m] = lam[:, None] * self._gram(E)
+        X, info, _ = self._solve(lam, R)
+        X -= R / P[:, None]
+        samples = -np.einsum("ij,ij->j", R, X).reshape(len(factors), m)
+        Zte = self._Zt_resid(ev)
+        a = lam * lam / P
+        if self.method == "REML" and p:
+            ZZS = self._gram(lam[:, None] * ev._Sx)
+        value = np.empty(len(factors))
+        for i, k in enumerate(factors):
+            sl = slice(off[k], off[k + 1])
+            exact = float(np.sum(self.counts[sl]))  # tr D_k
+            for k1, l1, N2 in self._N2:  # tr(C'P^{-1}C) = sum_l sum_ij N_kl[i,j]^2 a_j
+                if k1 == k:
+                    exact -= float(np.asarray(N2.sum(axis=0)).ravel() @ a[off[l1]:off[l1 + 1]])
+                elif l1 == k:
+                    exact -= float(np.asarray(N2.sum(axis=1)).ravel() @ a[off[k1]:off[k1 + 1]])
+            if self.method == "REML" and p:
+                B = self.ZtT[sl, :p] - ZZS[sl]
+                exact -= float(np.einsum("ij,ij->", B @ ev._Ainv, B))
+            value[i] = exact + samples[i].mean() - float(Zte[sl] @ Zte[sl]) / ev.sigma2
+        return value, samples, bool(np.all(info["converged"]))
 
     # ------------------------------------------------------------------ information
     def _Zt_resid(self, ev):
@@ -560,8 +761,6 @@ class IterativeObjective:
         -------
         ndarray, shape (n_obs, m)
         """
-        from .operators import RandomEffectsOperator
-
         Z = getattr(self, "_Z", None)
         if Z is None:
             Z = self._Z = RandomEffectsOperator(self.design, None)
@@ -651,8 +850,6 @@ class IterativeObjective:
         TraceEstimate
             ``estimate`` and ``stderr`` of shape (n_obs,).
         """
-        from .trace import TraceEstimate
-
         rng = np.random.default_rng(seed)
         s1 = np.zeros(self.n)
         s2 = np.zeros(self.n)
@@ -683,11 +880,14 @@ class IterativeObjective:
         -------
         IterativeObjective
         """
-        return IterativeObjective(
+        other = IterativeObjective(
             self.design, self.X, self.y, method=self.method, n_probes=self.n_probes,
             seed=self.seed, rtol=self.rtol, maxiter=self.maxiter,
             small_factor_levels=self.small_factor_levels, weights=weights,
             deflation_basis=self.Q)
+        other.W = self.W.copy()  # the very same probes, not a redraw from the seed
+        other._boundary_seed = self._boundary_seed
+        return other
 
     def quadratic_zx(self, ev, bz, bx):
         """``g' M_zx^{-1} g`` per column for ``g = [bz; bx]`` and the Z-and-X system.
@@ -741,8 +941,6 @@ class IterativeObjective:
         TraceEstimate
             ``estimate`` and ``stderr`` of shape (q,).
         """
-        from .trace import TraceEstimate
-
         rng = np.random.default_rng(seed)
         Q = self.Q
         r = Q.shape[1]
