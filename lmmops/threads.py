@@ -4,15 +4,18 @@ A fit runs inside :func:`limit_threads`, which sets the number of BLAS threads (
 MKL, ... through threadpoolctl) and of Numba's parallel threads for the duration of the
 fit and restores both on exit, also when the fit raises.
 
-Why. BLAS libraries start one thread per core and keep them spinning between calls, and
-the exact solver's dense steps (one Cholesky factorisation and one inverse of the Schur
-block per evaluation) are small: with a 1145 x 1145 block (InstEval) a factorisation is
-tens of milliseconds, the scale of the scheduler's time slice. When other processes
-compete for the cores (cross-validation, joblib workers, a test suite), a BLAS thread is
-descheduled in the middle of every call and its partner spins waiting for it, so the fit
-slows down by 2x to 60x; one thread per fit does not have that problem. The measurements
-behind the policy below are in ``asv_benchmarks/peers/LOAD.md`` (made by
-``asv_benchmarks/peers/load.py``) and summarised in ``docs/quickstart.rst`` (Threads).
+Why. BLAS libraries start one thread per core, and their threads spin while they wait
+for work or for each other (numpy and scipy even bundle one OpenBLAS each, with a pool
+each). The exact solver's dense steps are small: with InstEval's 1145 x 1145 Schur block
+a factorisation is tens of milliseconds, the scale of the scheduler's time slice. When
+other processes compete for the cores (cross-validation, joblib workers, a test suite
+next door), one BLAS thread is descheduled in the middle of a call while its partner
+spins, and every call waits a time slice or more. Measured on the two-core development
+machine under load (``asv_benchmarks/peers/LOAD.md``, made by
+``asv_benchmarks/peers/load.py``): a Cholesky factorisation and inverse took 8 to 60 times
+longer with two threads than with one for every size from 100 to 4000 rows, and the
+InstEval fit used 3 to 10 times the CPU time; one thread per fit does not have that
+problem. The user's guide is ``docs/quickstart.rst`` (Threads).
 
 Policy for ``threads="auto"``:
 
@@ -69,6 +72,10 @@ __all__ = [
 
 #: ``threads="auto"`` gives BLAS more than one thread only for a dense block (the exact
 #: solver's Schur complement) of at least this many rows, and then only on idle cores.
+#: Not a measured crossover (on the busy development machine one thread won at every size
+#: up to 4000, see the module notes): at 2500 rows one factorisation and inverse take
+#: about two seconds on one core, long against a time slice, where a second thread on an
+#: idle core pays for its synchronisation.
 AUTO_BLAS_MIN_DENSE = 2500
 
 @dataclass(frozen=True)

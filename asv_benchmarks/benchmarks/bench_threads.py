@@ -41,12 +41,19 @@ _SPIN = ("import time\nend = time.monotonic() + {limit}\n"
 
 
 @contextlib.contextmanager
-def competing_processes(n, limit=900.0):
+def competing_processes(n, limit=900.0, own_session=True):
     """Run ``n`` CPU-bound Python processes (busy loops) for the duration of the block.
 
-    Each stops by itself after ``limit`` seconds if the block is never left.
+    Each stops by itself after ``limit`` seconds if the block is never left. With
+    ``own_session`` (the default) they run in a new session, like programs started from
+    another terminal: where Linux's autogroup scheduling is on
+    (``/proc/sys/kernel/sched_autogroup_enabled``), the CPU is shared fairly between
+    sessions first, so competitors in the fit's own session take their share from the
+    fit alone (on a machine whose other sessions leave this one a core or less, three
+    CPU-bound tasks in one session cannot run better than 3x slower each).
     """
-    procs = [subprocess.Popen([sys.executable, "-c", _SPIN.format(limit=float(limit))])
+    procs = [subprocess.Popen([sys.executable, "-c", _SPIN.format(limit=float(limit))],
+                              start_new_session=own_session)
              for _ in range(int(n))]
     try:
         if procs:

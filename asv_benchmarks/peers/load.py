@@ -5,10 +5,11 @@ The two fits of ``benchmarks/bench_threads.py``: the exact fit of lme4's InstEva
 matrix-free fit of 10^6 simulated rows (``lmmops.simulate``, 10^5 and 3000 levels).
 Each fit is warmed up once (Numba cache, data), then timed in rounds, each round one fit
 on the machine as it is ("quiet") and one with ``--competitors`` pure-Python busy loops
-running ("loaded"), interleaved, so that both see the same background. Reported per fit
-and ``threads=`` setting: the times, the median loaded/quiet ratio (target: at most 2.5),
-the process CPU time per fit, and the one-minute load average and run-queue length at
-each measurement.
+running ("loaded"), interleaved, so that both see the same background. The competitors
+run in their own session (like programs in another terminal) unless ``--same-session``.
+Reported per fit and ``threads=`` setting: the times, the median loaded/quiet ratio
+(target: at most 2.5), the process CPU time per fit, and the one-minute load average and
+run-queue length at each measurement.
 
 Examples::
 
@@ -17,6 +18,8 @@ Examples::
     python asv_benchmarks/peers/load.py --threads auto,1,cores --json
     PYTHONPATH=/path/to/old/lmmops python asv_benchmarks/peers/load.py --threads omit
 
+The lmmops timed is the one Python imports (its path is in the report): from a checkout,
+run with ``PYTHONPATH=.`` at the repository root to time the working tree.
 ``--threads`` takes ``auto``, a count, ``cores`` (one thread per available core: what
 BLAS and Numba do by themselves) or ``omit`` (call ``lmmops.fit`` without ``threads=``,
 to time an lmmops from before the option existed). The machine's other work changes the
@@ -50,6 +53,14 @@ def load_state():
     return {"load1": round(one, 2), "runnable": runnable}
 
 
+def _autogroup():
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled", encoding="ascii") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return None
+
+
 def timed_fit(df, formula, kwargs):
     """Wall and process-CPU seconds of one ``lmmops.fit``."""
     import lmmops
@@ -67,7 +78,7 @@ def fit_kwargs(base, setting):
     return kwargs
 
 
-def measure(which, settings, rounds, competitors, log):
+def measure(which, settings, rounds, competitors, log, own_session=True):
     """Interleaved quiet/loaded timings of one fit for every ``threads`` setting."""
     df, formula, base = bench_threads.fit_data(which)
     out = {}
@@ -83,7 +94,7 @@ def measure(which, settings, rounds, competitors, log):
             kwargs = fit_kwargs(base, s)
             for cond in ("quiet", "loaded"):
                 n = competitors if cond == "loaded" else 0
-                with bench_threads.competing_processes(n):
+                with bench_threads.competing_processes(n, own_session=own_session):
                     state = load_state()
                     t, cpu, res = timed_fit(df, formula, kwargs)
                 out[s][cond].append({"wall_s": t, "cpu_s": cpu, **state})
@@ -97,9 +108,11 @@ def measure(which, settings, rounds, competitors, log):
 
 
 def markdown(report):
-    lines = [f"machine: {report['machine']}; {report['cores']} cores; date {report['date']}; "
+    lines = [f"lmmops {report['lmmops']}; machine: {report['machine']}; {report['cores']} "
+             f"cores; date {report['date']}; "
              f"load average before {report['loadavg_before']}, after "
-             f"{report['loadavg_after']}; {report['competitors']} competitors", ""]
+             f"{report['loadavg_after']}; {report['competitors']} competitors in the "
+             f"{report['competitor_session']} session (autogroup: {report['autogroup']})", ""]
     lines.append("| fit | threads | quiet (s) | loaded (s) | loaded / quiet | CPU per fit "
                  "quiet / loaded (s) | load average quiet / loaded |")
     lines.append("|---|---|---|---|---|---|---|")
@@ -129,6 +142,9 @@ def build_parser():
     p.add_argument("--rounds", type=int, default=3, help="quiet/loaded pairs (default 3)")
     p.add_argument("--competitors", type=int, default=2,
                    help="CPU-bound competing processes (default 2)")
+    p.add_argument("--same-session", action="store_true",
+                   help="start the competitors in this session instead of their own (see "
+                        "benchmarks.bench_threads.competing_processes on autogroup)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
@@ -146,15 +162,21 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
 
     bench_threads.warm_up_jit()
+    import lmmops
+
     report = {
+        "lmmops": f"{lmmops.__version__} from {os.path.dirname(lmmops.__file__)}",
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
                    f"Python {platform.python_version()}",
         "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "loadavg_before": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
         "competitors": args.competitors, "rounds": args.rounds, "fits": {},
+        "competitor_session": "same" if args.same_session else "own",
+        "autogroup": _autogroup(),
     }
     for which in fits:
-        report["fits"][which] = measure(which, settings, args.rounds, args.competitors, log)
+        report["fits"][which] = measure(which, settings, args.rounds, args.competitors, log,
+                                        own_session=not args.same_session)
     report["loadavg_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
