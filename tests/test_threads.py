@@ -248,6 +248,8 @@ def test_iterative_fit_same_numbers_serial_and_parallel_kernels(monkeypatch):
     kw = {"solver": "iterative", "n_probes": 8, "seed": 3}
     one = lmmops.fit(FORMULA, df, threads=1, **kw)
     two = lmmops.fit(FORMULA, df, threads=2, **kw)
-    assert one._objective._ZtZ.parallel is False  # one Numba thread: serial kernels
+    assert one._objective._ZtZ.parallel is True  # the same kernels, one thread or two
     assert two._objective._ZtZ.parallel is True
-    np.testing.assert_allclose(_numbers(two), _numbers(one), rtol=1e-12, atol=1e-14)
+    # the row blocks (and so the summation order) do not depend on the running thread
+    # count, so a fit's numbers do not depend on the load that threads="auto" sees
+    np.testing.assert_array_equal(_numbers(two), _numbers(one))
