@@ -19,6 +19,7 @@ import numpy as np
 from . import __version__
 from .errors import LmmopsError
 from .reml import check_n_probes
+from .threads import check_threads
 
 __all__ = ["main", "read_data"]
 
@@ -138,7 +139,7 @@ def _fit_and_print(df, formula, args, data_name):
     try:
         res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
                   weights=getattr(args, "weights", None), n_probes=n_probes,
-                  seed=args.seed, progress=progress)
+                  seed=args.seed, progress=progress, threads=args.threads)
     finally:
         if bar is not None:
             bar.close()
@@ -285,6 +286,10 @@ def build_parser():
                         help="one line per iteration on stderr (a progress bar on a "
                              "terminal)")
         sp.add_argument("--quiet", action="store_true", help="no progress lines")
+        sp.add_argument("--threads", default="auto", metavar="auto|N",
+                        help="BLAS and Numba threads during the fit: auto (default: one "
+                             "BLAS thread unless the dense block is large and cores are "
+                             "idle) or a positive integer")
 
     f = sub.add_parser("fit", help="fit a model to a CSV/Parquet file",
                        description="Fit a linear mixed model to a data file.")
@@ -337,6 +342,8 @@ def main(argv=None):
         parser.print_help(sys.stderr)
         return 2
     try:
+        if hasattr(args, "threads"):
+            args.threads = check_threads(args.threads)  # before reading any data
         return args.func(args)
     except _USER_ERRORS as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)

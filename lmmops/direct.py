@@ -46,6 +46,7 @@ import scipy.sparse as sp
 from . import kernels
 from ._guard import check_dense
 from .errors import ArgumentError, ConvergenceWarning, LmmopsError
+from .threads import limit_threads
 
 __all__ = [
     "DirectObjective",
@@ -179,6 +180,14 @@ class DirectObjective:
         When the dense Schur block (all factors but the largest, plus X and y) is too
         large to form.
 
+    Attributes
+    ----------
+    threads : "auto" or int
+        BLAS threads of :meth:`evaluate` when it runs outside a fit (inside
+        :meth:`lmmops.LMM.fit` the fit's ``threads=`` wins); default ``"auto"``: one
+        thread for a Schur block below :data:`lmmops.threads.AUTO_BLAS_MIN_DENSE` rows.
+        See :mod:`lmmops.threads`.
+
     Notes
     -----
     Memory is ``O(q_1 p + m^2)`` with ``m = q - q_1 + p + 1``, where ``q_1`` is the
@@ -198,6 +207,8 @@ class DirectObjective:
     >>> bool(np.isfinite(ev.objective))
     True
     """
+
+    threads = "auto"
 
     def __init__(self, design, X, y, method="REML", weights=None):
         method = str(method).upper()
@@ -297,6 +308,11 @@ class DirectObjective:
         RankDeficientError
             If X is numerically rank deficient.
         """
+        # a small Schur block runs single-threaded BLAS (threads="auto", lmmops.threads)
+        with limit_threads(self.threads, dense_size=self.m, inner=True):
+            return self._evaluate(theta, gradient)
+
+    def _evaluate(self, theta, gradient):
         theta = np.asarray(theta, dtype=np.float64).copy()
         if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
             raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")

@@ -129,9 +129,12 @@ def n_blocks(parallel):
     Returns
     -------
     int
-        ``numba.get_num_threads()`` for the parallel variants, 1 for the serial ones.
+        Numba's maximum thread count (``NUMBA_NUM_THREADS``) for the parallel variants, 1
+        for the serial ones. Not the current count (``numba.get_num_threads()``, which
+        :mod:`lmmops.threads` lowers on a busy machine): the blocks fix the summation
+        order, so the results do not depend on how many threads run them.
     """
-    return int(numba.get_num_threads()) if parallel else 1
+    return int(numba.config.NUMBA_NUM_THREADS) if parallel else 1
 
 
 # --------------------------------------------------------------------------- helpers

@@ -8,6 +8,8 @@ and packages the result (``optimizeLmer`` + ``mkMerMod``).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 import warnings
@@ -35,6 +37,7 @@ from .formula import (
 )
 from .reml import IterativeObjective, check_n_probes, check_rtol
 from .stochastic import fit_iterative
+from .threads import limit_threads, plan_threads
 
 __all__ = ["LMM", "LMMResult", "fit"]
 
@@ -60,6 +63,31 @@ def _check_solver(solver):
             f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}"
         )
     return s
+
+
+def _thread_limited(fit):
+    """Run ``LMM.fit`` inside :func:`lmmops.threads.limit_threads` (its ``threads=``).
+
+    The plan depends on the solver the fit will use: the exact solver's dense Schur block
+    size, or the iterative solver's parallel kernels. It is recorded in the notes.
+    """
+    signature = inspect.signature(fit)
+
+    @functools.wraps(fit)
+    def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arg = bound.arguments
+        picked, _ = self.choose_solver(arg["solver"])
+        q = list(self.design.n_levels)
+        dense = sum(q) - max(q) + self.X.shape[1] + 1 if picked == "direct" else 0
+        plan = plan_threads(arg["threads"], dense_size=dense, parallel=picked == "iterative")
+        with limit_threads(plan):
+            res = fit(*bound.args, **bound.kwargs)
+        res.notes.append(plan.note)
+        return res
+
+    return wrapper
 
 
 class LMM:
@@ -341,8 +369,9 @@ class LMM:
                                   method=m, n_probes=n_probes,
                                   seed=seed, rtol=rtol, weights=self.weights, **options)
 
+    @_thread_limited
     def fit(self, method=None, solver="auto", start=None, verbose=False, maxiter=100,
-            n_probes=16, seed=0, rtol=1e-8, progress=None):
+            n_probes=16, seed=0, rtol=1e-8, progress=None, threads="auto"):
         """Fit by REML or ML.
 
         Parameters
@@ -371,6 +400,11 @@ class LMM:
             estimate.
         progress : callable, optional
             Called as ``progress(message)`` once per iteration (overrides ``verbose``).
+        threads : "auto" or int
+            BLAS and Numba threads during the fit (:mod:`lmmops.threads`), restored
+            afterwards. ``"auto"`` (default): one BLAS thread unless the exact solver's
+            dense block is large and cores are idle, Numba's threads on idle cores only;
+            an integer ``n``: ``n`` threads for both. The choice is in the notes.
 
         Returns
         -------
@@ -379,8 +413,8 @@ class LMM:
         Raises
         ------
         LmmopsError
-            For an unknown method or solver, fewer than 2 probes, or ``rtol`` outside
-            ``(0, 1)``.
+            For an unknown method, solver or ``threads``, fewer than 2 probes, or ``rtol``
+            outside ``(0, 1)``.
         """
         import sys
 
@@ -449,7 +483,7 @@ def fit(formula, data, method="REML", solver="auto", **kwargs):
         ``weights`` (a column name or an array of prior weights, see
         :meth:`LMM.from_formula`) and ``data_name``; the rest is passed to
         :meth:`LMM.fit` (``start``, ``verbose``, ``maxiter``, ``n_probes``, ``seed``,
-        ``rtol``, ``progress``).
+        ``rtol``, ``progress``, ``threads``).
 
     Returns
     -------
