@@ -182,7 +182,7 @@ def test_auto_fit_runs_single_threaded_blas_for_a_small_schur_block(
 def test_objective_evaluation_outside_a_fit_is_single_threaded(
         frame, two_blas_threads, cholesky_threads):
     model = lmmops.LMM.from_formula(FORMULA, frame)
-    obj = model.objective()
+    obj = model.objective().conditioned  # the solver's objective (on conditioned data)
     assert isinstance(obj, DirectObjective)
     assert obj.m < thr.AUTO_BLAS_MIN_DENSE
     ev = obj.evaluate(np.array([0.7, 0.9]))
