@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from .direct import DirectObjective, fit_direct, moment_start
 from .errors import LmmopsError
 from .mme import P_columns, diag_P
+from .stochastic import fit_iterative
 
 __all__ = ["msom", "msom_scan", "vsom"]
 
@@ -182,8 +184,6 @@ def vsom(obj, rows, *, start=None, omega_max=None):
     solver, so the cost is about 20 fits; use it on a few candidate sets found by
     :func:`msom_scan`.
     """
-    from .direct import DirectObjective, fit_direct
-
     r = _rows(rows, obj.n)
     w0 = np.ones(obj.n) if obj.weights is None else obj.weights.copy()
     ev0, _ = _quiet_fit(obj, start)
@@ -202,7 +202,7 @@ def vsom(obj, rows, *, start=None, omega_max=None):
             o = DirectObjective(obj.design, obj.X, obj.y, method=obj.method, weights=w)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ev, _ = fit_direct(o, np.maximum(theta0, 0.05))
+            ev, _ = _fit(o, np.maximum(theta0, 0.05))
         cache[key] = (ev.objective, ev)
         return ev.objective
 
@@ -230,11 +230,16 @@ def vsom(obj, rows, *, start=None, omega_max=None):
     }
 
 
-def _quiet_fit(obj, start):
-    from .direct import fit_direct, moment_start
+def _fit(obj, start):
+    """Fit with the optimiser that fits the objective: stochastic or exact."""
+    if hasattr(obj, "add_probes"):
+        return fit_iterative(obj, start)
+    return fit_direct(obj, start)
 
+
+def _quiet_fit(obj, start):
     if start is None:
         start = moment_start(obj.design, obj.X, obj.y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fit_direct(obj, start)
+        return _fit(obj, start)

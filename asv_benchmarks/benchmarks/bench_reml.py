@@ -17,9 +17,10 @@ from .common import pick, safe_import, warm_up_jit
 
 with safe_import():
     from lmmops.design import CrossedDesign
-    from lmmops.direct import fit_direct, moment_start
+    from lmmops.direct import moment_start
     from lmmops.reml import IterativeObjective
     from lmmops.simulate import simulate_codes
+    from lmmops.stochastic import fit_iterative
 
 SIZES = {10**6: (100_000, 3_000), 10**7: (1_000_000, 30_000)}
 
@@ -78,8 +79,8 @@ class IterativeFit:
         self.obj, self.start, _ = build_objective(n)
 
     def time_fit(self, n):
-        fit_direct(self.obj, self.start)
+        fit_iterative(self.obj, self.start)
 
     def track_fit_iterations(self, n):
-        _, opt = fit_direct(self.obj, self.start)
+        _, opt = fit_iterative(self.obj, self.start)
         return int(opt.iterations)

@@ -61,7 +61,8 @@ def child(path, formula, n_probes, max_evals):
     import pandas as pd
 
     import lmmops
-    from lmmops.direct import fit_direct, moment_start
+    from lmmops.direct import moment_start
+    from lmmops.stochastic import fit_iterative
 
     t0 = time.perf_counter()
     df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
@@ -71,7 +72,7 @@ def child(path, formula, n_probes, max_evals):
     del df
     obj = model.iterative_objective(n_probes=n_probes)
     t_build = time.perf_counter() - t0
-    start = moment_start(model.design, model.X, model.y)
+    start = moment_start(model.design, model.X_conditioned, model.y_conditioned)
     t0 = time.perf_counter()
     ev = obj.evaluate(start)
     t_eval = time.perf_counter() - t0
@@ -80,7 +81,7 @@ def child(path, formula, n_probes, max_evals):
            "n": int(model.n_obs), "q": int(model.design.q)}
     if max_evals > 1:
         t0 = time.perf_counter()
-        ev, opt = fit_direct(obj, start, maxiter=max_evals)
+        ev, opt = fit_iterative(obj, start, maxiter=max_evals)
         out.update({
             "fit_s": t_build + t_eval + (time.perf_counter() - t0),
             "iterations": opt.iterations, "evaluations": opt.n_evaluations + 1,
