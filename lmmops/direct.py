@@ -758,6 +758,16 @@ class _Run:
         self.fitlog.append((ev.theta.copy(), ev.objective))
         return ev
 
+    def value(self, theta):
+        """The criterion alone at ``theta`` (no gradient), +inf where the factorisation
+        fails."""
+        try:
+            f = float(self.objective(theta))
+        except NumericalFailure:
+            f = np.inf
+        self.fitlog.append((np.asarray(theta, dtype=np.float64).copy(), f))
+        return f
+
     def hessian(self, ev):
         """:func:`_newton_hessian` at ``ev``, computed once per evaluation."""
         if self._hessian[0] is not ev:
@@ -799,16 +809,24 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
 
     The point it stops at is verified before it is called an optimum, as the criterion
     is even in each ``theta_k`` and so flat near ``theta_k = 0`` (where a first-order
-    method sees a stationary point whatever the optimum is):
+    method sees a stationary point whatever the optimum is). Scales are per component,
+    ``theta_scale`` (:func:`theta_scale`, about ``1/sqrt(rows per level)``):
 
-    - the Newton decrement (the predicted decrease) is below ``1e-9 * max(1, |f|)``;
-    - a component below ``boundary_tol`` times its scale (:func:`theta_scale`) is tried
-      at exactly 0 and kept there if the criterion does not increase;
+    - the Newton decrement (the predicted decrease) is below ``1e-9 * max(1, |f|)``
+      (or at the criterion's round-off level seen by a failed line search);
+    - a component below ``boundary_tol`` times its scale is tried at exactly 0 and kept
+      there if the criterion does not increase (a singular fit);
     - every component at 0 gets the one-sided second-order check: the derivative in
-      ``theta_k^2`` at a small positive ``theta_k`` (1e-2 of its scale). Where it is
-      negative, or that point is lower, the component is scanned upwards by factors of 10
-      and Newton resumes from the best point; likewise a positive component where the
-      criterion is concave in ``theta_k``;
+      ``theta_k^2`` at ``theta_k`` = 1e-2 of its scale. Where it is negative, or that
+      point is lower, the component is scanned upwards by factors of 10 and Newton
+      resumes from the best point; likewise a positive component where the criterion is
+      concave in ``theta_k`` (tried at 0 and upwards);
+    - a coarse grid in each component, the others fixed (0 and 1e-2 to 1e6 times its
+      scale, every second decade, outwards until the criterion is 10 above the optimum)
+      looks for another basin, and the other side of each component near the boundary is
+      searched by Newton (the face ``theta_k = 0`` for one below twice its scale, the
+      interior from its scale for one at 0): a local check cannot see a second, lower
+      local minimum;
     - if any check is in doubt, the fit is restarted from ``theta = 1`` (the relative
       scale, lme4's and MixedModels.jl's start) and the better verified point is kept.
 
@@ -888,64 +906,63 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
 def _fit_exact(run, ev, maxiter, tol, boundary_tol, restart):
     """Descend, verify, and restart from ``theta = 1`` if the verification is in doubt."""
     scale = theta_scale(run.objective.design, getattr(run.objective, "weights", None))
-    ev, doubt = _descend(run, ev, maxiter, tol, boundary_tol, scale)
+    start = ev.theta.copy()
+    ev, doubt, dec = _descend(run, ev, maxiter, tol, boundary_tol, scale)
     restarts = 0
     ones = np.ones(run.objective.K)
-    if doubt and restart and run.iterations < maxiter and not np.array_equal(ev.theta, ones):
+    if doubt and restart and run.iterations < maxiter and not np.array_equal(start, ones):
         ev1 = run.evaluate(ones)
         if ev1 is not None:
             restarts = 1
-            ev1, doubt1 = _descend(run, ev1, maxiter, tol, boundary_tol, scale)
+            ev1, doubt1, dec1 = _descend(run, ev1, maxiter, tol, boundary_tol, scale)
             slack = _SLACK * max(1.0, abs(ev.objective))
             if ev1.objective < ev.objective - slack or (
                     doubt1 is None and ev1.objective <= ev.objective + slack):
-                ev, doubt = ev1, doubt1
-            elif doubt1 is None and ev.objective <= ev1.objective + slack:
-                pass  # the restart confirms the first point but it is still unverified
-    if doubt is None:
-        return ev, True, _verified_message(ev, restarts), restarts
-    return ev, False, doubt + (" (also after a restart from theta = 1)" if restarts else ""), \
-        restarts
-
-
-def _verified_message(ev, restarts):
+                ev, doubt, dec = ev1, doubt1, dec1
+    if doubt is not None:
+        if restarts:
+            doubt += " (also after a restart from theta = 1)"
+        return ev, False, doubt, restarts
+    msg = f"verified optimum (Newton decrement {dec:.2g}"
     zero = np.flatnonzero(ev.theta == 0.0)
-    msg = "verified optimum: Newton decrement below tolerance"
     if zero.size:
-        msg += ("; one-sided check passed at theta[" + ", ".join(map(str, zero)) + "] = 0")
+        msg += "; one-sided check passed at theta[" + ", ".join(map(str, zero)) + "] = 0"
     if restarts:
         msg += "; after a restart from theta = 1"
-    return msg
+    return ev, True, msg + ")", restarts
 
 
 def _descend(run, ev, maxiter, tol, boundary_tol, scale):
     """Newton, then the boundary checks, until they move nothing.
 
-    Returns the final evaluation and None if it is a verified optimum, otherwise the
-    reason it is not.
+    Returns ``(ev, doubt, decrement)``: the final evaluation, None if it is a verified
+    optimum (otherwise the reason it is not) and the last Newton decrement.
     """
     while True:
         ev, decrement, why, noise = _newton_exact(run, ev, maxiter, tol, boundary_tol, scale)
         if why == "maxiter":
-            return ev, "maximum number of iterations reached"
+            return ev, "maximum number of iterations reached", decrement
         ev, moved, doubt = _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale)
         if moved:
             run.accept(ev)
             continue
+        if doubt is not None:
+            return ev, doubt, decrement
         # the decrement must be below the tolerance, or (when the line search failed) at
         # the criterion's round-off level seen along the line, capped at 1e-7 relative
         f = max(1.0, abs(ev.objective))
         limit = max(_VERIFY_DECREMENT * f, min(10.0 * noise, 1e-7 * f))
         if decrement > limit:
-            if why == "concave":
-                return ev, doubt
             return ev, (f"line search could not decrease the criterion (Newton decrement "
-                        f"{decrement:.3g}, above {limit:.3g})")
-        return ev, doubt
+                        f"{decrement:.3g}, above {limit:.3g})"), decrement
+        return ev, None, decrement
 
 
-def _newton_exact(run, ev, maxiter, tol, boundary_tol, scale):
+def _newton_exact(run, ev, maxiter, tol, boundary_tol, scale, main=True):
     """Projected saddle-free Newton on the positive components, each on its own scale.
+
+    ``main=False`` for a side search (:func:`_boundary_moves`): its steps are not the
+    fit's iterations (no callback) and it takes at most 20 of them.
 
     Returns ``(ev, decrement, why, noise)``: ``why`` is ``"decrement"``, ``"boundary"``
     (every component at 0), ``"concave"`` (a component near 0 where the criterion is
@@ -958,7 +975,8 @@ def _newton_exact(run, ev, maxiter, tol, boundary_tol, scale):
     """
     noise = 0.0
     stalled = 0
-    while run.iterations < maxiter:
+    steps = 0
+    while (run.iterations < maxiter) if main else (steps < 20):
         theta, g = ev.theta, ev.gradient
         f = max(1.0, abs(ev.objective))
         idx = np.flatnonzero(theta > 0)
@@ -998,7 +1016,9 @@ def _newton_exact(run, ev, maxiter, tol, boundary_tol, scale):
         stalled = stalled + 1 if gain < 1e-12 * f and decrement <= _VERIFY_DECREMENT * f \
             else 0
         ev = ev_t
-        run.accept(ev)
+        steps += 1
+        if main:
+            run.accept(ev)
         if stalled >= 2:
             return ev, decrement, "round-off", noise
     return ev, np.inf, "maxiter", noise
@@ -1012,39 +1032,94 @@ def _concave(H, theta, scale, f):
 def _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale):
     """The boundary checks of :func:`fit_direct` at the point Newton stopped.
 
-    Components below ``boundary_tol`` of their scale are set to 0 if that is not worse;
-    components at 0, and positive ones where the criterion is concave, are scanned
-    (:func:`_scan`); for a positive component below twice its scale, the face
-    ``theta_k = 0`` is searched by Newton from the current point (a second local minimum
-    on the boundary, which no check from inside can see). Returns ``(ev, moved, doubt)``:
-    the possibly improved point, whether it moved (by more than the slack), and None or
-    the reason a check is in doubt.
+    Components below ``boundary_tol`` of their scale where the criterion is not concave
+    are set to 0 if that is not worse; components at 0, and positive ones where the
+    criterion is concave, are scanned (:func:`_scan`) and the best lower point is taken.
+    Failing that, a coarse grid in each component (:func:`_grid_scan`); then the other
+    side of each component near the boundary is searched by Newton: the face
+    ``theta_k = 0`` for a positive component below twice its scale, and the interior
+    from ``theta_k`` at its scale for one at 0 (a second local minimum across the
+    boundary, which no local check can see), unless that start is more than
+    :func:`_barrier` above ``ev``. Returns ``(ev, moved, doubt)``: the
+    possibly improved point, whether it moved (by more than the slack), and None or the
+    reason a check is in doubt.
     """
     K = run.objective.K
     slack = _SLACK * max(1.0, abs(ev.objective))
-    for k in range(K):  # near-zero components tried at exactly 0 (a singular fit)
-        if 0.0 < ev.theta[k] < boundary_tol * scale[k]:
+    H = run.hessian(ev) if np.any(ev.theta > 0) else np.zeros((K, K))
+    concave = _concave(H, ev.theta, scale, ev.objective)
+    for k in range(K):  # near-zero convex components tried at exactly 0 (a singular fit)
+        if 0.0 < ev.theta[k] < boundary_tol * scale[k] and not concave[k]:
             ev_t = _at(run, ev, k, 0.0)
             if ev_t is not None and ev_t.objective <= ev.objective + slack:
                 ev = ev_t
-    H = run.hessian(ev) if np.any(ev.theta > 0) else np.zeros((K, K))
-    concave = _concave(H, ev.theta, scale, ev.objective)
+    # scans of the components at 0 and the concave ones; the best lower point wins
+    best = None
+    for k in np.flatnonzero((ev.theta == 0.0) | concave):
+        ev_t = _scan(run, ev, k, scale[k])
+        if ev_t is not None and ev_t.objective < (ev if best is None else best).objective:
+            best = ev_t
+    if best is not None and best.objective < ev.objective - slack:
+        return best, True, None
+    ev_t = _grid_scan(run, ev, scale)
+    if ev_t is not None:
+        return ev_t, True, None
+    # the other side of each component near the boundary: Newton from theta_k = 0 for
+    # small positive ones, from theta_k = its scale for those at 0
+    for k in np.flatnonzero(~concave & (ev.theta < 2.0 * scale)):
+        ev_t = _at(run, ev, k, scale[k] if ev.theta[k] == 0.0 else 0.0)
+        if ev_t is not None and ev_t.objective <= ev.objective + _barrier(ev.objective):
+            ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale,
+                                 main=False)[0]
+            if ev_t.objective < ev.objective - slack:
+                return ev_t, True, None
     doubt = None
-    for k in range(K):
-        if ev.theta[k] == 0.0 or concave[k]:
-            ev_t = _scan(run, ev, k, scale[k])
-        elif ev.theta[k] < 2.0 * scale[k]:
-            ev_t = _at(run, ev, k, 0.0)
-            if ev_t is not None:
-                ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale)[0]
-        else:
-            continue
-        if ev_t is not None and ev_t.objective < ev.objective - slack:
-            return ev_t, True, None
-        if concave[k]:
-            doubt = (f"the criterion is concave in theta[{k}] = {ev.theta[k]:.3g} and no "
-                     f"lower point was found along it")
+    for k in np.flatnonzero(concave):
+        doubt = (f"the criterion is concave in theta[{k}] = {ev.theta[k]:.3g} and no "
+                 f"lower point was found along it")
     return ev, False, doubt
+
+
+def _barrier(f):
+    """How far above the optimum ``f`` the side searches look: ``10 + 1e-5 |f|``.
+
+    A basin behind a barrier this high in the criterion (a deviance difference of more
+    than 10) is not searched for; see :func:`_grid_scan`.
+    """
+    return 10.0 + 1e-5 * abs(f)
+
+
+def _grid_scan(run, ev, scale, decades=(-2, 0, 2, 4, 6)):
+    """A lower point on a coarse grid in each component, the others fixed, or None.
+
+    Each ``theta_k`` in turn takes the values ``10^j`` times its scale for ``j`` in
+    ``decades`` (from 1e-2 to 1e6 times the scale: variance ratios from about 1e-4 to
+    1e12 times the one that matters) and 0, outwards from the current value in each
+    direction (values within a factor 3 of it are skipped), until the criterion rises more
+    than :func:`_barrier` above ``ev``; only the criterion is evaluated (no gradient).
+    The lowest point, if it is lower than ``ev`` by more than ``1e-9`` relative, is
+    returned: another basin of the criterion, which Newton then descends, and which no
+    local check can see.
+    """
+    f0 = ev.objective
+    best_t, best_f = None, f0 - 1e-9 * max(1.0, abs(f0))
+    top = f0 + _barrier(f0)
+    grid = 10.0 ** np.asarray(decades, dtype=np.float64)
+    for k in range(run.objective.K):
+        now = ev.theta[k]
+        pts = grid * scale[k]
+        up = pts[pts >= 3.0 * now] if now > 0 else pts
+        down = list(pts[pts <= now / 3.0][::-1]) + [0.0] if now > 0 else []
+        for direction in (up, down):
+            for t in direction:
+                trial = ev.theta.copy()
+                trial[k] = t
+                f = run.value(trial)
+                if f < best_f:
+                    best_t, best_f = trial, f
+                if f > top:
+                    break
+    return None if best_t is None else run.evaluate(best_t)
 
 
 def _at(run, ev, k, t):

@@ -54,6 +54,8 @@ class DenseCriterion:
         P = Vi - ViX @ sla.cho_solve(CX, ViX.T)
         Py = P @ self.y
         r2 = float(self.y @ Py)
+        if not r2 > 0.0:  # lost to round-off at extreme theta: not a candidate optimum
+            return np.inf, np.zeros(self.K)
         f = 2.0 * np.sum(np.log(np.diag(C[0])))
         T = Vi
         if self.method == "REML":
@@ -68,7 +70,7 @@ class DenseCriterion:
         return self.parts(theta)[0]
 
 
-def dense_optimum(crit, extra_starts=(), grid=(1e-2, 1.0, 1e2, 1e4), bounds=(-14.0, 18.0)):
+def dense_optimum(crit, extra_starts=(), grid=(1e-2, 1.0, 1e2, 1e4), bounds=(-14.0, 14.0)):
     """Minimise :class:`DenseCriterion` over ``theta >= 0`` from several starts.
 
     Bounded quasi-Newton (L-BFGS-B) in ``u = log theta``, from every combination of the
