@@ -58,6 +58,7 @@ __all__ = [
     "fit_direct",
     "moment_start",
     "theta_gradient",
+    "theta_scale",
     "warm_up",
 ]
 
@@ -120,6 +121,8 @@ class OptSummary:
     elapsed_s : float
     fitlog : list of tuple
         ``(theta, objective)`` for every evaluation.
+    restarts : int
+        Restarts from ``theta = 1`` after a verification in doubt (see :func:`fit_direct`).
     """
 
     theta_initial: np.ndarray
@@ -134,6 +137,7 @@ class OptSummary:
     optimizer: str = "L-BFGS-B"
     elapsed_s: float = 0.0
     fitlog: list = field(default_factory=list, repr=False)
+    restarts: int = 0
 
     def __repr__(self):
         rows = [
@@ -144,6 +148,7 @@ class OptSummary:
             ("objective final", f"{self.f_final:.6f}"),
             ("evaluations", str(self.n_evaluations)),
             ("iterations", str(self.iterations)),
+            ("restarts", str(self.restarts)),
             ("|projected gradient|", f"{self.gradient_norm:.3g}"),
             ("converged", f"{self.converged} ({self.message})"),
             ("elapsed", f"{self.elapsed_s:.3f} s"),
@@ -753,13 +758,47 @@ def conditional_residuals(design, X, y, ev):
     return r
 
 
+def theta_scale(design, weights=None):
+    """Natural scale of each ``theta_k``: ``1 / sqrt(mean weight per level of factor k)``.
+
+    ``V_0 = I + sum_k theta_k^2 Z_k W Z_k'`` (up to ``W``) changes appreciably with
+    ``theta_k`` once ``theta_k^2`` times the number of observations per level of factor
+    ``k`` is about 1, whatever the other components are: that sets the scale of the
+    optimiser's steps off the boundary and of its boundary tests.
+
+    Parameters
+    ----------
+    design : CrossedDesign
+    weights : ndarray, shape (n_obs,), optional
+        Prior weights (a level's "count" is then its total weight).
+
+    Returns
+    -------
+    ndarray, shape (n_factors,)
+
+    Examples
+    --------
+    >>> from lmmops.design import CrossedDesign
+    >>> d = CrossedDesign.from_codes([[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 0, 1, 0, 1, 0, 1]])
+    >>> theta_scale(d)
+    array([0.5, 0.5])
+    """
+    total = float(design.n_obs) if weights is None else float(np.sum(weights))
+    q = np.asarray(design.n_levels, dtype=np.float64)
+    return np.sqrt(q / max(total, 1e-300))
+
+
 def moment_start(design, X, y):
     """Starting values for ``theta`` from one-way moment estimators.
 
     For each factor, the unbiased one-way ANOVA estimators of the between-level and
     within-level variances are computed on the OLS residuals (the lecture's moment
     estimators), and ``theta_k = sqrt(s_k^2 / s_e^2)`` with ``s_e^2`` the smallest
-    within-level mean square. Estimates at or below 0 start at 0.1.
+    within-level mean square. The start is per component on its own scale: an estimate
+    at or below 0 starts at ``0.1 * theta_scale(design)[k]`` (:func:`theta_scale`), and
+    the estimates are only clipped to ``[1e-3, 1e3]`` times that scale, so a variance
+    ratio of ``1e6`` starts near its size instead of at a fixed cap. The optimiser does
+    not rely on the start being good: :func:`fit_direct` verifies the optimum it reaches.
 
     Parameters
     ----------
@@ -770,6 +809,18 @@ def moment_start(design, X, y):
     Returns
     -------
     ndarray, shape (n_factors,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lmmops.design import CrossedDesign
+    >>> rng = np.random.default_rng(1)
+    >>> a, b = np.repeat(np.arange(8), 6), np.tile(np.arange(6), 8)
+    >>> d = CrossedDesign.from_codes([a, b])
+    >>> y = 1e3 * rng.normal(size=8)[a] + rng.normal(size=6)[b] + rng.normal(size=48)
+    >>> th = moment_start(d, np.ones((48, 1)), y)
+    >>> bool(th[0] > 100)  # a variance ratio of about 1e6 starts near its size
+    True
     """
     beta, *_ = np.linalg.lstsq(X, y, rcond=None)
     r = y - X @ beta
@@ -781,28 +832,125 @@ def moment_start(design, X, y):
         sums = np.bincount(design.codes[k], weights=r, minlength=a)
         means = sums / cnt
         grand = r.mean()
-        msa = float(np.sum(cnt * (means - grand) ** 2) / (a - 1))
+        msa = float(np.sum(cnt * (means - grand) ** 2) / max(a - 1, 1))
         sse = float(np.sum((r - means[design.codes[k]]) ** 2))
         mse = sse / max(n - a, 1)
-        n0 = (n - np.sum(cnt**2) / n) / (a - 1)
-        between.append((msa - mse) / n0)
+        n0 = (n - np.sum(cnt**2) / n) / max(a - 1, 1)
+        between.append((msa - mse) / max(n0, 1e-300))
         within.append(mse)
     s2e = max(min(within), 1e-12 * max(float(np.var(r)), 1e-300))
-    th = np.array([np.sqrt(b / s2e) if b > 0 else 0.1 for b in between])
-    return np.clip(th, 0.1, 10.0)
+    scale = theta_scale(design)
+    th = np.array([np.sqrt(b / s2e) if b > 0 else 0.1 * s for b, s in zip(between, scale)])
+    return np.clip(th, 1e-3 * scale, 1e3 * scale)
+
+
+# relative trust radius of a Newton step (a positive theta_k changes by at most this
+# factor of itself), and the relative criterion tolerances of the verification
+_RADIUS = 4.0
+_VERIFY_DECREMENT = 1e-9
+_SLACK = 1e-10
+
+
+class _Run:
+    """Book-keeping of one optimisation: evaluations, the fit log and accepted iterations."""
+
+    def __init__(self, objective, callback):
+        self.objective = objective
+        self.callback = callback
+        self.fitlog = []
+        self.iterations = 0
+        self._hessian = (None, None)
+
+    def evaluate(self, theta):
+        """The evaluation at ``theta``, or None where the factorisation fails."""
+        try:
+            ev = self.objective.evaluate(theta, gradient=True)
+        except NumericalFailure:
+            self.fitlog.append((np.asarray(theta, dtype=np.float64).copy(), np.inf))
+            return None
+        self.fitlog.append((ev.theta.copy(), ev.objective))
+        return ev
+
+    def value(self, theta):
+        """The criterion alone at ``theta`` (no gradient), +inf where the factorisation
+        fails."""
+        try:
+            f = float(self.objective(theta))
+        except NumericalFailure:
+            f = np.inf
+        self.fitlog.append((np.asarray(theta, dtype=np.float64).copy(), f))
+        return f
+
+    def hessian(self, ev):
+        """:func:`_newton_hessian` at ``ev``, computed once per evaluation."""
+        if self._hessian[0] is not ev:
+            self._hessian = (ev, _newton_hessian(self.objective, ev))
+        return self._hessian[1]
+
+    def accept(self, ev):
+        """Count an accepted iterate and report it to the callback."""
+        self.iterations += 1
+        if self.callback is not None:
+            self.callback(self.iterations, ev.theta, ev.objective)
+
+
+def _newton_step(H, g, idx, unit):
+    """Saddle-free Newton step on the components ``idx``, in units ``unit`` of theta.
+
+    The Hessian is scaled to ``diag(unit) H diag(unit)``, its eigenvalues replaced by their
+    absolute values with a relative floor; returns the step in those units (theta moves by
+    ``unit * step``) and the scaled eigen-decomposition ``(U, |w|)``.
+    """
+    Hs = unit[:, None] * H[np.ix_(idx, idx)] * unit[None, :]
+    w, U = np.linalg.eigh(Hs)
+    w = np.maximum(np.abs(w), 1e-8 * max(1e-300, float(np.max(np.abs(w)))))
+    step = -(U @ ((U.T @ (unit * g[idx])) / w))
+    return step, U, w
 
 
 def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
-               callback=None):
-    """Minimise a :class:`DirectObjective` over ``theta >= 0``.
+               callback=None, restart=True):
+    """Minimise a :class:`DirectObjective` over ``theta >= 0`` and verify the optimum.
 
     A projected Newton method. Its Hessian is the average-information matrix (exact
-    solves with the working variates, math.md Section 9) mapped from the variance
+    solves with the working variates, ``docs/theory.rst``) mapped from the variance
     parameters to ``theta`` with the profiled residual variance eliminated, plus the exact
-    first-derivative term ``g_k / theta_k`` that dominates near the boundary. Steps are
-    halved until the criterion decreases. Near-zero ``theta_k`` are then tried at exactly
-    0 and kept there if the criterion does not increase (a singular fit), as lme4 and
-    MixedModels.jl do.
+    first-derivative term ``g_k / theta_k`` that dominates near the boundary. Each
+    component is stepped on its own relative scale (a saddle-free step in the units
+    ``theta_k``, a positive component changing by at most a factor 5 per step), and steps
+    are halved until the criterion decreases.
+
+    The point it stops at is verified before it is called an optimum, as the criterion
+    is even in each ``theta_k`` and so flat near ``theta_k = 0`` (where a first-order
+    method sees a stationary point whatever the optimum is). Scales are per component,
+    ``theta_scale`` (:func:`theta_scale`, about ``1/sqrt(rows per level)``):
+
+    - the Newton decrement (the predicted decrease) is below ``1e-9 * max(1, |f|)``
+      (or at the criterion's round-off level seen by a failed line search);
+    - a component below ``boundary_tol`` times its scale is tried at exactly 0 and kept
+      there if the criterion does not increase (a singular fit);
+    - every component at 0 gets the one-sided second-order check: the derivative in
+      ``theta_k^2`` at ``theta_k`` = 1e-2 of its scale. Where it is negative, or that
+      point is lower, the component is scanned upwards by factors of 10 and Newton
+      resumes from the best point; likewise a positive component where the criterion is
+      concave in ``theta_k`` (tried at 0 and upwards);
+    - a coarse grid in each component, the others fixed (0 and 1e-2 to 1e6 times its
+      scale, every second decade, outwards until the criterion is 10 above the optimum)
+      looks for another basin, and the other side of each component near the boundary is
+      searched by Newton (the face ``theta_k = 0`` for one below twice its scale, the
+      interior from its scale for one at 0): a local check cannot see a second, lower
+      local minimum;
+    - if any check is in doubt, the fit is restarted from ``theta = 1`` (the relative
+      scale, lme4's and MixedModels.jl's start) and the better verified point is kept.
+
+    A fit that stops for any other reason (iteration limit, a line search that cannot
+    descend far from an optimum, a check that still fails) says ``converged=False`` with
+    the reason in ``message``, and a :class:`~lmmops.errors.ConvergenceWarning` is issued.
+
+    A stochastic objective (one whose evaluations carry ``gradient_cov``, such as
+    :class:`~lmmops.reml.IterativeObjective`) is minimised by the same projected Newton
+    method on the absolute scale, stopping when the step is within its Monte Carlo error;
+    the verification above does not apply to it.
 
     Parameters
     ----------
@@ -810,58 +958,345 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
     start : array_like, shape (n_factors,)
         Initial ``theta``, e.g. from :func:`moment_start`.
     maxiter : int
-        Maximum number of Newton iterations.
+        Maximum number of Newton iterations (accepted steps), restarts included.
     tol : float
-        Convergence when the Newton decrement (predicted decrease of the criterion) is
-        below ``tol * max(1, |criterion|)``.
+        Newton stops when the decrement is below ``tol * max(1, |criterion|)``.
     boundary_tol : float
-        ``theta_k`` below this are tried at 0.
+        ``theta_k`` below ``boundary_tol`` times its scale are tried at 0.
     callback : callable, optional
         Called as ``callback(iteration, theta, objective)`` after each iteration.
+    restart : bool
+        Whether a fit whose verification is in doubt is restarted from ``theta = 1``.
 
     Returns
     -------
     evaluation : Evaluation
         At the optimum.
     summary : OptSummary
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lmmops.design import CrossedDesign
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.integers(0, 6, 120), rng.integers(0, 4, 120)
+    >>> d = CrossedDesign.from_codes([a, b])
+    >>> y = rng.normal(size=6)[a] + 1e3 * rng.normal(size=4)[b] + rng.normal(size=120)
+    >>> obj = DirectObjective(d, np.ones((120, 1)), y)
+    >>> ev, opt = fit_direct(obj, np.array([0.1, 10.0]))
+    >>> opt.converged, bool(ev.theta[1] > 100)
+    (True, True)
     """
     t0 = time.perf_counter()
     start = np.asarray(start, dtype=np.float64)
-    fitlog = []
+    run = _Run(objective, callback)
     n_eval0 = objective.n_evaluations
-
-    def evaluate(th):
-        try:
-            ev = objective.evaluate(th, gradient=True)
-        except NumericalFailure:
-            fitlog.append((np.asarray(th).copy(), np.inf))
-            return None
-        fitlog.append((ev.theta.copy(), ev.objective))
-        return ev
-
-    ev = evaluate(start)
+    ev = run.evaluate(start)
     if ev is None:
         ev = objective.evaluate(start, gradient=True)  # raises with the reason
     f0 = ev.objective
+    if getattr(ev, "gradient_cov", None) is not None:
+        ev, converged, message = _fit_stochastic(run, ev, maxiter, tol, boundary_tol)
+        restarts = 0
+    else:
+        ev, converged, message, restarts = _fit_exact(run, ev, maxiter, tol, boundary_tol,
+                                                      restart)
+    pg = _projected_gradient(ev.theta, ev.gradient)
+    gnorm = float(np.max(np.abs(pg))) if pg.size else 0.0
+    if not converged:
+        warnings.warn(f"the REML/ML optimisation did not converge: {message} "
+                      f"(projected gradient {gnorm:.3g})", ConvergenceWarning, stacklevel=2)
+    summary = OptSummary(
+        theta_initial=start, theta_final=ev.theta.copy(), f_initial=float(f0),
+        f_final=ev.objective, n_evaluations=objective.n_evaluations - n_eval0,
+        iterations=run.iterations, gradient_norm=gnorm, converged=bool(converged),
+        message=message, optimizer="projected Newton (average information)",
+        elapsed_s=time.perf_counter() - t0, fitlog=run.fitlog, restarts=restarts,
+    )
+    return ev, summary
+
+
+def _fit_exact(run, ev, maxiter, tol, boundary_tol, restart):
+    """Descend, verify, and restart from ``theta = 1`` if the verification is in doubt."""
+    scale = theta_scale(run.objective.design, getattr(run.objective, "weights", None))
+    start = ev.theta.copy()
+    ev, doubt, dec = _descend(run, ev, maxiter, tol, boundary_tol, scale)
+    restarts = 0
+    ones = np.ones(run.objective.K)
+    if doubt and restart and run.iterations < maxiter and not np.array_equal(start, ones):
+        ev1 = run.evaluate(ones)
+        if ev1 is not None:
+            restarts = 1
+            ev1, doubt1, dec1 = _descend(run, ev1, maxiter, tol, boundary_tol, scale)
+            slack = _SLACK * max(1.0, abs(ev.objective))
+            if ev1.objective < ev.objective - slack or (
+                    doubt1 is None and ev1.objective <= ev.objective + slack):
+                ev, doubt, dec = ev1, doubt1, dec1
+    if doubt is not None:
+        if restarts:
+            doubt += " (also after a restart from theta = 1)"
+        return ev, False, doubt, restarts
+    msg = f"verified optimum (Newton decrement {dec:.2g}"
+    zero = np.flatnonzero(ev.theta == 0.0)
+    if zero.size:
+        msg += "; one-sided check passed at theta[" + ", ".join(map(str, zero)) + "] = 0"
+    if restarts:
+        msg += "; after a restart from theta = 1"
+    return ev, True, msg + ")", restarts
+
+
+def _descend(run, ev, maxiter, tol, boundary_tol, scale):
+    """Newton, then the boundary checks, until they move nothing.
+
+    Returns ``(ev, doubt, decrement)``: the final evaluation, None if it is a verified
+    optimum (otherwise the reason it is not) and the last Newton decrement.
+    """
+    while True:
+        ev, decrement, why, noise = _newton_exact(run, ev, maxiter, tol, boundary_tol, scale)
+        if why == "maxiter":
+            return ev, "maximum number of iterations reached", decrement
+        ev, moved, doubt = _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale)
+        if moved:
+            run.accept(ev)
+            continue
+        if doubt is not None:
+            return ev, doubt, decrement
+        # the decrement must be below the tolerance, or (when the line search failed) at
+        # the criterion's round-off level seen along the line, capped at 1e-7 relative
+        f = max(1.0, abs(ev.objective))
+        limit = max(_VERIFY_DECREMENT * f, min(10.0 * noise, 1e-7 * f))
+        if decrement > limit:
+            return ev, (f"line search could not decrease the criterion (Newton decrement "
+                        f"{decrement:.3g}, above {limit:.3g})"), decrement
+        return ev, None, decrement
+
+
+def _newton_exact(run, ev, maxiter, tol, boundary_tol, scale, main=True):
+    """Projected saddle-free Newton on the positive components, each on its own scale.
+
+    ``main=False`` for a side search (:func:`_boundary_moves`): its steps are not the
+    fit's iterations (no callback) and it takes at most 20 of them.
+
+    Returns ``(ev, decrement, why, noise)``: ``why`` is ``"decrement"``, ``"boundary"``
+    (every component at 0), ``"concave"`` (a component near 0 where the criterion is
+    concave in it, and a decrement below ``1e-6`` relative: Newton would only creep
+    away, doubling it per step), ``"round-off"``
+    (two steps in a row that gained less than ``1e-12`` relative with a decrement below
+    the verification tolerance), ``"line search"`` or ``"maxiter"``; ``noise`` is the
+    largest change of the criterion seen at line-search steps too short to change it
+    (its round-off level), 0 if none.
+    """
+    noise = 0.0
+    stalled = 0
+    steps = 0
+    while (run.iterations < maxiter) if main else (steps < 20):
+        theta, g = ev.theta, ev.gradient
+        f = max(1.0, abs(ev.objective))
+        idx = np.flatnonzero(theta > 0)
+        if idx.size == 0:
+            return ev, 0.0, "boundary", noise
+        H = run.hessian(ev)
+        unit = theta[idx]
+        step, _, _ = _newton_step(H, g, idx, unit)
+        big = float(np.max(np.abs(step)))
+        if big > _RADIUS:
+            step *= _RADIUS / big
+        decrement = float(-(unit * g[idx]) @ step)
+        if decrement <= tol * f:
+            return ev, max(decrement, 0.0), "decrement", noise
+        if decrement <= 1e-6 * f and np.any(
+                _concave(H, theta, scale, ev.objective) & (theta < 0.1 * scale)):
+            return ev, decrement, "concave", noise
+        alpha = 1.0
+        for i in range(25):
+            trial = theta.copy()
+            # fraction to the boundary: one step shrinks a component at most tenfold, and
+            # one already below boundary_tol of its scale goes to 0 instead
+            new = unit * (1.0 + alpha * step)
+            floor = 0.1 * unit
+            snap = floor < boundary_tol * scale[idx]
+            trial[idx] = np.where(new >= floor, new, np.where(snap, 0.0, floor))
+            ev_t = run.evaluate(trial)
+            if ev_t is not None and i >= 15:
+                noise = max(noise, abs(ev_t.objective - ev.objective))
+            # a strict decrease: equal values are round-off, where creeping on is useless
+            if ev_t is not None and ev_t.objective < ev.objective:
+                break
+            alpha *= 0.5
+        else:
+            return ev, decrement, "line search", noise
+        gain = ev.objective - ev_t.objective
+        stalled = stalled + 1 if gain < 1e-12 * f and decrement <= _VERIFY_DECREMENT * f \
+            else 0
+        ev = ev_t
+        steps += 1
+        if main:
+            run.accept(ev)
+        if stalled >= 2:
+            return ev, decrement, "round-off", noise
+    return ev, np.inf, "maxiter", noise
+
+
+def _concave(H, theta, scale, f):
+    """Positive components where the criterion is concave (over their natural scale)."""
+    return (theta > 0) & (np.diag(H) * scale**2 < -_VERIFY_DECREMENT * max(1.0, abs(f)))
+
+
+def _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale):
+    """The boundary checks of :func:`fit_direct` at the point Newton stopped.
+
+    Components below ``boundary_tol`` of their scale where the criterion is not concave
+    are set to 0 if that is not worse; components at 0, and positive ones where the
+    criterion is concave, are scanned (:func:`_scan`) and the best lower point is taken.
+    Failing that, a coarse grid in each component (:func:`_grid_scan`); then the other
+    side of each component near the boundary is searched by Newton: the face
+    ``theta_k = 0`` for a positive component below twice its scale, and the interior
+    from ``theta_k`` at its scale for one at 0 (a second local minimum across the
+    boundary, which no local check can see), unless that start is more than
+    :func:`_barrier` above ``ev``. Returns ``(ev, moved, doubt)``: the
+    possibly improved point, whether it moved (by more than the slack), and None or the
+    reason a check is in doubt.
+    """
+    K = run.objective.K
+    slack = _SLACK * max(1.0, abs(ev.objective))
+    H = run.hessian(ev) if np.any(ev.theta > 0) else np.zeros((K, K))
+    concave = _concave(H, ev.theta, scale, ev.objective)
+    for k in range(K):  # near-zero convex components tried at exactly 0 (a singular fit)
+        if 0.0 < ev.theta[k] < boundary_tol * scale[k] and not concave[k]:
+            ev_t = _at(run, ev, k, 0.0)
+            if ev_t is not None and ev_t.objective <= ev.objective + slack:
+                ev = ev_t
+    # scans of the components at 0 and the concave ones; the best lower point wins
+    best = None
+    for k in np.flatnonzero((ev.theta == 0.0) | concave):
+        ev_t = _scan(run, ev, k, scale[k])
+        if ev_t is not None and ev_t.objective < (ev if best is None else best).objective:
+            best = ev_t
+    if best is not None and best.objective < ev.objective - slack:
+        return best, True, None
+    ev_t = _grid_scan(run, ev, scale)
+    if ev_t is not None:
+        return ev_t, True, None
+    # the other side of each component near the boundary: Newton from theta_k = 0 for
+    # small positive ones, from theta_k = its scale for those at 0
+    for k in np.flatnonzero(~concave & (ev.theta < 2.0 * scale)):
+        ev_t = _at(run, ev, k, scale[k] if ev.theta[k] == 0.0 else 0.0)
+        if ev_t is not None and ev_t.objective <= ev.objective + _barrier(ev.objective):
+            ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale,
+                                 main=False)[0]
+            if ev_t.objective < ev.objective - slack:
+                return ev_t, True, None
+    doubt = None
+    for k in np.flatnonzero(concave):
+        doubt = (f"the criterion is concave in theta[{k}] = {ev.theta[k]:.3g} and no "
+                 f"lower point was found along it")
+    return ev, False, doubt
+
+
+def _barrier(f):
+    """How far above the optimum ``f`` the side searches look: ``10 + 1e-5 |f|``.
+
+    A basin behind a barrier this high in the criterion (a deviance difference of more
+    than 10) is not searched for; see :func:`_grid_scan`.
+    """
+    return 10.0 + 1e-5 * abs(f)
+
+
+def _grid_scan(run, ev, scale, decades=(-2, 0, 2, 4, 6)):
+    """A lower point on a coarse grid in each component, the others fixed, or None.
+
+    Each ``theta_k`` in turn takes the values ``10^j`` times its scale for ``j`` in
+    ``decades`` (from 1e-2 to 1e6 times the scale: variance ratios from about 1e-4 to
+    1e12 times the one that matters) and 0, outwards from the current value in each
+    direction (values within a factor 3 of it are skipped), until the criterion rises more
+    than :func:`_barrier` above ``ev``; only the criterion is evaluated (no gradient).
+    The lowest point, if it is lower than ``ev`` by more than ``1e-9`` relative, is
+    returned: another basin of the criterion, which Newton then descends, and which no
+    local check can see.
+    """
+    f0 = ev.objective
+    best_t, best_f = None, f0 - 1e-9 * max(1.0, abs(f0))
+    top = f0 + _barrier(f0)
+    grid = 10.0 ** np.asarray(decades, dtype=np.float64)
+    for k in range(run.objective.K):
+        now = ev.theta[k]
+        pts = grid * scale[k]
+        up = pts[pts >= 3.0 * now] if now > 0 else pts
+        down = list(pts[pts <= now / 3.0][::-1]) + [0.0] if now > 0 else []
+        for direction in (up, down):
+            for t in direction:
+                trial = ev.theta.copy()
+                trial[k] = t
+                f = run.value(trial)
+                if f < best_f:
+                    best_t, best_f = trial, f
+                if f > top:
+                    break
+    return None if best_t is None else run.evaluate(best_t)
+
+
+def _at(run, ev, k, t):
+    """The evaluation at ``ev.theta`` with component ``k`` set to ``t`` (None on failure)."""
+    trial = ev.theta.copy()
+    trial[k] = t
+    return run.evaluate(trial)
+
+
+def _scan(run, ev, k, s):
+    """A lower point along component ``k`` from ``ev``, or None.
+
+    At ``theta_k = 0`` the first probe, at ``1e-2 * s``, is the one-sided second-order
+    check: its derivative ``g_k / (2 theta_k)`` is the criterion's derivative in
+    ``theta_k^2`` at 0. A non-negative derivative with no decrease accepts the boundary
+    (one evaluation); otherwise the scan goes on upwards by factors of 10 while the
+    criterion decreases. From a positive ``theta_k`` (where the criterion is concave in
+    it) the boundary is tried, and upwards the first of the factors ``10, 10^(1/2),
+    10^(1/4), 10^(1/8)`` that decreases the criterion, repeated while it decreases.
+    """
+    theta = ev.theta
+    best, factor, ev0 = ev, 10.0, None
+    if theta[k] == 0.0:
+        cand = _at(run, ev, k, 1e-2 * s)
+        if cand is None or (cand.gradient[k] >= 0.0 and cand.objective >= ev.objective):
+            return None  # one-sided check passed: the criterion increases off the boundary
+    else:
+        ev0 = _at(run, ev, k, 0.0)
+        for factor in 10.0 ** (0.5 ** np.arange(4)):
+            cand = _at(run, ev, k, theta[k] * factor)
+            if cand is not None and cand.objective < ev.objective:
+                break
+    for _ in range(14):
+        if cand is None or cand.objective >= best.objective:
+            break
+        best = cand
+        cand = _at(run, ev, k, best.theta[k] * factor)
+    if ev0 is not None and ev0.objective < best.objective:
+        best = ev0
+    return best if best is not ev else None
+
+
+def _fit_stochastic(run, ev, maxiter, tol, boundary_tol):
+    """The projected Newton method for a stochastic objective (absolute scale).
+
+    Stops when the Newton step is within the Monte Carlo error of every parameter, or
+    the decrement is below ``tol``; near-zero ``theta_k`` are tried at 0 and components
+    at 0 probed at ``1e-2`` and ``1e-1`` times the largest component.
+    """
+    objective = run.objective
     K = objective.K
 
-    def newton(ev, it0):
+    def newton(ev):
         converged = False
         message = "maximum number of iterations reached"
-        it = it0
-        for it in range(it0 + 1, maxiter + 1):
+        while run.iterations < maxiter:
             theta, g = ev.theta, ev.gradient
             free = (theta > 0) | (g < 0)
-            H = _newton_hessian(objective, ev)
             idx = np.flatnonzero(free)
             if idx.size == 0:
                 converged, message = True, "all parameters on the boundary"
                 break
-            Hf = H[np.ix_(idx, idx)]
-            w, U = np.linalg.eigh(Hf)
-            # saddle-free Newton: |eigenvalues| with a relative floor, then a trust radius
-            w = np.maximum(np.abs(w), 1e-8 * max(1e-300, float(np.max(np.abs(w)))))
-            step = -(U @ ((U.T @ g[idx]) / w))
+            step, U, w = _newton_step(_newton_hessian(objective, ev), g, idx,
+                                      np.ones(idx.size))
             noise = 0.0
             step_sd = None
             gcov = getattr(ev, "gradient_cov", None)
@@ -888,7 +1323,7 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
                 trial = theta.copy()
                 # fraction to the boundary: one step shrinks a coordinate at most tenfold
                 trial[idx] = np.maximum(theta[idx] + alpha * step, 0.1 * theta[idx])
-                ev_t = evaluate(trial)
+                ev_t = run.evaluate(trial)
                 if ev_t is not None and ev_t.objective <= ev.objective:
                     accepted = True
                     break
@@ -898,20 +1333,18 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
                 message = "line search could not decrease the criterion"
                 break
             ev = ev_t
-            if callback is not None:
-                callback(it, ev.theta, ev.objective)
-        return ev, converged, message, it
+            run.accept(ev)
+        return ev, converged, message
 
-    it = 0
     for _round in range(4):
-        ev, converged, message, it = newton(ev, it)
+        ev, converged, message = newton(ev)
         # boundary check: near-zero theta_k are tried at exactly 0 (a singular fit)
         theta = ev.theta.copy()
         for k in range(K):
             if 0.0 < theta[k] < boundary_tol:
                 trial = theta.copy()
                 trial[k] = 0.0
-                ev_t = evaluate(trial)
+                ev_t = run.evaluate(trial)
                 slack = 1e-10 * max(1.0, abs(ev.objective))
                 if ev_t is not None and ev_t.objective <= ev.objective + slack:
                     ev, theta = ev_t, trial
@@ -922,26 +1355,14 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
             for delta in (1e-2, 1e-1):
                 trial = ev.theta.copy()
                 trial[k] = delta * max(1.0, float(np.max(ev.theta)))
-                ev_t = evaluate(trial)
+                ev_t = run.evaluate(trial)
                 if ev_t is not None and ev_t.objective < ev.objective - 1e-9 * max(
                         1.0, abs(ev.objective)):
                     ev, moved = ev_t, True
                     break
-        if not moved or it >= maxiter:
+        if not moved or run.iterations >= maxiter:
             break
-    pg = _projected_gradient(ev.theta, ev.gradient)
-    gnorm = float(np.max(np.abs(pg))) if pg.size else 0.0
-    if not converged:
-        warnings.warn(f"the REML/ML optimisation did not converge: {message} "
-                      f"(projected gradient {gnorm:.3g})", ConvergenceWarning, stacklevel=2)
-    summary = OptSummary(
-        theta_initial=start, theta_final=ev.theta.copy(), f_initial=float(f0),
-        f_final=ev.objective, n_evaluations=objective.n_evaluations - n_eval0,
-        iterations=it, gradient_norm=gnorm, converged=bool(converged), message=message,
-        optimizer="projected Newton (average information)",
-        elapsed_s=time.perf_counter() - t0, fitlog=fitlog,
-    )
-    return ev, summary
+    return ev, converged, message
 
 
 def _newton_hessian(objective, ev):
