@@ -35,7 +35,7 @@ from .formula import (
     rank_message,
     response_vector,
 )
-from .reml import IterativeObjective, check_n_probes, check_rtol
+from .reml import IterativeObjective, check_n_probes, check_rtol, check_seed
 from .stochastic import fit_iterative
 from .threads import limit_threads, plan_threads
 
@@ -421,6 +421,7 @@ class LMM:
         method = _check_method(method or self.method)
         picked, reason = self.choose_solver(solver)
         n_probes = check_n_probes(n_probes)
+        seed = check_seed(seed)
         rtol = check_rtol(rtol)
         t0 = time.perf_counter()
         if picked == "iterative":

@@ -100,6 +100,35 @@ def check_n_probes(n_probes, name="n_probes"):
     )
 
 
+def check_seed(seed):
+    """Validate a probe seed: a non-negative integer or a numpy Generator.
+
+    Parameters
+    ----------
+    seed : int or numpy.random.Generator
+
+    Returns
+    -------
+    int or numpy.random.Generator
+
+    Raises
+    ------
+    LmmopsError
+        For a negative, non-integer or boolean seed (numpy's seeds are non-negative).
+
+    Examples
+    --------
+    >>> check_seed(3)
+    3
+    """
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
+            or seed < 0:
+        raise LmmopsError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
 def check_rtol(rtol):
     """Validate a PCG tolerance: a finite number with ``0 < rtol < 1``.
 
@@ -335,7 +364,7 @@ class IterativeObjective:
                 for k, q_k in enumerate(design.n_levels)])
         self.sizes = list(design.n_levels)
         self.offsets = design.offsets
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(check_seed(seed))
         self.seed = seed
         if deflation_basis is None:
             self.Q = self._deflation_basis(deflation_rank, power_iters, rng)

@@ -523,3 +523,13 @@ def test_no_plain_builtin_raises_in_the_package():
     # json.dumps' default= hook must raise TypeError itself, by json's protocol
     found = [f for f in found if not f.startswith("cli.py") or "not JSON serialisable" not in f]
     assert found == []
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "3"])
+def test_fit_refuses_a_bad_probe_seed(seed):
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame({"y": rng.normal(size=n), "a": rng.integers(0, 12, n).astype(str),
+                       "b": rng.integers(0, 5, n).astype(str)})
+    with pytest.raises(LmmopsError, match="seed must be a non-negative integer"):
+        lmmops.fit("y ~ 1 + (1|a) + (1|b)", df, solver="iterative", seed=seed)
