@@ -936,10 +936,10 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
       concave in ``theta_k`` (tried at 0 and upwards);
     - a coarse grid in each component, the others fixed (0 and 1e-2 to 1e6 times its
       scale, every second decade, outwards until the criterion is 10 above the optimum)
-      looks for another basin, and the other side of each component near the boundary is
-      searched by Newton (the face ``theta_k = 0`` for one below twice its scale, the
-      interior from its scale for one at 0): a local check cannot see a second, lower
-      local minimum;
+      looks for another basin, and the other side of the boundary of each component is
+      searched by Newton (the face ``theta_k = 0`` for a positive one, the interior from
+      its scale for one at 0) where the grid found that start within the same 10: a local
+      check cannot see a second, lower local minimum;
     - if any check is in doubt, the fit is restarted from ``theta = 1`` (the relative
       scale, lme4's and MixedModels.jl's start) and the better verified point is kept.
 
@@ -1149,11 +1149,11 @@ def _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale):
     are set to 0 if that is not worse; components at 0, and positive ones where the
     criterion is concave, are scanned (:func:`_scan`) and the best lower point is taken.
     Failing that, a coarse grid in each component (:func:`_grid_scan`); then the other
-    side of each component near the boundary is searched by Newton: the face
-    ``theta_k = 0`` for a positive component below twice its scale, and the interior
-    from ``theta_k`` at its scale for one at 0 (a second local minimum across the
-    boundary, which no local check can see), unless that start is more than
-    :func:`_barrier` above ``ev``. Returns ``(ev, moved, doubt)``: the
+    side of the boundary of each component is searched by Newton: the face
+    ``theta_k = 0`` for a positive component, and the interior from ``theta_k`` at its
+    scale for one at 0 (a second local minimum across the boundary, which no local check
+    can see), where the grid found that start less than :func:`_barrier` above ``ev``.
+    Returns ``(ev, moved, doubt)``: the
     possibly improved point, whether it moved (by more than the slack), and None or the
     reason a check is in doubt.
     """
@@ -1174,14 +1174,20 @@ def _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale):
             best = ev_t
     if best is not None and best.objective < ev.objective - slack:
         return best, True, None
-    ev_t = _grid_scan(run, ev, scale)
-    if ev_t is not None:
-        return ev_t, True, None
-    # the other side of each component near the boundary: Newton from theta_k = 0 for
-    # small positive ones, from theta_k = its scale for those at 0
-    for k in np.flatnonzero(~concave & (ev.theta < 2.0 * scale)):
-        ev_t = _at(run, ev, k, scale[k] if ev.theta[k] == 0.0 else 0.0)
-        if ev_t is not None and ev_t.objective <= ev.objective + _barrier(ev.objective):
+    best, seen = _grid_scan(run, ev, scale)
+    if best is not None:
+        ev_t = run.evaluate(best)
+        if ev_t is not None:
+            return ev_t, True, None
+    # the other side of the boundary of each component: Newton on the face theta_k = 0
+    # for a positive one, from theta_k = its scale for one at 0, where the grid found
+    # that start within the barrier
+    for k in np.flatnonzero(~concave):
+        t = scale[k] if ev.theta[k] == 0.0 else 0.0
+        if seen.get((k, t), np.inf) > ev.objective + _barrier(ev.objective):
+            continue
+        ev_t = _at(run, ev, k, t)
+        if ev_t is not None:
             ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale,
                                  main=False)[0]
             if ev_t.objective < ev.objective - slack:
@@ -1210,14 +1216,16 @@ def _grid_scan(run, ev, scale, decades=(-2, 0, 2, 4, 6)):
     1e12 times the one that matters) and 0, outwards from the current value in each
     direction (values within a factor 3 of it are skipped), until the criterion rises more
     than :func:`_barrier` above ``ev``; only the criterion is evaluated (no gradient).
-    The lowest point, if it is lower than ``ev`` by more than ``1e-9`` relative, is
-    returned: another basin of the criterion, which Newton then descends, and which no
-    local check can see.
+    Returns ``(best, seen)``: the lowest theta if it is lower than ``ev`` by more than
+    ``1e-9`` relative (another basin of the criterion, which Newton then descends, and
+    which no local check can see) or None, and the criterion at every point evaluated,
+    keyed by ``(k, theta_k)``.
     """
     f0 = ev.objective
     best_t, best_f = None, f0 - 1e-9 * max(1.0, abs(f0))
     top = f0 + _barrier(f0)
     grid = 10.0 ** np.asarray(decades, dtype=np.float64)
+    seen = {}
     for k in range(run.objective.K):
         now = ev.theta[k]
         pts = grid * scale[k]
@@ -1227,12 +1235,12 @@ def _grid_scan(run, ev, scale, decades=(-2, 0, 2, 4, 6)):
             for t in direction:
                 trial = ev.theta.copy()
                 trial[k] = t
-                f = run.value(trial)
+                f = seen[(k, float(t))] = run.value(trial)
                 if f < best_f:
                     best_t, best_f = trial, f
                 if f > top:
                     break
-    return None if best_t is None else run.evaluate(best_t)
+    return best_t, seen
 
 
 def _at(run, ev, k, t):

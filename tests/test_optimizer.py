@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import random_design
 from dense_oracle import DenseCriterion, dense_optimum
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import lmmops
@@ -233,9 +233,17 @@ def _check_random_problem(problem):
                                  extra_starts=[10.0 ** (log_ratio / 2)])
 
 
-@settings(derandomize=True, max_examples=14, deadline=None,
+def _reproducer_problem(seed):
+    """The issue's reproducer as a hypothesis example (moment start)."""
+    df = _reproducer(seed)
+    d = CrossedDesign.from_codes([df["a"].cat.codes, df["b"].cat.codes], names=["a", "b"])
+    return d, np.ones((len(df), 1)), df["y"].to_numpy(), "REML", np.array([0, 8]), "moment"
+
+
+@settings(derandomize=True, max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(crossed_problems())
+@example(_reproducer_problem(3))
 def test_random_designs_reach_the_dense_optimum(problem):
     _check_random_problem(problem)
 
