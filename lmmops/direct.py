@@ -927,7 +927,7 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
 
     - the Newton decrement (the predicted decrease) is below ``1e-9 * max(1, |f|)``
       (or at the criterion's round-off level seen by a failed line search);
-    - a component below ``boundary_tol`` times its scale is tried at exactly 0 and kept
+    - a component below ``boundary_tol`` times ``max(1, scale)`` is tried at exactly 0 and kept
       there if the criterion does not increase (a singular fit);
     - every component at 0 gets the one-sided second-order check: the derivative in
       ``theta_k^2`` at ``theta_k`` = 1e-2 of its scale. Where it is negative, or that
@@ -962,7 +962,8 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
     tol : float
         Newton stops when the decrement is below ``tol * max(1, |criterion|)``.
     boundary_tol : float
-        ``theta_k`` below ``boundary_tol`` times its scale are tried at 0.
+        ``theta_k`` below ``boundary_tol * max(1, scale_k)`` are tried at 0 (lme4's
+        boundary test on the relative scale, widened for components of a large scale).
     callback : callable, optional
         Called as ``callback(iteration, theta, objective)`` after each iteration.
     restart : bool
@@ -1114,7 +1115,7 @@ def _newton_exact(run, ev, maxiter, tol, boundary_tol, scale, main=True):
             # one already below boundary_tol of its scale goes to 0 instead
             new = unit * (1.0 + alpha * step)
             floor = 0.1 * unit
-            snap = floor < boundary_tol * scale[idx]
+            snap = floor < boundary_tol * np.maximum(1.0, scale[idx])
             trial[idx] = np.where(new >= floor, new, np.where(snap, 0.0, floor))
             ev_t = run.evaluate(trial)
             if ev_t is not None and i >= 15:
@@ -1162,7 +1163,9 @@ def _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale):
     H = run.hessian(ev) if np.any(ev.theta > 0) else np.zeros((K, K))
     concave = _concave(H, ev.theta, scale, ev.objective)
     for k in range(K):  # near-zero convex components tried at exactly 0 (a singular fit)
-        if 0.0 < ev.theta[k] < boundary_tol * scale[k] and not concave[k]:
+        # lme4's 1e-4 on the relative scale theta, widened to 1e-2 of the component's own
+        # scale: the value at 0 decides, so a wider window only tries more points
+        if 0.0 < ev.theta[k] < max(boundary_tol * max(1.0, scale[k]), 1e-2 * scale[k]):
             ev_t = _at(run, ev, k, 0.0)
             if ev_t is not None and ev_t.objective <= ev.objective + slack:
                 ev = ev_t

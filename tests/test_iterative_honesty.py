@@ -193,8 +193,10 @@ def test_iterative_fit_reaches_and_reports_the_boundary(trial):
     out = it.to_dict()
     assert out["singular"] is True
     assert out["variances"][zero] == 0.0
-    for k, v in direct.variances.items():  # the same boundary optimum as the exact fit's
-        assert abs(it.variances[k] - v) <= 4 * it.mc_stderr["variances"][k] + 1e-9 * v, k
+    # the same boundary optimum as the exact fit's, within the MC error plus the exact
+    # optimiser's own precision (it stops at a Newton decrement of 1e-9 relative)
+    for k, v in direct.variances.items():
+        assert abs(it.variances[k] - v) <= 4 * it.mc_stderr["variances"][k] + 1e-6 * v, k
 
 
 def test_boundary_is_left_when_the_data_want_it():
