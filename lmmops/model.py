@@ -956,7 +956,7 @@ class LMMResult:
             Keys: ``lmmops_version``, ``formula``, ``method``, ``solver``, ``n_obs``,
             ``n_levels``, ``loglik``, ``reml_criterion`` (REML) or ``deviance`` (ML),
             ``aic``, ``bic``, ``df``, ``fixef``, ``fixef_se``, ``variances``, ``stddev``,
-            ``theta``, ``converged``, ``iterations``, ``n_evaluations``,
+            ``theta``, ``converged``, ``iterations``, ``n_evaluations``, ``restarts``,
             ``gradient_norm``, ``elapsed_s``, ``singular``, ``notes``, ``mc_stderr``
             (Monte Carlo standard errors of ``loglik`` and of each variance; 0 for the
             direct solver), ``variances_se`` (standard errors of ``variances`` from the
@@ -989,6 +989,7 @@ class LMMResult:
             "converged": self.converged,
             "iterations": self.iterations,
             "n_evaluations": self.n_evaluations,
+            "restarts": int(getattr(self.optsum, "restarts", 0)),
             "gradient_norm": self.gradient_norm,
             "elapsed_s": self.elapsed_s,
             "singular": self.singular,

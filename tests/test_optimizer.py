@@ -253,3 +253,12 @@ def test_random_designs_reach_the_dense_optimum(problem):
 @given(crossed_problems())
 def test_random_designs_reach_the_dense_optimum_slow(problem):
     _check_random_problem(problem)
+
+
+def test_json_reports_restarts():
+    """``restarts`` is a JSON field: the optimiser's count, an integer, 0 without doubt."""
+    df = _reproducer(3)
+    res = lmmops.fit("y ~ 1 + (1|a) + (1|b)", df)
+    out = res.to_dict()
+    assert out["restarts"] == res.optsum.restarts
+    assert isinstance(out["restarts"], int)
