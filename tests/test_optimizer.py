@@ -164,6 +164,25 @@ def test_second_basin_is_found(case):
         _assert_at_dense_optimum(d, X, y, method, ev, opt)
 
 
+# found by the slow suite: 3, 3 and 5 levels, the variance on the first factor where it
+# belongs on the second; Newton from theta = 1 and every per-component check end 13.5
+# above the optimum; only a joint move of two components reaches it (the joint grid)
+JOINT_BASIN = [(31, 0.3), (31, 0.6), (34, 0.0)]
+
+
+@pytest.mark.parametrize("seed, missing", JOINT_BASIN)
+def test_basin_behind_a_joint_move_is_found(seed, missing):
+    log_ratio = np.array([-8, 8, 8])
+    d, X, y = _problem(np.random.default_rng(seed), [3, 3, 5], 19, missing, log_ratio,
+                       True)
+    with threadpool_limits(1):
+        ev, opt = _quiet_fit(DirectObjective(d, X, y, "REML"), np.ones(3))
+        best = _assert_at_dense_optimum(d, X, y, "REML", ev, opt,
+                                        extra_starts=[10.0 ** (log_ratio / 2)])
+    assert opt.converged
+    assert ev.objective == pytest.approx(best, rel=1e-6)
+
+
 # ---------------------------------------------------------------- honest non-convergence
 
 def test_iteration_limit_says_not_converged():
