@@ -85,10 +85,11 @@ def expand_index(text, docs_dir=DOCS_DIR):
 
 
 def public_modules():
-    """``lmmops`` and its submodules whose names do not start with an underscore."""
-    subs = sorted(m.name for m in pkgutil.iter_modules(lmmops.__path__)
-                  if not m.name.startswith("_"))
-    return ["lmmops"] + [f"lmmops.{name}" for name in subs]
+    """``lmmops`` and its modules and subpackages, at any depth, whose names do not start
+    with an underscore (in the order of the layers' package walk)."""
+    subs = [m.name for m in pkgutil.walk_packages(lmmops.__path__, prefix="lmmops.")
+            if not any(part.startswith("_") for part in m.name.split("."))]
+    return ["lmmops"] + subs
 
 
 def _autosummary(entries):

@@ -6,20 +6,23 @@ The public surface:
   pandas DataFrame and an lme4 formula.
 - :class:`CrossedDesign`: grouping factors, counts and cross-tabulations.
 - :class:`CovarianceOperator` and :class:`LevelSpaceOperator`: the n x n covariance V and
-  its q x q level-space form as scipy LinearOperators (:mod:`lmmops.operators`), with
-  solvers and preconditioners in :mod:`lmmops.solvers` and :mod:`lmmops.preconditioners`,
-  and the seed paper's inverses of V in :mod:`lmmops.spectral` and :mod:`lmmops.lowrank`.
+  its q x q level-space form as scipy LinearOperators (:mod:`lmmops.linalg.operators`), with
+  solvers and preconditioners in :mod:`lmmops.linalg.krylov` and
+  :mod:`lmmops.linalg.preconditioners`, and the seed paper's inverses of V in
+  :mod:`lmmops.paper.spectral` and :mod:`lmmops.paper.lowrank`.
 - :func:`anova`: likelihood-ratio tests and an AIC/BIC table for nested fits.
-- :mod:`lmmops.oneway` (the one-way model's estimators), :mod:`lmmops.mme` (Henderson's
-  equations and PEV), :mod:`lmmops.outliers`, :mod:`lmmops.inference`.
+- :mod:`lmmops.analysis.oneway` (the one-way model's estimators), :mod:`lmmops.estimation.mme`
+  (Henderson's
+  equations and PEV), :mod:`lmmops.analysis.outliers`, :mod:`lmmops.analysis.inference`.
 """
 
-__version__ = "0.1.0"
-
-from . import inference, mme, oneway, outliers  # noqa: F401  (submodules, as attributes)
-from .compare import anova
-from .design import CrossedDesign
-from .errors import (
+from lmmops import _compat
+from lmmops._version import __version__
+from lmmops.analysis import inference, oneway, outliers  # noqa: F401  (as attributes)
+from lmmops.analysis.compare import anova
+from lmmops.data.design import CrossedDesign
+from lmmops.data.formula import RankDeficientWarning
+from lmmops.errors import (
     ConvergenceWarning,
     DenseTooLargeError,
     DesignError,
@@ -28,9 +31,11 @@ from .errors import (
     LmmopsError,
     RankDeficientError,
 )
-from .formula import RankDeficientWarning
-from .model import LMM, LMMResult, fit
-from .operators import CovarianceOperator, LevelSpaceOperator
+from lmmops.estimation import mme  # noqa: F401  (as an attribute)
+from lmmops.linalg.operators import CovarianceOperator, LevelSpaceOperator
+from lmmops.model import LMM, LMMResult, fit
+
+_compat.install()
 
 __all__ = [
     "ConvergenceWarning",
@@ -50,3 +55,8 @@ __all__ = [
     "anova",
     "fit",
 ]
+
+
+def __getattr__(name):
+    """Deprecated 0.1 module paths as attributes (``lmmops._compat``)."""
+    return _compat.module_getattr(name)

@@ -15,11 +15,17 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
+from tqdm import tqdm
 
-from . import __version__
-from .errors import LmmopsError
-from .reml import check_n_probes
-from .threads import check_threads
+from lmmops._version import __version__
+from lmmops.analysis.plots import save_diagnostics
+from lmmops.data.simulate import simulate_crossed
+from lmmops.errors import LmmopsError
+from lmmops.estimation.direct import warm_up
+from lmmops.estimation.iterative import check_n_probes
+from lmmops.model import fit
+from lmmops.threads import check_threads
 
 __all__ = ["main", "read_data"]
 
@@ -45,7 +51,6 @@ def read_data(path, categorical=()):
     -------
     pandas.DataFrame
     """
-    import pandas as pd
 
     if not os.path.exists(path):
         raise UserError(f"data file not found: {path}")
@@ -112,7 +117,6 @@ def _dump(result):
 
 
 def _fit_and_print(df, formula, args, data_name):
-    from .model import fit
 
     n_probes = check_n_probes(args.probes, "--probes")
     # progress: a tqdm bar on a terminal, plain lines with --verbose elsewhere; never
@@ -122,7 +126,6 @@ def _fit_and_print(df, formula, args, data_name):
     bar = None
     progress = None
     if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
 
         bar = tqdm(desc=f"{args.method} fit", unit="it", file=sys.stderr, leave=False)
 
@@ -148,7 +151,6 @@ def _fit_and_print(df, formula, args, data_name):
     else:
         print(res.summary())
     if plot:
-        from .plots import save_diagnostics
 
         save_diagnostics(res, plot)
         if not args.json:
@@ -210,7 +212,6 @@ def _cmd_demo(args):
     t_read = time.perf_counter() - t0
     # warm the JIT cache on a tiny problem so the timing below is the fit itself
     t0 = time.perf_counter()
-    from .direct import warm_up
 
     warm_up()
     t_jit = time.perf_counter() - t0
@@ -230,7 +231,6 @@ def _parse_list(text, conv, what):
 
 
 def _cmd_simulate(args):
-    from .simulate import simulate_crossed
 
     levels = _parse_list(args.levels, int, "--levels")
     if not levels:

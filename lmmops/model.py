@@ -11,33 +11,35 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 import time
 import warnings
 
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .conditioning import UserScaleObjective, condition
-from .design import CrossedDesign
-from .direct import (
-    DirectObjective,
-    check_response,
-    check_weights,
-    fit_direct,
-    moment_start,
-)
-from .errors import DisconnectedDesignWarning, FormulaError, LmmopsError
-from .formula import (
+from lmmops._version import __version__
+from lmmops.analysis.inference import confint, variance_covariance
+from lmmops.analysis.outliers import msom, msom_scan, vsom
+from lmmops.analysis.plots import plot
+from lmmops.analysis.predict import predict
+from lmmops.data.checks import check_response, check_weights
+from lmmops.data.conditioning import UserScaleObjective, condition
+from lmmops.data.design import CrossedDesign
+from lmmops.data.formula import (
     RankDeficientWarning,
     fixed_effects_matrix,
     parse_formula,
     rank_message,
     response_vector,
 )
-from .reml import IterativeObjective, check_n_probes, check_rtol, check_seed
-from .stochastic import fit_iterative
-from .threads import limit_threads, plan_threads
+from lmmops.errors import DisconnectedDesignWarning, FormulaError, LmmopsError
+from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
+from lmmops.estimation.iterative import IterativeObjective, check_n_probes, check_rtol, check_seed
+from lmmops.estimation.mme import diag_P, level_space_diagonals
+from lmmops.estimation.stochastic import fit_iterative
+from lmmops.guard import max_dense_bytes
+from lmmops.threads import limit_threads, plan_threads
 
 __all__ = ["LMM", "LMMResult", "fit"]
 
@@ -102,7 +104,7 @@ class LMM:
         the span of the columns before them, by R's column-order test relative to each
         column's own conditioned norm) are dropped with lme4's message and reported as
         NaN coefficients (the selected generalised inverse with ``tau_1 = 0``); see
-        :func:`lmmops.formula.rank_columns`.
+        :func:`lmmops.data.formula.rank_columns`.
     y : ndarray, shape (n_obs,)
         Response.
     fixef_names : sequence of str, optional
@@ -122,13 +124,13 @@ class LMM:
         The kept (full-rank) columns of the fixed-effects matrix, used in the fit.
     X_full : ndarray, shape (n_obs, p)
         All columns, as given.
-    conditioning : lmmops.conditioning.Conditioning
+    conditioning : lmmops.data.conditioning.Conditioning
         The map between the user's scale and the conditioned data the solvers see.
     X_conditioned, y_conditioned : ndarray
         The conditioned ``X_c = X T`` (orthonormal columns of unit root mean square) and
         ``y_c = (y - X_c b) / s``; every reported quantity is mapped back to the scale of
         ``X`` and ``y``, so a fit does not depend on the units or the origin of y or of a
-        covariate (see :mod:`lmmops.conditioning`).
+        covariate (see :mod:`lmmops.data.conditioning`).
     fixef_names : list of str
         Names of the kept columns; ``all_fixef_names`` names every column.
     rank_deficient : list of str
@@ -175,7 +177,7 @@ class LMM:
         self.weights = None if weights is None else check_weights(weights, self.y.shape[0])
         self.all_fixef_names = names
         self.X_full = self.X
-        # the solvers see conditioned data (lmmops.conditioning); results are mapped back
+        # the solvers see conditioned data (lmmops.data.conditioning); results are mapped back
         self.conditioning, keep, self.X_conditioned, self.y_conditioned = condition(
             self.X, self.y)
         kept = set(keep.tolist())
@@ -304,7 +306,7 @@ class LMM:
         UserScaleObjective
             ``obj(theta)`` returns the REML criterion or ML deviance of the user's X and
             y; ``obj.evaluate(theta)`` returns everything at ``theta`` on the user's scale.
-            The exact solver's :class:`~lmmops.direct.DirectObjective` on the
+            The exact solver's :class:`~lmmops.estimation.direct.DirectObjective` on the
             conditioned data is ``obj.conditioned``.
         """
         m = _check_method(method or self.method)
@@ -332,7 +334,6 @@ class LMM:
         m = sum(q) - max(q) + self.X.shape[1] + 1
         if solver != "auto":
             return solver, f"solver '{solver}' requested"
-        from ._guard import max_dense_bytes
 
         fits = 4 * 8 * m * m <= max_dense_bytes()
         if m <= AUTO_DIRECT_MAX_SCHUR and fits:
@@ -342,7 +343,8 @@ class LMM:
                              f"would be {m} x {m} ({8 * m * m / 2**30:.2f} GiB per copy)")
 
     def iterative_objective(self, method=None, n_probes=16, seed=0, rtol=1e-8, **options):
-        """The matrix-free stochastic criterion (:class:`lmmops.reml.IterativeObjective`).
+        """The matrix-free stochastic criterion
+        (:class:`lmmops.estimation.iterative.IterativeObjective`).
 
         Parameters
         ----------
@@ -354,7 +356,7 @@ class LMM:
         rtol : float
             PCG tolerance.
         **options
-            Passed to :class:`~lmmops.reml.IterativeObjective`.
+            Passed to :class:`~lmmops.estimation.iterative.IterativeObjective`.
 
         Returns
         -------
@@ -393,9 +395,9 @@ class LMM:
             Maximum number of optimiser iterations.
         n_probes, seed, rtol
             Iterative solver only: probes (at least 2, see
-            :func:`lmmops.reml.check_n_probes`), their seed, and the PCG tolerance
+            :func:`lmmops.estimation.iterative.check_n_probes`), their seed, and the PCG tolerance
             (``0 < rtol < 1``). The iterative fit is
-            :func:`lmmops.stochastic.fit_iterative`: converged within its Monte Carlo
+            :func:`lmmops.estimation.stochastic.fit_iterative`: converged within its Monte Carlo
             error and checked with as many fresh probes again, which then join the
             estimate.
         progress : callable, optional
@@ -416,7 +418,6 @@ class LMM:
             For an unknown method, solver or ``threads``, fewer than 2 probes, or ``rtol``
             outside ``(0, 1)``.
         """
-        import sys
 
         method = _check_method(method or self.method)
         picked, reason = self.choose_solver(solver)
@@ -571,7 +572,7 @@ class LMMResult:
         keep = np.asarray(getattr(model, "keep", np.arange(len(names))))
         p_all = len(names)
         # ev is on the conditioned scale the solvers saw; everything reported is mapped
-        # back to the user's (lmmops.conditioning)
+        # back to the user's (lmmops.data.conditioning)
         cond = model.conditioning
         s, s2 = cond.scale, cond.variance_scale
         beta = np.full(p_all, np.nan)
@@ -630,7 +631,7 @@ class LMMResult:
     def _set_mc_stderr(self, obj, ev):
         """Monte Carlo standard errors of an iterative fit (delta method).
 
-        :func:`lmmops.stochastic.fit_iterative` leaves ``ev.tau_cov``, the Monte Carlo
+        :func:`lmmops.estimation.stochastic.fit_iterative` leaves ``ev.tau_cov``, the Monte Carlo
         covariance of ``tau_hat = theta_hat^2`` (``H^{-1} Cov(g) H^{-1}`` on the free
         components, the spread of ``max(0, .)`` on boundary ones). The variances
         ``s^2 tau_k`` and the residual variance ``s^2(tau)`` follow by the delta method
@@ -689,8 +690,8 @@ class LMMResult:
             - ``"studentized"``: ``t_i = r_i / sqrt(var(r_i))``.
 
             ``diag(P)`` is exact on the direct solver, from the level-space factor
-            (:func:`lmmops.mme.diag_P`); on the iterative solver it is a stochastic
-            diagonal estimate (:meth:`lmmops.reml.IterativeObjective.diag_P`) whose
+            (:func:`lmmops.estimation.mme.diag_P`); on the iterative solver it is a stochastic
+            diagonal estimate (:meth:`lmmops.estimation.iterative.IterativeObjective.diag_P`) whose
             standard errors are in :meth:`residual_table`.
 
         Returns
@@ -744,7 +745,6 @@ class LMMResult:
                 est = self._objective.diag_P(self.evaluation)
                 self._dP_c, self._dP_c_se = est.estimate, est.stderr
             else:
-                from .mme import diag_P
 
                 obj, ev = self._direct()
                 self._dP_c = diag_P(obj, ev)
@@ -793,7 +793,7 @@ class LMMResult:
         dict of pandas.Series
             Indexed by level, as :attr:`ranef`. Exact on the direct solver; on the
             iterative solver a stochastic diagonal estimate
-            (:meth:`lmmops.reml.IterativeObjective.diag_inverse`) whose Monte Carlo
+            (:meth:`lmmops.estimation.iterative.IterativeObjective.diag_inverse`) whose Monte Carlo
             standard errors are then in ``ranef_pev_se``.
         """
         d = self.model.design
@@ -810,7 +810,6 @@ class LMMResult:
                               index=self.ranef[nm].index, name=nm)
                 for k, nm in enumerate(d.names)}
         else:
-            from .mme import level_space_diagonals
 
             obj, ev = self._direct()
             dg = level_space_diagonals(obj, ev, z_only=conditional_on_beta)["omega_diag"]
@@ -823,7 +822,6 @@ class LMMResult:
         """pandas.DataFrame: covariance of the variance estimates (inverse average
         information; order: the factors, then ``Residual``)."""
         if getattr(self, "_vcov_var", None) is None:
-            from .inference import variance_covariance
 
             names = list(self.n_levels) + ["Residual"]
             if self.solver == "iterative":
@@ -853,7 +851,7 @@ class LMMResult:
         return {k: float(np.sqrt(max(c.loc[k, k], 0.0))) for k in c.index}
 
     def confint(self, method="profile", level=0.95, parm=None):
-        """Confidence intervals (see :func:`lmmops.inference.confint`).
+        """Confidence intervals (see :func:`lmmops.analysis.inference.confint`).
 
         Parameters
         ----------
@@ -865,12 +863,11 @@ class LMMResult:
         -------
         pandas.DataFrame
         """
-        from .inference import confint
 
         return confint(self, method=method, level=level, parm=parm)
 
     def outliers(self, method="msom", rows=None, top=None):
-        """Outlier statistics (see :mod:`lmmops.outliers`).
+        """Outlier statistics (see :mod:`lmmops.analysis.outliers`).
 
         Parameters
         ----------
@@ -890,7 +887,6 @@ class LMMResult:
         LmmopsError
             For an unknown method, the VSOM without a set, or bad indices.
         """
-        from .outliers import msom, msom_scan, vsom
 
         m = str(method).lower()
         if m not in ("msom", "vsom"):
@@ -911,7 +907,7 @@ class LMMResult:
         return cond.msom(msom_scan(obj, ev, top=top, diag=self._diag_P(conditioned=True)))
 
     def predict(self, newdata=None, random=True, interval=None, level=0.95):
-        """Predictions (see :func:`lmmops.predict.predict`).
+        """Predictions (see :func:`lmmops.analysis.predict.predict`).
 
         Parameters
         ----------
@@ -924,12 +920,11 @@ class LMMResult:
         -------
         ndarray or pandas.DataFrame
         """
-        from .predict import predict
 
         return predict(self, newdata, random=random, interval=interval, level=level)
 
     def plot(self, kind="diagnostics", ax=None, **kwargs):
-        """Diagnostic plot (see :func:`lmmops.plots.plot`; needs matplotlib).
+        """Diagnostic plot (see :func:`lmmops.analysis.plots.plot`; needs matplotlib).
 
         Parameters
         ----------
@@ -942,7 +937,6 @@ class LMMResult:
         -------
         matplotlib Axes or Figure
         """
-        from .plots import plot
 
         return plot(self, kind, ax=ax, **kwargs)
 

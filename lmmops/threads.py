@@ -57,7 +57,7 @@ import numba
 import threadpoolctl
 from threadpoolctl import ThreadpoolController
 
-from .errors import LmmopsError
+from lmmops.errors import LmmopsError
 
 __all__ = [
     "AUTO_BLAS_MIN_DENSE",
@@ -363,7 +363,7 @@ def limit_threads(threads="auto", *, dense_size=0, parallel=False, inner=False):
         See :func:`plan_threads`.
     inner : bool
         Do nothing when a ``limit_threads`` block is already active in this Python thread
-        (for building blocks such as :meth:`lmmops.direct.DirectObjective.evaluate`, so
+        (for building blocks such as :meth:`lmmops.estimation.direct.DirectObjective.evaluate`, so
         that the fit's choice wins).
 
     Yields

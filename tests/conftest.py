@@ -7,7 +7,7 @@ Test modules can import the helpers directly: ``from conftest import random_desi
 import numpy as np
 import pytest
 
-from lmmops.design import CrossedDesign
+from lmmops.data.design import CrossedDesign
 
 SEED = 20261121
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from lmmops.cli import main
-from lmmops.simulate import simulate_codes, simulate_crossed
+from lmmops.data.simulate import simulate_codes, simulate_crossed
 
 JSON_KEYS = {"formula", "method", "solver", "n_obs", "n_levels", "loglik", "aic", "bic",
              "fixef", "fixef_se", "variances", "converged", "iterations", "elapsed_s"}

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 import lmmops
-from lmmops.compare import RefitWarning
+from lmmops.analysis.compare import RefitWarning
 from lmmops.errors import LmmopsError
 
 

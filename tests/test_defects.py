@@ -20,10 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmmops
-from lmmops import kernels, lowrank, mme, preconditioners, solvers, spectral, trace
 from lmmops.cli import UserError, main, read_data
-from lmmops.design import CrossedDesign, sorted_levels
-from lmmops.direct import check_response, check_weights
+from lmmops.data.checks import check_response, check_weights
+from lmmops.data.design import CrossedDesign, sorted_levels
+from lmmops.data.formula import response_vector
+from lmmops.data.simulate import simulate_codes, simulate_crossed
 from lmmops.errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -33,9 +34,12 @@ from lmmops.errors import (
     LmmopsError,
     UnknownNameError,
 )
-from lmmops.formula import response_vector
-from lmmops.operators import CovarianceOperator, GramOperator, LevelSpaceOperator
-from lmmops.simulate import simulate_codes, simulate_crossed
+from lmmops.estimation import mme
+from lmmops.linalg import kernels, preconditioners, trace
+from lmmops.linalg import krylov
+from lmmops.linalg import solve as solvers
+from lmmops.linalg.operators import CovarianceOperator, GramOperator, LevelSpaceOperator
+from lmmops.paper import lowrank, spectral
 
 FORMULA = "y ~ 1 + (1|g1) + (1|g2)"
 
@@ -494,8 +498,8 @@ def _small_design():
     (lambda d: LevelSpaceOperator(d, [1.0, np.nan]), ArgumentError, ValueError),
     (lambda d: d.index("zz"), UnknownNameError, KeyError),
     (lambda d: kernels.get_kernel("zz"), UnknownNameError, KeyError),
-    (lambda d: solvers.cg(object(), np.ones(6)), ArgumentTypeError, TypeError),
-    (lambda d: solvers.cg(np.eye(6), np.ones(5)), ArgumentError, ValueError),
+    (lambda d: krylov.cg(object(), np.ones(6)), ArgumentTypeError, TypeError),
+    (lambda d: krylov.cg(np.eye(6), np.ones(5)), ArgumentError, ValueError),
     (lambda d: preconditioners.build(LevelSpaceOperator(d, [1.0, 1.0]), kind="zz"),
      ArgumentError, ValueError),
     (lambda d: trace.hutchinson(np.eye(6), n_probes=0), ArgumentError, ValueError),

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmmops.design import CrossedDesign, sorted_levels
+from lmmops.data.design import CrossedDesign, sorted_levels
 from lmmops.errors import DesignError, DisconnectedDesignError
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from lmmops.design import CrossedDesign
-from lmmops.direct import DirectObjective, fit_direct, moment_start
+from lmmops.data.design import CrossedDesign
 from lmmops.errors import ConvergenceWarning
+from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
 
 
 def make_design(rng, n_levels, n_obs, missing=0.4):
@@ -210,7 +210,7 @@ def test_nonconvergence_is_reported():
 def test_optimum_does_not_depend_on_the_start(seed):
     """Regression: a step used to clip a small variance to exactly 0, where the gradient of
     the (even) criterion vanishes, and the optimiser stalled there."""
-    from lmmops.simulate import simulate_codes
+    from lmmops.data.simulate import simulate_codes
 
     codes = simulate_codes(600, [40, 15, 5], zipf=[0.5, 0.5, 0], seed=seed)
     d = CrossedDesign.from_codes(codes)

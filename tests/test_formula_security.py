@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 import lmmops
 from lmmops.cli import main
-from lmmops.errors import FormulaError, LmmopsError
-from lmmops.formula import (
+from lmmops.data.formula import (
     _CONTEXT,
     ALLOWED_FUNCTIONS,
     _SandboxMaterializer,
@@ -30,6 +29,7 @@ from lmmops.formula import (
     lme4_names,
     parse_formula,
 )
+from lmmops.errors import FormulaError, LmmopsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWD_MARK = "root:x:0:0"  # first line of /etc/passwd on any Linux

@@ -7,8 +7,8 @@ from conftest import random_design
 from scipy import optimize, stats
 
 import lmmops
+from lmmops.analysis.inference import full_criterion, variance_covariance
 from lmmops.errors import LmmopsError
-from lmmops.inference import full_criterion, variance_covariance
 
 
 @pytest.fixture(scope="module")

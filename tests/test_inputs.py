@@ -5,18 +5,18 @@ import pandas as pd
 import pytest
 
 import lmmops
+from lmmops.data.formula import (
+    RankDeficientWarning,
+    check_full_rank,
+    lme4_names,
+    parse_formula,
+)
 from lmmops.errors import (
     DenseTooLargeError,
     DesignError,
     DisconnectedDesignWarning,
     FormulaError,
     RankDeficientError,
-)
-from lmmops.formula import (
-    RankDeficientWarning,
-    check_full_rank,
-    lme4_names,
-    parse_formula,
 )
 
 

@@ -24,8 +24,8 @@ from scipy import stats
 from scipy.linalg import block_diag as sla_block_diag
 
 import lmmops
+from lmmops.data.formula import RankDeficientWarning, rank_columns
 from lmmops.errors import LmmopsError
-from lmmops.formula import RankDeficientWarning, rank_columns
 
 EPS = np.finfo(np.float64).eps
 FORMULA = "y ~ 1 + x + (1|a) + (1|b)"
@@ -491,7 +491,7 @@ def test_response_fitted_exactly_by_the_fixed_effects_is_a_clear_error():
 def test_mme_level_space_solution_is_equivariant(a, c, ax, cx):
     """Henderson's equations at given variances: the level-space route raised "fitted
     exactly" for y + 1e8; checked against the dense route on the base data."""
-    from lmmops.mme import solve
+    from lmmops.estimation.mme import solve
 
     d = lmmops.CrossedDesign.from_frame(BASE, ["a", "b"])
     base_df, new_df = shifted(BASE, a, c)

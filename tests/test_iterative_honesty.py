@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 import lmmops
 from lmmops import model as model_module
 from lmmops.cli import _dump, main
-from lmmops.design import CrossedDesign
-from lmmops.direct import DirectObjective, fit_direct, moment_start
+from lmmops.data.design import CrossedDesign
+from lmmops.data.simulate import simulate_codes
 from lmmops.errors import ConvergenceWarning, LmmopsError
-from lmmops.reml import IterativeObjective, block_pcg, check_n_probes, check_rtol
-from lmmops.simulate import simulate_codes
-from lmmops.stochastic import fit_iterative
+from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
+from lmmops.estimation.iterative import IterativeObjective, block_pcg, check_n_probes, check_rtol
+from lmmops.estimation.stochastic import fit_iterative
 
 
 def _strict_loads(text):

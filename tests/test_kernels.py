@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
-from lmmops import kernels
+from lmmops.linalg import kernels
 
 RTOL = 1e-12
 
@@ -230,7 +230,7 @@ _CACHE_SCRIPT = textwrap.dedent(
     """
     import json
     import numpy as np
-    from lmmops import kernels
+    from lmmops.linalg import kernels
     codes = np.array([[0, 1, 1, 2], [0, 0, 1, 1]], dtype=np.int32)
     off = np.array([0, 3, 5], dtype=np.int64)
     x = np.arange(4.0)
@@ -280,7 +280,7 @@ def test_kernels_without_jit():
     script = textwrap.dedent(
         """
         import numpy as np
-        from lmmops import kernels
+        from lmmops.linalg import kernels
         assert not hasattr(kernels.cov_matvec_serial, "py_func")
         rng = np.random.default_rng(0)
         codes = np.vstack([rng.integers(0, 4, 30), rng.integers(0, 3, 30)]).astype(np.int32)

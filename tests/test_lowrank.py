@@ -1,4 +1,4 @@
-"""Dense-oracle tests of lmmops.lowrank.ExactInverse (math.md Sections 5, 6, 7a, 8, 11)."""
+"""Dense-oracle tests of lmmops.paper.lowrank.ExactInverse (math.md Sections 5, 6, 7a, 8, 11)."""
 
 import warnings
 
@@ -7,10 +7,10 @@ import pytest
 from conftest import design_from_table, random_table
 from numpy.testing import assert_allclose
 
-from lmmops.design import CrossedDesign
+from lmmops.data.design import CrossedDesign
 from lmmops.errors import DenseTooLargeError, DisconnectedDesignError
-from lmmops.lowrank import CorrectionRankWarning, ExactInverse, reml_criterion
-from lmmops.spectral import KhatriRaoCovariance, ModifiedCovariance
+from lmmops.paper.lowrank import CorrectionRankWarning, ExactInverse, reml_criterion
+from lmmops.paper.spectral import KhatriRaoCovariance, ModifiedCovariance
 
 S_E2, S_A2, S_B2, S_C2 = 1.3, 0.5, 0.8, 0.4
 
@@ -195,7 +195,7 @@ def test_exact_inverse_bad_base(design):
 
 
 def test_exact_inverse_matches_covariance_operator(design):
-    operators = pytest.importorskip("lmmops.operators")
+    operators = pytest.importorskip("lmmops.linalg.operators")
     V = operators.CovarianceOperator(design, S_E2, [S_A2, S_B2])
     b = np.random.default_rng(10).standard_normal(design.n_obs)
     assert_allclose(V @ ExactInverse(V).solve(b), b, atol=1e-10)
@@ -213,7 +213,7 @@ def dense_reml(Vd, X, y):
 def test_reml_exact_inverse_matches_exact_solver(design, base):
     """REML criterion with ExactInverse equals the exact value to 1e-8.
 
-    The reference is a dense numpy REML computation. When ``lmmops.direct`` (the exact
+    The reference is a dense numpy REML computation. When ``lmmops.estimation.direct`` (the exact
     level-space solver) is final, extend this test to compare with its REML criterion too
     (mind its profiled scale and constant: compare at the same (s_e^2, s_A^2, s_B^2)).
     """
@@ -241,14 +241,15 @@ def test_reml_approximation_uses_given_logdet(design):
 
 @pytest.mark.parametrize("base", ["modified", "proportional"])
 def test_reml_exact_inverse_matches_direct_solver(design, base):
-    """ExactInverse's REML criterion equals lmmops.direct's at the profiled s_e^2 (to 1e-8).
+    """ExactInverse's REML criterion equals lmmops.estimation.direct's at the profiled s_e^2 (to
+    1e-8).
 
     lme4's profiled REML objective is ``-2 l_R + (n - p) log(2 pi)`` evaluated at
     ``s_e^2 = sigma2_hat`` and ``s_k^2 = theta_k^2 sigma2_hat``.
     """
-    direct = pytest.importorskip("lmmops.direct")
+    direct = pytest.importorskip("lmmops.estimation.direct")
     if not hasattr(direct, "DirectObjective"):
-        pytest.skip("lmmops.direct has no DirectObjective")
+        pytest.skip("lmmops.estimation.direct has no DirectObjective")
     rng = np.random.default_rng(13)
     n = design.n_obs
     X = np.column_stack([np.ones(n), rng.standard_normal(n)])
@@ -265,7 +266,7 @@ def test_reml_exact_inverse_matches_direct_solver(design, base):
 @pytest.mark.parametrize("base", ["modified", "proportional"])
 def test_exact_inverse_of_covariance_operator_with_interaction_factor(base):
     """CovarianceOperator over (a, b, a:b): the a:b factor is recognised as the interaction."""
-    operators = pytest.importorskip("lmmops.operators")
+    operators = pytest.importorskip("lmmops.linalg.operators")
     d = design_from_table(random_table(5, 4, rng=14, missing=0.3), rng=14, interaction=True)
     V = operators.CovarianceOperator(d, S_E2, [S_A2, S_B2, S_C2])
     Vinv = ExactInverse(V, base=base)

@@ -5,10 +5,10 @@ import pytest
 import scipy.sparse as sp
 from conftest import random_design
 
-from lmmops.design import CrossedDesign
-from lmmops.direct import DirectObjective
+from lmmops.data.design import CrossedDesign
 from lmmops.errors import DenseTooLargeError, LmmopsError
-from lmmops.mme import diag_P, level_space_diagonals, solve
+from lmmops.estimation.direct import DirectObjective
+from lmmops.estimation.mme import diag_P, level_space_diagonals, solve
 
 
 def dense_henderson(X, Z, y, g, s2e, w=None):

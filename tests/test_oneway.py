@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 import lmmops
+from lmmops.analysis.oneway import estimate, ml_alternating, moment_estimators, weighted_mean
 from lmmops.errors import LmmopsError
-from lmmops.oneway import estimate, ml_alternating, moment_estimators, weighted_mean
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import scipy.sparse.linalg as spla
 from conftest import SEED, nested_design, random_design
 from numpy.testing import assert_allclose
 
-from lmmops import operators
 from lmmops.errors import DenseTooLargeError
-from lmmops.operators import (
+from lmmops.linalg import operators
+from lmmops.linalg.operators import (
     CovarianceOperator,
     GramOperator,
     LevelSpaceOperator,

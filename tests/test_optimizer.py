@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import lmmops
-from lmmops.design import CrossedDesign
-from lmmops.direct import DirectObjective, fit_direct, moment_start
+from lmmops.data.design import CrossedDesign
 from lmmops.errors import ConvergenceWarning
+from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
 
 try:  # small dense algebra is ~100 times slower with BLAS threads on a busy machine
     from threadpoolctl import threadpool_limits
@@ -43,8 +43,10 @@ def _assert_at_dense_optimum(design, X, y, method, ev, opt, extra_starts=()):
     _, best = dense_optimum(crit, extra_starts=extra_starts)
     mine = crit(ev.theta)
     scale = max(1.0, abs(best))
-    # the reported criterion is the criterion at the reported theta
-    assert ev.objective == pytest.approx(mine, rel=1e-7, abs=1e-7)
+    # the reported criterion is the criterion at the reported theta, to the 1e-6
+    # (at variance ratios of 1e8 the two float64 evaluations, level space and dense n x n,
+    # differ by up to about 1e-7 relative)
+    assert ev.objective == pytest.approx(mine, rel=RTOL, abs=RTOL)
     # the oracle is a true minimum over theta >= 0: nothing is far below it
     assert mine >= best - RTOL * scale
     if opt.converged:
@@ -170,7 +172,7 @@ def test_second_basin_is_found(case):
 JOINT_BASIN = [(31, 0.3), (31, 0.6), (34, 0.0)]
 
 
-@pytest.mark.parametrize("seed, missing", JOINT_BASIN)
+@pytest.mark.parametrize(("seed", "missing"), JOINT_BASIN)
 def test_basin_behind_a_joint_move_is_found(seed, missing):
     log_ratio = np.array([-8, 8, 8])
     d, X, y = _problem(np.random.default_rng(seed), [3, 3, 5], 19, missing, log_ratio,

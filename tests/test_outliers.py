@@ -7,9 +7,9 @@ from conftest import random_design
 from scipy import optimize
 
 import lmmops
-from lmmops.direct import DirectObjective, fit_direct, moment_start
+from lmmops.analysis.outliers import msom, msom_scan, vsom
 from lmmops.errors import LmmopsError
-from lmmops.outliers import msom, msom_scan, vsom
+from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
 
 
 def dense_P(d, X, theta, s2, w=None):

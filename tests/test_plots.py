@@ -56,7 +56,7 @@ def test_outlier_scan_labels_the_planted_outlier(res):
 
 
 def test_diagnostics_png(res, tmp_path):
-    from lmmops.plots import save_diagnostics
+    from lmmops.analysis.plots import save_diagnostics
 
     path = tmp_path / "d.png"
     save_diagnostics(res, str(path))

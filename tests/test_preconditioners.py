@@ -1,8 +1,8 @@
-"""Tests of lmmops.preconditioners: SPD, exactness where claimed, errors, interoperability.
+"""Tests of lmmops.linalg.preconditioners: SPD, exactness where claimed, errors, interoperability.
 
 Every kind is checked for symmetry and positive definiteness from its dense form on small
 designs and by quadratic forms on a larger one; closed forms are compared with the
-constructions of lmmops.spectral / lmmops.lowrank; loose iteration counts on a seeded
+constructions of lmmops.paper.spectral / lmmops.paper.lowrank; loose iteration counts on a seeded
 medium Zipf design catch regressions (the study measures the real numbers).
 """
 
@@ -12,12 +12,12 @@ import scipy.sparse.linalg as spla
 from conftest import SEED, random_design
 from numpy.testing import assert_allclose
 
-from lmmops.design import CrossedDesign
+from lmmops.data.design import CrossedDesign
+from lmmops.data.simulate import simulate_codes
 from lmmops.errors import DesignError
-from lmmops.operators import CovarianceOperator
-from lmmops.preconditioners import LEVEL_KINDS, build
-from lmmops.simulate import simulate_codes
-from lmmops.solvers import cg
+from lmmops.linalg.krylov import cg
+from lmmops.linalg.operators import CovarianceOperator
+from lmmops.linalg.preconditioners import LEVEL_KINDS, build
 
 SIGMAS = {2: [0.5, 2.0], 3: [0.5, 2.0, 1.0]}
 
@@ -85,8 +85,8 @@ def test_every_observation_kind_is_spd(small, kind):
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_observation_spectral_is_exactly_d1(small, transpose):
-    """Full rank: the Schur-complement form equals lmmops.spectral's V check^{-1}."""
-    from lmmops.spectral import ModifiedCovariance
+    """Full rank: the Schur-complement form equals lmmops.paper.spectral's V check^{-1}."""
+    from lmmops.paper.spectral import ModifiedCovariance
 
     d = CrossedDesign.from_codes(small.codes[::-1]) if transpose else small
     V = _V(d)
@@ -147,10 +147,10 @@ def test_quadratic_forms_at_scale(medium):
 
 
 def test_proportional_matches_spectral_module(design):
-    from lmmops.spectral import ProportionalApproximation
+    from lmmops.paper.spectral import ProportionalApproximation
 
     if not design.is_connected:
-        pytest.skip("lmmops.spectral needs a connected design")
+        pytest.skip("lmmops.paper.spectral needs a connected design")
     V = _V(design)
     M = V.level_space()
     ours = _dense(build(M, kind="proportional"))
@@ -159,7 +159,7 @@ def test_proportional_matches_spectral_module(design):
 
 
 def test_spectral_reference_margins_is_d1(small):
-    from lmmops.spectral import ModifiedCovariance
+    from lmmops.paper.spectral import ModifiedCovariance
 
     V = _V(small)
     M = V.level_space()
@@ -366,7 +366,7 @@ def test_pyamg_krylov_accepts_our_operators(small):
 def test_apply_cost_interleaves_and_takes_minima(monkeypatch):
     """With a fake clock, apply takes 3 ticks and matvec 2 (1 on its fastest call): the
     ratio of the minima is 3.0, each callable runs reps + 1 times, alternately."""
-    import lmmops.preconditioners as pc
+    import lmmops.linalg.preconditioners as pc
 
     clock = {"t": 0.0}
     calls = []
@@ -389,7 +389,7 @@ def test_apply_cost_interleaves_and_takes_minima(monkeypatch):
 def test_schur_setup_flops_and_one_factor(rng):
     """The setup estimate is sum over the largest factor's levels of (cells)^2; with one
     factor M is diagonal, the complement is empty, and both routes give V^{-1}."""
-    from lmmops.preconditioners import _schur_gram_flops
+    from lmmops.linalg.preconditioners import _schur_gram_flops
 
     codes = np.vstack([rng.integers(0, 25, 300), rng.integers(0, 6, 300),
                        rng.integers(0, 4, 300)])

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 import lmmops
-from lmmops.design import CrossedDesign
-from lmmops.direct import DirectObjective, fit_direct, moment_start
-from lmmops.reml import IterativeObjective, block_pcg
-from lmmops.simulate import simulate_codes
+from lmmops.data.design import CrossedDesign
+from lmmops.data.simulate import simulate_codes
+from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
+from lmmops.estimation.iterative import IterativeObjective, block_pcg
 
 Z_MAX = 4.0
 
@@ -224,7 +224,7 @@ def test_prior_weights_on_the_iterative_solver(method):
     np.testing.assert_allclose(e2.beta, e1.beta, rtol=1e-8)
     np.testing.assert_allclose(it.average_information(e2), ex.average_information(e1),
                                rtol=1e-6)
-    from lmmops.mme import diag_P
+    from lmmops.estimation.mme import diag_P
 
     est = it.diag_P(e2, n_probes=4000, seed=3)
     z = (est.estimate - diag_P(ex, e1)) / est.stderr
@@ -241,7 +241,7 @@ def test_prior_weights_on_the_iterative_solver(method):
 def test_diag_P_and_outlier_scan_on_the_iterative_solver():
     """diag(P) by stochastic diagonal estimation: calibrated standard errors, and the
     mean-shift outlier scan ranks like the exact one."""
-    from lmmops.simulate import simulate_crossed
+    from lmmops.data.simulate import simulate_crossed
 
     df = simulate_crossed(3000, [120, 40], zipf=[1, 1], seed=2)
     df.loc[7, "y"] += 8.0  # a planted outlier
@@ -289,7 +289,7 @@ def test_ranef_pev_on_the_iterative_solver(given_beta):
 
 
 def test_prediction_intervals_on_the_iterative_solver():
-    from lmmops.simulate import simulate_crossed
+    from lmmops.data.simulate import simulate_crossed
 
     df = simulate_crossed(3000, [100, 50], zipf=[1, 1], seed=5)
     new = pd.DataFrame({"g1": [0, 5, 999], "g2": [1, 2, 3]})  # 999: a new level
@@ -306,7 +306,7 @@ def test_prediction_intervals_on_the_iterative_solver():
 
 
 def test_msom_for_a_set_on_the_iterative_solver():
-    from lmmops.simulate import simulate_crossed
+    from lmmops.data.simulate import simulate_crossed
 
     df = simulate_crossed(2000, [80, 40], zipf=[1, 1], seed=6)
     df.loc[[3, 17], "y"] += 6.0
@@ -320,7 +320,7 @@ def test_msom_for_a_set_on_the_iterative_solver():
 
 
 def test_vsom_on_the_iterative_solver():
-    from lmmops.simulate import simulate_crossed
+    from lmmops.data.simulate import simulate_crossed
 
     df = simulate_crossed(1500, [60, 30], zipf=[1, 1], seed=7)
     df.loc[[4, 9, 11], "y"] += np.array([5.0, -6.0, 5.5])

@@ -1,4 +1,4 @@
-"""Tests of lmmops.solvers: scipy-identical cg, block CG, Lanczos coefficients, solve_V.
+"""Tests of lmmops.linalg.krylov: scipy-identical cg, block CG, Lanczos coefficients, solve_V.
 
 Also runs the doctests of docs/embedding.rst.
 """
@@ -14,17 +14,12 @@ from conftest import SEED, random_design
 from numpy.testing import assert_allclose
 from scipy.sparse.linalg import LinearOperator
 
-from lmmops.design import CrossedDesign
-from lmmops.operators import CovarianceOperator
-from lmmops.preconditioners import build
-from lmmops.simulate import simulate_codes
-from lmmops.solvers import (
-    SparseLevelOperator,
-    block_cg,
-    cg,
-    cg_lanczos,
-    solve_V,
-)
+from lmmops.data.design import CrossedDesign
+from lmmops.data.simulate import simulate_codes
+from lmmops.linalg.krylov import block_cg, cg, cg_lanczos
+from lmmops.linalg.operators import CovarianceOperator, SparseLevelOperator
+from lmmops.linalg.preconditioners import build
+from lmmops.linalg.solve import solve_V
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +151,7 @@ def test_slq_with_unit_probes_is_slogdet(rng):
 
 
 def test_lanczos_matches_trace_module_and_preconditioned_quadrature(rng):
-    from lmmops.trace import lanczos_from_cg
+    from lmmops.linalg.trace import lanczos_from_cg
 
     n = 30
     A = _spd(rng, n, cond=50.0)  # well conditioned: no loss of orthogonality in n steps

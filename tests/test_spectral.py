@@ -1,4 +1,5 @@
-"""Dense-oracle tests of lmmops.spectral: every identity of math.md Sections 3, 4, 6-8, 11."""
+"""Dense-oracle tests of lmmops.paper.spectral: every identity of math.md Sections 3, 4, 6-8,
+11."""
 
 import numpy as np
 import pytest
@@ -6,9 +7,9 @@ import scipy.sparse as sp
 from conftest import design_from_table, random_table
 from numpy.testing import assert_allclose
 
-from lmmops.design import CrossedDesign
+from lmmops.data.design import CrossedDesign
 from lmmops.errors import DesignError, DisconnectedDesignError
-from lmmops.spectral import (
+from lmmops.paper.spectral import (
     KhatriRaoCovariance,
     ModifiedCovariance,
     ProportionalApproximation,
@@ -88,7 +89,7 @@ def test_khatri_rao_covariance_equals_v(unbalanced, s_c2):
 
 
 def test_khatri_rao_covariance_matches_covariance_operator(unbalanced):
-    operators = pytest.importorskip("lmmops.operators")
+    operators = pytest.importorskip("lmmops.linalg.operators")
     d = unbalanced
     V = operators.CovarianceOperator(d, S_E2, [S_A2, S_B2])
     x = np.random.default_rng(4).standard_normal((d.n_obs, 2))

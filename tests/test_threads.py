@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import lmmops
-import lmmops.operators as ops
+import lmmops.linalg.operators as ops
 import lmmops.threads as thr
 from lmmops.cli import main
-from lmmops.direct import DirectObjective
+from lmmops.data.simulate import simulate_crossed
 from lmmops.errors import LmmopsError
-from lmmops.simulate import simulate_crossed
+from lmmops.estimation.direct import DirectObjective
 
 NMAX = int(numba.config.NUMBA_NUM_THREADS)
 needs_two = pytest.mark.skipif(NMAX < 2, reason="needs NUMBA_NUM_THREADS >= 2")

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg as sla
 from scipy.sparse.linalg import aslinearoperator
 
-from lmmops.trace import (
+from lmmops.linalg.trace import (
     diagonal,
     hutchinson,
     hutchpp,

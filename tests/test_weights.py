@@ -12,8 +12,8 @@ from conftest import random_design
 from scipy import optimize
 
 import lmmops
-from lmmops.direct import DirectObjective
 from lmmops.errors import LmmopsError
+from lmmops.estimation.direct import DirectObjective
 
 
 def dense_loglik_criterion(d, X, y, w, theta, method):

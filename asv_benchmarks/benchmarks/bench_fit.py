@@ -16,7 +16,7 @@ from .common import TINY, TINY_N, pick, safe_import, warm_up_jit
 
 with safe_import():
     import lmmops
-    from lmmops.simulate import simulate_crossed
+    from lmmops.data.simulate import simulate_crossed
 
 TWO_FACTORS = "y ~ 1 + (1|s) + (1|d)"
 THREE_FACTORS = "y ~ 1 + service + (1|s) + (1|d) + (1|dept)"

@@ -1,4 +1,4 @@
-"""Benchmarks of :mod:`lmmops.operators`: the covariance operator V and its kernels.
+"""Benchmarks of :mod:`lmmops.linalg.operators`: the covariance operator V and its kernels.
 
 ``V = sigma2_e I + sum_k sigma2_k Z_k Z_k'`` on a synthetic crossed design with
 Zipf-skewed levels (see :mod:`benchmarks.common`), at n = 10^6 and 10^7, K = 2 and 3,
@@ -13,9 +13,9 @@ import numpy as np
 from .common import TINY_N, crossed_codes, pick, safe_import
 
 with safe_import():
-    from lmmops import kernels
-    from lmmops.design import CrossedDesign
-    from lmmops.operators import CovarianceOperator
+    from lmmops.data.design import CrossedDesign
+    from lmmops.linalg import kernels
+    from lmmops.linalg.operators import CovarianceOperator
 
 SIZES = pick([10**6, 10**7], [TINY_N])
 FACTORS = [2, 3]
@@ -33,8 +33,8 @@ def _operator(codes, K, parallel):
         design = CrossedDesign.from_codes(codes[:K])
         sigma2 = [0.5, 0.25, 0.125][:K]
         return CovarianceOperator(design, 1.0, sigma2, parallel=parallel)
-    except NameError:  # lmmops.operators missing at this commit
-        raise NotImplementedError("lmmops.operators is not available") from None
+    except NameError:  # lmmops.linalg.operators missing at this commit
+        raise NotImplementedError("lmmops.linalg.operators is not available") from None
 
 
 class CovarianceMatvec:

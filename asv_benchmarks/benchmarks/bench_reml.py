@@ -1,4 +1,5 @@
-"""Benchmarks of the matrix-free stochastic REML fit (``solver="iterative"``, lmmops.reml).
+"""Benchmarks of the matrix-free stochastic REML fit (``solver="iterative"``,
+lmmops.estimation.iterative).
 
 - ``IterativeEvaluation``: one REML objective-and-gradient evaluation (block PCG with the
   probe columns) at n = 10^6 and 10^7 rows, K = 2 Zipf-skewed factors, with its CG
@@ -16,11 +17,11 @@ import numpy as np
 from .common import pick, safe_import, warm_up_jit
 
 with safe_import():
-    from lmmops.design import CrossedDesign
-    from lmmops.direct import moment_start
-    from lmmops.reml import IterativeObjective
-    from lmmops.simulate import simulate_codes
-    from lmmops.stochastic import fit_iterative
+    from lmmops.data.design import CrossedDesign
+    from lmmops.data.simulate import simulate_codes
+    from lmmops.estimation.direct import moment_start
+    from lmmops.estimation.iterative import IterativeObjective
+    from lmmops.estimation.stochastic import fit_iterative
 
 SIZES = {10**6: (100_000, 3_000), 10**7: (1_000_000, 30_000)}
 
@@ -39,7 +40,7 @@ def build_objective(n):
     try:
         d, X, y = problem(n)
     except NameError:
-        raise NotImplementedError("lmmops.reml is not available") from None
+        raise NotImplementedError("lmmops.estimation.iterative is not available") from None
     warm_up_jit()
     obj = IterativeObjective(d, X, y, n_probes=16, seed=0)
     start = moment_start(d, X, y)

@@ -1,4 +1,4 @@
-"""Benchmarks of :mod:`lmmops.solvers` and :mod:`lmmops.preconditioners`.
+"""Benchmarks of :mod:`lmmops.linalg.krylov` and :mod:`lmmops.linalg.preconditioners`.
 
 - ``LevelIterations.track_iterations``: level-space PCG iterations to rtol 1e-6 for every
   level-space preconditioner on K = 2 Zipf(1) designs with 20,000 x 2,000 levels at
@@ -27,11 +27,12 @@ import numpy as np
 from .common import TINY, TINY_N, pick, safe_import
 
 with safe_import():
-    from lmmops.design import CrossedDesign
-    from lmmops.operators import CovarianceOperator
-    from lmmops.preconditioners import apply_cost, build
-    from lmmops.simulate import simulate_codes
-    from lmmops.solvers import cg, solve_V
+    from lmmops.data.design import CrossedDesign
+    from lmmops.data.simulate import simulate_codes
+    from lmmops.linalg.krylov import cg
+    from lmmops.linalg.operators import CovarianceOperator
+    from lmmops.linalg.preconditioners import apply_cost, build
+    from lmmops.linalg.solve import solve_V
 
 RTOL = 1e-6
 LEVEL_KINDS = ["jacobi", "proportional", "spectral", "lowrank", "block_gauss_seidel", "amg"]

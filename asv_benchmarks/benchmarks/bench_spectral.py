@@ -1,4 +1,4 @@
-"""Benchmarks of the seed paper's inverses of V (lmmops.spectral, lmmops.lowrank).
+"""Benchmarks of the seed paper's inverses of V (lmmops.paper.spectral, lmmops.paper.lowrank).
 
 - ``ApplyInverse``: time to apply each inverse (asymptotic, D2, D1, exact low-rank
   corrections on both bases) to a vector at n = 10^6 (two crossed factors with Poisson
@@ -16,10 +16,14 @@ import numpy as np
 from .common import TINY, pick, safe_import, warm_up_jit
 
 with safe_import():
-    from lmmops.design import CrossedDesign
-    from lmmops.lowrank import ExactInverse
-    from lmmops.operators import CovarianceOperator
-    from lmmops.spectral import ModifiedCovariance, ProportionalApproximation, asymptotic_inverse
+    from lmmops.data.design import CrossedDesign
+    from lmmops.linalg.operators import CovarianceOperator
+    from lmmops.paper.lowrank import ExactInverse
+    from lmmops.paper.spectral import (
+        ModifiedCovariance,
+        ProportionalApproximation,
+        asymptotic_inverse,
+    )
 
 
 def crossed_design(g, h, mean_count, missing=0.0, margin_scale=False, seed=0):
@@ -51,7 +55,7 @@ class ApplyInverse:
         try:
             design = crossed_design(*pick((200, 200, 24.0), (20, 20, 2.0)))
         except NameError:
-            raise NotImplementedError("lmmops.spectral is not available") from None
+            raise NotImplementedError("lmmops.paper.spectral is not available") from None
         warm_up_jit()
         V = CovarianceOperator(design, 1.0, [0.5, 0.8])
         ops = {
@@ -85,7 +89,7 @@ class ImbalanceAccuracy:
         try:
             design = crossed_design(g, g, mean, seed=3, **spec)
         except NameError:
-            raise NotImplementedError("lmmops.spectral is not available") from None
+            raise NotImplementedError("lmmops.paper.spectral is not available") from None
         self.V = CovarianceOperator(design, 1.0, [0.5, 0.5])
         self.exact = ExactInverse(self.V, base="modified")
         self.b = np.random.default_rng(2).normal(size=design.n_obs)

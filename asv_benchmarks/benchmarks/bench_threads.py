@@ -27,7 +27,7 @@ from .common import TINY_N, pick, safe_import, warm_up_jit
 
 with safe_import():
     import lmmops
-    from lmmops.simulate import simulate_crossed
+    from lmmops.data.simulate import simulate_crossed
     from lmmops.threads import available_cores
 
 ITERATIVE_FORMULA = "y ~ 1 + (1|g1) + (1|g2)"

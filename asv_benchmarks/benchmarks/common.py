@@ -65,7 +65,7 @@ def crossed_codes(n_obs, K=3, seed=20240601):
     The first factors of the K = 3 design are the K = 2 design, so callers can slice
     ``crossed_codes(n, 3)[:2]``.
     """
-    from lmmops.simulate import simulate_codes
+    from lmmops.data.simulate import simulate_codes
 
     key = (int(n_obs), int(K), seed)
     if key not in _CODES:
@@ -77,6 +77,6 @@ def crossed_codes(n_obs, K=3, seed=20240601):
 
 def warm_up_jit():
     """Compile (or load from the Numba cache) the kernels of the exact fit on a tiny model."""
-    from lmmops.direct import warm_up
+    from lmmops.estimation.direct import warm_up
 
     warm_up()

@@ -81,7 +81,7 @@ def make_data(args):
     import pandas as pd
 
     if args.simulate:
-        from lmmops.simulate import simulate_crossed
+        from lmmops.data.simulate import simulate_crossed
 
         parts = [int(float(x)) for x in args.simulate.split(",") if x.strip()]
         if len(parts) < 3:
@@ -319,10 +319,10 @@ def run_matvec(n=10**7, K=2, repeat=7):
     import numba
     import numpy as np
 
-    from lmmops import kernels
-    from lmmops.design import CrossedDesign
-    from lmmops.operators import CovarianceOperator
-    from lmmops.simulate import simulate_codes
+    from lmmops.data.design import CrossedDesign
+    from lmmops.data.simulate import simulate_codes
+    from lmmops.linalg import kernels
+    from lmmops.linalg.operators import CovarianceOperator
 
     levels = [20_000, 3_000, 500][:K]
     zipf = [0.8, 1.0, 0.5][:K]

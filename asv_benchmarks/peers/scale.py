@@ -61,8 +61,8 @@ def child(path, formula, n_probes, max_evals):
     import pandas as pd
 
     import lmmops
-    from lmmops.direct import moment_start
-    from lmmops.stochastic import fit_iterative
+    from lmmops.estimation.direct import moment_start
+    from lmmops.estimation.stochastic import fit_iterative
 
     t0 = time.perf_counter()
     df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)

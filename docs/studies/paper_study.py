@@ -38,9 +38,9 @@ from matplotlib.lines import Line2D
 from scipy.sparse import csgraph, csr_matrix
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from lmmops.design import CrossedDesign
-from lmmops.lowrank import ExactInverse, reml_criterion
-from lmmops.spectral import (
+from lmmops.data.design import CrossedDesign
+from lmmops.paper.lowrank import ExactInverse, reml_criterion
+from lmmops.paper.spectral import (
     KhatriRaoCovariance,
     ModifiedCovariance,
     ProportionalApproximation,

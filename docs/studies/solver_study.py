@@ -42,11 +42,11 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lmmops.design import CrossedDesign  # noqa: E402
-from lmmops.operators import CovarianceOperator  # noqa: E402
-from lmmops.preconditioners import _normalised_svd, apply_cost, build  # noqa: E402
-from lmmops.simulate import simulate_codes  # noqa: E402
-from lmmops.solvers import AUTO_LEVEL_KIND, cg, solve_V  # noqa: E402
+from lmmops.data.design import CrossedDesign  # noqa: E402
+from lmmops.data.simulate import simulate_codes  # noqa: E402
+from lmmops.linalg.krylov import cg, solve_V  # noqa: E402
+from lmmops.linalg.operators import CovarianceOperator  # noqa: E402
+from lmmops.linalg.preconditioners import AUTO_LEVEL_KIND, _normalised_svd, apply_cost, build  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RTOLS = (1e-6, 1e-10)
@@ -233,7 +233,7 @@ def write_quick(results, scaling, path, elapsed):
       "`solve_V`, and the top 20 triplets of D1's normalised count table used by "
       "`spectral`/`lowrank`. The setup times below exclude them.")
     w("\nZipf designs: level frequencies proportional to rank^-a (a = 0 is uniform), "
-      "factors drawn independently (`lmmops.simulate.simulate_codes`). poisson: all cells, "
+      "factors drawn independently (`lmmops.data.simulate.simulate_codes`). poisson: all cells, "
       "1 + Poisson(1.5) observations each (mild imbalance). missingP: P% of the cells empty "
       "at random, the others 1 + Poisson(1.5). staircase: a band of cells around the "
       "diagonal. K3: a third factor.\n")
@@ -474,10 +474,10 @@ def run_quick(n):
 _CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from lmmops.design import CrossedDesign
-from lmmops.operators import CovarianceOperator
-from lmmops.simulate import simulate_codes
-from lmmops.solvers import solve_V
+from lmmops.data.design import CrossedDesign
+from lmmops.linalg.operators import CovarianceOperator
+from lmmops.data.simulate import simulate_codes
+from lmmops.linalg.solve import solve_V
 n, g, h, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 codes = simulate_codes(n, [g, h], zipf=[1.0, 1.0], seed=11)
 b = np.random.default_rng(0).standard_normal(n)

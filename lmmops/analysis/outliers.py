@@ -9,7 +9,8 @@ indicator of a set ``I`` of observations and ``phi_I`` a fixed shift. Then
 and for a single observation ``phi_hat_i = r_i`` is the conditional residual of the cheat
 sheet and ``phi_hat_i / se = t_i`` its studentised form. ``P y = R^{-1} e`` (``e`` the
 conditional residual) and the needed entries of ``P`` come exactly from the level-space
-factor (:mod:`lmmops.mme`); an iterative solver would estimate ``diag(P)`` stochastically.
+factor (:mod:`lmmops.estimation.mme`); an iterative solver would estimate ``diag(P)``
+stochastically.
 
 Variance-shift outlier model: ``y = X tau + Z u + delta_I o_I + e`` with
 ``o_I ~ N(0, s_o^2 I_|I|)``. Adding ``s_o^2`` to the residual variance of the rows in ``I``
@@ -27,10 +28,10 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .direct import DirectObjective, fit_direct, moment_start
-from .errors import LmmopsError
-from .mme import P_columns, diag_P
-from .stochastic import fit_iterative
+from lmmops.errors import LmmopsError
+from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
+from lmmops.estimation.mme import P_columns, diag_P
+from lmmops.estimation.stochastic import fit_iterative
 
 __all__ = ["msom", "msom_scan", "vsom"]
 
@@ -78,8 +79,8 @@ def msom(obj, ev, rows):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.direct import DirectObjective, fit_direct
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.estimation.direct import DirectObjective, fit_direct
     >>> rng = np.random.default_rng(0)
     >>> g = np.repeat(np.arange(10), 8)
     >>> y = rng.normal(size=10)[g] + rng.normal(size=80)
@@ -112,7 +113,7 @@ def msom_scan(obj, ev, top=None, index=None, diag=None):
 
     For ``I = {i}``: ``phi_hat_i = (P y)_i / P_ii`` (the conditional residual ``r_i``),
     ``se_i = P_ii^{-1/2}`` and ``t_i = (P y)_i / sqrt(P_ii)``, with ``diag(P)`` exact from the
-    level-space factor (:func:`lmmops.mme.diag_P`).
+    level-space factor (:func:`lmmops.estimation.mme.diag_P`).
 
     Parameters
     ----------
@@ -124,7 +125,7 @@ def msom_scan(obj, ev, top=None, index=None, diag=None):
         Row labels for the output (default 0..n-1).
     diag : ndarray, optional
         ``diag(P)`` if already computed (for example a stochastic estimate from an
-        iterative solver); default exact, by :func:`lmmops.mme.diag_P`.
+        iterative solver); default exact, by :func:`lmmops.estimation.mme.diag_P`.
 
     Returns
     -------

@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from .errors import DesignError, DisconnectedDesignError, UnknownNameError
+from lmmops.errors import DesignError, DisconnectedDesignError, UnknownNameError
 
 __all__ = ["CrossedDesign", "sorted_levels"]
 

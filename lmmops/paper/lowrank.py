@@ -1,6 +1,6 @@
 r"""Exact ``V^{-1}`` as a low-rank correction of a spectral approximation (math.md 6, 7a).
 
-:class:`ExactInverse` turns either spectral construction of :mod:`lmmops.spectral` into the
+:class:`ExactInverse` turns either spectral construction of :mod:`lmmops.paper.spectral` into the
 exact inverse by a Woodbury correction of low rank:
 
 - ``base="modified"`` (D1, V check): ``V = V_check + sum_{l in S} delta_l q_l q_l'`` with
@@ -34,9 +34,9 @@ import warnings
 import numpy as np
 import scipy.linalg as sla
 
-from ._guard import check_dense
-from .errors import ArgumentError, DesignError
-from .spectral import (
+from lmmops.errors import ArgumentError, DesignError
+from lmmops.guard import check_dense
+from lmmops.paper.spectral import (
     ModifiedCovariance,
     ProportionalApproximation,
     _as_model,
@@ -58,7 +58,7 @@ class ExactInverse(_LevelInverse):
     ----------
     V : covariance operator
         With ``.design``, ``.sigma2_e`` and ``.sigma2`` (e.g.
-        :class:`lmmops.spectral.KhatriRaoCovariance`, ``CovarianceOperator``).
+        :class:`lmmops.paper.spectral.KhatriRaoCovariance`, ``CovarianceOperator``).
     base : {'modified', 'proportional'}, optional
         ``'modified'``: block Woodbury of rank ``t <= g + h`` on V check (two factors, with
         or without interaction; full SVD). ``'proportional'``: rank ``2 rank(E)`` on D2 (any
@@ -71,7 +71,8 @@ class ExactInverse(_LevelInverse):
     warn_fraction : float, optional
         Warn with :class:`CorrectionRankWarning` when the correction rank exceeds this
         fraction of ``q = sum_k q_k`` and ``warn_min_rank``: the correction then costs as
-        much as a dense level-space factorisation (``lmmops.direct`` does that directly).
+        much as a dense level-space factorisation (``lmmops.estimation.direct`` does that
+        directly).
     warn_min_rank : int, optional
         Below this rank the correction is cheap whatever ``q`` is, and no warning is given.
 
@@ -97,8 +98,8 @@ class ExactInverse(_LevelInverse):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.spectral import KhatriRaoCovariance
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.paper.spectral import KhatriRaoCovariance
     >>> rng = np.random.default_rng(1)
     >>> codes = np.vstack([rng.integers(0, 5, 60), rng.integers(0, 4, 60)])
     >>> V = KhatriRaoCovariance(CrossedDesign.from_codes(codes), 1.0, [0.5, 0.8])
@@ -173,7 +174,8 @@ class ExactInverse(_LevelInverse):
             warnings.warn(
                 f"the correction rank t = {t} is more than {warn_fraction:.0%} of the level "
                 f"space (q = {q}): the low-rank correction costs as much as a dense "
-                "level-space factorisation; lmmops.direct or a level-space solver is cheaper",
+                "level-space factorisation; lmmops.estimation.direct or a level-space solver "
+                "is cheaper",
                 CorrectionRankWarning,
                 stacklevel=3,
             )
@@ -278,8 +280,8 @@ def reml_criterion(inverse, X, y, logdet=None):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.spectral import KhatriRaoCovariance
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.paper.spectral import KhatriRaoCovariance
     >>> rng = np.random.default_rng(2)
     >>> codes = np.vstack([rng.integers(0, 4, 30), rng.integers(0, 3, 30)])
     >>> V = KhatriRaoCovariance(CrossedDesign.from_codes(codes), 1.0, [0.5, 0.8])

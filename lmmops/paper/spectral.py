@@ -16,14 +16,14 @@ Biometrika 2026) as scipy ``LinearOperator`` objects:
   proportional (independence) fit, for any number of crossed factors (Sections 7a, 11);
 - :func:`asymptotic_inverse`: the simple asymptotic approximation (Section 7b).
 
-The exact inverse as a low-rank correction of D1 or D2 lives in :mod:`lmmops.lowrank`.
+The exact inverse as a low-rank correction of D1 or D2 lives in :mod:`lmmops.paper.lowrank`.
 
 Conventions
 -----------
 Every operator here is built from a covariance ``V`` with attributes ``design`` (a
-:class:`~lmmops.design.CrossedDesign`), ``sigma2_e`` (float) and ``sigma2`` (one variance per
+:class:`~lmmops.data.design.CrossedDesign`), ``sigma2_e`` (float) and ``sigma2`` (one variance per
 factor of the design), such as :class:`KhatriRaoCovariance` or
-``lmmops.operators.CovarianceOperator``.
+``lmmops.linalg.operators.CovarianceOperator``.
 
 An interaction term ``(1|a:b)`` is recognised either as a third factor of the design whose
 levels are in one-to-one correspondence with the non-empty cells of the two others, or
@@ -54,8 +54,8 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, svds
 
-from ._guard import check_dense
-from .errors import ArgumentError, ArgumentTypeError, DesignError
+from lmmops.errors import ArgumentError, ArgumentTypeError, DesignError
+from lmmops.guard import check_dense
 
 __all__ = [
     "AsymptoticInverse",
@@ -426,7 +426,7 @@ class KhatriRaoCovariance(_SymmetricOperator):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 1], [0, 1, 0, 1, 1]], names=["a", "b"])
     >>> V = KhatriRaoCovariance(d, 1.0, [0.5, 0.25])
     >>> V @ np.ones(5)
@@ -641,7 +641,7 @@ def balanced_spectrum(design, sigma2_e, sigma2, sigma2_interaction=None):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> a, b = np.meshgrid(np.arange(3), np.arange(2), indexing="ij")
     >>> codes = np.repeat(np.vstack([a.ravel(), b.ravel()]), 2, axis=1)  # m = 2
     >>> spec = balanced_spectrum(CrossedDesign.from_codes(codes), 1.0, [0.5, 0.25])
@@ -661,7 +661,7 @@ def balanced_spectrum(design, sigma2_e, sigma2, sigma2_interaction=None):
             f"the design is not balanced: {g * h - st.n_cells} of the {g * h} cells are empty "
             f"and the non-empty cells hold {int(counts.min())} to {int(counts.max())} "
             "observations; use ModifiedCovariance, ProportionalApproximation or "
-            "lmmops.lowrank.ExactInverse for unbalanced designs"
+            "lmmops.paper.lowrank.ExactInverse for unbalanced designs"
         )
     return BalancedSpectrum(model, int(counts[0]))
 
@@ -795,7 +795,7 @@ class ModifiedCovariance(_ApproximationBase):
     indefinite on the discarded pairs when ``rho_{r+1} > min(alpha, beta) - 1``. The
     log-determinant adds the second-order tail term ``-(||K_N||_F^2 - sum_{k<=r} rho_k^2)
     / (alpha beta)``, so its error is ``O(sum_{k>r} rho_k^4)``. Eigenvalues need the full SVD.
-    Use ``rank=None`` (full) for an exact ``V check`` and for :class:`lmmops.lowrank.
+    Use ``rank=None`` (full) for an exact ``V check`` and for :class:`lmmops.paper.lowrank.
     ExactInverse`.
 
     *Cost.* Applying :meth:`inverse` costs ``O(n + (g + h) r)``; the SVD costs
@@ -809,7 +809,7 @@ class ModifiedCovariance(_ApproximationBase):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> rng = np.random.default_rng(0)
     >>> codes = np.vstack([rng.integers(0, 4, 40), rng.integers(0, 3, 40)])
     >>> V = KhatriRaoCovariance(CrossedDesign.from_codes(codes), 1.0, [0.5, 0.8])
@@ -1109,7 +1109,7 @@ class ProportionalApproximation(_ApproximationBase):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> rows, cols = np.meshgrid([0, 1, 2], [0, 1], indexing="ij")
     >>> reps = np.outer([1, 2, 3], [1, 2]).ravel()  # n_ij = u_i v_j: proportional
     >>> codes = np.repeat(np.vstack([rows.ravel(), cols.ravel()]), reps, axis=1)
@@ -1261,7 +1261,7 @@ def asymptotic_inverse(V):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> a, b = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
     >>> codes = np.repeat(np.vstack([a.ravel(), b.ravel()]), 2, axis=1)
     >>> V = KhatriRaoCovariance(CrossedDesign.from_codes(codes), 1.0, [0.5, 0.5])

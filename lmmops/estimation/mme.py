@@ -18,8 +18,8 @@ its ``XX`` block is ``var(tau_hat) = (X'V^{-1}X)^{-1}``, its ``ZZ`` block is
 Two routes:
 
 - :func:`solve` with dense ``X``, ``Z``, ``G`` and ``R``: the textbook equations, for small
-  problems and as the oracle of the tests (guarded by :func:`lmmops._guard.check_dense`);
-- :func:`solve` with a :class:`~lmmops.design.CrossedDesign` (crossed random intercepts,
+  problems and as the oracle of the tests (guarded by :func:`lmmops.guard.check_dense`);
+- :func:`solve` with a :class:`~lmmops.data.design.CrossedDesign` (crossed random intercepts,
   ``G = blkdiag(s_k^2 I)``): level space only, through the exact solver's blocked
   Cholesky. With ``theta_k = s_k / s_e`` and ``D = blkdiag(Lambda, I_p)``,
   ``C^{-1} = s_e^2 D Omega^{-1} D`` where ``Omega`` is lme4's penalised system, and the
@@ -27,7 +27,7 @@ Two routes:
   or ``n x n`` matrix (:func:`level_space_diagonals`).
 
 The level-space helpers take the exact solver's factor; an iterative solver can supply the
-same quantities by stochastic diagonal estimation (``lmmops.trace``): every function that
+same quantities by stochastic diagonal estimation (``lmmops.linalg.trace``): every function that
 returns a diagonal documents the quantity it estimates so such an estimator can be
 plugged in.
 """
@@ -40,9 +40,11 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from ._guard import check_dense
-from .conditioning import condition
-from .errors import LmmopsError
+from lmmops.data.conditioning import condition
+from lmmops.data.formula import rank_columns
+from lmmops.errors import LmmopsError
+from lmmops.estimation.direct import DirectObjective
+from lmmops.guard import check_dense
 
 __all__ = [
     "MMESolution",
@@ -125,7 +127,7 @@ def solve(X, y, Z=None, G=None, R=None, *, design=None, variances=None, sigma2_e
     blocks : sequence of {"pev", "cov_tau_u", "C_inv"}
         Extra blocks of ``C^{-1}``. ``var_tau`` and the PEV diagonals are always
         returned. ``"pev"`` and ``"C_inv"`` are dense ``q x q`` and need the dense route
-        (or a design small enough for :func:`~lmmops._guard.check_dense`).
+        (or a design small enough for :func:`~lmmops.guard.check_dense`).
 
     Returns
     -------
@@ -155,9 +157,9 @@ def solve(X, y, Z=None, G=None, R=None, *, design=None, variances=None, sigma2_e
            [-1.0909,  1.2727,  0.7273],
            [-0.9091,  0.7273,  1.2727]])
 
-    The same with a :class:`~lmmops.design.CrossedDesign`, in level space:
+    The same with a :class:`~lmmops.data.design.CrossedDesign`, in level space:
 
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> d = CrossedDesign.from_codes([[0, 0, 1]], names=["subject"])
     >>> lev = solve(X, y, design=d, variances=[2.0], sigma2_e=1.0)
     >>> bool(np.allclose(lev.u, sol.u) and np.allclose(lev.pev_diag, sol.pev_diag))
@@ -175,7 +177,6 @@ def solve(X, y, Z=None, G=None, R=None, *, design=None, variances=None, sigma2_e
     n, p = X.shape
     if y.shape[0] != n:
         raise LmmopsError(f"X has {n} rows but y has {y.shape[0]}")
-    from .formula import rank_columns
 
     keep, _ = rank_columns(X, [str(j) for j in range(p)])
     dropped = [j for j in range(p) if j not in set(keep.tolist())]
@@ -260,7 +261,6 @@ def _solve_dense(X, y, Z, G, R, sigma2_e, weights, blocks):
 
 
 def _solve_level_space(X, y, design, variances, sigma2_e, weights, blocks):
-    from .direct import DirectObjective
 
     if variances is None:
         raise LmmopsError("the level-space route needs variances (one per factor)")
@@ -269,7 +269,7 @@ def _solve_level_space(X, y, design, variances, sigma2_e, weights, blocks):
         raise LmmopsError(f"variances must be {design.n_factors} finite values >= 0")
     if not sigma2_e > 0:
         raise LmmopsError("sigma2_e must be > 0")
-    # solved on conditioned data (X_c = X T, y_c = (y - X_c b) / s, lmmops.conditioning),
+    # solved on conditioned data (X_c = X T, y_c = (y - X_c b) / s, lmmops.data.conditioning),
     # so an offset or the units of y or of a covariate cost no accuracy; the variances
     # are the user's, so only the X blocks and the y-linear quantities map back
     cond, _, Xc, yc = condition(X, y)
@@ -391,7 +391,7 @@ def level_space_diagonals(obj, ev, *, z_only=False, observations=False, chunk=No
 
     No ``q x q`` or ``n x n`` matrix is formed: the first factor's levels are processed in
     chunks, ``S^{-1}`` is the solver's own dense block. An iterative solver would estimate
-    the same diagonals stochastically (``lmmops.trace``), with standard errors.
+    the same diagonals stochastically (``lmmops.linalg.trace``), with standard errors.
 
     Parameters
     ----------
@@ -491,7 +491,7 @@ def diag_P(obj, ev, sigma2=None, z_only=False):
     ``P = R^{-1} - R^{-1}[Z X] C^{-1} [Z X]'R^{-1}`` gives
     ``P_ii = (w_i - w_i^2 h_i' Omega^{-1} h_i) / s^2`` with the leverages of
     :func:`level_space_diagonals`; ``z_only`` gives ``diag(V^{-1})`` instead. This is the
-    quantity a stochastic diagonal estimator (``lmmops.trace``) would estimate on the
+    quantity a stochastic diagonal estimator (``lmmops.linalg.trace``) would estimate on the
     iterative solver.
 
     Parameters

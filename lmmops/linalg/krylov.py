@@ -1,4 +1,4 @@
-r"""Conjugate-gradient solvers over LinearOperators, and the exact solve ``V x = b``.
+r"""Conjugate-gradient solvers over LinearOperators.
 
 - :func:`cg`: preconditioned CG with :func:`scipy.sparse.linalg.cg`'s signature and exact
   semantics, plus pyamg's ``residuals=`` history.
@@ -8,9 +8,6 @@ r"""Conjugate-gradient solvers over LinearOperators, and the exact solve ``V x =
 - :func:`cg_lanczos`: :func:`block_cg` that returns the Lanczos tridiagonals
   (:class:`LanczosCoefficients`), the modified batched CG (mBCG) of Gardner et al. (2018)
   used by stochastic Lanczos quadrature.
-- :func:`solve_V`: ``V^{-1} b`` for a :class:`~lmmops.operators.CovarianceOperator` by
-  the fastest exact route, level-space PCG (math.md Sections 11, 12), with a residual
-  measured on ``V`` itself.
 
 Stopping rule (scipy's): iterate until ``||b - A x|| < max(rtol ||b||, atol)``, where the
 residual is CG's recursively updated one. ``info`` is 0 on success and the number of
@@ -19,23 +16,20 @@ iterations (``maxiter``) otherwise; ``maxiter`` defaults to ``10 n``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg as sla
-from scipy.sparse.linalg import LinearOperator, aslinearoperator
+from scipy.sparse.linalg import aslinearoperator
+from scipy.sparse.linalg import cg as _scipy_cg
 
-from .errors import ArgumentError, ArgumentTypeError
+from lmmops.errors import ArgumentError, ArgumentTypeError
 
 __all__ = [
     "LanczosCoefficients",
-    "SolveInfo",
-    "SparseLevelOperator",
     "block_cg",
     "cg",
     "cg_lanczos",
-    "solve_V",
 ]
 
 
@@ -235,7 +229,7 @@ def cg(A, b, *, x0=None, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         Default ``10 n``.
     M : {ndarray, sparse matrix, LinearOperator}, optional
         Symmetric positive definite approximation of ``A^{-1}``, e.g.
-        ``lmmops.preconditioners.build(A, ...).aspreconditioner()``.
+        ``lmmops.linalg.preconditioners.build(A, ...).aspreconditioner()``.
     callback : callable, optional
         ``callback(xk)`` after every iteration.
     residuals : list, optional
@@ -263,7 +257,6 @@ def cg(A, b, *, x0=None, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         raise ArgumentError(f"b has shape {b.shape}, expected ({n},) or ({n}, 1)")
     dtype = np.result_type(A.dtype, b.dtype, np.float64)
     if np.issubdtype(dtype, np.complexfloating):
-        from scipy.sparse.linalg import cg as _scipy_cg
 
         return _scipy_cg(A, b, x0=x0, rtol=rtol, atol=atol, maxiter=maxiter, M=M,
                          callback=callback)
@@ -429,275 +422,3 @@ def cg_lanczos(A, B, *, rtol=1e-5, atol=0.0, maxiter=None, M=None):
     True
     """
     return block_cg(A, B, rtol=rtol, atol=atol, maxiter=maxiter, M=M, return_lanczos=True)
-
-
-# ---------------------------------------------------------------------------- solve_V
-@dataclass
-class SolveInfo:
-    """What :func:`solve_V` did.
-
-    Attributes
-    ----------
-    iterations : int
-        CG iterations (the largest over the columns for a block right-hand side).
-    residual_norm : float
-        ``||b - V x||`` measured with one product by the observation-space ``V`` (the
-        largest column norm for a block).
-    method : str
-        The route taken, e.g. ``"level:block_gauss_seidel"`` or ``"observation:exact"``.
-    converged : bool
-        Whether every column reached ``max(rtol ||b||, atol)``.
-    rtol : float
-    setup_seconds : float
-        Time spent building the preconditioner.
-    solve_seconds : float
-        Time spent in CG (and lifting).
-    """
-
-    iterations: int
-    residual_norm: float
-    method: str
-    converged: bool
-    rtol: float
-    setup_seconds: float = 0.0
-    solve_seconds: float = 0.0
-
-
-#: Level-space preconditioner chosen by ``solve_V(method="auto")`` (any number of factors).
-#: Measured in docs/studies/solver_study.md: symmetric block Gauss-Seidel needs the fewest
-#: iterations of the kinds without setup cost (4-8 on uniform, Poisson, missing-cell and
-#: Zipf designs, 9-11 at variance ratio 10 or K = 3, against 5-15 for D2 and 8-22 for
-#: Jacobi), and one application (two sweeps over the sparse cross-tabulations) costs less
-#: than one product by M. It is the fastest route at n = 10^6 and 10^7. Exception: banded
-#: ("staircase") designs, where the canonical correlations have a few outliers near 1 and
-#: it needs about 20 iterations; pass ``preconditioner="spectral"`` (K = 2: 7) or
-#: ``"amg"`` (8) there. AMG needs the fewest iterations everywhere but costs about two
-#: products per application (a symmetric V-cycle) and a setup of its own.
-AUTO_LEVEL_KIND = "block_gauss_seidel"
-
-
-def _reduce_zero_variances(V):
-    """V without the factors whose variance is 0 (the same matrix, smaller level space)."""
-    from .operators import CovarianceOperator
-
-    keep = np.flatnonzero(np.asarray(V.sigma2) > 0)
-    if keep.size == V.design.n_factors:
-        return V
-    if keep.size == 0:
-        return None
-    design = V.design.subset_factors(keep.tolist())
-    return CovarianceOperator(design, V.sigma2_e, np.asarray(V.sigma2)[keep],
-                              parallel=V.parallel)
-
-
-def solve_V(V, b, method="auto", rtol=1e-6, atol=0.0, maxiter=None, preconditioner=None,
-            x0=None, level_operator="sparse", **options):
-    """Solve ``V x = b`` for a crossed covariance ``V`` by preconditioned CG.
-
-    Parameters
-    ----------
-    V : CovarianceOperator
-    b : ndarray, shape (n_obs,) or (n_obs, m)
-    method : {'auto', 'level', 'observation', 'direct'}, optional
-        ``'level'``: CG on ``M = Z'Z + Lambda`` with ``rhs = Z'b``, then
-        ``x = lift(u, b)`` (math.md Section 11). ``'observation'``: CG on ``V`` itself.
-        ``'direct'``: no iteration; ``V^{-1} b`` by the dense Schur complement of M on
-        the factors other than the largest (at most ``max_dense`` = 4000 levels), factored
-        once: worth its setup when there are many right-hand sides (each then costs about
-        1.5 V matvecs). ``rtol``, ``atol``, ``maxiter``, ``preconditioner`` and ``x0`` do
-        not apply to it, and ``converged`` reports whether the residual met the target.
-        ``'auto'`` (default) is ``'level'`` with :data:`AUTO_LEVEL_KIND` (any number of
-        factors); factors with zero variance are dropped first, and with all variances 0
-        ``V = sigma2_e I`` is solved directly.
-    rtol, atol : float, optional
-        Target ``||b - V x|| <= max(rtol ||b||, atol)`` on the observation-space residual,
-        per column. In level space CG stops on a guaranteed bound of that residual,
-        ``||Z Lambda^{-1} r|| <= sqrt(K sum_k ||D_k^{1/2} r_k / lambda_k||^2)`` with ``r``
-        the level-space residual, so the target holds on exit (up to rounding).
-    maxiter : int, optional
-        Per column; default ``10 q`` (level) or ``10 n`` (observation).
-    preconditioner : str or object or None, optional
-        A kind for :func:`lmmops.preconditioners.build` in the chosen space, or an object
-        with ``aspreconditioner()``; default the auto choice (level) or ``'exact'``
-        (observation).
-    x0 : ndarray, optional
-        Starting guess (observation space only).
-    level_operator : {'sparse', 'kernel'}, optional
-        How CG applies M in level space: through the sparse ``Z'Z`` of the design
-        (:class:`SparseLevelOperator`, default: ``O(cells)`` per product, ``Z'Z`` built once
-        per design) or the matrix-free row pass of ``V.level_space()`` (``O(n K)``, nothing
-        stored).
-    **options
-        Passed to :func:`lmmops.preconditioners.build`.
-
-    Returns
-    -------
-    x : ndarray, shape of ``b``
-    info : SolveInfo
-        ``iterations``, ``residual_norm`` (measured on V), ``method``, ``converged``.
-
-    Raises
-    ------
-    ArgumentError
-        For ``b`` of the wrong shape, a NaN or infinite entry in ``b`` or ``x0``, or an
-        unknown ``method`` or ``level_operator``.
-
-    Notes
-    -----
-    Why level space: there ``M`` is exact (V in Woodbury form), and a good preconditioner
-    of M (proportional, spectral, block Gauss-Seidel) gives 5-10 iterations on skewed
-    designs, while the same approximation lifted to observation space is a disastrous
-    preconditioner of V (math.md Section 12). A level-space iteration costs one pass over
-    the rows for ``M u`` plus one for the preconditioner, and the vectors have length q.
-
-    Examples
-    --------
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.operators import CovarianceOperator
-    >>> rng = np.random.default_rng(0)
-    >>> codes = np.vstack([rng.integers(0, 30, 500), rng.integers(0, 8, 500)])
-    >>> V = CovarianceOperator(CrossedDesign.from_codes(codes), 1.0, [0.5, 2.0])
-    >>> b = rng.standard_normal(500)
-    >>> x, info = solve_V(V, b, rtol=1e-8)
-    >>> info.method, info.converged, bool(info.residual_norm <= 1e-8 * np.linalg.norm(b))
-    ('level:block_gauss_seidel', True, True)
-    """
-    from . import preconditioners as _pc
-
-    b = np.asarray(b, dtype=np.float64)
-    n = V.shape[0]
-    if b.ndim not in (1, 2) or b.shape[0] != n:
-        raise ArgumentError(f"b has shape {b.shape}, expected ({n},) or ({n}, m)")
-    for what, arr in (("b", b), ("x0", x0)):
-        bad = None if arr is None else ~np.isfinite(np.asarray(arr, dtype=np.float64))
-        if bad is not None and bad.any():
-            raise ArgumentError(
-                f"{what} has {int(bad.sum())} NaN or infinite entr(ies) (first at flat index "
-                f"{int(np.flatnonzero(bad)[0])}); V x = b needs a finite right-hand side"
-            )
-    if level_operator not in ("sparse", "kernel"):
-        raise ArgumentError(f"level_operator must be 'sparse' or 'kernel', got {level_operator!r}")
-    if method not in ("auto", "level", "observation", "direct"):
-        raise ArgumentError(
-            f"method must be 'auto', 'level', 'observation' or 'direct', got {method!r}"
-        )
-    b2 = b[:, None] if b.ndim == 1 else b
-    bnorm = np.linalg.norm(b2, axis=0)
-    tol = _atol_vector(bnorm, rtol, atol)
-    t0 = time.perf_counter()
-    if method in ("auto", "direct"):
-        Vr = _reduce_zero_variances(V)
-        if Vr is None:  # every factor variance is 0: V = sigma2_e I
-            x2 = b2 / V.sigma2_e
-            info = SolveInfo(0, 0.0, "diagonal", True, rtol)
-            return (x2[:, 0] if b.ndim == 1 else x2), info
-    if method == "direct":
-        if preconditioner is not None or x0 is not None:
-            raise ArgumentError("method='direct' takes no preconditioner and no x0")
-        P = _pc.build(Vr, kind="exact", inner="direct", **options)
-        setup = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        x2 = P.solve(b2)
-        iters = np.zeros(b2.shape[1], dtype=int)
-        done = None
-        route = "direct:schur"
-    elif method in ("auto", "level"):
-        Vr = Vr if method == "auto" else V
-        M = Vr.level_space()
-        kind = AUTO_LEVEL_KIND if preconditioner is None else preconditioner
-        P = kind if hasattr(kind, "aspreconditioner") else _pc.build(M, kind=kind, **options)
-        Pop = P.aspreconditioner()
-        setup = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        rhs = M.rhs(b2)
-        design = Vr.design
-        weights = np.concatenate(
-            [design.counts(k) / lam**2 for k, lam in enumerate(M.lambdas)]
-        ).astype(np.float64)
-        Kf = design.n_factors
-
-        def bound(R, cols):
-            return np.sqrt(Kf * np.einsum("i,ij->j", weights, R * R))
-
-        q = M.shape[0]
-        mi = 10 * q if maxiter is None else int(maxiter)
-        U = np.zeros((q, b2.shape[1]))
-        active = np.flatnonzero(bnorm > 0)
-        iters = np.zeros(b2.shape[1], np.int64)
-        done = np.ones(b2.shape[1], bool)
-        if active.size:
-            Ua = np.zeros((q, active.size))
-            Aop = SparseLevelOperator(M) if level_operator == "sparse" else M
-            it_a, done_a = _pcg_block(Aop, np.ascontiguousarray(rhs[:, active]), Ua,
-                                      tol[active], mi, M=Pop, stop_norms=bound)
-            U[:, active] = Ua
-            iters[active], done[active] = it_a, done_a
-        x2 = M.lift(U, b2)
-        name = getattr(P, "kind", type(P).__name__)
-        route = f"level:{name}"
-    else:
-        kind = "exact" if preconditioner is None else preconditioner
-        P = kind if hasattr(kind, "aspreconditioner") else _pc.build(V, kind=kind, **options)
-        setup = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        mi = 10 * n if maxiter is None else int(maxiter)
-        X = np.zeros_like(b2) if x0 is None else np.array(x0, np.float64).reshape(b2.shape)
-        iters, done = _pcg_block(V, b2, X, tol, mi, M=P.aspreconditioner())
-        x2 = X
-        route = f"observation:{getattr(P, 'kind', type(P).__name__)}"
-    solve = time.perf_counter() - t1
-    res = np.linalg.norm(b2 - V.matmat(x2) if b2.shape[1] > 1 else
-                         b2[:, 0:1] - V.matvec(x2[:, 0])[:, None], axis=0)
-    if done is None:  # direct: exact up to rounding; say so only if the residual shows it
-        done = res <= tol
-    info = SolveInfo(
-        iterations=int(iters.max(initial=0)),
-        residual_norm=float(res.max(initial=0.0)),
-        method=route,
-        converged=bool(done.all()),
-        rtol=float(rtol),
-        setup_seconds=setup,
-        solve_seconds=solve,
-    )
-    return (x2[:, 0] if b.ndim == 1 else x2), info
-
-
-class SparseLevelOperator(LinearOperator):
-    """``M = Z'Z + Lambda`` applied through the sparse ``Z'Z`` (``design.gram()``).
-
-    The same matrix as :class:`~lmmops.operators.LevelSpaceOperator`, but a product costs
-    ``O(nnz(Z'Z))`` (non-empty cells) instead of a pass over the ``n`` rows; ``Z'Z`` is
-    built once per design (cached by the design) and does not depend on the variances.
-
-    Parameters
-    ----------
-    M : LevelSpaceOperator
-
-    Examples
-    --------
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.operators import LevelSpaceOperator
-    >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]])
-    >>> M = LevelSpaceOperator(d, [2.0, 0.5])
-    >>> bool(np.allclose(SparseLevelOperator(M) @ np.ones(5), M @ np.ones(5)))
-    True
-    """
-
-    def __init__(self, M):
-        super().__init__(dtype=np.float64, shape=M.shape)
-        self.args = (M,)
-        self._G = M.design.gram()
-        self._d = np.repeat(np.asarray(M.lambdas, dtype=np.float64), M.design.n_levels)
-
-    def _matvec(self, x):
-        x = np.asarray(x, dtype=np.float64).reshape(-1)
-        return self._G @ x + self._d * x
-
-    def _matmat(self, X):
-        X = np.asarray(X, dtype=np.float64)
-        return self._G @ X + self._d[:, None] * X
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint

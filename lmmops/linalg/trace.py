@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as sla
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
-from .errors import ArgumentError
+from lmmops.errors import ArgumentError
 
 __all__ = [
     "TraceEstimate",
@@ -429,7 +430,6 @@ def slq_logdet(A, n_probes=None, rng=None, probes=None, steps=30, precond=None,
     Z = _probes(A, n_probes, rng, probes)
     op = A
     if precond is not None:
-        from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
         R = aslinearoperator(precond)
         Aop = aslinearoperator(A)

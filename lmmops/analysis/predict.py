@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import LmmopsError
+from lmmops.errors import LmmopsError
 
 __all__ = ["predict"]
 
@@ -89,7 +89,7 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
         obj, ev = result._objective, result.evaluation
     else:
         obj, ev = result._direct()
-    # the solvers' conditioned scale (lmmops.conditioning): X_c = X T, and the values map
+    # the solvers' conditioned scale (lmmops.data.conditioning): X_c = X T, and the values map
     # back as X_c b + s f_c, the variances as s^2
     cond = model.conditioning
     if newdata is None:

@@ -20,9 +20,9 @@ The probe columns give two stochastic quantities with Monte Carlo standard error
 
 - ``log|M| = log|P| + log|P^{-1/2} M P^{-1/2}|``: the first term exact (the control
   variate), the second by stochastic Lanczos quadrature from the CG coefficients
-  (:func:`lmmops.trace.lanczos_from_cg`), so no extra products are needed;
+  (:func:`lmmops.linalg.trace.lanczos_from_cg`), so no extra products are needed;
 - ``tr((M^{-1})_{kk})`` per factor by Hutchinson, ``E[(P^{-1/2}w)_k' (M^{-1} P^{1/2} w)_k]``,
-  for the analytic gradient (the same formula as :mod:`lmmops.direct`; see
+  for the analytic gradient (the same formula as :mod:`lmmops.estimation.direct`; see
   ``docs/theory.rst``, "REML identities").
 
 The average-information matrix needs only solves with the working variates (no traces),
@@ -39,17 +39,17 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from . import kernels
-from .direct import (
+from lmmops.data.checks import check_weights
+from lmmops.errors import ConvergenceWarning, LmmopsError
+from lmmops.estimation.direct import (
     Evaluation,
     NumericalFailure,
-    check_weights,
     conditional_residuals,
     theta_gradient,
 )
-from .errors import ConvergenceWarning, LmmopsError
-from .operators import GramOperator, LevelSpaceOperator, RandomEffectsOperator
-from .trace import TraceEstimate, lanczos_from_cg, rademacher, slq_quadrature
+from lmmops.linalg import kernels
+from lmmops.linalg.operators import GramOperator, LevelSpaceOperator, RandomEffectsOperator
+from lmmops.linalg.trace import TraceEstimate, lanczos_from_cg, rademacher, slq_quadrature
 
 __all__ = ["MIN_PROBES", "USEFUL_PROBES", "IterativeObjective", "block_pcg",
            "check_n_probes", "check_rtol"]
@@ -169,7 +169,7 @@ def block_pcg(matmat, B, precond_diag, rtol=1e-8, maxiter=1000, record=None, par
     """Block preconditioned CG with a diagonal preconditioner and per-column convergence.
 
     Every column runs its own CG recurrence; they share the block products ``A P`` (one
-    ``matmat`` per iteration) and the fused update kernels of :mod:`lmmops.kernels`
+    ``matmat`` per iteration) and the fused update kernels of :mod:`lmmops.linalg.kernels`
     (``X += P a``, ``R -= A P a`` and the residual reductions in one pass, then the new
     directions in a second). A converged column keeps a zero step length.
 
@@ -258,7 +258,7 @@ def _orthonormal_columns(A, tol=1e-10):
 class IterativeObjective:
     """The profiled REML/ML criterion evaluated matrix-free, with Monte Carlo errors.
 
-    Same interface as :class:`lmmops.direct.DirectObjective` (``evaluate``,
+    Same interface as :class:`lmmops.estimation.direct.DirectObjective` (``evaluate``,
     ``average_information``, ``residuals``), so the same optimiser fits both.
 
     Parameters
@@ -298,7 +298,7 @@ class IterativeObjective:
         Prior weights, ``R = s^2 W^{-1}`` (lme4's ``weights=``). The weighted problem is
         the unweighted one with rows scaled by ``sqrt(w)``: ``Z'Z`` becomes ``Z'WZ``, the
         sufficient statistics ``Z'W[X y]`` and ``[X y]'W[X y]``, and the criterion gains
-        ``-sum(log w)``, exactly as :class:`~lmmops.direct.DirectObjective`.
+        ``-sum(log w)``, exactly as :class:`~lmmops.estimation.direct.DirectObjective`.
 
     Notes
     -----
@@ -307,8 +307,8 @@ class IterativeObjective:
 
     Examples
     --------
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.direct import DirectObjective
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.estimation.direct import DirectObjective
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.integers(0, 30, 600), rng.integers(0, 20, 600)
     >>> d = CrossedDesign.from_codes([a, b])
@@ -863,8 +863,8 @@ class IterativeObjective:
         """Stochastic estimate of ``diag(P)`` with per-entry standard errors.
 
         Rademacher probes in observation space, ``d_i = mean_j z_ij (P z_j)_i``
-        (:func:`lmmops.trace.diagonal`), applied in chunks of ``chunk`` probes so memory stays
-        ``O(n chunk)``. The noise of entry i comes only from the off-diagonal
+        (:func:`lmmops.linalg.trace.diagonal`), applied in chunks of ``chunk`` probes so memory
+        stays ``O(n chunk)``. The noise of entry i comes only from the off-diagonal
         ``P_il`` (observations sharing levels with i), which are ``O(1 / level count)``.
 
         Parameters

@@ -52,8 +52,8 @@ from formulaic.materializers import PandasMaterializer
 from formulaic.transforms import TRANSFORMS as _FORMULAIC_TRANSFORMS
 from interface_meta import override
 
-from .conditioning import orthogonalise
-from .errors import FormulaError, RankDeficientError
+from lmmops.data.conditioning import orthogonalise
+from lmmops.errors import FormulaError, RankDeficientError
 
 __all__ = [
     "ALLOWED_FUNCTIONS",
@@ -165,7 +165,7 @@ _NAMESPACES = ("np", "numpy", "contr")
 ALLOWED_FUNCTIONS = tuple(sorted(k for k in _FUNCTIONS if not k.startswith("numpy."))
                           + sorted(_CONTRASTS))
 _ALLOWED_TEXT = ("a formula may use data columns, numbers, arithmetic operators and the "
-                 "transforms of lmmops.formula.ALLOWED_FUNCTIONS (I, C or factor, log, "
+                 "transforms of lmmops.data.formula.ALLOWED_FUNCTIONS (I, C or factor, log, "
                  "exp, sqrt, abs, scale, center, poly, bs, np.log-style ufuncs, ...)")
 
 
@@ -1004,7 +1004,7 @@ class _SandboxMaterializer(PandasMaterializer):
     It evaluates in :data:`_CONTEXT` whatever context it is given, and checks every
     Python expression against the allow-list just before formulaic evaluates it. A model
     spec it builds records it by name, so rebuilding the matrix for new data (as
-    :func:`lmmops.predict.predict` does) runs in the sandbox too.
+    :func:`lmmops.analysis.predict.predict` does) runs in the sandbox too.
     """
 
     REGISTER_NAME = "lmmops_sandbox"
@@ -1164,7 +1164,7 @@ def rank_columns(X, names, tol=1e-7):
     does: a column is aliased when what is left of it after projecting out the columns
     kept before it is at most ``tol`` times its own norm, so of two collinear columns the
     later is dropped. The norms are those of the conditioned columns
-    (:func:`lmmops.conditioning.orthogonalise`): once the constant lies in the span of
+    (:func:`lmmops.data.conditioning.orthogonalise`): once the constant lies in the span of
     the kept columns a column is compared with its centred self, so the test does not
     depend on the units or the origin of a covariate (a covariate N(1e4, 1), a column
     times 3e7 or Unix times are kept); a column whose centred values are rounding noise

@@ -13,10 +13,12 @@ matplotlib is imported only when a plot is drawn.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from scipy import stats
 
-from .errors import LmmopsError
+from lmmops.errors import LmmopsError
 
 __all__ = ["KINDS", "plot", "save_diagnostics"]
 
@@ -38,7 +40,6 @@ def _pyplot():
 
 
 def _has_display():
-    import os
 
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 

@@ -39,7 +39,7 @@ import math
 import numpy as np
 import scipy.linalg as sla
 
-from .errors import LmmopsError
+from lmmops.errors import LmmopsError
 
 __all__ = ["ROUNDING_FLOOR", "Conditioning", "UserScaleObjective", "condition", "orthogonalise"]
 
@@ -264,7 +264,7 @@ class Conditioning:
         return out
 
     def opt_summary(self, opt, method):
-        """A copy of an :class:`~lmmops.direct.OptSummary` with user-scale criteria."""
+        """A copy of an :class:`~lmmops.estimation.direct.OptSummary` with user-scale criteria."""
         out = copy.copy(opt)
         off = self.criterion_offset(method)
         out.f_initial = opt.f_initial + off
@@ -280,7 +280,8 @@ class Conditioning:
         return out
 
     def vsom(self, out, method):
-        """User-scale variance-shift statistics (the dict of :func:`lmmops.outliers.vsom`)."""
+        """User-scale variance-shift statistics (the dict of
+        :func:`lmmops.analysis.outliers.vsom`)."""
         out = dict(out)
         out["sigma2_o"] = out["sigma2_o"] * self.variance_scale
         out["sigma2"] = out["sigma2"] * self.variance_scale
@@ -368,7 +369,7 @@ class UserScaleObjective:
     """The criterion of a conditioned objective, reported on the user's scale.
 
     ``obj(theta)`` is lme4's ``devfun`` on the user's X and y and ``obj.evaluate(theta)``
-    returns a user-scale :class:`~lmmops.direct.Evaluation` (see
+    returns a user-scale :class:`~lmmops.estimation.direct.Evaluation` (see
     :meth:`Conditioning.evaluation`); the solvers' own objective is ``obj.conditioned``.
 
     Parameters

@@ -10,11 +10,11 @@
 Every operator follows scipy's contract: an explicit float64 dtype, ``_matvec`` and
 ``_matmat`` (a real block path) and ``_adjoint``, so ``scipy.sparse.linalg.cg(V, b)``
 works unchanged. Inputs may be 1-d, ``(n, 1)`` or ``(n, m)``; complex inputs are applied
-to their real and imaginary parts. The work is done by :mod:`lmmops.kernels`; this
+to their real and imaginary parts. The work is done by :mod:`lmmops.linalg.kernels`; this
 module validates, allocates and picks the serial or parallel kernel
 (``parallel=None`` means parallel when ``n_obs >= PARALLEL_MIN_ROWS`` and numba has more
 than one thread). Dense forms (``todense``) are for tests and small problems only and are
-guarded by :func:`lmmops._guard.check_dense`.
+guarded by :func:`lmmops.guard.check_dense`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
-from . import kernels
-from ._guard import check_dense
-from .direct import check_weights
-from .errors import ArgumentError
+from lmmops.data.checks import check_weights
+from lmmops.errors import ArgumentError
+from lmmops.guard import check_dense
+from lmmops.linalg import kernels
 
 __all__ = [
     "PARALLEL_MIN_ROWS",
@@ -232,7 +232,7 @@ class RandomEffectsOperator(_KernelOperator):
 
     Examples
     --------
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]], names=["a", "b"])
     >>> Z = RandomEffectsOperator(d, "a")
     >>> Z.shape
@@ -310,7 +310,7 @@ class RandomEffectsAdjointOperator(_KernelOperator):
 
     Examples
     --------
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]], names=["a", "b"])
     >>> Zt = RandomEffectsOperator(d, "b").H
     >>> Zt @ np.arange(5.0)
@@ -389,7 +389,7 @@ class CovarianceOperator(_KernelOperator):
 
     Examples
     --------
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]], names=["a", "b"])
     >>> V = CovarianceOperator(d, 1.0, {"a": 0.5, "b": 2.0})
     >>> V
@@ -578,7 +578,7 @@ class LevelSpaceOperator(_KernelOperator):
 
     Examples
     --------
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]], names=["a", "b"])
     >>> V = CovarianceOperator(d, 1.0, [0.5, 2.0])
     >>> M = V.level_space()
@@ -736,7 +736,7 @@ class GramOperator(LinearOperator):
     """``Z'Z`` (q x q) applied through its sparse form, one pass over the non-empty cells.
 
     ``Z'Z`` does not depend on the variances; it is built once per design
-    (:meth:`~lmmops.design.CrossedDesign.gram`, ``nnz <= q + K(K-1) * cells``) and applied by
+    (:meth:`~lmmops.data.design.CrossedDesign.gram`, ``nnz <= q + K(K-1) * cells``) and applied by
     a row-parallel CSR kernel, race-free because each row of the result has one writer.
     For level-space blocks of many columns this is cheaper than the two passes over the
     ``n`` rows that :class:`LevelSpaceOperator` makes, since cells are at most rows and the
@@ -748,12 +748,12 @@ class GramOperator(LinearOperator):
     parallel : bool or None, optional
         Use the parallel kernel; ``None`` decides from the number of non-zeros.
     weights : ndarray, shape (n_obs,), optional
-        Prior weights, finite and > 0 (:func:`lmmops.direct.check_weights`): the operator
+        Prior weights, finite and > 0 (:func:`lmmops.data.checks.check_weights`): the operator
         is then ``Z'WZ``.
 
     Examples
     --------
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]])
     >>> G = GramOperator(d)
     >>> bool(np.allclose(G.todense(), d.gram().toarray()))
@@ -817,3 +817,44 @@ class GramOperator(LinearOperator):
 
     def __repr__(self):
         return f"GramOperator(q={self.shape[0]}, nnz={self.nnz}, parallel={self.parallel})"
+
+
+class SparseLevelOperator(LinearOperator):
+    """``M = Z'Z + Lambda`` applied through the sparse ``Z'Z`` (``design.gram()``).
+
+    The same matrix as :class:`~lmmops.linalg.operators.LevelSpaceOperator`, but a product costs
+    ``O(nnz(Z'Z))`` (non-empty cells) instead of a pass over the ``n`` rows; ``Z'Z`` is
+    built once per design (cached by the design) and does not depend on the variances.
+
+    Parameters
+    ----------
+    M : LevelSpaceOperator
+
+    Examples
+    --------
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.linalg.operators import LevelSpaceOperator
+    >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]])
+    >>> M = LevelSpaceOperator(d, [2.0, 0.5])
+    >>> bool(np.allclose(SparseLevelOperator(M) @ np.ones(5), M @ np.ones(5)))
+    True
+    """
+
+    def __init__(self, M):
+        super().__init__(dtype=np.float64, shape=M.shape)
+        self.args = (M,)
+        self._G = M.design.gram()
+        self._d = np.repeat(np.asarray(M.lambdas, dtype=np.float64), M.design.n_levels)
+
+    def _matvec(self, x):
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        return self._G @ x + self._d * x
+
+    def _matmat(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        return self._G @ X + self._d[:, None] * X
+
+    def _adjoint(self):
+        return self
+
+    _transpose = _adjoint

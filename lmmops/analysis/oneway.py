@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize
 
-from .errors import LmmopsError
+from lmmops.errors import LmmopsError
 
 __all__ = [
     "OneWayResult",

@@ -1,8 +1,8 @@
 """Fitting a stochastic criterion: REML and ML on the matrix-free solver, judged against
 their Monte Carlo error.
 
-:class:`lmmops.reml.IterativeObjective` estimates the profiled criterion and its gradient
-with a fixed probe set ``W`` (common random numbers), so its gradient ``g_W(theta)`` is a
+:class:`lmmops.estimation.iterative.IterativeObjective` estimates the profiled criterion and its
+gradient with a fixed probe set ``W`` (common random numbers), so its gradient ``g_W(theta)`` is a
 smooth, deterministic function. :func:`fit_iterative` solves the optimality conditions of
 ``g_W`` to a precision far below its Monte Carlo error; the estimate then differs from the
 exact optimum by Monte Carlo error alone, to first order
@@ -49,8 +49,8 @@ import warnings
 import numpy as np
 from scipy import stats
 
-from .direct import NumericalFailure, OptSummary
-from .errors import ConvergenceWarning, LmmopsError
+from lmmops.errors import ConvergenceWarning, LmmopsError
+from lmmops.estimation.direct import NumericalFailure, OptSummary
 
 __all__ = ["fit_iterative", "tau_hessian"]
 
@@ -83,8 +83,8 @@ def tau_hessian(objective, ev, gtau):
     identified components, it can be tens of per cent off (which is why
     :func:`fit_iterative` differences the gradient for its Monte Carlo errors).
 
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.direct import DirectObjective, fit_direct
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.estimation.direct import DirectObjective, fit_direct
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.integers(0, 40, 2000), rng.integers(0, 30, 2000)
     >>> y = rng.normal(size=40)[a] + rng.normal(size=30)[b] + rng.normal(size=2000)
@@ -117,7 +117,7 @@ class _Point:
     """One evaluation at ``tau``, in ``tau`` terms, with its Monte Carlo quantities.
 
     Components on the boundary take their derivative from
-    :meth:`~lmmops.reml.IterativeObjective.boundary_gradient` (own probes, so their
+    :meth:`~lmmops.estimation.iterative.IterativeObjective.boundary_gradient` (own probes, so their
     Monte Carlo covariance with the others is 0).
     """
 
@@ -244,17 +244,19 @@ def _check_start(start, K):
 def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
                   check_level=1e-3, max_rounds=3, boundary_tol=1e-4, max_halvings=8,
                   max_releases=2, fd_step=1e-5, callback=None):
-    """Minimise an :class:`~lmmops.reml.IterativeObjective` over ``theta >= 0``, honestly.
+    """Minimise an :class:`~lmmops.estimation.iterative.IterativeObjective` over ``theta >= 0``,
+    honestly.
 
     Projected Newton in ``tau = theta^2`` on the fixed-probe criterion, converged to
     ``step_tol`` of the Monte Carlo error, then checked against fresh probes (which then
     join the set); see the module description. The exact solver's counterpart is
-    :func:`lmmops.direct.fit_direct`.
+    :func:`lmmops.estimation.direct.fit_direct`.
 
     Parameters
     ----------
     objective : IterativeObjective
-        Its probe set grows during the fit (:meth:`~lmmops.reml.IterativeObjective.add_probes`).
+        Its probe set grows during the fit
+        (:meth:`~lmmops.estimation.iterative.IterativeObjective.add_probes`).
     start : array_like, shape (n_factors,)
         Initial ``theta``.
     maxiter : int
@@ -308,9 +310,9 @@ def fit_iterative(objective, start, *, maxiter=100, tol=1e-13, step_tol=0.05,
 
     Examples
     --------
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.direct import DirectObjective, fit_direct
-    >>> from lmmops.reml import IterativeObjective
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.estimation.direct import DirectObjective, fit_direct
+    >>> from lmmops.estimation.iterative import IterativeObjective
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.integers(0, 300, 6000), rng.integers(0, 200, 6000)
     >>> y = rng.normal(size=300)[a] + 0.7 * rng.normal(size=200)[b] + rng.normal(size=6000)

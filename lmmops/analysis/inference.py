@@ -4,9 +4,9 @@ profile-likelihood intervals.
 - **Standard errors** of ``(s_1^2, ..., s_K^2, s_e^2)`` come from the inverse of the
   average-information matrix ``A_kl = 1/2 w_k' P w_l`` (REML; working variates
   ``w_k = dV/ds_k^2 P y``) or, for ML fits, ``1/2 w_k' V^{-1} w_l``: exact solves with the
-  factored mixed-model equations (:meth:`lmmops.direct.DirectObjective.average_information`).
-  At the optimum the average information equals the expected (Fisher) information up to
-  terms of mean zero.
+  factored mixed-model equations
+  (:meth:`lmmops.estimation.direct.DirectObjective.average_information`). At the optimum the
+  average information equals the expected (Fisher) information up to terms of mean zero.
 - **Wald intervals**: ``estimate -/+ z se`` (fixed effects from ``vcov``; standard
   deviations by the delta method ``se(s) = se(s^2) / (2 s)``, truncated at 0).
 - **Profile intervals** on the standard-deviation scale, as lme4's ``confint``: for each
@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .errors import LmmopsError
+from lmmops.errors import LmmopsError
+from lmmops.estimation.direct import theta_gradient
 
 __all__ = [
     "confint",
@@ -78,7 +79,7 @@ def full_criterion(obj, sd, sigma, gradient=False):
     obj : DirectObjective or UserScaleObjective
         A model's :meth:`~lmmops.LMM.objective` gives the criterion of the user's X and y
         (evaluated on the conditioned data at ``sd / s`` and ``sigma / s``, see
-        :mod:`lmmops.conditioning`).
+        :mod:`lmmops.data.conditioning`).
     sd : array_like, shape (K,)
         ``s_k >= 0``.
     sigma : float
@@ -108,7 +109,6 @@ def full_criterion(obj, sd, sigma, gradient=False):
         f += ev.logdet_RX
     if not gradient:
         return f
-    from .direct import theta_gradient
 
     gth = theta_gradient(theta, obj.design.n_levels, ev.traces, ev.v, s2)
     g = np.empty(obj.K + 1)

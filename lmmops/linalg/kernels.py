@@ -2,8 +2,8 @@
 
 All kernels are pure functions of arrays and integers that write their result into a
 preallocated ``out`` (and, for scatters, a scratch array ``work``); they allocate
-nothing. :mod:`lmmops.operators` validates inputs, allocates and picks a variant; it is
-the only caller of the matrix-free kernels. :mod:`lmmops.direct` calls the two
+nothing. :mod:`lmmops.linalg.operators` validates inputs, allocates and picks a variant; it is
+the only caller of the matrix-free kernels. :mod:`lmmops.estimation.direct` calls the two
 weighted-Gram kernels, which form its dense Schur block.
 
 The K grouping factors are passed together as ``codes`` (int32, shape (K, n), C order)
@@ -66,7 +66,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .errors import UnknownNameError
+from lmmops.errors import UnknownNameError
 
 __all__ = [
     "KERNELS",

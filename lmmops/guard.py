@@ -10,7 +10,7 @@ variable ``LMMOPS_MAX_DENSE_GIB``.
 
 import os
 
-from .errors import DenseTooLargeError
+from lmmops.errors import DenseTooLargeError
 
 __all__ = ["check_dense", "max_dense_bytes"]
 

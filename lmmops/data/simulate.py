@@ -7,7 +7,7 @@ import numbers
 import numpy as np
 import pandas as pd
 
-from .errors import ArgumentError
+from lmmops.errors import ArgumentError
 
 __all__ = ["simulate_codes", "simulate_crossed"]
 

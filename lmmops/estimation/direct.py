@@ -35,27 +35,27 @@ X for REML) and ``v`` the spherical conditional modes; the criterion is even in 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from . import kernels
-from ._guard import check_dense
-from .errors import ArgumentError, ConvergenceWarning, LmmopsError
-from .threads import limit_threads
+from lmmops.data.checks import check_weights
+from lmmops.data.design import CrossedDesign
+from lmmops.errors import ConvergenceWarning, LmmopsError
+from lmmops.guard import check_dense
+from lmmops.linalg import kernels
+from lmmops.threads import limit_threads
 
 __all__ = [
     "DirectObjective",
     "Evaluation",
     "NumericalFailure",
     "OptSummary",
-    "check_response",
-    "check_weights",
     "fit_direct",
     "moment_start",
     "theta_gradient",
@@ -203,7 +203,7 @@ class DirectObjective:
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.integers(0, 6, 200), rng.integers(0, 4, 200)
     >>> d = CrossedDesign.from_codes([a, b], names=["a", "b"])
@@ -565,149 +565,6 @@ class DirectObjective:
         return self.evaluate(theta, gradient=False).objective
 
 
-def check_weights(weights, n, index=None):
-    """Validate prior weights: ``n`` finite values > 0.
-
-    The residual covariance is ``R = s^2 W^{-1}`` with ``W = diag(weights)``, lme4's
-    ``weights=`` (precision weights, not frequencies).
-
-    Parameters
-    ----------
-    weights : array_like or pandas.Series, shape (n_obs,)
-    n : int
-        Number of observations.
-    index : pandas.Index, optional
-        The data's row labels. A Series of weights is then aligned to them by label, as
-        pandas aligns columns, and must have a weight for every row and no other labels;
-        without ``index`` (or for an array) the weights are taken in row order.
-
-    Returns
-    -------
-    ndarray of float64, shape (n_obs,)
-
-    Raises
-    ------
-    ArgumentError
-        For a wrong length, a missing or non-finite value, a weight <= 0, or a Series
-        whose index does not match ``index``.
-
-    Examples
-    --------
-    >>> check_weights([1, 2.5, 0.5], 3)
-    array([1. , 2.5, 0.5])
-    >>> check_weights(pd.Series([2.0, 1.0], index=["b", "a"]), 2, index=pd.Index(["a", "b"]))
-    array([1., 2.])
-    >>> check_weights([1, 0, 2], 3)  # doctest: +IGNORE_EXCEPTION_DETAIL
-    Traceback (most recent call last):
-    lmmops.errors.ArgumentError: weights must be > 0: 1 weight(s) are <= 0 (first at row 1)
-    """
-    if index is not None and isinstance(weights, pd.Series):
-        weights = _align_to_index(weights, index, "weights")
-    try:
-        w = np.asarray(weights, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        raise ArgumentError("weights must be numeric") from None
-    if w.shape[0] != n:
-        raise ArgumentError(f"weights has {w.shape[0]} values for {n} observations")
-    bad = ~np.isfinite(w)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ArgumentError(f"weights must be finite: {rows.size} missing or non-finite "
-                            f"weight(s) (first at row {rows[0]})")
-    bad = w <= 0
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ArgumentError(f"weights must be > 0: {rows.size} weight(s) are <= 0 "
-                            f"(first at row {rows[0]})")
-    return w
-
-
-def _align_to_index(series, index, what):
-    """``series`` reordered to ``index``; its labels must be exactly those of ``index``."""
-    if series.index.equals(index):
-        return series.to_numpy()
-    if not (series.index.is_unique and index.is_unique):
-        raise ArgumentError(
-            f"{what} is a Series whose index differs from the data's and has repeated "
-            "labels, so it cannot be aligned to the rows; pass an array (row order) instead"
-        )
-    missing = index.difference(series.index, sort=False)
-    extra = series.index.difference(index, sort=False)
-    if len(missing) or len(extra):
-        parts = []
-        if len(missing):
-            parts.append(f"{len(missing)} row(s) of the data have no label in it "
-                         f"(e.g. {missing[0]!r})")
-        if len(extra):
-            parts.append(f"{len(extra)} of its labels are not rows of the data "
-                         f"(e.g. {extra[0]!r})")
-        raise ArgumentError(
-            f"{what} is a Series whose index does not match the data's: "
-            f"{' and '.join(parts)}. Align it first, or pass an array (row order)"
-        )
-    return series.reindex(index).to_numpy()
-
-
-#: Largest and smallest ``max |y|`` the fits accept: they square the response and its
-#: variances (``s^4 ~ |y|^4``), which must stay inside float64's range with a margin.
-_Y_MAX = float(np.finfo(np.float64).max) ** 0.25 / 100.0
-_Y_MIN = float(np.finfo(np.float64).tiny) ** 0.25 * 100.0
-
-
-def check_response(y, name=None):
-    """Validate a response: real, finite, and of a scale whose squares float64 holds.
-
-    Parameters
-    ----------
-    y : array_like, shape (n_obs,)
-    name : str, optional
-        The response's name, for messages.
-
-    Returns
-    -------
-    ndarray of float64, shape (n_obs,)
-
-    Raises
-    ------
-    ArgumentError
-        For a complex or non-numeric response, a missing or non-finite value, or a
-        response so large (``max |y|`` above about 1e75) or so small (non-zero but below
-        about 1e-75) that its variance's square overflows or underflows float64.
-
-    Examples
-    --------
-    >>> check_response([1.0, 2.5, -3.0])
-    array([ 1. ,  2.5, -3. ])
-    >>> check_response([1e200, 2e200])  # doctest: +IGNORE_EXCEPTION_DETAIL
-    Traceback (most recent call last):
-    lmmops.errors.ArgumentError: the scale of the response overflows float64 when squared ...
-    """
-    what = f"the response '{name}'" if name else "the response"
-    arr = np.asarray(y)
-    if np.iscomplexobj(arr):
-        raise ArgumentError(
-            f"{what} is complex (dtype {arr.dtype}); a linear mixed model needs a real "
-            "response: pass its real part or modulus explicitly if that is what is meant"
-        )
-    try:
-        arr = np.ascontiguousarray(arr, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        raise ArgumentError(f"{what} must be numeric") from None
-    if not np.all(np.isfinite(arr)):
-        raise ArgumentError(f"{what} has missing or non-finite values")
-    big = float(np.max(np.abs(arr), initial=0.0))
-    if big > _Y_MAX or 0.0 < big < _Y_MIN:
-        how, op = ("overflows", "divide") if big > _Y_MAX else ("underflows", "multiply")
-        exponent = abs(round(float(np.log10(big))))
-        raise ArgumentError(
-            f"the scale of {what} {how} float64 when squared: max |y| is {big:.3g}, and the fit "
-            f"squares the response's variance (about |y|^4), which float64 holds "
-            f"only for {_Y_MIN:.2g} <= max |y| <= {_Y_MAX:.2g}. Rescale it ({op} it by "
-            f"1e{exponent}, say) and scale the variances back by the square of that factor"
-        )
-    return arr
-
-
 def theta_gradient(theta, n_levels, traces, v, sigma2):
     """Gradient of the profiled criterion in ``theta`` (both solvers use it).
 
@@ -779,7 +636,7 @@ def theta_scale(design, weights=None):
 
     Examples
     --------
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> d = CrossedDesign.from_codes([[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 0, 1, 0, 1, 0, 1]])
     >>> theta_scale(d)
     array([0.5, 0.5])
@@ -814,7 +671,7 @@ def moment_start(design, X, y):
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> rng = np.random.default_rng(1)
     >>> a, b = np.repeat(np.arange(8), 6), np.tile(np.arange(6), 8)
     >>> d = CrossedDesign.from_codes([a, b])
@@ -949,8 +806,8 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
     the reason in ``message``, and a :class:`~lmmops.errors.ConvergenceWarning` is issued.
 
     A stochastic objective (one whose evaluations carry ``gradient_cov``, such as
-    :class:`~lmmops.reml.IterativeObjective`) is minimised by the same projected Newton
-    method on the absolute scale, stopping when the step is within its Monte Carlo error;
+    :class:`~lmmops.estimation.iterative.IterativeObjective`) is minimised by the same projected
+    Newton method on the absolute scale, stopping when the step is within its Monte Carlo error;
     the verification above does not apply to it.
 
     Parameters
@@ -979,7 +836,7 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
     Examples
     --------
     >>> import numpy as np
-    >>> from lmmops.design import CrossedDesign
+    >>> from lmmops.data.design import CrossedDesign
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.integers(0, 6, 120), rng.integers(0, 4, 120)
     >>> d = CrossedDesign.from_codes([a, b])
@@ -1183,9 +1040,9 @@ def _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale):
         ev_t = run.evaluate(best)
         if ev_t is not None:
             return ev_t, True, None
-    # the joint grid: Newton from its lowest points (a basin its coarse points miss by
-    # a few units), the first that ends lower wins
-    for start in _joint_grid(run, ev, scale):
+    # the joint grid's basins and the transfers of variance between two components:
+    # Newton from each, the first that ends lower wins
+    for start in _joint_grid(run, ev, scale) + _transfers(run, ev):
         ev_t = run.evaluate(start)
         if ev_t is not None:
             ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale,
@@ -1263,23 +1120,31 @@ JOINT_GRID_MAX_K = 3
 JOINT_GRID_MAX_SCHUR = 400
 
 
-def _joint_grid(run, ev, scale, decades=(-2, 0, 2, 4, 6), starts=3):
+#: decades between the joint grid's points, by the number of components: about 200
+#: points in all (34, 100, 216), over 1e-2 to 1e6 times each component's scale
+JOINT_GRID_STEP = {1: 0.25, 2: 1.0, 3: 2.0}
+
+
+def _joint_grid(run, ev, scale, starts=3):
     """Starts for Newton from the joint grid of all components (once per fit).
 
-    Every combination of ``theta_k`` in ``{0} U {10^j scale_k : j in decades}`` (6^K
-    points, criterion only); returns the ``starts`` lowest of them that are less than
-    :func:`_barrier` above ``ev``, lowest first (an empty list where the grid does not
-    run). The grid is coarse (two decades), so a lower basin can show only as grid
-    points a few units above ``ev``, which is why Newton is run from them.
+    Every combination of ``theta_k`` in ``{0} U {10^j scale_k}``, ``j`` from -2 to 6 in
+    steps of :data:`JOINT_GRID_STEP` decades (criterion only). Returns the grid's local
+    minima (no lower point among the neighbours along each axis) that are less than
+    :func:`_barrier` above ``ev``, lowest first, at most ``starts`` of them (an empty
+    list where the grid does not run): each is a basin of the criterion, and Newton is
+    run from it, as a coarse grid point can sit a few units above a lower optimum.
 
     The per-component grid (:func:`_grid_scan`) moves one component at a time and so
     cannot see a basin reached only by moving two at once: with few levels per factor,
     two factors can explain the same variation, and the criterion then has a local
     minimum with the variance on the wrong one (seen with 3, 3 and 5 levels, 13.5 above
-    the optimum). Runs only on small level spaces (:data:`JOINT_GRID_MAX_K`,
-    :data:`JOINT_GRID_MAX_SCHUR`), where such designs live and the grid costs a few
-    hundred cheap evaluations; elsewhere the verification is the local and
-    per-component one (``docs/guarantees.rst``).
+    the optimum). Even with one factor the criterion can have a minimum at 0 and a lower
+    one inside (ML, two levels: 0.04 apart) with a hump between them that the
+    per-component grid steps over. Runs only on small level spaces
+    (:data:`JOINT_GRID_MAX_K`, :data:`JOINT_GRID_MAX_SCHUR`), where such designs live and
+    the grid costs about 200 cheap evaluations; elsewhere the verification is the local
+    and per-component one (``docs/guarantees.rst``).
     """
     obj = run.objective
     if getattr(run, "joint_done", False) or obj.K > JOINT_GRID_MAX_K or \
@@ -1287,12 +1152,53 @@ def _joint_grid(run, ev, scale, decades=(-2, 0, 2, 4, 6), starts=3):
         return []
     run.joint_done = True
     top = ev.objective + _barrier(ev.objective)
-    values = [np.concatenate([[0.0], 10.0 ** np.asarray(decades, dtype=np.float64) * s])
-              for s in scale]
-    points = [np.asarray(p, dtype=np.float64) for p in itertools.product(*values)]
-    f = np.array([run.value(p) for p in points])
-    order = [i for i in np.argsort(f, kind="stable") if f[i] <= top]
+    decades = np.arange(-2.0, 6.0 + 1e-9, JOINT_GRID_STEP[obj.K])
+    axis = np.concatenate([[0.0], 10.0 ** decades])
+    shape = (axis.size,) * obj.K
+    points = np.array(list(itertools.product(*[axis * s for s in scale])))
+    f = np.array([run.value(p) for p in points]).reshape(shape)
+    local = np.ones(shape, dtype=bool)
+    for k in range(obj.K):  # no lower neighbour along any axis
+        lower = np.full(shape, np.inf)
+        sl = [slice(None)] * obj.K
+        for a, b in ((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None))):
+            sl_a, sl_b = list(sl), list(sl)
+            sl_a[k], sl_b[k] = a, b
+            lower[tuple(sl_a)] = np.minimum(lower[tuple(sl_a)], f[tuple(sl_b)])
+        local &= f <= lower
+    flat = f.ravel()
+    order = [i for i in np.argsort(flat, kind="stable") if local.ravel()[i] and flat[i] <= top]
     return [points[i] for i in order[:starts]]
+
+
+def _transfers(run, ev, factor=10.0):
+    """Starts that move variance from one component to another (small level spaces).
+
+    For each ordered pair ``(j, k)`` with ``theta_j > 0``: ``theta_j`` divided by
+    ``factor`` and ``theta_k`` raised so that ``theta_j^2 + theta_k^2`` is unchanged,
+    kept if the criterion there is less than :func:`_barrier` above ``ev``. Where two
+    factors can explain the same variation (few levels each) the criterion has a basin
+    for each way of sharing it, close in value (0.1 apart with 4, 3 and 2 levels) and
+    too close in theta for a grid to separate; this visits the other one. Runs at every
+    point the checks reach (at most ``K (K - 1)`` criterion values), under the joint
+    grid's limits.
+    """
+    obj = run.objective
+    if obj.K < 2 or obj.K > JOINT_GRID_MAX_K or getattr(obj, "qr", np.inf) > \
+            JOINT_GRID_MAX_SCHUR:
+        return []
+    top = ev.objective + _barrier(ev.objective)
+    starts = []
+    for j, k in itertools.permutations(range(obj.K), 2):
+        tj, tk = ev.theta[j], ev.theta[k]
+        if tj <= 0.0:
+            continue
+        trial = ev.theta.copy()
+        trial[j] = tj / factor
+        trial[k] = math.sqrt(tk * tk + tj * tj * (1.0 - factor**-2))
+        if run.value(trial) <= top:
+            starts.append(trial)
+    return starts
 
 
 def _at(run, ev, k, t):
@@ -1463,7 +1369,6 @@ def warm_up():
     --------
     >>> warm_up()
     """
-    from .design import CrossedDesign
 
     a = np.array([0, 0, 1, 1, 2, 2, 0, 1])
     b = np.array([0, 1, 0, 1, 0, 1, 1, 0])

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import LmmopsError
+from lmmops.errors import LmmopsError
 
 __all__ = ["RefitWarning", "anova"]
 

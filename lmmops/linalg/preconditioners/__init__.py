@@ -6,7 +6,7 @@ the inverse of the operator it was built for, with a real block ``_matmat``),
 ``.logdet()`` (``log det`` of the approximation, where that is exact and cheap) and
 ``.describe()``.
 
-Level space, ``M = Z'Z + Lambda`` (a :class:`~lmmops.operators.LevelSpaceOperator`):
+Level space, ``M = Z'Z + Lambda`` (a :class:`~lmmops.linalg.operators.LevelSpaceOperator`):
 
 - ``"identity"`` (any K): I, no preconditioning;
 - ``"jacobi"`` (any K): ``diag(M)``, the exact diagonal blocks ``D_k + lambda_k``;
@@ -23,11 +23,11 @@ Level space, ``M = Z'Z + Lambda`` (a :class:`~lmmops.operators.LevelSpaceOperato
   unsmoothed (plain) aggregates, ``smooth=None``; ``smooth="jacobi"`` gives classical
   smoothed aggregation.
 
-Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
+Observation space, ``V`` (a :class:`~lmmops.linalg.operators.CovarianceOperator`):
 
 - ``"identity"``;
 - ``"spectral"``: D1, the exact inverse of the modified covariance ``V check``
-  (:class:`lmmops.spectral.ModifiedCovariance`; K = 2), applied through the Schur
+  (:class:`lmmops.paper.spectral.ModifiedCovariance`; K = 2), applied through the Schur
   complement on the smaller factor; with ``rank`` below ``min(g, h)`` a truncation that
   stays SPD;
 - ``"exact"``: ``V^{-1}`` itself. When the levels of every factor but the largest fit a
@@ -41,7 +41,7 @@ Observation space, ``V`` (a :class:`~lmmops.operators.CovarianceOperator`):
   the correction lands in D1's ``m x m`` Schur complement (``m = min(g, h) <= max_rank``)
   and the corrected complement is factored once: the result is ``V^{-1}`` at D1's cost.
   ``form="woodbury"`` applies the explicit rank-``t`` Woodbury form of
-  :class:`lmmops.lowrank.ExactInverse` instead (several V matvecs per application);
+  :class:`lmmops.paper.lowrank.ExactInverse` instead (several V matvecs per application);
 - ``"lifted"``: a level-space kind ``base`` lifted as ``s_e^{-2}(I - Z B^{-1} Z')``. A
   documented negative result (math.md Section 12): unless ``B`` is essentially ``M``,
   the lifted operator is a disastrous preconditioner of V on skewed designs. It exists for
@@ -77,11 +77,28 @@ import weakref
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
-from scipy.sparse.linalg import LinearOperator
+from scipy.sparse.linalg import LinearOperator, eigsh, svds
 
-from . import kernels
-from ._guard import check_dense
-from .errors import ArgumentError, ArgumentTypeError, DesignError
+from lmmops.errors import ArgumentError, ArgumentTypeError, DesignError
+from lmmops.guard import check_dense
+from lmmops.linalg import kernels
+from lmmops.linalg.krylov import block_cg
+from lmmops.linalg.operators import SparseLevelOperator
+from lmmops.paper.lowrank import ExactInverse
+from lmmops.paper.spectral import _reference_total
+
+#: Level-space preconditioner chosen by ``solve_V(method="auto")`` (any number of factors).
+#: Measured in docs/studies/solver_study.md: symmetric block Gauss-Seidel needs the fewest
+#: iterations of the kinds without setup cost (4-8 on uniform, Poisson, missing-cell and
+#: Zipf designs, 9-11 at variance ratio 10 or K = 3, against 5-15 for D2 and 8-22 for
+#: Jacobi), and one application (two sweeps over the sparse cross-tabulations) costs less
+#: than one product by M. It is the fastest route at n = 10^6 and 10^7. Exception: banded
+#: ("staircase") designs, where the canonical correlations have a few outliers near 1 and
+#: it needs about 20 iterations; pass ``preconditioner="spectral"`` (K = 2: 7) or
+#: ``"amg"`` (8) there. AMG needs the fewest iterations everywhere but costs about two
+#: products per application (a symmetric V-cycle) and a setup of its own.
+AUTO_LEVEL_KIND = "block_gauss_seidel"
+
 
 __all__ = [
     "LEVEL_KINDS",
@@ -201,7 +218,7 @@ class Preconditioner:
         raise NotImplementedError(
             f"logdet() is not available for kind={self.kind!r}: the determinant of this "
             "preconditioner is not cheap and exact; estimate log|A| with "
-            "lmmops.trace.slq_logdet instead"
+            "lmmops.linalg.trace.slq_logdet instead"
         )
 
     def describe(self):
@@ -355,11 +372,9 @@ def _normalised_svd(design, rank, rng=0):
         Phi, rho, Psi = Phi[:, :rank], rho[:rank], PsiT[:rank].T
         Phi[:, 0], Psi[:, 0], rho[0] = phi1, psi1, 1.0
     else:
-        from scipy.sparse.linalg import LinearOperator as LO
-        from scipy.sparse.linalg import svds
 
         KNt = KN.T.tocsr()
-        defl = LO(
+        defl = LinearOperator(
             (g, h), dtype=np.float64,
             matvec=lambda x: KN @ x - phi1 * (psi1 @ x),
             rmatvec=lambda y: KNt @ y - psi1 * (phi1 @ y),
@@ -381,7 +396,6 @@ def _normalised_svd(design, rank, rng=0):
 def _reference_totals(counts, reference):
     """D1's reference totals ``(r̄, c̄)``: 'mean', 'harmonic' or a given pair."""
     if isinstance(reference, str):
-        from .spectral import _reference_total
 
         return [_reference_total(c, reference) for c in counts]
     return [float(x) for x in reference]
@@ -767,14 +781,13 @@ class _LowRank(_Level):
             order = np.argsort(-np.abs(np.log(mu)))[: self.rank]
             mu, W = mu[order], W[:, order]
         else:
-            from scipy.sparse.linalg import LinearOperator as LO
-            from scipy.sparse.linalg import eigsh
-
             check_dense((q, 2 * self.rank + 2), "the ARPACK basis of kind='lowrank'")
-            Bop = LO((q, q), matvec=lambda x: self.base._forward(x.reshape(-1, 1))[:, 0],
-                     dtype=np.float64)
-            Binv = LO((q, q), matvec=lambda x: self.base._apply(x.reshape(-1, 1))[:, 0],
-                      dtype=np.float64)
+            Bop = LinearOperator(
+                (q, q), matvec=lambda x: self.base._forward(x.reshape(-1, 1))[:, 0],
+                dtype=np.float64)
+            Binv = LinearOperator(
+                (q, q), matvec=lambda x: self.base._apply(x.reshape(-1, 1))[:, 0],
+                dtype=np.float64)
             v0 = np.random.default_rng(rng).standard_normal(q)
             k = max(self.rank, 2)
             mu, W = eigsh(M, k=k, M=Bop, Minv=Binv, which="BE", tol=tol, v0=v0)
@@ -1018,7 +1031,7 @@ class _SpectralObservation(_SchurObservation):
             raise NotImplementedError(
                 f"logdet() of observation-space kind='spectral' is exact only with every "
                 f"SVD triplet (rank={self.m}); this one keeps {self.rank}. Build it with "
-                f"rank={self.m}, or use lmmops.spectral.ModifiedCovariance(V).logdet()"
+                f"rank={self.m}, or use lmmops.paper.spectral.ModifiedCovariance(V).logdet()"
             )
         n = float(self.V.design.n_obs)
         s2e = float(self.V.sigma2_e)
@@ -1128,7 +1141,6 @@ class _ExactObservation(_Observation):
 
     def __init__(self, V, inner=None, inner_rtol=1e-10, inner_maxiter=None, **inner_options):
         super().__init__(V)
-        from .solvers import AUTO_LEVEL_KIND, SparseLevelOperator
 
         self.M = V.level_space()
         self._A = SparseLevelOperator(self.M)  # same matrix, O(cells) products
@@ -1140,7 +1152,6 @@ class _ExactObservation(_Observation):
         self.inner_iterations = []
 
     def _apply(self, X):
-        from .solvers import block_cg
 
         rhs = self.M.rhs(X)
         res = []
@@ -1181,7 +1192,7 @@ def _build_level(M, kind, rank=None, **options):
             raise ArgumentError(
                 f"kind={kind!r} is an observation-space preconditioner for a "
                 "CovarianceOperator; in level space the exact preconditioner would be M^{-1} "
-                "itself: solve with lmmops.solvers.cg / solve_V instead"
+                "itself: solve with lmmops.linalg.krylov.cg / solve_V instead"
             )
         raise ArgumentError(f"unknown kind {kind!r}; level-space kinds are {LEVEL_KINDS}")
     cls = _LEVEL_BUILDERS[kind]
@@ -1242,7 +1253,6 @@ def _build_observation(V, kind, rank=None, **options):
             return _DirectObservation(V, "lowrank", max_dense=max_rank)
         if form != "woodbury":
             raise ArgumentError(f"form must be 'schur' or 'woodbury', got {form!r}")
-        from .lowrank import ExactInverse
 
         g, h = V.design.n_levels
         if g + h > max_rank:
@@ -1259,7 +1269,7 @@ def _build_observation(V, kind, rank=None, **options):
     if kind in LEVEL_KINDS:
         raise ArgumentError(
             f"kind={kind!r} is a level-space preconditioner; build it on V.level_space() and "
-            "solve there (lmmops.solvers.solve_V does), or lift it with kind='lifted', "
+            "solve there (lmmops.linalg.solve.solve_V does), or lift it with kind='lifted', "
             f"base={kind!r} (not recommended: math.md Section 12 measured 2,230-2,469 "
             "iterations against 213 without a preconditioner)"
         )
@@ -1297,8 +1307,8 @@ def build(A, kind="auto", rank=None, **options):
         and the level kind's options. ``'lowrank'`` (observation): ``form``
         (``'schur'``, default, or ``'woodbury'``), ``max_rank`` (4000: the largest
         ``min(g, h)``; with ``'woodbury'`` the largest ``g + h``) and, with
-        ``'woodbury'``, :class:`lmmops.lowrank.ExactInverse` options. ``'spectral'`` (observation):
-        ``reference`` (``'mean'``, ``'harmonic'`` or a pair of totals), ``max_full``
+        ``'woodbury'``, :class:`lmmops.paper.lowrank.ExactInverse` options. ``'spectral'``
+        (observation): ``reference`` (``'mean'``, ``'harmonic'`` or a pair of totals), ``max_full``
         (4000: the largest ``min(g, h)`` for the dense eigenproblem), ``rng``.
         ``'lifted'``: ``base`` (a level kind).
 
@@ -1319,8 +1329,8 @@ def build(A, kind="auto", rank=None, **options):
     Examples
     --------
     >>> from scipy.sparse.linalg import cg
-    >>> from lmmops.design import CrossedDesign
-    >>> from lmmops.operators import CovarianceOperator
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.linalg.operators import CovarianceOperator
     >>> rng = np.random.default_rng(0)
     >>> codes = np.vstack([rng.integers(0, 40, 800), rng.integers(0, 12, 800)])
     >>> V = CovarianceOperator(CrossedDesign.from_codes(codes), 1.0, [0.5, 2.0])
