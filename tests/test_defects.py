@@ -35,8 +35,7 @@ from lmmops.errors import (
     UnknownNameError,
 )
 from lmmops.estimation import mme
-from lmmops.linalg import kernels, preconditioners, trace
-from lmmops.linalg import krylov
+from lmmops.linalg import kernels, krylov, preconditioners, trace
 from lmmops.linalg import solve as solvers
 from lmmops.linalg.operators import CovarianceOperator, GramOperator, LevelSpaceOperator
 from lmmops.paper import lowrank, spectral
