@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
+from lmmops.data.terms import RandomEffectsTerm
 from lmmops.errors import DesignError, DisconnectedDesignError, UnknownNameError
 
 __all__ = ["CrossedDesign", "sorted_levels"]
@@ -435,6 +436,16 @@ class CrossedDesign:
     def names(self):
         """tuple of str: factor names."""
         return self._names
+
+    @property
+    def terms(self):
+        """The random-effects terms, one per factor (:class:`~lmmops.data.terms.RandomEffectsTerm`,
+        random intercepts)."""
+        if "terms" not in self._cache:
+            self._cache["terms"] = tuple(
+                RandomEffectsTerm(name, self._codes[k], self._levels[k])
+                for k, name in enumerate(self._names))
+        return self._cache["terms"]
 
     @property
     def levels(self):
