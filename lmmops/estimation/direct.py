@@ -46,6 +46,7 @@ import scipy.sparse as sp
 
 from lmmops.data.checks import check_weights
 from lmmops.data.design import CrossedDesign
+from lmmops.data.statistics import SufficientStatistics
 from lmmops.errors import ConvergenceWarning, LmmopsError
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
@@ -179,6 +180,10 @@ class DirectObjective:
         Prior (precision) weights: ``R = s^2 W^{-1}``, as lme4's ``weights=``. The
         sufficient statistics are weighted (``Z'WZ``, ``Z'WT``, ``T'WT`` with
         ``T = [X y]``) and the criterion gains lme4's ``-sum(log w)`` term.
+    stats : SufficientStatistics, optional
+        The level-space statistics of ``(design, X, y, weights)``
+        (:class:`~lmmops.data.statistics.SufficientStatistics`), e.g. combined from
+        partitions; default: computed here in one pass over the rows.
 
     Raises
     ------
@@ -216,7 +221,7 @@ class DirectObjective:
 
     threads = "auto"
 
-    def __init__(self, design, X, y, method="REML", weights=None):
+    def __init__(self, design, X, y, method="REML", weights=None, stats=None):
         method = str(method).upper()
         if method not in ("REML", "ML"):
             raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
@@ -243,28 +248,22 @@ class DirectObjective:
         check_dense((m, m), "the exact solver's dense Schur block", itemsize=8 * 4)
         self.m = m
 
-        T = np.empty((n, p + 1))
-        T[:, :p] = X
-        T[:, p] = y
         self.X, self.y = X, y
-        # weighted sufficient statistics: Z'WZ, Z'WT, T'WT (W = diag(weights))
-        WT = T if w is None else w[:, None] * T
-        Z1 = design.indicator(self.first)
-        if w is None:
-            self.d1 = design.counts(self.first).astype(np.float64)
-        else:
-            self.d1 = np.bincount(design.codes[self.first], weights=w,
-                                  minlength=self.q1).astype(np.float64)
-        Z1t = Z1.T.tocsr()
-        self.Z1T = np.asarray(Z1t @ WT)
-        self.TT = T.T @ WT
+        # the level-space sufficient statistics, one pass over the rows (shared seam)
+        if stats is None:
+            stats = SufficientStatistics.from_arrays(design, X, y, self.weights)
+        elif stats.n_levels != tuple(design.n_levels) or stats.p != p:
+            raise LmmopsError(f"statistics on levels {stats.n_levels} with p = {stats.p} "
+                              f"do not match the design's {tuple(design.n_levels)}, p = {p}")
+        self.stats = stats
+        self.d1 = stats.D[self.first]
+        self.Z1T = stats.ZT[self.first]
+        self.TT = stats.TT
         if self.qr:
             self.rest_offsets = np.concatenate([[0], np.cumsum(self.q_rest)]).astype(np.int64)
-            Zr = sp.hstack([design.indicator(k) for k in self.rest], format="csr")
-            ZrW = Zr if w is None else sp.diags(w) @ Zr
-            self.Arr = (Zr.T @ ZrW).toarray()
-            self.ZrT = np.asarray(Zr.T @ WT)
-            N = (Z1t @ ZrW).tocsr()
+            self.Arr = stats.block(self.rest)
+            self.ZrT = np.vstack([stats.ZT[k] for k in self.rest])
+            N = sp.hstack([stats.crosstab(self.first, k) for k in self.rest], format="csr")
             N.sum_duplicates()
             N.sort_indices()
             self.N = N
