@@ -1,4 +1,4 @@
-"""Random-effects terms: what one ``(... | g)`` of a formula contributes to the model.
+"""Random-effects terms: what one bar term ``(columns | group)`` of a formula contributes.
 
 A :class:`RandomEffectsTerm` is lmmops' counterpart of lme4's ``reTrms`` entry and
 MixedModels.jl's ``ReMat``: the grouping codes of one factor, the term's model-matrix
