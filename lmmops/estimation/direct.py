@@ -792,7 +792,7 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
       resumes from the best point; likewise a positive component where the criterion is
       concave in ``theta_k`` (tried at 0 and upwards);
     - a coarse grid in each component, the others fixed (0 and 1e-2 to 1e6 times its
-      scale, every second decade, outwards until the criterion is 10 above the optimum)
+      scale, every half decade, outwards until the criterion is 10 above the optimum)
       looks for another basin, and the other side of the boundary of each component is
       searched by Newton (the face ``theta_k = 0`` for a positive one, the interior from
       its scale for one at 0) where the grid found that start within the same 10: a local
@@ -1077,12 +1077,17 @@ def _barrier(f):
     return 10.0 + 1e-5 * abs(f)
 
 
-def _grid_scan(run, ev, scale, decades=(-2, 0, 2, 4, 6)):
+#: the per-component grid's decades (:func:`_grid_scan`)
+GRID_DECADES = tuple(np.arange(-2.0, 6.01, 0.5))
+
+
+def _grid_scan(run, ev, scale, decades=GRID_DECADES):
     """A lower point on a coarse grid in each component, the others fixed, or None.
 
     Each ``theta_k`` in turn takes the values ``10^j`` times its scale for ``j`` in
-    ``decades`` (from 1e-2 to 1e6 times the scale: variance ratios from about 1e-4 to
-    1e12 times the one that matters) and 0, outwards from the current value in each
+    ``decades`` (from 1e-2 to 1e6 times the scale in half decades: variance ratios from
+    about 1e-4 to 1e12 times the one that matters; two-decade steps missed a basin a
+    factor 7 away behind a hump) and 0, outwards from the current value in each
     direction (values within a factor 3 of it are skipped), until the criterion rises more
     than :func:`_barrier` above ``ev``; only the criterion is evaluated (no gradient).
     Returns ``(best, seen)``: the lowest theta if it is lower than ``ev`` by more than
