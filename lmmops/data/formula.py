@@ -53,7 +53,7 @@ from formulaic.transforms import TRANSFORMS as _FORMULAIC_TRANSFORMS
 from interface_meta import override
 
 from lmmops.data.conditioning import orthogonalise
-from lmmops.errors import FormulaError, RankDeficientError
+from lmmops.errors import FormulaError, RankDeficientError, RankDeficientWarning
 
 __all__ = [
     "ALLOWED_FUNCTIONS",
@@ -1151,10 +1151,6 @@ def check_full_rank(X, names, tol=1e-7):
             f"linear combinations of the columns before them: {', '.join(aliased)}. Remove "
             "them, or fit through lmmops.fit / LMM, which drops them as lme4 does"
         )
-
-
-class RankDeficientWarning(UserWarning):
-    """The fixed-effects model matrix is rank deficient; aliased columns were dropped."""
 
 
 def rank_columns(X, names, tol=1e-7):

@@ -46,7 +46,7 @@ import scipy.sparse as sp
 
 from lmmops.data.checks import check_weights
 from lmmops.data.design import CrossedDesign
-from lmmops.errors import ConvergenceWarning, LmmopsError
+from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
 from lmmops.threads import limit_threads
@@ -156,10 +156,6 @@ class OptSummary:
         ]
         w = max(len(r[0]) for r in rows)
         return "OptSummary\n" + "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)
-
-
-class NumericalFailure(LmmopsError):
-    """The Cholesky factorisation failed at a particular ``theta`` (ill-conditioning)."""
 
 
 class DirectObjective:

@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 import scipy.linalg as sla
 
-from lmmops.errors import ArgumentError, DesignError
+from lmmops.errors import ArgumentError, CorrectionRankWarning, DesignError
 from lmmops.guard import check_dense
 from lmmops.paper.spectral import (
     ModifiedCovariance,
@@ -45,10 +45,6 @@ from lmmops.paper.spectral import (
 )
 
 __all__ = ["CorrectionRankWarning", "ExactInverse", "reml_criterion"]
-
-
-class CorrectionRankWarning(UserWarning):
-    """The low-rank correction is nearly as large as the level space itself."""
 
 
 class ExactInverse(_LevelInverse):
