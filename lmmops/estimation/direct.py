@@ -44,7 +44,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from lmmops.data.checks import check_weights
+from lmmops.data.checks import check_method, check_weights
 from lmmops.data.design import CrossedDesign
 from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
 from lmmops.guard import check_dense
@@ -213,9 +213,7 @@ class DirectObjective:
     threads = "auto"
 
     def __init__(self, design, X, y, method="REML", weights=None):
-        method = str(method).upper()
-        if method not in ("REML", "ML"):
-            raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
+        method = check_method(method)
         self.method = method
         self.design = design
         X = np.ascontiguousarray(X, dtype=np.float64)
@@ -226,8 +224,7 @@ class DirectObjective:
         self.weights = None if weights is None else check_weights(weights, n)
         w = self.weights
         self.ldW = 0.0 if w is None else float(np.sum(np.log(w)))
-        if method == "REML" and n <= p:
-            raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
+        check_method(method, n, p)
         self.n, self.p, self.K = n, p, design.n_factors
         q = np.asarray(design.n_levels)
         self.first = int(np.argmax(q))
