@@ -1164,7 +1164,7 @@ def rank_columns(X, names, tol=1e-7):
     the kept columns a column is compared with its centred self, so the test does not
     depend on the units or the origin of a covariate (a covariate N(1e4, 1), a column
     times 3e7 or Unix times are kept); a column whose centred values are rounding noise
-    is aliased with the intercept. In the cheat sheet's notation ``X T = [X_1 X_2]``
+    is aliased with the intercept. In the notation of :ref:`theory-rank`, ``X T = [X_1 X_2]``
     with ``X_2`` (the kept columns) of full rank and ``X_1 = X_2 F``; the selected
     generalised inverse sets ``tau_1 = 0``.
 

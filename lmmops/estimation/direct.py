@@ -492,8 +492,8 @@ class DirectObjective:
         """Average information matrix in the variance parameters.
 
         ``A_kl = 1/2 w_k' P w_l`` with working variates ``w_k = Z_k Z_k' P y`` for each
-        factor and ``w_e = P y`` for the residual (math.md Section 9); ``P w`` comes from one
-        solve with the factored mixed-model equations, so no trace is needed.
+        factor and ``w_e = P y`` for the residual (:ref:`theory-reml-identities`); ``P w``
+        comes from one solve with the factored mixed-model equations, so no trace is needed.
 
         Parameters
         ----------
@@ -643,8 +643,8 @@ def moment_start(design, X, y):
     """Starting values for ``theta`` from one-way moment estimators.
 
     For each factor, the unbiased one-way ANOVA estimators of the between-level and
-    within-level variances are computed on the OLS residuals (the lecture's moment
-    estimators), and ``theta_k = sqrt(s_k^2 / s_e^2)`` with ``s_e^2`` the smallest
+    within-level variances are computed on the OLS residuals (the moment estimators
+    of :ref:`theory-oneway`), and ``theta_k = sqrt(s_k^2 / s_e^2)`` with ``s_e^2`` the smallest
     within-level mean square. The start is per component on its own scale: an estimate
     at or below 0 starts at ``0.1 * theta_scale(design)[k]`` (:func:`theta_scale`), and
     the estimates are only clipped to ``[1e-3, 1e3]`` times that scale, so a variance

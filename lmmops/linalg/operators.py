@@ -4,7 +4,7 @@
   ``Z = [Z_1 ... Z_K]`` (n x q); its adjoint :class:`RandomEffectsAdjointOperator`.
 - :class:`CovarianceOperator`: ``V = sigma2_e I + sum_k sigma2_k Z_k Z_k'`` (n x n).
 - :class:`LevelSpaceOperator`: ``M = Z'Z + Lambda`` (q x q), the q-space form of V
-  (math.md Section 11), with :meth:`~LevelSpaceOperator.rhs`,
+  (:ref:`theory-level-space`), with :meth:`~LevelSpaceOperator.rhs`,
   :meth:`~LevelSpaceOperator.lift` and :meth:`~LevelSpaceOperator.logdet_V`.
 
 Every operator follows scipy's contract: an explicit float64 dtype, ``_matvec`` and
@@ -381,7 +381,7 @@ class CovarianceOperator(_KernelOperator):
 
     Notes
     -----
-    ``V = sigma2_e I_n + sum_k sigma2_k Z_k Z_k'`` (math.md Sections 2-3). A product
+    ``V = sigma2_e I_n + sum_k sigma2_k Z_k Z_k'`` (:ref:`theory-model`). A product
     ``V x`` costs two passes over the rows: first the level sums ``Z_k' x`` of all K
     factors, then ``(V x)_i = sigma2_e x_i + sum_k sigma2_k (Z_k' x)[c_k(i)]``.
     V is symmetric positive definite, so ``_adjoint`` returns ``self``. Its diagonal
@@ -566,7 +566,7 @@ class LevelSpaceOperator(_KernelOperator):
 
     Notes
     -----
-    With ``Lambda = blkdiag(lambda_k I_{q_k})`` (math.md Section 11), ``M`` is
+    With ``Lambda = blkdiag(lambda_k I_{q_k})`` (:ref:`theory-level-space`), ``M`` is
     ``sigma2_e`` times the random-effects block of Henderson's mixed-model equations, and
 
     - ``V^{-1} b = sigma2_e^{-1} (b - Z M^{-1} Z' b)``, i.e.

@@ -1,4 +1,4 @@
-r"""Exact ``V^{-1}`` as a low-rank correction of a spectral approximation (math.md 6, 7a).
+r"""Exact ``V^{-1}`` as a low-rank correction of a spectral approximation (:ref:`inverse-lowrank`).
 
 :class:`ExactInverse` turns either spectral construction of :mod:`lmmops.paper.spectral` into the
 exact inverse by a Woodbury correction of low rank:
@@ -257,7 +257,7 @@ def reml_criterion(inverse, X, y, logdet=None):
 
     ``P = A - A X (X'AX)^{-1} X'A``. With an exact inverse this is the REML criterion
     (without the constant); with an approximation ``A`` it is the approximate criterion of
-    math.md Section 9.
+    :ref:`theory-reml-identities`.
 
     Parameters
     ----------

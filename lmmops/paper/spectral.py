@@ -1,6 +1,6 @@
 r"""Khatri–Rao form of V, its balanced spectrum, and spectral approximations of V^{-1}.
 
-This module implements the constructions of math.md Sections 3, 4, 6, 7, 8 and 11 (after
+This module implements the constructions of :doc:`theory_inverse` (after
 Lyu, Sisson & Welsh, "On the inverse of covariance matrices for unbalanced crossed designs",
 Biometrika 2026) as scipy ``LinearOperator`` objects:
 
@@ -200,7 +200,7 @@ def _structure(design, main):
 
 
 class _Model:
-    """A crossed model at one theta, in the whitened form of math.md Section 8.
+    """A crossed model at one theta, in the whitened form of :ref:`inverse-interaction`.
 
     ``V = R + sum_k s_k^2 Z_k Z_k'`` with ``R = s_e^2 I + s_C^2 Z_C Z_C'`` (``s_C^2 = 0``
     without an interaction). Whitening by ``R^{-1/2}`` gives ``I + Zw G Zw'`` with
@@ -399,7 +399,7 @@ class _ApproximationBase:
 
 # ---------------------------------------------------------------------------- Section 3
 class KhatriRaoCovariance(_SymmetricOperator):
-    r"""The covariance ``V = s_e^2 I + Z_C S Z_C'`` in Khatri–Rao form (math.md Section 3).
+    r"""The covariance ``V = s_e^2 I + Z_C S Z_C'`` in Khatri–Rao form (:ref:`inverse-khatri-rao`).
 
     ``Z_C`` is the cell indicator, the row-wise Khatri–Rao product of the factor indicators,
     and ``S`` is the covariance of the complete balanced cell table,
@@ -515,7 +515,7 @@ class KhatriRaoCovariance(_SymmetricOperator):
 
 # ---------------------------------------------------------------------------- Section 4
 class BalancedSpectrum:
-    r"""Spectrum of V for a balanced two-factor design (math.md Section 4).
+    r"""Spectrum of V for a balanced two-factor design (:ref:`inverse-balanced`).
 
     With ``n_ij = m`` for every cell, ``V = sum_k l_k P_k`` over five orthogonal projectors
     (grand mean, A, B, AB, within-cell). Without an interaction the AB and within-cell
@@ -828,7 +828,7 @@ class ModifiedCovariance(_ApproximationBase):
         if model.K != 2:
             raise DesignError(
                 f"ModifiedCovariance (D1) needs exactly two crossed factors, got {model.K}; "
-                "use ProportionalApproximation for three or more (math.md Section 8)"
+                "use ProportionalApproximation for three or more"
             )
         model.design.check_connected()
         self.V = V
@@ -1199,7 +1199,7 @@ class ProportionalApproximation(_ApproximationBase):
         K = m.K
         core = np.eye(K) + (np.ones((K, K)) - np.eye(K)) @ np.diag(self.alpha_k) / m.W
         sign, ld = np.linalg.slogdet(core)
-        if sign <= 0:  # pragma: no cover - M_prop is SPD (math.md Section 11)
+        if sign <= 0:  # pragma: no cover - M_prop is SPD (docs/theory_inverse.rst, D2)
             raise ArithmeticError("M_prop is not positive definite")
         return float(np.sum(np.log(self.Pdiag)) + ld)
 
@@ -1218,7 +1218,7 @@ class ProportionalApproximation(_ApproximationBase):
 
 
 class AsymptoticInverse(_LevelInverse):
-    r"""The simple asymptotic approximation of ``V^{-1}`` (math.md Section 7b).
+    r"""The simple asymptotic approximation of ``V^{-1}`` (:ref:`inverse-d2`).
 
     .. math::
 

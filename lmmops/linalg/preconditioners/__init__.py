@@ -43,7 +43,7 @@ Observation space, ``V`` (a :class:`~lmmops.linalg.operators.CovarianceOperator`
   ``form="woodbury"`` applies the explicit rank-``t`` Woodbury form of
   :class:`lmmops.paper.lowrank.ExactInverse` instead (several V matvecs per application);
 - ``"lifted"``: a level-space kind ``base`` lifted as ``s_e^{-2}(I - Z B^{-1} Z')``. A
-  documented negative result (math.md Section 12): unless ``B`` is essentially ``M``,
+  documented negative result (:ref:`theory-preconditioning`): unless ``B`` is essentially ``M``,
   the lifted operator is a disastrous preconditioner of V on skewed designs. It exists for
   the solver study.
 
@@ -307,7 +307,7 @@ class _Jacobi(_Level):
 
 
 class _Proportional(_Level):
-    r"""D2 for any K: ``M_prop = P + B (J - I) B' / n`` (math.md Section 11)."""
+    r"""D2 for any K: ``M_prop = P + B (J - I) B' / n`` (:ref:`inverse-d2`)."""
 
     kind = "proportional"
 
@@ -465,7 +465,7 @@ class _Spectral(_Level):
             raise DesignError(
                 f"kind='spectral' (D1) needs exactly two crossed factors, got K={self.K}: "
                 "the two-projection spectral decomposition has no closed form for three or "
-                "more (math.md Section 8); use kind='proportional' or 'lowrank'"
+                "more; use kind='proportional' or 'lowrank'"
             )
         self.design.check_connected()
         g, h = self.design.n_levels
@@ -950,7 +950,7 @@ class _SpectralObservation(_SchurObservation):
     ``g x h`` array; once per design, cached) when ``m <= max_full`` (default 4000), else
     from a truncated sparse SVD (default rank 50). The default keeps every triplet when it
     can: in observation space a level-space error is amplified by the level counts times
-    the variance ratio (math.md Section 12), and the measured iteration counts of
+    the variance ratio (:ref:`theory-preconditioning`), and the measured iteration counts of
     truncated forms grow sharply at large ratios.
 
     Cost of one application: ``Z'b`` and ``Z u`` (the two passes over the rows of one V
@@ -973,7 +973,8 @@ class _SpectralObservation(_SchurObservation):
         m = min(g, h)
         if rank is None:
             # every triplet when the dense m x m eigenproblem is affordable: in observation
-            # space the truncation error is amplified by the level counts (math.md Sec. 12)
+            # space the truncation error is amplified by the level counts (docs/theory.rst,
+            # 'Where to precondition')
             rank = m if m <= max_full else min(50, m - 1)
         self.rank = int(min(int(rank), m))
         if self.rank < 1:
@@ -1181,7 +1182,8 @@ class _Lifted(_Observation):
 
     def _details(self):
         return (f"{self.base.kind} lifted from level space; a documented negative result "
-                "(math.md Section 12): badly conditioned, possibly indefinite")
+                "(docs/theory.rst, 'Where to precondition'): badly conditioned, possibly "
+                "indefinite")
 
 
 def _build_level(M, kind, rank=None, **options):
@@ -1270,8 +1272,8 @@ def _build_observation(V, kind, rank=None, **options):
         raise ArgumentError(
             f"kind={kind!r} is a level-space preconditioner; build it on V.level_space() and "
             "solve there (lmmops.linalg.solve.solve_V does), or lift it with kind='lifted', "
-            f"base={kind!r} (not recommended: math.md Section 12 measured 2,230-2,469 "
-            "iterations against 213 without a preconditioner)"
+            f"base={kind!r} (not recommended: docs/theory.rst, 'Where to precondition', "
+            "measured 2,230-2,469 iterations against 213 without a preconditioner)"
         )
     raise ArgumentError(f"unknown kind {kind!r}; observation-space kinds are {OBSERVATION_KINDS}")
 
