@@ -1079,6 +1079,85 @@ class _ModifiedOperator(_SymmetricOperator):
 
 
 # ---------------------------------------------------------------------------- Sections 7, 11
+class _ProportionalCore:
+    r"""D2's level-space matrix ``M_prop = diag(d) + B (J_K - I_K) B' / n`` and its closed forms.
+
+    The one implementation behind :class:`ProportionalApproximation` (whitened, any ``R``)
+    and the ``proportional`` preconditioner of :mod:`lmmops.linalg.preconditioners`
+    (:ref:`inverse-d2`).
+
+    Parameters
+    ----------
+    w : ndarray, shape (q,)
+        The level totals ``r_k`` of every factor, stacked (``B = blkdiag(r_1, ..., r_K)``).
+    d : ndarray, shape (q,)
+        The exact diagonal ``P = blkdiag(D_k + lambda_k I)``.
+    offsets : array_like of int, shape (K + 1,)
+        Where each factor's levels start in ``w`` and ``d``.
+    n : float
+        The grand total (``sum_l w_l / K``).
+    """
+
+    def __init__(self, w, d, offsets, n):
+        self.w = np.asarray(w, dtype=_DTYPE)
+        self.d = np.asarray(d, dtype=_DTYPE)
+        self.offsets = np.asarray(offsets)
+        self.n = float(n)
+        o = self.offsets
+        K = o.size - 1
+        self.K = K
+        self.alpha_k = np.array(
+            [np.sum(self.w[o[k] : o[k + 1]] ** 2 / self.d[o[k] : o[k + 1]]) for k in range(K)]
+        )
+        T_inv = np.ones((K, K)) / (K - 1) - np.eye(K)  # (J - I)^{-1}
+        self.core = self.n * T_inv + np.diag(self.alpha_k)
+        self.core_lu = sla.lu_factor(self.core)
+
+    def bt(self, y):
+        """``B' y``: per-factor weighted sums, shape (K,) or (K, m)."""
+        wy = self.w[:, None] * y if y.ndim == 2 else self.w * y
+        return np.add.reduceat(wy, self.offsets[:-1], axis=0)
+
+    def b(self, s):
+        """``B s``, shape (q,) or (q, m)."""
+        rep = np.repeat(s, np.diff(self.offsets), axis=0)
+        return rep * (self.w[:, None] if s.ndim == 2 else self.w)
+
+    def solve(self, z):
+        """``M_prop^{-1} z = P^{-1} z - P^{-1} B (n (J_K - I_K)^{-1} + A)^{-1} B' P^{-1} z``."""
+        pd = self.d[:, None] if z.ndim == 2 else self.d
+        y = z / pd
+        s = sla.lu_solve(self.core_lu, self.bt(y))
+        return y - self.b(s) / pd
+
+    def matmul(self, z):
+        """``M_prop z``."""
+        pd = self.d[:, None] if z.ndim == 2 else self.d
+        t = self.bt(z)
+        tt = t.sum(axis=0, keepdims=True) - t  # (J - I) t
+        return pd * z + self.b(tt) / self.n
+
+    def logdet(self):
+        """``log|M_prop| = log|P| + log|I_K + (J_K - I_K) A / n|``.
+
+        Returns
+        -------
+        float
+
+        Raises
+        ------
+        ArithmeticError
+            If the K x K core is not positive definite (it always is, by the argument
+            of :ref:`inverse-d2`).
+        """
+        K = self.K
+        core = np.eye(K) + (np.ones((K, K)) - np.eye(K)) * self.alpha_k[None, :] / self.n
+        sign, ld = np.linalg.slogdet(core)
+        if sign <= 0:  # pragma: no cover - M_prop is SPD (docs/theory_inverse.rst, D2)
+            raise ArithmeticError("M_prop is not positive definite")
+        return float(np.sum(np.log(self.d)) + ld)
+
+
 class ProportionalApproximation(_ApproximationBase):
     r"""Construction D2: every cross-tabulation replaced by its proportional fit (Sec. 7a, 11).
 
@@ -1124,39 +1203,11 @@ class ProportionalApproximation(_ApproximationBase):
         model.design.check_connected()
         self.V = V
         self.model = model
-        K = model.K
         self.Pdiag = model.w + model.lam
-        self.alpha_k = np.array(
-            [np.sum(model.w_k(k) ** 2 / model.block(self.Pdiag, k)) for k in range(K)]
-        )
-        T_inv = np.ones((K, K)) / (K - 1) - np.eye(K)  # (J - I)^{-1}
-        self._core = model.W * T_inv + np.diag(self.alpha_k)
-        self._core_lu = sla.lu_factor(self._core)
-
-    def _bt(self, y):
-        """``B' y``: per-factor weighted sums."""
-        m = self.model
-        o = m.st.offsets
-        wy = m.w[:, None] * y if y.ndim == 2 else m.w * y
-        return np.add.reduceat(wy, o[:-1], axis=0)
-
-    def _b(self, s):
-        m = self.model
-        rep = np.repeat(s, m.st.q_k, axis=0)
-        return rep * (m.w[:, None] if s.ndim == 2 else m.w)
-
-    def _apply_m_inv(self, z):
-        pd = self.Pdiag[:, None] if z.ndim == 2 else self.Pdiag
-        y = z / pd
-        s = sla.lu_solve(self._core_lu, self._bt(y))
-        return y - self._b(s) / pd
-
-    def _apply_m(self, z):
-        m = self.model
-        pd = self.Pdiag[:, None] if z.ndim == 2 else self.Pdiag
-        t = self._bt(z)
-        tt = t.sum(axis=0, keepdims=True) - t  # (J - I) t
-        return pd * z + self._b(tt) / m.W
+        self.core = _ProportionalCore(model.w, self.Pdiag, model.st.offsets, model.W)
+        self.alpha_k = self.core.alpha_k
+        self._apply_m_inv = self.core.solve
+        self._apply_m = self.core.matmul
 
     def level_space_operator(self):
         """``M_prop`` as a LinearOperator (whitened level space).
@@ -1195,13 +1246,7 @@ class ProportionalApproximation(_ApproximationBase):
         -------
         float
         """
-        m = self.model
-        K = m.K
-        core = np.eye(K) + (np.ones((K, K)) - np.eye(K)) @ np.diag(self.alpha_k) / m.W
-        sign, ld = np.linalg.slogdet(core)
-        if sign <= 0:  # pragma: no cover - M_prop is SPD (docs/theory_inverse.rst, D2)
-            raise ArithmeticError("M_prop is not positive definite")
-        return float(np.sum(np.log(self.Pdiag)) + ld)
+        return self.core.logdet()
 
     def logdet(self):
         """Approximate ``log|V|``: ``log|R| + sum_k q_k log s_k^2 + log|M_prop|``.

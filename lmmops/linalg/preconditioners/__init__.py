@@ -85,7 +85,7 @@ from lmmops.linalg import kernels
 from lmmops.linalg.krylov import block_cg
 from lmmops.linalg.operators import SparseLevelOperator
 from lmmops.paper.lowrank import ExactInverse
-from lmmops.paper.spectral import _reference_total
+from lmmops.paper.spectral import _ProportionalCore, _reference_total
 
 #: Level-space preconditioner chosen by ``solve_V(method="auto")`` (any number of factors).
 #: Measured in docs/studies/solver_study.md: symmetric block Gauss-Seidel needs the fewest
@@ -313,35 +313,18 @@ class _Proportional(_Level):
 
     def __init__(self, M):
         super().__init__(M)
-        K = self.K
-        self.alpha_k = np.array(
-            [np.sum(self.counts[k] ** 2 / self.block(self.diag, k)) for k in range(K)]
-        )
-        T_inv = np.ones((K, K)) / (K - 1) - np.eye(K)
-        self._core = self.n * T_inv + np.diag(self.alpha_k)
-        self._lu = sla.lu_factor(self._core)
-        self._w = np.concatenate(self.counts)
-
-    def _bt(self, Y):  # B'Y: (K, m)
-        return np.add.reduceat(self._w[:, None] * Y, self.offsets[:-1], axis=0)
-
-    def _b(self, S):  # B S: (q, m)
-        return np.repeat(S, np.diff(self.offsets), axis=0) * self._w[:, None]
+        self.core = _ProportionalCore(np.concatenate(self.counts), self.diag, self.offsets,
+                                     self.n)
+        self.alpha_k = self.core.alpha_k
 
     def _apply(self, X):
-        Y = X / self.diag[:, None]
-        S = sla.lu_solve(self._lu, self._bt(Y))
-        return Y - self._b(S) / self.diag[:, None]
+        return self.core.solve(X)
 
     def _forward(self, X):
-        T = self._bt(X)
-        TT = T.sum(axis=0, keepdims=True) - T
-        return self.diag[:, None] * X + self._b(TT) / self.n
+        return self.core.matmul(X)
 
     def logdet(self):
-        K = self.K
-        core = np.eye(K) + (np.ones((K, K)) - np.eye(K)) * self.alpha_k[None, :] / self.n
-        return float(np.sum(np.log(self.diag)) + np.linalg.slogdet(core)[1])
+        return self.core.logdet()
 
     def _details(self):
         return "D2, N_kl -> r_k r_l'/n, diagonal plus rank K (closed form); cost O(q)"
