@@ -691,8 +691,48 @@ def _randomized_svd(A, r, rng, n_oversample=10, n_iter=6):
     return (Q @ Ub)[:, :r], s[:r], Vt[:r].T
 
 
+def _deflated_svd(KN, wr, wc, total, rank, rng):
+    """Top-``rank`` triplets of ``K_N`` with the first one exact (``rho_1 = 1``).
+
+    The first triplet is ``(sqrt(wr / total), 1, sqrt(wc / total))``; the others come
+    from a dense SVD (``min(g, h) <= 300`` or ``rank >= min(g, h) / 2``) or from
+    :func:`scipy.sparse.linalg.svds` (tolerance 1e-6) on the table with the first
+    triplet deflated. This is the preconditioners' method: cheaper than ``'lanczos'``
+    at the accuracy a preconditioner needs.
+    """
+    g, h = KN.shape
+    m = min(g, h)
+    phi1, psi1 = np.sqrt(wr / total), np.sqrt(wc / total)
+    if m <= 300 or rank >= m // 2:
+        check_dense((g, h), "the dense SVD of the normalised count table")
+        Phi, rho, PsiT = np.linalg.svd(KN.toarray(), full_matrices=False)
+        Phi, rho, Psi = Phi[:, :rank], rho[:rank], PsiT[:rank].T
+        Phi[:, 0], Psi[:, 0], rho[0] = phi1, psi1, 1.0
+        return Phi, rho, Psi
+    KNt = KN.T.tocsr()
+    defl = LinearOperator(
+        (g, h), dtype=np.float64,
+        matvec=lambda x: KN @ x - phi1 * (psi1 @ x),
+        rmatvec=lambda y: KNt @ y - psi1 * (phi1 @ y),
+        matmat=lambda X: KN @ X - np.outer(phi1, psi1 @ X),
+        rmatmat=lambda Y: KNt @ Y - np.outer(psi1, phi1 @ Y),
+    )
+    v0 = np.random.default_rng(rng).standard_normal(min(g, h))
+    U, s, Vt = svds(defl, k=rank - 1, v0=v0, tol=1e-6)
+    order = np.argsort(s)[::-1]
+    Phi = np.column_stack([phi1, U[:, order]])
+    Psi = np.column_stack([psi1, Vt[order].T])
+    rho = np.concatenate([[1.0], s[order]])
+    return Phi, rho, Psi
+
+
 class _NormalisedSVD:
-    """SVD (or its top-r part) of ``K_N = D_r^{-1/2} Omega D_c^{-1/2}``; theta-free."""
+    """SVD (or its top-r part) of ``K_N = D_r^{-1/2} Omega D_c^{-1/2}``; theta-free.
+
+    The one home of the normalised count table's SVD: :class:`ModifiedCovariance` and
+    the ``spectral`` preconditioners of :mod:`lmmops.linalg.preconditioners` (method
+    ``'deflated'``) both take it from :func:`_normalised_svd`, through one cache.
+    """
 
     def __init__(self, model, rank, method, rng):
         g, h = (int(x) for x in model.st.q_k)
@@ -703,7 +743,9 @@ class _NormalisedSVD:
         ).tocsr()
         if method == "auto":
             method = "full" if (rank is None or rank >= mfull - 1) and mfull <= 4000 else "lanczos"
-        if method == "full":
+        if method == "deflated":
+            Phi, rho, Psi = _deflated_svd(KN, wr, wc, model.W, int(min(rank, mfull)), rng)
+        elif method == "full":
             check_dense((g, h), "the full SVD of the normalised count table")
             Phi, rho, PsiT = np.linalg.svd(KN.toarray(), full_matrices=False)
             Psi = PsiT.T
@@ -740,8 +782,18 @@ class _NormalisedSVD:
 
 
 def _normalised_svd(model, rank, method, rng):
+    """The (cached) :class:`_NormalisedSVD` of a model's normalised count table.
+
+    With ``method='deflated'`` a cached SVD of a larger rank serves a smaller one (its
+    leading triplets, as the preconditioners always used them).
+    """
     cache = _design_cache(model.design)
     ratio = model.s_c2 / model.s_e2 if model.s_c2 > 0 else 0.0
+    if method == "deflated":
+        for k, val in cache.items():
+            if (isinstance(k, tuple) and k[0] == "svd" and k[1:3] == (model.st.main, ratio)
+                    and k[4:] == (method, rng) and k[3] >= rank):
+                return val
     key = ("svd", model.st.main, ratio, rank, method, rng if method != "full" else None)
     if key not in cache:
         # keep at most a few theta-dependent SVDs (interaction models)
@@ -750,6 +802,32 @@ def _normalised_svd(model, rank, method, rng):
             del cache[k]
         cache[key] = _NormalisedSVD(model, rank, method, rng)
     return cache[key]
+
+
+def design_svd(design, rank, rng=0):
+    """Top-``rank`` triplets ``(Phi, rho, Psi)`` of a two-factor design's normalised table.
+
+    ``K_N = D_r^{-1/2} N D_c^{-1/2}`` of the raw counts (no interaction whitening), by
+    the ``'deflated'`` method (first triplet exact), cached per design with every other
+    SVD of this module.
+
+    Parameters
+    ----------
+    design : CrossedDesign
+        Two crossed factors, connected.
+    rank : int
+    rng : int, optional
+
+    Returns
+    -------
+    Phi : ndarray, shape (g, rank)
+    rho : ndarray, shape (rank,)
+    Psi : ndarray, shape (h, rank)
+    """
+    model = _Model(design, 1.0, np.ones(design.n_factors))
+    rank = int(min(rank, min(int(x) for x in model.st.q_k)))
+    svd = _normalised_svd(model, rank, "deflated", rng)
+    return svd.Phi[:, :rank], svd.rho[:rank], svd.Psi[:, :rank]
 
 
 class ModifiedCovariance(_ApproximationBase):

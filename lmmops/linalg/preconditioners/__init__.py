@@ -77,7 +77,7 @@ import weakref
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
-from scipy.sparse.linalg import LinearOperator, eigsh, svds
+from scipy.sparse.linalg import LinearOperator, eigsh
 
 from lmmops.errors import ArgumentError, ArgumentTypeError, DesignError
 from lmmops.guard import check_dense
@@ -85,7 +85,7 @@ from lmmops.linalg import kernels
 from lmmops.linalg.krylov import block_cg
 from lmmops.linalg.operators import SparseLevelOperator
 from lmmops.paper.lowrank import ExactInverse
-from lmmops.paper.spectral import _ProportionalCore, _reference_total
+from lmmops.paper.spectral import _ProportionalCore, _reference_total, design_svd
 
 #: Level-space preconditioner chosen by ``solve_V(method="auto")`` (any number of factors).
 #: Measured in docs/studies/solver_study.md: symmetric block Gauss-Seidel needs the fewest
@@ -113,7 +113,6 @@ LEVEL_KINDS = (
 )
 OBSERVATION_KINDS = ("identity", "spectral", "exact", "lowrank", "lifted")
 
-_SVD_CACHE = weakref.WeakKeyDictionary()  # design -> {rank: (Phi, rho, Psi)}
 _SCHUR_CACHE = weakref.WeakKeyDictionary()  # design -> {side: (rho, U)}
 
 
@@ -333,47 +332,10 @@ class _Proportional(_Level):
 def _normalised_svd(design, rank, rng=0):
     """Top-``rank`` SVD triplets of ``K_N = D_r^{-1/2} N D_c^{-1/2}`` (theta-free, cached).
 
-    The first triplet is known exactly (``rho_1 = 1``, ``sqrt(r/n)``, ``sqrt(c/n)``);
-    the others come from a dense SVD (``min(g, h) <= 300`` or ``rank >= min(g, h) / 2``) or from
-    :func:`scipy.sparse.linalg.svds` on the deflated table.
+    :func:`lmmops.paper.spectral.design_svd`: the one implementation and cache, shared
+    with :class:`~lmmops.paper.spectral.ModifiedCovariance`.
     """
-    cache = _SVD_CACHE.setdefault(design, {})
-    g, h = design.n_levels[:2]
-    m = min(g, h)
-    rank = int(min(rank, m))
-    for key, val in cache.items():  # a larger cached SVD serves a smaller rank
-        if key >= rank:
-            return val[0][:, :rank], val[1][:rank], val[2][:, :rank]
-    r = np.asarray(design.counts(0), dtype=np.float64)
-    c = np.asarray(design.counts(1), dtype=np.float64)
-    n = float(design.n_obs)
-    KN = (sp.diags(1 / np.sqrt(r)) @ design.crosstab(0, 1) @ sp.diags(1 / np.sqrt(c))).tocsr()
-    phi1, psi1 = np.sqrt(r / n), np.sqrt(c / n)
-    if m <= 300 or rank >= m // 2:
-        check_dense((g, h), "the dense SVD of the normalised count table")
-        Phi, rho, PsiT = np.linalg.svd(KN.toarray(), full_matrices=False)
-        Phi, rho, Psi = Phi[:, :rank], rho[:rank], PsiT[:rank].T
-        Phi[:, 0], Psi[:, 0], rho[0] = phi1, psi1, 1.0
-    else:
-
-        KNt = KN.T.tocsr()
-        defl = LinearOperator(
-            (g, h), dtype=np.float64,
-            matvec=lambda x: KN @ x - phi1 * (psi1 @ x),
-            rmatvec=lambda y: KNt @ y - psi1 * (phi1 @ y),
-            matmat=lambda X: KN @ X - np.outer(phi1, psi1 @ X),
-            rmatmat=lambda Y: KNt @ Y - np.outer(psi1, phi1 @ Y),
-        )
-        v0 = np.random.default_rng(rng).standard_normal(min(g, h))
-        U, s, Vt = svds(defl, k=rank - 1, v0=v0, tol=1e-6)
-        order = np.argsort(s)[::-1]
-        Phi = np.column_stack([phi1, U[:, order]])
-        Psi = np.column_stack([psi1, Vt[order].T])
-        rho = np.concatenate([[1.0], s[order]])
-    rho = np.clip(rho, 0.0, 1.0)
-    out = (np.ascontiguousarray(Phi), rho, np.ascontiguousarray(Psi))
-    cache[rank] = out
-    return out
+    return design_svd(design, rank, rng)
 
 
 def _reference_totals(counts, reference):
