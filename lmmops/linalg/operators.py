@@ -763,12 +763,13 @@ class GramOperator(LinearOperator):
     True
     """
 
-    def __init__(self, design, parallel=None, weights=None):
+    def __init__(self, design, parallel=None, weights=None, *, _keep_cache=False):
         q = design.q
         super().__init__(dtype=np.float64, shape=(q, q))
         if weights is None:
             A = design.gram().tocsr()
-            design._cache.pop(("gram",), None)  # the arrays below are the only copy kept
+            if not _keep_cache:  # the arrays below are then the only copy kept
+                design._cache.pop(("gram",), None)
         else:
             w = np.asarray(weights)
             if w.ndim != 1:
@@ -778,9 +779,10 @@ class GramOperator(LinearOperator):
             A = (Z.T @ (Z.multiply(w[:, None]))).tocsr()
         A.sort_indices()
         self.design = design
-        self._indptr = A.indptr.astype(np.int64)
-        self._indices = A.indices.astype(np.int32)
-        self._data = A.data.astype(np.float64)
+        # no copies where the dtypes already fit (the design's cached Z'Z shares them)
+        self._indptr = np.asarray(A.indptr, dtype=np.int64)
+        self._indices = np.asarray(A.indices, dtype=np.int32)
+        self._data = np.asarray(A.data, dtype=np.float64)
         self.nnz = int(A.nnz)
         self.parallel = _resolve_parallel(parallel, self.nnz)
 
@@ -825,6 +827,8 @@ class SparseLevelOperator(LinearOperator):
     The same matrix as :class:`~lmmops.linalg.operators.LevelSpaceOperator`, but a product costs
     ``O(nnz(Z'Z))`` (non-empty cells) instead of a pass over the ``n`` rows; ``Z'Z`` is
     built once per design (cached by the design) and does not depend on the variances.
+    It is applied by :class:`GramOperator` (the one sparse ``Z'Z`` product), plus the
+    diagonal ``Lambda``.
 
     Parameters
     ----------
@@ -843,16 +847,17 @@ class SparseLevelOperator(LinearOperator):
     def __init__(self, M):
         super().__init__(dtype=np.float64, shape=M.shape)
         self.args = (M,)
-        self._G = M.design.gram()
+        # the design keeps its cached Z'Z: the preconditioners and later operators reuse it
+        self._G = GramOperator(M.design, _keep_cache=True)
         self._d = np.repeat(np.asarray(M.lambdas, dtype=np.float64), M.design.n_levels)
 
     def _matvec(self, x):
         x = np.asarray(x, dtype=np.float64).reshape(-1)
-        return self._G @ x + self._d * x
+        return self._G._matvec(x) + self._d * x
 
     def _matmat(self, X):
         X = np.asarray(X, dtype=np.float64)
-        return self._G @ X + self._d[:, None] * X
+        return self._G._mat(X) + self._d[:, None] * X
 
     def _adjoint(self):
         return self
