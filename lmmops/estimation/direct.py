@@ -47,6 +47,7 @@ import scipy.sparse as sp
 from lmmops.data.checks import check_method, check_weights
 from lmmops.data.design import CrossedDesign
 from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
+from lmmops.estimation.criterion import profiled_criterion
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
 from lmmops.threads import limit_threads
@@ -62,8 +63,6 @@ __all__ = [
     "theta_scale",
     "warm_up",
 ]
-
-_LOG2PI = np.log(2.0 * np.pi)
 
 
 @dataclass
@@ -354,13 +353,8 @@ class DirectObjective:
         pwrss = float(diag[m - 1] ** 2)
         if pwrss <= 0:
             raise LmmopsError("the response is fitted exactly (zero residual sum of squares)")
-        if self.method == "REML":
-            dof = n - p
-            obj = logdet_L + logdet_RX + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
-        else:
-            dof = n
-            obj = logdet_L + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
-        obj -= self.ldW  # log|R| = n log s^2 - sum(log w), as lme4's ldW
+        # log|R| = n log s^2 - sum(log w), as lme4's ldW
+        obj, dof = profiled_criterion(logdet_L, logdet_RX, pwrss, n, p, self.method, self.ldW)
         sigma2 = pwrss / dof
 
         # conditional modes: back-substitute the y column, then the first block
