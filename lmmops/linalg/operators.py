@@ -140,6 +140,11 @@ class _KernelOperator(LinearOperator):
         self.parallel = _resolve_parallel(parallel, design.n_obs)
         self._ws = _Workspace() if workspace is None else workspace
 
+    def _repr(self, name, size, *fields):
+        """``name(size, factors={...}, fields..., parallel=...)``."""
+        facs = dict(zip(self.design.names, self.design.n_levels))
+        return f"{name}({size}, factors={facs}, {', '.join(fields)}, parallel={self.parallel})"
+
     def _kernel(self, name):
         return kernels.get_kernel(name, self.parallel)
 
@@ -535,12 +540,8 @@ class CovarianceOperator(_KernelOperator):
         )
 
     def __repr__(self):
-        facs = dict(zip(self.design.names, self.design.n_levels))
-        return (
-            f"CovarianceOperator(n_obs={self.shape[0]}, factors={facs}, "
-            f"sigma2_e={self.sigma2_e:.6g}, sigma2={_fmt(self.sigma2)}, "
-            f"parallel={self.parallel})"
-        )
+        return self._repr("CovarianceOperator", f"n_obs={self.shape[0]}",
+                          f"sigma2_e={self.sigma2_e:.6g}", f"sigma2={_fmt(self.sigma2)}")
 
 
 # ---------------------------------------------------------------------------------- M
@@ -724,12 +725,8 @@ class LevelSpaceOperator(_KernelOperator):
         return np.ascontiguousarray(a)
 
     def __repr__(self):
-        facs = dict(zip(self.design.names, self.design.n_levels))
-        return (
-            f"LevelSpaceOperator(q={self.shape[0]}, factors={facs}, "
-            f"lambdas={_fmt(self.lambdas)}, sigma2_e={self.sigma2_e:.6g}, "
-            f"parallel={self.parallel})"
-        )
+        return self._repr("LevelSpaceOperator", f"q={self.shape[0]}",
+                          f"lambdas={_fmt(self.lambdas)}", f"sigma2_e={self.sigma2_e:.6g}")
 
 
 class GramOperator(LinearOperator):
