@@ -124,6 +124,15 @@ def _fmt(values):
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
+class _SelfAdjoint:
+    """Mixin of the symmetric operators: the adjoint and the transpose are the operator."""
+
+    def _adjoint(self):
+        return self
+
+    _transpose = _adjoint
+
+
 class _KernelOperator(LinearOperator):
     """Shared plumbing: input normalisation, column blocking and scratch space.
 
@@ -356,7 +365,7 @@ class RandomEffectsAdjointOperator(_KernelOperator):
 
 
 # ---------------------------------------------------------------------------------- V
-class CovarianceOperator(_KernelOperator):
+class CovarianceOperator(_SelfAdjoint, _KernelOperator):
     """The marginal covariance ``V`` of a crossed random-intercepts model.
 
     Parameters
@@ -444,11 +453,6 @@ class CovarianceOperator(_KernelOperator):
             out,
         )
         return out
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
 
     def diagonal(self):
         """Diagonal of V.
@@ -545,7 +549,7 @@ class CovarianceOperator(_KernelOperator):
 
 
 # ---------------------------------------------------------------------------------- M
-class LevelSpaceOperator(_KernelOperator):
+class LevelSpaceOperator(_SelfAdjoint, _KernelOperator):
     """The level-space matrix ``M = Z'Z + Lambda`` (q x q), applied matrix-free.
 
     Parameters
@@ -625,11 +629,6 @@ class LevelSpaceOperator(_KernelOperator):
             self._codes, self._offsets, U, self.lambdas, self._work(q, m), out
         )
         return out
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
 
     def _lambda_diag(self):
         return np.repeat(self.lambdas, self.design.n_levels)
@@ -729,7 +728,7 @@ class LevelSpaceOperator(_KernelOperator):
                           f"lambdas={_fmt(self.lambdas)}", f"sigma2_e={self.sigma2_e:.6g}")
 
 
-class GramOperator(LinearOperator):
+class GramOperator(_SelfAdjoint, LinearOperator):
     """``Z'Z`` (q x q) applied through its sparse form, one pass over the non-empty cells.
 
     ``Z'Z`` does not depend on the variances; it is built once per design
@@ -799,11 +798,6 @@ class GramOperator(LinearOperator):
     def _matmat(self, X):
         return self._mat(X)
 
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
-
     def todense(self):
         """Dense ``Z'Z`` (tests and small problems only; size-guarded).
 
@@ -818,7 +812,7 @@ class GramOperator(LinearOperator):
         return f"GramOperator(q={self.shape[0]}, nnz={self.nnz}, parallel={self.parallel})"
 
 
-class SparseLevelOperator(LinearOperator):
+class SparseLevelOperator(_SelfAdjoint, LinearOperator):
     """``M = Z'Z + Lambda`` applied through the sparse ``Z'Z`` (``design.gram()``).
 
     The same matrix as :class:`~lmmops.linalg.operators.LevelSpaceOperator`, but a product costs
@@ -855,8 +849,3 @@ class SparseLevelOperator(LinearOperator):
     def _matmat(self, X):
         X = np.asarray(X, dtype=np.float64)
         return self._G._mat(X) + self._d[:, None] * X
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
