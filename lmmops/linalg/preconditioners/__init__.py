@@ -72,7 +72,6 @@ Every preconditioner is SPD; the tests check the dense eigenvalues on small desi
 from __future__ import annotations
 
 import time
-import weakref
 
 import numpy as np
 import scipy.linalg as sla
@@ -85,7 +84,12 @@ from lmmops.linalg import kernels
 from lmmops.linalg.krylov import block_cg
 from lmmops.linalg.operators import SparseLevelOperator
 from lmmops.paper.lowrank import ExactInverse
-from lmmops.paper.spectral import _ProportionalCore, _reference_total, design_svd
+from lmmops.paper.spectral import (
+    _design_cache,
+    _ProportionalCore,
+    _reference_total,
+    design_svd,
+)
 
 #: Level-space preconditioner chosen by ``solve_V(method="auto")`` (any number of factors).
 #: Measured in docs/studies/solver_study.md: symmetric block Gauss-Seidel needs the fewest
@@ -113,7 +117,6 @@ LEVEL_KINDS = (
 )
 OBSERVATION_KINDS = ("identity", "spectral", "exact", "lowrank", "lifted")
 
-_SCHUR_CACHE = weakref.WeakKeyDictionary()  # design -> {side: (rho, U)}
 
 
 def _is_level(A):
@@ -372,8 +375,8 @@ def _schur_eigen(design, S):
     The eigenpairs of ``K'K = D_S^{-1/2} N_SL D_L^{-1} N_LS D_S^{-1/2}`` (dense, m x m, with
     ``m`` the smaller level count) are ``(rho_k^2, psi_k)``; no g x h array is formed.
     """
-    cache = _SCHUR_CACHE.setdefault(design, {})
-    key = S
+    cache = _design_cache(design)  # the same per-design cache as the normalised SVD
+    key = ("schur_eigen", S)
     if key not in cache:
         L = 1 - S
         m = int(design.n_levels[S])
