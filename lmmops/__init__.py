@@ -21,7 +21,6 @@ from lmmops._version import __version__
 from lmmops.analysis import inference, oneway, outliers  # noqa: F401  (as attributes)
 from lmmops.analysis.compare import anova
 from lmmops.data.design import CrossedDesign
-from lmmops.data.formula import RankDeficientWarning
 from lmmops.errors import (
     ConvergenceWarning,
     DenseTooLargeError,
@@ -30,6 +29,7 @@ from lmmops.errors import (
     FormulaError,
     LmmopsError,
     RankDeficientError,
+    RankDeficientWarning,
 )
 from lmmops.estimation import mme  # noqa: F401  (as an attribute)
 from lmmops.linalg.operators import CovarianceOperator, LevelSpaceOperator

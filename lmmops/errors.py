@@ -12,14 +12,19 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "ConvergenceWarning",
+    "CorrectionRankWarning",
     "DenseTooLargeError",
     "DesignError",
     "DisconnectedDesignError",
     "DisconnectedDesignWarning",
     "FormulaError",
     "LmmopsError",
+    "NumericalFailure",
     "RankDeficientError",
+    "RankDeficientWarning",
+    "RefitWarning",
     "UnknownNameError",
+    "UserError",
 ]
 
 
@@ -70,9 +75,29 @@ class DenseTooLargeError(LmmopsError, MemoryError):
     """A dense matrix was requested that exceeds the configured size limit."""
 
 
+class NumericalFailure(LmmopsError):
+    """The Cholesky factorisation failed at a particular ``theta`` (ill-conditioning)."""
+
+
+class UserError(LmmopsError):
+    """A problem with the command line or its inputs."""
+
+
 class ConvergenceWarning(UserWarning):
     """An optimiser or iterative solver stopped before meeting its tolerance."""
 
 
 class DisconnectedDesignWarning(UserWarning):
     """The level graph of the crossed factors has more than one connected component."""
+
+
+class RankDeficientWarning(UserWarning):
+    """The fixed-effects model matrix is rank deficient; aliased columns were dropped."""
+
+
+class CorrectionRankWarning(UserWarning):
+    """The low-rank correction is nearly as large as the level space itself."""
+
+
+class RefitWarning(UserWarning):
+    """Models fitted by REML were refitted by ML for a likelihood-ratio test."""

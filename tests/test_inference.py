@@ -85,7 +85,7 @@ def test_variance_se_from_the_information_matches_dense(data, method):
     obj, ev = res._direct()  # the solver's conditioned scale: variances times s^2
     np.testing.assert_allclose(res.variances_cov.to_numpy(), variance_covariance(obj, ev)
                                * res.model.conditioning.variance_scale ** 2)
-    # exactly the average information of the cheat sheet, 1/2 Q' P Q (ML: V^{-1} for P)
+    # exactly the average information of docs/theory.rst, 1/2 Q' P Q (ML: V^{-1} for P)
     d = lmmops.CrossedDesign.from_frame(data, ["a", "b"])
     X = np.column_stack([np.ones(len(data)), data.x])
     y = data.y.to_numpy()

@@ -1,4 +1,4 @@
-"""Dense-oracle tests of lmmops.paper.lowrank.ExactInverse (math.md Sections 5, 6, 7a, 8, 11)."""
+"""Dense-oracle tests of lmmops.paper.lowrank.ExactInverse (docs/theory_inverse.rst)."""
 
 import warnings
 

@@ -12,7 +12,7 @@ from lmmops.estimation.mme import diag_P, level_space_diagonals, solve
 
 
 def dense_henderson(X, Z, y, g, s2e, w=None):
-    """The cheat sheet's blocks from V, P and G directly (not from C)."""
+    """The blocks of docs/theory.rst (REML identities) from V, P and G directly (not from C)."""
     n = len(y)
     w = np.ones(n) if w is None else w
     G = np.diag(g)

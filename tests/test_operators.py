@@ -326,7 +326,7 @@ def test_level_space_matches_dense(V_case):
 
 
 def test_V_inverse_via_level_space(V_case, rng):
-    """V^{-1} b = lift(M^{-1} rhs(b), b) (math.md Section 11), for (n,) and (n, m)."""
+    """V^{-1} b = lift(M^{-1} rhs(b), b) (docs/theory.rst, Level space), for (n,) and (n, m)."""
     M = V_case.level_space()
     d = V_case.design
     Vd = _dense_V(d, V_case.sigma2_e, V_case.sigma2)
@@ -346,7 +346,7 @@ def test_V_inverse_via_level_space(V_case, rng):
 
 
 def test_logdet_identity(V_case):
-    """log|V| = n log s_e^2 + sum_k q_k log(s_k^2/s_e^2) + log|M| (math.md Section 11)."""
+    """log|V| = n log s_e^2 + sum_k q_k log(s_k^2/s_e^2) + log|M| (docs/theory.rst)."""
     M = V_case.level_space()
     d = V_case.design
     sign_M, logdet_M = np.linalg.slogdet(M.todense())

@@ -1,4 +1,5 @@
-"""MSOM and VSOM against a dense implementation of the cheat sheet's formulas."""
+"""MSOM and VSOM against a dense implementation of the formulas of docs/theory.rst
+(Residuals and outlier models)."""
 
 import numpy as np
 import pandas as pd

@@ -1,4 +1,4 @@
-"""Dense-oracle tests of lmmops.paper.spectral: every identity of math.md Sections 3, 4, 6-8,
+"""Dense-oracle tests of lmmops.paper.spectral: every identity of docs/theory_inverse.rst,
 11."""
 
 import numpy as np
@@ -188,7 +188,7 @@ def test_modified_canonical_basis_properties(unbalanced):
 
 
 def test_modified_closed_form_inverse_formula(unbalanced):
-    """The sum over canonical pairs of math.md Section 6, written out densely."""
+    """The sum over canonical pairs of docs/theory_inverse.rst (D1), written out densely."""
     d = unbalanced
     g, h = d.n_levels
     D1 = ModifiedCovariance(KhatriRaoCovariance(d, S_E2, [S_A2, S_B2]))

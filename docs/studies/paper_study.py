@@ -1,4 +1,6 @@
-"""Accuracy and cost of the spectral inverses of V (reproduces math.md Section 10 in kind).
+"""Accuracy and cost of the spectral inverses of V.
+
+Reproduces, in kind, the reference figures of docs/theory_inverse.rst.
 
 Run from the repository root::
 
@@ -7,8 +9,8 @@ Run from the repository root::
 
 It writes ``docs/studies/paper_study.md`` (tables and discussion) and PNG figures next to it.
 
-What is measured, for the asymptotic form (Section 7b), D2 (proportional, Section 7a), D1
-(modified covariance, Section 6) and D1 with the first-order margin correction:
+What is measured, for the asymptotic form, D2 (proportional), D1 (modified covariance; all
+three in docs/theory_inverse.rst) and D1 with the first-order margin correction:
 
 - ``relF``: ``||A - V^{-1}||_F / ||V^{-1}||_F``. Every approximation here has the form
   ``A = s_e^{-2}(I - Zw X Zw')`` with ``Zw = Z / s_e``, so with ``C = Zw'Zw`` and the exact
@@ -121,7 +123,7 @@ def design_from_table(N, rng):
 
 # ---------------------------------------------------------------------------- exact reference
 class Exact:
-    """Exact V^{-1} by a dense Cholesky of the whitened level-space matrix (Section 5)."""
+    """Exact V^{-1} by a dense Cholesky of the whitened level-space matrix (docs/theory.rst)."""
 
     def __init__(self, V):
         self.d1 = ModifiedCovariance(V)
@@ -216,7 +218,7 @@ def reml_study(g, rng, n_rep):
     ns = []
     for _ in range(n_rep):
         # Pois(3) counts (zeros are empty cells too) in a random half of the cells: the mean n
-        # is 3 g h / 2, the n = 5429 of math.md Section 10 at g = h = 60
+        # is 3 g h / 2, the n = 5429 of the reference REML fit at g = h = 60
         N = _largest_component(rng.poisson(3, (g, g)) * (rng.random((g, g)) < 0.5))
         d = design_from_table(N, rng)
         n = d.n_obs
@@ -312,7 +314,7 @@ def table(headers, rows):
     return "\n".join(out)
 
 
-REFERENCE = [  # math.md Section 10
+REFERENCE = [  # docs/theory_inverse.rst, the reference figures
     ("pois", 20, 1581, .16, 1.4e-2, 1.4e-2, 3.0e-4, .15, 5e-3, .16, .12),
     ("pois", 160, 102668, .07, 1.9e-3, 1.9e-3, 6.1e-6, .07, 4e-4, .19, .20),
     ("miss50", 20, 861, .43, 4.8e-2, 4.8e-2, 2.7e-3, .39, .03, 1.1, 1.1),
@@ -412,16 +414,17 @@ def write_md(rows, timing, reml, args, seconds):
         f"({mode} mode, seed {args.seed}, {seconds:.0f} s). Do not edit by hand.\n"
     )
     L.append(
-        "Setting (math.md Section 10): s_e^2 = 1, s_A^2 = s_B^2 = 0.5; two crossed factors "
+        "Setting (as for the reference figures of docs/theory_inverse.rst): s_e^2 = 1, "
+        "s_A^2 = s_B^2 = 0.5; two crossed factors "
         "with g = h levels before empty or disconnected levels are dropped (the largest "
-        "connected component is kept). Approximations: **asym** = Section 7(b), **D2** = "
-        "proportional (Section 7a), **D1** = modified covariance V check (Section 6, full "
+        "connected component is kept). Approximations: **asym** = the asymptotic form, **D2** = "
+        "proportional, **D1** = modified covariance V check (full "
         "SVD). relF = ||A - V^-1||_F / ||V^-1||_F (exact, computed in level space at every "
         f"size and checked against dense n x n algebra for n <= {DENSE_N}); rel2 = "
         "||A - V^-1||_2 / ||V^-1||_2 (dense eigvalsh for n <= "
         f"{DENSE_N}, Lanczos/eigsh on the operator A - V^-1 above); dlogdet = approx - "
         "exact log|V|. The exact reference is a dense Cholesky of the (g+h) x (g+h) "
-        "level-space matrix (Section 5).\n"
+        "level-space matrix (docs/theory.rst, Level space).\n"
     )
     L.append("## 1. Accuracy against the design's second canonical correlation\n")
     hdr = ["design", "g", "h", "n", "rho2", "relF asym", "relF D2", "relF D1", "rel2 asym",
@@ -452,12 +455,12 @@ def write_md(rows, timing, reml, args, seconds):
         f"most {max(ex_err):.1e} relative and log|V| to {max(ex_ld):.1e} absolute on every "
         "design, including band and 90%-missing designs.\n"
     )
-    L.append("## 2. Side by side with math.md Section 10\n")
+    L.append("## 2. Side by side with the reference figures\n")
     hdr = ["design", "g=h", "source", "n", "rho2", "relF asym", "relF D2", "relF D1",
            "rel2 D2", "rel2 D1", "dlogdet D2", "dlogdet D1 raw"]
     body = []
     for kind, g, n, rho2, fa, f2, f1, s2, s1, l2, l1 in REFERENCE:
-        body.append([DESIGN_LABELS[kind], str(g), "math.md", str(n), f"{rho2:.2f}",
+        body.append([DESIGN_LABELS[kind], str(g), "reference", str(n), f"{rho2:.2f}",
                      f"{fa:.1e}", f"{f2:.1e}", f"{f1:.1e}", f"{s2:.2g}", f"{s1:.1g}",
                      signed(l2), signed(l1)])
         for r in rows:
@@ -538,7 +541,7 @@ def summary_numbers(rows):
 
 DISCUSSION_TEMPLATE = """### Reading the accuracy tables
 
-- **The shape of math.md's table is reproduced.** Errors of D2 and the asymptotic form track
+- **The shape of the reference table is reproduced.** Errors of D2 and the asymptotic form track
   rho2: the spectral error of D2 is about rho2 itself (median rel2 D2 / rho2 =
   {rel2_over_rho2:.2f}), and the asymptotic form's Frobenius error is within a small factor of
   D2's (median ratio {asym_over_d2:.2f}) because on these designs the shrinkage factors
@@ -551,12 +554,12 @@ DISCUSSION_TEMPLATE = """### Reading the accuracy tables
   {hard_rel2_hi:.2f}; the exact corrections stay at rounding level.
 - **Log-determinant.** The raw D1 log-determinant has an error that grows with the spread of
   the margins (largest for "margins x U(.5,2)" and for Zipf designs, up to {zipf_raw:.3g}
-  here); the first-order margin correction of Section 6 removes most of it
+  here); the first-order margin correction of D1 removes most of it
   ({corr_max:.2g} at most on the Poisson, 50%-missing and margin-scaled designs). On Zipf
   designs, whose level totals span orders of magnitude, the correction leaves {zipf_corr:.3g}
   and D1's relF reaches {zipf_d1:.1e}: equalising margins is the wrong model there (the
   correction rank t is then nearly g + h).
-- **Differences from math.md's figures.** (i) The designs are random draws, so rho2, n and
+- **Differences from the reference figures.** (i) The designs are random draws, so rho2, n and
   the errors differ by sampling variation at the same g = h (rho2 is a random quantity of
   order 1/sqrt(mean count per level)). (ii) For "margins x U(.5,2)" the exact recipe of the
   reference (how the U(.5,2) factors enter the counts) is not given; here
@@ -572,7 +575,7 @@ REML_TEXT = """Mean relative bias of s_e^2 against the exact fit: D1+corr {b_d1:
 D2 {b_d2:+.1%}, asymptotic {b_as:+.1%}. Largest mean relative deviation of any variance from
 the exact estimate: D1+corr {m_d1:.1%}, D2 {m_d2:.1%}, asymptotic {m_as:.1%}.
 
-math.md Section 10 reports one draw of the same setting: exact (1.012, .542, .926), D1 with the
+The reference figures report one draw of the same setting: exact (1.012, .542, .926), D1 with the
 log-det correction (1.012, .540, .928), D2 (.951, .592, .969), asymptotic (.951, .595, .965),
 i.e. D2 and the asymptotic form bias s_e^2 down by about 6% and D1 is within 0.5% of exact.
 The same pattern appears here: D2 and the asymptotic form pull s_e^2 down (and push s_A^2

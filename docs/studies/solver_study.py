@@ -5,7 +5,8 @@ Run from the repository root::
     python docs/studies/solver_study.py --quick   # < 3 minutes: solver_study.md + PNGs
     python docs/studies/solver_study.py --large   # n = 10^6 and 10^7: solver_study_large.md
 
-What is measured (math.md Sections 11, 12), for every design and variance ratio
+What is measured (docs/theory.rst, Level space and Where to precondition), for every design
+and variance ratio
 ``s_k^2 / s_e^2`` in {0.1, 1, 10}:
 
 - level space, CG on ``M = Z'Z + Lambda`` with ``rhs = Z'b``: no preconditioner, Jacobi,
@@ -308,7 +309,8 @@ DISCUSSION = """## Findings
   over D2. D1's reference margins (`margins="reference"`, the paper's V check in level
   space) are worse than the exact margins on skewed designs: they replace `lambda` by
   `lambda r_i / r̄`, far off for levels with few observations.
-- **Lifted level-space forms are disastrous preconditioners of V** (math.md Section 12):
+- **Lifted level-space forms are disastrous preconditioners of V** (docs/theory.rst, Where
+  to precondition):
   `s_e^{-2}(I - Z B^{-1} Z')` with B = Jacobi or D2 multiplies the unpreconditioned
   observation-space iteration count by 2-10 (or does not converge within the 3,000 cap on
   Zipf(1.5)), although the same B is an excellent preconditioner of M. The reason:

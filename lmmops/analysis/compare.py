@@ -19,13 +19,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lmmops.errors import LmmopsError
+from lmmops.errors import LmmopsError, RefitWarning
 
 __all__ = ["RefitWarning", "anova"]
-
-
-class RefitWarning(UserWarning):
-    """Models fitted by REML were refitted by ML for a likelihood-ratio test."""
 
 
 def anova(*results, refit=True, names=None):

@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from lmmops.errors import LmmopsError
+from lmmops.estimation.criterion import criterion_at_sigma, residual_dof
 from lmmops.estimation.direct import theta_gradient
 
 __all__ = [
@@ -30,9 +31,6 @@ __all__ = [
     "profile_interval",
     "variance_covariance",
 ]
-
-_LOG2PI = np.log(2.0 * np.pi)
-
 
 def variance_covariance(obj, ev):
     """Asymptotic covariance of the variance-parameter estimates (inverse information).
@@ -103,10 +101,9 @@ def full_criterion(obj, sd, sigma, gradient=False):
     theta = sd / sigma
     ev = obj.evaluate(theta, gradient=gradient)
     s2 = sigma * sigma
-    dof = obj.n - obj.p if obj.method == "REML" else obj.n
-    f = ev.logdet_L - obj.ldW + dof * (_LOG2PI + np.log(s2)) + ev.pwrss / s2
-    if obj.method == "REML":
-        f += ev.logdet_RX
+    dof = residual_dof(obj.n, obj.p, obj.method)
+    f = criterion_at_sigma(ev.logdet_L, ev.logdet_RX, ev.pwrss, obj.n, obj.p, obj.method, s2,
+                           obj.ldW)
     if not gradient:
         return f
 

@@ -1,4 +1,4 @@
-"""The one-way random-effects model of the lecture: ``y_ij = mu + A_j + e_ij``.
+"""The one-way random-effects model ``y_ij = mu + A_j + e_ij`` (:ref:`theory-oneway`).
 
 ``A_j ~ N(0, s_A^2)`` and ``e_ij ~ N(0, s_e^2)`` independent, ``j = 1..J`` groups of sizes
 ``n_j``, ``n = sum n_j``. The group means have ``E(ybar_j) = mu`` and

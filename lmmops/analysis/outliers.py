@@ -1,4 +1,4 @@
-"""Outlier models of the LMM cheat sheet: mean shift (MSOM) and variance shift (VSOM).
+"""Outlier models: mean shift (MSOM) and variance shift (VSOM) (:ref:`theory-outliers`).
 
 Mean-shift outlier model: ``y = X tau + Z u + delta_I phi_I + e`` with ``delta_I`` the
 indicator of a set ``I`` of observations and ``phi_I`` a fixed shift. Then
@@ -6,11 +6,11 @@ indicator of a set ``I`` of observations and ``phi_I`` a fixed shift. Then
 - ``phi_hat_I = (delta_I' P delta_I)^{-1} delta_I' P y``,
 - ``var(phi_hat_I) = (delta_I' P delta_I)^{-1}``,
 
-and for a single observation ``phi_hat_i = r_i`` is the conditional residual of the cheat
-sheet and ``phi_hat_i / se = t_i`` its studentised form. ``P y = R^{-1} e`` (``e`` the
-conditional residual) and the needed entries of ``P`` come exactly from the level-space
-factor (:mod:`lmmops.estimation.mme`); an iterative solver would estimate ``diag(P)``
-stochastically.
+and for a single observation ``phi_hat_i = r_i`` is the shift residual of
+:ref:`theory-outliers` and ``phi_hat_i / se = t_i`` its studentised form.
+``P y = R^{-1} e`` (``e`` the conditional residual) and the needed entries of ``P``
+come exactly from the level-space factor (:mod:`lmmops.estimation.mme`); an iterative
+solver would estimate ``diag(P)`` stochastically.
 
 Variance-shift outlier model: ``y = X tau + Z u + delta_I o_I + e`` with
 ``o_I ~ N(0, s_o^2 I_|I|)``. Adding ``s_o^2`` to the residual variance of the rows in ``I``

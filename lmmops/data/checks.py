@@ -1,4 +1,4 @@
-"""Checks of the response and the prior weights, shared by every solver and operator.
+"""Checks of the method, the response and the prior weights, shared by every solver and operator.
 
 Each raises an :class:`~lmmops.errors.ArgumentError` naming the problem (a non-finite or
 complex response, one too large to square twice in float64, weights of the wrong length,
@@ -8,9 +8,41 @@ non-positive or misaligned with the data) before any arithmetic.
 import numpy as np
 import pandas as pd
 
-from lmmops.errors import ArgumentError
+from lmmops.errors import ArgumentError, LmmopsError
 
-__all__ = ["check_response", "check_weights"]
+__all__ = ["check_method", "check_response", "check_weights"]
+
+
+def check_method(method, n=None, p=None):
+    """Validate an estimation method: ``"REML"`` or ``"ML"``, in any case.
+
+    Parameters
+    ----------
+    method : str
+    n, p : int, optional
+        The numbers of observations and fixed effects: REML then also needs ``n > p``.
+
+    Returns
+    -------
+    str
+        ``"REML"`` or ``"ML"``.
+
+    Raises
+    ------
+    LmmopsError
+        For any other method, or REML with ``n <= p``.
+
+    Examples
+    --------
+    >>> check_method("reml")
+    'REML'
+    """
+    m = str(method).upper()
+    if m not in ("REML", "ML"):
+        raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
+    if m == "REML" and n is not None and p is not None and n <= p:
+        raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
+    return m
 
 
 def check_weights(weights, n, index=None):

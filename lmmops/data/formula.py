@@ -53,7 +53,7 @@ from formulaic.transforms import TRANSFORMS as _FORMULAIC_TRANSFORMS
 from interface_meta import override
 
 from lmmops.data.conditioning import orthogonalise
-from lmmops.errors import FormulaError, RankDeficientError
+from lmmops.errors import FormulaError, RankDeficientError, RankDeficientWarning
 
 __all__ = [
     "ALLOWED_FUNCTIONS",
@@ -1153,10 +1153,6 @@ def check_full_rank(X, names, tol=1e-7):
         )
 
 
-class RankDeficientWarning(UserWarning):
-    """The fixed-effects model matrix is rank deficient; aliased columns were dropped."""
-
-
 def rank_columns(X, names, tol=1e-7):
     """Find a full-rank subset of the columns of X, as lme4 does (``chkRank.drop.cols``).
 
@@ -1168,7 +1164,7 @@ def rank_columns(X, names, tol=1e-7):
     the kept columns a column is compared with its centred self, so the test does not
     depend on the units or the origin of a covariate (a covariate N(1e4, 1), a column
     times 3e7 or Unix times are kept); a column whose centred values are rounding noise
-    is aliased with the intercept. In the cheat sheet's notation ``X T = [X_1 X_2]``
+    is aliased with the intercept. In the notation of :ref:`theory-rank`, ``X T = [X_1 X_2]``
     with ``X_2`` (the kept columns) of full rank and ``X_1 = X_2 F``; the selected
     generalised inverse sets ``tau_1 = 0``.
 

@@ -44,10 +44,11 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from lmmops.data.checks import check_weights
+from lmmops.data.checks import check_method, check_weights
 from lmmops.data.design import CrossedDesign
 from lmmops.data.statistics import SufficientStatistics
-from lmmops.errors import ConvergenceWarning, LmmopsError
+from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
+from lmmops.estimation.criterion import profiled_criterion
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
 from lmmops.threads import limit_threads
@@ -63,8 +64,6 @@ __all__ = [
     "theta_scale",
     "warm_up",
 ]
-
-_LOG2PI = np.log(2.0 * np.pi)
 
 
 @dataclass
@@ -159,10 +158,6 @@ class OptSummary:
         return "OptSummary\n" + "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)
 
 
-class NumericalFailure(LmmopsError):
-    """The Cholesky factorisation failed at a particular ``theta`` (ill-conditioning)."""
-
-
 class DirectObjective:
     """The exact profiled REML/ML criterion as a function of ``theta``.
 
@@ -222,9 +217,7 @@ class DirectObjective:
     threads = "auto"
 
     def __init__(self, design, X, y, method="REML", weights=None, stats=None):
-        method = str(method).upper()
-        if method not in ("REML", "ML"):
-            raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
+        method = check_method(method)
         self.method = method
         self.design = design
         X = np.ascontiguousarray(X, dtype=np.float64)
@@ -235,8 +228,7 @@ class DirectObjective:
         self.weights = None if weights is None else check_weights(weights, n)
         w = self.weights
         self.ldW = 0.0 if w is None else float(np.sum(np.log(w)))
-        if method == "REML" and n <= p:
-            raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
+        check_method(method, n, p)
         self.n, self.p, self.K = n, p, design.n_factors
         q = np.asarray(design.n_levels)
         self.first = int(np.argmax(q))
@@ -360,13 +352,8 @@ class DirectObjective:
         pwrss = float(diag[m - 1] ** 2)
         if pwrss <= 0:
             raise LmmopsError("the response is fitted exactly (zero residual sum of squares)")
-        if self.method == "REML":
-            dof = n - p
-            obj = logdet_L + logdet_RX + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
-        else:
-            dof = n
-            obj = logdet_L + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
-        obj -= self.ldW  # log|R| = n log s^2 - sum(log w), as lme4's ldW
+        # log|R| = n log s^2 - sum(log w), as lme4's ldW
+        obj, dof = profiled_criterion(logdet_L, logdet_RX, pwrss, n, p, self.method, self.ldW)
         sigma2 = pwrss / dof
 
         # conditional modes: back-substitute the y column, then the first block
@@ -498,8 +485,8 @@ class DirectObjective:
         """Average information matrix in the variance parameters.
 
         ``A_kl = 1/2 w_k' P w_l`` with working variates ``w_k = Z_k Z_k' P y`` for each
-        factor and ``w_e = P y`` for the residual (math.md Section 9); ``P w`` comes from one
-        solve with the factored mixed-model equations, so no trace is needed.
+        factor and ``w_e = P y`` for the residual (:ref:`theory-reml-identities`); ``P w``
+        comes from one solve with the factored mixed-model equations, so no trace is needed.
 
         Parameters
         ----------
@@ -649,8 +636,8 @@ def moment_start(design, X, y):
     """Starting values for ``theta`` from one-way moment estimators.
 
     For each factor, the unbiased one-way ANOVA estimators of the between-level and
-    within-level variances are computed on the OLS residuals (the lecture's moment
-    estimators), and ``theta_k = sqrt(s_k^2 / s_e^2)`` with ``s_e^2`` the smallest
+    within-level variances are computed on the OLS residuals (the moment estimators
+    of :ref:`theory-oneway`), and ``theta_k = sqrt(s_k^2 / s_e^2)`` with ``s_e^2`` the smallest
     within-level mean square. The start is per component on its own scale: an estimate
     at or below 0 starts at ``0.1 * theta_scale(design)[k]`` (:func:`theta_scale`), and
     the estimates are only clipped to ``[1e-3, 1e3]`` times that scale, so a variance

@@ -209,6 +209,14 @@ _scatter_add_block_nb = numba.njit(_scatter_add_block, cache=True, inline="alway
 
 
 # --------------------------------------------------------------------------- gather
+# Why the kernels below repeat their loops (issue 13 keeps these copies on purpose):
+# every kernel body is compiled twice by _compile, serially and with parallel=True, and a
+# prange loop runs in parallel only in the body being compiled. A loop moved into a shared
+# helper would be compiled once, as one variant, and serve both: so the private-bin
+# scatter pass, its reduction and the row-chunk gather are written out in each kernel
+# (scatter, cov_matvec, level_matvec and their block forms). What has no prange is
+# shared already (the *_nb building blocks above). The vector and block forms are kept
+# apart because the vector forms accumulate in a register (no (n, 1) views).
 def _gather(codes, offsets, u, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; u: (q,) float64; out: (n,) float64
     n = codes.shape[1]

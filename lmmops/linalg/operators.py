@@ -4,7 +4,7 @@
   ``Z = [Z_1 ... Z_K]`` (n x q); its adjoint :class:`RandomEffectsAdjointOperator`.
 - :class:`CovarianceOperator`: ``V = sigma2_e I + sum_k sigma2_k Z_k Z_k'`` (n x n).
 - :class:`LevelSpaceOperator`: ``M = Z'Z + Lambda`` (q x q), the q-space form of V
-  (math.md Section 11), with :meth:`~LevelSpaceOperator.rhs`,
+  (:ref:`theory-level-space`), with :meth:`~LevelSpaceOperator.rhs`,
   :meth:`~LevelSpaceOperator.lift` and :meth:`~LevelSpaceOperator.logdet_V`.
 
 Every operator follows scipy's contract: an explicit float64 dtype, ``_matvec`` and
@@ -124,6 +124,15 @@ def _fmt(values):
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
+class _SelfAdjoint:
+    """Mixin of the symmetric operators: the adjoint and the transpose are the operator."""
+
+    def _adjoint(self):
+        return self
+
+    _transpose = _adjoint
+
+
 class _KernelOperator(LinearOperator):
     """Shared plumbing: input normalisation, column blocking and scratch space.
 
@@ -139,6 +148,11 @@ class _KernelOperator(LinearOperator):
         self.design = design
         self.parallel = _resolve_parallel(parallel, design.n_obs)
         self._ws = _Workspace() if workspace is None else workspace
+
+    def _repr(self, name, size, *fields):
+        """``name(size, factors={...}, fields..., parallel=...)``."""
+        facs = dict(zip(self.design.names, self.design.n_levels))
+        return f"{name}({size}, factors={facs}, {', '.join(fields)}, parallel={self.parallel})"
 
     def _kernel(self, name):
         return kernels.get_kernel(name, self.parallel)
@@ -351,7 +365,7 @@ class RandomEffectsAdjointOperator(_KernelOperator):
 
 
 # ---------------------------------------------------------------------------------- V
-class CovarianceOperator(_KernelOperator):
+class CovarianceOperator(_SelfAdjoint, _KernelOperator):
     """The marginal covariance ``V`` of a crossed random-intercepts model.
 
     Parameters
@@ -381,7 +395,7 @@ class CovarianceOperator(_KernelOperator):
 
     Notes
     -----
-    ``V = sigma2_e I_n + sum_k sigma2_k Z_k Z_k'`` (math.md Sections 2-3). A product
+    ``V = sigma2_e I_n + sum_k sigma2_k Z_k Z_k'`` (:ref:`theory-model`). A product
     ``V x`` costs two passes over the rows: first the level sums ``Z_k' x`` of all K
     factors, then ``(V x)_i = sigma2_e x_i + sum_k sigma2_k (Z_k' x)[c_k(i)]``.
     V is symmetric positive definite, so ``_adjoint`` returns ``self``. Its diagonal
@@ -439,11 +453,6 @@ class CovarianceOperator(_KernelOperator):
             out,
         )
         return out
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
 
     def diagonal(self):
         """Diagonal of V.
@@ -535,16 +544,12 @@ class CovarianceOperator(_KernelOperator):
         )
 
     def __repr__(self):
-        facs = dict(zip(self.design.names, self.design.n_levels))
-        return (
-            f"CovarianceOperator(n_obs={self.shape[0]}, factors={facs}, "
-            f"sigma2_e={self.sigma2_e:.6g}, sigma2={_fmt(self.sigma2)}, "
-            f"parallel={self.parallel})"
-        )
+        return self._repr("CovarianceOperator", f"n_obs={self.shape[0]}",
+                          f"sigma2_e={self.sigma2_e:.6g}", f"sigma2={_fmt(self.sigma2)}")
 
 
 # ---------------------------------------------------------------------------------- M
-class LevelSpaceOperator(_KernelOperator):
+class LevelSpaceOperator(_SelfAdjoint, _KernelOperator):
     """The level-space matrix ``M = Z'Z + Lambda`` (q x q), applied matrix-free.
 
     Parameters
@@ -566,7 +571,7 @@ class LevelSpaceOperator(_KernelOperator):
 
     Notes
     -----
-    With ``Lambda = blkdiag(lambda_k I_{q_k})`` (math.md Section 11), ``M`` is
+    With ``Lambda = blkdiag(lambda_k I_{q_k})`` (:ref:`theory-level-space`), ``M`` is
     ``sigma2_e`` times the random-effects block of Henderson's mixed-model equations, and
 
     - ``V^{-1} b = sigma2_e^{-1} (b - Z M^{-1} Z' b)``, i.e.
@@ -624,11 +629,6 @@ class LevelSpaceOperator(_KernelOperator):
             self._codes, self._offsets, U, self.lambdas, self._work(q, m), out
         )
         return out
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
 
     def _lambda_diag(self):
         return np.repeat(self.lambdas, self.design.n_levels)
@@ -724,15 +724,11 @@ class LevelSpaceOperator(_KernelOperator):
         return np.ascontiguousarray(a)
 
     def __repr__(self):
-        facs = dict(zip(self.design.names, self.design.n_levels))
-        return (
-            f"LevelSpaceOperator(q={self.shape[0]}, factors={facs}, "
-            f"lambdas={_fmt(self.lambdas)}, sigma2_e={self.sigma2_e:.6g}, "
-            f"parallel={self.parallel})"
-        )
+        return self._repr("LevelSpaceOperator", f"q={self.shape[0]}",
+                          f"lambdas={_fmt(self.lambdas)}", f"sigma2_e={self.sigma2_e:.6g}")
 
 
-class GramOperator(LinearOperator):
+class GramOperator(_SelfAdjoint, LinearOperator):
     """``Z'Z`` (q x q) applied through its sparse form, one pass over the non-empty cells.
 
     ``Z'Z`` does not depend on the variances; it is built once per design
@@ -763,12 +759,13 @@ class GramOperator(LinearOperator):
     True
     """
 
-    def __init__(self, design, parallel=None, weights=None):
+    def __init__(self, design, parallel=None, weights=None, *, _keep_cache=False):
         q = design.q
         super().__init__(dtype=np.float64, shape=(q, q))
         if weights is None:
             A = design.gram().tocsr()
-            design._cache.pop(("gram",), None)  # the arrays below are the only copy kept
+            if not _keep_cache:  # the arrays below are then the only copy kept
+                design._cache.pop(("gram",), None)
         else:
             w = np.asarray(weights)
             if w.ndim != 1:
@@ -778,9 +775,10 @@ class GramOperator(LinearOperator):
             A = (Z.T @ (Z.multiply(w[:, None]))).tocsr()
         A.sort_indices()
         self.design = design
-        self._indptr = A.indptr.astype(np.int64)
-        self._indices = A.indices.astype(np.int32)
-        self._data = A.data.astype(np.float64)
+        # no copies where the dtypes already fit (the design's cached Z'Z shares them)
+        self._indptr = np.asarray(A.indptr, dtype=np.int64)
+        self._indices = np.asarray(A.indices, dtype=np.int32)
+        self._data = np.asarray(A.data, dtype=np.float64)
         self.nnz = int(A.nnz)
         self.parallel = _resolve_parallel(parallel, self.nnz)
 
@@ -800,11 +798,6 @@ class GramOperator(LinearOperator):
     def _matmat(self, X):
         return self._mat(X)
 
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
-
     def todense(self):
         """Dense ``Z'Z`` (tests and small problems only; size-guarded).
 
@@ -819,12 +812,14 @@ class GramOperator(LinearOperator):
         return f"GramOperator(q={self.shape[0]}, nnz={self.nnz}, parallel={self.parallel})"
 
 
-class SparseLevelOperator(LinearOperator):
+class SparseLevelOperator(_SelfAdjoint, LinearOperator):
     """``M = Z'Z + Lambda`` applied through the sparse ``Z'Z`` (``design.gram()``).
 
     The same matrix as :class:`~lmmops.linalg.operators.LevelSpaceOperator`, but a product costs
     ``O(nnz(Z'Z))`` (non-empty cells) instead of a pass over the ``n`` rows; ``Z'Z`` is
     built once per design (cached by the design) and does not depend on the variances.
+    It is applied by :class:`GramOperator` (the one sparse ``Z'Z`` product), plus the
+    diagonal ``Lambda``.
 
     Parameters
     ----------
@@ -843,18 +838,14 @@ class SparseLevelOperator(LinearOperator):
     def __init__(self, M):
         super().__init__(dtype=np.float64, shape=M.shape)
         self.args = (M,)
-        self._G = M.design.gram()
+        # the design keeps its cached Z'Z: the preconditioners and later operators reuse it
+        self._G = GramOperator(M.design, _keep_cache=True)
         self._d = np.repeat(np.asarray(M.lambdas, dtype=np.float64), M.design.n_levels)
 
     def _matvec(self, x):
         x = np.asarray(x, dtype=np.float64).reshape(-1)
-        return self._G @ x + self._d * x
+        return self._G._matvec(x) + self._d * x
 
     def _matmat(self, X):
         X = np.asarray(X, dtype=np.float64)
-        return self._G @ X + self._d[:, None] * X
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
+        return self._G._mat(X) + self._d[:, None] * X

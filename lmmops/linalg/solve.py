@@ -76,7 +76,7 @@ def solve_V(V, b, method="auto", rtol=1e-6, atol=0.0, maxiter=None, precondition
     b : ndarray, shape (n_obs,) or (n_obs, m)
     method : {'auto', 'level', 'observation', 'direct'}, optional
         ``'level'``: CG on ``M = Z'Z + Lambda`` with ``rhs = Z'b``, then
-        ``x = lift(u, b)`` (math.md Section 11). ``'observation'``: CG on ``V`` itself.
+        ``x = lift(u, b)`` (:ref:`theory-level-space`). ``'observation'``: CG on ``V`` itself.
         ``'direct'``: no iteration; ``V^{-1} b`` by the dense Schur complement of M on
         the factors other than the largest (at most ``max_dense`` = 4000 levels), factored
         once: worth its setup when there are many right-hand sides (each then costs about
@@ -123,8 +123,9 @@ def solve_V(V, b, method="auto", rtol=1e-6, atol=0.0, maxiter=None, precondition
     Why level space: there ``M`` is exact (V in Woodbury form), and a good preconditioner
     of M (proportional, spectral, block Gauss-Seidel) gives 5-10 iterations on skewed
     designs, while the same approximation lifted to observation space is a disastrous
-    preconditioner of V (math.md Section 12). A level-space iteration costs one pass over
-    the rows for ``M u`` plus one for the preconditioner, and the vectors have length q.
+    preconditioner of V (:ref:`theory-preconditioning`). A level-space iteration costs one
+    pass over the rows for ``M u`` plus one for the preconditioner, and the vectors have
+    length q.
 
     Examples
     --------

@@ -1,4 +1,4 @@
-r"""Exact ``V^{-1}`` as a low-rank correction of a spectral approximation (math.md 6, 7a).
+r"""Exact ``V^{-1}`` as a low-rank correction of a spectral approximation (:ref:`inverse-lowrank`).
 
 :class:`ExactInverse` turns either spectral construction of :mod:`lmmops.paper.spectral` into the
 exact inverse by a Woodbury correction of low rank:
@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 import scipy.linalg as sla
 
-from lmmops.errors import ArgumentError, DesignError
+from lmmops.errors import ArgumentError, CorrectionRankWarning, DesignError
 from lmmops.guard import check_dense
 from lmmops.paper.spectral import (
     ModifiedCovariance,
@@ -45,10 +45,6 @@ from lmmops.paper.spectral import (
 )
 
 __all__ = ["CorrectionRankWarning", "ExactInverse", "reml_criterion"]
-
-
-class CorrectionRankWarning(UserWarning):
-    """The low-rank correction is nearly as large as the level space itself."""
 
 
 class ExactInverse(_LevelInverse):
@@ -261,7 +257,7 @@ def reml_criterion(inverse, X, y, logdet=None):
 
     ``P = A - A X (X'AX)^{-1} X'A``. With an exact inverse this is the REML criterion
     (without the constant); with an approximation ``A`` it is the approximate criterion of
-    math.md Section 9.
+    :ref:`theory-reml-identities`.
 
     Parameters
     ----------

@@ -1,6 +1,6 @@
 r"""Khatri–Rao form of V, its balanced spectrum, and spectral approximations of V^{-1}.
 
-This module implements the constructions of math.md Sections 3, 4, 6, 7, 8 and 11 (after
+This module implements the constructions of :doc:`theory_inverse` (after
 Lyu, Sisson & Welsh, "On the inverse of covariance matrices for unbalanced crossed designs",
 Biometrika 2026) as scipy ``LinearOperator`` objects:
 
@@ -200,7 +200,7 @@ def _structure(design, main):
 
 
 class _Model:
-    """A crossed model at one theta, in the whitened form of math.md Section 8.
+    """A crossed model at one theta, in the whitened form of :ref:`inverse-interaction`.
 
     ``V = R + sum_k s_k^2 Z_k Z_k'`` with ``R = s_e^2 I + s_C^2 Z_C Z_C'`` (``s_C^2 = 0``
     without an interaction). Whitening by ``R^{-1/2}`` gives ``I + Zw G Zw'`` with
@@ -399,7 +399,7 @@ class _ApproximationBase:
 
 # ---------------------------------------------------------------------------- Section 3
 class KhatriRaoCovariance(_SymmetricOperator):
-    r"""The covariance ``V = s_e^2 I + Z_C S Z_C'`` in Khatri–Rao form (math.md Section 3).
+    r"""The covariance ``V = s_e^2 I + Z_C S Z_C'`` in Khatri–Rao form (:ref:`inverse-khatri-rao`).
 
     ``Z_C`` is the cell indicator, the row-wise Khatri–Rao product of the factor indicators,
     and ``S`` is the covariance of the complete balanced cell table,
@@ -515,7 +515,7 @@ class KhatriRaoCovariance(_SymmetricOperator):
 
 # ---------------------------------------------------------------------------- Section 4
 class BalancedSpectrum:
-    r"""Spectrum of V for a balanced two-factor design (math.md Section 4).
+    r"""Spectrum of V for a balanced two-factor design (:ref:`inverse-balanced`).
 
     With ``n_ij = m`` for every cell, ``V = sum_k l_k P_k`` over five orthogonal projectors
     (grand mean, A, B, AB, within-cell). Without an interaction the AB and within-cell
@@ -691,8 +691,48 @@ def _randomized_svd(A, r, rng, n_oversample=10, n_iter=6):
     return (Q @ Ub)[:, :r], s[:r], Vt[:r].T
 
 
+def _deflated_svd(KN, wr, wc, total, rank, rng):
+    """Top-``rank`` triplets of ``K_N`` with the first one exact (``rho_1 = 1``).
+
+    The first triplet is ``(sqrt(wr / total), 1, sqrt(wc / total))``; the others come
+    from a dense SVD (``min(g, h) <= 300`` or ``rank >= min(g, h) / 2``) or from
+    :func:`scipy.sparse.linalg.svds` (tolerance 1e-6) on the table with the first
+    triplet deflated. This is the preconditioners' method: cheaper than ``'lanczos'``
+    at the accuracy a preconditioner needs.
+    """
+    g, h = KN.shape
+    m = min(g, h)
+    phi1, psi1 = np.sqrt(wr / total), np.sqrt(wc / total)
+    if m <= 300 or rank >= m // 2:
+        check_dense((g, h), "the dense SVD of the normalised count table")
+        Phi, rho, PsiT = np.linalg.svd(KN.toarray(), full_matrices=False)
+        Phi, rho, Psi = Phi[:, :rank], rho[:rank], PsiT[:rank].T
+        Phi[:, 0], Psi[:, 0], rho[0] = phi1, psi1, 1.0
+        return Phi, rho, Psi
+    KNt = KN.T.tocsr()
+    defl = LinearOperator(
+        (g, h), dtype=np.float64,
+        matvec=lambda x: KN @ x - phi1 * (psi1 @ x),
+        rmatvec=lambda y: KNt @ y - psi1 * (phi1 @ y),
+        matmat=lambda X: KN @ X - np.outer(phi1, psi1 @ X),
+        rmatmat=lambda Y: KNt @ Y - np.outer(psi1, phi1 @ Y),
+    )
+    v0 = np.random.default_rng(rng).standard_normal(min(g, h))
+    U, s, Vt = svds(defl, k=rank - 1, v0=v0, tol=1e-6)
+    order = np.argsort(s)[::-1]
+    Phi = np.column_stack([phi1, U[:, order]])
+    Psi = np.column_stack([psi1, Vt[order].T])
+    rho = np.concatenate([[1.0], s[order]])
+    return Phi, rho, Psi
+
+
 class _NormalisedSVD:
-    """SVD (or its top-r part) of ``K_N = D_r^{-1/2} Omega D_c^{-1/2}``; theta-free."""
+    """SVD (or its top-r part) of ``K_N = D_r^{-1/2} Omega D_c^{-1/2}``; theta-free.
+
+    The one home of the normalised count table's SVD: :class:`ModifiedCovariance` and
+    the ``spectral`` preconditioners of :mod:`lmmops.linalg.preconditioners` (method
+    ``'deflated'``) both take it from :func:`_normalised_svd`, through one cache.
+    """
 
     def __init__(self, model, rank, method, rng):
         g, h = (int(x) for x in model.st.q_k)
@@ -703,7 +743,9 @@ class _NormalisedSVD:
         ).tocsr()
         if method == "auto":
             method = "full" if (rank is None or rank >= mfull - 1) and mfull <= 4000 else "lanczos"
-        if method == "full":
+        if method == "deflated":
+            Phi, rho, Psi = _deflated_svd(KN, wr, wc, model.W, int(min(rank, mfull)), rng)
+        elif method == "full":
             check_dense((g, h), "the full SVD of the normalised count table")
             Phi, rho, PsiT = np.linalg.svd(KN.toarray(), full_matrices=False)
             Psi = PsiT.T
@@ -740,8 +782,18 @@ class _NormalisedSVD:
 
 
 def _normalised_svd(model, rank, method, rng):
+    """The (cached) :class:`_NormalisedSVD` of a model's normalised count table.
+
+    With ``method='deflated'`` a cached SVD of a larger rank serves a smaller one (its
+    leading triplets, as the preconditioners always used them).
+    """
     cache = _design_cache(model.design)
     ratio = model.s_c2 / model.s_e2 if model.s_c2 > 0 else 0.0
+    if method == "deflated":
+        for k, val in cache.items():
+            if (isinstance(k, tuple) and k[0] == "svd" and k[1:3] == (model.st.main, ratio)
+                    and k[4:] == (method, rng) and k[3] >= rank):
+                return val
     key = ("svd", model.st.main, ratio, rank, method, rng if method != "full" else None)
     if key not in cache:
         # keep at most a few theta-dependent SVDs (interaction models)
@@ -750,6 +802,32 @@ def _normalised_svd(model, rank, method, rng):
             del cache[k]
         cache[key] = _NormalisedSVD(model, rank, method, rng)
     return cache[key]
+
+
+def design_svd(design, rank, rng=0):
+    """Top-``rank`` triplets ``(Phi, rho, Psi)`` of a two-factor design's normalised table.
+
+    ``K_N = D_r^{-1/2} N D_c^{-1/2}`` of the raw counts (no interaction whitening), by
+    the ``'deflated'`` method (first triplet exact), cached per design with every other
+    SVD of this module.
+
+    Parameters
+    ----------
+    design : CrossedDesign
+        Two crossed factors, connected.
+    rank : int
+    rng : int, optional
+
+    Returns
+    -------
+    Phi : ndarray, shape (g, rank)
+    rho : ndarray, shape (rank,)
+    Psi : ndarray, shape (h, rank)
+    """
+    model = _Model(design, 1.0, np.ones(design.n_factors))
+    rank = int(min(rank, min(int(x) for x in model.st.q_k)))
+    svd = _normalised_svd(model, rank, "deflated", rng)
+    return svd.Phi[:, :rank], svd.rho[:rank], svd.Psi[:, :rank]
 
 
 class ModifiedCovariance(_ApproximationBase):
@@ -828,7 +906,7 @@ class ModifiedCovariance(_ApproximationBase):
         if model.K != 2:
             raise DesignError(
                 f"ModifiedCovariance (D1) needs exactly two crossed factors, got {model.K}; "
-                "use ProportionalApproximation for three or more (math.md Section 8)"
+                "use ProportionalApproximation for three or more"
             )
         model.design.check_connected()
         self.V = V
@@ -1079,6 +1157,85 @@ class _ModifiedOperator(_SymmetricOperator):
 
 
 # ---------------------------------------------------------------------------- Sections 7, 11
+class _ProportionalCore:
+    r"""D2's level-space matrix ``M_prop = diag(d) + B (J_K - I_K) B' / n`` and its closed forms.
+
+    The one implementation behind :class:`ProportionalApproximation` (whitened, any ``R``)
+    and the ``proportional`` preconditioner of :mod:`lmmops.linalg.preconditioners`
+    (:ref:`inverse-d2`).
+
+    Parameters
+    ----------
+    w : ndarray, shape (q,)
+        The level totals ``r_k`` of every factor, stacked (``B = blkdiag(r_1, ..., r_K)``).
+    d : ndarray, shape (q,)
+        The exact diagonal ``P = blkdiag(D_k + lambda_k I)``.
+    offsets : array_like of int, shape (K + 1,)
+        Where each factor's levels start in ``w`` and ``d``.
+    n : float
+        The grand total (``sum_l w_l / K``).
+    """
+
+    def __init__(self, w, d, offsets, n):
+        self.w = np.asarray(w, dtype=_DTYPE)
+        self.d = np.asarray(d, dtype=_DTYPE)
+        self.offsets = np.asarray(offsets)
+        self.n = float(n)
+        o = self.offsets
+        K = o.size - 1
+        self.K = K
+        self.alpha_k = np.array(
+            [np.sum(self.w[o[k] : o[k + 1]] ** 2 / self.d[o[k] : o[k + 1]]) for k in range(K)]
+        )
+        T_inv = np.ones((K, K)) / (K - 1) - np.eye(K)  # (J - I)^{-1}
+        self.core = self.n * T_inv + np.diag(self.alpha_k)
+        self.core_lu = sla.lu_factor(self.core)
+
+    def bt(self, y):
+        """``B' y``: per-factor weighted sums, shape (K,) or (K, m)."""
+        wy = self.w[:, None] * y if y.ndim == 2 else self.w * y
+        return np.add.reduceat(wy, self.offsets[:-1], axis=0)
+
+    def b(self, s):
+        """``B s``, shape (q,) or (q, m)."""
+        rep = np.repeat(s, np.diff(self.offsets), axis=0)
+        return rep * (self.w[:, None] if s.ndim == 2 else self.w)
+
+    def solve(self, z):
+        """``M_prop^{-1} z = P^{-1} z - P^{-1} B (n (J_K - I_K)^{-1} + A)^{-1} B' P^{-1} z``."""
+        pd = self.d[:, None] if z.ndim == 2 else self.d
+        y = z / pd
+        s = sla.lu_solve(self.core_lu, self.bt(y))
+        return y - self.b(s) / pd
+
+    def matmul(self, z):
+        """``M_prop z``."""
+        pd = self.d[:, None] if z.ndim == 2 else self.d
+        t = self.bt(z)
+        tt = t.sum(axis=0, keepdims=True) - t  # (J - I) t
+        return pd * z + self.b(tt) / self.n
+
+    def logdet(self):
+        """``log|M_prop| = log|P| + log|I_K + (J_K - I_K) A / n|``.
+
+        Returns
+        -------
+        float
+
+        Raises
+        ------
+        ArithmeticError
+            If the K x K core is not positive definite (it always is, by the argument
+            of :ref:`inverse-d2`).
+        """
+        K = self.K
+        core = np.eye(K) + (np.ones((K, K)) - np.eye(K)) * self.alpha_k[None, :] / self.n
+        sign, ld = np.linalg.slogdet(core)
+        if sign <= 0:  # pragma: no cover - M_prop is SPD (docs/theory_inverse.rst, D2)
+            raise ArithmeticError("M_prop is not positive definite")
+        return float(np.sum(np.log(self.d)) + ld)
+
+
 class ProportionalApproximation(_ApproximationBase):
     r"""Construction D2: every cross-tabulation replaced by its proportional fit (Sec. 7a, 11).
 
@@ -1124,39 +1281,11 @@ class ProportionalApproximation(_ApproximationBase):
         model.design.check_connected()
         self.V = V
         self.model = model
-        K = model.K
         self.Pdiag = model.w + model.lam
-        self.alpha_k = np.array(
-            [np.sum(model.w_k(k) ** 2 / model.block(self.Pdiag, k)) for k in range(K)]
-        )
-        T_inv = np.ones((K, K)) / (K - 1) - np.eye(K)  # (J - I)^{-1}
-        self._core = model.W * T_inv + np.diag(self.alpha_k)
-        self._core_lu = sla.lu_factor(self._core)
-
-    def _bt(self, y):
-        """``B' y``: per-factor weighted sums."""
-        m = self.model
-        o = m.st.offsets
-        wy = m.w[:, None] * y if y.ndim == 2 else m.w * y
-        return np.add.reduceat(wy, o[:-1], axis=0)
-
-    def _b(self, s):
-        m = self.model
-        rep = np.repeat(s, m.st.q_k, axis=0)
-        return rep * (m.w[:, None] if s.ndim == 2 else m.w)
-
-    def _apply_m_inv(self, z):
-        pd = self.Pdiag[:, None] if z.ndim == 2 else self.Pdiag
-        y = z / pd
-        s = sla.lu_solve(self._core_lu, self._bt(y))
-        return y - self._b(s) / pd
-
-    def _apply_m(self, z):
-        m = self.model
-        pd = self.Pdiag[:, None] if z.ndim == 2 else self.Pdiag
-        t = self._bt(z)
-        tt = t.sum(axis=0, keepdims=True) - t  # (J - I) t
-        return pd * z + self._b(tt) / m.W
+        self.core = _ProportionalCore(model.w, self.Pdiag, model.st.offsets, model.W)
+        self.alpha_k = self.core.alpha_k
+        self._apply_m_inv = self.core.solve
+        self._apply_m = self.core.matmul
 
     def level_space_operator(self):
         """``M_prop`` as a LinearOperator (whitened level space).
@@ -1195,13 +1324,7 @@ class ProportionalApproximation(_ApproximationBase):
         -------
         float
         """
-        m = self.model
-        K = m.K
-        core = np.eye(K) + (np.ones((K, K)) - np.eye(K)) @ np.diag(self.alpha_k) / m.W
-        sign, ld = np.linalg.slogdet(core)
-        if sign <= 0:  # pragma: no cover - M_prop is SPD (math.md Section 11)
-            raise ArithmeticError("M_prop is not positive definite")
-        return float(np.sum(np.log(self.Pdiag)) + ld)
+        return self.core.logdet()
 
     def logdet(self):
         """Approximate ``log|V|``: ``log|R| + sum_k q_k log s_k^2 + log|M_prop|``.
@@ -1218,7 +1341,7 @@ class ProportionalApproximation(_ApproximationBase):
 
 
 class AsymptoticInverse(_LevelInverse):
-    r"""The simple asymptotic approximation of ``V^{-1}`` (math.md Section 7b).
+    r"""The simple asymptotic approximation of ``V^{-1}`` (:ref:`inverse-d2`).
 
     .. math::
 

@@ -43,7 +43,7 @@ Observation space, ``V`` (a :class:`~lmmops.linalg.operators.CovarianceOperator`
   ``form="woodbury"`` applies the explicit rank-``t`` Woodbury form of
   :class:`lmmops.paper.lowrank.ExactInverse` instead (several V matvecs per application);
 - ``"lifted"``: a level-space kind ``base`` lifted as ``s_e^{-2}(I - Z B^{-1} Z')``. A
-  documented negative result (math.md Section 12): unless ``B`` is essentially ``M``,
+  documented negative result (:ref:`theory-preconditioning`): unless ``B`` is essentially ``M``,
   the lifted operator is a disastrous preconditioner of V on skewed designs. It exists for
   the solver study.
 
@@ -72,12 +72,11 @@ Every preconditioner is SPD; the tests check the dense eigenvalues on small desi
 from __future__ import annotations
 
 import time
-import weakref
 
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
-from scipy.sparse.linalg import LinearOperator, eigsh, svds
+from scipy.sparse.linalg import LinearOperator, eigsh
 
 from lmmops.errors import ArgumentError, ArgumentTypeError, DesignError
 from lmmops.guard import check_dense
@@ -85,7 +84,12 @@ from lmmops.linalg import kernels
 from lmmops.linalg.krylov import block_cg
 from lmmops.linalg.operators import SparseLevelOperator
 from lmmops.paper.lowrank import ExactInverse
-from lmmops.paper.spectral import _reference_total
+from lmmops.paper.spectral import (
+    _design_cache,
+    _ProportionalCore,
+    _reference_total,
+    design_svd,
+)
 
 #: Level-space preconditioner chosen by ``solve_V(method="auto")`` (any number of factors).
 #: Measured in docs/studies/solver_study.md: symmetric block Gauss-Seidel needs the fewest
@@ -113,8 +117,6 @@ LEVEL_KINDS = (
 )
 OBSERVATION_KINDS = ("identity", "spectral", "exact", "lowrank", "lifted")
 
-_SVD_CACHE = weakref.WeakKeyDictionary()  # design -> {rank: (Phi, rho, Psi)}
-_SCHUR_CACHE = weakref.WeakKeyDictionary()  # design -> {side: (rho, U)}
 
 
 def _is_level(A):
@@ -307,41 +309,24 @@ class _Jacobi(_Level):
 
 
 class _Proportional(_Level):
-    r"""D2 for any K: ``M_prop = P + B (J - I) B' / n`` (math.md Section 11)."""
+    r"""D2 for any K: ``M_prop = P + B (J - I) B' / n`` (:ref:`inverse-d2`)."""
 
     kind = "proportional"
 
     def __init__(self, M):
         super().__init__(M)
-        K = self.K
-        self.alpha_k = np.array(
-            [np.sum(self.counts[k] ** 2 / self.block(self.diag, k)) for k in range(K)]
-        )
-        T_inv = np.ones((K, K)) / (K - 1) - np.eye(K)
-        self._core = self.n * T_inv + np.diag(self.alpha_k)
-        self._lu = sla.lu_factor(self._core)
-        self._w = np.concatenate(self.counts)
-
-    def _bt(self, Y):  # B'Y: (K, m)
-        return np.add.reduceat(self._w[:, None] * Y, self.offsets[:-1], axis=0)
-
-    def _b(self, S):  # B S: (q, m)
-        return np.repeat(S, np.diff(self.offsets), axis=0) * self._w[:, None]
+        self.core = _ProportionalCore(np.concatenate(self.counts), self.diag, self.offsets,
+                                     self.n)
+        self.alpha_k = self.core.alpha_k
 
     def _apply(self, X):
-        Y = X / self.diag[:, None]
-        S = sla.lu_solve(self._lu, self._bt(Y))
-        return Y - self._b(S) / self.diag[:, None]
+        return self.core.solve(X)
 
     def _forward(self, X):
-        T = self._bt(X)
-        TT = T.sum(axis=0, keepdims=True) - T
-        return self.diag[:, None] * X + self._b(TT) / self.n
+        return self.core.matmul(X)
 
     def logdet(self):
-        K = self.K
-        core = np.eye(K) + (np.ones((K, K)) - np.eye(K)) * self.alpha_k[None, :] / self.n
-        return float(np.sum(np.log(self.diag)) + np.linalg.slogdet(core)[1])
+        return self.core.logdet()
 
     def _details(self):
         return "D2, N_kl -> r_k r_l'/n, diagonal plus rank K (closed form); cost O(q)"
@@ -350,47 +335,10 @@ class _Proportional(_Level):
 def _normalised_svd(design, rank, rng=0):
     """Top-``rank`` SVD triplets of ``K_N = D_r^{-1/2} N D_c^{-1/2}`` (theta-free, cached).
 
-    The first triplet is known exactly (``rho_1 = 1``, ``sqrt(r/n)``, ``sqrt(c/n)``);
-    the others come from a dense SVD (``min(g, h) <= 300`` or ``rank >= min(g, h) / 2``) or from
-    :func:`scipy.sparse.linalg.svds` on the deflated table.
+    :func:`lmmops.paper.spectral.design_svd`: the one implementation and cache, shared
+    with :class:`~lmmops.paper.spectral.ModifiedCovariance`.
     """
-    cache = _SVD_CACHE.setdefault(design, {})
-    g, h = design.n_levels[:2]
-    m = min(g, h)
-    rank = int(min(rank, m))
-    for key, val in cache.items():  # a larger cached SVD serves a smaller rank
-        if key >= rank:
-            return val[0][:, :rank], val[1][:rank], val[2][:, :rank]
-    r = np.asarray(design.counts(0), dtype=np.float64)
-    c = np.asarray(design.counts(1), dtype=np.float64)
-    n = float(design.n_obs)
-    KN = (sp.diags(1 / np.sqrt(r)) @ design.crosstab(0, 1) @ sp.diags(1 / np.sqrt(c))).tocsr()
-    phi1, psi1 = np.sqrt(r / n), np.sqrt(c / n)
-    if m <= 300 or rank >= m // 2:
-        check_dense((g, h), "the dense SVD of the normalised count table")
-        Phi, rho, PsiT = np.linalg.svd(KN.toarray(), full_matrices=False)
-        Phi, rho, Psi = Phi[:, :rank], rho[:rank], PsiT[:rank].T
-        Phi[:, 0], Psi[:, 0], rho[0] = phi1, psi1, 1.0
-    else:
-
-        KNt = KN.T.tocsr()
-        defl = LinearOperator(
-            (g, h), dtype=np.float64,
-            matvec=lambda x: KN @ x - phi1 * (psi1 @ x),
-            rmatvec=lambda y: KNt @ y - psi1 * (phi1 @ y),
-            matmat=lambda X: KN @ X - np.outer(phi1, psi1 @ X),
-            rmatmat=lambda Y: KNt @ Y - np.outer(psi1, phi1 @ Y),
-        )
-        v0 = np.random.default_rng(rng).standard_normal(min(g, h))
-        U, s, Vt = svds(defl, k=rank - 1, v0=v0, tol=1e-6)
-        order = np.argsort(s)[::-1]
-        Phi = np.column_stack([phi1, U[:, order]])
-        Psi = np.column_stack([psi1, Vt[order].T])
-        rho = np.concatenate([[1.0], s[order]])
-    rho = np.clip(rho, 0.0, 1.0)
-    out = (np.ascontiguousarray(Phi), rho, np.ascontiguousarray(Psi))
-    cache[rank] = out
-    return out
+    return design_svd(design, rank, rng)
 
 
 def _reference_totals(counts, reference):
@@ -427,8 +375,8 @@ def _schur_eigen(design, S):
     The eigenpairs of ``K'K = D_S^{-1/2} N_SL D_L^{-1} N_LS D_S^{-1/2}`` (dense, m x m, with
     ``m`` the smaller level count) are ``(rho_k^2, psi_k)``; no g x h array is formed.
     """
-    cache = _SCHUR_CACHE.setdefault(design, {})
-    key = S
+    cache = _design_cache(design)  # the same per-design cache as the normalised SVD
+    key = ("schur_eigen", S)
     if key not in cache:
         L = 1 - S
         m = int(design.n_levels[S])
@@ -465,7 +413,7 @@ class _Spectral(_Level):
             raise DesignError(
                 f"kind='spectral' (D1) needs exactly two crossed factors, got K={self.K}: "
                 "the two-projection spectral decomposition has no closed form for three or "
-                "more (math.md Section 8); use kind='proportional' or 'lowrank'"
+                "more; use kind='proportional' or 'lowrank'"
             )
         self.design.check_connected()
         g, h = self.design.n_levels
@@ -950,7 +898,7 @@ class _SpectralObservation(_SchurObservation):
     ``g x h`` array; once per design, cached) when ``m <= max_full`` (default 4000), else
     from a truncated sparse SVD (default rank 50). The default keeps every triplet when it
     can: in observation space a level-space error is amplified by the level counts times
-    the variance ratio (math.md Section 12), and the measured iteration counts of
+    the variance ratio (:ref:`theory-preconditioning`), and the measured iteration counts of
     truncated forms grow sharply at large ratios.
 
     Cost of one application: ``Z'b`` and ``Z u`` (the two passes over the rows of one V
@@ -973,7 +921,8 @@ class _SpectralObservation(_SchurObservation):
         m = min(g, h)
         if rank is None:
             # every triplet when the dense m x m eigenproblem is affordable: in observation
-            # space the truncation error is amplified by the level counts (math.md Sec. 12)
+            # space the truncation error is amplified by the level counts (docs/theory.rst,
+            # 'Where to precondition')
             rank = m if m <= max_full else min(50, m - 1)
         self.rank = int(min(int(rank), m))
         if self.rank < 1:
@@ -1181,7 +1130,8 @@ class _Lifted(_Observation):
 
     def _details(self):
         return (f"{self.base.kind} lifted from level space; a documented negative result "
-                "(math.md Section 12): badly conditioned, possibly indefinite")
+                "(docs/theory.rst, 'Where to precondition'): badly conditioned, possibly "
+                "indefinite")
 
 
 def _build_level(M, kind, rank=None, **options):
@@ -1270,8 +1220,8 @@ def _build_observation(V, kind, rank=None, **options):
         raise ArgumentError(
             f"kind={kind!r} is a level-space preconditioner; build it on V.level_space() and "
             "solve there (lmmops.linalg.solve.solve_V does), or lift it with kind='lifted', "
-            f"base={kind!r} (not recommended: math.md Section 12 measured 2,230-2,469 "
-            "iterations against 213 without a preconditioner)"
+            f"base={kind!r} (not recommended: docs/theory.rst, 'Where to precondition', "
+            "measured 2,230-2,469 iterations against 213 without a preconditioner)"
         )
     raise ArgumentError(f"unknown kind {kind!r}; observation-space kinds are {OBSERVATION_KINDS}")
 
