@@ -484,6 +484,9 @@ class LMM:
         res._objective = obj
         if solver == "auto":
             res.notes.append(reason)
+            if preconditioner is not None and picked == "direct":
+                res.notes.append(f"preconditioner={preconditioner!r} unused: the direct "
+                                 "solver factors the system exactly")
         if picked == "iterative":
             res._set_mc_stderr(obj, ev)
             res.solver_info = {"preconditioner": obj.preconditioner,

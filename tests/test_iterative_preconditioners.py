@@ -88,5 +88,6 @@ def test_cli_flag_and_json_field(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["solver_info"]["preconditioner"] == "jacobi"
     assert main(argv + ["--preconditioner", "ilu"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lmmops: error:") and "preconditioner must be one of" in err
+    assert err.startswith("lmmops: error:")
+    assert "preconditioner must be one of" in err
     assert np.isfinite(out["loglik"])
