@@ -352,7 +352,9 @@ class IterativeObjective:
         because their control variates (``log|P|``, the closed-form ``||E||_F^2``, the
         deflated Hutchinson terms) and the Lanczos quadrature are built on
         ``P = diag(M)``. So the kind changes the solves (to the CG tolerance), never the
-        stochastic estimates.
+        stochastic estimates. With prior weights the kinds are built on the unweighted
+        counts (an approximation of ``Z'WZ``, still SPD; CG converges to the same
+        solution). ``"spectral"`` needs two factors and a connected design.
     weights : array_like, shape (n_obs,), optional
         Prior weights, ``R = s^2 W^{-1}`` (lme4's ``weights=``). The weighted problem is
         the unweighted one with rows scaled by ``sqrt(w)``: ``Z'Z`` becomes ``Z'WZ``, the
@@ -397,6 +399,8 @@ class IterativeObjective:
             raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
         self.n_probes = check_n_probes(n_probes)
         self.preconditioner = check_preconditioner(preconditioner, self.K)
+        if self.preconditioner == "spectral":
+            design.check_connected()  # D1's canonical basis needs one connected component
         self._pc_cache = (None, None)
         self.small_factor_levels = int(small_factor_levels)
         self.weights = None if weights is None else check_weights(weights, n)
