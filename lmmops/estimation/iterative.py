@@ -73,8 +73,9 @@ PRECONDITIONERS = ("jacobi", "block_gauss_seidel", "proportional", "spectral", "
 #: 16 probes: on ``simulate_crossed(10**5, [2000, 300], zipf=[0.8, 1.0], seed=1)`` (10
 #: evaluations) jacobi 0.64-0.96 s, block_gauss_seidel 1.05, spectral 1.00, amg 1.12,
 #: proportional 1.31, lowrank 4.37; at 10**6 rows ([20000, 3000], 10 evaluations) jacobi
-#: 9.2-10.4 s, proportional 9.4, spectral 10.6, block_gauss_seidel 11.0, amg 19.1; on InstEval (73,421 rows, K = 3, 12 evaluations)
-#: jacobi 9.2-10.1 s, amg 9.1, block_gauss_seidel 9.4, proportional 9.9, lowrank 13.1.
+#: 9.2-10.4 s, proportional 9.4, spectral 10.6, block_gauss_seidel 11.0, amg 19.1; on
+#: InstEval (73,421 rows, K = 3, 12 evaluations) jacobi 9.2-10.1 s, amg 9.1,
+#: block_gauss_seidel 9.4, proportional 9.9, lowrank 13.1.
 #: The better kinds halve the CG iterations of the GLS solve (InstEval: 670 -> 324-346),
 #: but the probe block, on Jacobi in every case, has more columns and dominates (about 790
 #: iterations), and another kind costs a second block; the fused Jacobi path runs both in
