@@ -23,7 +23,11 @@ from lmmops.analysis.plots import save_diagnostics
 from lmmops.data.simulate import simulate_crossed
 from lmmops.errors import LmmopsError
 from lmmops.estimation.direct import warm_up
-from lmmops.estimation.iterative import check_n_probes
+from lmmops.estimation.iterative import (
+    DEFAULT_PRECONDITIONER,
+    PRECONDITIONERS,
+    check_n_probes,
+)
 from lmmops.model import fit
 from lmmops.threads import check_threads
 
@@ -142,7 +146,8 @@ def _fit_and_print(df, formula, args, data_name):
     try:
         res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
                   weights=getattr(args, "weights", None), n_probes=n_probes,
-                  seed=args.seed, progress=progress, threads=args.threads)
+                  seed=args.seed, progress=progress, threads=args.threads,
+                  preconditioner=getattr(args, "preconditioner", None))
     finally:
         if bar is not None:
             bar.close()
@@ -280,6 +285,10 @@ def build_parser():
                         help="iterative solver: Rademacher probes, at least 2 (default 16)")
         sp.add_argument("--seed", type=int, default=0,
                         help="iterative solver: seed of the probes (default 0)")
+        sp.add_argument("--preconditioner", default=None, metavar="KIND",
+                        help="iterative solver: level-space preconditioner of the PCG "
+                             f"solves, one of {', '.join(PRECONDITIONERS)} (spectral: two "
+                             f"factors only; default {DEFAULT_PRECONDITIONER})")
         sp.add_argument("--json", action="store_true",
                         help="print machine-readable JSON instead of the summary")
         sp.add_argument("--verbose", action="store_true",

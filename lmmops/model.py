@@ -33,9 +33,16 @@ from lmmops.data.formula import (
     rank_message,
     response_vector,
 )
-from lmmops.errors import DisconnectedDesignWarning, FormulaError, LmmopsError
+from lmmops.errors import ArgumentError, DisconnectedDesignWarning, FormulaError, LmmopsError
 from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
-from lmmops.estimation.iterative import IterativeObjective, check_n_probes, check_rtol, check_seed
+from lmmops.estimation.iterative import (
+    DEFAULT_PRECONDITIONER,
+    IterativeObjective,
+    check_n_probes,
+    check_preconditioner,
+    check_rtol,
+    check_seed,
+)
 from lmmops.estimation.mme import diag_P, level_space_diagonals
 from lmmops.estimation.stochastic import fit_iterative
 from lmmops.guard import max_dense_bytes
@@ -373,7 +380,8 @@ class LMM:
 
     @_thread_limited
     def fit(self, method=None, solver="auto", start=None, verbose=False, maxiter=100,
-            n_probes=16, seed=0, rtol=1e-8, progress=None, threads="auto"):
+            n_probes=16, seed=0, rtol=1e-8, progress=None, threads="auto",
+            preconditioner=None):
         """Fit by REML or ML.
 
         Parameters
@@ -407,6 +415,12 @@ class LMM:
             afterwards. ``"auto"`` (default): one BLAS thread unless the exact solver's
             dense block is large and cores are idle, Numba's threads on idle cores only;
             an integer ``n``: ``n`` threads for both. The choice is in the notes.
+        preconditioner : str, optional
+            Iterative solver only: the level-space preconditioner of its PCG solves, one
+            of :data:`lmmops.estimation.iterative.PRECONDITIONERS` (``"spectral"`` needs
+            two factors); default
+            :data:`lmmops.estimation.iterative.DEFAULT_PRECONDITIONER`. The kind used and
+            the CG iterations per evaluation are in ``LMMResult.solver_info``.
 
         Returns
         -------
@@ -415,8 +429,9 @@ class LMM:
         Raises
         ------
         LmmopsError
-            For an unknown method, solver or ``threads``, fewer than 2 probes, or ``rtol``
-            outside ``(0, 1)``.
+            For an unknown method, solver, preconditioner or ``threads``, fewer than 2
+            probes, ``rtol`` outside ``(0, 1)``, or a preconditioner with
+            ``solver="direct"``.
         """
 
         method = _check_method(method or self.method)
@@ -424,9 +439,18 @@ class LMM:
         n_probes = check_n_probes(n_probes)
         seed = check_seed(seed)
         rtol = check_rtol(rtol)
+        if preconditioner is not None:
+            check_preconditioner(preconditioner, self.design.n_factors)
+            if solver == "direct":
+                raise ArgumentError(
+                    f"preconditioner={preconditioner!r} applies to the iterative solver; "
+                    "the direct solver factors the system exactly (drop the preconditioner "
+                    "or use solver='iterative')")
         t0 = time.perf_counter()
         if picked == "iterative":
-            obj = self.iterative_objective(method, n_probes=n_probes, seed=seed, rtol=rtol)
+            obj = self.iterative_objective(
+                method, n_probes=n_probes, seed=seed, rtol=rtol,
+                preconditioner=preconditioner or DEFAULT_PRECONDITIONER)
         else:
             obj = self.objective(method).conditioned
         if start is None:
@@ -460,8 +484,14 @@ class LMM:
         res._objective = obj
         if solver == "auto":
             res.notes.append(reason)
+            if preconditioner is not None and picked == "direct":
+                res.notes.append(f"preconditioner={preconditioner!r} unused: the direct "
+                                 "solver factors the system exactly")
         if picked == "iterative":
             res._set_mc_stderr(obj, ev)
+            res.solver_info = {"preconditioner": obj.preconditioner,
+                               "cg_iterations": [int(c) for c in obj.cg_history],
+                               "probe_cg_iterations": [int(c) for c in obj.probe_cg_history]}
         return res
 
     def __repr__(self):
@@ -627,6 +657,12 @@ class LMMResult:
         if not self.converged:
             self.notes.append(f"did not converge: {opt.message}")
         self.mc_stderr = {"loglik": 0.0, "variances": {k: 0.0 for k in self.variances}}
+        #: The solver's record: ``preconditioner`` (the kind, None for the direct solver),
+        #: ``cg_iterations`` (per evaluation, the CG iterations of the solve with that
+        #: preconditioner; empty for the direct solver) and ``probe_cg_iterations`` (the
+        #: same for the Jacobi probe block of the stochastic estimates).
+        self.solver_info = {"preconditioner": None, "cg_iterations": [],
+                            "probe_cg_iterations": []}
 
     def _set_mc_stderr(self, obj, ev):
         """Monte Carlo standard errors of an iterative fit (delta method).
@@ -956,7 +992,11 @@ class LMMResult:
             direct solver), ``variances_se`` (standard errors of ``variances`` from the
             inverse average information; null where not available) and
             ``rank_deficient`` (names of the dropped aliased coefficients, which appear
-            in ``fixef`` and ``fixef_se`` as null).
+            in ``fixef`` and ``fixef_se`` as null), ``solver_info``
+            (``preconditioner``: the iterative solver's preconditioner kind, null for the
+            direct solver; ``cg_iterations``: the CG iterations of each evaluation's solve,
+            empty for the direct solver; ``probe_cg_iterations``: those of the Jacobi
+            probe block).
         """
         out = {
             "lmmops_version": __version__,
@@ -992,6 +1032,10 @@ class LMMResult:
                           "variances": dict(self.mc_stderr["variances"])},
             "variances_se": self.variances_se,
             "rank_deficient": list(self.rank_deficient),
+            "solver_info": {"preconditioner": self.solver_info["preconditioner"],
+                            "cg_iterations": list(self.solver_info["cg_iterations"]),
+                            "probe_cg_iterations":
+                                list(self.solver_info["probe_cg_iterations"])},
         })
         for key in ("fixef", "fixef_se", "variances_se"):
             out[key] = {k: (v if math.isfinite(v) else None) for k, v in out[key].items()}

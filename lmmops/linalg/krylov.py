@@ -24,10 +24,12 @@ from scipy.sparse.linalg import aslinearoperator
 from scipy.sparse.linalg import cg as _scipy_cg
 
 from lmmops.errors import ArgumentError, ArgumentTypeError
+from lmmops.linalg import kernels
 
 __all__ = [
     "LanczosCoefficients",
     "block_cg",
+    "block_pcg",
     "cg",
     "cg_lanczos",
 ]
@@ -122,16 +124,29 @@ class LanczosCoefficients:
 
 
 def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, record=None,
-               stop_norms=None, vector=False):
+               stop_norms=None, vector=False, diagonal=None, stats=None, record_mask=None):
     """PCG on the columns of ``B`` (2-d), in place in ``X``; returns per-column iterations.
 
-    Columns are dropped from the products once converged. ``stop_norms(R, cols)`` maps the
-    active residual block to the norms compared with ``atol`` (default: column 2-norms).
-    ``vector=True`` (one column) uses ``matvec`` as scipy does. Returns ``(iters, done)``.
+    The one block-CG recurrence of the package. Two ways to run an iteration:
+
+    - general (``diagonal`` None): any preconditioner ``M``; columns are dropped from the
+      products once converged;
+    - fused Jacobi (``diagonal``: the inverse diagonal ``1/d`` of a diagonal preconditioner):
+      the updates ``X += P a``, ``R -= A P a``, the residual reductions and the new
+      directions run in the Numba kernels of :mod:`lmmops.linalg.kernels` (two passes over
+      the block per iteration); a converged column keeps a zero step length, so the block
+      keeps its width (the kernels need contiguous blocks).
+
+    ``stop_norms(R, cols)`` maps the active residual block to the norms compared with
+    ``atol`` (default: column 2-norms; general path only). ``vector=True`` (one column) uses
+    ``matvec`` as scipy does. ``stats`` (a dict, optional) receives ``norms`` (the last
+    residual norm of every column) and ``first_product`` (``A M B``, the first product).
+    ``record_mask`` limits the recorded columns. Returns ``(iters, done)``.
     """
     m = B.shape[1]
     iters = np.zeros(m, dtype=np.int64)
     done = np.zeros(m, dtype=bool)
+    fused = diagonal is not None
     if vector:
         def amul(P):
             return A.matvec(P[:, 0])[:, None]
@@ -145,67 +160,129 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
         def psolve(R):
             return R if M is None else M.matmat(R)
 
+    if fused:
+        pinv = np.ascontiguousarray(diagonal, dtype=np.float64)
+        parallel = B.size >= 200_000
+        nb = kernels.n_blocks(True) if parallel else 1
+        k_update, k_direction = kernels.get_cg_kernels(parallel and nb > 1)
+        partial = np.zeros((nb, 2, m))
+        live = np.ones(m, dtype=bool)
+
     def norms(R, cols):
         if stop_norms is not None:
             return stop_norms(R, cols)
         return np.linalg.norm(R, axis=0)
 
+    recorded = np.ones(m, dtype=bool) if record_mask is None else np.asarray(record_mask, bool)
     if np.any(X):
         R = B - (A.matvec(X[:, 0])[:, None] if vector else A.matmat(X))
     else:
         R = B.copy()
     act = np.arange(m)
     rn = norms(R, act)
+    last = rn.copy()
     if residuals is not None:
         residuals[:] = [float(rn[0]) if vector else rn.copy()]
     P = None
     rho_prev = None
+    rho_next = None
     for it in range(maxiter):
-        conv = rn < atol[act]
-        if conv.any():
-            done[act[conv]] = True
-            keep = ~conv
-            act = act[keep]
-            if act.size == 0:
-                return iters, done
-            R = R[:, keep]
-            P = P[:, keep] if P is not None else None
-            rho_prev = rho_prev[keep] if rho_prev is not None else None
-        Zr = psolve(R)
-        rho = np.einsum("ij,ij->j", R, Zr)
-        if record is not None and it == 0:
-            record.norms2[act] = rho
-        if P is None:
-            P = Zr.copy()
+        if fused:
+            conv = live & (rn < atol)
+            done |= conv
+            live &= ~conv
+            if not live.any():
+                break
         else:
-            beta = rho / rho_prev
-            P *= beta
-            P += Zr
-            if record is not None:
-                for c, bv in zip(act, beta):
-                    record.beta[c].append(float(bv))
+            conv = rn < atol[act]
+            if conv.any():
+                done[act[conv]] = True
+                keep = ~conv
+                act = act[keep]
+                if act.size == 0:
+                    break
+                R = R[:, keep]
+                P = P[:, keep] if P is not None else None
+                rho_prev = rho_prev[keep] if rho_prev is not None else None
+        if fused:
+            cols = np.flatnonzero(live & recorded) if record is not None else ()
+            if P is None:
+                P = pinv[:, None] * R
+                rho = np.einsum("ij,ij->j", R, P)
+                if record is not None:
+                    record.norms2[:] = rho
+            else:
+                rho = np.where(live, rho_next, rho_prev)
+                beta = np.where(live & (rho_prev > 0),
+                                rho / np.where(rho_prev > 0, rho_prev, 1.0), 0.0)
+                for c in cols:
+                    record.beta[c].append(float(beta[c]))
+                k_direction(P, R, pinv, beta, nb)
+        else:
+            Zr = psolve(R)
+            rho = np.einsum("ij,ij->j", R, Zr)
+            if record is not None and it == 0:
+                record.norms2[act] = rho
+            cols = act[recorded[act]] if record is not None else ()
+            if P is None:
+                P = Zr.copy()
+            else:
+                beta = rho / rho_prev
+                P *= beta
+                P += Zr
+                for c in cols:
+                    record.beta[c].append(float(beta[np.searchsorted(act, c)]))
         Q = amul(P)
-        alpha = rho / np.einsum("ij,ij->j", P, Q)
-        if record is not None:
-            for c, av in zip(act, alpha):
-                record.alpha[c].append(float(av))
-        if act.size == m:
-            X += alpha * P
+        if stats is not None and it == 0:
+            if act.size == m or fused:
+                stats["first_product"] = Q
+            else:
+                stats["first_product"] = np.zeros((Q.shape[0], m))
+                stats["first_product"][:, act] = Q
+        pq = np.einsum("ij,ij->j", P, Q)
+        if fused:
+            alpha = np.where(live & (pq > 0), rho / np.where(pq > 0, pq, 1.0), 0.0)
+            for c in cols:
+                record.alpha[c].append(float(alpha[c]))
+            k_update(X, R, P, Q, pinv, alpha, nb, partial)
+            rho_next = partial[:, 0, :].sum(axis=0)
+            rn = np.where(live, np.sqrt(partial[:, 1, :].sum(axis=0)), rn)
+            rho_prev = rho
+            iters[live] += 1
+            last = rn
         else:
-            X[:, act] += alpha * P
-        R -= alpha * Q
-        rho_prev = rho
-        iters[act] += 1
-        rn = norms(R, act)
+            alpha = rho / pq
+            if record is not None:
+                for c in cols:
+                    record.alpha[c].append(float(alpha[np.searchsorted(act, c)]))
+            if act.size == m:
+                X += alpha * P
+            else:
+                X[:, act] += alpha * P
+            R -= alpha * Q
+            rho_prev = rho
+            iters[act] += 1
+            rn = norms(R, act)
+            last[act] = rn
         if residuals is not None:
             if vector:
                 residuals.append(float(rn[0]))
             else:
                 full = np.zeros(m)
-                full[act] = rn
+                if fused:
+                    full[live] = rn[live]
+                else:
+                    full[act] = rn
                 residuals.append(full)
         if callback is not None:
             callback(X[:, 0] if vector else X)
+    else:
+        if fused:
+            done |= live & (rn < atol)
+        else:
+            done[act[rn < atol[act]]] = True
+    if stats is not None:
+        stats["norms"] = np.asarray(last, dtype=np.float64).copy()
     return iters, done
 
 
@@ -386,6 +463,89 @@ def block_cg(A, B, *, X0=None, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     if return_lanczos:
         return Xout, info, record
     return Xout, info
+
+
+class _Matmat:
+    """A bare ``matmat`` callable seen as an operator (for :func:`block_pcg`)."""
+
+    def __init__(self, f, n):
+        self.matmat = f
+        self.shape = (n, n)
+
+
+def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=None):
+    """Block PCG with per-column convergence and a diagnostics record (the fit's solver).
+
+    The same recurrence as :func:`block_cg` (one implementation, ``_pcg_block``), with what
+    the matrix-free REML objective needs: the relative residual of every column, the first
+    product ``A M B`` (which callers may reuse), the CG coefficients of chosen columns (for
+    Lanczos quadrature) and, with ``diagonal``, the fused Jacobi path (Numba kernels).
+
+    Parameters
+    ----------
+    A : LinearOperator or callable
+        The SPD operator, or ``matmat(U)`` applying it to a (n, m) block.
+    B : ndarray, shape (n, m)
+    M : LinearOperator, optional
+        SPD approximation of ``A^{-1}``, e.g. ``preconditioners.build(...).aspreconditioner()``.
+    diagonal : ndarray, shape (n,), optional
+        The diagonal ``d`` of a diagonal preconditioner (``M = diag(1/d)``): the fused
+        Jacobi path. Exclusive with ``M``.
+    rtol : float
+        Column ``j`` stops when ``||b_j - A x_j|| < rtol ||b_j||``.
+    maxiter : int
+    record : array_like of bool, shape (m,), optional
+        Columns whose CG coefficients are recorded.
+
+    Returns
+    -------
+    X : ndarray, shape (n, m)
+    info : dict
+        ``iterations`` (max over columns), ``iterations_per_column``, ``converged`` (bool
+        per column), ``residual`` (relative residual per column), ``first_product`` and
+        ``alpha`` / ``beta`` (lists per column, empty for unrecorded columns), ``norms2``
+        (``b' M b`` per column).
+
+    Raises
+    ------
+    ArgumentError
+        For ``M`` and ``diagonal`` together, or a block of the wrong shape.
+
+    Examples
+    --------
+    >>> A = np.diag([1.0, 2.0, 3.0]) + 0.1
+    >>> X, info = block_pcg(A, np.eye(3), diagonal=np.diag(A), rtol=1e-12)
+    >>> bool(np.allclose(A @ X, np.eye(3))), bool(info["converged"].all())
+    (True, True)
+    """
+    if M is not None and diagonal is not None:
+        raise ArgumentError("block_pcg takes a preconditioner M or a diagonal, not both")
+    B = np.ascontiguousarray(B, dtype=np.float64)
+    if B.ndim != 2:
+        raise ArgumentError(f"B must be 2-d (n, m), got shape {B.shape}")
+    n, m = B.shape
+    if callable(A) and not hasattr(A, "matmat"):
+        A = _Matmat(A, n)
+    elif not hasattr(A, "matmat"):
+        A = _operator(A, "A")
+    M = _operator(M, "M")
+    inv = None if diagonal is None else 1.0 / np.asarray(diagonal, dtype=np.float64)
+    bnorm = np.linalg.norm(B, axis=0)
+    bnorm[bnorm == 0] = 1.0
+    atol = float(rtol) * bnorm
+    rec = LanczosCoefficients([[] for _ in range(m)], [[] for _ in range(m)], np.zeros(m))
+    mask = np.zeros(m, dtype=bool) if record is None else np.asarray(record, dtype=bool)
+    X = np.zeros((n, m))
+    stats = {}
+    iters, done = _pcg_block(A, B, X, atol, int(maxiter), M=M, record=rec, diagonal=inv,
+                             stats=stats, record_mask=mask)
+    first = stats.get("first_product")
+    if first is None:  # nothing to iterate (every column zero)
+        first = np.zeros_like(B)
+    info = {"iterations": int(iters.max(initial=0)), "iterations_per_column": iters,
+            "converged": done, "residual": stats["norms"] / bnorm, "alpha": rec.alpha,
+            "beta": rec.beta, "norms2": rec.norms2, "first_product": first}
+    return X, info
 
 
 def cg_lanczos(A, B, *, rtol=1e-5, atol=0.0, maxiter=None, M=None):
