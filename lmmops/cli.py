@@ -21,7 +21,7 @@ from tqdm import tqdm
 from lmmops._version import __version__
 from lmmops.analysis.plots import save_diagnostics
 from lmmops.data.simulate import simulate_crossed
-from lmmops.errors import LmmopsError
+from lmmops.errors import LmmopsError, UserError
 from lmmops.estimation.direct import warm_up
 from lmmops.estimation.iterative import (
     DEFAULT_PRECONDITIONER,
@@ -35,10 +35,6 @@ __all__ = ["main", "read_data"]
 
 # OSError covers a missing, unreadable or unwritable file and a full disk
 _USER_ERRORS = (LmmopsError, NotImplementedError, OSError, KeyError)
-
-
-class UserError(LmmopsError):
-    """A problem with the command line or its inputs."""
 
 
 def read_data(path, categorical=()):

@@ -23,7 +23,7 @@ from lmmops.analysis.inference import confint, variance_covariance
 from lmmops.analysis.outliers import msom, msom_scan, vsom
 from lmmops.analysis.plots import plot
 from lmmops.analysis.predict import predict
-from lmmops.data.checks import check_response, check_weights
+from lmmops.data.checks import check_method, check_response, check_weights
 from lmmops.data.conditioning import UserScaleObjective, condition
 from lmmops.data.design import CrossedDesign
 from lmmops.data.formula import (
@@ -56,13 +56,6 @@ SOLVERS = ("auto", "direct", "iterative")
 #: rows (its Cholesky factor then costs at most ~2e11 flops per evaluation and
 #: ``8 * AUTO_DIRECT_MAX_SCHUR**2`` bytes per copy), and the iterative solver otherwise.
 AUTO_DIRECT_MAX_SCHUR = 8000
-
-
-def _check_method(method):
-    m = str(method).upper()
-    if m not in ("REML", "ML"):
-        raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
-    return m
 
 
 def _check_solver(solver):
@@ -199,7 +192,7 @@ class LMM:
         self.fixed_spec = None
         self.formula = formula
         self.response = response
-        self.method = _check_method(method)
+        self.method = check_method(method)
         self.data_name = data_name
         self.build_s = 0.0
         self._objectives = {}
@@ -316,7 +309,7 @@ class LMM:
             The exact solver's :class:`~lmmops.estimation.direct.DirectObjective` on the
             conditioned data is ``obj.conditioned``.
         """
-        m = _check_method(method or self.method)
+        m = check_method(method or self.method)
         if m not in self._objectives:
             obj = DirectObjective(self.design, self.X_conditioned, self.y_conditioned,
                                   method=m, weights=self.weights)
@@ -373,7 +366,7 @@ class LMM:
             ``conditioning.criterion_offset(method)`` and its estimates map back through
             :attr:`conditioning`.
         """
-        m = _check_method(method or self.method)
+        m = check_method(method or self.method)
         return IterativeObjective(self.design, self.X_conditioned, self.y_conditioned,
                                   method=m, n_probes=n_probes,
                                   seed=seed, rtol=rtol, weights=self.weights, **options)
@@ -434,7 +427,7 @@ class LMM:
             ``solver="direct"``.
         """
 
-        method = _check_method(method or self.method)
+        method = check_method(method or self.method)
         picked, reason = self.choose_solver(solver)
         n_probes = check_n_probes(n_probes)
         seed = check_seed(seed)
@@ -710,7 +703,8 @@ class LMMResult:
     RESIDUAL_KINDS = ("conditional", "marginal", "model", "pearson", "shift", "studentized")
 
     def residuals(self, kind="conditional"):
-        """Residuals of the fit (the cheat sheet's, exact on the direct solver).
+        """Residuals of the fit (``docs/theory.rst``, :ref:`theory-outliers`; exact on the
+        direct solver).
 
         Parameters
         ----------
@@ -720,7 +714,7 @@ class LMMResult:
             - ``"model"``: the model-based residual ``e_tilde = R P y`` (it equals the
               conditional residual, as ``P y = R^{-1}(y - X tau_hat - Z u_tilde)``);
             - ``"pearson"``: ``sqrt(w_i) e_i / s`` (lme4's ``type = "pearson"``);
-            - ``"shift"``: the conditional residual of the cheat sheet,
+            - ``"shift"``: the mean-shift residual (:ref:`theory-outliers`),
               ``r_i = (delta_i'P delta_i)^{-1} delta_i'P y`` (the mean-shift estimate),
               with ``var(r_i) = (delta_i'P delta_i)^{-1}`` (see :meth:`residual_table`);
             - ``"studentized"``: ``t_i = r_i / sqrt(var(r_i))``.

@@ -150,19 +150,13 @@ def test_slq_with_unit_probes_is_slogdet(rng):
     assert_allclose(lz.quadrature(lambda w: 1 / w), np.diag(np.linalg.inv(A)), rtol=1e-8)
 
 
-def test_lanczos_matches_trace_module_and_preconditioned_quadrature(rng):
-    from lmmops.linalg.trace import lanczos_from_cg
-
+def test_preconditioned_lanczos_quadrature_is_the_dense_one(rng):
     n = 30
     A = _spd(rng, n, cond=50.0)  # well conditioned: no loss of orthogonality in n steps
     B = rng.standard_normal((n, 2))
     d = np.diag(A).copy()
     P = np.diag(1 / d)
     X, info, lz = block_cg(A, B, rtol=1e-13, maxiter=n, M=P, return_lanczos=True)
-    diag, off = lz.tridiagonal(0)
-    d2, o2 = lanczos_from_cg(lz.alpha[0], lz.beta[0])
-    assert_allclose(diag, d2)
-    assert_allclose(off, o2)
     # (b'Pb) e1' log(T) e1 = (P^1/2 b)' log(P^1/2 A P^1/2) (P^1/2 b)
     S = np.diag(1 / np.sqrt(d))
     w, Q = np.linalg.eigh(S @ A @ S)

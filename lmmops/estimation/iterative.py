@@ -48,8 +48,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
-from lmmops.data.checks import check_weights
+from lmmops.data.checks import check_method, check_weights
 from lmmops.errors import ArgumentError, ConvergenceWarning, LmmopsError
+from lmmops.estimation.criterion import profiled_criterion
 from lmmops.estimation.direct import (
     Evaluation,
     NumericalFailure,
@@ -190,7 +191,6 @@ def check_rtol(rtol):
         )
     return r
 
-_LOG2PI = np.log(2.0 * np.pi)
 
 
 def check_preconditioner(kind, n_factors=None):
@@ -388,9 +388,7 @@ class IterativeObjective:
                  maxiter=2000, parallel=None, deflation_rank=None, power_iters=4,
                  small_factor_levels=64, weights=None, deflation_basis=None,
                  preconditioner=DEFAULT_PRECONDITIONER):
-        method = str(method).upper()
-        if method not in ("REML", "ML"):
-            raise LmmopsError(f"method must be 'REML' or 'ML', got {method!r}")
+        method = check_method(method)
         self.method = method
         self.design = design
         self.X = np.ascontiguousarray(X, dtype=np.float64)
@@ -692,11 +690,8 @@ class IterativeObjective:
                  - 0.5 * (E2 - float(np.einsum("ij,ij->", EQ, EQ))))
         logdet_M = exact + quadQ + float(samples.mean())
         logdet_se = float(np.std(samples, ddof=1) / np.sqrt(m))
-        if self.method == "REML":
-            obj = logdet_M + logdet_RX + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
-        else:
-            obj = logdet_M + dof * (1.0 + _LOG2PI + np.log(pwrss / dof))
-        obj -= self.ldW  # log|R| = n log s^2 - sum(log w)
+        # log|R| = n log s^2 - sum(log w); the same arithmetic as the exact objective's
+        obj, _ = profiled_criterion(logdet_M, logdet_RX, pwrss, n, p, self.method, self.ldW)
         # conditional modes and fixed-effect covariance
         Sx = St[:, :p]
         vfull = St[:, p] - Sx @ beta

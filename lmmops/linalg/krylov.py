@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg as sla
 from scipy.sparse.linalg import aslinearoperator
 from scipy.sparse.linalg import cg as _scipy_cg
 
 from lmmops.errors import ArgumentError, ArgumentTypeError
 from lmmops.linalg import kernels
+from lmmops.linalg.trace import lanczos_from_cg, slq_quadrature
 
 __all__ = [
     "LanczosCoefficients",
@@ -95,11 +95,7 @@ class LanczosCoefficients:
         diag : ndarray, shape (k,)
         offdiag : ndarray, shape (k - 1,)
         """
-        alpha = np.asarray(self.alpha[j], dtype=np.float64)
-        beta = np.asarray(self.beta[j], dtype=np.float64)[: max(alpha.size - 1, 0)]
-        diag = 1.0 / alpha
-        diag[1:] += beta / alpha[:-1]
-        return diag, np.sqrt(beta) / alpha[:-1]
+        return lanczos_from_cg(self.alpha[j], self.beta[j])
 
     def quadrature(self, f=np.log):
         """``(b'Pb) e_1' f(T) e_1`` for every column (0 for a zero column).
@@ -117,9 +113,7 @@ class LanczosCoefficients:
         for j in range(len(self.alpha)):
             if len(self.alpha[j]) == 0:
                 continue
-            d, e = self.tridiagonal(j)
-            w, S = sla.eigh_tridiagonal(d, e)
-            out[j] = self.norms2[j] * float(np.sum(S[0] ** 2 * f(w)))
+            out[j] = self.norms2[j] * slq_quadrature(*self.tridiagonal(j), f=f)
         return out
 
 

@@ -327,10 +327,6 @@ def lanczos_from_cg(alpha, beta):
     This is the home of the CG-to-Lanczos map. With a preconditioner ``P`` the same
     coefficients give the tridiagonal of ``P^{1/2} A P^{1/2}``.
     """
-    # Issue 13: lmmops.linalg.krylov.LanczosCoefficients.tridiagonal still carries a copy
-    # of these lines (krylov.py was being changed concurrently); it is to return
-    # lanczos_from_cg(self.alpha[j], self.beta[j]), and its quadrature() to use
-    # slq_quadrature, after which tests/test_solvers.py's agreement check can go.
     alpha = np.asarray(alpha, dtype=np.float64)
     beta = np.asarray(beta, dtype=np.float64)[: max(alpha.size - 1, 0)]
     diag = 1.0 / alpha
