@@ -1048,11 +1048,42 @@ def _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale):
                                  main=False)[0]
             if ev_t.objective < ev.objective - slack:
                 return ev_t, True, None
+    # a second dip in the grid's profile along one component (a basin behind a hump,
+    # whose grid points are above ev with the others fixed): Newton from its bottom
+    for start in _profile_dips(ev, seen):
+        ev_t = run.evaluate(start)
+        if ev_t is not None:
+            ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale,
+                                 main=False)[0]
+            if ev_t.objective < ev.objective - slack:
+                return ev_t, True, None
     doubt = None
     for k in np.flatnonzero(concave):
         doubt = (f"the criterion is concave in theta[{k}] = {ev.theta[k]:.3g} and no "
                  f"lower point was found along it")
     return ev, False, doubt
+
+
+def _profile_dips(ev, seen):
+    """Starts at the local minima of the per-component grid profiles, away from ``ev``.
+
+    ``seen`` is :func:`_grid_scan`'s criterion at ``(k, theta_k)``, the others fixed at
+    ``ev``. Along each component the profile (with ``ev`` itself) is ordered by
+    ``theta_k``; a grid point lower than both its neighbours, other than ``ev``'s own
+    value, and less than :func:`_barrier` above ``ev``, is the bottom of another dip.
+    """
+    top = ev.objective + _barrier(ev.objective)
+    starts = []
+    for k in range(ev.theta.size):
+        prof = sorted([(t, f) for (j, t), f in seen.items() if j == k]
+                      + [(float(ev.theta[k]), ev.objective)])
+        for i in range(1, len(prof) - 1):
+            t, f = prof[i]
+            if t != ev.theta[k] and f <= top and f < prof[i - 1][1] and f < prof[i + 1][1]:
+                trial = ev.theta.copy()
+                trial[k] = t
+                starts.append((f, trial))
+    return [t for _, t in sorted(starts, key=lambda x: x[0])]
 
 
 def _barrier(f):
