@@ -34,6 +34,7 @@ from lmmops.errors import (
 from lmmops.estimation import mme  # noqa: F401  (as an attribute)
 from lmmops.linalg.operators import CovarianceOperator, LevelSpaceOperator
 from lmmops.model import LMM, LMMResult, fit
+from lmmops.options import Options
 
 _compat.install()
 
@@ -49,6 +50,7 @@ __all__ = [
     "LMMResult",
     "LevelSpaceOperator",
     "LmmopsError",
+    "Options",
     "RankDeficientError",
     "RankDeficientWarning",
     "__version__",

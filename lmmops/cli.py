@@ -29,6 +29,7 @@ from lmmops.estimation.iterative import (
     check_n_probes,
 )
 from lmmops.model import fit
+from lmmops.options import resolve_options
 from lmmops.threads import check_threads
 
 __all__ = ["main", "read_data"]
@@ -136,14 +137,17 @@ def _fit_and_print(df, formula, args, data_name):
         def progress(msg):
             print(msg, file=sys.stderr, flush=True)
     _check_seed(args.seed)
+    options = resolve_options(None, n_probes=n_probes, seed=args.seed, threads=args.threads,
+                              maxiter=getattr(args, "maxiter", None),
+                              cg_maxiter=getattr(args, "cg_maxiter", None),
+                              cg_rtol=getattr(args, "cg_rtol", None))
     plot = getattr(args, "plot", None)
     if plot:
         _check_plot_path(plot)
     try:
         res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
-                  weights=getattr(args, "weights", None), n_probes=n_probes,
-                  seed=args.seed, progress=progress, threads=args.threads,
-                  preconditioner=getattr(args, "preconditioner", None))
+                  weights=getattr(args, "weights", None), progress=progress,
+                  preconditioner=getattr(args, "preconditioner", None), options=options)
     finally:
         if bar is not None:
             bar.close()
@@ -285,6 +289,15 @@ def build_parser():
                         help="iterative solver: level-space preconditioner of the PCG "
                              f"solves, one of {', '.join(PRECONDITIONERS)} (spectral: two "
                              f"factors only; default {DEFAULT_PRECONDITIONER})")
+        sp.add_argument("--maxiter", type=int, default=None, metavar="N",
+                        help="the optimiser's iteration budget (default 100)")
+        sp.add_argument("--cg-maxiter", type=int, default=None, metavar="N",
+                        help="iterative solver: CG iteration budget of one solve "
+                             "(default 2000); a solve that misses its tolerance makes the "
+                             "fit say converged: false")
+        sp.add_argument("--cg-rtol", type=float, default=None, metavar="R",
+                        help="iterative solver: relative residual of each CG solve, "
+                             "0 < R < 1 (default 1e-8)")
         sp.add_argument("--json", action="store_true",
                         help="print machine-readable JSON instead of the summary")
         sp.add_argument("--verbose", action="store_true",

@@ -38,14 +38,12 @@ from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
 from lmmops.estimation.iterative import (
     DEFAULT_PRECONDITIONER,
     IterativeObjective,
-    check_n_probes,
     check_preconditioner,
-    check_rtol,
-    check_seed,
 )
 from lmmops.estimation.mme import diag_P, level_space_diagonals
 from lmmops.estimation.stochastic import fit_iterative
 from lmmops.guard import max_dense_bytes
+from lmmops.options import resolve_options
 from lmmops.threads import limit_threads, plan_threads
 
 __all__ = ["LMM", "LMMResult", "fit"]
@@ -83,7 +81,10 @@ def _thread_limited(fit):
         picked, _ = self.choose_solver(arg["solver"])
         q = list(self.design.n_levels)
         dense = sum(q) - max(q) + self.X.shape[1] + 1 if picked == "direct" else 0
-        plan = plan_threads(arg["threads"], dense_size=dense, parallel=picked == "iterative")
+        opts = resolve_options(arg["options"], maxiter=arg["maxiter"],
+                               n_probes=arg["n_probes"], seed=arg["seed"],
+                               cg_rtol=arg["rtol"], threads=arg["threads"])
+        plan = plan_threads(opts.threads, dense_size=dense, parallel=picked == "iterative")
         with limit_threads(plan):
             res = fit(*bound.args, **bound.kwargs)
         res.notes.append(plan.note)
@@ -372,9 +373,9 @@ class LMM:
                                   seed=seed, rtol=rtol, weights=self.weights, **options)
 
     @_thread_limited
-    def fit(self, method=None, solver="auto", start=None, verbose=False, maxiter=100,
-            n_probes=16, seed=0, rtol=1e-8, progress=None, threads="auto",
-            preconditioner=None):
+    def fit(self, method=None, solver="auto", start=None, verbose=False, maxiter=None,
+            n_probes=None, seed=None, rtol=None, progress=None, threads=None,
+            preconditioner=None, options=None):
         """Fit by REML or ML.
 
         Parameters
@@ -392,10 +393,11 @@ class LMM:
         verbose : bool
             Print one line per iteration (criterion, step, CG iterations, Monte Carlo
             error) to standard error.
-        maxiter : int
-            Maximum number of optimiser iterations.
-        n_probes, seed, rtol
-            Iterative solver only: probes (at least 2, see
+        maxiter : int, optional
+            Maximum number of optimiser iterations (default 100, ``options.maxiter``).
+        n_probes, seed, rtol : optional
+            Shorthands for ``options.n_probes``, ``options.seed`` and ``options.cg_rtol``
+            (defaults 16, 0, 1e-8). Iterative solver only: probes (at least 2, see
             :func:`lmmops.estimation.iterative.check_n_probes`), their seed, and the PCG tolerance
             (``0 < rtol < 1``). The iterative fit is
             :func:`lmmops.estimation.stochastic.fit_iterative`: converged within its Monte Carlo
@@ -403,8 +405,9 @@ class LMM:
             estimate.
         progress : callable, optional
             Called as ``progress(message)`` once per iteration (overrides ``verbose``).
-        threads : "auto" or int
-            BLAS and Numba threads during the fit (:mod:`lmmops.threads`), restored
+        threads : "auto" or int, optional
+            Shorthand for ``options.threads``. BLAS and Numba threads during the fit
+            (:mod:`lmmops.threads`), restored
             afterwards. ``"auto"`` (default): one BLAS thread unless the exact solver's
             dense block is large and cores are idle, Numba's threads on idle cores only;
             an integer ``n``: ``n`` threads for both. The choice is in the notes.
@@ -414,6 +417,13 @@ class LMM:
             two factors); default
             :data:`lmmops.estimation.iterative.DEFAULT_PRECONDITIONER`. The kind used and
             the CG iterations per evaluation are in ``LMMResult.solver_info``.
+        options : Options, optional
+            Every solver and optimiser setting (:class:`lmmops.options.Options`, like lme4's
+            ``lmerControl``): the optimiser's ``maxiter``, ``tol``, ``boundary_tol`` and
+            ``restart``; the iterative solver's ``n_probes``, ``seed``, ``cg_rtol``,
+            ``cg_maxiter``, ``deflation_rank`` and ``step_tol``; ``threads``. A keyword
+            given above overrides the same setting here. The settings used are
+            ``result.options``.
 
         Returns
         -------
@@ -429,9 +439,8 @@ class LMM:
 
         method = check_method(method or self.method)
         picked, reason = self.choose_solver(solver)
-        n_probes = check_n_probes(n_probes)
-        seed = check_seed(seed)
-        rtol = check_rtol(rtol)
+        opts = resolve_options(options, maxiter=maxiter, n_probes=n_probes, seed=seed,
+                               cg_rtol=rtol, threads=threads)
         if preconditioner is not None:
             check_preconditioner(preconditioner, self.design.n_factors)
             if solver == "direct":
@@ -441,9 +450,12 @@ class LMM:
                     "or use solver='iterative')")
         t0 = time.perf_counter()
         if picked == "iterative":
+            extra = {} if opts.deflation_rank is None else {
+                "deflation_rank": opts.deflation_rank}
             obj = self.iterative_objective(
-                method, n_probes=n_probes, seed=seed, rtol=rtol,
-                preconditioner=preconditioner or DEFAULT_PRECONDITIONER)
+                method, n_probes=opts.n_probes, seed=opts.seed, rtol=opts.cg_rtol,
+                maxiter=opts.cg_maxiter,
+                preconditioner=preconditioner or DEFAULT_PRECONDITIONER, **extra)
         else:
             obj = self.objective(method).conditioned
         if start is None:
@@ -468,13 +480,17 @@ class LMM:
                 progress(f"iteration {it:3d}  criterion {f + offset:.6f}  step {step:.3g}{extra}  "
                          f"theta {np.round(theta, 6)}")
         if picked == "iterative":
-            ev, opt = fit_iterative(obj, start, maxiter=maxiter, callback=callback)
+            ev, opt = fit_iterative(obj, start, maxiter=opts.maxiter, step_tol=opts.step_tol,
+                                    boundary_tol=opts.boundary_tol, callback=callback)
         else:
-            ev, opt = fit_direct(obj, start, maxiter=maxiter, callback=callback)
+            ev, opt = fit_direct(obj, start, maxiter=opts.maxiter, tol=opts.tol,
+                                 boundary_tol=opts.boundary_tol, restart=opts.restart,
+                                 callback=callback)
         resid = obj.residuals(ev)
         elapsed = self.build_s + (time.perf_counter() - t0)
         res = LMMResult(self, ev, opt, method, picked, resid, elapsed)
         res._objective = obj
+        res.options = opts
         if solver == "auto":
             res.notes.append(reason)
             if preconditioner is not None and picked == "direct":
@@ -580,6 +596,9 @@ class LMMResult:
         ``model.X_conditioned`` and ``model.y_conditioned`` (``model.conditioning``
         maps it back; every attribute above is already on the user's scale).
     """
+
+    #: the settings of the fit (:class:`lmmops.options.Options`), set by :meth:`LMM.fit`
+    options = None
 
     def __init__(self, model, ev, opt, method, solver, resid, elapsed):
         self.model = model
@@ -1030,6 +1049,7 @@ class LMMResult:
                             "cg_iterations": list(self.solver_info["cg_iterations"]),
                             "probe_cg_iterations":
                                 list(self.solver_info["probe_cg_iterations"])},
+            "options": None if self.options is None else self.options.as_dict(),
         })
         for key in ("fixef", "fixef_se", "variances_se"):
             out[key] = {k: (v if math.isfinite(v) else None) for k, v in out[key].items()}

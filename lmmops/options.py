@@ -28,7 +28,7 @@ from lmmops.errors import ArgumentError, ArgumentTypeError
 from lmmops.estimation.iterative import check_n_probes, check_rtol, check_seed
 from lmmops.threads import check_threads
 
-__all__ = ["Options"]
+__all__ = ["Options", "resolve_options"]
 
 
 def _positive_int(value, name, allow_none=False):
@@ -139,3 +139,25 @@ class Options:
     def as_dict(self):
         """The settings as a plain dict (for the fit's record and its JSON)."""
         return dataclasses.asdict(self)
+
+
+def resolve_options(options=None, **explicit):
+    """``options`` (default :class:`Options`) with the keywords that are not None.
+
+    The keyword shorthands of :meth:`lmmops.LMM.fit` (``maxiter=``, ``n_probes=``, ...)
+    override the same settings of ``options``.
+
+    Examples
+    --------
+    >>> resolve_options(Options(n_probes=8), n_probes=None, maxiter=20).maxiter
+    20
+    >>> resolve_options(Options(n_probes=8), n_probes=None).n_probes
+    8
+    """
+    if options is None:
+        options = Options()
+    elif not isinstance(options, Options):
+        raise ArgumentTypeError(f"options must be an lmmops.options.Options, got "
+                                f"{type(options).__name__}")
+    changes = {k: v for k, v in explicit.items() if v is not None}
+    return options.replace(**changes) if changes else options
