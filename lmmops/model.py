@@ -40,7 +40,8 @@ from lmmops.estimation.iterative import (
     IterativeObjective,
     check_preconditioner,
 )
-from lmmops.estimation.mme import diag_P, level_space_diagonals
+from lmmops.estimation.protocol import diag_P as diag_P_of
+from lmmops.estimation.protocol import level_diagonal_inverse
 from lmmops.estimation.stochastic import fit_iterative
 from lmmops.guard import max_dense_bytes
 from lmmops.options import resolve_options
@@ -774,6 +775,14 @@ class LMMResult:
             return Py / dP
         return Py / np.sqrt(dP)
 
+    def _fit_objective(self):
+        """The objective the fit used and its evaluation at the optimum (conditioned
+        scale), for the protocol functions of :mod:`lmmops.estimation.protocol`."""
+        obj = getattr(self, "_objective", None)
+        if obj is None:
+            obj = self.model.objective(self.method).conditioned
+        return obj, self.evaluation
+
     def _direct(self):
         """The exact solver's objective and evaluation at the optimum (conditioned scale)."""
         if self.solver != "direct":
@@ -790,14 +799,8 @@ class LMMResult:
         On the user's scale (``P`` scales as ``1/s^2``), or the solver's with
         ``conditioned=True``."""
         if getattr(self, "_dP_c", None) is None:
-            if self.solver == "iterative":
-                est = self._objective.diag_P(self.evaluation)
-                self._dP_c, self._dP_c_se = est.estimate, est.stderr
-            else:
-
-                obj, ev = self._direct()
-                self._dP_c = diag_P(obj, ev)
-                self._dP_c_se = np.zeros_like(self._dP_c)
+            est = diag_P_of(*self._fit_objective())
+            self._dP_c, self._dP_c_se = est.estimate, est.stderr
         if conditioned:
             return self._dP_c
         v = self.model.conditioning.variance_scale
@@ -846,22 +849,17 @@ class LMMResult:
             standard errors are then in ``ranef_pev_se``.
         """
         d = self.model.design
-        if self.solver == "iterative":
-            # stochastic diagonal of the inverse (control variate + probes); the Monte
-            # Carlo standard errors are kept in ``ranef_pev_se``
-            ev = self.evaluation
-            est = self._objective.diag_inverse(ev, z_only=conditional_on_beta)
-            off = d.offsets
-            dg = [est.estimate[off[k]:off[k + 1]] for k in range(d.n_factors)]
-            s2 = self.sigma ** 2
-            self.ranef_pev_se = {
-                nm: pd.Series(s2 * ev.theta[k] ** 2 * est.stderr[off[k]:off[k + 1]],
-                              index=self.ranef[nm].index, name=nm)
-                for k, nm in enumerate(d.names)}
-        else:
-
-            obj, ev = self._direct()
-            dg = level_space_diagonals(obj, ev, z_only=conditional_on_beta)["omega_diag"]
+        obj, ev = self._fit_objective()
+        # exact (stderr 0) on the direct solver; on the iterative one a stochastic
+        # diagonal (control variate + probes) whose Monte Carlo errors are kept
+        est = level_diagonal_inverse(obj, ev, z_only=conditional_on_beta)
+        off = d.offsets
+        dg = [est.estimate[off[k]:off[k + 1]] for k in range(d.n_factors)]
+        s2 = self.sigma ** 2
+        self.ranef_pev_se = {
+            nm: pd.Series(s2 * ev.theta[k] ** 2 * est.stderr[off[k]:off[k + 1]],
+                          index=self.ranef[nm].index, name=nm)
+            for k, nm in enumerate(d.names)}
         s2 = self.sigma ** 2
         return {nm: pd.Series(s2 * ev.theta[k] ** 2 * dg[k], index=self.ranef[nm].index,
                               name=nm) for k, nm in enumerate(d.names)}
@@ -945,12 +943,11 @@ class LMMResult:
         if m == "vsom":
             if rows is None:
                 raise LmmopsError("the VSOM needs a set of observations: rows=[...]")
-            obj = self._objective if self.solver == "iterative" else self._direct()[0]
+            obj = self._fit_objective()[0]
             return cond.vsom(vsom(obj, rows, start=self.evaluation.theta), self.method)
         # on the iterative solver the scan needs only P y and diag(P) (estimated
         # stochastically), a set I needs P delta_I (one PCG solve)
-        obj, ev = ((self._objective, self.evaluation) if self.solver == "iterative"
-                   else self._direct())
+        obj, ev = self._fit_objective()
         if rows is not None:
             return cond.msom(msom(obj, ev, rows))
         return cond.msom(msom_scan(obj, ev, top=top, diag=self._diag_P(conditioned=True)))

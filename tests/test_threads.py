@@ -126,6 +126,9 @@ def test_concurrent_blocks_share_the_smallest_blas_count(two_blas_threads):
 def test_invalid_threads_raise(bad, frame):
     with pytest.raises(LmmopsError, match="threads must be 'auto' or a positive integer"):
         thr.check_threads(bad)
+    if bad is None:  # fit(threads=None) means "not given": options.threads ("auto")
+        assert lmmops.fit(FORMULA, frame, threads=bad).options.threads == "auto"
+        return
     with pytest.raises(LmmopsError, match="threads must be"):
         lmmops.fit(FORMULA, frame, threads=bad)
 

@@ -24,6 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from lmmops.errors import LmmopsError
+from lmmops.estimation.iterative import IterativeObjective
 
 __all__ = ["predict"]
 
@@ -84,11 +85,10 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
         raise LmmopsError(f"unknown interval {interval!r}; use None, 'confidence' or "
                           "'prediction'")
     model = result.model
-    iterative = result.solver == "iterative"
-    if iterative:  # prediction variances from level-space PCG solves (exact to tolerance)
-        obj, ev = result._objective, result.evaluation
-    else:
-        obj, ev = result._direct()
+    obj, ev = result._fit_objective()
+    # the iterative objective answers the prediction variances by level-space PCG solves
+    # (exact to tolerance), the exact one by its blocked factor
+    iterative = isinstance(obj, IterativeObjective)
     # the solvers' conditioned scale (lmmops.data.conditioning): X_c = X T, and the values map
     # back as X_c b + s f_c, the variances as s^2
     cond = model.conditioning
