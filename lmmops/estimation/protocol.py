@@ -30,6 +30,7 @@ import functools
 
 import numpy as np
 
+from lmmops.errors import ArgumentTypeError
 from lmmops.estimation.direct import DirectObjective
 from lmmops.estimation.iterative import IterativeObjective
 from lmmops.estimation.mme import diag_P as _exact_diag_P
@@ -46,7 +47,7 @@ def diag_P(obj, ev):
     Exact on the direct solver; a stochastic diagonal estimate on the iterative one
     (:meth:`~lmmops.estimation.iterative.IterativeObjective.diag_P`).
     """
-    raise TypeError(f"no diag_P for {type(obj).__name__}")
+    raise ArgumentTypeError(f"no diag_P for {type(obj).__name__}")
 
 
 @diag_P.register
@@ -69,7 +70,7 @@ def level_diagonal_inverse(obj, ev, z_only=False):
     including the uncertainty of ``beta``. Times ``s^2 theta_k^2`` it is the prediction
     error variance of each BLUP.
     """
-    raise TypeError(f"no level_diagonal_inverse for {type(obj).__name__}")
+    raise ArgumentTypeError(f"no level_diagonal_inverse for {type(obj).__name__}")
 
 
 @level_diagonal_inverse.register
