@@ -185,6 +185,33 @@ def test_basin_behind_a_joint_move_is_found(seed, missing):
     assert ev.objective == pytest.approx(best, rel=1e-6)
 
 
+# found by the slow suite: 5, 2 and 4 levels; theta_3 was 'verified' at 0, 0.66 above the
+# optimum at theta_3 = 2.64 behind a hump (the half-decade profile and its dips find it)
+HUMP_CODES = [
+    [1, 0, 1, 0, 1, 0, 0, 2, 0, 2, 1, 0, 1, 0, 1, 4, 3, 3, 0, 1, 2, 0],
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0],
+    [2, 2, 1, 1, 0, 2, 2, 1, 2, 2, 1, 1, 1, 2, 0, 0, 3, 2, 0, 2, 2, 2]]
+HUMP_Y = np.array([
+    11991.992613855844, 11992.87311068868, 11993.894298236619, 11992.79263699651,
+    11994.378455598848, 11991.91571773605, 11992.918774713806, 11987.42319490659,
+    11993.139248869884, 11988.389910669357, 11992.623106445375, 11993.971476158522,
+    -388.5586561702502, 11991.568627317827, 11993.686366990021, 11991.784292267788,
+    -396.46398159175214, 11990.313737894508, 11992.903490810033, 11993.86984978391,
+    11986.507379291957, 11992.765511399228])
+
+
+def test_basin_behind_a_hump_in_one_component_is_found():
+    d = CrossedDesign.from_codes(HUMP_CODES)
+    X = np.ones((len(HUMP_Y), 1))
+    with threadpool_limits(1):
+        ev, opt = _quiet_fit(DirectObjective(d, X, HUMP_Y, "REML"), moment_start(d, X, HUMP_Y))
+        best = _assert_at_dense_optimum(d, X, HUMP_Y, "REML", ev, opt,
+                                        extra_starts=[10.0 ** (np.array([1, 8, -8]) / 2)])
+    assert opt.converged
+    assert ev.objective == pytest.approx(best, rel=1e-6)
+    assert ev.theta[2] > 1.0
+
+
 # ---------------------------------------------------------------- honest non-convergence
 
 def test_iteration_limit_says_not_converged():
