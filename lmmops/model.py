@@ -82,9 +82,12 @@ def _thread_limited(fit):
         picked, _ = self.choose_solver(arg["solver"])
         q = list(self.design.n_levels)
         dense = sum(q) - max(q) + self.X.shape[1] + 1 if picked == "direct" else 0
+        # the shorthands folded into one Options here, once; the fit receives only that
         opts = resolve_options(arg["options"], maxiter=arg["maxiter"],
                                n_probes=arg["n_probes"], seed=arg["seed"],
                                cg_rtol=arg["rtol"], threads=arg["threads"])
+        arg.update(options=opts, maxiter=None, n_probes=None, seed=None, rtol=None,
+                   threads=None)
         plan = plan_threads(opts.threads, dense_size=dense, parallel=picked == "iterative")
         with limit_threads(plan):
             res = fit(*bound.args, **bound.kwargs)
@@ -788,10 +791,7 @@ class LMMResult:
         if self.solver != "direct":
             raise LmmopsError(f"this quantity is exact only on the direct solver (the fit "
                               f"used solver={self.solver!r}); refit with solver='direct'")
-        obj = getattr(self, "_objective", None)
-        if obj is None:
-            obj = self.model.objective(self.method).conditioned
-        return obj, self.evaluation
+        return self._fit_objective()
 
     def _diag_P(self, conditioned=False):
         """``diag(P)``: exact on the direct solver; on the iterative solver a stochastic

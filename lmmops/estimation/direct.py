@@ -226,8 +226,6 @@ class DirectObjective:
         if y.shape[0] != n or design.n_obs != n:
             raise LmmopsError("X, y and the design must have the same number of rows")
         self.weights = None if weights is None else check_weights(weights, n)
-        w = self.weights
-        self.ldW = 0.0 if w is None else float(np.sum(np.log(w)))
         check_method(method, n, p)
         self.n, self.p, self.K = n, p, design.n_factors
         q = np.asarray(design.n_levels)
@@ -248,6 +246,7 @@ class DirectObjective:
             raise LmmopsError(f"statistics on levels {stats.n_levels} with p = {stats.p} "
                               f"do not match the design's {tuple(design.n_levels)}, p = {p}")
         self.stats = stats
+        self.ldW = stats.log_weights
         self.d1 = stats.D[self.first]
         self.Z1T = stats.ZT[self.first]
         self.TT = stats.TT
@@ -703,6 +702,7 @@ class _Run:
         self.callback = callback
         self.fitlog = []
         self.iterations = 0
+        self.joint_done = False  # the joint grid runs once per fit
         self._hessian = (None, None)
 
     def evaluate(self, theta):
@@ -1026,31 +1026,21 @@ def _boundary_moves(run, ev, maxiter, tol, boundary_tol, scale):
         ev_t = run.evaluate(best)
         if ev_t is not None:
             return ev_t, True, None
-    # the joint grid's basins and the transfers of variance between two components:
-    # Newton from each, the first that ends lower wins
-    for start in _joint_grid(run, ev, scale) + _transfers(run, ev):
-        ev_t = run.evaluate(start)
-        if ev_t is not None:
-            ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale,
-                                 main=False)[0]
-            if ev_t.objective < ev.objective - slack:
-                return ev_t, True, None
-    # the other side of the boundary of each component: Newton on the face theta_k = 0
-    # for a positive one, from theta_k = its scale for one at 0, where the grid found
-    # that start within the barrier
+    # Newton from other starts, the first that ends lower wins: the joint grid's basins
+    # and the transfers of variance between two components; the other side of the
+    # boundary of each component (the face theta_k = 0 for a positive one, theta_k = its
+    # scale for one at 0) where the grid found that start within the barrier; and a
+    # second dip in the grid's profile along one component (a basin behind a hump, whose
+    # grid points are above ev with the others fixed)
+    starts = _joint_grid(run, ev, scale) + _transfers(run, ev)
     for k in np.flatnonzero(~concave):
         t = scale[k] if ev.theta[k] == 0.0 else 0.0
-        if seen.get((k, t), np.inf) > ev.objective + _barrier(ev.objective):
-            continue
-        ev_t = _at(run, ev, k, t)
-        if ev_t is not None:
-            ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale,
-                                 main=False)[0]
-            if ev_t.objective < ev.objective - slack:
-                return ev_t, True, None
-    # a second dip in the grid's profile along one component (a basin behind a hump,
-    # whose grid points are above ev with the others fixed): Newton from its bottom
-    for start in _profile_dips(ev, seen):
+        if seen.get((k, t), np.inf) <= ev.objective + _barrier(ev.objective):
+            trial = ev.theta.copy()
+            trial[k] = t
+            starts.append(trial)
+    starts += _profile_dips(ev, seen)
+    for start in starts:
         ev_t = run.evaluate(start)
         if ev_t is not None:
             ev_t = _newton_exact(run, ev_t, maxiter, tol, boundary_tol, scale,
@@ -1142,6 +1132,12 @@ JOINT_GRID_MAX_K = 3
 JOINT_GRID_MAX_SCHUR = 400
 
 
+def _small_level_space(obj):
+    """Whether the joint searches run (:data:`JOINT_GRID_MAX_K`,
+    :data:`JOINT_GRID_MAX_SCHUR`)."""
+    return obj.K <= JOINT_GRID_MAX_K and getattr(obj, "qr", np.inf) <= JOINT_GRID_MAX_SCHUR
+
+
 #: decades between the joint grid's points, by the number of components: about 200
 #: points in all (34, 100, 216), over 1e-2 to 1e6 times each component's scale
 JOINT_GRID_STEP = {1: 0.25, 2: 1.0, 3: 2.0}
@@ -1169,8 +1165,7 @@ def _joint_grid(run, ev, scale, starts=3):
     and per-component one (``docs/guarantees.rst``).
     """
     obj = run.objective
-    if getattr(run, "joint_done", False) or obj.K > JOINT_GRID_MAX_K or \
-            getattr(obj, "qr", np.inf) > JOINT_GRID_MAX_SCHUR:
+    if run.joint_done or not _small_level_space(obj):
         return []
     run.joint_done = True
     top = ev.objective + _barrier(ev.objective)
@@ -1206,8 +1201,7 @@ def _transfers(run, ev, factor=10.0):
     grid's limits.
     """
     obj = run.objective
-    if obj.K < 2 or obj.K > JOINT_GRID_MAX_K or getattr(obj, "qr", np.inf) > \
-            JOINT_GRID_MAX_SCHUR:
+    if obj.K < 2 or not _small_level_space(obj):
         return []
     top = ev.objective + _barrier(ev.objective)
     starts = []
