@@ -52,9 +52,9 @@ from lmmops.data.checks import check_method, check_weights
 from lmmops.errors import ArgumentError, ConvergenceWarning, LmmopsError
 from lmmops.estimation.criterion import profiled_criterion
 from lmmops.estimation.direct import (
+    DirectObjective,
     Evaluation,
     NumericalFailure,
-    conditional_residuals,
     theta_gradient,
 )
 from lmmops.linalg import krylov, preconditioners
@@ -172,7 +172,8 @@ def check_rtol(rtol):
     Raises
     ------
     LmmopsError
-        For anything else (``rtol = 0`` can never be met in floating point).
+        For anything else (``rtol = 0`` can never be met in floating point; ``rtol >= 1``
+        accepts the starting guess).
 
     Examples
     --------
@@ -184,10 +185,11 @@ def check_rtol(rtol):
     except (TypeError, ValueError):
         r = math.nan
     if not (math.isfinite(r) and 0.0 < r < 1.0):
+        why = ("rtol >= 1 accepts the starting guess without a single iteration"
+               if r >= 1.0 else "rtol <= 0 can never be met in floating point")
         raise LmmopsError(
             f"rtol must be a finite number with 0 < rtol < 1, got {rtol!r}: PCG stops when "
-            "every column's residual is at most rtol times its right-hand side, which "
-            "rtol <= 0 can never meet in floating point"
+            f"every column's residual is at most rtol times its right-hand side, and {why}"
         )
     return r
 
@@ -1098,15 +1100,5 @@ class IterativeObjective:
             d = d + np.einsum("ij,ij->i", ev._Sx @ ev._Ainv, ev._Sx)
         return TraceEstimate(d, se, n_probes)
 
-    def residuals(self, ev):
-        """Conditional residuals ``y - X beta - sum_k Z_k b_k`` (one pass over the rows).
-
-        Parameters
-        ----------
-        ev : Evaluation
-
-        Returns
-        -------
-        ndarray, shape (n_obs,)
-        """
-        return conditional_residuals(self.design, self.X, self.y, ev)
+    # the conditional residuals (one pass over the rows), shared with the exact objective
+    residuals = DirectObjective.residuals
