@@ -871,17 +871,7 @@ class LMMResult:
         if getattr(self, "_vcov_var", None) is None:
 
             names = list(self.n_levels) + ["Residual"]
-            if self.solver == "iterative":
-                # the average information is exact from PCG solves (no traces), so the
-                # standard errors are available at scale too (P form for REML and ML)
-                A = self._objective.average_information(self.evaluation)
-                try:
-                    cov = np.linalg.inv(A)
-                except np.linalg.LinAlgError:
-                    cov = np.linalg.pinv(A)
-            else:
-                obj, ev = self._direct()
-                cov = variance_covariance(obj, ev)
+            cov = variance_covariance(*self._fit_objective())
             cov = cov * self.model.conditioning.variance_scale ** 2  # to the user's scale
             self._vcov_var = pd.DataFrame(cov, index=names, columns=names)
         return self._vcov_var

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from lmmops.data.statistics import SufficientStatistics
 from lmmops.errors import ArgumentError, LmmopsError
 from lmmops.estimation.direct import DirectObjective
+from lmmops.estimation.iterative import IterativeObjective
+from lmmops.linalg.operators import GramOperator
 
 
 def _problem(seed, levels=(7, 4, 3), n=60, weighted=True):
@@ -37,6 +39,10 @@ def test_statistics_equal_dense_products(weighted):
     Zall = np.hstack(Z)
     np.testing.assert_allclose(s.block(range(d.n_factors)), Zall.T @ W @ Zall, rtol=1e-13)
     assert s.log_weights == pytest.approx(0.0 if w is None else np.sum(np.log(w)))
+    np.testing.assert_allclose(s.gram().toarray(), Zall.T @ W @ Zall, rtol=1e-13)
+    G = GramOperator(d, stats=s)
+    np.testing.assert_allclose(G.todense(), Zall.T @ W @ Zall, rtol=1e-13)
+    np.testing.assert_allclose(GramOperator(d, weights=w).todense(), G.todense(), rtol=1e-13)
 
 
 @settings(derandomize=True, max_examples=15, deadline=None)
@@ -59,6 +65,13 @@ def test_partitions_combine_to_the_whole(seed, n_parts, weighted):
     f_whole = DirectObjective(d, X, y, "REML", weights=w)(theta)
     f_parts = DirectObjective(d, X, y, "REML", weights=w, stats=both)(theta)
     assert f_parts == pytest.approx(f_whole, rel=1e-10)
+    # the iterative objective consumes the same statistics: the same probes and seed give
+    # the same estimate whether the statistics come from the rows or from the partitions
+    e_whole = IterativeObjective(d, X, y, weights=w, n_probes=8, seed=3).evaluate(theta)
+    e_parts = IterativeObjective(d, X, y, weights=w, n_probes=8, seed=3,
+                                 stats=both).evaluate(theta)
+    assert e_parts.objective == pytest.approx(e_whole.objective, rel=1e-10)
+    np.testing.assert_allclose(e_parts.beta, e_whole.beta, rtol=1e-8, atol=1e-10)
 
 
 def test_mismatched_statistics_are_refused():
@@ -66,6 +79,8 @@ def test_mismatched_statistics_are_refused():
     s = SufficientStatistics.from_arrays(d, X[:, :1], y)
     with pytest.raises(LmmopsError, match="do not match"):
         DirectObjective(d, X, y, stats=s)
+    with pytest.raises(LmmopsError, match="do not match"):
+        IterativeObjective(d, X, y, stats=s)
     other = SufficientStatistics.from_codes(d.codes[:2], d.n_levels[:2], X, y)
     with pytest.raises(ArgumentError, match="cannot combine"):
         SufficientStatistics.combine([s, other])

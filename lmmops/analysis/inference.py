@@ -24,6 +24,7 @@ from scipy import optimize, stats
 from lmmops.errors import LmmopsError
 from lmmops.estimation.criterion import criterion_at_sigma, residual_dof
 from lmmops.estimation.direct import theta_gradient
+from lmmops.estimation.protocol import variance_covariance
 
 __all__ = [
     "confint",
@@ -31,40 +32,6 @@ __all__ = [
     "profile_interval",
     "variance_covariance",
 ]
-
-def variance_covariance(obj, ev):
-    """Asymptotic covariance of the variance-parameter estimates (inverse information).
-
-    Parameters
-    ----------
-    obj : DirectObjective
-    ev : Evaluation
-        At the REML or ML optimum (``obj.method`` decides which information).
-
-    Returns
-    -------
-    ndarray, shape (K + 1, K + 1)
-        In the order ``s_1^2, ..., s_K^2, s_e^2`` (factors in design order). A
-        pseudo-inverse is used if the information is singular.
-    """
-    if obj.method == "REML":
-        A = obj.average_information(ev)
-    else:
-        s2 = ev.sigma2
-        e = obj.residuals(ev)
-        wt = np.ones(obj.n) if obj.weights is None else obj.weights
-        codes = obj.design.codes
-        W = np.empty((obj.n, obj.K + 1))
-        for k in range(obj.K):
-            ze = np.bincount(codes[k], weights=wt * e, minlength=obj.design.n_levels[k])
-            W[:, k] = ze[codes[k]] / s2
-        W[:, obj.K] = e / s2
-        A = 0.5 * obj.quadratic_form_P(ev, W, z_only=True)
-    try:
-        return np.linalg.inv(A)
-    except np.linalg.LinAlgError:
-        return np.linalg.pinv(A)
-
 
 def full_criterion(obj, sd, sigma, gradient=False):
     """``-2 log L`` (REML or ML) at standard deviations ``sd`` and residual ``sigma``.

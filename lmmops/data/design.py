@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
+from lmmops.data.statistics import assemble_gram, cell_table
 from lmmops.data.terms import RandomEffectsTerm
 from lmmops.errors import DesignError, DisconnectedDesignError, UnknownNameError
 
@@ -525,11 +526,8 @@ class CrossedDesign:
             if k == l:
                 m = sp.diags(self._counts[k].astype(np.float64), format="csr")
             else:
-                m = sp.coo_matrix(
-                    (np.ones(self.n_obs), (self._codes[k], self._codes[l])),
-                    shape=(self._n_levels[k], self._n_levels[l]),
-                ).tocsr()
-                m.sum_duplicates()
+                m = cell_table(self._codes[k], self._codes[l], self._n_levels[k],
+                               self._n_levels[l])
             self._cache[key] = m
         return self._cache[key]
 
@@ -538,8 +536,9 @@ class CrossedDesign:
         key = ("gram",)
         if key not in self._cache:
             K = self.n_factors
-            blocks = [[self.crosstab(k, l) for l in range(K)] for k in range(K)]
-            self._cache[key] = sp.bmat(blocks, format="csr")
+            self._cache[key] = assemble_gram(
+                self._counts, {(k, l): self.crosstab(k, l)
+                               for k in range(K) for l in range(k + 1, K)})
         return self._cache[key]
 
     def level_rows(self, k):

@@ -45,7 +45,7 @@ import scipy.sparse as sp
 from lmmops.data.checks import check_weights
 from lmmops.errors import ArgumentError
 
-__all__ = ["SufficientStatistics"]
+__all__ = ["SufficientStatistics", "assemble_gram", "cell_table", "level_sums"]
 
 
 class SufficientStatistics:
@@ -132,14 +132,15 @@ class SufficientStatistics:
         T[:, :-1] = X
         T[:, -1] = y
         WT = T if w is None else w[:, None] * T
-        ones = np.ones(n) if w is None else w
+        TT = T.T @ WT
+        del T
         ZT, D, N = [], [], {}
         for k in range(len(q)):
-            ZT.append(np.asarray(_indicator_t(codes[k], q[k], n) @ WT))
-            D.append(np.bincount(codes[k], weights=ones, minlength=q[k]).astype(np.float64))
+            ZT.append(level_sums(codes[k], q[k], WT))
+            D.append(level_sums(codes[k], q[k], w))
             for l in range(k):
-                N[(l, k)] = _crosstab(codes[l], codes[k], q[l], q[k], ones)
-        return cls(q, n, T.T @ WT, ZT, D, N,
+                N[(l, k)] = cell_table(codes[l], codes[k], q[l], q[k], w)
+        return cls(q, n, TT, ZT, D, N,
                    0.0 if w is None else float(np.sum(np.log(w))), w is not None)
 
     @classmethod
@@ -184,6 +185,11 @@ class SufficientStatistics:
             return self.N[(k, l)]
         return self.N[(l, k)].T.tocsr()
 
+    def gram(self):
+        """The sparse ``Z'WZ`` (q x q, CSR, sorted indices): the level-space Gram matrix
+        that the iterative solver's PCG products apply (:func:`assemble_gram`)."""
+        return assemble_gram(self.D, self.N)
+
     def block(self, factors):
         """The dense ``Z_F'WZ_F`` of the factors ``F`` (levels in that order).
 
@@ -196,13 +202,99 @@ class SufficientStatistics:
         return sp.bmat(blocks, format="csr").toarray()
 
 
-def _indicator_t(codes, q, n):
-    """``Z_k'`` as CSR (q x n), by a counting sort of the codes."""
-    return sp.csr_matrix((np.ones(n), codes, np.arange(n + 1)), shape=(n, q)).T.tocsr()
+def level_sums(codes, q, values=None):
+    """Per-level sums ``Z_k' v`` of the rows' values: one ``bincount`` per column.
+
+    Parameters
+    ----------
+    codes : ndarray of int, shape (n,)
+        Level codes of one factor, ``0 .. q - 1``.
+    q : int
+        Number of levels.
+    values : ndarray, shape (n,) or (n, m), optional
+        Values per row; None counts the rows.
+
+    Returns
+    -------
+    ndarray of float64, shape (q,) or (q, m)
+
+    Examples
+    --------
+    >>> level_sums(np.array([0, 1, 1]), 3, np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    array([[ 1.,  2.],
+           [ 8., 10.],
+           [ 0.,  0.]])
+    """
+    if values is None or np.ndim(values) == 1:
+        return np.bincount(codes, weights=values, minlength=q).astype(np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    out = np.empty((q, values.shape[1]))
+    for j in range(values.shape[1]):
+        out[:, j] = np.bincount(codes, weights=values[:, j], minlength=q)
+    return out
 
 
-def _crosstab(ck, cl, qk, ql, w):
+def cell_table(ck, cl, qk, ql, weights=None):
+    """The cross-tabulation ``Z_k'WZ_l`` of two factors: CSR, summed, sorted indices.
+
+    Parameters
+    ----------
+    ck, cl : ndarray of int, shape (n,)
+        Level codes of the two factors.
+    qk, ql : int
+        Their numbers of levels.
+    weights : ndarray, shape (n,), optional
+        Prior weights (unweighted: the cell counts).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of float64, shape (qk, ql)
+
+    Examples
+    --------
+    >>> cell_table(np.array([0, 0, 1]), np.array([1, 1, 0]), 2, 2).toarray()
+    array([[0., 2.],
+           [1., 0.]])
+    """
+    w = np.ones(len(ck)) if weights is None else np.asarray(weights, dtype=np.float64)
     m = sp.coo_matrix((w, (ck, cl)), shape=(qk, ql)).tocsr()
     m.sum_duplicates()
     m.sort_indices()
     return m
+
+
+def assemble_gram(D, N):
+    """The sparse level-space Gram matrix ``Z'WZ`` from its blocks.
+
+    Parameters
+    ----------
+    D : sequence of ndarray, shape (q_k,)
+        The diagonal blocks ``diag(Z_k'WZ_k)``.
+    N : dict
+        ``{(k, l): Z_k'WZ_l}`` for ``k < l`` (CSR).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of float64, shape (q, q)
+        Sorted indices, no duplicates.
+
+    Examples
+    --------
+    >>> G = assemble_gram([np.array([2.0, 1.0]), np.array([3.0])],
+    ...                   {(0, 1): sp.csr_matrix([[2.0], [1.0]])})
+    >>> G.toarray()
+    array([[2., 0., 2.],
+           [0., 1., 1.],
+           [2., 1., 3.]])
+    """
+    K = len(D)
+    blocks = [[None] * K for _ in range(K)]
+    for k in range(K):
+        blocks[k][k] = sp.diags(np.asarray(D[k], dtype=np.float64), format="csr")
+        for l in range(k + 1, K):
+            blocks[k][l] = N[(k, l)]
+            blocks[l][k] = N[(k, l)].T
+    A = sp.bmat(blocks, format="csr")
+    A.sum_duplicates()
+    A.sort_indices()
+    return A

@@ -45,10 +45,10 @@ import time
 import warnings
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from lmmops.data.checks import check_method, check_weights
+from lmmops.data.statistics import SufficientStatistics
 from lmmops.errors import ArgumentError, ConvergenceWarning, LmmopsError
 from lmmops.estimation.criterion import profiled_criterion
 from lmmops.estimation.direct import (
@@ -364,6 +364,12 @@ class IterativeObjective:
         the unweighted one with rows scaled by ``sqrt(w)``: ``Z'Z`` becomes ``Z'WZ``, the
         sufficient statistics ``Z'W[X y]`` and ``[X y]'W[X y]``, and the criterion gains
         ``-sum(log w)``, exactly as :class:`~lmmops.estimation.direct.DirectObjective`.
+    stats : SufficientStatistics, optional
+        The level-space statistics of ``(design, X, y, weights)``
+        (:class:`~lmmops.data.statistics.SufficientStatistics`, e.g. combined from
+        partitions); by default one pass over the rows builds them. Everything the
+        solves need from the rows comes from them; the rows themselves are read again
+        only for row-level outputs (residuals, ``diag(P)``).
 
     Notes
     -----
@@ -389,7 +395,7 @@ class IterativeObjective:
     def __init__(self, design, X, y, method="REML", n_probes=16, seed=0, rtol=1e-8,
                  maxiter=2000, parallel=None, deflation_rank=None, power_iters=4,
                  small_factor_levels=64, weights=None, deflation_basis=None,
-                 preconditioner=DEFAULT_PRECONDITIONER):
+                 preconditioner=DEFAULT_PRECONDITIONER, stats=None):
         method = check_method(method)
         self.method = method
         self.design = design
@@ -406,30 +412,24 @@ class IterativeObjective:
         self._pc_cache = (None, None)
         self.small_factor_levels = int(small_factor_levels)
         self.weights = None if weights is None else check_weights(weights, n)
-        self.ldW = 0.0 if self.weights is None else float(np.sum(np.log(self.weights)))
         self.rtol = check_rtol(rtol)
         if not isinstance(maxiter, numbers.Integral) or maxiter < 1:
             raise LmmopsError(f"maxiter (the PCG iteration limit) must be an integer >= 1, "
                               f"got {maxiter!r}")
         self.maxiter = int(maxiter)
-        # one O(n) pass: sufficient statistics in level space
+        # the one O(n) pass: the level-space sufficient statistics (the shared seam)
+        if stats is None:
+            stats = SufficientStatistics.from_arrays(design, self.X, self.y, self.weights)
+        elif stats.n_levels != tuple(design.n_levels) or stats.p != p or stats.n_obs != n:
+            raise LmmopsError(f"statistics on levels {stats.n_levels} with p = {stats.p} and "
+                              f"{stats.n_obs} rows do not match the design "
+                              f"({tuple(design.n_levels)}, p = {p}, {n} rows)")
+        self.ldW = stats.log_weights
         # Z'WZ for the products in the PCG loop (one pass over the cells)
-        self._ZtZ = GramOperator(design, parallel=parallel, weights=self.weights)
-        T = np.empty((n, p + 1))
-        T[:, :p] = self.X
-        T[:, p] = self.y
-        WT = T if self.weights is None else T * self.weights[:, None]
-        # Z'W[X y], (q, p + 1): the one pass over the rows (the scatter of a level operator)
-        self.ZtT = LevelSpaceOperator(design, np.ones(self.K), parallel=parallel).rhs(WT)
-        self.TT = T.T @ WT
-        del T, WT
-        if self.weights is None:
-            self.counts = np.concatenate(
-                [design.counts(k) for k in range(self.K)]).astype(np.float64)
-        else:  # weighted level counts: the diagonal of Z'WZ
-            self.counts = np.concatenate([
-                np.bincount(design.codes[k], weights=self.weights, minlength=q_k)
-                for k, q_k in enumerate(design.n_levels)])
+        self._ZtZ = GramOperator(design, parallel=parallel, stats=stats)
+        self.ZtT = np.vstack(stats.ZT)  # Z'W[X y], (q, p + 1)
+        self.TT = stats.TT
+        self.counts = np.concatenate(stats.D)  # the diagonal of Z'WZ
         self.sizes = list(design.n_levels)
         self.offsets = design.offsets
         rng = np.random.default_rng(check_seed(seed))
@@ -447,16 +447,10 @@ class IterativeObjective:
         self._boundary_seed = int(rng.integers(2**62))
         # squared cross-tabulations, for ||E||_F^2 in closed form
         self._N2 = []
-        for k in range(self.K):
-            for l in range(k + 1, self.K):
-                if self.weights is None:
-                    N = design.crosstab(k, l).tocsr(copy=True)
-                else:
-                    N = sp.coo_matrix((self.weights, (design.codes[k], design.codes[l])),
-                                      shape=(design.n_levels[k], design.n_levels[l])).tocsr()
-                    N.sum_duplicates()
-                N.data = N.data**2
-                self._N2.append((k, l, N))
+        for (k, l), N in sorted(stats.N.items()):
+            N = N.copy()
+            N.data = N.data**2
+            self._N2.append((k, l, N))
         self.n_evaluations = 0
         self.cg_iterations = 0
         # per evaluation: CG iterations of the solve with the chosen preconditioner (the

@@ -37,7 +37,7 @@ from lmmops.estimation.mme import diag_P as _exact_diag_P
 from lmmops.estimation.mme import level_space_diagonals
 from lmmops.linalg.trace import TraceEstimate
 
-__all__ = ["diag_P", "level_diagonal_inverse"]
+__all__ = ["diag_P", "level_diagonal_inverse", "variance_covariance"]
 
 
 @functools.singledispatch
@@ -82,3 +82,54 @@ def _(obj: DirectObjective, ev, z_only=False):
 @level_diagonal_inverse.register
 def _(obj: IterativeObjective, ev, z_only=False):
     return obj.diag_inverse(ev, z_only=z_only)
+
+
+@functools.singledispatch
+def variance_covariance(obj, ev):
+    """Asymptotic covariance of the variance-parameter estimates (inverse information).
+
+    Parameters
+    ----------
+    obj : DirectObjective or IterativeObjective
+    ev : Evaluation
+        At the REML or ML optimum (``obj.method`` decides which information).
+
+    Returns
+    -------
+    ndarray, shape (K + 1, K + 1)
+        In the order ``s_1^2, ..., s_K^2, s_e^2`` (factors in design order). A
+        pseudo-inverse is used if the information is singular. On the iterative solver
+        the average information comes from PCG solves (no traces), in its REML (``P``)
+        form for both methods, so the standard errors are available at scale too.
+    """
+    raise ArgumentTypeError(f"no variance_covariance for {type(obj).__name__}")
+
+
+def _inverse(A):
+    try:
+        return np.linalg.inv(A)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(A)
+
+
+@variance_covariance.register
+def _(obj: DirectObjective, ev):
+    if obj.method == "REML":
+        A = obj.average_information(ev)
+    else:
+        s2 = ev.sigma2
+        e = obj.residuals(ev)
+        wt = np.ones(obj.n) if obj.weights is None else obj.weights
+        codes = obj.design.codes
+        W = np.empty((obj.n, obj.K + 1))
+        for k in range(obj.K):
+            ze = np.bincount(codes[k], weights=wt * e, minlength=obj.design.n_levels[k])
+            W[:, k] = ze[codes[k]] / s2
+        W[:, obj.K] = e / s2
+        A = 0.5 * obj.quadratic_form_P(ev, W, z_only=True)
+    return _inverse(A)
+
+
+@variance_covariance.register
+def _(obj: IterativeObjective, ev):
+    return _inverse(obj.average_information(ev))

@@ -26,6 +26,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from lmmops.data.checks import check_weights
+from lmmops.data.statistics import assemble_gram, cell_table, level_sums
 from lmmops.errors import ArgumentError
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
@@ -746,6 +747,11 @@ class GramOperator(_SelfAdjoint, LinearOperator):
     weights : ndarray, shape (n_obs,), optional
         Prior weights, finite and > 0 (:func:`lmmops.data.checks.check_weights`): the operator
         is then ``Z'WZ``.
+    stats : SufficientStatistics, optional
+        The level-space statistics of the rows
+        (:class:`~lmmops.data.statistics.SufficientStatistics`, e.g. combined from
+        partitions): the operator is their ``Z'WZ`` and neither the rows nor ``weights``
+        are read.
 
     Examples
     --------
@@ -759,10 +765,16 @@ class GramOperator(_SelfAdjoint, LinearOperator):
     True
     """
 
-    def __init__(self, design, parallel=None, weights=None, *, _keep_cache=False):
+    def __init__(self, design, parallel=None, weights=None, *, stats=None,
+                 _keep_cache=False):
         q = design.q
         super().__init__(dtype=np.float64, shape=(q, q))
-        if weights is None:
+        if stats is not None:  # the one pass already made (SufficientStatistics)
+            if tuple(stats.n_levels) != tuple(design.n_levels):
+                raise ArgumentError(f"statistics on levels {stats.n_levels} for a design "
+                                    f"with levels {tuple(design.n_levels)}")
+            A = stats.gram()
+        elif weights is None:
             A = design.gram().tocsr()
             if not _keep_cache:  # the arrays below are then the only copy kept
                 design._cache.pop(("gram",), None)
@@ -771,8 +783,11 @@ class GramOperator(_SelfAdjoint, LinearOperator):
             if w.ndim != 1:
                 raise ArgumentError(f"weights must have shape ({design.n_obs},), got {w.shape}")
             w = check_weights(w, design.n_obs)
-            Z = design.indicator_all()
-            A = (Z.T @ (Z.multiply(w[:, None]))).tocsr()
+            c, K = design.codes, design.n_factors
+            A = assemble_gram(
+                [level_sums(c[k], design.n_levels[k], w) for k in range(K)],
+                {(k, l): cell_table(c[k], c[l], design.n_levels[k], design.n_levels[l], w)
+                 for k in range(K) for l in range(k + 1, K)})
         A.sort_indices()
         self.design = design
         # no copies where the dtypes already fit (the design's cached Z'Z shares them)
