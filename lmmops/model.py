@@ -34,15 +34,14 @@ from lmmops.data.formula import (
     response_vector,
 )
 from lmmops.errors import ArgumentError, DisconnectedDesignWarning, FormulaError, LmmopsError
-from lmmops.estimation.direct import DirectObjective, fit_direct, moment_start
+from lmmops.estimation.direct import DirectObjective, moment_start
 from lmmops.estimation.iterative import (
     DEFAULT_PRECONDITIONER,
     IterativeObjective,
     check_preconditioner,
 )
 from lmmops.estimation.protocol import diag_P as diag_P_of
-from lmmops.estimation.protocol import level_diagonal_inverse
-from lmmops.estimation.stochastic import fit_iterative
+from lmmops.estimation.protocol import level_diagonal_inverse, optimise, solver_info
 from lmmops.guard import max_dense_bytes
 from lmmops.options import resolve_options
 from lmmops.threads import limit_threads, plan_threads
@@ -483,13 +482,7 @@ class LMM:
                              f"{obj.last.get('objective_se', 0.0):.3g}")
                 progress(f"iteration {it:3d}  criterion {f + offset:.6f}  step {step:.3g}{extra}  "
                          f"theta {np.round(theta, 6)}")
-        if picked == "iterative":
-            ev, opt = fit_iterative(obj, start, maxiter=opts.maxiter, step_tol=opts.step_tol,
-                                    boundary_tol=opts.boundary_tol, callback=callback)
-        else:
-            ev, opt = fit_direct(obj, start, maxiter=opts.maxiter, tol=opts.tol,
-                                 boundary_tol=opts.boundary_tol, restart=opts.restart,
-                                 callback=callback)
+        ev, opt = optimise(obj, start, opts, callback)
         resid = obj.residuals(ev)
         elapsed = self.build_s + (time.perf_counter() - t0)
         res = LMMResult(self, ev, opt, method, picked, resid, elapsed)
@@ -502,9 +495,7 @@ class LMM:
                                  "solver factors the system exactly")
         if picked == "iterative":
             res._set_mc_stderr(obj, ev)
-            res.solver_info = {"preconditioner": obj.preconditioner,
-                               "cg_iterations": [int(c) for c in obj.cg_history],
-                               "probe_cg_iterations": [int(c) for c in obj.probe_cg_history]}
+        res.solver_info = solver_info(obj)
         return res
 
     def __repr__(self):

@@ -12,7 +12,7 @@ Examples
 --------
 >>> import numpy as np
 >>> from lmmops.data.design import CrossedDesign
->>> from lmmops.estimation.direct import DirectObjective
+>>> from lmmops.estimation.direct import DirectObjective, fit_direct
 >>> rng = np.random.default_rng(0)
 >>> a, b = rng.integers(0, 6, 200), rng.integers(0, 4, 200)
 >>> d = CrossedDesign.from_codes([a, b])
@@ -31,13 +31,15 @@ import functools
 import numpy as np
 
 from lmmops.errors import ArgumentTypeError
-from lmmops.estimation.direct import DirectObjective
+from lmmops.estimation.direct import DirectObjective, fit_direct
 from lmmops.estimation.iterative import IterativeObjective
 from lmmops.estimation.mme import diag_P as _exact_diag_P
 from lmmops.estimation.mme import level_space_diagonals
+from lmmops.estimation.stochastic import fit_iterative
 from lmmops.linalg.trace import TraceEstimate
 
-__all__ = ["diag_P", "level_diagonal_inverse", "variance_covariance"]
+__all__ = ["diag_P", "level_diagonal_inverse", "optimise", "solver_info",
+           "variance_covariance"]
 
 
 @functools.singledispatch
@@ -133,3 +135,60 @@ def _(obj: DirectObjective, ev):
 @variance_covariance.register
 def _(obj: IterativeObjective, ev):
     return _inverse(obj.average_information(ev))
+
+
+@functools.singledispatch
+def optimise(obj, start, options, callback=None):
+    """Minimise the objective over ``theta >= 0`` and verify the optimum.
+
+    Parameters
+    ----------
+    obj : DirectObjective or IterativeObjective
+    start : ndarray
+        Initial ``theta``.
+    options : Options
+        The optimiser's settings (:class:`lmmops.options.Options`: ``maxiter``, ``tol``,
+        ``boundary_tol``, ``restart``; ``step_tol`` for the iterative solver).
+    callback : callable, optional
+        ``callback(iteration, theta, criterion)``.
+
+    Returns
+    -------
+    (Evaluation, OptSummary)
+        :func:`~lmmops.estimation.direct.fit_direct` for the exact objective,
+        :func:`~lmmops.estimation.stochastic.fit_iterative` for the matrix-free one.
+    """
+    raise ArgumentTypeError(f"no optimiser for {type(obj).__name__}")
+
+
+@optimise.register
+def _(obj: DirectObjective, start, options, callback=None):
+    return fit_direct(obj, start, maxiter=options.maxiter, tol=options.tol,
+                      boundary_tol=options.boundary_tol, restart=options.restart,
+                      callback=callback)
+
+
+@optimise.register
+def _(obj: IterativeObjective, start, options, callback=None):
+    return fit_iterative(obj, start, maxiter=options.maxiter, step_tol=options.step_tol,
+                         boundary_tol=options.boundary_tol, callback=callback)
+
+
+@functools.singledispatch
+def solver_info(obj):
+    """The solver's record of a fit: ``preconditioner`` (the kind, None for the exact
+    solver), ``cg_iterations`` and ``probe_cg_iterations`` (per evaluation; empty for the
+    exact solver), as in the ``solver_info`` field of ``lmmops fit --json``."""
+    raise ArgumentTypeError(f"no solver_info for {type(obj).__name__}")
+
+
+@solver_info.register
+def _(obj: DirectObjective):
+    return {"preconditioner": None, "cg_iterations": [], "probe_cg_iterations": []}
+
+
+@solver_info.register
+def _(obj: IterativeObjective):
+    return {"preconditioner": obj.preconditioner,
+            "cg_iterations": [int(c) for c in obj.cg_history],
+            "probe_cg_iterations": [int(c) for c in obj.probe_cg_history]}
