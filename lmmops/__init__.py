@@ -33,8 +33,9 @@ from lmmops.errors import (
 )
 from lmmops.estimation import mme  # noqa: F401  (as an attribute)
 from lmmops.linalg.operators import CovarianceOperator, LevelSpaceOperator
-from lmmops.model import LMM, LMMResult, fit
+from lmmops.model import LMM, fit
 from lmmops.options import Options
+from lmmops.result import LMMResult
 
 _compat.install()
 

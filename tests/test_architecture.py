@@ -23,7 +23,7 @@ LAYERS = {
     "linalg": 2, "paper": 2,
     "estimation": 3,
     "analysis": 4,
-    "options": 5, "model": 5, "testing": 5,
+    "options": 5, "result": 5, "model": 5, "testing": 5,
     "cli": 6, "__main__": 6,
 }
 

@@ -82,7 +82,7 @@ def test_variance_se_from_the_information_matches_dense(data, method):
     se_obs = np.sqrt(np.diag(np.linalg.inv(Hd)))
     se = res.variances_se
     np.testing.assert_allclose([se["a"], se["b"], se["Residual"]], se_obs, rtol=0.1)
-    obj, ev = res._direct()  # the solver's conditioned scale: variances times s^2
+    obj, ev = res.fit_objective(exact=True)  # the solver's conditioned scale: variances times s^2
     np.testing.assert_allclose(res.variances_cov.to_numpy(), variance_covariance(obj, ev)
                                * res.model.conditioning.variance_scale ** 2)
     # exactly the average information of docs/theory.rst, 1/2 Q' P Q (ML: V^{-1} for P)

@@ -206,7 +206,7 @@ def confint(result, method="profile", level=0.95, parm=None):
     if not 0.0 < float(level) < 1.0:
         raise LmmopsError(f"level must be in (0, 1), got {level}")
     if method == "profile":
-        obj, ev = result._direct()  # every profile point is an exact refit
+        obj, ev = result.fit_objective(exact=True)  # every profile point is an exact refit
     # Wald needs only the estimates and the information (also on iterative fits); both on
     # the user's scale, while the profiles run on the solver's conditioned data, whose
     # standard deviations are the user's divided by conditioning.scale

@@ -85,7 +85,7 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
         raise LmmopsError(f"unknown interval {interval!r}; use None, 'confidence' or "
                           "'prediction'")
     model = result.model
-    obj, ev = result._fit_objective()
+    obj, ev = result.fit_objective()
     # the iterative objective answers the prediction variances by level-space PCG solves
     # (exact to tolerance), the exact one by its blocked factor
     iterative = isinstance(obj, IterativeObjective)

@@ -389,8 +389,9 @@ class UserScaleObjective:
         self.conditioned = objective
         self.conditioning = conditioning
         self.method = objective.method
-        self.design = objective.design
-        self.n, self.p, self.K = objective.n, objective.p, objective.K
+        self.design = getattr(objective, "design", None)  # None for slope terms
+        self.n, self.p = objective.n, objective.p
+        self.K = getattr(objective, "K", None)
 
     @property
     def n_evaluations(self):

@@ -127,6 +127,27 @@ class RandomEffectsTerm:
                     out.append(f"{self.group}.{self.columns[i]}.{self.columns[j]}")
         return out
 
+    def relative_factor(self, theta):
+        """``Lambda_k``: the ``d x d`` lower-triangular factor whose column-major lower
+        triangle is ``theta`` (the term's ``n_theta`` entries).
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> t = RandomEffectsTerm("g", np.zeros(3, np.int32), pd.Index(["a"]),
+        ...                       ("(Intercept)", "x"), np.ones((3, 2)))
+        >>> t.relative_factor([1.0, 0.5, 2.0])
+        array([[1. , 0. ],
+               [0.5, 2. ]])
+        """
+        theta = np.asarray(theta, dtype=np.float64)
+        if theta.shape != (self.n_theta,):
+            raise DesignError(f"term '{self.group}': {theta.shape} theta entries for "
+                              f"{self.n_theta} parameters")
+        L = np.zeros((self.dim, self.dim))
+        L[np.triu_indices(self.dim)[::-1]] = theta  # column-major lower triangle
+        return L
+
     def theta_lower_bounds(self):
         """Lower bounds of the term's ``theta``: 0 on the diagonal, ``-inf`` below it
         (lme4's ``getME(m, "lower")``)."""

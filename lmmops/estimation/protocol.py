@@ -30,15 +30,17 @@ import functools
 
 import numpy as np
 
-from lmmops.errors import ArgumentTypeError
+from lmmops.errors import ArgumentTypeError, LmmopsError
 from lmmops.estimation.direct import DirectObjective, fit_direct
 from lmmops.estimation.iterative import IterativeObjective
 from lmmops.estimation.mme import diag_P as _exact_diag_P
 from lmmops.estimation.mme import level_space_diagonals
 from lmmops.estimation.stochastic import fit_iterative
+from lmmops.estimation.vector import VectorObjective, fit_vector
 from lmmops.linalg.trace import TraceEstimate
 
-__all__ = ["diag_P", "level_diagonal_inverse", "optimise", "solver_info",
+__all__ = ["diag_P", "fit_notes", "is_exact", "level_diagonal_inverse",
+           "monte_carlo_covariance", "optimise", "progress_note", "solver_info",
            "variance_covariance"]
 
 
@@ -169,6 +171,11 @@ def _(obj: DirectObjective, start, options, callback=None):
 
 
 @optimise.register
+def _(obj: VectorObjective, start, options, callback=None):
+    return fit_vector(obj, start, maxiter=max(options.maxiter, 200), callback=callback)
+
+
+@optimise.register
 def _(obj: IterativeObjective, start, options, callback=None):
     return fit_iterative(obj, start, maxiter=options.maxiter, step_tol=options.step_tol,
                          boundary_tol=options.boundary_tol, callback=callback)
@@ -182,8 +189,9 @@ def solver_info(obj):
     raise ArgumentTypeError(f"no solver_info for {type(obj).__name__}")
 
 
-@solver_info.register
-def _(obj: DirectObjective):
+@solver_info.register(DirectObjective)
+@solver_info.register(VectorObjective)
+def _(obj):
     return {"preconditioner": None, "cg_iterations": [], "probe_cg_iterations": []}
 
 
@@ -192,3 +200,116 @@ def _(obj: IterativeObjective):
     return {"preconditioner": obj.preconditioner,
             "cg_iterations": [int(c) for c in obj.cg_history],
             "probe_cg_iterations": [int(c) for c in obj.probe_cg_history]}
+
+
+@functools.singledispatch
+def is_exact(obj):
+    """Whether the objective's criterion, BLUPs and ``diag(P)`` are exact (the direct
+    solver) rather than stochastic estimates with Monte Carlo errors (the iterative one).
+    Profile intervals and the VSOM refit need an exact objective."""
+    raise ArgumentTypeError(f"no is_exact for {type(obj).__name__}")
+
+
+@is_exact.register(DirectObjective)
+@is_exact.register(VectorObjective)
+def _(obj):
+    return True
+
+
+@is_exact.register
+def _(obj: IterativeObjective):
+    return False
+
+
+@functools.singledispatch
+def monte_carlo_covariance(obj, ev):
+    """Monte Carlo error of a fit at its optimum ``ev``.
+
+    Returns
+    -------
+    (ndarray, float)
+        The Monte Carlo covariance of ``tau_hat = theta_hat^2`` (``K x K``) and the
+        standard error of the criterion; None and 0 for an exact objective. For the
+        iterative solver the covariance is the one
+        :func:`~lmmops.estimation.stochastic.fit_iterative` leaves in ``ev.tau_cov``
+        (NaN where it left none).
+    """
+    raise ArgumentTypeError(f"no monte_carlo_covariance for {type(obj).__name__}")
+
+
+@monte_carlo_covariance.register(DirectObjective)
+@monte_carlo_covariance.register(VectorObjective)
+def _(obj, ev):
+    return None, 0.0
+
+
+@monte_carlo_covariance.register
+def _(obj: IterativeObjective, ev):
+    K = len(ev.theta)
+    C = np.asarray(getattr(ev, "tau_cov", np.full((K, K), np.nan)), dtype=np.float64)
+    return C, float(getattr(ev, "objective_se", 0.0))
+
+
+@functools.singledispatch
+def fit_notes(obj, opt, loglik_se):
+    """The solver's lines for the fit's notes (a list of str; none for the exact
+    solver). ``opt`` is the optimiser's summary and ``loglik_se`` the Monte Carlo
+    standard error of the log-likelihood."""
+    raise ArgumentTypeError(f"no fit_notes for {type(obj).__name__}")
+
+
+@fit_notes.register(DirectObjective)
+@fit_notes.register(VectorObjective)
+def _(obj, opt, loglik_se):
+    return []
+
+
+@fit_notes.register
+def _(obj: IterativeObjective, opt, loglik_se):
+    probes = getattr(opt, "n_probes", obj.n_probes)
+    first = getattr(opt, "n_probes_initial", probes)
+    used = f"{first} probes" if probes == first else f"{first} probes ({probes} in the end)"
+    line = (f"iterative solver: {used}, {obj.cg_iterations} CG iterations; Monte Carlo "
+            f"standard error of the log-likelihood {loglik_se:.3g}")
+    shortfall = getattr(opt, "loglik_shortfall", None)
+    if shortfall is not None:
+        line += (f", expected log-likelihood shortfall from the Monte Carlo error of the "
+                 f"estimate {shortfall:.2g}")
+    return [line, *getattr(opt, "notes", [])]
+
+
+@functools.singledispatch
+def progress_note(obj, state):
+    """The solver's part of a progress line: ``""`` for the exact solver; the CG
+    iterations since the last call and the criterion's Monte Carlo error for the
+    iterative one. ``state`` is a dict the caller keeps between calls (start with
+    ``{}``)."""
+    raise ArgumentTypeError(f"no progress_note for {type(obj).__name__}")
+
+
+@progress_note.register(DirectObjective)
+@progress_note.register(VectorObjective)
+def _(obj, state):
+    return ""
+
+
+@progress_note.register
+def _(obj: IterativeObjective, state):
+    cg = obj.cg_iterations - state.get("cg", 0)
+    state["cg"] = obj.cg_iterations
+    return f"  CG iterations {cg:5d}  MC error {obj.last.get('objective_se', 0.0):.3g}"
+
+
+def _not_yet(what):
+    def refuse(obj, ev, *args, **kwargs):
+        raise LmmopsError(f"{what} is not available yet for models with random-slope "
+                          "terms (vector-valued terms); it is for random-intercept models")
+    return refuse
+
+
+diag_P.register(VectorObjective, _not_yet("diag(P) (shift and studentized residuals, "
+                                          "outlier statistics)"))
+level_diagonal_inverse.register(VectorObjective, _not_yet("the prediction error variance "
+                                                          "of the BLUPs"))
+variance_covariance.register(VectorObjective, _not_yet("the covariance of the variance "
+                                                       "estimates"))

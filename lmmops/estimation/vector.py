@@ -1,0 +1,475 @@
+"""The exact profiled criterion for vector-valued random-effects terms (random slopes).
+
+A term ``(1 + x | g)`` has ``d`` columns and a ``d x d`` lower-triangular relative
+covariance factor ``T_k``; ``Lambda = blockdiag_k(I_{q_k} (x) T_k)`` and, in lme4's
+penalised least-squares form (:ref:`theory-slopes`, ``docs/theory_slopes.rst``),
+
+    A = Lambda' Z'WZ Lambda + I,
+    -2 l_REML = log|A| + log|X'V0^{-1}X| + (n - p)(1 + log(2 pi r^2 / (n - p))) - sum log w,
+    -2 l_ML   = log|A| + n (1 + log(2 pi r^2 / n)) - sum log w,
+
+with ``r^2`` the penalised weighted residual sum of squares. :class:`VectorObjective`
+factors ``A`` blockwise as MixedModels.jl does: the first term (lme4's order puts the
+term with the most levels first) gives a block-diagonal leading block of ``d_1 x d_1``
+blocks, one per level; the rest is the dense Schur complement. The gradient is analytic
+and needs no inverse of ``T_k``, so it is exact on the boundary (singular ``T_k``) too:
+with ``M = Z'P0 Z - c / r^2 a a'`` (``a = Z'P0 y``, ``c = n - p`` for REML, ``n`` for ML;
+``Z'V0^{-1}Z`` in place of ``Z'P0Z`` for ML), the derivative in the entry ``(i, j)`` of
+``T_k`` is ``2 (T_k' M_k)_{j i}``, where ``M_k`` is the sum over the term's levels of
+the ``d_k x d_k`` diagonal blocks of ``M``.
+
+Examples
+--------
+>>> import numpy as np, pandas as pd
+>>> from lmmops.data.terms import RandomEffectsTerm
+>>> rng = np.random.default_rng(0)
+>>> g = rng.integers(0, 8, 200).astype(np.int32)
+>>> x = rng.normal(size=200)
+>>> t = RandomEffectsTerm("g", g, pd.Index(range(8)), ("(Intercept)", "x"),
+...                       np.column_stack([np.ones(200), x]))
+>>> y = rng.normal(size=8)[g] + rng.normal(size=8)[g] * x + rng.normal(size=200)
+>>> obj = VectorObjective([t], np.ones((200, 1)), y)
+>>> ev = obj.evaluate(np.array([1.0, 0.0, 1.0]))
+>>> ev.gradient.shape, bool(np.isfinite(ev.objective))
+((3,), True)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import scipy.linalg as sla
+import scipy.optimize as sopt
+import scipy.sparse as sp
+
+from lmmops.data.checks import check_method, check_weights
+from lmmops.data.terms import theta_layout, theta_lower_bounds, theta_names
+from lmmops.errors import LmmopsError, RankDeficientError
+from lmmops.estimation.direct import Evaluation, OptSummary
+from lmmops.guard import check_dense
+
+__all__ = ["VectorObjective", "fit_vector", "random_effects_matrix"]
+
+
+def random_effects_matrix(terms):
+    """``Z = [Z_1 ... Z_K]`` as a CSR matrix, columns level-major, coefficient-minor
+    within each term (lme4's order).
+
+    Parameters
+    ----------
+    terms : sequence of RandomEffectsTerm
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, shape (n_obs, sum_k q_k d_k)
+    """
+    blocks = []
+    for t in terms:
+        n, d = t.codes.shape[0], t.dim
+        vals = np.ones((n, 1)) if t.values is None else np.asarray(t.values, np.float64)
+        cols = (t.codes.astype(np.int64)[:, None] * d + np.arange(d)[None, :]).ravel()
+        rows = np.repeat(np.arange(n, dtype=np.int64), d)
+        blocks.append(sp.csr_matrix((vals.ravel(), (rows, cols)), shape=(n, t.n_random_effects)))
+    return sp.hstack(blocks, format="csr")
+
+
+class VectorObjective:
+    """The exact profiled REML/ML criterion of a model with vector-valued terms.
+
+    Parameters
+    ----------
+    terms : sequence of RandomEffectsTerm
+        In lme4's order; the first term gives the block-diagonal leading block (for speed
+        it should be the one with the most random effects).
+    X : ndarray, shape (n_obs, p)
+        Fixed-effects model matrix, full column rank.
+    y : ndarray, shape (n_obs,)
+    method : {"REML", "ML"}
+    weights : array_like, shape (n_obs,), optional
+        Prior weights (``R = s^2 W^{-1}``).
+
+    Raises
+    ------
+    DenseTooLargeError
+        When the dense Schur block of the terms after the first is too large; the message
+        names ``solver="iterative"``.
+
+    Notes
+    -----
+    ``theta`` is lme4's: each term's column-major lower triangle of ``T_k``, terms in
+    order (:func:`lmmops.data.terms.theta_names`). Per evaluation the cost is the dense
+    Cholesky of the ``m x m`` Schur block (``m`` the random effects after the first
+    term) plus, for the gradient, triangular solves with ``m`` rows for each term's
+    columns.
+    """
+
+    def __init__(self, terms, X, y, method="REML", weights=None):
+        self.method = check_method(method)
+        self.terms = tuple(terms)
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+        n, p = X.shape
+        if y.shape[0] != n or any(t.codes.shape[0] != n for t in self.terms):
+            raise LmmopsError("X, y and the random-effects terms must have the same "
+                              "number of rows")
+        check_method(self.method, n, p)
+        self.weights = None if weights is None else check_weights(weights, n)
+        self.n, self.p = n, p
+        self.X, self.y = X, y
+        sizes = [t.n_random_effects for t in self.terms]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.q = int(self.offsets[-1])
+        self.q1 = sizes[0]
+        self.d1 = self.terms[0].dim
+        self.m = self.q - self.q1
+        check_dense((self.m, self.m), "the exact solver's dense Schur block (all terms "
+                    "but the first); use solver='iterative'", itemsize=8 * 3)
+        self.layout = theta_layout(self.terms)
+        self.n_theta = sum(t.n_theta for t in self.terms)
+        self.lower = theta_lower_bounds(self.terms)
+        self.names = theta_names(self.terms)
+        # sufficient statistics: one pass over the rows
+        self.Z = random_effects_matrix(self.terms)
+        w = np.ones(n) if self.weights is None else self.weights
+        Zw = sp.diags(w) @ self.Z
+        self.C = (self.Z.T @ Zw).tocsr()  # Z'WZ
+        self.C.sort_indices()
+        T = np.column_stack([X, y])
+        self.ZtT = np.asarray(Zw.T @ T)  # Z'W[X y]
+        self.TT = T.T @ (w[:, None] * T)
+        self.ldW = float(np.sum(np.log(w))) if self.weights is not None else 0.0
+        self.n_evaluations = 0
+
+    # ---------------------------------------------------------------- pieces
+    def _lambda(self, theta):
+        blocks = [sp.kron(sp.identity(t.n_levels, format="csr"),
+                          sp.csr_matrix(t.relative_factor(theta[sl])), format="csr")
+                  for t, sl in zip(self.terms, self.layout)]
+        return sp.block_diag(blocks, format="csr")
+
+    def _factor(self, theta):
+        """Blocked Cholesky of ``A = Lambda' C Lambda + I``; returns what the solves need."""
+        Lam = self._lambda(theta)
+        M = (Lam.T @ self.C @ Lam).tocsr()
+        q1, d1 = self.q1, self.d1
+        M11 = M[:q1, :q1].tocsr()
+        nl = q1 // d1
+        # the leading block is block diagonal: one d1 x d1 block per level of term 1
+        r = np.arange(q1)
+        B = np.zeros((nl, d1, d1))
+        for a in range(d1):
+            for b in range(d1):
+                B[:, a, b] = np.asarray(M11[r[a::d1], r[b::d1]]).ravel()
+        B += np.eye(d1)[None]
+        L1 = np.linalg.cholesky(B)
+        logdet = 2.0 * float(np.sum(np.log(np.diagonal(L1, axis1=1, axis2=2))))
+        B1inv = np.linalg.inv(B)
+        Binv = sp.block_diag(list(B1inv), format="csr")
+        fac = {"Lam": Lam, "Binv": Binv}
+        if self.m:
+            A21 = M[q1:, :q1].tocsr()
+            K = (Binv @ A21.T).tocsr()  # A11^{-1} A12
+            S = M[q1:, q1:].toarray() + np.eye(self.m) - (A21 @ K).toarray()
+            Ls = sla.cholesky(S, lower=True, check_finite=False)
+            logdet += 2.0 * float(np.sum(np.log(np.diag(Ls))))
+            fac.update(A21=A21, K=K, Ls=Ls)
+        fac["logdet"] = logdet
+        return fac
+
+    def _solve(self, fac, b):
+        """``A^{-1} b`` for a dense ``b`` (q x k)."""
+        q1 = self.q1
+        b1 = fac["Binv"] @ b[:q1]
+        if not self.m:
+            return b1
+        rhs = b[q1:] - fac["A21"] @ b1
+        x2 = sla.cho_solve((fac["Ls"], True), rhs, check_finite=False)
+        x1 = b1 - fac["K"] @ x2
+        return np.vstack([x1, x2])
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, theta, gradient=True):
+        """The criterion (and its analytic gradient) at ``theta``.
+
+        Parameters
+        ----------
+        theta : array_like, shape (n_theta,)
+            lme4's ``theta``: diagonal entries >= 0, the others free.
+        gradient : bool
+
+        Returns
+        -------
+        Evaluation
+            ``v`` holds the spherical modes ``u`` per term (level-major); the random
+            effects are ``b_k = (I (x) T_k) u_k`` on the scale of ``y``.
+
+        Raises
+        ------
+        LmmopsError
+            For a ``theta`` of the wrong size, non-finite, or with a negative diagonal.
+        RankDeficientError
+            If ``X'V^{-1}X`` is numerically singular.
+        """
+        theta = np.asarray(theta, dtype=np.float64).copy()
+        if (theta.shape != (self.n_theta,) or not np.all(np.isfinite(theta))
+                or np.any(theta < self.lower)):
+            raise LmmopsError(f"theta must be {self.n_theta} finite values with the "
+                              f"diagonal entries >= 0, got {theta}")
+        self.n_evaluations += 1
+        n, p = self.n, self.p
+        fac = self._factor(theta)
+        Lam = fac["Lam"]
+        LZT = np.asarray(Lam.T @ self.ZtT)  # Lambda' Z'W [X y]
+        sol = self._solve(fac, LZT)  # A^{-1} Lambda' Z'W [X y]
+        Cx = self.TT[:p, :p] - LZT[:, :p].T @ sol[:, :p]  # X'V0^{-1}X
+        cxy = self.TT[:p, p] - LZT[:, :p].T @ sol[:, p]
+        try:
+            Rx = sla.cholesky(Cx, lower=True, check_finite=False)
+        except np.linalg.LinAlgError as exc:
+            raise RankDeficientError("X'V^{-1}X is not positive definite: the fixed "
+                                     "effects are not identifiable") from exc
+        beta = sla.cho_solve((Rx, True), cxy, check_finite=False)
+        u = sol[:, p] - sol[:, :p] @ beta
+        # r^2 = ||W^{1/2}(y - X beta - Z Lambda u)||^2 + ||u||^2 at the PLS solution
+        pwrss = float(self.TT[p, p] - self.TT[:p, p] @ beta - LZT[:, p] @ u)
+        if not pwrss > 0:
+            pwrss = float(np.finfo(float).tiny)
+        logdet_RX = 2.0 * float(np.sum(np.log(np.diag(Rx))))
+        dof = n - p if self.method == "REML" else n
+        f = fac["logdet"] + dof * (1.0 + math.log(2.0 * math.pi * pwrss / dof)) - self.ldW
+        if self.method == "REML":
+            f += logdet_RX
+        sigma2 = pwrss / dof
+        Cx_inv = sla.cho_solve((Rx, True), np.eye(p), check_finite=False)
+        v = [u[self.offsets[k]:self.offsets[k + 1]].copy() for k in range(len(self.terms))]
+        grad = None
+        if gradient:
+            grad = self._gradient(theta, fac, LZT, sol, beta, u, Cx_inv, pwrss, dof)
+        return Evaluation(theta=theta, objective=float(f), gradient=grad, sigma2=sigma2,
+                          beta=beta, beta_cov=sigma2 * Cx_inv, v=v,
+                          logdet_L=fac["logdet"], logdet_RX=logdet_RX, pwrss=pwrss)
+
+    def _gradient(self, theta, fac, LZT, sol, beta, u, Cx_inv, pwrss, dof):
+        p, q1 = self.p, self.q1
+        Lam, C = fac["Lam"], self.C
+        ZtX = self.ZtT[:, :p]
+        # Z'V0^{-1}X and a = Z'P0 y = Z'W r
+        Wz = ZtX - C @ (Lam @ sol[:, :p])
+        a = self.ZtT[:, p] - ZtX @ beta - C @ (Lam @ u)
+        LC = (Lam.T @ C).tocsc()  # Lambda' C
+        grad = np.empty(self.n_theta)
+        for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
+            lo, hi, d = self.offsets[k], self.offsets[k + 1], t.dim
+            Y = LC[:, lo:hi]
+            # sum over levels of the diagonal blocks of C - Y'A^{-1}Y (= Z'V0^{-1}Z)
+            H = _block_sum(C[lo:hi, lo:hi], d)
+            Y1 = Y[:q1]
+            H -= _block_sum_product(Y1, fac["Binv"] @ Y1, d)
+            if self.m:
+                Z2 = Y[q1:].toarray() - fac["K"].T @ Y1
+                F = sla.solve_triangular(fac["Ls"], Z2, lower=True, check_finite=False)
+                F = F.reshape(self.m, t.n_levels, d)
+                H -= np.einsum("rja,rjb->ab", F, F)
+            Wk = Wz[lo:hi].reshape(t.n_levels, d, p)
+            if self.method == "REML":
+                H -= np.einsum("jap,pq,jbq->ab", Wk, Cx_inv, Wk)
+            ak = a[lo:hi].reshape(t.n_levels, d)
+            H -= (dof / pwrss) * (ak.T @ ak)
+            G = 2.0 * t.relative_factor(theta[sl]).T @ H
+            rows, cols = np.triu_indices(d)[::-1]  # column-major lower triangle
+            grad[sl] = G[cols, rows]
+        return grad
+
+    def residuals(self, ev):
+        """Conditional residuals ``y - X beta - Z Lambda u`` (on the objective's scale)."""
+        Lam = self._lambda(ev.theta)
+        u = np.concatenate(ev.v)
+        return self.y - self.X @ ev.beta - self.Z @ (Lam @ u)
+
+    def __call__(self, theta):
+        return self.evaluate(theta, gradient=False).objective
+
+
+def _block_sum(A, d):
+    """Sum over levels of the ``d x d`` diagonal blocks of a sparse ``A`` (q d x q d)."""
+    out = np.empty((d, d))
+    r = np.arange(A.shape[0])
+    for a in range(d):
+        for b in range(d):
+            out[a, b] = np.asarray(A[r[a::d], r[b::d]]).sum()
+    return out
+
+
+def _block_sum_product(Y, BY, d):
+    """Sum over levels ``j`` of ``Y[:, j]' BY[:, j]`` (``d x d`` blocks of columns)."""
+    Y, BY = sp.csc_matrix(Y), sp.csc_matrix(BY)
+    c = np.arange(Y.shape[1])
+    return np.array([[Y[:, c[a::d]].multiply(BY[:, c[b::d]]).sum() for b in range(d)]
+                     for a in range(d)])
+
+
+def start_theta(terms):
+    """lme4's start: ``T_k = I`` for every term."""
+    return np.array([1.0 if i == j else 0.0 for t in terms
+                     for j in range(t.dim) for i in range(j, t.dim)])
+
+
+def _projected_gradient(theta, grad, lower):
+    g = np.asarray(grad, dtype=np.float64).copy()
+    at = (theta <= lower) & (g > 0)
+    g[at] = 0.0
+    return g
+
+
+def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None):
+    """Minimise a :class:`VectorObjective` and verify the optimum.
+
+    L-BFGS-B on lme4's ``theta`` with its box constraints (diagonal entries >= 0) and
+    the analytic gradient, then Newton polishing with a Hessian from central differences
+    of the gradient on the free parameters. The optimum is verified when the projected
+    gradient, measured against the criterion's curvature, is below ``tol`` and the
+    Hessian on the free parameters is positive definite.
+
+    Parameters
+    ----------
+    objective : VectorObjective
+    start : ndarray, optional
+        Default :func:`start_theta` (lme4's).
+    maxiter : int
+    tol : float
+        Convergence tolerance of the Newton decrement.
+    callback : callable, optional
+        ``callback(iteration, theta, criterion)``.
+
+    Returns
+    -------
+    (Evaluation, OptSummary)
+    """
+    t0 = time.perf_counter()
+    lower = objective.lower
+    theta0 = start_theta(objective.terms) if start is None else np.asarray(start, float)
+    fitlog = []
+    cache = {}
+
+    def ev_at(th):
+        key = th.tobytes()
+        if key not in cache:
+            ev = objective.evaluate(th)
+            cache.clear()
+            cache[key] = ev
+            fitlog.append((th.copy(), ev.objective))
+        return cache[key]
+
+    def fun(th):
+        th = np.maximum(th, lower)
+        ev = ev_at(th)
+        return ev.objective, ev.gradient
+
+    it = [0]
+
+    def cb(th):
+        it[0] += 1
+        if callback is not None:
+            callback(it[0], th, ev_at(np.maximum(th, lower)).objective)
+
+    bounds = [(0.0 if b == 0 else None, None) for b in lower]
+    f0 = ev_at(np.maximum(theta0, lower)).objective
+    theta, restarts, nit = theta0, 0, 0
+    while True:
+        res = sopt.minimize(fun, theta, jac=True, method="L-BFGS-B", bounds=bounds,
+                            callback=cb, options={"maxiter": maxiter, "ftol": 1e-15,
+                                                  "gtol": 1e-10, "maxcor": 20})
+        nit += int(res.nit)
+        theta, ev, converged, message, H, idx = _newton_polish(
+            objective, np.maximum(res.x, lower), ev_at, tol, res.message)
+        if converged or H is None or restarts >= 5:
+            break
+        # a stationary point that is not a minimum (L-BFGS-B stops where the gradient
+        # vanishes, e.g. a diagonal entry at 0 where the criterion is even in it): step
+        # along the most negative curvature direction and restart
+        escaped = _negative_curvature_step(theta, ev, H, idx, lower, ev_at)
+        if escaped is None:
+            break
+        theta, restarts = escaped, restarts + 1
+    g = _projected_gradient(theta, ev.gradient, lower)
+    opt = OptSummary(theta_initial=np.asarray(theta0, float), theta_final=theta.copy(),
+                     f_initial=f0, f_final=ev.objective, n_evaluations=len(fitlog),
+                     iterations=nit, restarts=restarts, gradient_norm=float(np.max(np.abs(g))),
+                     converged=bool(converged), message=str(message),
+                     optimizer="L-BFGS-B + Newton", elapsed_s=time.perf_counter() - t0,
+                     fitlog=fitlog)
+    return ev, opt
+
+
+def _newton_polish(objective, theta, ev_at, tol, message):
+    """Newton steps on the free set until the decrement is below ``tol``.
+
+    Returns ``(theta, ev, converged, message, H, idx)``; ``H`` is the last Hessian on the
+    free parameters ``idx`` when it is not positive definite, else None.
+    """
+    lower = objective.lower
+    ev = ev_at(theta)
+    for _ in range(20):
+        free = ~((theta <= lower) & (ev.gradient > 0))
+        idx = np.flatnonzero(free)
+        if idx.size == 0:
+            return theta, ev, True, ("all parameters on the boundary, gradient pointing "
+                                     "out"), None, idx
+        H = _fd_hessian(objective, theta, idx, lower)
+        try:
+            Lh = np.linalg.cholesky(H)
+        except np.linalg.LinAlgError:
+            return theta, ev, False, ("the Hessian on the free parameters is not positive "
+                                      "definite"), H, idx
+        step = sla.cho_solve((Lh, True), ev.gradient[idx])
+        dec = float(ev.gradient[idx] @ step)
+        if dec < tol:
+            return theta, ev, True, f"Newton decrement {dec:.2g} < {tol:g}", None, idx
+        new = theta.copy()
+        new[idx] -= step
+        new = np.maximum(new, lower)
+        ev_new = ev_at(new)
+        if ev_new.objective > ev.objective:
+            return theta, ev, False, "Newton step did not decrease the criterion", None, idx
+        theta, ev = new, ev_new
+    return theta, ev, False, "20 Newton steps without convergence", None, idx
+
+
+def _negative_curvature_step(theta, ev, H, idx, lower, ev_at):
+    """The best point along ``+-`` the most negative curvature direction of ``H`` (steps
+    from 1 down to 1e-4, projected on the bounds), or None if none decreases the
+    criterion."""
+    w, vecs = np.linalg.eigh(H)
+    if w[0] >= 0:
+        return None
+    best, f_best = None, ev.objective
+    for sign in (1.0, -1.0):
+        for s in 10.0 ** -np.arange(0.0, 4.5, 0.5):
+            cand = theta.copy()
+            cand[idx] += sign * s * vecs[:, 0]
+            cand = np.maximum(cand, lower)
+            f = ev_at(cand).objective
+            if f < f_best - 1e-10 * max(1.0, abs(f_best)):
+                best, f_best = cand, f
+    return best
+
+
+def _fd_hessian(objective, theta, idx, lower, h=1e-5):
+    """Hessian on the parameters ``idx`` from central differences of the gradient
+    (one-sided away from a bound)."""
+    H = np.empty((idx.size, idx.size))
+    for c, i in enumerate(idx):
+        e = np.zeros_like(theta)
+        step = h * max(1.0, abs(theta[i]))
+        e[i] = step
+        if theta[i] - step < lower[i]:
+            g1 = objective.evaluate(theta + e).gradient
+            g0 = objective.evaluate(theta).gradient
+            H[:, c] = (g1 - g0)[idx] / step
+        else:
+            g1 = objective.evaluate(theta + e).gradient
+            g0 = objective.evaluate(theta - e).gradient
+            H[:, c] = (g1 - g0)[idx] / (2 * step)
+    return 0.5 * (H + H.T)
