@@ -26,9 +26,10 @@ from lmmops.estimation.protocol import diag_P as diag_P_of
 from lmmops.estimation.protocol import (
     fit_notes,
     is_exact,
-    level_diagonal_inverse,
     monte_carlo_covariance,
+    pev_blocks,
     solver_info,
+    theta_covariance,
 )
 
 __all__ = ["LMMResult"]
@@ -340,38 +341,67 @@ class LMMResult:
         })
 
     def ranef_pev(self, conditional_on_beta=False):
-        """Prediction error variances of the BLUPs, per factor.
+        """Prediction error variances of the BLUPs, per grouping factor.
 
         Parameters
         ----------
         conditional_on_beta : bool
             ``False``: the diagonal of ``C^{ZZ} = G - G Z'P Z G`` (accounts for estimating
-            ``tau``); ``True``: lme4's ``condVar``,
-            ``s^2 Lambda (Lambda Z'WZ Lambda + I)^{-1} Lambda``, given ``tau_hat``.
+            ``beta``); ``True``: lme4's ``condVar``,
+            ``s^2 Lambda (Lambda' Z'WZ Lambda + I)^{-1} Lambda'``, given ``beta``.
 
         Returns
         -------
-        dict of pandas.Series
-            Indexed by level, as :attr:`ranef`. Exact on the direct solver; on the
-            iterative solver a stochastic diagonal estimate
-            (:meth:`lmmops.estimation.iterative.IterativeObjective.diag_inverse`) whose Monte Carlo
-            standard errors are then in ``ranef_pev_se``.
+        dict of pandas.Series or pandas.DataFrame
+            Shaped as :attr:`ranef` (a DataFrame with a column per coefficient for a
+            vector-valued term; :meth:`ranef_pev_blocks` gives the whole ``d x d``
+            blocks). Exact on the direct solver; on the iterative solver a stochastic
+            diagonal estimate (:meth:`lmmops.estimation.iterative.IterativeObjective.diag_inverse`)
+            whose Monte Carlo standard errors are then in ``ranef_pev_se``.
         """
-        d = self.model.design
+        blocks, errs = self._pev(conditional_on_beta)
+        diag = [np.diagonal(b, axis1=1, axis2=2) for b in blocks]
+        diag_se = [np.diagonal(e, axis1=1, axis2=2) for e in errs]
+        self.ranef_pev_se = self._by_group(diag_se)
+        return self._by_group(diag)
+
+    def ranef_pev_blocks(self, conditional_on_beta=False):
+        """Prediction error covariances of the BLUPs as ``d x d`` blocks, per term.
+
+        Returns
+        -------
+        dict of ndarray
+            Keyed as :attr:`covariances`; each ``(n_levels, d, d)``, the levels in the
+            order of :attr:`ranef`'s rows and the coefficients in its columns' order.
+        """
+        blocks, _ = self._pev(conditional_on_beta)
+        return dict(zip(self.covariances, blocks))
+
+    def _pev(self, conditional_on_beta):
         obj, ev = self.fit_objective()
-        # exact (stderr 0) on the direct solver; on the iterative one a stochastic
-        # diagonal (control variate + probes) whose Monte Carlo errors are kept
-        est = level_diagonal_inverse(obj, ev, z_only=conditional_on_beta)
-        off = d.offsets
-        dg = [est.estimate[off[k]:off[k + 1]] for k in range(d.n_factors)]
-        s2 = self.sigma ** 2
-        self.ranef_pev_se = {
-            nm: pd.Series(s2 * ev.theta[k] ** 2 * est.stderr[off[k]:off[k + 1]],
-                          index=self.ranef[nm].index, name=nm)
-            for k, nm in enumerate(d.names)}
-        s2 = self.sigma ** 2
-        return {nm: pd.Series(s2 * ev.theta[k] ** 2 * dg[k], index=self.ranef[nm].index,
-                              name=nm) for k, nm in enumerate(d.names)}
+        blocks, errs = pev_blocks(obj, ev, z_only=conditional_on_beta)
+        v = self.model.conditioning.variance_scale
+        return [v * b for b in blocks], [v * e for e in errs]
+
+    def _by_group(self, per_term):
+        """Per-term ``(n_levels, d)`` arrays as :attr:`ranef`'s tables."""
+        out = {}
+        for t, a in zip(self.terms, per_term):
+            out.setdefault(t.group, []).append(
+                pd.DataFrame(a, index=t.levels.rename(t.group), columns=list(t.columns)))
+        for g, parts in out.items():
+            tab = pd.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+            out[g] = tab.iloc[:, 0].rename(g) if self.intercepts_only else tab
+        return out
+
+    @property
+    def theta_cov(self):
+        """pandas.DataFrame: Wald covariance of :attr:`theta` (twice the inverse Hessian
+        of the profiled criterion; NaN for parameters on the boundary). Available for
+        models with vector-valued terms; ``theta`` is relative to ``sigma``, so it does
+        not change with the scale of ``y``."""
+        cov = theta_covariance(*self.fit_objective())
+        return pd.DataFrame(cov, index=self.theta.index, columns=self.theta.index)
 
     @property
     def variances_cov(self):

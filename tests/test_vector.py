@@ -113,12 +113,18 @@ def test_gradient_matches_finite_differences(method, weights):
     np.testing.assert_allclose(g, _fd_gradient(obj, THETA), rtol=1e-6, atol=1e-6)
 
 
-def test_gradient_on_the_boundary():
+@pytest.mark.parametrize("theta", [
+    [0.8, 0.4, 0.0, 0.5, -0.2, 0.0],  # two zero diagonal entries: the general form
+    [0.8, 0.4, 2e-3, 0.5, -0.2, 0.0],  # one term by the selected inverse, one general
+    [0.8, 0.4, 5e-4, 0.5, -0.2, 0.3],  # just below the switch
+])
+def test_gradient_on_and_near_the_boundary(theta):
     terms, X, y, _ = _crossed(4)
-    theta = np.array([0.8, 0.4, 0.0, 0.5, -0.2, 0.0])  # two zero diagonal entries
+    theta = np.array(theta)
     obj = VectorObjective(terms, X, y)
     g = obj.evaluate(theta).gradient
-    fd = _fd_gradient(obj, theta, h=1e-5, one_sided=(2, 5))
+    zero = tuple(i for i in (2, 5) if theta[i] == 0)
+    fd = _fd_gradient(obj, theta, h=1e-5 if zero else 1e-7, one_sided=zero)
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-5)
 
 
@@ -197,3 +203,51 @@ def test_sleepstudy_correlated_slope_matches_lme4(sleepstudy, method):
     assert ev.objective == pytest.approx(crit, rel=1e-6)
     np.testing.assert_allclose(ev.theta, list(ref["theta"].values()), atol=1e-4)
     np.testing.assert_allclose(ev.beta, list(ref["fixef"].values()), rtol=1e-5)
+
+
+def _dense_P_and_G(terms, X, y, w, obj, ev):
+    n = len(y)
+    Z = random_effects_matrix(terms).toarray()
+    Lam = obj._lambda(ev.theta).toarray()
+    Winv = np.diag(1.0 / w) if w is not None else np.eye(n)
+    Vi = np.linalg.inv(ev.sigma2 * (Winv + Z @ Lam @ Lam.T @ Z.T))
+    P = Vi - Vi @ X @ np.linalg.solve(X.T @ Vi @ X, X.T @ Vi)
+    G = ev.sigma2 * Lam @ Lam.T
+    return Z, Vi, P, G
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_diag_P_and_prediction_error_blocks_equal_dense(weights):
+    terms, X, y, w = _crossed(1, weights=weights)
+    obj = VectorObjective(terms, X, y, weights=w)
+    ev = obj.evaluate(THETA)
+    Z, Vi, P, G = _dense_P_and_G(terms, X, y, w, obj, ev)
+    np.testing.assert_allclose(obj.diag_P(ev), np.diag(P), rtol=1e-12)
+    np.testing.assert_allclose(obj.diag_P(ev, z_only=True), np.diag(Vi), rtol=1e-12)
+    for z_only, Q in ((False, P), (True, Vi)):
+        C = G - G @ Z.T @ Q @ Z @ G  # G - G Z'PZ G, or lme4's condVar given beta
+        blocks = obj.pev_blocks(ev, z_only=z_only)
+        for k, t in enumerate(terms):
+            for j in range(t.n_levels):
+                sl = slice(obj.offsets[k] + j * t.dim, obj.offsets[k] + (j + 1) * t.dim)
+                np.testing.assert_allclose(blocks[k][j], C[sl, sl], atol=1e-14 * np.abs(C).max())
+
+
+def test_theta_covariance_is_twice_the_inverse_hessian():
+    terms, X, y, _ = _crossed(5, n=200)
+    obj = VectorObjective(terms, X, y)
+    ev, opt = fit_vector(obj)
+    assert opt.converged
+    cov = obj.theta_covariance(ev)
+    free = ev.theta > obj.lower  # off-diagonal entries are free, zero variances are not
+    assert np.isnan(np.diag(cov)).sum() == np.sum(~free)
+    h = 1e-4
+    idx = np.arange(ev.theta.size)
+    H = np.empty((idx.size, idx.size))  # second differences of the criterion itself
+    for a in idx:
+        for b in idx:
+            ea, eb = np.eye(idx.size)[a] * h, np.eye(idx.size)[b] * h
+            H[a, b] = (obj(ev.theta + ea + eb) - obj(ev.theta + ea - eb)
+                       - obj(ev.theta - ea + eb) + obj(ev.theta - ea - eb)) / (4 * h * h)
+    ref = 2.0 * np.linalg.inv(H[np.ix_(free, free)])
+    np.testing.assert_allclose(cov[np.ix_(free, free)], ref, rtol=1e-3, atol=1e-6)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from lmmops.data.terms import theta_lower_bounds
 from lmmops.errors import LmmopsError
 from lmmops.estimation.criterion import criterion_at_sigma, residual_dof
 from lmmops.estimation.direct import theta_gradient
@@ -205,6 +206,8 @@ def confint(result, method="profile", level=0.95, parm=None):
         raise LmmopsError(f"unknown interval method {method!r}; use 'profile' or 'wald'")
     if not 0.0 < float(level) < 1.0:
         raise LmmopsError(f"level must be in (0, 1), got {level}")
+    if not result.intercepts_only:
+        return _confint_theta(result, method, level, parm)
     if method == "profile":
         obj, ev = result.fit_objective(exact=True)  # every profile point is an exact refit
     # Wald needs only the estimates and the information (also on iterative fits); both on
@@ -241,5 +244,38 @@ def confint(result, method="profile", level=0.95, parm=None):
             lo, hi = est - z * se, est + z * se
             how = "wald"
         rows.append((p, est, lo, hi, how))
+    out = pd.DataFrame(rows, columns=["parameter", "estimate", "lower", "upper", "method"])
+    return out.set_index("parameter")
+
+
+def _confint_theta(result, method, level, parm):
+    """Wald intervals on lme4's ``theta`` (relative to ``sigma``, so scale-free) and the
+    fixed effects, for models with vector-valued terms; a diagonal entry's lower limit is
+    held at 0, and a parameter on the boundary gets NaN limits."""
+    if method != "wald":
+        raise LmmopsError("profile intervals are not available yet for models with "
+                          "random-slope terms; use method='wald' (Wald intervals on theta)")
+    theta = result.theta
+    fixed = list(result.fixef.index)
+    allp = list(theta.index) + fixed
+    parm = allp if parm is None else list(parm)
+    unknown = [p for p in parm if p not in allp]
+    if unknown:
+        raise LmmopsError(f"unknown parameter(s) {unknown}; choose from {allp}")
+    z = stats.norm.ppf(0.5 + level / 2.0)
+    cov = result.theta_cov
+    lower = theta_lower_bounds(result.terms)
+    rows = []
+    for p in parm:
+        if p in theta.index:
+            j = list(theta.index).index(p)
+            est, se = float(theta[p]), float(np.sqrt(cov.iloc[j, j]))
+            lo, hi = est - z * se, est + z * se
+            if lower[j] == 0.0:
+                lo = max(lo, 0.0)
+        else:
+            est, se = float(result.fixef[p]), float(result.fixef_se[p])
+            lo, hi = est - z * se, est + z * se
+        rows.append((p, est, lo, hi, "wald"))
     out = pd.DataFrame(rows, columns=["parameter", "estimate", "lower", "upper", "method"])
     return out.set_index("parameter")

@@ -40,8 +40,8 @@ from lmmops.estimation.vector import VectorObjective, fit_vector
 from lmmops.linalg.trace import TraceEstimate
 
 __all__ = ["diag_P", "fit_notes", "is_exact", "level_diagonal_inverse",
-           "monte_carlo_covariance", "optimise", "progress_note", "solver_info",
-           "variance_covariance"]
+           "monte_carlo_covariance", "optimise", "pev_blocks", "progress_note",
+           "solver_info", "theta_covariance", "variance_covariance"]
 
 
 @functools.singledispatch
@@ -65,6 +65,12 @@ def _(obj: IterativeObjective, ev):
     return obj.diag_P(ev)
 
 
+@diag_P.register
+def _(obj: VectorObjective, ev):
+    d = obj.diag_P(ev)
+    return TraceEstimate(d, np.zeros_like(d), 0)
+
+
 @functools.singledispatch
 def level_diagonal_inverse(obj, ev, z_only=False):
     """The random-effects diagonal of the inverse of the spherical mixed-model matrix.
@@ -86,6 +92,51 @@ def _(obj: DirectObjective, ev, z_only=False):
 @level_diagonal_inverse.register
 def _(obj: IterativeObjective, ev, z_only=False):
     return obj.diag_inverse(ev, z_only=z_only)
+
+
+@level_diagonal_inverse.register
+def _(obj: VectorObjective, ev, z_only=False):
+    d = np.concatenate([np.diagonal(B, axis1=1, axis2=2).ravel()
+                        for B in obj.level_blocks(ev, z_only=z_only)])
+    return TraceEstimate(d, np.zeros_like(d), 0)
+
+
+@functools.singledispatch
+def pev_blocks(obj, ev, z_only=False):
+    """Per term, the prediction error covariance of each level's BLUPs (the
+    objective's scale), ``(n_levels, d, d)``, and its Monte Carlo standard errors.
+
+    ``z_only=False`` includes the uncertainty of ``beta`` (``G - G Z'PZ G``);
+    ``z_only=True`` is lme4's ``condVar`` (given ``beta``). For a random-intercept
+    objective the blocks are ``1 x 1``: ``s^2 theta_k^2`` times
+    :func:`level_diagonal_inverse`.
+    """
+    est = level_diagonal_inverse(obj, ev, z_only=z_only)
+    off = np.concatenate([[0], np.cumsum(obj.design.n_levels)])
+    blocks, errs = [], []
+    for k in range(len(off) - 1):
+        c = ev.sigma2 * ev.theta[k] ** 2
+        blocks.append(c * est.estimate[off[k]:off[k + 1], None, None])
+        errs.append(c * est.stderr[off[k]:off[k + 1], None, None])
+    return blocks, errs
+
+
+@pev_blocks.register
+def _(obj: VectorObjective, ev, z_only=False):
+    blocks = obj.pev_blocks(ev, z_only=z_only)
+    return blocks, [np.zeros_like(b) for b in blocks]
+
+
+@functools.singledispatch
+def theta_covariance(obj, ev):
+    """Wald covariance of ``theta`` (twice the inverse Hessian of the profiled criterion,
+    NaN for parameters on the boundary); exact objectives only."""
+    raise ArgumentTypeError(f"no theta_covariance for {type(obj).__name__}")
+
+
+@theta_covariance.register(VectorObjective)
+def _(obj, ev):
+    return obj.theta_covariance(ev)
 
 
 @functools.singledispatch
@@ -307,9 +358,6 @@ def _not_yet(what):
     return refuse
 
 
-diag_P.register(VectorObjective, _not_yet("diag(P) (shift and studentized residuals, "
-                                          "outlier statistics)"))
-level_diagonal_inverse.register(VectorObjective, _not_yet("the prediction error variance "
-                                                          "of the BLUPs"))
-variance_covariance.register(VectorObjective, _not_yet("the covariance of the variance "
-                                                       "estimates"))
+variance_covariance.register(VectorObjective, _not_yet(
+    "the covariance of the variance estimates (use LMMResult.theta_cov or "
+    "confint(method='wald'), Wald on theta)"))

@@ -52,6 +52,11 @@ from lmmops.guard import check_dense
 
 __all__ = ["VectorObjective", "fit_vector", "random_effects_matrix"]
 
+#: A term's gradient uses the selected inverse of ``A`` (and ``T_k^{-1}``) when every
+#: diagonal entry of ``T_k`` is at least this; below it, the general form that needs no
+#: inverse of ``T_k`` (exact on the boundary, slower).
+_SELECTED_INVERSE_MIN_DIAG = 1e-3
+
 
 def random_effects_matrix(terms):
     """``Z = [Z_1 ... Z_K]`` as a CSR matrix, columns level-major, coefficient-minor
@@ -167,7 +172,7 @@ class VectorObjective:
         logdet = 2.0 * float(np.sum(np.log(np.diagonal(L1, axis1=1, axis2=2))))
         B1inv = np.linalg.inv(B)
         Binv = sp.block_diag(list(B1inv), format="csr")
-        fac = {"Lam": Lam, "Binv": Binv}
+        fac = {"Lam": Lam, "Binv": Binv, "B1inv": B1inv}
         if self.m:
             A21 = M[q1:, :q1].tocsr()
             K = (Binv @ A21.T).tocsr()  # A11^{-1} A12
@@ -177,6 +182,44 @@ class VectorObjective:
             fac.update(A21=A21, K=K, Ls=Ls)
         fac["logdet"] = logdet
         return fac
+
+    def _selected_inverse(self, fac):
+        """The ``d_k x d_k`` diagonal blocks of ``A^{-1}``: the first term's, per level
+        (``(n_1, d_1, d_1)``: ``B_j^{-1} + (K S^{-1} K')_{jj}``, in row chunks so that no
+        ``q_1 x m`` array is formed), and ``S^{-1}`` (LAPACK ``potri`` on the factor of
+        the Schur block), cached in ``fac``."""
+        if "D11" not in fac:
+            D11 = fac["B1inv"].copy()
+            A22 = None
+            if self.m:
+                inv, info = sla.lapack.dpotri(fac["Ls"], lower=1)
+                if info != 0:
+                    raise LmmopsError(f"inverting the Schur block failed (LAPACK info {info})")
+                A22 = np.tril(inv) + np.tril(inv, -1).T
+                K, d1 = fac["K"].tocsr(), self.d1
+                step = max(d1, (1 << 22) // max(self.m, 1) // d1 * d1)  # ~32 MB chunks
+                for r0 in range(0, self.q1, step):
+                    r1 = min(self.q1, r0 + step)
+                    Kc = K[r0:r1]
+                    KS = np.asarray(Kc @ A22)  # rows of K S^{-1}
+                    Kd = Kc.toarray()
+                    nl = (r1 - r0) // d1
+                    KS = KS.reshape(nl, d1, self.m)
+                    Kd = Kd.reshape(nl, d1, self.m)
+                    D11[r0 // d1:r1 // d1] += np.einsum("jam,jbm->jab", KS, Kd)
+            fac["D11"], fac["A22"] = D11, A22
+        return fac["D11"], fac["A22"]
+
+    def _term_inverse_sum(self, fac, k):
+        """``S_k``: the sum over the levels of term ``k`` of its diagonal blocks of
+        ``A^{-1}``."""
+        D11, A22 = self._selected_inverse(fac)
+        if k == 0:
+            return D11.sum(axis=0)
+        t = self.terms[k]
+        lo = self.offsets[k] - self.q1
+        ix = lo + np.arange(t.n_levels)[:, None] * t.dim + np.arange(t.dim)[None]
+        return A22[ix[:, :, None], ix[:, None, :]].sum(axis=0)
 
     def _solve(self, fac, b):
         """``A^{-1} b`` for a dense ``b`` (q x k)."""
@@ -258,29 +301,178 @@ class VectorObjective:
         # Z'V0^{-1}X and a = Z'P0 y = Z'W r
         Wz = ZtX - C @ (Lam @ sol[:, :p])
         a = self.ZtT[:, p] - ZtX @ beta - C @ (Lam @ u)
-        LC = (Lam.T @ C).tocsc()  # Lambda' C
+        LC = None  # Lambda' C, for terms near the boundary
         grad = np.empty(self.n_theta)
         for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
             lo, hi, d = self.offsets[k], self.offsets[k + 1], t.dim
-            Y = LC[:, lo:hi]
-            # sum over levels of the diagonal blocks of C - Y'A^{-1}Y (= Z'V0^{-1}Z)
-            H = _block_sum(C[lo:hi, lo:hi], d)
-            Y1 = Y[:q1]
-            H -= _block_sum_product(Y1, fac["Binv"] @ Y1, d)
-            if self.m:
-                Z2 = Y[q1:].toarray() - fac["K"].T @ Y1
-                F = sla.solve_triangular(fac["Ls"], Z2, lower=True, check_finite=False)
-                F = F.reshape(self.m, t.n_levels, d)
-                H -= np.einsum("rja,rjb->ab", F, F)
+            T = t.relative_factor(theta[sl])
             Wk = Wz[lo:hi].reshape(t.n_levels, d, p)
+            ak = a[lo:hi].reshape(t.n_levels, d)
+            H = -(dof / pwrss) * (ak.T @ ak)
             if self.method == "REML":
                 H -= np.einsum("jap,pq,jbq->ab", Wk, Cx_inv, Wk)
-            ak = a[lo:hi].reshape(t.n_levels, d)
-            H -= (dof / pwrss) * (ak.T @ ak)
-            G = 2.0 * t.relative_factor(theta[sl]).T @ H
+            if np.min(np.abs(np.diag(T))) >= _SELECTED_INVERSE_MIN_DIAG:
+                # T_k invertible: the blocks of Z'V0^{-1}Z are T^{-T}(I - A^{-1}_jj)T^{-1},
+                # so T'(sum of them) = (n_k I - S_k) T^{-1}, from the selected inverse
+                Tinv = sla.solve_triangular(T, np.eye(d), lower=True, check_finite=False)
+                S = self._term_inverse_sum(fac, k)
+                G = 2.0 * ((t.n_levels * np.eye(d) - S) @ Tinv + T.T @ H)
+            else:
+                # near the boundary: the general form, sum of the diagonal blocks of
+                # C - Y'A^{-1}Y with Y = Lambda'C[:, term]; no inverse of T_k
+                if LC is None:
+                    LC = (Lam.T @ C).tocsc()
+                Y = LC[:, lo:hi]
+                H += _block_sum(C[lo:hi, lo:hi], d)
+                Y1 = Y[:q1]
+                H -= _block_sum_product(Y1, fac["Binv"] @ Y1, d)
+                if self.m:
+                    Z2 = Y[q1:].toarray() - fac["K"].T @ Y1
+                    F = sla.solve_triangular(fac["Ls"], Z2, lower=True, check_finite=False)
+                    F = F.reshape(self.m, t.n_levels, d)
+                    H -= np.einsum("rja,rjb->ab", F, F)
+                G = 2.0 * T.T @ H
             rows, cols = np.triu_indices(d)[::-1]  # column-major lower triangle
             grad[sl] = G[cols, rows]
         return grad
+
+    # ---------------------------------------------------------------- at the optimum
+    def _state(self, ev):
+        """The factor, the solutions ``A^{-1} Lambda'Z'W[X y]`` and ``(X'V0^{-1}X)^{-1}``
+        at ``ev`` (cached for the last ``theta``)."""
+        key = ev.theta.tobytes()
+        if getattr(self, "_state_key", None) != key:
+            fac = self._factor(ev.theta)
+            LZT = np.asarray(fac["Lam"].T @ self.ZtT)
+            sol = self._solve(fac, LZT)
+            Cx = self.TT[:self.p, :self.p] - LZT[:, :self.p].T @ sol[:, :self.p]
+            self._state_val = {"fac": fac, "solX": sol[:, :self.p],
+                               "Cx_inv": np.linalg.inv(Cx), "inv": None}
+            self._state_key = key
+        return self._state_val
+
+    def _inverse_parts(self, ev):
+        """The pieces of ``A^{-1}`` the leverages and prediction variances need: the first
+        term's ``d_1 x d_1`` diagonal blocks, ``A^{-1}_{12}`` (``q_1 x m``) and
+        ``A^{-1}_{22} = S^{-1}`` (``m x m``), from the blocked factor (guarded dense)."""
+        st = self._state(ev)
+        if st["inv"] is None:
+            fac = st["fac"]
+            D11, A22 = self._selected_inverse(fac)
+            A12 = None
+            if self.m:
+                check_dense((self.q1, self.m), "the exact solver's inverse block A^{-1}_12 "
+                            "for leverages and prediction variances; use "
+                            "solver='iterative'")
+                A12 = -np.asarray(fac["K"] @ A22)
+            st["inv"] = (D11, A12, A22)
+        return st["inv"]
+
+    def _spherical_rows(self, ev, codes, values):
+        """Per row, the nonzeros of ``Lambda' z_i``: their level-space indices and values,
+        split into the first term (``(n, d_1)``, its level codes) and the rest."""
+        theta = ev.theta
+        parts = []
+        for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
+            T = t.relative_factor(theta[sl])
+            c = np.asarray(codes[k], dtype=np.int64)
+            v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
+            zt = v @ T  # row i: (T_k' v_i)'
+            zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
+            idx = np.where(c[:, None] >= 0, self.offsets[k] + c[:, None] * t.dim
+                           + np.arange(t.dim)[None], 0)
+            parts.append((idx, zt))
+        return parts
+
+    def quadratic_rows(self, ev, codes, values, X=None):
+        """``g_i' Omega^{-1} g_i`` for rows ``g_i = [Lambda' z_i; x_i]`` (spherical scale;
+        ``X=None``: the random part ``z_i' Lambda A^{-1} Lambda' z_i`` only).
+
+        Parameters
+        ----------
+        ev : Evaluation
+        codes : sequence of ndarray
+            Per term, the rows' level codes (-1: a level the fit has not seen).
+        values : sequence of ndarray or None
+            Per term, the rows' values of its columns (None for an intercept term).
+        X : ndarray, optional
+            The rows' fixed-effects rows (the objective's scale).
+
+        Returns
+        -------
+        ndarray
+        """
+        D11, A12, A22 = self._inverse_parts(ev)
+        parts = self._spherical_rows(ev, codes, values)
+        (i1, z1), rest = parts[0], parts[1:]
+        d1 = self.d1
+        j1 = i1[:, 0] // d1
+        h = np.einsum("na,nab,nb->n", z1, D11[j1], z1)
+        if rest:
+            i2 = np.concatenate([i - self.q1 for i, _ in rest], axis=1)
+            z2 = np.concatenate([z for _, z in rest], axis=1)
+            h += 2.0 * np.einsum("na,nab,nb->n", z1, A12[i1[:, :, None], i2[:, None, :]], z2)
+            h += np.einsum("na,nab,nb->n", z2, A22[i2[:, :, None], i2[:, None, :]], z2)
+        if X is not None:
+            st = self._state(ev)
+            idx = np.concatenate([i for i, _ in parts], axis=1)
+            zz = np.concatenate([z for _, z in parts], axis=1)
+            r = np.asarray(X, float) - np.einsum("nap,na->np", st["solX"][idx], zz)
+            h += np.einsum("np,pq,nq->n", r, st["Cx_inv"], r)
+        return h
+
+    def diag_P(self, ev, z_only=False):
+        """``diag(P)`` (``diag(V^{-1})`` with ``z_only``) per observation, exactly, on the
+        objective's scale: ``P_ii = (w_i - w_i^2 h_i) / s^2``."""
+        codes = [t.codes for t in self.terms]
+        values = [t.values for t in self.terms]
+        h = self.quadratic_rows(ev, codes, values, None if z_only else self.X)
+        w = np.ones(self.n) if self.weights is None else self.weights
+        return (w - w * w * h) / ev.sigma2
+
+    def level_blocks(self, ev, z_only=False):
+        """Per term, the ``d_k x d_k`` diagonal blocks of the inverse of the spherical
+        mixed-model matrix, one per level (``(n_levels, d, d)``): ``A^{-1}`` given
+        ``beta`` (``z_only``), else with the uncertainty of ``beta`` added. Times
+        ``s^2`` and conjugated by ``T_k`` they are the BLUPs' prediction error
+        covariances (:meth:`pev_blocks`)."""
+        D11, A12, A22 = self._inverse_parts(ev)
+        out = [D11.copy()]
+        for k in range(1, len(self.terms)):
+            d, nl = self.terms[k].dim, self.terms[k].n_levels
+            lo = self.offsets[k] - self.q1
+            ix = lo + np.arange(nl)[:, None] * d + np.arange(d)[None]
+            out.append(A22[ix[:, :, None], ix[:, None, :]])
+        if not z_only:
+            st = self._state(ev)
+            for k, t in enumerate(self.terms):
+                F = st["solX"][self.offsets[k]:self.offsets[k + 1]].reshape(
+                    t.n_levels, t.dim, self.p)
+                out[k] = out[k] + np.einsum("jap,pq,jbq->jab", F, st["Cx_inv"], F)
+        return out
+
+    def pev_blocks(self, ev, z_only=False):
+        """Per term, the prediction error covariance of each level's BLUPs,
+        ``s^2 T_k B_j T_k'`` (``(n_levels, d, d)``, the objective's scale)."""
+        out = []
+        for t, sl, B in zip(self.terms, self.layout, self.level_blocks(ev, z_only)):
+            T = t.relative_factor(ev.theta[sl])
+            out.append(ev.sigma2 * np.einsum("ab,jbc,dc->jad", T, B, T))
+        return out
+
+    def theta_covariance(self, ev):
+        """Wald covariance of ``theta``: twice the inverse Hessian of the profiled
+        criterion (finite differences of the analytic gradient) on the free parameters;
+        rows and columns of parameters on the boundary are NaN."""
+        free = ~((ev.theta <= self.lower) & (ev.gradient > 0)) if ev.gradient is not None \
+            else np.ones(self.n_theta, bool)
+        free &= ~(ev.theta <= self.lower)  # a zero variance has no Wald interval
+        idx = np.flatnonzero(free)
+        cov = np.full((self.n_theta, self.n_theta), np.nan)
+        if idx.size:
+            H = _fd_hessian(self, ev.theta, idx, self.lower)
+            cov[np.ix_(idx, idx)] = 2.0 * np.linalg.pinv(H)
+        return cov
 
     def residuals(self, ev):
         """Conditional residuals ``y - X beta - Z Lambda u`` (on the objective's scale)."""
