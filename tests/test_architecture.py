@@ -27,6 +27,16 @@ LAYERS = {
     "cli": 6, "__main__": 6,
 }
 
+#: the modules of ``linalg.preconditioners`` (one per family, docs/architecture.rst), in
+#: the order they may import one another: the base, then the families (which may use one
+#: another, without cycles), the registry of kind names and ``build()``, the package
+PRECONDITIONER_LAYERS = {
+    "base": 0,
+    "simple": 1, "spectral": 1, "gauss_seidel": 1, "amg": 1, "lowrank": 1, "observation": 1,
+    "registry": 2,
+    "__init__": 3,
+}
+
 #: function-local imports allowed: optional dependencies, and pyamg (a dependency, but
 #: 0.3-0.6 s to import and needed only by ``preconditioner="amg"``)
 LAZY_ALLOWED = {"matplotlib", "matplotlib.pyplot", "matplotlib.backend_bases", "pyarrow",
@@ -96,6 +106,22 @@ def test_every_part_has_a_layer():
 def test_imports_go_down_the_layers():
     bad = [(a, b) for a, deps in _graph().items() if a != "lmmops"
            for b in deps if _layer(b) > _layer(a)]
+    assert not bad, bad
+
+
+def test_preconditioner_modules_import_one_way():
+    pkg = "lmmops.linalg.preconditioners"
+    files = (ROOT / "linalg" / "preconditioners").glob("*.py")
+    assert {p.stem for p in files} == set(PRECONDITIONER_LAYERS)
+
+    def inside(name):
+        return name == pkg or name.startswith(pkg + ".")
+
+    def layer(name):
+        return PRECONDITIONER_LAYERS["__init__" if name == pkg else name[len(pkg) + 1:]]
+
+    bad = [(a, b) for a, deps in _graph().items() if inside(a)
+           for b in deps if inside(b) and layer(b) > layer(a)]
     assert not bad, bad
 
 

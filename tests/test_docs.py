@@ -15,6 +15,8 @@ import importlib
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +200,14 @@ def test_sphinx_build(tmp_path):
     modindex = (out / "py-modindex.html").read_text(encoding="utf-8")
     for module in _conf().public_modules():
         assert f">{module}<" in modindex, module
+
+
+@pytest.mark.parametrize("script", sorted((Path(__file__).parents[1] / "docs" / "studies")
+                                          .glob("*.py")), ids=lambda p: p.name)
+def test_study_scripts_import_and_parse_arguments(script):
+    """Every study script still imports against the package (a renamed module or function
+    fails here, not when someone reruns the study) and answers --help."""
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                         text=True, timeout=300, cwd=script.parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage" in out.stdout

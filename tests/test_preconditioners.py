@@ -366,7 +366,7 @@ def test_pyamg_krylov_accepts_our_operators(small):
 def test_apply_cost_interleaves_and_takes_minima(monkeypatch):
     """With a fake clock, apply takes 3 ticks and matvec 2 (1 on its fastest call): the
     ratio of the minima is 3.0, each callable runs reps + 1 times, alternately."""
-    import lmmops.linalg.preconditioners as pc
+    from lmmops.linalg.preconditioners import registry as pc
 
     clock = {"t": 0.0}
     calls = []
@@ -389,7 +389,7 @@ def test_apply_cost_interleaves_and_takes_minima(monkeypatch):
 def test_schur_setup_flops_and_one_factor(rng):
     """The setup estimate is sum over the largest factor's levels of (cells)^2; with one
     factor M is diagonal, the complement is empty, and both routes give V^{-1}."""
-    from lmmops.linalg.preconditioners import _schur_gram_flops
+    from lmmops.linalg.preconditioners.observation import _schur_gram_flops
 
     codes = np.vstack([rng.integers(0, 25, 300), rng.integers(0, 6, 300),
                        rng.integers(0, 4, 300)])
