@@ -183,43 +183,47 @@ class VectorObjective:
         fac["logdet"] = logdet
         return fac
 
+    def _schur_inverse_factor(self, fac):
+        """``Ls^{-1}`` (LAPACK ``trtri``; ``S^{-1} = Ls^{-T} Ls^{-1}``), cached in ``fac``."""
+        if "Linv" not in fac:
+            Linv, info = sla.lapack.dtrtri(fac["Ls"], lower=1)
+            if info != 0:
+                raise LmmopsError(f"inverting the Schur factor failed (LAPACK info {info})")
+            fac["Linv"] = np.tril(Linv)
+        return fac["Linv"]
+
     def _selected_inverse(self, fac):
-        """The ``d_k x d_k`` diagonal blocks of ``A^{-1}``: the first term's, per level
-        (``(n_1, d_1, d_1)``: ``B_j^{-1} + (K S^{-1} K')_{jj}``, in row chunks so that no
-        ``q_1 x m`` array is formed), and ``S^{-1}`` (LAPACK ``potri`` on the factor of
-        the Schur block), cached in ``fac``."""
-        if "D11" not in fac:
+        """Per term, the ``d_k x d_k`` diagonal blocks of ``A^{-1}``, one per level
+        (``(n_k, d_k, d_k)``), cached in ``fac``.
+
+        The first term's are ``B_j^{-1} + (K S^{-1} K')_{jj}``, the others' the diagonal
+        blocks of ``S^{-1}``; both from ``Ls^{-1}`` (one triangular inversion, about the
+        cost of the Schur block's Cholesky) as column inner products, the first term's
+        in row chunks of ``K Ls^{-T}`` so that no ``q_1 x m`` array is formed.
+        """
+        if "blocks" not in fac:
             D11 = fac["B1inv"].copy()
-            A22 = None
+            blocks = [D11]
             if self.m:
-                inv, info = sla.lapack.dpotri(fac["Ls"], lower=1)
-                if info != 0:
-                    raise LmmopsError(f"inverting the Schur block failed (LAPACK info {info})")
-                A22 = np.tril(inv) + np.tril(inv, -1).T
+                Linv = self._schur_inverse_factor(fac)
                 K, d1 = fac["K"].tocsr(), self.d1
                 step = max(d1, (1 << 22) // max(self.m, 1) // d1 * d1)  # ~32 MB chunks
                 for r0 in range(0, self.q1, step):
                     r1 = min(self.q1, r0 + step)
-                    Kc = K[r0:r1]
-                    KS = np.asarray(Kc @ A22)  # rows of K S^{-1}
-                    Kd = Kc.toarray()
-                    nl = (r1 - r0) // d1
-                    KS = KS.reshape(nl, d1, self.m)
-                    Kd = Kd.reshape(nl, d1, self.m)
-                    D11[r0 // d1:r1 // d1] += np.einsum("jam,jbm->jab", KS, Kd)
-            fac["D11"], fac["A22"] = D11, A22
-        return fac["D11"], fac["A22"]
+                    G = np.asarray(K[r0:r1] @ Linv.T).reshape((r1 - r0) // d1, d1, self.m)
+                    D11[r0 // d1:r1 // d1] += np.einsum("jam,jbm->jab", G, G)
+                for k in range(1, len(self.terms)):
+                    t = self.terms[k]
+                    lo = self.offsets[k] - self.q1
+                    F = Linv[:, lo:lo + t.n_random_effects].reshape(self.m, t.n_levels, t.dim)
+                    blocks.append(np.einsum("rja,rjb->jab", F, F))
+            fac["blocks"] = blocks
+        return fac["blocks"]
 
     def _term_inverse_sum(self, fac, k):
         """``S_k``: the sum over the levels of term ``k`` of its diagonal blocks of
         ``A^{-1}``."""
-        D11, A22 = self._selected_inverse(fac)
-        if k == 0:
-            return D11.sum(axis=0)
-        t = self.terms[k]
-        lo = self.offsets[k] - self.q1
-        ix = lo + np.arange(t.n_levels)[:, None] * t.dim + np.arange(t.dim)[None]
-        return A22[ix[:, :, None], ix[:, None, :]].sum(axis=0)
+        return self._selected_inverse(fac)[k].sum(axis=0)
 
     def _solve(self, fac, b):
         """``A^{-1} b`` for a dense ``b`` (q x k)."""
@@ -286,6 +290,9 @@ class VectorObjective:
             f += logdet_RX
         sigma2 = pwrss / dof
         Cx_inv = sla.cho_solve((Rx, True), np.eye(p), check_finite=False)
+        # kept for the quantities at this theta (average information, leverages, PEV)
+        self._state_key = theta.tobytes()
+        self._state_val = {"fac": fac, "solX": sol[:, :p], "Cx_inv": Cx_inv, "inv": None}
         v = [u[self.offsets[k]:self.offsets[k + 1]].copy() for k in range(len(self.terms))]
         grad = None
         if gradient:
@@ -358,12 +365,14 @@ class VectorObjective:
         st = self._state(ev)
         if st["inv"] is None:
             fac = st["fac"]
-            D11, A22 = self._selected_inverse(fac)
-            A12 = None
+            D11 = self._selected_inverse(fac)[0]
+            A12 = A22 = None
             if self.m:
-                check_dense((self.q1, self.m), "the exact solver's inverse block A^{-1}_12 "
-                            "for leverages and prediction variances; use "
-                            "solver='iterative'")
+                check_dense((self.q1 + self.m, self.m), "the exact solver's inverse blocks "
+                            "A^{-1}_12 and S^{-1} for leverages and prediction variances; "
+                            "use solver='iterative'")
+                Linv = self._schur_inverse_factor(fac)
+                A22 = Linv.T @ Linv
                 A12 = -np.asarray(fac["K"] @ A22)
             st["inv"] = (D11, A12, A22)
         return st["inv"]
@@ -436,15 +445,9 @@ class VectorObjective:
         ``beta`` (``z_only``), else with the uncertainty of ``beta`` added. Times
         ``s^2`` and conjugated by ``T_k`` they are the BLUPs' prediction error
         covariances (:meth:`pev_blocks`)."""
-        D11, A12, A22 = self._inverse_parts(ev)
-        out = [D11.copy()]
-        for k in range(1, len(self.terms)):
-            d, nl = self.terms[k].dim, self.terms[k].n_levels
-            lo = self.offsets[k] - self.q1
-            ix = lo + np.arange(nl)[:, None] * d + np.arange(d)[None]
-            out.append(A22[ix[:, :, None], ix[:, None, :]])
+        st = self._state(ev)
+        out = [b.copy() for b in self._selected_inverse(st["fac"])]
         if not z_only:
-            st = self._state(ev)
             for k, t in enumerate(self.terms):
                 F = st["solX"][self.offsets[k]:self.offsets[k + 1]].reshape(
                     t.n_levels, t.dim, self.p)
@@ -459,6 +462,55 @@ class VectorObjective:
             T = t.relative_factor(ev.theta[sl])
             out.append(ev.sigma2 * np.einsum("ab,jbc,dc->jad", T, B, T))
         return out
+
+    def average_information(self, ev):
+        """The average-information approximation of the Hessian of the profiled criterion
+        in ``theta`` (``n_theta x n_theta``).
+
+        With ``phi = (theta, s^2)`` and ``V_a = dV/dphi_a``, the average information is
+        ``AI_ab = y'P V_a P V_b P y / 2``; twice it approximates the Hessian of
+        ``-2 l(theta, s^2)``, and ``s^2`` is profiled out by a Schur complement. The
+        vectors ``V_a P y`` are ``Z (Lambda_a Lambda' + Lambda Lambda_a') Z'Py`` (``Z'Py =
+        Z'W r / s^2``) for ``theta`` and ``(y - X beta) / s^2`` for ``s^2``; ``P`` is
+        applied by one blocked solve with ``n_theta + 1`` right-hand sides. The REML form
+        (``P``) serves both methods: it only steers the optimiser; the optimum is verified
+        on a finite-difference Hessian.
+        """
+        st = self._state(ev)
+        fac, s2 = st["fac"], ev.sigma2
+        Lam = fac["Lam"]
+        u = np.concatenate(ev.v)
+        r = self.y - self.X @ ev.beta - self.Z @ (Lam @ u)  # conditional residual
+        w = np.ones(self.n) if self.weights is None else self.weights
+        a = self.Z.T @ (w * r)  # Z'W r = s^2 Z'P y
+        cols = []
+        for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
+            T = t.relative_factor(ev.theta[sl])
+            ak = a[self.offsets[k]:self.offsets[k + 1]].reshape(t.n_levels, t.dim)
+            rows, cs = np.triu_indices(t.dim)[::-1]
+            for i, j in zip(rows, cs):
+                E = np.zeros((t.dim, t.dim))
+                E[i, j] = 1.0
+                Bk = ak @ (E @ T.T + T @ E.T).T  # per level (E T' + T E') a_j
+                full = np.zeros(self.q)
+                full[self.offsets[k]:self.offsets[k + 1]] = Bk.ravel()
+                cols.append(self.Z @ full)
+        cols.append(r + self.Z @ (Lam @ u))  # y - X beta
+        Wm = np.column_stack(cols) / 1.0
+        Wm[:, -1] /= s2
+        # P Wm on the objective's scale: V^{-1} = V0^{-1} / s^2, V0^{-1} B = W B -
+        # W Z Lambda A^{-1} Lambda' Z'W B, then the projection off X
+        WB = w[:, None] * Wm
+        LZ = np.asarray(Lam.T @ (self.Z.T @ WB))
+        Vi = WB - w[:, None] * (self.Z @ (Lam @ self._solve(fac, LZ)))
+        XtVi = self.X.T @ Vi
+        PW = (Vi - (w[:, None] * (self.X - self.Z @ (Lam @ st["solX"])))
+              @ (st["Cx_inv"] @ XtVi)) / s2
+        AI = 0.5 * (Wm.T @ PW)
+        AI = 0.5 * (AI + AI.T)
+        tt = slice(0, self.n_theta)
+        ss = AI[-1, -1]
+        return 2.0 * (AI[tt, tt] - np.outer(AI[tt, -1], AI[-1, tt]) / ss)
 
     def theta_covariance(self, ev):
         """Wald covariance of ``theta``: twice the inverse Hessian of the profiled
@@ -515,11 +567,15 @@ def _projected_gradient(theta, grad, lower):
     return g
 
 
-def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None):
+def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
+               optimizer="ai-newton"):
     """Minimise a :class:`VectorObjective` and verify the optimum.
 
-    L-BFGS-B on lme4's ``theta`` with its box constraints (diagonal entries >= 0) and
-    the analytic gradient, then Newton polishing with a Hessian from central differences
+    Projected Newton steps on the average-information Hessian
+    (:meth:`VectorObjective.average_information`) with a backtracking line search, or
+    L-BFGS-B (``optimizer="lbfgsb"``, also the fallback when a Newton step finds no
+    descent), on lme4's ``theta`` with its box constraints (diagonal entries >= 0) and
+    the analytic gradient; then Newton polishing with a Hessian from central differences
     of the gradient on the free parameters. The optimum is verified when the projected
     gradient, measured against the criterion's curvature, is below ``tol`` and the
     Hessian on the free parameters is positive definite.
@@ -534,11 +590,16 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None):
         Convergence tolerance of the Newton decrement.
     callback : callable, optional
         ``callback(iteration, theta, criterion)``.
+    optimizer : {"ai-newton", "lbfgsb"}
+        The first phase (the measured evaluation counts are in
+        ``docs/studies/slopes_optimizer.md``).
 
     Returns
     -------
     (Evaluation, OptSummary)
     """
+    if optimizer not in ("ai-newton", "lbfgsb"):
+        raise LmmopsError(f"unknown optimizer {optimizer!r}; use 'ai-newton' or 'lbfgsb'")
     t0 = time.perf_counter()
     lower = objective.lower
     theta0 = start_theta(objective.terms) if start is None else np.asarray(start, float)
@@ -570,12 +631,18 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None):
     f0 = ev_at(np.maximum(theta0, lower)).objective
     theta, restarts, nit = theta0, 0, 0
     while True:
-        res = sopt.minimize(fun, theta, jac=True, method="L-BFGS-B", bounds=bounds,
-                            callback=cb, options={"maxiter": maxiter, "ftol": 1e-15,
-                                                  "gtol": 1e-10, "maxcor": 20})
-        nit += int(res.nit)
+        x, n_it, message = None, 0, ""
+        if optimizer == "ai-newton":
+            x, n_it, message = _ai_newton(objective, np.maximum(theta, lower), ev_at,
+                                          maxiter, cb)
+        if x is None:  # L-BFGS-B by request, or when the Newton phase fails
+            res = sopt.minimize(fun, theta, jac=True, method="L-BFGS-B", bounds=bounds,
+                                callback=cb, options={"maxiter": maxiter, "ftol": 1e-15,
+                                                      "gtol": 1e-10, "maxcor": 20})
+            x, n_it, message = res.x, n_it + int(res.nit), res.message
+        nit += n_it
         theta, ev, converged, message, H, idx = _newton_polish(
-            objective, np.maximum(res.x, lower), ev_at, tol, res.message)
+            objective, np.maximum(x, lower), ev_at, tol, message)
         if converged or H is None or restarts >= 5:
             break
         # a stationary point that is not a minimum (L-BFGS-B stops where the gradient
@@ -590,9 +657,65 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None):
                      f_initial=f0, f_final=ev.objective, n_evaluations=len(fitlog),
                      iterations=nit, restarts=restarts, gradient_norm=float(np.max(np.abs(g))),
                      converged=bool(converged), message=str(message),
-                     optimizer="L-BFGS-B + Newton", elapsed_s=time.perf_counter() - t0,
+                     optimizer=("AI-Newton" if optimizer == "ai-newton" else "L-BFGS-B")
+                     + " + Newton check", elapsed_s=time.perf_counter() - t0,
                      fitlog=fitlog)
     return ev, opt
+
+
+def _ai_newton(objective, theta, ev_at, maxiter, callback):
+    """Newton on the average information until the decrement is below 1e-9 (the
+    criterion's scale is 1); returns ``(theta, iterations, message)``, or
+    ``(None, iterations, message)`` when a step finds no descent (the caller falls back)."""
+    lower = objective.lower
+    for it in range(1, maxiter + 1):
+        ev = ev_at(theta)
+        g = ev.gradient
+        free = ~((theta <= lower) & (g > 0))
+        idx = np.flatnonzero(free)
+        if idx.size == 0:
+            return theta, it, "all parameters on the boundary"
+        H = objective.average_information(ev)[np.ix_(idx, idx)]
+        H += 1e-10 * np.trace(H) / idx.size * np.eye(idx.size)
+        try:
+            step = sla.cho_solve(sla.cho_factor(H, lower=True), g[idx])
+        except np.linalg.LinAlgError:
+            return None, it, "the average information is not positive definite"
+        dec = float(g[idx] @ step)
+        if dec < 1e-9:
+            return theta, it, f"AI-Newton decrement {dec:.2g}"
+        t = 1.0
+        for _ in range(30):  # backtracking (Armijo)
+            new = theta.copy()
+            new[idx] -= t * step
+            # a diagonal entry stepping below 0 is reflected with its column of T_k
+            # (T_k and T_k diag(+-1) give the same covariance and criterion), so the
+            # step never lands on the boundary, where the criterion is even in the entry
+            # and its derivative vanishes
+            new = _canonical_theta(objective, new)
+            if ev_at(new).objective <= ev.objective - 1e-4 * t * dec:
+                break
+            t *= 0.5
+        else:
+            return None, it, "no descent along the AI-Newton step"
+        theta = new
+        if callback is not None:
+            callback(theta)
+    return theta, maxiter, f"{maxiter} AI-Newton iterations"
+
+
+def _canonical_theta(objective, theta):
+    """``theta`` with every negative diagonal entry of a ``T_k`` made positive by
+    flipping the sign of its column (the same ``T_k T_k'``)."""
+    out = theta.copy()
+    for t, sl in zip(objective.terms, objective.layout):
+        T = t.relative_factor(out[sl])
+        neg = np.diag(T) < 0
+        if np.any(neg):
+            T[:, neg] *= -1.0
+            rows, cols = np.triu_indices(t.dim)[::-1]
+            out[sl] = T[rows, cols]
+    return out
 
 
 def _newton_polish(objective, theta, ev_at, tol, message):
