@@ -271,6 +271,15 @@ class LMM:
         if not isinstance(data, pd.DataFrame):
             raise FormulaError(f"data must be a pandas DataFrame, got {type(data).__name__}")
         pf = parse_formula(formula)
+        slopes = [str(t) for t in pf.random_terms if not t.is_intercept]
+        if slopes or len(pf.random_terms) != len(pf.random):
+            # parse_formula and lmmops.data.terms.build_terms know slopes; this does not
+            # use them yet, and must not fit random intercepts in their place
+            raise NotImplementedError(
+                "random slopes are not supported by LMM.from_formula yet: "
+                f"{', '.join(slopes) or 'several terms on one grouping factor'}; only random "
+                "intercepts (1|g) are fitted from a formula (LMM(design, X, y, terms=...) "
+                "fits slope terms built by lmmops.data.terms.build_terms)")
         y = response_vector(data, pf.response)
         design = CrossedDesign.from_frame(data, list(pf.random))
         X, names, spec = fixed_effects_matrix(pf.fixed, data, return_spec=True)

@@ -2,13 +2,19 @@
 
 The fixed part goes through formulaic with R's default treatment contrasts, and the
 coefficient names are rewritten to lme4's (``service[T.1]`` becomes ``service1``,
-``Intercept`` becomes ``(Intercept)``). Random terms may be
+``Intercept`` becomes ``(Intercept)``). Random terms ``(effects | group)`` follow lme4:
 
-- ``(1|g)`` (also ``(1||g)``): a random intercept per level of ``g``;
-- ``(1|a:b)``: a random intercept per observed combination of ``a`` and ``b``;
-- ``(1|a/b)``: nesting, expanded to ``(1|a) + (1|a:b)``.
+- ``(1|g)``: a random intercept per level of ``g``; ``(1|a:b)``: per observed
+  combination of ``a`` and ``b``; ``(e|a/b)``: nesting, ``(e|a:b) + (e|a)``;
+- ``(x|g)``, ``(1 + x|g)``, ``(1 + x + z|g)``, ``(1 + A*B|s)``, ``(1 + f|g)`` for a
+  factor ``f``: correlated random intercept and slopes, the columns of the effects'
+  model matrix (built as the fixed part's, with treatment contrasts);
+- ``(0 + x|g)``: a slope without an intercept; ``(0 + f|g)``: one column per level of f;
+- ``(x||g)``: uncorrelated terms, lme4's ``expandDoubleVerts``: ``(1|g) + (0 + x|g)``.
 
-Random slopes such as ``(x|g)`` or ``(0 + x|g)`` raise :class:`NotImplementedError`.
+:func:`parse_formula` expands them into :class:`RandomTermSpec` entries without looking
+at data; :func:`lmmops.data.terms.build_terms` turns those into
+:class:`~lmmops.data.terms.RandomEffectsTerm` objects for a data set.
 
 Formula text never runs code. A formula is parsed here, not by Python, and everything
 in it must be on an allow-list before anything is evaluated:
@@ -58,6 +64,7 @@ from lmmops.errors import FormulaError, RankDeficientError, RankDeficientWarning
 __all__ = [
     "ALLOWED_FUNCTIONS",
     "ParsedFormula",
+    "RandomTermSpec",
     "RankDeficientWarning",
     "check_full_rank",
     "fixed_effects_matrix",
@@ -82,13 +89,55 @@ class ParsedFormula:
     fixed : str
         Right-hand side without the random terms (``"1"`` if nothing is left).
     random : tuple of str
-        Grouping factors, one per random intercept, as written (``"s"``, ``"a:b"``).
+        Grouping factors, unique, in the order they first appear (``"s"``, ``"a:b"``);
+        one factor of the design each.
+    random_terms : tuple of RandomTermSpec
+        The random-effects terms after lme4's expansion of ``/`` and ``||``, in
+        ``findbars`` order (before lme4's reordering by number of levels, which
+        :func:`lmmops.data.terms.build_terms` does).
     """
 
     formula: str
     response: str
     fixed: str
     random: tuple
+    random_terms: tuple = ()
+
+
+@dataclass(frozen=True)
+class RandomTermSpec:
+    """One random-effects term ``(effects | group)`` as written, after expansion.
+
+    Attributes
+    ----------
+    effects : str
+        The effects formula on the left of the bar (``"1"``, ``"1 + Days"``,
+        ``"0 + Days"``), checked against the allow-list.
+    group : str
+        The grouping factor (``"Subject"``, ``"a:b"``).
+    correlated : bool
+        False for a term that came from ``||`` (then it has one term label, and is
+        uncorrelated with the other terms of that ``||``).
+
+    Examples
+    --------
+    >>> t = RandomTermSpec("1 + Days", "Subject", True)
+    >>> str(t), t.is_intercept
+    ('(1 + Days | Subject)', False)
+    """
+
+    effects: str
+    group: str
+    correlated: bool = True
+
+    def __str__(self):
+        return f"({self.effects} | {self.group})"
+
+    @property
+    def is_intercept(self):
+        """Whether the term is a scalar random intercept ``(1 | group)``."""
+        where = _Where("random-term effects", self.effects)
+        return _intercept_only(_Parser(self.effects, 0, where).parse())
 
 
 # ---------------------------------------------------------------- messages
@@ -876,17 +925,134 @@ def _random_grouping(node, where):
     return [":".join(labels[: i + 1]) for i in range(len(labels))]
 
 
-def _random_intercept_only(node, where):
-    left = node.parts[0]
-    _check_fixed(left, where, None)
-    ones = all(sign == "+" and n.kind == "atom" and n.tok.kind == "num"
+def _intercept_only(left):
+    """Whether the effects node is ``1`` (or ``1 + 1``): a pure random intercept."""
+    return all(sign == "+" and n.kind == "atom" and n.tok.kind == "num"
                and n.tok.text == "1" for sign, n in _terms(left))
-    if not ones:
+
+
+class _Effects(NamedTuple):
+    """R's reading of an effects formula: its terms (tuples of factor texts) and whether
+    it sets the intercept (True for ``1``, False for ``0`` or ``- 1``, None if silent)."""
+
+    terms: tuple
+    intercept: bool | None
+
+
+def _effect_terms(node, where, order):
+    """The terms of an effects node as R's ``terms()`` reads them (``attr(, "term.labels")``).
+
+    ``a * b`` is ``a + b + a:b``, ``a / b`` is ``a + a:b``, ``a %in% b`` is ``a:b``,
+    ``(a + b)^2`` is ``a + b + a:b``, ``-`` removes terms; the factors of an interaction
+    are in the order in which they first appear in the effects (``order``), as R orders
+    them. A ``0`` or ``1`` is accepted only at the top level of the sum, where its meaning
+    is the same in R and formulaic.
+    """
+    text = where.text
+
+    def unique(terms):
+        out = []
+        for t in terms:
+            if t not in out:
+                out.append(t)
+        return tuple(out)
+
+    def merge(a, b):
+        return tuple(sorted(set(a) | set(b), key=order.__getitem__))
+
+    def no_intercept(e, at):
+        if e.intercept is not None:
+            raise where.error("'0' or '1' inside parentheses or an interaction cannot be "
+                              "expanded by '||'; write it at the top level of the effects",
+                              at.start)
+        return e.terms
+
+    def walk(n):
+        if n.kind == "atom":
+            if n.tok.kind == "num":
+                if n.tok.text in ("0", "1"):
+                    return _Effects((), n.tok.text == "1")
+                raise where.error(f"number '{n.tok.text}' in the effects of a random term "
+                                  "(only 0 or 1 may stand alone)", n.start)
+            return _Effects(((text[n.start:n.end],),), None)
+        if n.kind == "group":
+            return _Effects(no_intercept(walk(n.parts[0]), n), None)
+        if n.kind == "neg":
+            inner = walk(n.parts[0])
+            if inner.intercept is True:
+                return _Effects((), False)
+            if inner.intercept is False:
+                raise where.error("'- 0' is not supported in the effects of a random term",
+                                  n.start)
+            return _Effects((), None)  # removing terms from nothing
+        op, (a, b) = n.op, n.parts
+        if op in ("+", "-"):
+            left, right = walk(a), walk(b)
+            if op == "+":
+                icpt = left.intercept if right.intercept is None else right.intercept
+                return _Effects(unique(left.terms + right.terms), icpt)
+            if right.intercept is False:
+                raise where.error("'- 0' is not supported in the effects of a random term",
+                                  b.start)
+            icpt = False if right.intercept else left.intercept
+            return _Effects(tuple(t for t in left.terms if t not in right.terms), icpt)
+        left = no_intercept(walk(a), a)
+        if op in ("**", "^"):
+            k = float(b.tok.text)
+            if k != int(k) or k < 1:
+                raise where.error(f"the exponent of '{op}' must be a whole number >= 1",
+                                  b.start)
+            out = left
+            for _ in range(int(k) - 1):
+                out = unique(out + tuple(merge(s, t) for s in out for t in left))
+            return _Effects(out, None)
+        right = no_intercept(walk(b), b)
+        cross = tuple(merge(s, t) for s in left for t in right)
+        if op in (":", "%in%"):
+            return _Effects(unique(cross), None)
+        if op == "*":
+            return _Effects(unique(left + right + cross), None)
+        if op == "/":  # a/b = a + a:b, with every factor of a in the interaction
+            base = tuple(sorted({f for t in left for f in t}, key=order.__getitem__))
+            return _Effects(unique(left + tuple(merge(base, t) for t in right)), None)
+        raise where.error(f"operator '{op}' in the effects of a random term", n.start)
+
+    return walk(node)
+
+
+def _double_vert(node, where):
+    """lme4's ``expandDoubleVerts``: the effects of ``(e || g)``, one per uncorrelated term.
+
+    ``(1 + x + z || g)`` is ``(1 | g) + (0 + x | g) + (0 + z | g)``: the intercept (unless
+    the effects remove it) and then ``0 + label`` for each of R's term labels of ``e``,
+    in R's order (by degree, then as written). A factor ``f`` is one term, so
+    ``(f || g)`` gives ``(1 | g) + (0 + f | g)`` with all of f's dummies in the second,
+    as in lme4.
+    """
+    left = node.parts[0]
+    order = {}
+    stack = [left]
+    atoms = []
+    while stack:
+        n = stack.pop()
+        if n.kind == "atom":
+            atoms.append(n)
+        else:
+            stack.extend(reversed(n.parts))
+    for n in sorted(atoms, key=lambda n: n.start):
+        order.setdefault(where.text[n.start:n.end], len(order))
+    e = _effect_terms(left, where, order)
+    terms = sorted(e.terms, key=len)  # R: by degree, stable
+    out = (["1"] if e.intercept is not False else []) + ["0 + " + ":".join(t) for t in terms]
+    if not out:
         term = where.text[node.start + 1:node.end - 1].strip()
-        raise NotImplementedError(_clean(
-            f"random slopes are not supported yet: '({term})' has effects "
-            f"'{where.text[left.start:left.end]}'; only random intercepts (1|g) are "
-            "implemented"))
+        raise where.error(f"random term '({term})' has no random effects", node.start)
+    return out
+
+
+def _canonical(effects, where):
+    """Effects text without the spaces between tokens, to recognise a repeated term."""
+    return "".join(t.text for t in _tokenize(effects, 0, where))
 
 
 def _normalise(text, what):
@@ -902,15 +1068,30 @@ def _normalise(text, what):
 
 
 def parse_formula(formula):
-    """Parse an lme4 formula with random intercepts.
+    """Parse an lme4 formula: response, fixed part and random-effects terms.
 
     The right-hand side is parsed and checked against the formula allow-list (see the
     module documentation) without looking at any data and without evaluating anything.
+    The effects on the left of ``|`` or ``||`` are checked against the same allow-list as
+    the fixed part. The random terms are expanded as lme4's ``findbars`` does:
+
+    - ``(e | a/b)`` is ``(e | a:b) + (e | a)`` (lme4 lists the inner factor first; it
+      names it ``b:a``, lmmops ``a:b``);
+    - ``(e || g)`` is lme4's ``expandDoubleVerts``: ``(1 | g)`` (unless ``e`` removes the
+      intercept) and ``(0 + t | g)`` for each term label ``t`` of ``e``, so
+      ``(1 + x + z || g)`` is ``(1 | g) + (0 + x | g) + (0 + z | g)``; a factor is one
+      term, ``(0 + f | g)``, correlated within itself.
+
+    The same effects on the same grouping factor twice, such as ``(1|g) + (1|g)`` or
+    ``(1|a/b) + (1|a)``, is refused: lme4 fits it, but the two variances cannot be told
+    apart (only their sum is identified). A factor may carry several different terms,
+    ``(1|g) + (0 + x|g)``.
 
     Parameters
     ----------
     formula : str
-        For example ``"y ~ 1 + service + (1|s) + (1|d) + (1|dept)"``.
+        For example ``"y ~ 1 + service + (1|s) + (1|d) + (1|dept)"`` or
+        ``"Reaction ~ Days + (Days | Subject)"``.
 
     Returns
     -------
@@ -920,17 +1101,17 @@ def parse_formula(formula):
     ------
     FormulaError
         If there is no ``~``, no response, no random term, a term cannot be parsed (a
-        trailing ``+``, two terms without ``+``, unbalanced parentheses), or the formula
-        uses anything outside the allow-list (the message names the token and its
-        position).
-    NotImplementedError
-        For random slopes such as ``(x|g)``.
+        trailing ``+``, two terms without ``+``, unbalanced parentheses), a random term
+        is repeated, or the formula uses anything outside the allow-list (the message
+        names the token and its position).
 
     Examples
     --------
     >>> pf = parse_formula("y ~ x + (1|a/b) + (1|c)")
     >>> pf.response, pf.fixed, pf.random
     ('y', 'x', ('a', 'a:b', 'c'))
+    >>> [str(t) for t in parse_formula("y ~ x + (1 + x + z || g) + (x | h)").random_terms]
+    ['(1 | g)', '(0 + x | g)', '(0 + z | g)', '(x | h)']
     >>> parse_formula("y ~ x + (1|g) +")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
     lmmops.errors.FormulaError: formula 'y ~ x + (1|g) +': '+' has no term after it ...
@@ -946,7 +1127,7 @@ def parse_formula(formula):
     if len(response) > 1 and response[0] == response[-1] == "`":
         response = response[1:-1]
     terms = _terms(_Parser(text, len(lhs) + 1, where).parse())
-    groups, fixed = [], []
+    groups, fixed, specs, seen = [], [], [], set()
     for sign, node in terms:
         if node.kind != "random":
             _check_fixed(node, where, None)
@@ -955,11 +1136,25 @@ def parse_formula(formula):
         if sign != "+":
             raise where.error(f"random term '{text[node.start:node.end]}' must be added "
                               "with '+', not subtracted", node.start)
-        _random_intercept_only(node, where)
-        for g in _random_grouping(node, where):
-            if g in groups:
-                raise _fail(f"grouping factor '{g}' appears twice in {where.label}")
-            groups.append(g)
+        left = node.parts[0]
+        _check_fixed(left, where, None)
+        grouping = _random_grouping(node, where)
+        if node.op == "||":
+            effects = _double_vert(node, where)
+        else:
+            effects = [text[left.start:left.end].strip()]
+        for eff in effects:
+            for g in reversed(grouping):  # lme4's expandSlash: a:b before a
+                spec = RandomTermSpec(eff, g, node.op == "|")
+                key = (_canonical(eff, where), g)
+                if key in seen:
+                    raise _fail(f"random term {spec} appears twice in {where.label}: only "
+                                "the sum of the two variances is identifiable; drop one")
+                seen.add(key)
+                specs.append(spec)
+        for g in grouping:
+            if g not in groups:
+                groups.append(g)
     if not groups:
         raise _fail(
             f"{where.label} has no random-effects term such as (1|group); lmmops fits "
@@ -967,7 +1162,8 @@ def parse_formula(formula):
         )
     pieces = [("-" if sign == "-" else "") + t if i == 0 else f"{sign} {t}"
               for i, (sign, t) in enumerate(fixed)]
-    return ParsedFormula(formula.strip(), response, " ".join(pieces) or "1", tuple(groups))
+    return ParsedFormula(formula.strip(), response, " ".join(pieces) or "1", tuple(groups),
+                         tuple(specs))
 
 
 _CONTRAST = re.compile(r"\[(?:T\.)?([^\]]*)\]")
@@ -1039,7 +1235,7 @@ def _check_formulaic(formula, where, columns):
                     raise where.refuse("literal", factor.expr) from None
 
 
-def fixed_effects_matrix(fixed, data, return_spec=False):
+def fixed_effects_matrix(fixed, data, return_spec=False, what="fixed effects"):
     """Build the fixed-effects model matrix with formulaic, inside the formula sandbox.
 
     ``fixed`` is parsed and checked against the allow-list and the data's columns, then
@@ -1054,6 +1250,9 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
     return_spec : bool
         Also return the model spec, which rebuilds the same columns (same factor
         levels and contrasts) for new data.
+    what : str
+        What the formula is, for messages: ``"fixed effects"``, or ``"random effects"``
+        for the effects of a random term (:func:`lmmops.data.terms.build_terms`).
 
     Returns
     -------
@@ -1081,8 +1280,8 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
     """
     if not isinstance(data, pd.DataFrame):
         raise _fail(f"data must be a pandas DataFrame, got {type(data).__name__}")
-    text = _normalise(fixed, "fixed effects")
-    where = _Where("fixed effects", text, data)
+    text = _normalise(fixed, what)
+    where = _Where(what, text, data)
     columns = {c for c in data.columns if isinstance(c, str)}
     for _, node in _terms(_Parser(text, 0, where).parse()):
         _check_fixed(node, where, columns)
@@ -1101,19 +1300,25 @@ def fixed_effects_matrix(fixed, data, return_spec=False):
         m = re.search(r"`([^`]+)` contains null values", msg)
         if m:
             col = m.group(1)
-            nbad = int(data[col].isna().sum()) if col in data.columns else -1
+            if col in data.columns:
+                bad = f"column '{col}' in the {what} has {int(data[col].isna().sum())} missing"
+            else:  # a transform, log(x) of x <= 0
+                bad = f"'{col}' in the {what} evaluates to missing (NaN)"
             raise _fail(
-                f"column '{col}' in the fixed effects has {nbad} missing value(s); remove or "
-                "impute them before fitting (lmmops never drops rows silently)"
+                f"{bad} value(s); remove or impute them before fitting (lmmops never drops "
+                "rows silently)"
             ) from None
-        raise _fail(f"cannot build the fixed effects '{_short(text)}': {msg}") from None
+        raise _fail(f"cannot build the {what} '{_short(text)}': {msg}") from None
     X = np.asarray(mm, dtype=np.float64)
     names = lme4_names([str(c) for c in mm.columns])
     if X.shape[0] != len(data):
-        raise _fail("the fixed-effects matrix lost rows; check for missing values")
+        raise _fail(f"the {what.replace(' ', '-')} matrix lost rows; check for missing "
+                    "values")
     if not np.all(np.isfinite(X)):
         bad = [names[j] for j in range(X.shape[1]) if not np.all(np.isfinite(X[:, j]))]
-        raise _fail(f"fixed-effect column(s) {bad} contain non-finite values")
+        kind = what.replace("effects", "effect").replace(" ", "-")
+        raise _fail(f"{kind} column(s) {bad} contain non-finite values (inf or NaN); "
+                    "remove or impute them before fitting")
     if return_spec:
         return X, names, mm.model_spec
     return X, names

@@ -8,9 +8,12 @@ names, and the parametrisation of the term's relative covariance factor ``Lambda
 ``s_e^2 Lambda_k Lambda_k'`` per level; its ``theta`` is the column-major lower triangle
 of ``Lambda_k`` (lme4's ``getME(m, "theta")`` order), one number for an intercept term.
 
-Today every term is a scalar random intercept (one column, ``"(Intercept)"``, whose
-values are all 1 and are not stored); the layers above take terms, so vector-valued
-terms (random slopes) add columns here without a new concept downstream.
+A scalar random intercept has one column, ``"(Intercept)"``, whose values are all 1 and
+are not stored; a random-slope term ``(1 + x | g)`` stores its columns' values.
+:attr:`CrossedDesign.terms <lmmops.data.design.CrossedDesign.terms>` gives one random
+intercept per factor; :func:`build_terms` builds the terms of a parsed lme4 formula
+(:func:`lmmops.data.formula.parse_formula`), with their model matrices, lme4's column
+names and lme4's order, and refuses terms whose parameters are not identifiable.
 
 Examples
 --------
@@ -35,9 +38,11 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from lmmops.errors import DesignError
+from lmmops.data.formula import fixed_effects_matrix, rank_columns
+from lmmops.errors import DesignError, FormulaError
 
-__all__ = ["RandomEffectsTerm", "theta_layout", "theta_lower_bounds", "theta_names"]
+__all__ = ["RandomEffectsTerm", "build_terms", "order_terms", "theta_layout",
+           "theta_lower_bounds", "theta_names"]
 
 INTERCEPT = "(Intercept)"
 
@@ -172,3 +177,198 @@ def theta_names(terms):
 def theta_lower_bounds(terms):
     """Lower bounds of the whole ``theta`` vector (0 or ``-inf``)."""
     return np.array([b for t in terms for b in t.theta_lower_bounds()], dtype=np.float64)
+
+
+# ---------------------------------------------------------------- from a formula
+#: Relative tolerance of the identifiability checks of :func:`build_terms` (R's 1e-7).
+TOL = 1e-7
+
+
+def order_terms(terms):
+    """lme4's order of random-effects terms (``mkReTrms(reorder.terms = TRUE)``).
+
+    lme4 1.1-31 (and reformulas' ``mkReTrms``) reorders only if some term has more levels
+    than the term before it, and then takes ``rev(order(nl))``: decreasing number of
+    levels, terms with equal numbers of levels in the *reverse* of their formula order
+    (``order`` is stable, ``rev`` reverses the ties too).
+
+    Parameters
+    ----------
+    terms : sequence of RandomEffectsTerm or of int
+        Terms, or their numbers of levels.
+
+    Returns
+    -------
+    list of int
+        The positions of the terms in lme4's order.
+
+    Examples
+    --------
+    >>> order_terms([18, 18, 5])          # already non-increasing: kept
+    [0, 1, 2]
+    >>> order_terms([5, 18, 18])          # reordered: the two ties swap
+    [2, 1, 0]
+    """
+    nl = [t if isinstance(t, (int, np.integer)) else t.n_levels for t in terms]
+    if not any(b > a for a, b in zip(nl, nl[1:])):
+        return list(range(len(nl)))
+    return sorted(range(len(nl)), key=nl.__getitem__)[::-1]
+
+
+def build_terms(parsed, data, design):
+    """The random-effects terms of a parsed formula, as lme4's ``mkReTrms`` builds them.
+
+    Each term's model matrix is its effects formula evaluated as the fixed part is
+    (:func:`lmmops.data.formula.fixed_effects_matrix`: the formula sandbox, R's treatment
+    contrasts, lme4's column names such as ``"(Intercept)"``, ``"Days"``, ``"DaysFlate"``,
+    ``"A:B"``); ``(0 + f | g)`` for a factor ``f`` has one column per level of ``f``, as
+    R's ``model.matrix`` without an intercept. The terms are in lme4's order
+    (:func:`order_terms`).
+
+    Parameters
+    ----------
+    parsed : lmmops.data.formula.ParsedFormula
+    data : pandas.DataFrame
+    design : lmmops.data.design.CrossedDesign
+        One factor per name in ``parsed.random`` (``CrossedDesign.from_frame(data,
+        list(parsed.random))``); the terms' level codes and names are the design's.
+
+    Returns
+    -------
+    tuple of RandomEffectsTerm
+        ``values`` is None for a pure intercept term.
+
+    Raises
+    ------
+    FormulaError
+        For effects outside the allow-list, an unknown column, or a missing (NaN) or
+        infinite value in a column of a term (naming the term and the column; no row is
+        dropped).
+    DesignError
+        For a term whose parameters are not identifiable:
+
+        - lme4's ``checkZdims``: "number of observations (=n) <= number of random effects
+          (=q) for term (x | g); the random-effects parameters and the residual variance
+          (or scale parameter) are probably unidentifiable";
+        - a term without columns (``(0 | g)``);
+        - a rank-deficient term model matrix (a column aliased with the term's intercept
+          or with its other columns: ``(1 + x + x2 | g)`` with ``x2 = 2 x``), naming the
+          columns;
+        - in a term with an intercept, a column constant within every level of the
+          grouping factor (a between-group covariate, ``(1 + Sex | Subject)``): its slope
+          is a multiple of the intercept in each level;
+        - two terms on the same factor where a column of one lies in the span of the
+          other's (``(1 | g) + (1 + x | g)``, or ``(f || g)`` for a factor ``f``, which is
+          ``(1 | g) + (0 + f | g)``): only the sum of their variances is identifiable.
+
+        lme4 checks only the first (and, like :class:`~lmmops.data.design.CrossedDesign`,
+        that each factor has fewer levels than observations); it fits the others and
+        reports a singular fit or a warning.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> from lmmops.data.design import CrossedDesign
+    >>> from lmmops.data.formula import parse_formula
+    >>> rng = np.random.default_rng(0)
+    >>> df = pd.DataFrame({"g": rng.integers(0, 6, 60), "h": rng.integers(0, 9, 60),
+    ...                    "x": rng.normal(size=60)})
+    >>> pf = parse_formula("y ~ x + (1 + x | g) + (1 | h)")
+    >>> terms = build_terms(pf, df, CrossedDesign.from_frame(df, list(pf.random)))
+    >>> [(t.group, t.columns) for t in terms]      # h has more levels: first
+    [('h', ('(Intercept)',)), ('g', ('(Intercept)', 'x'))]
+    >>> theta_names(terms)
+    ['h.(Intercept)', 'g.(Intercept)', 'g.x.(Intercept)', 'g.x']
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise FormulaError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    specs = tuple(parsed.random_terms)
+    if not specs:
+        raise FormulaError("the parsed formula has no random-effects terms")
+    n = design.n_obs
+    if len(data) != n:
+        raise DesignError(f"the design has {n} rows but the data {len(data)}")
+    built = []
+    for spec in specs:
+        k = design.index(spec.group)
+        try:
+            X, names = fixed_effects_matrix(spec.effects, data, what="random effects")
+        except FormulaError as exc:
+            raise FormulaError(f"random-effects term {spec}: {exc}") from None
+        values = _check_term_matrix(spec, X, names, design.codes[k])
+        term = RandomEffectsTerm(spec.group, design.codes[k], design.levels[k],
+                                 tuple(names), values)
+        if n <= term.n_random_effects:  # lme4's checkZdims, its words
+            raise DesignError(
+                f"number of observations (={n}) <= number of random effects "
+                f"(={term.n_random_effects}) for term ({spec.effects} | {spec.group}); the "
+                "random-effects parameters and the residual variance (or scale parameter) "
+                "are probably unidentifiable")
+        built.append((spec, term))
+    _check_shared_columns(built)
+    return tuple(built[i][1] for i in order_terms([t for _, t in built]))
+
+
+def _check_term_matrix(spec, X, names, codes):
+    """The term's values (None for a pure intercept), after its identifiability checks."""
+    if X.shape[1] == 0:
+        raise DesignError(f"random-effects term {spec} has no columns: its effects remove "
+                          "the intercept and add nothing")
+    if list(names) == [INTERCEPT]:
+        return None
+    _, aliased = rank_columns(X, names, tol=TOL)
+    if aliased:
+        kept = [c for c in names if c not in aliased]
+        raise DesignError(
+            f"random-effects term {spec}: its model matrix is rank deficient: column(s) "
+            f"{', '.join(aliased)} are linear combinations of the columns before them "
+            f"({', '.join(kept) or 'none: an all-zero column'}), so the term's covariance is "
+            "not identifiable; drop them from the term")
+    if INTERCEPT in names:
+        order = np.argsort(codes, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
+        for j, name in enumerate(names):
+            if name == INTERCEPT:
+                continue
+            col = X[order, j]
+            spread = np.max(np.maximum.reduceat(col, starts) - np.minimum.reduceat(col, starts))
+            if spread <= TOL * (col.max() - col.min()):
+                raise DesignError(
+                    f"random-effects term {spec}: column '{name}' is constant within every "
+                    f"level of '{spec.group}', so its random slope is a multiple of the "
+                    "random intercept in each level and the two cannot be told apart; make "
+                    "it a fixed effect only, or drop it from the term")
+    values = np.array(X, dtype=np.float64, order="C")
+    values.setflags(write=False)
+    return values
+
+
+def _check_shared_columns(built):
+    """Two terms on one factor: no column of one in the span of the other's columns."""
+    for a, (spec_a, ta) in enumerate(built):
+        for spec_b, tb in built[a + 1:]:
+            if ta.group != tb.group:
+                continue
+            for (s1, t1), (s2, t2) in (((spec_a, ta), (spec_b, tb)),
+                                       ((spec_b, tb), (spec_a, ta))):
+                B = _values(t2)
+                for j, name in enumerate(t1.columns):
+                    col = _values(t1)[:, j]
+                    coef = np.linalg.lstsq(B, col, rcond=None)[0]
+                    resid = np.linalg.norm(col - B @ coef)
+                    if resid <= TOL * np.linalg.norm(col):
+                        how = ("is also a column" if name in t2.columns
+                               else "lies in the span of the columns")
+                        raise DesignError(
+                            f"random-effects terms {s1} and {s2} on grouping factor "
+                            f"'{ta.group}': column '{name}' of the first {how} of the "
+                            f"second ({', '.join(t2.columns)}), so only the sum of the two "
+                            "terms' variances along it is identifiable; merge them into one "
+                            "term or drop one (for a factor f, (f || g) is (1 | g) + "
+                            "(0 + f | g) in lme4: write (1 + f | g) or (0 + f | g))")
+
+
+def _values(term):
+    if term.values is None:
+        return np.ones((term.codes.shape[0], 1))
+    return term.values
