@@ -28,6 +28,7 @@ from lmmops.data.formula import (
     rank_message,
     response_vector,
 )
+from lmmops.data.terms import build_terms
 from lmmops.errors import ArgumentError, DisconnectedDesignWarning, FormulaError, LmmopsError
 from lmmops.estimation.direct import DirectObjective, moment_start
 from lmmops.estimation.iterative import (
@@ -240,8 +241,9 @@ class LMM:
         Parameters
         ----------
         formula : str
-            lme4 formula with random intercepts, e.g.
-            ``"y ~ 1 + service + (1|s) + (1|d) + (1|dept)"``.
+            lme4 formula, e.g. ``"y ~ 1 + service + (1|s) + (1|d) + (1|dept)"`` or
+            ``"Reaction ~ Days + (Days | Subject)"`` (random slopes: see
+            :func:`lmmops.data.terms.build_terms` for the terms and their checks).
         data : pandas.DataFrame
         method : {"REML", "ML"}
         data_name : str, optional
@@ -264,24 +266,18 @@ class LMM:
             observations.
         LmmopsError
             For invalid weights (unknown column, wrong length, non-finite or <= 0).
-        NotImplementedError
-            For random slopes.
         """
         t0 = time.perf_counter()
         if not isinstance(data, pd.DataFrame):
             raise FormulaError(f"data must be a pandas DataFrame, got {type(data).__name__}")
         pf = parse_formula(formula)
-        slopes = [str(t) for t in pf.random_terms if not t.is_intercept]
-        if slopes or len(pf.random_terms) != len(pf.random):
-            # parse_formula and lmmops.data.terms.build_terms know slopes; this does not
-            # use them yet, and must not fit random intercepts in their place
-            raise NotImplementedError(
-                "random slopes are not supported by LMM.from_formula yet: "
-                f"{', '.join(slopes) or 'several terms on one grouping factor'}; only random "
-                "intercepts (1|g) are fitted from a formula (LMM(design, X, y, terms=...) "
-                "fits slope terms built by lmmops.data.terms.build_terms)")
         y = response_vector(data, pf.response)
         design = CrossedDesign.from_frame(data, list(pf.random))
+        # one intercept term per factor is the design's own; anything else (slopes,
+        # several terms on a factor) is built from the formula's effects, in lme4's order
+        intercepts = (all(t.is_intercept for t in pf.random_terms)
+                      and len(pf.random_terms) == len(pf.random))
+        terms = None if intercepts else build_terms(pf, data, design)
         X, names, spec = fixed_effects_matrix(pf.fixed, data, return_spec=True)
         if isinstance(weights, str):
             if weights not in data.columns:
@@ -298,7 +294,7 @@ class LMM:
             weights = check_weights(weights, len(data), index=data.index)
         model = cls(design, X, y, fixef_names=names, formula=pf.formula,
                     response=pf.response, method=method, data_name=data_name,
-                    weights=weights)
+                    weights=weights, terms=terms)
         model.fixed_spec = spec
         model.parsed_formula = pf
         model.build_s = time.perf_counter() - t0

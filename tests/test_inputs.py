@@ -74,9 +74,8 @@ def test_interaction_and_nested_terms(df):
 
 
 @pytest.mark.parametrize(("formula", "exc", "match"), [
-    # parse_formula and build_terms take slopes; from_formula does not fit them yet
-    ("y ~ x + (x|g)", NotImplementedError, "random slopes are not supported by LMM.from"),
-    ("y ~ x + (0 + x|g)", NotImplementedError, r"random slopes .*\(0 \+ x \| g\)"),
+    ("y ~ x + (0|g)", DesignError, r"term \(0 \| g\) has no columns"),
+    ("y ~ x + (1|g) + (1 + x|g)", DesignError, "only the sum of the two"),
     ("y ~ x", FormulaError, "no random-effects term"),
     ("y + x", FormulaError, "response ~ terms"),
     (" ~ (1|g)", FormulaError, "no response"),

@@ -323,12 +323,20 @@ def test_terms_sharing_a_direction_are_refused(df, formula, match):
         _build(formula, df)
 
 
-def test_from_formula_does_not_fit_slopes_as_intercepts(df):
-    # until LMM.from_formula uses build_terms it refuses slopes rather than drop them
-    for formula in ("y ~ x + (x | g)", "y ~ x + (1 | g) + (0 + x | g)", "y ~ x + (x || g)"):
-        with pytest.raises(NotImplementedError, match="not supported by LMM.from_formula"):
-            lmmops.LMM.from_formula(formula, df)
+def test_from_formula_fits_the_slope_terms(df):
+    """LMM.from_formula builds the terms of every slope form (never intercepts in their
+    place); theta is lme4's, term by term."""
+    cases = {
+        "y ~ x + (x | g)": ["g.(Intercept)", "g.x.(Intercept)", "g.x"],
+        "y ~ x + (1 | g) + (0 + x | g)": ["g.(Intercept)", "g.x"],
+        "y ~ x + (x || g)": ["g.(Intercept)", "g.x"],
+    }
+    for formula, names in cases.items():
+        m = lmmops.LMM.from_formula(formula, df)
+        assert m.has_slopes
+        assert theta_names(m.terms) == names
     assert lmmops.LMM.from_formula("y ~ x + (1 || g)", df).design.names == ("g",)
+    assert not lmmops.LMM.from_formula("y ~ x + (1 || g)", df).has_slopes
 
 
 # ---------------------------------------------------------------- the sandbox

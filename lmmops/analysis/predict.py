@@ -107,6 +107,10 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
         X = cond.X(np.asarray(mm, dtype=np.float64)[:, model.keep])
         codes = _codes_for(result, newdata)
     m = X.shape[0]
+    if not result.intercepts_only:
+        fit, var = _terms_prediction(result, obj, ev, X, newdata, random,
+                                     interval is not None)
+        return _finish(result, X, fit, var, interval, level, weights, newdata)
     theta = ev.theta
     fit = X @ ev.beta
     if random:
@@ -114,9 +118,8 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
             c = codes[k]
             known = c >= 0
             fit[known] += theta[k] * ev.v[k][c[known]]
-    fit = cond.response(X, fit)
     if interval is None:
-        return fit
+        return _finish(result, X, fit, None, None, level, weights, newdata)
     s2 = ev.sigma2
     if random and iterative:
         # g = [Lambda z; x] in design order; block solves of at most 256 rows at a time
@@ -152,11 +155,66 @@ def predict(result, newdata=None, random=True, interval=None, level=0.95, weight
             var += np.where(codes[k] < 0, s2 * theta[k] ** 2, 0.0)
     else:
         var = np.einsum("ij,jk,ik->i", X, ev.beta_cov, X)
+    return _finish(result, X, fit, var, interval, level, weights, newdata)
+
+
+def _finish(result, X, fit, var, interval, level, weights, newdata):
+    """Map to the user's scale and add the interval columns (``var`` on the solver's)."""
+    cond = result.model.conditioning
+    fit = cond.response(X, fit)
+    if interval is None:
+        return fit
     if interval == "prediction":
-        w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
-        var = var + s2 / w
+        w = np.ones(X.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+        var = var + result.evaluation.sigma2 / w
     se = cond.scale * np.sqrt(np.maximum(var, 0.0))
     z = stats.norm.ppf(0.5 + level / 2.0)
     index = newdata.index if newdata is not None else None
     return pd.DataFrame({"fit": fit, "se": se, "lower": fit - z * se, "upper": fit + z * se},
                         index=index)
+
+
+def _term_rows(result, newdata):
+    """Per term, the new rows' level codes (-1 for an unseen level) and column values."""
+    model = result.model
+    if newdata is None:
+        return [t.codes for t in model.terms], [t.values for t in model.terms]
+    factor_codes = _codes_for(result, newdata)
+    codes, values = [], []
+    for t in model.terms:
+        codes.append(factor_codes[model.design.index(t.group)])
+        if t.values is None:
+            values.append(None)
+            continue
+        if t.spec is None:
+            raise LmmopsError("predicting for newdata needs a model built from a formula "
+                              f"(term '{t.group}' was built by hand)")
+        try:
+            mm = t.spec.get_model_matrix(newdata, na_action="raise")
+        except Exception as exc:  # formulaic raises several types
+            raise LmmopsError(f"cannot build the random-effects columns {list(t.columns)} "
+                              f"of term '{t.group}' for newdata: {exc}") from None
+        values.append(np.asarray(mm, dtype=np.float64))
+    return codes, values
+
+
+def _terms_prediction(result, obj, ev, X, newdata, random, with_variance):
+    """Prediction and its variance (solver's scale) for a model with vector-valued terms:
+    ``x'beta + sum_k v_k' b_k[level]``, an unseen level contributing 0 to the prediction
+    and its term's variance ``s^2 v' T_k T_k' v`` to the variance."""
+    fit = X @ ev.beta
+    if not random:
+        return fit, (np.einsum("ij,jk,ik->i", X, ev.beta_cov, X) if with_variance else None)
+    codes, values = _term_rows(result, newdata)
+    extra = np.zeros(X.shape[0])
+    for k, (t, c, v) in enumerate(zip(obj.terms, codes, values)):
+        T = t.relative_factor(ev.theta[obj.layout[k]])
+        b = np.asarray(ev.v[k]).reshape(t.n_levels, t.dim) @ T.T
+        v = np.ones((len(c), 1)) if v is None else v
+        known = c >= 0
+        fit[known] += np.einsum("na,na->n", v[known], b[c[known]])
+        vt = v @ T
+        extra += np.where(known, 0.0, ev.sigma2 * np.einsum("na,na->n", vt, vt))
+    if not with_variance:
+        return fit, None
+    return fit, ev.sigma2 * obj.quadratic_rows(ev, codes, values, X) + extra

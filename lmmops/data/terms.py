@@ -76,6 +76,9 @@ class RandomEffectsTerm:
     levels: pd.Index
     columns: tuple = (INTERCEPT,)
     values: np.ndarray | None = None
+    #: the formula sandbox's model specification of the term's columns (built by
+    #: :func:`build_terms`), which rebuilds them on new data; None for a term built by hand
+    spec: object = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if not self.columns:
@@ -292,12 +295,13 @@ def build_terms(parsed, data, design):
     for spec in specs:
         k = design.index(spec.group)
         try:
-            X, names = fixed_effects_matrix(spec.effects, data, what="random effects")
+            X, names, mspec = fixed_effects_matrix(spec.effects, data, return_spec=True,
+                                                   what="random effects")
         except FormulaError as exc:
             raise FormulaError(f"random-effects term {spec}: {exc}") from None
         values = _check_term_matrix(spec, X, names, design.codes[k])
         term = RandomEffectsTerm(spec.group, design.codes[k], design.levels[k],
-                                 tuple(names), values)
+                                 tuple(names), values, spec=mspec)
         if n <= term.n_random_effects:  # lme4's checkZdims, its words
             raise DesignError(
                 f"number of observations (={n}) <= number of random effects "

@@ -57,6 +57,9 @@ __all__ = ["VectorObjective", "fit_vector", "random_effects_matrix"]
 #: inverse of ``T_k`` (exact on the boundary, slower).
 _SELECTED_INVERSE_MIN_DIAG = 1e-3
 
+#: ``fit_vector(optimizer="auto")`` uses AI-Newton up to this many parameters.
+AUTO_AI_NEWTON_MAX_THETA = 6
+
 
 def random_effects_matrix(terms):
     """``Z = [Z_1 ... Z_K]`` as a CSR matrix, columns level-major, coefficient-minor
@@ -568,7 +571,7 @@ def _projected_gradient(theta, grad, lower):
 
 
 def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
-               optimizer="ai-newton"):
+               optimizer="auto"):
     """Minimise a :class:`VectorObjective` and verify the optimum.
 
     Projected Newton steps on the average-information Hessian
@@ -590,16 +593,23 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
         Convergence tolerance of the Newton decrement.
     callback : callable, optional
         ``callback(iteration, theta, criterion)``.
-    optimizer : {"ai-newton", "lbfgsb"}
-        The first phase (the measured evaluation counts are in
-        ``docs/studies/slopes_optimizer.md``).
+    optimizer : {"auto", "ai-newton", "lbfgsb"}
+        The first phase. ``"auto"``: AI-Newton for at most
+        :data:`AUTO_AI_NEWTON_MAX_THETA` parameters, else L-BFGS-B, by the evaluation
+        counts measured in ``docs/studies/slopes_optimizer.md`` (AI-Newton needs fewer on
+        few parameters, where one evaluation can be expensive, InstEval's 2256-row Schur
+        block; with many parameters near the boundary its steps are poor, because the
+        average information in a diagonal entry of ``T_k`` vanishes with the entry).
 
     Returns
     -------
     (Evaluation, OptSummary)
     """
-    if optimizer not in ("ai-newton", "lbfgsb"):
-        raise LmmopsError(f"unknown optimizer {optimizer!r}; use 'ai-newton' or 'lbfgsb'")
+    if optimizer not in ("auto", "ai-newton", "lbfgsb"):
+        raise LmmopsError(f"unknown optimizer {optimizer!r}; use 'auto', 'ai-newton' or "
+                          "'lbfgsb'")
+    if optimizer == "auto":
+        optimizer = "ai-newton" if objective.n_theta <= AUTO_AI_NEWTON_MAX_THETA else "lbfgsb"
     t0 = time.perf_counter()
     lower = objective.lower
     theta0 = start_theta(objective.terms) if start is None else np.asarray(start, float)
@@ -633,9 +643,10 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
     while True:
         x, n_it, message = None, 0, ""
         if optimizer == "ai-newton":
-            x, n_it, message = _ai_newton(objective, np.maximum(theta, lower), ev_at,
-                                          maxiter, cb)
-        if x is None:  # L-BFGS-B by request, or when the Newton phase fails
+            theta, done, n_it, message = _ai_newton(objective, np.maximum(theta, lower),
+                                                    ev_at, maxiter, cb)
+            x = theta if done else None
+        if x is None:  # L-BFGS-B by request, or on from where the Newton phase stopped
             res = sopt.minimize(fun, theta, jac=True, method="L-BFGS-B", bounds=bounds,
                                 callback=cb, options={"maxiter": maxiter, "ftol": 1e-15,
                                                       "gtol": 1e-10, "maxcor": 20})
@@ -665,27 +676,29 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
 
 def _ai_newton(objective, theta, ev_at, maxiter, callback):
     """Newton on the average information until the decrement is below 1e-9 (the
-    criterion's scale is 1); returns ``(theta, iterations, message)``, or
-    ``(None, iterations, message)`` when a step finds no descent (the caller falls back)."""
+    criterion's scale is 1); returns ``(theta, done, iterations, message)``, ``done``
+    False when a step finds no sufficient descent within 6 halvings or 25 steps do not
+    converge (the caller goes on with L-BFGS-B from ``theta``)."""
     lower = objective.lower
-    for it in range(1, maxiter + 1):
+    n_max = min(maxiter, 25)  # AI-Newton converges in a few steps or not at all
+    for it in range(1, n_max + 1):
         ev = ev_at(theta)
         g = ev.gradient
         free = ~((theta <= lower) & (g > 0))
         idx = np.flatnonzero(free)
         if idx.size == 0:
-            return theta, it, "all parameters on the boundary"
+            return theta, True, it, "all parameters on the boundary"
         H = objective.average_information(ev)[np.ix_(idx, idx)]
         H += 1e-10 * np.trace(H) / idx.size * np.eye(idx.size)
         try:
             step = sla.cho_solve(sla.cho_factor(H, lower=True), g[idx])
         except np.linalg.LinAlgError:
-            return None, it, "the average information is not positive definite"
+            return theta, False, it, "the average information is not positive definite"
         dec = float(g[idx] @ step)
         if dec < 1e-9:
-            return theta, it, f"AI-Newton decrement {dec:.2g}"
+            return theta, True, it, f"AI-Newton decrement {dec:.2g}"
         t = 1.0
-        for _ in range(30):  # backtracking (Armijo)
+        for _ in range(6):  # backtracking (Armijo); a poor model hands over to L-BFGS-B
             new = theta.copy()
             new[idx] -= t * step
             # a diagonal entry stepping below 0 is reflected with its column of T_k
@@ -697,11 +710,11 @@ def _ai_newton(objective, theta, ev_at, maxiter, callback):
                 break
             t *= 0.5
         else:
-            return None, it, "no descent along the AI-Newton step"
+            return theta, False, it, "no descent along the AI-Newton step"
         theta = new
         if callback is not None:
             callback(theta)
-    return theta, maxiter, f"{maxiter} AI-Newton iterations"
+    return theta, False, n_max, f"{n_max} AI-Newton iterations"
 
 
 def _canonical_theta(objective, theta):

@@ -1,0 +1,130 @@
+"""Everything after the fit for random-slope models, against dense linear algebra:
+predictions (fitted, new data, unseen levels) and their variances, residuals and diag(P),
+prediction error variances shaped as ranef, Wald intervals on theta, the summary and JSON."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmmops
+from lmmops.errors import LmmopsError
+from lmmops.estimation.vector import random_effects_matrix
+
+
+@pytest.fixture(scope="module")
+def frame():
+    rng = np.random.default_rng(11)
+    n, g, h = 300, 12, 7
+    df = pd.DataFrame({"g": rng.integers(0, g, n), "h": rng.integers(0, h, n),
+                       "x": rng.normal(size=n)})
+    df["y"] = (2 + 0.5 * df.x + rng.normal(size=g)[df.g] + 0.6 * rng.normal(size=g)[df.g] * df.x
+               + 0.7 * rng.normal(size=h)[df.h] + rng.normal(size=n))
+    df["g"] = pd.Categorical(df.g.map(lambda i: f"g{i:02d}"))
+    df["h"] = pd.Categorical(df.h.map(lambda i: f"h{i}"))
+    return df
+
+
+@pytest.fixture(scope="module")
+def res(frame):
+    return lmmops.fit("y ~ x + (1 + x | g) + (1 | h)", frame)
+
+
+def _dense(res):
+    """Omega = [[A, Lambda'Z'X], [X'Z Lambda, X'X]] on the user's scale."""
+    obj, ev = res.fit_objective()
+    Z = random_effects_matrix(obj.terms).toarray()
+    Lam = obj._lambda(ev.theta).toarray()
+    X = res.model.X
+    ZL = Z @ Lam
+    Om = np.block([[ZL.T @ ZL + np.eye(ZL.shape[1]), ZL.T @ X], [X.T @ ZL, X.T @ X]])
+    return obj, ev, Z, Lam, X, Om
+
+
+def test_fitted_values_are_the_conditional_predictions(res):
+    np.testing.assert_allclose(res.predict(), res.fitted, rtol=1e-10)
+
+
+def test_new_data_prediction_and_variances_equal_dense(res, frame):
+    obj, ev, Z, Lam, X, Om = _dense(res)
+    new = frame.iloc[:5].copy()
+    new["g"] = new["g"].astype(str)
+    new.loc[new.index[0], "g"] = "unseen"
+    out = res.predict(new, interval="confidence")
+    s2 = res.sigma ** 2
+    beta = res.fixef.to_numpy()
+    tab = res.ranef["g"]
+    hh = res.ranef["h"]
+    sd = res.covariances["g"].to_numpy()
+    for i, (_, row) in enumerate(new.iterrows()):
+        x = np.array([1.0, row.x])
+        v = np.array([1.0, row.x])
+        want = x @ beta + hh.loc[row.h, "(Intercept)"]
+        zrow = Z[i].copy()
+        extra = 0.0
+        if row.g == "unseen":  # population prediction; the term's variance is added
+            kg = [t.group for t in obj.terms].index("g")
+            zrow[obj.offsets[kg]:obj.offsets[kg + 1]] = 0
+            extra = v @ sd @ v
+        else:
+            want += v @ tab.loc[row.g].to_numpy()
+        g = np.concatenate([Lam.T @ zrow, x])
+        var = s2 * g @ np.linalg.solve(Om, g) + extra
+        assert out["fit"].iloc[i] == pytest.approx(want, rel=1e-9)
+        assert out["se"].iloc[i] == pytest.approx(np.sqrt(var), rel=1e-8)
+    pred = res.predict(new, interval="prediction")
+    np.testing.assert_allclose(pred["se"] ** 2, out["se"] ** 2 + s2, rtol=1e-10)
+    pop = res.predict(new, random=False)
+    np.testing.assert_allclose(pop, np.column_stack([np.ones(5), new.x]) @ beta, rtol=1e-10)
+
+
+def test_residuals_and_diag_P_equal_dense(res):
+    obj, ev, Z, Lam, X, Om = _dense(res)
+    s2 = res.sigma ** 2
+    V = s2 * (np.eye(len(X)) + Z @ Lam @ Lam.T @ Z.T)
+    Vi = np.linalg.inv(V)
+    P = Vi - Vi @ X @ np.linalg.solve(X.T @ Vi @ X, X.T @ Vi)
+    dP = res._diag_P()
+    np.testing.assert_allclose(dP, np.diag(P), rtol=1e-9)
+    y = res.model.y
+    np.testing.assert_allclose(res.residuals("shift"), (P @ y) / np.diag(P), rtol=1e-8)
+
+
+def test_pev_is_shaped_as_ranef_and_equals_dense(res):
+    obj, ev, Z, Lam, X, Om = _dense(res)
+    s2 = res.sigma ** 2
+    Oi = np.linalg.inv(Om)
+    q = Z.shape[1]
+    cov_b = s2 * Lam @ Oi[:q, :q] @ Lam.T  # G - G Z'PZ G in spherical form
+    pev = res.ranef_pev()
+    blocks = res.ranef_pev_blocks()
+    assert set(pev) == set(res.ranef)
+    for k, t in enumerate(obj.terms):
+        tab = pev[t.group]
+        assert list(getattr(tab, "columns", [t.group])) == list(
+            getattr(res.ranef[t.group], "columns", [t.group]))
+        for j in range(t.n_levels):
+            sl = slice(obj.offsets[k] + j * t.dim, obj.offsets[k] + (j + 1) * t.dim)
+            np.testing.assert_allclose(blocks[t.group][j], cov_b[sl, sl], rtol=1e-8,
+                                       atol=1e-12)
+
+
+def test_wald_intervals_on_theta(res):
+    ci = res.confint(method="wald")
+    assert list(ci.index[:4]) == list(res.theta.index)
+    se = np.sqrt(np.diag(res.theta_cov.to_numpy()))
+    z = 1.959963984540054
+    np.testing.assert_allclose(ci.upper.iloc[:4], res.theta.to_numpy() + z * se, rtol=1e-10)
+    assert (ci.lower.iloc[[0, 2, 3]] >= 0).all()  # diagonal entries: held at 0
+    with pytest.raises(LmmopsError, match="profile intervals are not available yet"):
+        res.confint()
+
+
+def test_summary_and_strict_json(res):
+    text = res.summary()
+    assert "Corr" in text
+    assert "(Intercept)" in text
+    out = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert [r["grp"] for r in out["varcorr"]] == ["g", "g", "g", "h", "Residual"]
+    assert out["theta"] == pytest.approx(dict(res.theta))
