@@ -76,8 +76,7 @@ def _thread_limited(fit):
         bound.apply_defaults()
         arg = bound.arguments
         picked, _ = self.choose_solver(arg["solver"])
-        q = list(self.design.n_levels)
-        dense = sum(q) - max(q) + self.X.shape[1] + 1 if picked == "direct" else 0
+        dense = self.schur_rows() if picked == "direct" else 0
         # the shorthands folded into one Options here, once; the fit receives only that
         opts = resolve_options(arg["options"], maxiter=arg["maxiter"],
                                n_probes=arg["n_probes"], seed=arg["seed"],
@@ -330,6 +329,16 @@ class LMM:
             self._objectives[m] = UserScaleObjective(obj, self.conditioning)
         return self._objectives[m]
 
+    def schur_rows(self):
+        """Rows of the exact solver's dense block: the random effects of every term but
+        the first (the factor with the most levels, or lme4's first term), plus the fixed
+        effects and the response."""
+        if self.has_slopes:
+            q = [t.n_random_effects for t in self.terms]
+            return sum(q) - q[0] + self.X.shape[1] + 1
+        q = list(self.design.n_levels)
+        return sum(q) - max(q) + self.X.shape[1] + 1
+
     def choose_solver(self, solver="auto"):
         """Resolve ``solver="auto"`` to ``"direct"`` or ``"iterative"``.
 
@@ -344,12 +353,7 @@ class LMM:
             Why, for the result's notes.
         """
         solver = _check_solver(solver)
-        if self.has_slopes:
-            q = [t.n_random_effects for t in self.terms]
-            m = sum(q) - q[0] + self.X.shape[1] + 1
-        else:
-            q = list(self.design.n_levels)
-            m = sum(q) - max(q) + self.X.shape[1] + 1
+        m = self.schur_rows()
         if self.has_slopes and solver == "iterative":
             raise ArgumentError("solver='iterative' does not fit random-slope terms yet; "
                                 "use solver='direct' (exact, for dense Schur blocks up to "

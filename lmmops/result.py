@@ -529,7 +529,7 @@ class LMMResult:
         kind : {"caterpillar", "resid_fitted", "qq", "outliers", "diagnostics"}
         ax : matplotlib Axes, optional
         **kwargs
-            ``factor``, ``level``, ``top``.
+            ``factor``, ``level``, ``top``, ``coef``.
 
         Returns
         -------

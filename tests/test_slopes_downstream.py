@@ -128,3 +128,23 @@ def test_summary_and_strict_json(res):
     out = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert [r["grp"] for r in out["varcorr"]] == ["g", "g", "g", "h", "Residual"]
     assert out["theta"] == pytest.approx(dict(res.theta))
+
+
+def test_caterpillar_per_coefficient(res):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for coef in ("(Intercept)", "x"):
+        ax = res.plot("caterpillar", factor="g", coef=coef)
+        assert ax.get_title() == f"Caterpillar plot: g: {coef}"
+        # the points drawn are the BLUPs of that coefficient, sorted
+        xs = np.sort(ax.lines[0].get_xdata()) if ax.lines else None
+        assert xs is None or np.allclose(np.sort(xs), np.sort(res.ranef["g"][coef]))
+    with pytest.raises(LmmopsError, match="unknown coefficient 'z'"):
+        res.plot("caterpillar", factor="g", coef="z")
+    fig = res.plot("diagnostics")
+    assert len(fig.axes) == 4
+    plt.close("all")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 from lmmops.errors import LmmopsError
@@ -44,7 +45,7 @@ def _has_display():
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def plot(result, kind="diagnostics", ax=None, factor=None, level=0.95, top=5):
+def plot(result, kind="diagnostics", ax=None, factor=None, level=0.95, top=5, coef=None):
     """Draw a diagnostic plot.
 
     Parameters
@@ -54,8 +55,11 @@ def plot(result, kind="diagnostics", ax=None, factor=None, level=0.95, top=5):
     ax : matplotlib Axes, optional
         Draw into this axes (not for ``"diagnostics"``, which makes its own figure).
     factor : str, optional
-        Factor for the caterpillar plot; default the one with the fewest levels above 1
+        Grouping factor for the caterpillar plot; default the one with the fewest levels
         (the most readable).
+    coef : str, optional
+        For a factor with vector-valued terms (random slopes), the coefficient to plot,
+        one plot per coefficient (``"(Intercept)"``, ``"Days"``); default the first.
     level : float
         Interval level of the caterpillar plot.
     top : int
@@ -75,7 +79,7 @@ def plot(result, kind="diagnostics", ax=None, factor=None, level=0.95, top=5):
     plt = _pyplot()
     if kind == "diagnostics":
         fig, axes = plt.subplots(2, 2, figsize=(12, 9), layout="constrained")
-        _caterpillar(result, axes[0, 0], factor, level)
+        _caterpillar(result, axes[0, 0], factor, level, coef)
         _resid_fitted(result, axes[0, 1])
         _qq(result, axes[1, 0])
         _outliers(result, axes[1, 1], top)
@@ -83,7 +87,7 @@ def plot(result, kind="diagnostics", ax=None, factor=None, level=0.95, top=5):
         return fig
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 5), layout="constrained")
-    {"caterpillar": lambda: _caterpillar(result, ax, factor, level),
+    {"caterpillar": lambda: _caterpillar(result, ax, factor, level, coef),
      "resid_fitted": lambda: _resid_fitted(result, ax),
      "qq": lambda: _qq(result, ax),
      "outliers": lambda: _outliers(result, ax, top)}[kind]()
@@ -106,14 +110,26 @@ def save_diagnostics(result, path, **kwargs):
     plt.close(fig)
 
 
-def _caterpillar(result, ax, factor, level):
-    names = list(result.n_levels)
+def _caterpillar(result, ax, factor, level, coef=None):
+    names = list(result.ranef)
     if factor is None:
-        factor = min(names, key=lambda nm: result.n_levels[nm])
+        factor = min(names, key=lambda nm: len(result.ranef[nm]))
     if factor not in names:
         raise LmmopsError(f"unknown factor {factor!r}; factors are {names}")
-    blup = result.ranef[factor]
-    se = np.sqrt(result.ranef_pev()[factor].to_numpy())
+    blup, pev = result.ranef[factor], result.ranef_pev()[factor]
+    if isinstance(blup, pd.DataFrame):  # a grouping factor with vector-valued terms
+        cols = list(blup.columns)
+        coef = cols[0] if coef is None else coef
+        if coef not in cols:
+            raise LmmopsError(f"unknown coefficient {coef!r} of {factor!r}; its "
+                              f"coefficients are {cols}")
+        blup, pev = blup[coef], pev[coef]
+        label = f"{factor}: {coef}"
+    elif coef is not None and coef != "(Intercept)":
+        raise LmmopsError(f"{factor!r} has only a random intercept, not {coef!r}")
+    else:
+        label = factor
+    se = np.sqrt(pev.to_numpy())
     z = stats.norm.ppf(0.5 + level / 2)
     order = np.argsort(blup.to_numpy(), kind="stable")
     b = blup.to_numpy()[order]
@@ -126,7 +142,7 @@ def _caterpillar(result, ax, factor, level):
         ax.plot(pos, b, color="C0", lw=1, label="BLUP")
         ax.plot(pos[excl], b[excl], "o", ms=2, color="C3",
                 label=f"interval excludes 0 ({int(excl.sum())})")
-        ax.set_xlabel(f"levels of {factor}, sorted ({b.size})")
+        ax.set_xlabel(f"levels of {label}, sorted ({b.size})")
     else:
         ax.errorbar(b, pos, xerr=z * s, fmt="o", ms=4, color="C0", ecolor="0.5", capsize=2)
         ax.plot(b[excl], pos[excl], "o", ms=4, color="C3", zorder=3,
@@ -135,15 +151,15 @@ def _caterpillar(result, ax, factor, level):
         ax.set_yticks(pos)
         ax.set_yticklabels([str(v) for v in blup.index[order]],
                            fontsize=8 if b.size <= 30 else 6)
-        ax.set_ylabel(f"level of {factor}")
+        ax.set_ylabel(f"level of {label}")
         ax.axvline(0.0, color="k", lw=0.8)
     if many:
         ax.axhline(0.0, color="k", lw=0.8)
-        ax.set_ylabel(f"BLUP of {factor}")
+        ax.set_ylabel(f"BLUP of {label}")
         ax.legend(loc="upper left", fontsize=8)
     else:
-        ax.set_xlabel(f"BLUP of {factor} with {level:.0%} interval (sqrt PEV)")
-    ax.set_title(f"Caterpillar plot: {factor}")
+        ax.set_xlabel(f"BLUP of {label} with {level:.0%} interval (sqrt PEV)")
+    ax.set_title(f"Caterpillar plot: {label}")
 
 
 def _resid_fitted(result, ax):

@@ -745,7 +745,7 @@ def _newton_polish(objective, theta, ev_at, tol, message):
         if idx.size == 0:
             return theta, ev, True, ("all parameters on the boundary, gradient pointing "
                                      "out"), None, idx
-        H = _fd_hessian(objective, theta, idx, lower)
+        H = _fd_hessian(objective, theta, idx, lower, g0=ev.gradient)
         try:
             Lh = np.linalg.cholesky(H)
         except np.linalg.LinAlgError:
@@ -784,20 +784,20 @@ def _negative_curvature_step(theta, ev, H, idx, lower, ev_at):
     return best
 
 
-def _fd_hessian(objective, theta, idx, lower, h=1e-5):
-    """Hessian on the parameters ``idx`` from central differences of the gradient
-    (one-sided away from a bound)."""
+def _fd_hessian(objective, theta, idx, lower, h=1e-5, g0=None):
+    """Hessian on the parameters ``idx`` from differences of the analytic gradient:
+    central, or forward (one evaluation per parameter) when the gradient ``g0`` at
+    ``theta`` is given or a central step would cross a bound."""
     H = np.empty((idx.size, idx.size))
     for c, i in enumerate(idx):
         e = np.zeros_like(theta)
         step = h * max(1.0, abs(theta[i]))
         e[i] = step
-        if theta[i] - step < lower[i]:
-            g1 = objective.evaluate(theta + e).gradient
-            g0 = objective.evaluate(theta).gradient
+        g1 = objective.evaluate(theta + e).gradient
+        if g0 is not None or theta[i] - step < lower[i]:
+            if g0 is None:
+                g0 = objective.evaluate(theta).gradient
             H[:, c] = (g1 - g0)[idx] / step
         else:
-            g1 = objective.evaluate(theta + e).gradient
-            g0 = objective.evaluate(theta - e).gradient
-            H[:, c] = (g1 - g0)[idx] / (2 * step)
+            H[:, c] = (g1 - objective.evaluate(theta - e).gradient)[idx] / (2 * step)
     return 0.5 * (H + H.T)
