@@ -398,3 +398,14 @@ def test_any_effects_text_gives_terms_or_a_clean_message(df, effects):
     else:
         assert all(t.codes.shape == (len(df),) for t in terms)
     assert set(os.listdir(".")) == before
+
+
+def test_too_few_levels_for_the_term_dimension():
+    rng = np.random.default_rng(4)
+    df = pd.DataFrame({"g": np.repeat(["a", "b", "c"], 20), "x": rng.normal(size=60),
+                       "z": rng.normal(size=60), "y": rng.normal(size=60)})
+    with pytest.raises(DesignError, match=r"must be > number of random effects per level: "
+                                          r"term \(1 \+ x \+ z \| g\) has 3 levels"):
+        lmmops.LMM.from_formula("y ~ 1 + (1 + x + z | g)", df)
+    m = lmmops.LMM.from_formula("y ~ 1 + (1 + x | g)", df)  # 3 levels > 2: allowed
+    assert m.has_slopes

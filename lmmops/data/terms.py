@@ -250,6 +250,9 @@ def build_terms(parsed, data, design):
     DesignError
         For a term whose parameters are not identifiable:
 
+        - a vector-valued term on a factor with at most as many levels as the term has
+          columns ("number of levels of each grouping factor must be > number of random
+          effects per level": its ``d x d`` covariance needs more than ``d`` levels);
         - lme4's ``checkZdims``: "number of observations (=n) <= number of random effects
           (=q) for term (x | g); the random-effects parameters and the residual variance
           (or scale parameter) are probably unidentifiable";
@@ -302,6 +305,14 @@ def build_terms(parsed, data, design):
         values = _check_term_matrix(spec, X, names, design.codes[k])
         term = RandomEffectsTerm(spec.group, design.codes[k], design.levels[k],
                                  tuple(names), values, spec=mspec)
+        if term.dim > 1 and term.n_levels <= term.dim:
+            raise DesignError(
+                f"number of levels of each grouping factor must be > number of random "
+                f"effects per level: term ({spec.effects} | {spec.group}) has "
+                f"{term.n_levels} levels of '{spec.group}' for {term.dim} random effects "
+                f"per level ({', '.join(names)}), too few to estimate its {term.dim} x "
+                f"{term.dim} covariance; use fewer columns in the term or a factor with "
+                "more levels")
         if n <= term.n_random_effects:  # lme4's checkZdims, its words
             raise DesignError(
                 f"number of observations (={n}) <= number of random effects "
