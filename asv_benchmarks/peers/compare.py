@@ -24,6 +24,8 @@ Examples
 python asv_benchmarks/peers/compare.py                     # InstEval, y ~ 1 + (1|s) + (1|d)
 python asv_benchmarks/peers/compare.py --dataset penicillin --method ML
 python asv_benchmarks/peers/compare.py --simulate 1000000,20000,3000 --peers lme4
+python asv_benchmarks/peers/compare.py --simulate 400000,20000,800 --slopes --peers lme4
+python asv_benchmarks/peers/compare.py --formula "y ~ service + (1|s) + (1 + service|d)"
 python asv_benchmarks/peers/compare.py --matvec --peers none
 python asv_benchmarks/peers/compare.py --json > results.json
 """
@@ -92,6 +94,9 @@ def make_data(args):
         factors = [f"g{k + 1}" for k in range(len(levels))]
         formula = "y ~ 1 + " + " + ".join(f"(1|{g})" for g in factors)
         name = f"simulated n={n} levels={','.join(map(str, levels))}"
+        if args.slopes:
+            df, formula = add_slopes(df, factors, args.seed)
+            name += " with (1 + x | .) slopes"
         if zipf:
             name += f" zipf={args.zipf}"
         return df, args.formula or formula, factors, name
@@ -110,6 +115,23 @@ def make_data(args):
         df = df.drop(columns=[c for c in ("rownames",) if c in df.columns])
         name = "Penicillin (lme4)"
     return pd.DataFrame(df), args.formula or formula, factors, name
+
+
+def add_slopes(df, factors, seed):
+    """A covariate ``x ~ N(0, 1)`` with a fixed slope 0.5 and, on every factor, a random
+    slope of SD 0.3 (independent of the simulated intercepts); the formula
+    ``y ~ x + (1 + x | g1) + ...``."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed + 1000)
+    x = rng.normal(size=len(df))
+    y = df["y"].to_numpy() + 0.5 * x
+    for g in factors:
+        codes, levels = pd.factorize(df[g])
+        y = y + 0.3 * rng.normal(size=len(levels))[codes] * x
+    df = df.assign(x=x, y=y)
+    return df, "y ~ x + " + " + ".join(f"(1 + x | {g})" for g in factors)
 
 
 # --------------------------------------------------------------------------- workers
@@ -463,6 +485,10 @@ def build_parser():
     p.add_argument("--simulate", metavar="N,LEVELS",
                    help="simulate N rows with these level counts, e.g. 1000000,20000,3000")
     p.add_argument("--zipf", help="Zipf exponents for --simulate, e.g. 0.8,1.0")
+    p.add_argument("--slopes", action="store_true",
+                   help="with --simulate: add x and a correlated random slope (1 + x | g) "
+                        "on every factor (issue 14's users x items design: "
+                        "--simulate 400000,20000,800 --slopes)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--formula", help="lme4 formula (default: the dataset's)")
     p.add_argument("--method", default="REML", choices=["REML", "ML"])

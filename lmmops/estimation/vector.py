@@ -39,10 +39,12 @@ from __future__ import annotations
 import math
 import time
 
+import numba
 import numpy as np
 import scipy.linalg as sla
 import scipy.optimize as sopt
 import scipy.sparse as sp
+from numba import prange
 
 from lmmops.data.checks import check_method, check_weights
 from lmmops.data.terms import theta_layout, theta_lower_bounds, theta_names
@@ -186,40 +188,38 @@ class VectorObjective:
         fac["logdet"] = logdet
         return fac
 
-    def _schur_inverse_factor(self, fac):
-        """``Ls^{-1}`` (LAPACK ``trtri``; ``S^{-1} = Ls^{-T} Ls^{-1}``), cached in ``fac``."""
-        if "Linv" not in fac:
-            Linv, info = sla.lapack.dtrtri(fac["Ls"], lower=1)
+    def _schur_inverse(self, fac):
+        """``S^{-1}`` from the Schur block's factor (LAPACK ``potri``), cached in ``fac``."""
+        if "A22" not in fac:
+            inv, info = sla.lapack.dpotri(fac["Ls"], lower=1)
             if info != 0:
-                raise LmmopsError(f"inverting the Schur factor failed (LAPACK info {info})")
-            fac["Linv"] = np.tril(Linv)
-        return fac["Linv"]
+                raise LmmopsError(f"inverting the Schur block failed (LAPACK info {info})")
+            fac["A22"] = np.tril(inv) + np.tril(inv, -1).T
+        return fac["A22"]
 
     def _selected_inverse(self, fac):
         """Per term, the ``d_k x d_k`` diagonal blocks of ``A^{-1}``, one per level
         (``(n_k, d_k, d_k)``), cached in ``fac``.
 
-        The first term's are ``B_j^{-1} + (K S^{-1} K')_{jj}``, the others' the diagonal
-        blocks of ``S^{-1}``; both from ``Ls^{-1}`` (one triangular inversion, about the
-        cost of the Schur block's Cholesky) as column inner products, the first term's
-        in row chunks of ``K Ls^{-T}`` so that no ``q_1 x m`` array is formed.
+        The first term's are ``B_j^{-1} + K_j S^{-1} K_j'`` (``K_j`` the level's rows of
+        ``K = A_11^{-1} A_12``, sparse: a level meets few levels of the other terms), summed
+        over the pairs of nonzeros of ``K_j`` by a compiled loop; the others' are the
+        diagonal blocks of ``S^{-1}``. The cost is one ``potri`` (about twice the Schur
+        block's Cholesky) plus ``sum_j nnz(K_j)^2``.
         """
         if "blocks" not in fac:
             D11 = fac["B1inv"].copy()
             blocks = [D11]
             if self.m:
-                Linv = self._schur_inverse_factor(fac)
-                K, d1 = fac["K"].tocsr(), self.d1
-                step = max(d1, (1 << 22) // max(self.m, 1) // d1 * d1)  # ~32 MB chunks
-                for r0 in range(0, self.q1, step):
-                    r1 = min(self.q1, r0 + step)
-                    G = np.asarray(K[r0:r1] @ Linv.T).reshape((r1 - r0) // d1, d1, self.m)
-                    D11[r0 // d1:r1 // d1] += np.einsum("jam,jbm->jab", G, G)
+                A22 = self._schur_inverse(fac)
+                K = fac["K"].tocsr()
+                K.sort_indices()
+                _add_sandwich_blocks(K.indptr, K.indices, K.data, A22, self.d1, D11)
                 for k in range(1, len(self.terms)):
                     t = self.terms[k]
                     lo = self.offsets[k] - self.q1
-                    F = Linv[:, lo:lo + t.n_random_effects].reshape(self.m, t.n_levels, t.dim)
-                    blocks.append(np.einsum("rja,rjb->jab", F, F))
+                    ix = lo + np.arange(t.n_levels)[:, None] * t.dim + np.arange(t.dim)[None]
+                    blocks.append(A22[ix[:, :, None], ix[:, None, :]])
             fac["blocks"] = blocks
         return fac["blocks"]
 
@@ -374,8 +374,7 @@ class VectorObjective:
                 check_dense((self.q1 + self.m, self.m), "the exact solver's inverse blocks "
                             "A^{-1}_12 and S^{-1} for leverages and prediction variances; "
                             "use solver='iterative'")
-                Linv = self._schur_inverse_factor(fac)
-                A22 = Linv.T @ Linv
+                A22 = self._schur_inverse(fac)
                 A12 = -np.asarray(fac["K"] @ A22)
             st["inv"] = (D11, A12, A22)
         return st["inv"]
@@ -537,6 +536,26 @@ class VectorObjective:
 
     def __call__(self, theta):
         return self.evaluate(theta, gradient=False).objective
+
+
+@numba.njit(cache=True, parallel=True)
+def _add_sandwich_blocks(indptr, indices, data, S, d, out):  # pragma: no cover (compiled)
+    """``out[j] += K_j S K_j'`` for every level ``j`` (rows ``j d .. j d + d - 1`` of the
+    CSR matrix ``K``), over the pairs of nonzeros of the level's rows."""
+    for j in prange(out.shape[0]):
+        for a in range(d):
+            ra = j * d + a
+            for b in range(a, d):
+                rb = j * d + b
+                acc = 0.0
+                for p in range(indptr[ra], indptr[ra + 1]):
+                    ca = indices[p]
+                    va = data[p]
+                    for r in range(indptr[rb], indptr[rb + 1]):
+                        acc += va * data[r] * S[ca, indices[r]]
+                out[j, a, b] += acc
+                if b != a:
+                    out[j, b, a] += acc
 
 
 def _block_sum(A, d):
