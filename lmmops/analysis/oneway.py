@@ -227,8 +227,8 @@ def estimate(y, groups):
 
     Parameters
     ----------
-    y : array_like, shape (n_obs,)
-    groups : array_like, shape (n_obs,)
+    y, groups : array_like, shape (n_obs,)
+        The response and the group labels, as in :func:`weighted_mean`.
 
     Returns
     -------

@@ -78,7 +78,6 @@ def msom(obj, ev, rows):
 
     Examples
     --------
-    >>> import numpy as np
     >>> from lmmops.data.design import CrossedDesign
     >>> from lmmops.estimation.direct import DirectObjective, fit_direct
     >>> rng = np.random.default_rng(0)

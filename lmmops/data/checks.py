@@ -64,6 +64,7 @@ def check_weights(weights, n, index=None):
     Returns
     -------
     ndarray of float64, shape (n_obs,)
+        The weights in row order (aligned to ``index`` by label when it is given).
 
     Raises
     ------

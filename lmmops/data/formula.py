@@ -1333,10 +1333,8 @@ def check_full_rank(X, names, tol=1e-7):
 
     Parameters
     ----------
-    X : ndarray, shape (n_obs, p)
-    names : sequence of str
-    tol : float
-        Relative tolerance (R's default 1e-7).
+    X, names, tol
+        As in :func:`rank_columns`.
 
     Raises
     ------

@@ -202,7 +202,6 @@ class DirectObjective:
 
     Examples
     --------
-    >>> import numpy as np
     >>> from lmmops.data.design import CrossedDesign
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.integers(0, 6, 200), rng.integers(0, 4, 200)
@@ -490,6 +489,7 @@ class DirectObjective:
         Parameters
         ----------
         ev : Evaluation
+            Where the matrix is formed (in a fit, the optimum).
 
         Returns
         -------
@@ -821,7 +821,6 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
 
     Examples
     --------
-    >>> import numpy as np
     >>> from lmmops.data.design import CrossedDesign
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.integers(0, 6, 120), rng.integers(0, 4, 120)

@@ -160,6 +160,10 @@ _factor_of_nb = numba.njit(_factor_of, cache=True, inline="always")
 # ------------------------------------------------------------- row-chunk building blocks
 # One chunk of rows [c0, c1) at a time, inlined into every kernel below (Numba
 # ``inline="always"``), so that each kernel is its loop structure plus these two pieces.
+# Issue 13 keeps the four alike on purpose: _scatter_add is the transpose of _gather_add
+# (and the block forms likewise), and one shared body would need a branch on the
+# direction in the innermost loop; the vector forms stay apart from the block forms for
+# the reason given above _gather.
 def _gather_add(codes, offsets, u, c0, c1, ob):
     # ob[i] += sum_k u[offsets[k] + codes[k, c0 + i]]; ob: (c1 - c0,), u: (q,)
     for k in range(codes.shape[0]):
@@ -183,6 +187,7 @@ def _gather_add_block(codes, offsets, U, c0, c1, ob):
 
 def _scatter_add(codes, offsets, vb, c0, c1, w):
     # w[offsets[k] + codes[k, c0 + i]] += vb[i] for every k; vb: (c1 - c0,), w: (q,)
+    # (the transpose of _gather_add, kept apart: see above)
     for k in range(codes.shape[0]):
         ck = codes[k, c0:c1]
         ok = offsets[k]
@@ -192,6 +197,7 @@ def _scatter_add(codes, offsets, vb, c0, c1, w):
 
 def _scatter_add_block(codes, offsets, vb, c0, c1, w):
     # w[offsets[k] + codes[k, c0 + i], :] += vb[i, :]; vb: (c1 - c0, m), w: (q, m)
+    # (the transpose of _gather_add_block, kept apart: see above)
     m = w.shape[1]
     for k in range(codes.shape[0]):
         ck = codes[k, c0:c1]
@@ -208,15 +214,58 @@ _scatter_add_nb = numba.njit(_scatter_add, cache=True, inline="always")
 _scatter_add_block_nb = numba.njit(_scatter_add_block, cache=True, inline="always")
 
 
+# One row block of a private-bin scatter, and the sum of the bins over the blocks: the
+# bodies of the scatter kernels' two prange loops (the loops themselves stay in each
+# kernel, see the note below).
+def _scatter_rows(codes, offsets, v, r0, r1, w):
+    # w[:] = Z' v over the rows [r0, r1), chunk by chunk; v: (n,), w: (q,) one block's bins
+    w[:] = 0.0
+    for c0 in range(r0, r1, _CHUNK):
+        c1 = min(r1, c0 + _CHUNK)
+        _scatter_add_nb(codes, offsets, v[c0:c1], c0, c1, w)
+
+
+def _scatter_rows_block(codes, offsets, V, r0, r1, w):
+    # w[:, :] = Z' V over the rows [r0, r1); V: (n, m), w: (q, m)
+    w[:, :] = 0.0
+    for c0 in range(r0, r1, _CHUNK):
+        c1 = min(r1, c0 + _CHUNK)
+        _scatter_add_block_nb(codes, offsets, V[c0:c1], c0, c1, w)
+
+
+def _bin_sum(work, j):
+    # sum_b work[b, j], in block order (with one block: the serial order); work: (nb, q)
+    s = work[0, j]
+    for b in range(1, work.shape[0]):
+        s += work[b, j]
+    return s
+
+
+def _bin_sum_block(work, j, c):
+    # sum_b work[b, j, c], in block order; work: (nb, q, m) (or the dense kernels' (nb, k, r))
+    s = work[0, j, c]
+    for b in range(1, work.shape[0]):
+        s += work[b, j, c]
+    return s
+
+
+_scatter_rows_nb = numba.njit(_scatter_rows, cache=True, inline="always")
+_scatter_rows_block_nb = numba.njit(_scatter_rows_block, cache=True, inline="always")
+_bin_sum_nb = numba.njit(_bin_sum, cache=True, inline="always")
+_bin_sum_block_nb = numba.njit(_bin_sum_block, cache=True, inline="always")
+
+
 # --------------------------------------------------------------------------- gather
-# Why the kernels below repeat their loops (issue 13 keeps these copies on purpose):
-# every kernel body is compiled twice by _compile, serially and with parallel=True, and a
-# prange loop runs in parallel only in the body being compiled. A loop moved into a shared
-# helper would be compiled once, as one variant, and serve both: so the private-bin
-# scatter pass, its reduction and the row-chunk gather are written out in each kernel
-# (scatter, cov_matvec, level_matvec and their block forms). What has no prange is
-# shared already (the *_nb building blocks above). The vector and block forms are kept
-# apart because the vector forms accumulate in a register (no (n, 1) views).
+# Why the kernels below repeat their loop headers (issue 13 keeps these copies on
+# purpose): every kernel body is compiled twice by _compile, serially and with
+# parallel=True, and Numba parallelises a prange loop only in the function it compiles; a
+# prange moved into a helper, even one inlined with inline="always", runs serially in the
+# caller (checked). So each kernel writes out its own prange loops and their row-block or
+# chunk bounds (the n / nb / bs / c0 / c1 lines), in every kernel of this file down to
+# _cg_direction, and shares what runs inside one iteration: the *_nb building blocks
+# above (_gather_add, _scatter_add, _scatter_rows, _bin_sum and their block forms). The
+# vector and block forms are kept apart because the vector forms index 1-d arrays and
+# accumulate in a register (no (n, 1) views).
 def _gather(codes, offsets, u, out):
     # codes: (K, n) int32; offsets: (K + 1,) int64; u: (q,) float64; out: (n,) float64
     n = codes.shape[1]
@@ -281,20 +330,11 @@ def _scatter(codes, offsets, v, work, out):
     # work: (nb, q) float64 scratch, nb >= 1 row blocks; out: (q,) float64
     n = codes.shape[1]
     nb = work.shape[0]
-    q = work.shape[1]
     bs = (n + nb - 1) // nb
     for b in prange(nb):
-        w = work[b]
-        w[:] = 0.0
-        hi = min(n, b * bs + bs)
-        for c0 in range(b * bs, hi, _CHUNK):
-            c1 = min(hi, c0 + _CHUNK)
-            _scatter_add_nb(codes, offsets, v[c0:c1], c0, c1, w)
-    for j in prange(q):
-        s = work[0, j]
-        for b in range(1, nb):
-            s += work[b, j]
-        out[j] = s
+        _scatter_rows_nb(codes, offsets, v, b * bs, min(n, b * bs + bs), work[b])
+    for j in prange(work.shape[1]):
+        out[j] = _bin_sum_nb(work, j)
 
 
 def _scatter_block(codes, offsets, V, work, out):
@@ -302,22 +342,12 @@ def _scatter_block(codes, offsets, V, work, out):
     # work: (nb, q, m) float64 scratch; out: (q, m) float64
     n = codes.shape[1]
     nb = work.shape[0]
-    q = work.shape[1]
-    m = work.shape[2]
     bs = (n + nb - 1) // nb
     for b in prange(nb):
-        w = work[b]
-        w[:, :] = 0.0
-        hi = min(n, b * bs + bs)
-        for c0 in range(b * bs, hi, _CHUNK):
-            c1 = min(hi, c0 + _CHUNK)
-            _scatter_add_block_nb(codes, offsets, V[c0:c1], c0, c1, w)
-    for j in prange(q):
-        for c in range(m):
-            s = work[0, j, c]
-            for b in range(1, nb):
-                s += work[b, j, c]
-            out[j, c] = s
+        _scatter_rows_block_nb(codes, offsets, V, b * bs, min(n, b * bs + bs), work[b])
+    for j in prange(work.shape[1]):
+        for c in range(work.shape[2]):
+            out[j, c] = _bin_sum_block_nb(work, j, c)
 
 
 # --------------------------------------------------------------------------- V x
@@ -326,22 +356,13 @@ def _cov_matvec(codes, offsets, x, sigma2_e, sigma2, work, out):
     # sigma2: (K,) float64; work: (nb, q) float64 scratch; out: (n,) float64
     n = codes.shape[1]
     nb = work.shape[0]
-    q = work.shape[1]
     bs = (n + nb - 1) // nb
     # pass 1: level sums of x for all K factors, one private row of bins per block
     for b in prange(nb):
-        w = work[b]
-        w[:] = 0.0
-        hi = min(n, b * bs + bs)
-        for c0 in range(b * bs, hi, _CHUNK):
-            c1 = min(hi, c0 + _CHUNK)
-            _scatter_add_nb(codes, offsets, x[c0:c1], c0, c1, w)
+        _scatter_rows_nb(codes, offsets, x, b * bs, min(n, b * bs + bs), work[b])
     # reduce the blocks into work[0], scaled by sigma2_k
-    for j in prange(q):
-        s = work[0, j]
-        for b in range(1, nb):
-            s += work[b, j]
-        work[0, j] = sigma2[_factor_of_nb(j, offsets)] * s
+    for j in prange(work.shape[1]):
+        work[0, j] = sigma2[_factor_of_nb(j, offsets)] * _bin_sum_nb(work, j)
     # pass 2: out = sigma2_e x + sum_k sigma2_k (level sum of factor k at row i)
     sums = work[0]
     nch = (n + _CHUNK - 1) // _CHUNK
@@ -360,23 +381,14 @@ def _cov_matmat(codes, offsets, X, sigma2_e, sigma2, work, out):
     # sigma2: (K,) float64; work: (nb, q, m) float64 scratch; out: (n, m) float64
     n = codes.shape[1]
     nb = work.shape[0]
-    q = work.shape[1]
     m = work.shape[2]
     bs = (n + nb - 1) // nb
     for b in prange(nb):
-        w = work[b]
-        w[:, :] = 0.0
-        hi = min(n, b * bs + bs)
-        for c0 in range(b * bs, hi, _CHUNK):
-            c1 = min(hi, c0 + _CHUNK)
-            _scatter_add_block_nb(codes, offsets, X[c0:c1], c0, c1, w)
-    for j in prange(q):
+        _scatter_rows_block_nb(codes, offsets, X, b * bs, min(n, b * bs + bs), work[b])
+    for j in prange(work.shape[1]):
         s2 = sigma2[_factor_of_nb(j, offsets)]
         for c in range(m):
-            s = work[0, j, c]
-            for b in range(1, nb):
-                s += work[b, j, c]
-            work[0, j, c] = s2 * s
+            work[0, j, c] = s2 * _bin_sum_block_nb(work, j, c)
     sums = work[0]
     nch = (n + _CHUNK - 1) // _CHUNK
     for ch in prange(nch):
@@ -411,10 +423,7 @@ def _level_matvec(codes, offsets, u, lam, work, out):
             _gather_add_nb(codes, offsets, u, c0, c1, tb)
             _scatter_add_nb(codes, offsets, tb, c0, c1, w)
     for j in prange(q):
-        s = work[0, j]
-        for b in range(1, nb):
-            s += work[b, j]
-        out[j] = s + lam[_factor_of_nb(j, offsets)] * u[j]
+        out[j] = _bin_sum_nb(work, j) + lam[_factor_of_nb(j, offsets)] * u[j]
 
 
 def _level_matmat(codes, offsets, U, lam, work, out):
@@ -439,10 +448,7 @@ def _level_matmat(codes, offsets, U, lam, work, out):
     for j in prange(q):
         lj = lam[_factor_of_nb(j, offsets)]
         for c in range(m):
-            s = work[0, j, c]
-            for b in range(1, nb):
-                s += work[b, j, c]
-            out[j, c] = s + lj * U[j, c]
+            out[j, c] = _bin_sum_block_nb(work, j, c) + lj * U[j, c]
 
 
 # --------------------------------------------------------------------------- compile
@@ -459,6 +465,8 @@ def _nnz_block(indptr, blk, nb):
 _nnz_block_nb = numba.njit(_nnz_block, cache=True, inline="always")
 
 
+# The CSR, dense and CG kernels below repeat their prange headers for the same reason as
+# the kernels above (see the note above _gather).
 def _csr_matmat(indptr, indices, data, X, out):
     # out = A X for a CSR matrix A. The rows are split into blocks of equal nnz (not of
     # equal row count: on Zipf-skewed designs a few levels hold most of the cells, and
@@ -536,10 +544,7 @@ def _dense_tmatmat(U, T, work, out):
                     w[c, j] += U[i, j] * t
     for j in prange(r):
         for c in range(k):
-            s = 0.0
-            for b in range(nb):
-                s += work[b, c, j]
-            out[c, j] = s
+            out[c, j] = _bin_sum_block_nb(work, c, j)
 
 
 def _sym_matmat(A, Xt, work, out):
@@ -570,10 +575,7 @@ def _sym_matmat(A, Xt, work, out):
                 wc[i] += s
     for i in prange(m):
         for c in range(k):
-            s = 0.0
-            for b in range(nb):
-                s += work[b, c, i]
-            out[i, c] = s
+            out[i, c] = _bin_sum_block_nb(work, c, i)
 
 
 def _cg_update(X, R, P, AP, pinv, a, nblocks, partial):

@@ -139,7 +139,8 @@ class _KernelOperator(LinearOperator):
 
     Subclasses set ``_codes`` ((K, n) int32), ``_offsets`` ((K + 1,) int64) and implement
     ``_vec(x)`` for C-contiguous float64 1-d ``x`` and ``_mat(X)`` for C-contiguous
-    float64 2-d ``X``, plus ``_scratch_cols_bytes`` (scratch bytes per column of X).
+    float64 2-d ``X``, plus ``_scratch_cols_bytes`` (scratch bytes per column of X), and
+    ``_dense()`` for :meth:`todense`, which checks the size first.
     """
 
     _scratch_per_col = 0  # q-space length of the scatter scratch, 0 if none
@@ -160,6 +161,21 @@ class _KernelOperator(LinearOperator):
 
     def _work(self, *tail):
         return self._ws.get((kernels.n_blocks(self.parallel), *tail))
+
+    def todense(self):
+        """This operator as a dense array (tests and small problems only).
+
+        Returns
+        -------
+        ndarray of float64, of the operator's shape
+
+        Raises
+        ------
+        DenseTooLargeError
+            If the array would exceed the dense size limit.
+        """
+        check_dense(self.shape, f"{type(self).__name__}.todense()")
+        return self._dense()
 
     def _matvec(self, x):
         x = np.asarray(x)
@@ -287,19 +303,8 @@ class RandomEffectsOperator(_KernelOperator):
 
     _transpose = _adjoint
 
-    def todense(self):
-        """Dense ``Z_k`` (tests and small problems only).
-
-        Returns
-        -------
-        ndarray of float64, shape (n_obs, q_k)
-
-        Raises
-        ------
-        DenseTooLargeError
-            If the array would exceed the dense size limit.
-        """
-        check_dense(self.shape, f"{type(self).__name__}.todense()")
+    def _dense(self):
+        # dense Z_k, (n_obs, q_k), for todense() (which checks the size first)
         if self.k is None:
             return self.design.indicator_all().toarray()
         return self.design.indicator(self.k).toarray()
@@ -351,15 +356,9 @@ class RandomEffectsAdjointOperator(_KernelOperator):
 
     _transpose = _adjoint
 
-    def todense(self):
-        """Dense ``Z_k'`` (tests and small problems only).
-
-        Returns
-        -------
-        ndarray of float64, shape (q_k, n_obs)
-        """
-        check_dense(self.shape, f"{type(self).__name__}.todense()")
-        return self._parent.todense().T
+    def _dense(self):
+        # dense Z_k', (q_k, n_obs)
+        return self._parent._dense().T
 
     def __repr__(self):
         return f"{self._parent!r}.H"
@@ -465,20 +464,9 @@ class CovarianceOperator(_SelfAdjoint, _KernelOperator):
         """
         return np.full(self.shape[0], self.sigma2_e + float(np.sum(self.sigma2)))
 
-    def todense(self):
-        """Dense V (tests and small problems only).
-
-        Returns
-        -------
-        ndarray of float64, shape (n_obs, n_obs)
-
-        Raises
-        ------
-        DenseTooLargeError
-            If the array would exceed the dense size limit.
-        """
+    def _dense(self):
+        # dense V, (n_obs, n_obs)
         n = self.shape[0]
-        check_dense((n, n), "CovarianceOperator.todense()")
         dense = self.sigma2_e * np.eye(n)
         for k in range(self.design.n_factors):
             if self.sigma2[k] != 0.0:
@@ -644,20 +632,9 @@ class LevelSpaceOperator(_SelfAdjoint, _KernelOperator):
         counts = np.concatenate([self.design.counts(k) for k in range(self.design.n_factors)])
         return counts.astype(np.float64) + self._lambda_diag()
 
-    def todense(self):
-        """Dense M (tests and small problems only).
-
-        Returns
-        -------
-        ndarray of float64, shape (q, q)
-
-        Raises
-        ------
-        DenseTooLargeError
-            If the array would exceed the dense size limit.
-        """
+    def _dense(self):
+        # dense M, (q, q)
         q = self.shape[0]
-        check_dense((q, q), "LevelSpaceOperator.todense()")
         dense = self.design.gram().toarray()
         dense[np.diag_indices(q)] += self._lambda_diag()
         return dense

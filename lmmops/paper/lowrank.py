@@ -47,6 +47,9 @@ from lmmops.paper.spectral import (
 __all__ = ["CorrectionRankWarning", "ExactInverse", "reml_criterion"]
 
 
+# The Examples below and reml_criterion's build the same kind of small V on purpose
+# (issue 13): each doctest runs alone and is read alone in the API pages, so each sets
+# up its own design instead of sharing a helper the reader would have to look up.
 class ExactInverse(_LevelInverse):
     r"""Exact ``V^{-1}`` as a low-rank correction of D1 or D2 (a symmetric LinearOperator).
 
@@ -252,6 +255,7 @@ class ExactInverse(_LevelInverse):
         return self.matvec(b) if b.ndim == 1 else self.matmat(b)
 
 
+# The Examples set up a small V as ExactInverse's do, on purpose: see the note there.
 def reml_criterion(inverse, X, y, logdet=None):
     """REML log-likelihood ``-1/2 [log|V| + log|X'AX| + y'Py]`` with ``A`` in place of V^{-1}.
 
