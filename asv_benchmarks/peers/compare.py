@@ -69,7 +69,13 @@ num <- function(x) sprintf("%.17g", x)
 cat("@time", paste(num(times), collapse = ","), "\n")
 cat("@loglik", num(as.numeric(logLik(m))), "\n")
 cat("@criterion", num(if (reml) REMLcrit(m) else deviance(m)), "\n")
-for (i in seq_len(nrow(vc))) cat("@var", vc$grp[i], num(vc$vcov[i]), "\n")
+key <- function(g, v1, v2) {  # as compare.varcorr_key: g, g:v1 or g:v1:v2
+  if ((is.na(v1) || v1 == "(Intercept)") && is.na(v2)) return(g)
+  if (is.na(v2)) return(paste(g, v1, sep = ":"))
+  paste(g, v1, v2, sep = ":")
+}
+for (i in seq_len(nrow(vc))) cat("@var", key(vc$grp[i], vc$var1[i], vc$var2[i]),
+                                 num(vc$vcov[i]), "\n")
 fe <- fixef(m)
 for (i in seq_along(fe)) cat("@fixef", names(fe)[i], num(fe[[i]]), "\n")
 cat("@version", as.character(packageVersion("lme4")), "\n")
@@ -117,6 +123,14 @@ def make_data(args):
     return pd.DataFrame(df), args.formula or formula, factors, name
 
 
+def varcorr_key(grp, var1, var2):
+    """The estimates table's name of a VarCorr row: ``g`` for an intercept variance (as
+    for every peer), ``g:x`` for a slope variance, ``g:a:b`` for a covariance."""
+    if var1 in (None, "(Intercept)") and var2 is None:
+        return grp
+    return ":".join([grp, var1] + ([var2] if var2 is not None else []))
+
+
 def add_slopes(df, factors, seed):
     """A covariate ``x ~ N(0, 1)`` with a fixed slope 0.5 and, on every factor, a random
     slope of SD 0.3 (independent of the simulated intercepts); the formula
@@ -161,7 +175,9 @@ def worker_lmmops(path, formula, factors, method, repeat):
     return {
         "time_first": times[0], "times_warm": times[1:], "import_s": t_import,
         "loglik": d["loglik"], "criterion": res.objective,
-        "variances": d["variances"], "fixef": d["fixef"], "iterations": d["iterations"],
+        "variances": {varcorr_key(r["grp"], r["var1"], r["var2"]): r["vcov"]
+                      for r in d["varcorr"]},
+        "fixef": d["fixef"], "iterations": d["iterations"],
         "version": d.get("lmmops_version", ""),
     }
 
