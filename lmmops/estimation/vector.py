@@ -50,7 +50,8 @@ from lmmops.errors import LmmopsError, RankDeficientError
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 
-__all__ = ["VectorObjective", "fit_vector", "random_effects_matrix"]
+__all__ = ["VectorObjective", "fit_vector", "profiled_gls", "random_effects_matrix",
+           "vector_statistics"]
 
 #: A term's gradient uses the selected inverse of ``A`` (and ``T_k^{-1}``) when every
 #: diagonal entry of ``T_k`` is at least this; below it, the general form that needs no
@@ -78,6 +79,92 @@ def random_effects_matrix(terms):
         rows = np.repeat(np.arange(n, dtype=np.int64), d)
         blocks.append(sp.csr_matrix((vals.ravel(), (rows, cols)), shape=(n, t.n_random_effects)))
     return sp.hstack(blocks, format="csr")
+
+
+def vector_statistics(terms, X, y, weights=None):
+    """The sufficient statistics of a model with vector-valued terms, one pass over the
+    rows: ``Z``, ``C = Z'WZ`` (sparse CSR, ``q x q``, sorted indices), ``Z'W[X y]``,
+    ``[X y]'W[X y]`` and ``sum(log w)`` (0 without weights).
+
+    Parameters
+    ----------
+    terms : sequence of RandomEffectsTerm
+    X : ndarray, shape (n_obs, p)
+    y : ndarray, shape (n_obs,)
+    weights : ndarray, shape (n_obs,), optional
+        Checked prior weights.
+
+    Returns
+    -------
+    (scipy.sparse.csr_matrix, scipy.sparse.csr_matrix, ndarray, ndarray, float)
+        ``Z``, ``C``, ``Z'W[X y]`` (``q x (p + 1)``), ``[X y]'W[X y]`` and the log-sum of
+        the weights. Columns of ``Z`` as :func:`random_effects_matrix`.
+    """
+    n = X.shape[0]
+    Z = random_effects_matrix(terms)
+    w = np.ones(n) if weights is None else weights
+    Zw = sp.diags(w) @ Z
+    C = (Z.T @ Zw).tocsr()  # Z'WZ
+    C.sort_indices()
+    T = np.column_stack([X, y])
+    ZtT = np.asarray(Zw.T @ T)  # Z'W[X y]
+    TT = T.T @ (w[:, None] * T)
+    ldW = float(np.sum(np.log(w))) if weights is not None else 0.0
+    return Z, C, ZtT, TT, ldW
+
+
+def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
+    """Generalised least squares given ``theta`` and the profiled criterion, from the
+    solves ``sol = A^{-1} Lambda'Z'W[X y]`` (exact or to a CG tolerance).
+
+    Parameters
+    ----------
+    TT : ndarray, shape (p + 1, p + 1)
+        ``[X y]'W[X y]``.
+    LZT : ndarray, shape (q, p + 1)
+        ``Lambda'Z'W[X y]``.
+    sol : ndarray, shape (q, p + 1)
+        ``A^{-1} LZT``.
+    logdet_A : float
+        ``log|A|`` (exact or estimated).
+    n : int
+    method : {"REML", "ML"}
+    ldW : float
+        ``sum(log w)``.
+
+    Returns
+    -------
+    dict
+        ``beta``, ``u`` (the spherical modes), ``pwrss``, ``logdet_RX``, ``Cx_inv``
+        (``(X'V0^{-1}X)^{-1}``), ``sigma2``, ``dof`` and ``objective``.
+
+    Raises
+    ------
+    RankDeficientError
+        If ``X'V0^{-1}X`` is not positive definite.
+    """
+    p = TT.shape[0] - 1
+    Cx = TT[:p, :p] - LZT[:, :p].T @ sol[:, :p]  # X'V0^{-1}X
+    cxy = TT[:p, p] - LZT[:, :p].T @ sol[:, p]
+    try:
+        Rx = sla.cholesky(Cx, lower=True, check_finite=False)
+    except np.linalg.LinAlgError as exc:
+        raise RankDeficientError("X'V^{-1}X is not positive definite: the fixed "
+                                 "effects are not identifiable") from exc
+    beta = sla.cho_solve((Rx, True), cxy, check_finite=False)
+    u = sol[:, p] - sol[:, :p] @ beta
+    # r^2 = ||W^{1/2}(y - X beta - Z Lambda u)||^2 + ||u||^2 at the PLS solution
+    pwrss = float(TT[p, p] - TT[:p, p] @ beta - LZT[:, p] @ u)
+    if not pwrss > 0:
+        pwrss = float(np.finfo(float).tiny)
+    logdet_RX = 2.0 * float(np.sum(np.log(np.diag(Rx))))
+    dof = n - p if method == "REML" else n
+    f = logdet_A + dof * (1.0 + math.log(2.0 * math.pi * pwrss / dof)) - ldW
+    if method == "REML":
+        f += logdet_RX
+    return {"beta": beta, "u": u, "pwrss": pwrss, "logdet_RX": logdet_RX,
+            "Cx_inv": sla.cho_solve((Rx, True), np.eye(p), check_finite=False),
+            "sigma2": pwrss / dof, "dof": dof, "objective": float(f)}
 
 
 class VectorObjective:
@@ -136,15 +223,8 @@ class VectorObjective:
         self.lower = theta_lower_bounds(self.terms)
         self.names = theta_names(self.terms)
         # sufficient statistics: one pass over the rows
-        self.Z = random_effects_matrix(self.terms)
-        w = np.ones(n) if self.weights is None else self.weights
-        Zw = sp.diags(w) @ self.Z
-        self.C = (self.Z.T @ Zw).tocsr()  # Z'WZ
-        self.C.sort_indices()
-        T = np.column_stack([X, y])
-        self.ZtT = np.asarray(Zw.T @ T)  # Z'W[X y]
-        self.TT = T.T @ (w[:, None] * T)
-        self.ldW = float(np.sum(np.log(w))) if self.weights is not None else 0.0
+        self.Z, self.C, self.ZtT, self.TT, self.ldW = vector_statistics(
+            self.terms, X, y, self.weights)
         self.n_evaluations = 0
 
     # ---------------------------------------------------------------- pieces
@@ -261,38 +341,20 @@ class VectorObjective:
             raise LmmopsError(f"theta must be {self.n_theta} finite values with the "
                               f"diagonal entries >= 0, got {theta}")
         self.n_evaluations += 1
-        n, p = self.n, self.p
+        n = self.n
         fac = self._factor(theta)
         Lam = fac["Lam"]
         LZT = np.asarray(Lam.T @ self.ZtT)  # Lambda' Z'W [X y]
         sol = self._solve(fac, LZT)  # A^{-1} Lambda' Z'W [X y]
-        Cx = self.TT[:p, :p] - LZT[:, :p].T @ sol[:, :p]  # X'V0^{-1}X
-        cxy = self.TT[:p, p] - LZT[:, :p].T @ sol[:, p]
-        try:
-            Rx = sla.cholesky(Cx, lower=True, check_finite=False)
-        except np.linalg.LinAlgError as exc:
-            raise RankDeficientError("X'V^{-1}X is not positive definite: the fixed "
-                                     "effects are not identifiable") from exc
-        beta = sla.cho_solve((Rx, True), cxy, check_finite=False)
-        u = sol[:, p] - sol[:, :p] @ beta
-        # r^2 = ||W^{1/2}(y - X beta - Z Lambda u)||^2 + ||u||^2 at the PLS solution
-        pwrss = float(self.TT[p, p] - self.TT[:p, p] @ beta - LZT[:, p] @ u)
-        if not pwrss > 0:
-            pwrss = float(np.finfo(float).tiny)
-        logdet_RX = 2.0 * float(np.sum(np.log(np.diag(Rx))))
-        dof = n - p if self.method == "REML" else n
-        f = fac["logdet"] + dof * (1.0 + math.log(2.0 * math.pi * pwrss / dof)) - self.ldW
-        if self.method == "REML":
-            f += logdet_RX
-        sigma2 = pwrss / dof
-        Cx_inv = sla.cho_solve((Rx, True), np.eye(p), check_finite=False)
+        g = profiled_gls(self.TT, LZT, sol, fac["logdet"], n, self.method, self.ldW)
+        beta, u, pwrss, Cx_inv = g["beta"], g["u"], g["pwrss"], g["Cx_inv"]
         v = [u[self.offsets[k]:self.offsets[k + 1]].copy() for k in range(len(self.terms))]
         grad = None
         if gradient:
-            grad = self._gradient(theta, fac, LZT, sol, beta, u, Cx_inv, pwrss, dof)
-        return Evaluation(theta=theta, objective=float(f), gradient=grad, sigma2=sigma2,
-                          beta=beta, beta_cov=sigma2 * Cx_inv, v=v,
-                          logdet_L=fac["logdet"], logdet_RX=logdet_RX, pwrss=pwrss)
+            grad = self._gradient(theta, fac, LZT, sol, beta, u, Cx_inv, pwrss, g["dof"])
+        return Evaluation(theta=theta, objective=g["objective"], gradient=grad,
+                          sigma2=g["sigma2"], beta=beta, beta_cov=g["sigma2"] * Cx_inv, v=v,
+                          logdet_L=fac["logdet"], logdet_RX=g["logdet_RX"], pwrss=pwrss)
 
     def _gradient(self, theta, fac, LZT, sol, beta, u, Cx_inv, pwrss, dof):
         p, q1 = self.p, self.q1
