@@ -167,6 +167,47 @@ def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
             "sigma2": pwrss / dof, "dof": dof, "objective": float(f)}
 
 
+def setup_objective(obj, terms, X, y, method, weights):
+    """Check the inputs of a slope objective and set what every one keeps: ``method``,
+    ``terms``, ``X``, ``y``, ``n``, ``p``, ``weights``, ``offsets`` (of each term's block
+    in level space), ``q``, ``layout``, ``n_theta``, ``lower`` and ``names``."""
+    obj.method = check_method(method)
+    obj.terms = tuple(terms)
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+    n, p = X.shape
+    if y.shape[0] != n or any(t.codes.shape[0] != n for t in obj.terms):
+        raise LmmopsError("X, y and the random-effects terms must have the same "
+                          "number of rows")
+    check_method(obj.method, n, p)
+    obj.weights = None if weights is None else check_weights(weights, n)
+    obj.n, obj.p = n, p
+    obj.X, obj.y = X, y
+    sizes = [t.n_random_effects for t in obj.terms]
+    obj.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    obj.q = int(obj.offsets[-1])
+    obj.layout = theta_layout(obj.terms)
+    obj.n_theta = sum(t.n_theta for t in obj.terms)
+    obj.lower = theta_lower_bounds(obj.terms)
+    obj.names = theta_names(obj.terms)
+
+
+def check_theta(obj, theta):
+    """``theta`` as a float64 copy, checked against the objective's size and bounds.
+
+    Raises
+    ------
+    LmmopsError
+        For a ``theta`` of the wrong size, non-finite, or with a negative diagonal.
+    """
+    theta = np.asarray(theta, dtype=np.float64).copy()
+    if (theta.shape != (obj.n_theta,) or not np.all(np.isfinite(theta))
+            or np.any(theta < obj.lower)):
+        raise LmmopsError(f"theta must be {obj.n_theta} finite values with the "
+                          f"diagonal entries >= 0, got {theta}")
+    return theta
+
+
 class VectorObjective:
     """The exact profiled REML/ML criterion of a model with vector-valued terms.
 
@@ -198,33 +239,15 @@ class VectorObjective:
     """
 
     def __init__(self, terms, X, y, method="REML", weights=None):
-        self.method = check_method(method)
-        self.terms = tuple(terms)
-        X = np.ascontiguousarray(X, dtype=np.float64)
-        y = np.ascontiguousarray(y, dtype=np.float64).ravel()
-        n, p = X.shape
-        if y.shape[0] != n or any(t.codes.shape[0] != n for t in self.terms):
-            raise LmmopsError("X, y and the random-effects terms must have the same "
-                              "number of rows")
-        check_method(self.method, n, p)
-        self.weights = None if weights is None else check_weights(weights, n)
-        self.n, self.p = n, p
-        self.X, self.y = X, y
-        sizes = [t.n_random_effects for t in self.terms]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.q = int(self.offsets[-1])
-        self.q1 = sizes[0]
+        setup_objective(self, terms, X, y, method, weights)
+        self.q1 = self.terms[0].n_random_effects
         self.d1 = self.terms[0].dim
         self.m = self.q - self.q1
         check_dense((self.m, self.m), "the exact solver's dense Schur block (all terms "
                     "but the first); use solver='iterative'", itemsize=8 * 3)
-        self.layout = theta_layout(self.terms)
-        self.n_theta = sum(t.n_theta for t in self.terms)
-        self.lower = theta_lower_bounds(self.terms)
-        self.names = theta_names(self.terms)
         # sufficient statistics: one pass over the rows
         self.Z, self.C, self.ZtT, self.TT, self.ldW = vector_statistics(
-            self.terms, X, y, self.weights)
+            self.terms, self.X, self.y, self.weights)
         self.n_evaluations = 0
 
     # ---------------------------------------------------------------- pieces
@@ -335,11 +358,7 @@ class VectorObjective:
         RankDeficientError
             If ``X'V^{-1}X`` is numerically singular.
         """
-        theta = np.asarray(theta, dtype=np.float64).copy()
-        if (theta.shape != (self.n_theta,) or not np.all(np.isfinite(theta))
-                or np.any(theta < self.lower)):
-            raise LmmopsError(f"theta must be {self.n_theta} finite values with the "
-                              f"diagonal entries >= 0, got {theta}")
+        theta = check_theta(self, theta)
         self.n_evaluations += 1
         n = self.n
         fac = self._factor(theta)
