@@ -37,6 +37,10 @@ from lmmops.estimation.iterative import (
 )
 from lmmops.estimation.protocol import optimise, progress_note
 from lmmops.estimation.vector import VectorObjective
+from lmmops.estimation.vector_iterative import (
+    VectorIterativeObjective,
+    check_slope_preconditioner,
+)
 from lmmops.guard import max_dense_bytes
 from lmmops.options import resolve_options
 from lmmops.result import LMMResult
@@ -345,16 +349,8 @@ class LMM:
         else:
             q = list(self.design.n_levels)
             m = sum(q) - max(q) + self.X.shape[1] + 1
-        if self.has_slopes and solver == "iterative":
-            raise ArgumentError("solver='iterative' does not fit random-slope terms yet; "
-                                "use solver='direct' (exact, for dense Schur blocks up to "
-                                "the memory guard)")
         if solver != "auto":
             return solver, f"solver '{solver}' requested"
-        if self.has_slopes:
-            return "direct", (f"solver 'auto' picked 'direct': random-slope terms (dense "
-                              f"Schur block {m} x {m}, {8 * m * m / 2**20:.1f} MiB)")
-
         fits = 4 * 8 * m * m <= max_dense_bytes()
         if m <= AUTO_DIRECT_MAX_SCHUR and fits:
             return "direct", (f"solver 'auto' picked 'direct': the dense Schur block is "
@@ -387,6 +383,17 @@ class LMM:
             :attr:`conditioning`.
         """
         m = check_method(method or self.method)
+        if self.has_slopes:
+            if options.pop("deflation_rank", None) is not None:
+                raise ArgumentError("deflation_rank is for random-intercept models; the "
+                                    "random-slope iterative solver has no deflation basis "
+                                    "(its control variate is the block-Jacobi blocks)")
+            options["preconditioner"] = check_slope_preconditioner(
+                options.get("preconditioner"))
+            return VectorIterativeObjective(self.terms, self.X_conditioned,
+                                            self.y_conditioned, method=m, n_probes=n_probes,
+                                            seed=seed, rtol=rtol, weights=self.weights,
+                                            **options)
         return IterativeObjective(self.design, self.X_conditioned, self.y_conditioned,
                                   method=m, n_probes=n_probes,
                                   seed=seed, rtol=rtol, weights=self.weights, **options)
@@ -461,7 +468,10 @@ class LMM:
         opts = resolve_options(options, maxiter=maxiter, n_probes=n_probes, seed=seed,
                                cg_rtol=rtol, threads=threads)
         if preconditioner is not None:
-            check_preconditioner(preconditioner, self.design.n_factors)
+            if self.has_slopes:
+                check_slope_preconditioner(preconditioner)
+            else:
+                check_preconditioner(preconditioner, self.design.n_factors)
             if solver == "direct":
                 raise ArgumentError(
                     f"preconditioner={preconditioner!r} applies to the iterative solver; "
@@ -474,7 +484,8 @@ class LMM:
             obj = self.iterative_objective(
                 method, n_probes=opts.n_probes, seed=opts.seed, rtol=opts.cg_rtol,
                 maxiter=opts.cg_maxiter,
-                preconditioner=preconditioner or DEFAULT_PRECONDITIONER, **extra)
+                preconditioner=preconditioner or (
+                    "block_jacobi" if self.has_slopes else DEFAULT_PRECONDITIONER), **extra)
         else:
             obj = self.objective(method).conditioned
         if start is None and not self.has_slopes:  # slope terms: lme4's start T_k = I

@@ -164,7 +164,7 @@ def _apply_blocks(B, Xk):
     ``(n_l, d, m)``."""
     d = B.shape[1]
     if d == 1:
-        return B[:, 0, :1] * Xk
+        return B[:, :1, :1] * Xk
     out = np.empty_like(Xk)
     for a in range(d):
         acc = B[:, a, 0, None] * Xk[:, 0]
