@@ -54,8 +54,8 @@ Examples
 >>> n = 600
 >>> g, h = rng.integers(0, 30, n).astype(np.int32), rng.integers(0, 12, n).astype(np.int32)
 >>> x = rng.normal(size=n)
->>> y = rng.normal(size=30)[g] + 0.5 * rng.normal(size=30)[g] * x + rng.normal(size=12)[h] \\
-...     + rng.normal(size=n)
+>>> y = (rng.normal(size=30)[g] + 0.5 * rng.normal(size=30)[g] * x
+...      + rng.normal(size=12)[h] + rng.normal(size=n))
 >>> terms = [RandomEffectsTerm("g", g, pd.Index(range(30)), ("(Intercept)", "x"),
 ...                            np.column_stack([np.ones(n), x])),
 ...          RandomEffectsTerm("h", h, pd.Index(range(12)))]
@@ -462,13 +462,25 @@ def _spd(J):
     return (V * np.maximum(np.abs(w), floor)) @ V.T, False
 
 
+class _Handover(Exception):
+    """L-BFGS-B stops here; Newton steps continue from ``theta``."""
+
+    def __init__(self, theta):
+        super().__init__("hand over to Newton")
+        self.theta = np.array(theta, dtype=np.float64)
+
+
 def fit_vector_iterative(objective, start=None, *, maxiter=100, step_tol=0.05,
-                         newton_steps=8, check_level=1e-3, callback=None):
+                         newton_steps=8, check_level=1e-3, handover=2.0,
+                         max_line_search=6, callback=None):
     """Minimise a :class:`VectorIterativeObjective` and judge the optimum against its
     Monte Carlo error.
 
     1. L-BFGS-B on the fixed-probe criterion and gradient (lme4's bounds: diagonal
-       entries of ``T_k`` >= 0) from lme4's start ``T_k = I``.
+       entries of ``T_k`` >= 0) from lme4's start ``T_k = I``, until every component of
+       the projected gradient is within ``handover`` of its Monte Carlo standard errors
+       (at any point it evaluates), or more than ``max_line_search`` evaluations pass
+       without an accepted iterate (then from the last one).
     2. Newton steps on the fixed-probe gradient ``g_W`` (a smooth, deterministic function
        of ``theta``: common random numbers), with its Jacobian ``H`` from forward
        differences, on the free parameters (a diagonal entry at 0 with a positive
@@ -495,6 +507,11 @@ def fit_vector_iterative(objective, start=None, *, maxiter=100, step_tol=0.05,
         Most Newton steps.
     check_level : float
         Level of the fresh-probe check.
+    handover : float
+        L-BFGS-B stops when the projected gradient is within this many of its Monte
+        Carlo standard errors, and Newton steps take over.
+    max_line_search : int
+        Evaluations without an accepted L-BFGS-B iterate before Newton takes over.
     callback : callable, optional
         ``callback(iteration, theta, criterion)``.
 
@@ -504,9 +521,12 @@ def fit_vector_iterative(objective, start=None, *, maxiter=100, step_tol=0.05,
         The evaluation carries ``theta_mc_cov`` (Monte Carlo covariance of
         ``theta_hat``), ``hessian`` and ``free`` (the Jacobian of ``g_W`` on the free
         parameters), besides what :meth:`VectorIterativeObjective.evaluate` gives; the
-        summary carries ``notes``, ``n_probes`` and ``check_pvalue``.
+        summary carries ``notes``, ``n_probes`` and ``check_pvalue``; its
+        ``n_evaluations`` counts every evaluation (the Jacobian's and the fresh-probe
+        check's too), ``fitlog`` only the optimiser's.
     """
     t0 = time.perf_counter()
+    n_eval0 = objective.n_evaluations
     lower = objective.lower
     theta0 = start_theta(objective.terms) if start is None else np.asarray(start, float)
     fitlog, cache, it = [], {}, [0]
@@ -520,42 +540,71 @@ def fit_vector_iterative(objective, start=None, *, maxiter=100, step_tol=0.05,
             fitlog.append((th.copy(), ev.objective))
         return cache[key]
 
+    state = {"accepted": np.maximum(theta0, lower), "since": 0}
+
+    def small(th, ev):
+        g = ev.gradient.copy()
+        g[(th <= lower) & (g > 0)] = 0.0
+        return bool(np.all(np.abs(g) <= handover * np.sqrt(np.diag(ev.gradient_cov))))
+
     def fun(th):
-        ev = ev_at(np.maximum(th, lower))
+        th = np.maximum(th, lower)
+        ev = ev_at(th)
+        state["since"] += 1
+        # hand over to Newton once the gradient is within its Monte Carlo error, or when
+        # the line search keeps failing: from there it would judge the criterion against
+        # a gradient that is not its derivative (module notes), in many short steps
+        if small(th, ev):
+            raise _Handover(th)
+        if state["since"] > max_line_search:
+            raise _Handover(state["accepted"])
         return ev.objective, ev.gradient
 
     def cb(th):
         it[0] += 1
+        state["accepted"], state["since"] = np.maximum(th, lower), 0
         if callback is not None:
-            callback(it[0], th, ev_at(np.maximum(th, lower)).objective)
+            callback(it[0], th, ev_at(state["accepted"]).objective)
 
     bounds = [(0.0 if b == 0 else None, None) for b in lower]
     f0 = ev_at(np.maximum(theta0, lower)).objective
-    res = sopt.minimize(fun, np.maximum(theta0, lower), jac=True, method="L-BFGS-B",
-                        bounds=bounds, callback=cb,
-                        options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-9,
-                                 "maxcor": 20})
-    theta = np.maximum(res.x, lower)
+    try:
+        res = sopt.minimize(fun, np.maximum(theta0, lower), jac=True, method="L-BFGS-B",
+                            bounds=bounds, callback=cb,
+                            options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-9,
+                                     "maxcor": 20})
+        theta = np.maximum(res.x, lower)
+    except _Handover as stop:
+        theta = stop.theta
     ev = ev_at(theta)
     notes, converged, message = [], False, ""
     H = idx = cov = None
+    jac_at, last_ratio, prev_size = None, None, None  # jac_at: the Jacobian's free set
     for _ in range(newton_steps):
         free = ~((theta <= lower) & (ev.gradient > 0))
         idx = np.flatnonzero(free)
         if idx.size == 0:
             converged, message = True, "all parameters on the boundary, gradient pointing out"
             break
-        H, pd_ok = _spd(_jacobian(objective, theta, ev, idx))
-        Hinv = np.linalg.inv(H)
+        # a chord method: the Jacobian is kept while the steps shrink (it changes little
+        # near the optimum, and each one costs an evaluation per free parameter)
+        if jac_at is None or not np.array_equal(jac_at, idx) or (
+                last_ratio is not None and last_ratio > 0.5):
+            H, pd_ok = _spd(_jacobian(objective, theta, ev, idx))
+            Hinv, jac_at, last_ratio, prev_size = np.linalg.inv(H), idx, None, None
         cov = Hinv @ ev.gradient_cov[np.ix_(idx, idx)] @ Hinv
         sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
         step = Hinv @ ev.gradient[idx]
-        if np.all(np.abs(step) <= step_tol * sd):
+        size = float(np.max(np.abs(step) / np.maximum(sd, 1e-300)))
+        if size <= step_tol:
             converged = pd_ok
             message = (f"Newton step below {step_tol:g} of its Monte Carlo standard deviation"
-                        if pd_ok else
+                       if pd_ok else
                        "the Jacobian of the gradient is not positive definite")
             break
+        if prev_size is not None:
+            last_ratio = size / prev_size
+        prev_size = size
         new = theta.copy()
         new[idx] -= step
         theta = np.maximum(new, lower)
@@ -598,7 +647,8 @@ def fit_vector_iterative(objective, start=None, *, maxiter=100, step_tol=0.05,
     g = ev.gradient.copy()
     g[(theta <= lower) & (g > 0)] = 0.0
     opt = OptSummary(theta_initial=np.asarray(theta0, float), theta_final=theta.copy(),
-                     f_initial=f0, f_final=ev.objective, n_evaluations=len(fitlog),
+                     f_initial=f0, f_final=ev.objective,
+                     n_evaluations=objective.n_evaluations - n_eval0,
                      iterations=it[0], gradient_norm=float(np.max(np.abs(g))),
                      converged=bool(converged), message=str(message),
                      optimizer="L-BFGS-B + Newton on the fixed-probe gradient",
