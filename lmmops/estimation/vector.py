@@ -596,6 +596,24 @@ def _projected_gradient(theta, grad, lower):
     return g
 
 
+def last_evaluation_cache(objective, fitlog):
+    """``ev_at(theta)``: ``objective.evaluate(theta)``, remembering the last evaluation
+    (an optimiser asks for the same point again after a line search) and appending
+    ``(theta, criterion)`` to ``fitlog`` for every new point."""
+    cache = {}
+
+    def ev_at(th):
+        key = th.tobytes()
+        if key not in cache:
+            ev = objective.evaluate(th)
+            cache.clear()
+            cache[key] = ev
+            fitlog.append((th.copy(), ev.objective))
+        return cache[key]
+
+    return ev_at
+
+
 def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None):
     """Minimise a :class:`VectorObjective` and verify the optimum.
 
@@ -624,16 +642,7 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None):
     lower = objective.lower
     theta0 = start_theta(objective.terms) if start is None else np.asarray(start, float)
     fitlog = []
-    cache = {}
-
-    def ev_at(th):
-        key = th.tobytes()
-        if key not in cache:
-            ev = objective.evaluate(th)
-            cache.clear()
-            cache[key] = ev
-            fitlog.append((th.copy(), ev.objective))
-        return cache[key]
+    ev_at = last_evaluation_cache(objective, fitlog)
 
     def fun(th):
         th = np.maximum(th, lower)

@@ -90,6 +90,7 @@ from lmmops.estimation.iterative import (
 )
 from lmmops.estimation.vector import (
     check_theta,
+    last_evaluation_cache,
     profiled_gls,
     setup_objective,
     start_theta,
@@ -118,7 +119,8 @@ def check_slope_preconditioner(kind):
 
     Returns
     -------
-    str
+    kind : str
+        Always ``"block_jacobi"`` (the one kind for slope terms).
 
     Raises
     ------
@@ -529,16 +531,8 @@ def fit_vector_iterative(objective, start=None, *, maxiter=100, step_tol=0.05,
     n_eval0 = objective.n_evaluations
     lower = objective.lower
     theta0 = start_theta(objective.terms) if start is None else np.asarray(start, float)
-    fitlog, cache, it = [], {}, [0]
-
-    def ev_at(th):
-        key = th.tobytes()
-        if key not in cache:
-            ev = objective.evaluate(th)
-            cache.clear()
-            cache[key] = ev
-            fitlog.append((th.copy(), ev.objective))
-        return cache[key]
+    fitlog, it = [], [0]
+    ev_at = last_evaluation_cache(objective, fitlog)
 
     state = {"accepted": np.maximum(theta0, lower), "since": 0}
 
