@@ -360,7 +360,9 @@ class LMM:
 
     def iterative_objective(self, method=None, n_probes=16, seed=0, rtol=1e-8, **options):
         """The matrix-free stochastic criterion
-        (:class:`lmmops.estimation.iterative.IterativeObjective`).
+        (:class:`lmmops.estimation.iterative.IterativeObjective`; for random-slope terms
+        :class:`lmmops.estimation.vector_iterative.VectorIterativeObjective`, which takes
+        ``preconditioner="block_jacobi"`` or ``"auto"`` and no ``deflation_rank``).
 
         Parameters
         ----------
@@ -441,8 +443,11 @@ class LMM:
             Iterative solver only: the level-space preconditioner of its PCG solves, one
             of :data:`lmmops.estimation.iterative.PRECONDITIONERS` (``"spectral"`` needs
             two factors); default
-            :data:`lmmops.estimation.iterative.DEFAULT_PRECONDITIONER`. The kind used and
-            the CG iterations per evaluation are in ``LMMResult.solver_info``.
+            :data:`lmmops.estimation.iterative.DEFAULT_PRECONDITIONER`. Random-slope
+            terms take only ``"block_jacobi"`` (the default for them) or ``"auto"``; the
+            other kinds are for random intercepts and raise an ``ArgumentError``. The
+            kind used and the CG iterations per evaluation are in
+            ``LMMResult.solver_info``.
         options : Options, optional
             Every solver and optimiser setting (:class:`lmmops.options.Options`, like lme4's
             ``lmerControl``): the optimiser's ``maxiter``, ``tol``, ``boundary_tol`` and

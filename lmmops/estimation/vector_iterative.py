@@ -147,35 +147,6 @@ def check_slope_preconditioner(kind):
                         f"'auto' for random-slope terms, got {kind!r}")
 
 
-def _apply_factor(T, Xk, transpose=False):
-    """``(I (x) T) X`` (or ``T'``) for a term's block ``Xk`` of shape ``(n_l, d, m)``."""
-    d = T.shape[0]
-    M = T.T if transpose else T
-    out = np.empty_like(Xk)
-    for a in range(d):
-        acc = None
-        for b in range(d):
-            if M[a, b] != 0.0:
-                acc = M[a, b] * Xk[:, b] if acc is None else acc + M[a, b] * Xk[:, b]
-        out[:, a] = 0.0 if acc is None else acc
-    return out
-
-
-def _apply_blocks(B, Xk):
-    """``blockdiag_j(B_j) X`` for ``B`` of shape ``(n_l, d, d)`` and ``Xk`` of shape
-    ``(n_l, d, m)``."""
-    d = B.shape[1]
-    if d == 1:
-        return B[:, :1, :1] * Xk
-    out = np.empty_like(Xk)
-    for a in range(d):
-        acc = B[:, a, 0, None] * Xk[:, 0]
-        for b in range(1, d):
-            acc += B[:, a, b, None] * Xk[:, b]
-        out[:, a] = acc
-    return out
-
-
 class VectorIterativeObjective:
     """The profiled REML/ML criterion of a random-slope model, matrix-free, with Monte
     Carlo errors.
@@ -230,6 +201,7 @@ class VectorIterativeObjective:
         par = (self.nnz >= _PARALLEL_MIN_NNZ and kernels.n_blocks(True) > 1
                if parallel is None else bool(parallel))
         self._csr = kernels.get_csr_matmat(par)
+        self._block = kernels.get_block_matmat(par and self.q >= _PARALLEL_MIN_NNZ // 4)
         # the d_k x d_k diagonal blocks of C per level (the preconditioner's and the
         # control variates' C_jj)
         self.Cd = []
@@ -255,12 +227,20 @@ class VectorIterativeObjective:
         return [X[self.offsets[k]:self.offsets[k + 1]].reshape(t.n_levels, t.dim, m)
                 for k, t in enumerate(self.terms)]
 
+    def _by_blocks(self, Bs, X):
+        """``blockdiag(B) X`` for per-term blocks ``Bs[k]`` of shape ``(n_l, d, d)`` (or
+        ``(1, d, d)``, one block for every level) and a (q, m) block ``X``."""
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        out = np.empty_like(X)
+        for k, B in enumerate(Bs):
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            self._block(B, X[lo:hi], out[lo:hi])
+        return out
+
     def _lam(self, Ts, X, transpose=False):
         """``Lambda X`` (``Lambda' X`` with ``transpose``) for a (q, m) block."""
-        out = np.empty_like(X)
-        for T, Xk, Ok in zip(Ts, self._blocks(X), self._blocks(out)):
-            Ok[:] = _apply_factor(T, Xk, transpose)
-        return out
+        return self._by_blocks([np.ascontiguousarray(T.T if transpose else T)[None]
+                                for T in Ts], X)
 
     def _C(self, X):
         X = np.ascontiguousarray(X, dtype=np.float64)
@@ -270,12 +250,6 @@ class VectorIterativeObjective:
 
     def _A(self, Ts, X):
         return self._lam(Ts, self._C(self._lam(Ts, X)), transpose=True) + X
-
-    def _by_blocks(self, Bs, X):
-        out = np.empty_like(X)
-        for B, Xk, Ok in zip(Bs, self._blocks(X), self._blocks(out)):
-            Ok[:] = _apply_blocks(B, Xk)
-        return out
 
     def _preconditioner(self, Ts):
         """Block-Jacobi pieces: per term the Cholesky factors ``L_j`` of
