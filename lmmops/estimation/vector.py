@@ -103,7 +103,7 @@ def vector_statistics(terms, X, y, weights=None):
     n = X.shape[0]
     Z = random_effects_matrix(terms)
     w = np.ones(n) if weights is None else weights
-    Zw = sp.diags(w) @ Z
+    Zw = Z if weights is None else sp.diags(w) @ Z  # no copy of Z without weights
     C = (Z.T @ Zw).tocsr()  # Z'WZ
     C.sort_indices()
     T = np.column_stack([X, y])
