@@ -139,7 +139,9 @@ def child_slopes(size, zipf, seed, n_probes, max_evals):
             "sigma2": float(ev.sigma2), "loglik_mc_se": 0.5 * float(ev.objective_se),
             "cg_iterations": [int(c) for c in obj.cg_history],
         })
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_gib"] = usage.ru_maxrss / 2**20
+    out["cpu_s"] = usage.ru_utime + usage.ru_stime  # on a shared machine, with the wall time
     print("@result " + json.dumps(out), flush=True)
 
 
