@@ -39,7 +39,7 @@ CASES = [([True, True], TWO_SLOPES), ([True, False], SLOPE_AND_INTERCEPT)]
 
 @pytest.mark.parametrize("method", ["REML", "ML"])
 @pytest.mark.parametrize("weights", [False, True])
-@pytest.mark.parametrize("slopes,theta", CASES)
+@pytest.mark.parametrize(("slopes", "theta"), CASES)
 def test_criterion_and_gradient_within_mc_error(method, weights, slopes, theta):
     terms, X, y, w = _design(slopes, weights=weights)
     ex = VectorObjective(terms, X, y, method=method, weights=w).evaluate(theta)
@@ -58,7 +58,7 @@ def test_criterion_and_gradient_within_mc_error(method, weights, slopes, theta):
     assert ev.logdet_RX == pytest.approx(ex.logdet_RX, rel=1e-7, abs=1e-7)
 
 
-@pytest.mark.parametrize("slopes,theta", [
+@pytest.mark.parametrize(("slopes", "theta"), [
     *CASES,
     ([True, True], np.array([0.8, 0.3, 0.0, 0.5, 0.0, 0.0])),  # singular T_k: boundary
     ([True, False], np.array([0.9, 0.0, 0.0, 0.0])),  # a zero slope and a zero intercept
@@ -118,7 +118,7 @@ def _fit_both(slopes, n, levels, seed):
     return ex, ev, opt, it
 
 
-@pytest.mark.parametrize("slopes,n,levels", [([True, True], 12000, (400, 80)),
+@pytest.mark.parametrize(("slopes", "n", "levels"), [([True, True], 12000, (400, 80)),
                                              ([True, False], 20000, (900, 120))])
 def test_fit_agrees_with_exact_within_mc_error(slopes, n, levels):
     ex, ev, opt, it = _fit_both(slopes, n, levels, seed=7)
@@ -129,7 +129,8 @@ def test_fit_agrees_with_exact_within_mc_error(slopes, n, levels):
     assert abs(ev.objective - ex.objective) <= K_SE * ev.objective_se
     # beta moves with theta_hat by far less than its sampling standard error
     assert np.all(np.abs(ev.beta - ex.beta) <= 0.25 * np.sqrt(np.diag(ex.beta_cov)))
-    assert opt.check_pvalue is not None and opt.check_pvalue > 1e-3
+    assert opt.check_pvalue is not None
+    assert opt.check_pvalue > 1e-3
     info = protocol.solver_info(it)
     assert info["preconditioner"] == "block_jacobi"
     assert len(info["cg_iterations"]) == opt.n_evaluations == it.n_evaluations
@@ -151,7 +152,8 @@ def test_boundary_zero_slope_variance():
              RandomEffectsTerm("h", h, pd.Index(range(H)))]
     X = np.column_stack([np.ones(n), x])
     ex, opt_ex = fit_vector(VectorObjective(terms, X, y))
-    assert opt_ex.converged and ex.theta[2] == 0.0  # exact: a zero diagonal entry
+    assert opt_ex.converged
+    assert ex.theta[2] == 0.0
     for seed in (0, 1):
         ev, opt = fit_vector_iterative(VectorIterativeObjective(terms, X, y, seed=seed))
         assert opt.converged, opt.message
@@ -181,11 +183,13 @@ def test_lmm_iterative_slopes_result():
     model = _slope_model()
     res = model.fit(solver="iterative", preconditioner="auto")
     exact = _slope_model().fit(solver="direct")
-    assert res.solver == "iterative" and not res.exact
+    assert res.solver == "iterative"
+    assert not res.exact
     assert res.solver_info["preconditioner"] == "block_jacobi"
     assert res.mc_stderr["loglik"] > 0
     se = res.mc_stderr["covariances"]
-    assert set(se) == {"g1", "g2"} and se["g1"].shape == (2, 2)
+    assert set(se) == {"g1", "g2"}
+    assert se["g1"].shape == (2, 2)
     assert set(res.mc_stderr["variances"]) == {"g2", "Residual"}
     for g in ("g1", "g2"):
         diff = (res.covariances[g] - exact.covariances[g]).abs().to_numpy()
@@ -205,7 +209,8 @@ def test_auto_picks_iterative_for_a_large_schur_block(monkeypatch):
 
     monkeypatch.setattr(model_mod, "AUTO_DIRECT_MAX_SCHUR", 10)
     picked, reason = _slope_model().choose_solver("auto")
-    assert picked == "iterative" and "would be" in reason
+    assert picked == "iterative"
+    assert "would be" in reason
     monkeypatch.setattr(model_mod, "AUTO_DIRECT_MAX_SCHUR", 8000)
     assert _slope_model().choose_solver("auto")[0] == "direct"
 
@@ -224,3 +229,26 @@ def test_invalid_inputs():
     it = VectorIterativeObjective(terms, X, y)
     with pytest.raises(LmmopsError, match="theta"):
         it.evaluate(np.array([-1.0, 0.0, 1.0, 1.0]))
+
+
+def test_one_term_is_exact_and_three_terms_agree():
+    """One term: A is block diagonal, so block-Jacobi is exact (one CG iteration, no
+    Monte Carlo error); three terms with a slope-only ``(0 + x | g3)`` term agree with the
+    exact solver within their errors."""
+    terms, X, y = simulate_slopes(1500, [40, 15, 6], slopes=[True, False, False], seed=9)
+    theta1 = np.array([0.9, 0.2, 0.5])
+    ex = VectorObjective(terms[:1], X, y).evaluate(theta1)
+    ev = VectorIterativeObjective(terms[:1], X, y, n_probes=4).evaluate(theta1)
+    assert ev.objective_se == 0.0
+    assert ev.cg_iterations <= 2
+    assert ev.objective == pytest.approx(ex.objective, abs=1e-8)
+    np.testing.assert_allclose(ev.gradient, ex.gradient, atol=1e-6)
+    x = X[:, 1]
+    slope_only = RandomEffectsTerm("g3", terms[2].codes, terms[2].levels, ("x",), x[:, None])
+    three = [terms[0], terms[1], slope_only]
+    theta3 = np.array([0.9, 0.2, 0.5, 0.8, 0.3])
+    ex = VectorObjective(three, X, y).evaluate(theta3)
+    ev = VectorIterativeObjective(three, X, y, n_probes=32, seed=3).evaluate(theta3)
+    assert abs(ev.objective - ex.objective) <= K_SE * ev.objective_se
+    se = np.sqrt(np.diag(ev.gradient_cov))
+    assert np.all(np.abs(ev.gradient - ex.gradient) <= K_SE * se + 1e-8)

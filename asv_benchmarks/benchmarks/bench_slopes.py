@@ -13,7 +13,7 @@
   levels), for the ratio.
 """
 
-from .common import pick, safe_import
+from .common import evaluation_benchmarks, pick, safe_import
 
 with safe_import():
     from lmmops.data.simulate import simulate_slopes
@@ -35,6 +35,7 @@ def problem(n):
             from None
 
 
+@evaluation_benchmarks
 class SlopeIterativeEvaluation:
     params = [pick([10**6, 10**7], [2000])]
     param_names = ["n_obs"]
@@ -46,15 +47,6 @@ class SlopeIterativeEvaluation:
         self.theta = start_theta(terms)
         self.ev = self.obj.evaluate(self.theta)  # compiled outside the timing
 
-    def time_evaluate(self, n):
-        self.obj.evaluate(self.theta)
-
-    def track_cg_iterations(self, n):
-        return int(self.ev.cg_iterations)
-
-    def track_criterion_mc_stderr(self, n):
-        return float(self.ev.objective_se)
-
     def peakmem_build_objective(self, n):
         terms, X, y = problem(n)
         VectorIterativeObjective(terms, X, y, n_probes=16, seed=0)
@@ -63,12 +55,17 @@ class SlopeIterativeEvaluation:
         self.obj.evaluate(self.theta)
 
 
-class SlopeIterativeFit:
-    params = [pick([10**6], [2000])]
+class _OneFit:
+    """A whole fit, timed once: ``setup`` leaves the objective in ``self.obj``."""
+
     param_names = ["n_obs"]
-    timeout = pick(3600, 60)
     number = 1
     repeat = 1
+
+
+class SlopeIterativeFit(_OneFit):
+    params = [pick([10**6], [2000])]
+    timeout = pick(3600, 60)
 
     def setup(self, n):
         terms, X, y = problem(n)
@@ -85,16 +82,12 @@ class SlopeIterativeFit:
         return int(self.opt.n_evaluations)
 
 
-class SlopeExactFit:
+class SlopeExactFit(_OneFit):
     params = [pick([10**5], [2000])]
-    param_names = ["n_obs"]
     timeout = pick(1800, 60)
-    number = 1
-    repeat = 1
 
     def setup(self, n):
-        terms, X, y = problem(n)
-        self.obj = VectorObjective(terms, X, y)
+        self.obj = VectorObjective(*problem(n))
 
     def time_fit(self, n):
         fit_vector(self.obj)

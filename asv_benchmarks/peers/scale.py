@@ -173,6 +173,22 @@ def run_peers(n, levels, zipf, seed, peers, timeout):
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
 
 
+def _done(rows, text, res):
+    rows.append(res)
+    print(f"# done {text}: {json.dumps(res)[:300]}", file=sys.stderr, flush=True)
+
+
+def _head(args, load, rows, columns):
+    """Print the ``--json`` record (and return True) or the table's load line and head."""
+    if args.json:
+        print(json.dumps({"load_average": load, "rows": rows}, indent=2))
+        return True
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    return False
+
+
 def fmt(x, spec=".1f"):
     return "—" if x is None else format(x, spec)
 
@@ -224,15 +240,10 @@ def main(argv=None):
                 res["peers"] = run_peers(n, levels, args.zipf, args.seed, args.peers,
                                          args.timeout)
             os.remove(path)
-            rows.append(res)
-            print(f"# done {text}: {json.dumps(res)[:200]}", file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps({"load_average": load, "rows": rows}, indent=2))
+            _done(rows, text, res)
+    if _head(args, load, rows, ["n", "levels", "build s", "1 eval s", "CG/eval", "fit s",
+                                "iters", "peak GiB", "MC se loglik", "peers"]):
         return 0
-    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)\n")
-    print("| n | levels | build s | 1 eval s | CG/eval | fit s | iters | peak GiB | "
-          "MC se loglik | peers |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peers = ""
         if "peers" in r:
@@ -261,15 +272,10 @@ def main_slopes(args):
         res = run_child(text, "slopes", args.probes, args.max_evals, args.timeout,
                         slopes=(args.zipf, args.seed))
         res.update({"size": text, "load_after": os.getloadavg()})
-        rows.append(res)
-        print(f"# done {text}: {json.dumps(res)[:300]}", file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps({"load_average": load, "rows": rows}, indent=2))
+        _done(rows, text, res)
+    if _head(args, load, rows, ["n", "levels", "q", "build s", "1 eval s", "fit s", "evals",
+                                "peak GiB", "MC se loglik", "load after"]):
         return 0
-    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)\n")
-    print("| n | levels | q | build s | 1 eval s | fit s | evals | peak GiB | MC se loglik "
-          "| load after |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['size']} | | | | | {r['error']} | | | | |")

@@ -779,17 +779,9 @@ def get_cg_kernels(parallel=False):
 def get_block_matmat(parallel=False):
     """The serial or parallel ``block_matmat`` kernel: ``out = blockdiag_j(B_j) X`` for
     ``d x d`` blocks ``B`` of shape ``(n_levels, d, d)``, or ``(1, d, d)`` for one block
-    shared by every level (``(I (x) T) X``).
-
-    Parameters
-    ----------
-    parallel : bool
-
-    Returns
-    -------
-    callable
-        ``block_matmat(B, X, out)``; ``X`` and ``out`` of shape ``(n_levels d, m)``, C
-        order, ``out`` overwritten.
+    shared by every level (``(I (x) T) X``). Called as ``block_matmat(B, X, out)`` with
+    ``X`` and ``out`` of shape ``(n_levels d, m)``, C order, ``out`` overwritten; the
+    parallel variant (``parallel=True``) runs the levels in ``prange``.
     """
     return block_matmat_parallel if parallel else block_matmat_serial
 
