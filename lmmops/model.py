@@ -38,6 +38,10 @@ from lmmops.estimation.iterative import (
 )
 from lmmops.estimation.protocol import optimise, progress_note
 from lmmops.estimation.vector import VectorObjective
+from lmmops.estimation.vector_iterative import (
+    VectorIterativeObjective,
+    check_slope_preconditioner,
+)
 from lmmops.guard import max_dense_bytes
 from lmmops.options import resolve_options
 from lmmops.result import LMMResult
@@ -354,16 +358,8 @@ class LMM:
         """
         solver = _check_solver(solver)
         m = self.schur_rows()
-        if self.has_slopes and solver == "iterative":
-            raise ArgumentError("solver='iterative' does not fit random-slope terms yet; "
-                                "use solver='direct' (exact, for dense Schur blocks up to "
-                                "the memory guard)")
         if solver != "auto":
             return solver, f"solver '{solver}' requested"
-        if self.has_slopes:
-            return "direct", (f"solver 'auto' picked 'direct': random-slope terms (dense "
-                              f"Schur block {m} x {m}, {8 * m * m / 2**20:.1f} MiB)")
-
         fits = 4 * 8 * m * m <= max_dense_bytes()
         if m <= AUTO_DIRECT_MAX_SCHUR and fits:
             return "direct", (f"solver 'auto' picked 'direct': the dense Schur block is "
@@ -373,7 +369,9 @@ class LMM:
 
     def iterative_objective(self, method=None, n_probes=16, seed=0, rtol=1e-8, **options):
         """The matrix-free stochastic criterion
-        (:class:`lmmops.estimation.iterative.IterativeObjective`).
+        (:class:`lmmops.estimation.iterative.IterativeObjective`; for random-slope terms
+        :class:`lmmops.estimation.vector_iterative.VectorIterativeObjective`, which takes
+        ``preconditioner="block_jacobi"`` or ``"auto"`` and no ``deflation_rank``).
 
         Parameters
         ----------
@@ -396,6 +394,17 @@ class LMM:
             :attr:`conditioning`.
         """
         m = check_method(method or self.method)
+        if self.has_slopes:
+            if options.pop("deflation_rank", None) is not None:
+                raise ArgumentError("deflation_rank is for random-intercept models; the "
+                                    "random-slope iterative solver has no deflation basis "
+                                    "(its control variate is the block-Jacobi blocks)")
+            options["preconditioner"] = check_slope_preconditioner(
+                options.get("preconditioner"))
+            return VectorIterativeObjective(self.terms, self.X_conditioned,
+                                            self.y_conditioned, method=m, n_probes=n_probes,
+                                            seed=seed, rtol=rtol, weights=self.weights,
+                                            **options)
         return IterativeObjective(self.design, self.X_conditioned, self.y_conditioned,
                                   method=m, n_probes=n_probes,
                                   seed=seed, rtol=rtol, weights=self.weights, **options)
@@ -443,8 +452,11 @@ class LMM:
             Iterative solver only: the level-space preconditioner of its PCG solves, one
             of :data:`lmmops.estimation.iterative.PRECONDITIONERS` (``"spectral"`` needs
             two factors); default
-            :data:`lmmops.estimation.iterative.DEFAULT_PRECONDITIONER`. The kind used and
-            the CG iterations per evaluation are in ``LMMResult.solver_info``.
+            :data:`lmmops.estimation.iterative.DEFAULT_PRECONDITIONER`. Random-slope
+            terms take only ``"block_jacobi"`` (the default for them) or ``"auto"``; the
+            other kinds are for random intercepts and raise an ``ArgumentError``. The
+            kind used and the CG iterations per evaluation are in
+            ``LMMResult.solver_info``.
         options : Options, optional
             Every solver and optimiser setting (:class:`lmmops.options.Options`, like lme4's
             ``lmerControl``): the optimiser's ``maxiter``, ``tol``, ``boundary_tol`` and
@@ -470,7 +482,10 @@ class LMM:
         opts = resolve_options(options, maxiter=maxiter, n_probes=n_probes, seed=seed,
                                cg_rtol=rtol, threads=threads)
         if preconditioner is not None:
-            check_preconditioner(preconditioner, self.design.n_factors)
+            if self.has_slopes:
+                check_slope_preconditioner(preconditioner)
+            else:
+                check_preconditioner(preconditioner, self.design.n_factors)
             if solver == "direct":
                 raise ArgumentError(
                     f"preconditioner={preconditioner!r} applies to the iterative solver; "
@@ -483,7 +498,8 @@ class LMM:
             obj = self.iterative_objective(
                 method, n_probes=opts.n_probes, seed=opts.seed, rtol=opts.cg_rtol,
                 maxiter=opts.cg_maxiter,
-                preconditioner=preconditioner or DEFAULT_PRECONDITIONER, **extra)
+                preconditioner=preconditioner or (
+                    "block_jacobi" if self.has_slopes else DEFAULT_PRECONDITIONER), **extra)
         else:
             obj = self.objective(method).conditioned
         if start is None and not self.has_slopes:  # slope terms: lme4's start T_k = I

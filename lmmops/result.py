@@ -27,6 +27,7 @@ from lmmops.estimation.protocol import (
     fit_notes,
     is_exact,
     monte_carlo_covariance,
+    monte_carlo_stderr,
     pev_blocks,
     solver_info,
     theta_covariance,
@@ -202,6 +203,10 @@ class LMMResult:
             self.mc_stderr = {"loglik": 0.0, "variances": {k: 0.0 for k in self.variances}}
             self.notes.extend(fit_notes(obj, self.optsum, 0.0))
             return
+        slopes = monte_carlo_stderr(obj, ev)
+        if slopes is not None:  # random slopes: per term, d x d errors of s^2 T T'
+            self._set_mc_stderr_terms(obj, slopes, objective_se)
+            return
         K = len(C)
         tau = np.asarray(ev.theta, dtype=np.float64) ** 2
         dof = self.n_obs - self.model.X.shape[1] if self.method == "REML" else self.n_obs
@@ -220,6 +225,24 @@ class LMMResult:
             "loglik": 0.5 * objective_se,
             "variances": {nm: float(x) for nm, x in zip(self.variances, se)},
         }
+        self.notes.extend(fit_notes(obj, self.optsum, self.mc_stderr["loglik"]))
+
+    def _set_mc_stderr_terms(self, obj, slopes, objective_se):
+        """:meth:`_set_mc_stderr` for random-slope terms: ``mc_stderr["covariances"]``
+        holds, per grouping factor, the Monte Carlo standard errors of
+        :attr:`covariances` (a DataFrame of the same shape), and ``"variances"`` those of
+        :attr:`variances` (the one-column terms and ``Residual``)."""
+        per_term, resid_se = slopes
+        vs = self.model.conditioning.variance_scale
+        groups = _unique([t.group for t in self.terms])
+        covs, variances = {}, {}
+        for g, t, se in zip(groups, self.terms, per_term):
+            covs[g] = pd.DataFrame(vs * se, index=list(t.columns), columns=list(t.columns))
+            if t.dim == 1:
+                variances[g] = float(vs * se[0, 0])
+        variances["Residual"] = float(vs * resid_se)
+        self.mc_stderr = {"loglik": 0.5 * objective_se, "variances": variances,
+                          "covariances": covs}
         self.notes.extend(fit_notes(obj, self.optsum, self.mc_stderr["loglik"]))
 
     RESIDUAL_KINDS = ("conditional", "marginal", "model", "pearson", "shift", "studentized")

@@ -14,7 +14,7 @@ timed part is the evaluation or the fit alone.
 
 import numpy as np
 
-from .common import pick, safe_import, warm_up_jit
+from .common import evaluation_benchmarks, pick, safe_import, warm_up_jit
 
 with safe_import():
     from lmmops.data.design import CrossedDesign
@@ -47,6 +47,7 @@ def build_objective(n):
     return obj, start, obj.evaluate(start)
 
 
+@evaluation_benchmarks
 class IterativeEvaluation:
     params = [pick([10**6, 10**7], [2000])]
     param_names = ["n_obs"]
@@ -54,15 +55,6 @@ class IterativeEvaluation:
 
     def setup(self, n):
         self.obj, self.theta, self.ev = build_objective(n)  # compiled outside the timing
-
-    def time_evaluate(self, n):
-        self.obj.evaluate(self.theta)
-
-    def track_cg_iterations(self, n):
-        return int(self.ev.cg_iterations)
-
-    def track_criterion_mc_stderr(self, n):
-        return float(self.ev.objective_se)
 
     def peakmem_build_objective(self, n):
         d, X, y = problem(n)

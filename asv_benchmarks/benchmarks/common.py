@@ -19,6 +19,7 @@ __all__ = [
     "TINY_N",
     "ZIPF",
     "crossed_codes",
+    "evaluation_benchmarks",
     "pick",
     "safe_import",
     "warm_up_jit",
@@ -80,3 +81,24 @@ def warm_up_jit():
     from lmmops.estimation.direct import warm_up
 
     warm_up()
+
+
+def evaluation_benchmarks(cls):
+    """Class decorator: the benchmarks of one stochastic criterion evaluation, for a class
+    whose ``setup`` leaves the objective in ``self.obj``, the point in ``self.theta`` and
+    a first evaluation (compiled outside the timing) in ``self.ev``: ``time_evaluate``,
+    ``track_cg_iterations`` and ``track_criterion_mc_stderr``."""
+
+    def time_evaluate(self, n):
+        self.obj.evaluate(self.theta)
+
+    def track_cg_iterations(self, n):
+        return int(self.ev.cg_iterations)
+
+    def track_criterion_mc_stderr(self, n):
+        return float(self.ev.objective_se)
+
+    for f in (time_evaluate, track_cg_iterations, track_criterion_mc_stderr):
+        f.__qualname__ = f"{cls.__name__}.{f.__name__}"
+        setattr(cls, f.__name__, f)
+    return cls

@@ -14,10 +14,16 @@ Examples::
     python asv_benchmarks/peers/scale.py --sizes 1e6:1e5,3e3 --peers lme4
     python asv_benchmarks/peers/scale.py --movielens           # 27.7M rows, 267k x 54k
     python asv_benchmarks/peers/scale.py --sweep               # time per evaluation vs n
+    python asv_benchmarks/peers/scale.py --slopes              # (1 + x | g1) + (1 | g2)
 
 Targets (issue 5): K = 2, n = 1e7 with 1e6 and 3e4 levels, full REML fit <= 3 min and
 <= 4 GiB; MovieLens shape, one evaluation <= 60 s and a full fit <= 15 min within 6 GiB.
 The machine is noisy: compare ratios measured in one run, and read ``uptime``.
+
+``--slopes`` fits ``y ~ 1 + x + (1 + x | g1) + (1 | g2)`` instead (issue 14: n = 1e7 with
+1e6 and 3e4 levels by the iterative solver within 4 minutes and 6 GiB), on data from
+:func:`lmmops.data.simulate.simulate_slopes` made in the child (the formula parser has no
+random slopes yet, so the terms are built directly); ``simulate_s`` is then the child's.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT_SIZES = ["1e5:1e4,1e3", "1e6:1e5,3e3", "1e7:1e6,3e4"]
 MOVIELENS = "27.7e6:266980,53883"
+SLOPE_SIZES = ["1e6:1e5,3e3", "1e7:1e6,3e4"]
 SWEEP = ["1e5:1e4,2e3", "3e5:3e4,4e3", "1e6:1e5,8e3", "3e6:3e5,1.6e4", "1e7:1e6,3e4",
          "3e7:3e6,6e4"]
 
@@ -94,9 +101,55 @@ def child(path, formula, n_probes, max_evals):
     del np
 
 
-def run_child(path, formula, n_probes, max_evals, timeout):
+def child_slopes(size, zipf, seed, n_probes, max_evals):
+    """The ``--slopes`` child: simulate, build, one evaluation, fit; one JSON line."""
+    import resource
+
+    import numpy as np
+
+    import lmmops
+    from lmmops.data.design import CrossedDesign
+    from lmmops.data.simulate import simulate_slopes
+    from lmmops.estimation.vector import start_theta
+    from lmmops.estimation.vector_iterative import fit_vector_iterative
+
+    n, levels = parse_size(size)
+    t0 = time.perf_counter()
+    terms, X, y = simulate_slopes(n, levels, zipf=[zipf] * len(levels), seed=seed)
+    t_sim = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    design = CrossedDesign.from_codes([t.codes for t in terms], names=[t.group for t in terms])
+    model = lmmops.LMM(design, X, y, fixef_names=["(Intercept)", "x"], terms=terms)
+    obj = model.iterative_objective(n_probes=n_probes)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    obj.evaluate(start_theta(obj.terms))
+    t_eval = time.perf_counter() - t0
+    out = {"simulate_s": t_sim, "build_s": t_build, "eval_s": t_eval,
+           "cg_per_eval": obj.cg_iterations, "n": int(n), "q": int(obj.q), "nnz": obj.nnz}
+    if max_evals > 1:
+        t0 = time.perf_counter()
+        ev, opt = fit_vector_iterative(obj, maxiter=max_evals)
+        sd = np.sqrt(np.diag(ev.theta_mc_cov))
+        out.update({
+            "fit_s": t_build + t_eval + (time.perf_counter() - t0),
+            "iterations": opt.iterations, "evaluations": opt.n_evaluations + 1,
+            "converged": opt.converged, "message": opt.message,
+            "theta": [float(v) for v in ev.theta], "theta_mc_sd": [float(v) for v in sd],
+            "sigma2": float(ev.sigma2), "loglik_mc_se": 0.5 * float(ev.objective_se),
+            "cg_iterations": [int(c) for c in obj.cg_history],
+        })
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_gib"] = usage.ru_maxrss / 2**20
+    out["cpu_s"] = usage.ru_utime + usage.ru_stime  # on a shared machine, with the wall time
+    print("@result " + json.dumps(out), flush=True)
+
+
+def run_child(path, formula, n_probes, max_evals, timeout, slopes=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", path, "--formula", formula,
            "--probes", str(n_probes), "--max-evals", str(max_evals)]
+    if slopes is not None:  # path is the size, the child simulates
+        cmd += ["--_slopes", "--zipf", str(slopes[0]), "--seed", str(slopes[1])]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -120,6 +173,22 @@ def run_peers(n, levels, zipf, seed, peers, timeout):
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
 
 
+def _done(rows, text, res):
+    rows.append(res)
+    print(f"# done {text}: {json.dumps(res)[:300]}", file=sys.stderr, flush=True)
+
+
+def _head(args, load, rows, columns):
+    """Print the ``--json`` record (and return True) or the table's load line and head."""
+    if args.json:
+        print(json.dumps({"load_average": load, "rows": rows}, indent=2))
+        return True
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    return False
+
+
 def fmt(x, spec=".1f"):
     return "—" if x is None else format(x, spec)
 
@@ -139,11 +208,19 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--formula", default=None)
+    p.add_argument("--slopes", action="store_true",
+                   help="fit y ~ 1 + x + (1 + x | g1) + (1 | g2) (default 1e6 and 1e7 rows)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--_slopes", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
-        child(args._child, args.formula, args.probes, args.max_evals)
+        if args._slopes:
+            child_slopes(args._child, args.zipf, args.seed, args.probes, args.max_evals)
+        else:
+            child(args._child, args.formula, args.probes, args.max_evals)
         return 0
+    if args.slopes:
+        return main_slopes(args)
     sizes = args.sizes or (SWEEP if args.sweep else list(DEFAULT_SIZES))
     if args.movielens:
         sizes.append(MOVIELENS)
@@ -163,15 +240,10 @@ def main(argv=None):
                 res["peers"] = run_peers(n, levels, args.zipf, args.seed, args.peers,
                                          args.timeout)
             os.remove(path)
-            rows.append(res)
-            print(f"# done {text}: {json.dumps(res)[:200]}", file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps({"load_average": load, "rows": rows}, indent=2))
+            _done(rows, text, res)
+    if _head(args, load, rows, ["n", "levels", "build s", "1 eval s", "CG/eval", "fit s",
+                                "iters", "peak GiB", "MC se loglik", "peers"]):
         return 0
-    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)\n")
-    print("| n | levels | build s | 1 eval s | CG/eval | fit s | iters | peak GiB | "
-          "MC se loglik | peers |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peers = ""
         if "peers" in r:
@@ -189,6 +261,30 @@ def main(argv=None):
               f"{fmt(r['eval_s'])} | {r['cg_per_eval']} | {fmt(r.get('fit_s'))} | "
               f"{r.get('iterations', '—')} | {fmt(r['peak_rss_gib'], '.2f')} | "
               f"{fmt(r.get('loglik_mc_se'), '.3f')} | {peers} |")
+    return 0
+
+
+def main_slopes(args):
+    """The ``--slopes`` study: one child per size, a table (or ``--json``)."""
+    rows = []
+    load = os.getloadavg()
+    for text in args.sizes or SLOPE_SIZES:
+        res = run_child(text, "slopes", args.probes, args.max_evals, args.timeout,
+                        slopes=(args.zipf, args.seed))
+        res.update({"size": text, "load_after": os.getloadavg()})
+        _done(rows, text, res)
+    if _head(args, load, rows, ["n", "levels", "q", "build s", "1 eval s", "fit s", "evals",
+                                "peak GiB", "MC se loglik", "load after"]):
+        return 0
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['size']} | | | | | {r['error']} | | | | |")
+            continue
+        la = r["load_after"]
+        print(f"| {r['n']:,} | {r['size'].split(':')[1]} | {r['q']:,} | {fmt(r['build_s'])} "
+              f"| {fmt(r['eval_s'])} | {fmt(r.get('fit_s'))} | {r.get('evaluations', '—')} "
+              f"| {fmt(r['peak_rss_gib'], '.2f')} | {fmt(r.get('loglik_mc_se'), '.3f')} "
+              f"| {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} |")
     return 0
 
 

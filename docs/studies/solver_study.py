@@ -46,10 +46,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lmmops.data.design import CrossedDesign  # noqa: E402
 from lmmops.data.simulate import simulate_codes  # noqa: E402
 from lmmops.linalg.krylov import cg  # noqa: E402
-from lmmops.linalg.solve import solve_V  # noqa: E402
 from lmmops.linalg.operators import CovarianceOperator  # noqa: E402
 from lmmops.linalg.preconditioners import AUTO_LEVEL_KIND, apply_cost, build  # noqa: E402
 from lmmops.linalg.preconditioners.spectral import _normalised_svd  # noqa: E402
+from lmmops.linalg.solve import solve_V  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RTOLS = (1e-6, 1e-10)

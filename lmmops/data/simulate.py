@@ -7,9 +7,10 @@ import numbers
 import numpy as np
 import pandas as pd
 
+from lmmops.data.terms import RandomEffectsTerm
 from lmmops.errors import ArgumentError
 
-__all__ = ["simulate_codes", "simulate_crossed"]
+__all__ = ["simulate_codes", "simulate_crossed", "simulate_slopes"]
 
 
 def _rng(seed):
@@ -155,3 +156,66 @@ def simulate_crossed(n_obs, n_levels, zipf=None, sigma2=None, sigma2_e=1.0, inte
     for k in range(K):
         cols[f"g{k + 1}"] = codes[k]
     return pd.DataFrame(cols)
+
+
+#: The default covariance of a simulated ``(1 + x | g)`` term's (intercept, slope).
+SLOPE_COVARIANCE = ((0.5, 0.1), (0.1, 0.2))
+
+
+def simulate_slopes(n_obs, n_levels, slopes=None, zipf=None, sigma2=None, seed=None):
+    """Simulate a random-slope model on a crossed design and return its terms.
+
+    ``y = 1 + 0.5 x + sum_k (u_k[g_k] + v_k[g_k] x) + e`` with ``x ~ N(0, 1)``,
+    ``e ~ N(0, 1)``: factor ``k`` is a ``(1 + x | g_k)`` term when ``slopes[k]`` (its
+    ``(u, v)`` with covariance :data:`SLOPE_COVARIANCE`), else a ``(1 | g_k)`` term with
+    variance ``sigma2[k]``.
+
+    Parameters
+    ----------
+    n_obs : int
+    n_levels : sequence of int
+    slopes : sequence of bool, optional
+        Default: a slope on the first factor only.
+    zipf : sequence of float, optional
+        Zipf exponents of the level frequencies (see :func:`simulate_codes`).
+    sigma2 : sequence of float, optional
+        Variances of the intercept-only terms (default 0.8).
+    seed : int or numpy.random.Generator, optional
+
+    Returns
+    -------
+    (list of RandomEffectsTerm, ndarray, ndarray)
+        The terms (lme4's order is the caller's: here factor order), ``X = [1, x]`` and
+        ``y``.
+
+    Examples
+    --------
+    >>> terms, X, y = simulate_slopes(400, [20, 8], seed=1)
+    >>> [t.dim for t in terms], X.shape, y.shape
+    ([2, 1], (400, 2), (400,))
+    """
+    rng = _rng(seed)
+    K = len(n_levels)
+    slopes = [k == 0 for k in range(K)] if slopes is None else [bool(s) for s in slopes]
+    if len(slopes) != K:
+        raise ArgumentError(f"got {len(slopes)} slope flags for {K} factor(s)")
+    sigma2 = [0.8] * K if sigma2 is None else _reals(sigma2, "variances", K, 0.0)
+    codes = simulate_codes(n_obs, n_levels, zipf, rng).astype(np.int32)
+    n = codes.shape[1]
+    x = rng.normal(size=n)
+    y = 1.0 + 0.5 * x + rng.normal(size=n)
+    L = np.linalg.cholesky(np.asarray(SLOPE_COVARIANCE))
+    terms = []
+    for k in range(K):
+        q = int(n_levels[k])
+        name = f"g{k + 1}"
+        levels = pd.Index(np.arange(q), name=name)
+        if slopes[k]:
+            uv = rng.normal(size=(q, 2)) @ L.T
+            y += uv[codes[k], 0] + uv[codes[k], 1] * x
+            terms.append(RandomEffectsTerm(name, codes[k], levels, ("(Intercept)", "x"),
+                                           np.column_stack([np.ones(n), x])))
+        else:
+            y += rng.normal(scale=np.sqrt(sigma2[k]), size=q)[codes[k]]
+            terms.append(RandomEffectsTerm(name, codes[k], levels))
+    return terms, np.column_stack([np.ones(n), x]), y

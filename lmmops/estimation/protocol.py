@@ -37,11 +37,12 @@ from lmmops.estimation.mme import diag_P as _exact_diag_P
 from lmmops.estimation.mme import level_space_diagonals
 from lmmops.estimation.stochastic import fit_iterative
 from lmmops.estimation.vector import VectorObjective, fit_vector
+from lmmops.estimation.vector_iterative import VectorIterativeObjective, fit_vector_iterative
 from lmmops.linalg.trace import TraceEstimate
 
 __all__ = ["diag_P", "fit_notes", "is_exact", "level_diagonal_inverse",
-           "monte_carlo_covariance", "optimise", "pev_blocks", "progress_note",
-           "solver_info", "theta_covariance", "variance_covariance"]
+           "monte_carlo_covariance", "monte_carlo_stderr", "optimise", "pev_blocks",
+           "progress_note", "solver_info", "theta_covariance", "variance_covariance"]
 
 
 @functools.singledispatch
@@ -135,6 +136,7 @@ def theta_covariance(obj, ev):
 
 
 @theta_covariance.register(VectorObjective)
+@theta_covariance.register(VectorIterativeObjective)
 def _(obj, ev):
     return obj.theta_covariance(ev)
 
@@ -227,6 +229,12 @@ def _(obj: VectorObjective, start, options, callback=None):
 
 
 @optimise.register
+def _(obj: VectorIterativeObjective, start, options, callback=None):
+    return fit_vector_iterative(obj, start, maxiter=max(options.maxiter, 200),
+                                step_tol=options.step_tol, callback=callback)
+
+
+@optimise.register
 def _(obj: IterativeObjective, start, options, callback=None):
     return fit_iterative(obj, start, maxiter=options.maxiter, step_tol=options.step_tol,
                          boundary_tol=options.boundary_tol, callback=callback)
@@ -246,8 +254,9 @@ def _(obj):
     return {"preconditioner": None, "cg_iterations": [], "probe_cg_iterations": []}
 
 
-@solver_info.register
-def _(obj: IterativeObjective):
+@solver_info.register(VectorIterativeObjective)
+@solver_info.register(IterativeObjective)
+def _(obj):
     return {"preconditioner": obj.preconditioner,
             "cg_iterations": [int(c) for c in obj.cg_history],
             "probe_cg_iterations": [int(c) for c in obj.probe_cg_history]}
@@ -267,8 +276,9 @@ def _(obj):
     return True
 
 
-@is_exact.register
-def _(obj: IterativeObjective):
+@is_exact.register(IterativeObjective)
+@is_exact.register(VectorIterativeObjective)
+def _(obj):
     return False
 
 
@@ -301,6 +311,45 @@ def _(obj: IterativeObjective, ev):
     return C, float(getattr(ev, "objective_se", 0.0))
 
 
+@monte_carlo_covariance.register
+def _(obj: VectorIterativeObjective, ev):
+    # random slopes: the covariance of theta_hat itself (lme4's theta), not of theta^2
+    K = len(ev.theta)
+    C = np.asarray(getattr(ev, "theta_mc_cov", np.full((K, K), np.nan)), dtype=np.float64)
+    return C, float(getattr(ev, "objective_se", 0.0))
+
+
+@functools.singledispatch
+def monte_carlo_stderr(obj, ev):
+    """Monte Carlo standard errors of a random-slope fit's covariance parameters, on the
+    objective's scale: ``(covariances, residual)``, per term the ``d x d`` standard
+    errors of ``s^2 T_k T_k'`` and that of ``s^2``, by the delta method from
+    :func:`monte_carlo_covariance` (the covariance of ``theta_hat``) and the exact
+    derivative of the profiled ``s^2``; None for an objective without them (exact, or
+    random intercepts, whose errors come from the covariance of ``theta^2``)."""
+    return None
+
+
+@monte_carlo_stderr.register
+def _(obj: VectorIterativeObjective, ev):
+    C, _ = monte_carlo_covariance(obj, ev)
+    s2, ds2 = ev.sigma2, np.asarray(getattr(ev, "dsigma2", np.zeros(len(ev.theta))))
+    out = []
+    for t, sl in zip(obj.terms, obj.layout):
+        T = t.relative_factor(ev.theta[sl])
+        S = T @ T.T
+        d = t.dim
+        J = ds2[None, None, :] * S[:, :, None]  # d(s^2 T T')/d theta, (d, d, n_theta)
+        ii, jj = np.triu_indices(d)[::-1]
+        for m, (a, b) in enumerate(zip(ii, jj)):
+            Tm = np.zeros((d, d))
+            Tm[a, b] = 1.0
+            J[:, :, sl.start + m] += s2 * (Tm @ T.T + T @ Tm.T)
+        var = np.einsum("abm,mn,abn->ab", J, C, J)
+        out.append(np.sqrt(np.maximum(var, 0.0)))
+    return out, float(np.sqrt(max(float(ds2 @ C @ ds2), 0.0)))
+
+
 @functools.singledispatch
 def fit_notes(obj, opt, loglik_se):
     """The solver's lines for the fit's notes (a list of str; none for the exact
@@ -313,6 +362,15 @@ def fit_notes(obj, opt, loglik_se):
 @fit_notes.register(VectorObjective)
 def _(obj, opt, loglik_se):
     return []
+
+
+@fit_notes.register
+def _(obj: VectorIterativeObjective, opt, loglik_se):
+    evals = len(obj.cg_history)
+    return [(f"iterative solver (random slopes, block-Jacobi PCG): {obj.n_probes} probes, "
+             f"{obj.cg_iterations} CG iterations in {evals} evaluations; Monte Carlo "
+             f"standard error of the log-likelihood {loglik_se:.3g}"),
+            *getattr(opt, "notes", [])]
 
 
 @fit_notes.register
@@ -344,8 +402,9 @@ def _(obj, state):
     return ""
 
 
-@progress_note.register
-def _(obj: IterativeObjective, state):
+@progress_note.register(IterativeObjective)
+@progress_note.register(VectorIterativeObjective)
+def _(obj, state):
     cg = obj.cg_iterations - state.get("cg", 0)
     state["cg"] = obj.cg_iterations
     return f"  CG iterations {cg:5d}  MC error {obj.last.get('objective_se', 0.0):.3g}"
@@ -361,3 +420,20 @@ def _not_yet(what):
 variance_covariance.register(VectorObjective, _not_yet(
     "the covariance of the variance estimates (use LMMResult.theta_cov or "
     "confint(method='wald'), Wald on theta)"))
+
+
+def _not_yet_iterative(what):
+    def refuse(obj, ev, *args, **kwargs):
+        raise LmmopsError(f"{what} is not available yet on the iterative solver for "
+                          "random-slope terms; refit with solver='direct' (exact, while its "
+                          "dense Schur block fits in memory)")
+    return refuse
+
+
+variance_covariance.register(VectorIterativeObjective, _not_yet_iterative(
+    "the covariance of the variance estimates (use LMMResult.theta_cov, Wald on theta)"))
+diag_P.register(VectorIterativeObjective, _not_yet_iterative("diag(P)"))
+level_diagonal_inverse.register(VectorIterativeObjective, _not_yet_iterative(
+    "the diagonal of the inverse mixed-model matrix"))
+pev_blocks.register(VectorIterativeObjective, _not_yet_iterative(
+    "the prediction error covariances of the BLUPs"))

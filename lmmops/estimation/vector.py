@@ -52,7 +52,8 @@ from lmmops.errors import LmmopsError, RankDeficientError
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 
-__all__ = ["VectorObjective", "fit_vector", "random_effects_matrix"]
+__all__ = ["VectorObjective", "fit_vector", "profiled_gls", "random_effects_matrix",
+           "vector_statistics"]
 
 #: A term's gradient uses the selected inverse of ``A`` (and ``T_k^{-1}``) when every
 #: diagonal entry of ``T_k`` is at least this; below it, the general form that needs no
@@ -83,6 +84,133 @@ def random_effects_matrix(terms):
         rows = np.repeat(np.arange(n, dtype=np.int64), d)
         blocks.append(sp.csr_matrix((vals.ravel(), (rows, cols)), shape=(n, t.n_random_effects)))
     return sp.hstack(blocks, format="csr")
+
+
+def vector_statistics(terms, X, y, weights=None):
+    """The sufficient statistics of a model with vector-valued terms, one pass over the
+    rows: ``Z``, ``C = Z'WZ`` (sparse CSR, ``q x q``, sorted indices), ``Z'W[X y]``,
+    ``[X y]'W[X y]`` and ``sum(log w)`` (0 without weights).
+
+    Parameters
+    ----------
+    terms : sequence of RandomEffectsTerm
+    X : ndarray, shape (n_obs, p)
+    y : ndarray, shape (n_obs,)
+    weights : ndarray, shape (n_obs,), optional
+        Checked prior weights.
+
+    Returns
+    -------
+    (scipy.sparse.csr_matrix, scipy.sparse.csr_matrix, ndarray, ndarray, float)
+        ``Z``, ``C``, ``Z'W[X y]`` (``q x (p + 1)``), ``[X y]'W[X y]`` and the log-sum of
+        the weights. Columns of ``Z`` as :func:`random_effects_matrix`.
+    """
+    n = X.shape[0]
+    Z = random_effects_matrix(terms)
+    w = np.ones(n) if weights is None else weights
+    Zw = Z if weights is None else sp.diags(w) @ Z  # no copy of Z without weights
+    C = (Z.T @ Zw).tocsr()  # Z'WZ
+    C.sort_indices()
+    T = np.column_stack([X, y])
+    ZtT = np.asarray(Zw.T @ T)  # Z'W[X y]
+    TT = T.T @ (w[:, None] * T)
+    ldW = float(np.sum(np.log(w))) if weights is not None else 0.0
+    return Z, C, ZtT, TT, ldW
+
+
+def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
+    """Generalised least squares given ``theta`` and the profiled criterion, from the
+    solves ``sol = A^{-1} Lambda'Z'W[X y]`` (exact or to a CG tolerance).
+
+    Parameters
+    ----------
+    TT : ndarray, shape (p + 1, p + 1)
+        ``[X y]'W[X y]``.
+    LZT : ndarray, shape (q, p + 1)
+        ``Lambda'Z'W[X y]``.
+    sol : ndarray, shape (q, p + 1)
+        ``A^{-1} LZT``.
+    logdet_A : float
+        ``log|A|`` (exact or estimated).
+    n : int
+    method : {"REML", "ML"}
+    ldW : float
+        ``sum(log w)``.
+
+    Returns
+    -------
+    dict
+        ``beta``, ``u`` (the spherical modes), ``pwrss``, ``logdet_RX``, ``Cx_inv``
+        (``(X'V0^{-1}X)^{-1}``), ``sigma2``, ``dof`` and ``objective``.
+
+    Raises
+    ------
+    RankDeficientError
+        If ``X'V0^{-1}X`` is not positive definite.
+    """
+    p = TT.shape[0] - 1
+    Cx = TT[:p, :p] - LZT[:, :p].T @ sol[:, :p]  # X'V0^{-1}X
+    cxy = TT[:p, p] - LZT[:, :p].T @ sol[:, p]
+    try:
+        Rx = sla.cholesky(Cx, lower=True, check_finite=False)
+    except np.linalg.LinAlgError as exc:
+        raise RankDeficientError("X'V^{-1}X is not positive definite: the fixed "
+                                 "effects are not identifiable") from exc
+    beta = sla.cho_solve((Rx, True), cxy, check_finite=False)
+    u = sol[:, p] - sol[:, :p] @ beta
+    # r^2 = ||W^{1/2}(y - X beta - Z Lambda u)||^2 + ||u||^2 at the PLS solution
+    pwrss = float(TT[p, p] - TT[:p, p] @ beta - LZT[:, p] @ u)
+    if not pwrss > 0:
+        pwrss = float(np.finfo(float).tiny)
+    logdet_RX = 2.0 * float(np.sum(np.log(np.diag(Rx))))
+    dof = n - p if method == "REML" else n
+    f = logdet_A + dof * (1.0 + math.log(2.0 * math.pi * pwrss / dof)) - ldW
+    if method == "REML":
+        f += logdet_RX
+    return {"beta": beta, "u": u, "pwrss": pwrss, "logdet_RX": logdet_RX,
+            "Cx_inv": sla.cho_solve((Rx, True), np.eye(p), check_finite=False),
+            "sigma2": pwrss / dof, "dof": dof, "objective": float(f)}
+
+
+def setup_objective(obj, terms, X, y, method, weights):
+    """Check the inputs of a slope objective and set what every one keeps: ``method``,
+    ``terms``, ``X``, ``y``, ``n``, ``p``, ``weights``, ``offsets`` (of each term's block
+    in level space), ``q``, ``layout``, ``n_theta``, ``lower`` and ``names``."""
+    obj.method = check_method(method)
+    obj.terms = tuple(terms)
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+    n, p = X.shape
+    if y.shape[0] != n or any(t.codes.shape[0] != n for t in obj.terms):
+        raise LmmopsError("X, y and the random-effects terms must have the same "
+                          "number of rows")
+    check_method(obj.method, n, p)
+    obj.weights = None if weights is None else check_weights(weights, n)
+    obj.n, obj.p = n, p
+    obj.X, obj.y = X, y
+    sizes = [t.n_random_effects for t in obj.terms]
+    obj.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    obj.q = int(obj.offsets[-1])
+    obj.layout = theta_layout(obj.terms)
+    obj.n_theta = sum(t.n_theta for t in obj.terms)
+    obj.lower = theta_lower_bounds(obj.terms)
+    obj.names = theta_names(obj.terms)
+
+
+def check_theta(obj, theta):
+    """``theta`` as a float64 copy, checked against the objective's size and bounds.
+
+    Raises
+    ------
+    LmmopsError
+        For a ``theta`` of the wrong size, non-finite, or with a negative diagonal.
+    """
+    theta = np.asarray(theta, dtype=np.float64).copy()
+    if (theta.shape != (obj.n_theta,) or not np.all(np.isfinite(theta))
+            or np.any(theta < obj.lower)):
+        raise LmmopsError(f"theta must be {obj.n_theta} finite values with the "
+                          f"diagonal entries >= 0, got {theta}")
+    return theta
 
 
 class VectorObjective:
@@ -116,40 +244,15 @@ class VectorObjective:
     """
 
     def __init__(self, terms, X, y, method="REML", weights=None):
-        self.method = check_method(method)
-        self.terms = tuple(terms)
-        X = np.ascontiguousarray(X, dtype=np.float64)
-        y = np.ascontiguousarray(y, dtype=np.float64).ravel()
-        n, p = X.shape
-        if y.shape[0] != n or any(t.codes.shape[0] != n for t in self.terms):
-            raise LmmopsError("X, y and the random-effects terms must have the same "
-                              "number of rows")
-        check_method(self.method, n, p)
-        self.weights = None if weights is None else check_weights(weights, n)
-        self.n, self.p = n, p
-        self.X, self.y = X, y
-        sizes = [t.n_random_effects for t in self.terms]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.q = int(self.offsets[-1])
-        self.q1 = sizes[0]
+        setup_objective(self, terms, X, y, method, weights)
+        self.q1 = self.terms[0].n_random_effects
         self.d1 = self.terms[0].dim
         self.m = self.q - self.q1
         check_dense((self.m, self.m), "the exact solver's dense Schur block (all terms "
                     "but the first); use solver='iterative'", itemsize=8 * 3)
-        self.layout = theta_layout(self.terms)
-        self.n_theta = sum(t.n_theta for t in self.terms)
-        self.lower = theta_lower_bounds(self.terms)
-        self.names = theta_names(self.terms)
         # sufficient statistics: one pass over the rows
-        self.Z = random_effects_matrix(self.terms)
-        w = np.ones(n) if self.weights is None else self.weights
-        Zw = sp.diags(w) @ self.Z
-        self.C = (self.Z.T @ Zw).tocsr()  # Z'WZ
-        self.C.sort_indices()
-        T = np.column_stack([X, y])
-        self.ZtT = np.asarray(Zw.T @ T)  # Z'W[X y]
-        self.TT = T.T @ (w[:, None] * T)
-        self.ldW = float(np.sum(np.log(w))) if self.weights is not None else 0.0
+        self.Z, self.C, self.ZtT, self.TT, self.ldW = vector_statistics(
+            self.terms, self.X, self.y, self.weights)
         self.n_evaluations = 0
 
     # ---------------------------------------------------------------- pieces
@@ -262,47 +365,26 @@ class VectorObjective:
         RankDeficientError
             If ``X'V^{-1}X`` is numerically singular.
         """
-        theta = np.asarray(theta, dtype=np.float64).copy()
-        if (theta.shape != (self.n_theta,) or not np.all(np.isfinite(theta))
-                or np.any(theta < self.lower)):
-            raise LmmopsError(f"theta must be {self.n_theta} finite values with the "
-                              f"diagonal entries >= 0, got {theta}")
+        theta = check_theta(self, theta)
         self.n_evaluations += 1
-        n, p = self.n, self.p
+        n = self.n
         fac = self._factor(theta)
         Lam = fac["Lam"]
         LZT = np.asarray(Lam.T @ self.ZtT)  # Lambda' Z'W [X y]
         sol = self._solve(fac, LZT)  # A^{-1} Lambda' Z'W [X y]
-        Cx = self.TT[:p, :p] - LZT[:, :p].T @ sol[:, :p]  # X'V0^{-1}X
-        cxy = self.TT[:p, p] - LZT[:, :p].T @ sol[:, p]
-        try:
-            Rx = sla.cholesky(Cx, lower=True, check_finite=False)
-        except np.linalg.LinAlgError as exc:
-            raise RankDeficientError("X'V^{-1}X is not positive definite: the fixed "
-                                     "effects are not identifiable") from exc
-        beta = sla.cho_solve((Rx, True), cxy, check_finite=False)
-        u = sol[:, p] - sol[:, :p] @ beta
-        # r^2 = ||W^{1/2}(y - X beta - Z Lambda u)||^2 + ||u||^2 at the PLS solution
-        pwrss = float(self.TT[p, p] - self.TT[:p, p] @ beta - LZT[:, p] @ u)
-        if not pwrss > 0:
-            pwrss = float(np.finfo(float).tiny)
-        logdet_RX = 2.0 * float(np.sum(np.log(np.diag(Rx))))
-        dof = n - p if self.method == "REML" else n
-        f = fac["logdet"] + dof * (1.0 + math.log(2.0 * math.pi * pwrss / dof)) - self.ldW
-        if self.method == "REML":
-            f += logdet_RX
-        sigma2 = pwrss / dof
-        Cx_inv = sla.cho_solve((Rx, True), np.eye(p), check_finite=False)
+        g = profiled_gls(self.TT, LZT, sol, fac["logdet"], n, self.method, self.ldW)
+        beta, u, pwrss, Cx_inv = g["beta"], g["u"], g["pwrss"], g["Cx_inv"]
         # kept for the quantities at this theta (average information, leverages, PEV)
         self._state_key = theta.tobytes()
-        self._state_val = {"fac": fac, "solX": sol[:, :p], "Cx_inv": Cx_inv, "inv": None}
+        self._state_val = {"fac": fac, "solX": sol[:, :self.p], "Cx_inv": Cx_inv,
+                           "inv": None}
         v = [u[self.offsets[k]:self.offsets[k + 1]].copy() for k in range(len(self.terms))]
         grad = None
         if gradient:
-            grad = self._gradient(theta, fac, LZT, sol, beta, u, Cx_inv, pwrss, dof)
-        return Evaluation(theta=theta, objective=float(f), gradient=grad, sigma2=sigma2,
-                          beta=beta, beta_cov=sigma2 * Cx_inv, v=v,
-                          logdet_L=fac["logdet"], logdet_RX=logdet_RX, pwrss=pwrss)
+            grad = self._gradient(theta, fac, LZT, sol, beta, u, Cx_inv, pwrss, g["dof"])
+        return Evaluation(theta=theta, objective=g["objective"], gradient=grad,
+                          sigma2=g["sigma2"], beta=beta, beta_cov=g["sigma2"] * Cx_inv, v=v,
+                          logdet_L=fac["logdet"], logdet_RX=g["logdet_RX"], pwrss=pwrss)
 
     def _gradient(self, theta, fac, LZT, sol, beta, u, Cx_inv, pwrss, dof):
         p, q1 = self.p, self.q1
@@ -589,6 +671,24 @@ def _projected_gradient(theta, grad, lower):
     return g
 
 
+def last_evaluation_cache(objective, fitlog):
+    """``ev_at(theta)``: ``objective.evaluate(theta)``, remembering the last evaluation
+    (an optimiser asks for the same point again after a line search) and appending
+    ``(theta, criterion)`` to ``fitlog`` for every new point."""
+    cache = {}
+
+    def ev_at(th):
+        key = th.tobytes()
+        if key not in cache:
+            ev = objective.evaluate(th)
+            cache.clear()
+            cache[key] = ev
+            fitlog.append((th.copy(), ev.objective))
+        return cache[key]
+
+    return ev_at
+
+
 def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
                optimizer="auto"):
     """Minimise a :class:`VectorObjective` and verify the optimum.
@@ -633,16 +733,7 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
     lower = objective.lower
     theta0 = start_theta(objective.terms) if start is None else np.asarray(start, float)
     fitlog = []
-    cache = {}
-
-    def ev_at(th):
-        key = th.tobytes()
-        if key not in cache:
-            ev = objective.evaluate(th)
-            cache.clear()
-            cache[key] = ev
-            fitlog.append((th.copy(), ev.objective))
-        return cache[key]
+    ev_at = last_evaluation_cache(objective, fitlog)
 
     def fun(th):
         th = np.maximum(th, lower)

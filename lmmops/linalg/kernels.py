@@ -74,6 +74,8 @@ __all__ = [
     "axpy_gather_block_serial",
     "axpy_gather_parallel",
     "axpy_gather_serial",
+    "block_matmat_parallel",
+    "block_matmat_serial",
     "cg_direction_parallel",
     "cg_direction_serial",
     "cg_update_parallel",
@@ -615,6 +617,29 @@ def _cg_direction(P, R, pinv, b, nblocks):
                 P[i, j] = w * R[i, j] + b[j] * P[i, j]
 
 
+def _block_matmat(B, X, out):
+    # out = blockdiag_j(B_j) X for d x d blocks: row block j of X (rows j d .. j d + d - 1)
+    # times B_j, or times the one shared B_0 when B has a single block (Lambda's I (x) T).
+    # B: (nb, d, d) float64 with nb = 1 or r / d; X, out: (r, m) float64 C order, out
+    # overwritten. Levels in prange, each writing only its own rows (race-free).
+    d = B.shape[1]
+    nl = X.shape[0] // d
+    m = X.shape[1]
+    step = 0 if B.shape[0] == 1 else 1  # block j * step: the shared one or level j's
+    for j in prange(nl):
+        bj = j * step
+        for a in range(d):
+            r = j * d + a
+            for c in range(m):
+                out[r, c] = 0.0
+            for b in range(d):
+                v = B[bj, a, b]
+                if v != 0.0:
+                    rb = j * d + b
+                    for c in range(m):
+                        out[r, c] += v * X[rb, c]
+
+
 def _renamed(fn, suffix):
     # A copy of ``fn`` under another qualified name. Numba names on-disk cache entries by
     # qualified name and line and does not key them by ``parallel``, so without this the
@@ -647,6 +672,7 @@ cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
 level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
 csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
+block_matmat_serial, block_matmat_parallel = _compile(_block_matmat)
 csr_residual_serial, csr_residual_parallel = _compile(_csr_residual)
 # fastmath lets the contiguous dot products and axpys use SIMD (reassociated float64 sums)
 dense_matmat_serial, dense_matmat_parallel = _compile(_dense_matmat, fastmath=True)
@@ -750,6 +776,16 @@ def get_cg_kernels(parallel=False):
     if parallel:
         return cg_update_parallel, cg_direction_parallel
     return cg_update_serial, cg_direction_serial
+
+
+def get_block_matmat(parallel=False):
+    """The serial or parallel ``block_matmat`` kernel: ``out = blockdiag_j(B_j) X`` for
+    ``d x d`` blocks ``B`` of shape ``(n_levels, d, d)``, or ``(1, d, d)`` for one block
+    shared by every level (``(I (x) T) X``). Called as ``block_matmat(B, X, out)`` with
+    ``X`` and ``out`` of shape ``(n_levels d, m)``, C order, ``out`` overwritten; the
+    parallel variant (``parallel=True``) runs the levels in ``prange``.
+    """
+    return block_matmat_parallel if parallel else block_matmat_serial
 
 
 def get_csr_matmat(parallel=False):

@@ -1,0 +1,629 @@
+r"""Matrix-free REML and ML for vector-valued random-effects terms (random slopes).
+
+The counterpart of :class:`lmmops.estimation.vector.VectorObjective` (the exact,
+blocked-Cholesky solver, whose Schur block of all terms but the first is dense) for
+designs where that block is too large. The model, criterion and gradient are those of
+``docs/theory_slopes.rst``; with ``Lambda = blockdiag_k(I_{q_k} (x) T_k)`` and the sparse
+``C = Z'WZ`` (built once, :func:`lmmops.estimation.vector.vector_statistics`),
+
+.. math::
+
+    A(\theta) = \Lambda^\top C \Lambda + I
+
+is applied matrix-free: ``Lambda x`` reshapes each term's block to ``(q_k, d_k)`` and
+multiplies by ``T_k`` (no Kronecker product is formed), ``C x`` is the row-parallel CSR
+kernel of :mod:`lmmops.linalg.kernels`. Per evaluation there is one block PCG solve
+(:func:`lmmops.linalg.krylov.block_pcg`) with the **block-Jacobi** preconditioner
+``D = blockdiag_j(D_j)``, the ``d_k x d_k`` diagonal blocks of ``A`` per level
+(``D_j = T_k' C_jj T_k + I``, batched Cholesky ``D_j = L_j L_j'``), and right-hand sides
+
+- ``Lambda' Z'W[X y]``: generalised least squares given ``theta`` (``beta``, ``r^2``,
+  ``log|X'V0^{-1}X|``, the conditional modes), exact to the CG tolerance;
+- ``L z_i`` for Rademacher probes ``z_i`` drawn once per objective (common random
+  numbers), so that CG on ``A`` with ``M = D^{-1}`` is CG on
+  ``L^{-1} A L^{-T}`` started at ``z_i``.
+
+Stochastic parts, with Monte Carlo standard errors from the spread over the probes:
+
+- ``log|A| = log|D| + log|L^{-1} A L^{-T}|``: the first term exact (the control variate),
+  the second by stochastic Lanczos quadrature from the probe columns' CG coefficients
+  (:func:`lmmops.linalg.trace.lanczos_from_cg`, no extra products);
+- the trace part of the gradient, ``tr(A^{-1} dA)`` with
+  ``dA = Lambda_m' C Lambda + Lambda' C Lambda_m`` (``Lambda_m = I (x) E_ab`` for entry
+  ``(a, b)`` of ``T_k``): ``tr(D^{-1} dA)`` exact from the diagonal blocks and Hutchinson
+  on the difference, ``w_i' dA (x_i - w_i)`` with ``x_i = A^{-1} L z_i`` (the probe
+  solves) and ``w_i = L^{-T} z_i = D^{-1} L z_i``. No inverse of ``T_k`` appears, so the
+  gradient is valid on the boundary.
+
+The rest of the gradient (``log|X'V0^{-1}X|`` and ``r^2``) is exact given the solves.
+The gradient estimate is **not** the derivative of the criterion estimate at fixed
+probes: the derivative of the quadrature ``z' log(L^{-1} A L^{-T}) z`` is not
+``z' (L^{-1} A L^{-T})^{-1} L^{-1} dA L^{-T} z`` (the matrices do not commute, and
+``L`` moves with ``theta``). Both are unbiased for the exact quantities, so they agree
+within Monte Carlo error; :func:`fit_vector_iterative` therefore solves ``g_W = 0`` (the
+fixed-probe gradient, a smooth deterministic function) by Newton steps on its
+finite-difference Jacobian after L-BFGS-B, rather than trusting a line search on the
+criterion.
+
+Examples
+--------
+>>> import numpy as np, pandas as pd
+>>> from lmmops.data.terms import RandomEffectsTerm
+>>> from lmmops.estimation.vector import VectorObjective
+>>> rng = np.random.default_rng(0)
+>>> n = 600
+>>> g, h = rng.integers(0, 30, n).astype(np.int32), rng.integers(0, 12, n).astype(np.int32)
+>>> x = rng.normal(size=n)
+>>> y = (rng.normal(size=30)[g] + 0.5 * rng.normal(size=30)[g] * x
+...      + rng.normal(size=12)[h] + rng.normal(size=n))
+>>> terms = [RandomEffectsTerm("g", g, pd.Index(range(30)), ("(Intercept)", "x"),
+...                            np.column_stack([np.ones(n), x])),
+...          RandomEffectsTerm("h", h, pd.Index(range(12)))]
+>>> X = np.ones((n, 1))
+>>> it = VectorIterativeObjective(terms, X, y, n_probes=32, seed=1)
+>>> theta = np.array([1.0, 0.2, 0.5, 0.9])
+>>> ev = it.evaluate(theta)
+>>> exact = VectorObjective(terms, X, y).evaluate(theta).objective
+>>> bool(abs(ev.objective - exact) < 4 * ev.objective_se + 1e-8)
+True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import scipy.optimize as sopt
+from scipy import stats
+from scipy.sparse.linalg import LinearOperator
+
+from lmmops.errors import ArgumentError
+from lmmops.estimation.direct import Evaluation, OptSummary
+from lmmops.estimation.iterative import (
+    PRECONDITIONERS as INTERCEPT_PRECONDITIONERS,
+)
+from lmmops.estimation.iterative import (
+    check_n_probes,
+    check_rtol,
+    check_seed,
+)
+from lmmops.estimation.vector import (
+    check_theta,
+    last_evaluation_cache,
+    profiled_gls,
+    setup_objective,
+    start_theta,
+    vector_statistics,
+)
+from lmmops.linalg import kernels, krylov
+from lmmops.linalg.trace import lanczos_from_cg, rademacher, slq_quadrature
+
+__all__ = ["PRECONDITIONERS", "VectorIterativeObjective", "check_slope_preconditioner",
+           "fit_vector_iterative"]
+
+#: The preconditioner kinds of the slope solver. ``"auto"`` means ``"block_jacobi"``.
+PRECONDITIONERS = ("block_jacobi",)
+
+#: Non-zeros of ``C = Z'WZ`` from which the parallel CSR kernel is used.
+_PARALLEL_MIN_NNZ = 200_000
+
+
+def check_slope_preconditioner(kind):
+    """Validate a preconditioner kind for random-slope terms.
+
+    Parameters
+    ----------
+    kind : str or None
+        ``"block_jacobi"``, ``"auto"`` or None (both mean ``"block_jacobi"``).
+
+    Returns
+    -------
+    kind : str
+        Always ``"block_jacobi"`` (the one kind for slope terms).
+
+    Raises
+    ------
+    ArgumentError
+        For a kind of the random-intercept solver (they are built on the diagonal
+        ``Z'Z + Lambda^{-2}`` of scalar terms and do not apply to ``d_k x d_k`` blocks),
+        or an unknown kind.
+
+    Examples
+    --------
+    >>> check_slope_preconditioner("auto")
+    'block_jacobi'
+    """
+    if kind is None or kind in ("auto", "block_jacobi"):
+        return "block_jacobi"
+    if kind in INTERCEPT_PRECONDITIONERS:
+        raise ArgumentError(
+            f"preconditioner={kind!r} is for random-intercept models (it is built on "
+            "Z'Z + Lambda^{-2} with one scalar variance per factor, which a random-slope "
+            "term's d x d covariance blocks do not have); random-slope terms use "
+            "preconditioner='block_jacobi' (or 'auto'): the d_k x d_k diagonal blocks per "
+            "level")
+    raise ArgumentError(f"preconditioner must be one of {', '.join(PRECONDITIONERS)} or "
+                        f"'auto' for random-slope terms, got {kind!r}")
+
+
+class VectorIterativeObjective:
+    """The profiled REML/ML criterion of a random-slope model, matrix-free, with Monte
+    Carlo errors.
+
+    Same interface as :class:`lmmops.estimation.vector.VectorObjective` (``evaluate``
+    returning an :class:`~lmmops.estimation.direct.Evaluation`, ``residuals``, lme4's
+    ``theta``), fitted by :func:`fit_vector_iterative`.
+
+    Parameters
+    ----------
+    terms : sequence of RandomEffectsTerm
+        In lme4's order.
+    X : ndarray, shape (n_obs, p)
+    y : ndarray, shape (n_obs,)
+    method : {"REML", "ML"}
+    weights : array_like, shape (n_obs,), optional
+        Prior weights (``R = s^2 W^{-1}``).
+    n_probes : int
+        Rademacher probes (at least 2), drawn once (common random numbers).
+    seed : int or numpy.random.Generator
+        Seed of the probes.
+    rtol : float
+        CG tolerance (relative residual per column), ``0 < rtol < 1``.
+    maxiter : int
+        CG iteration limit per solve.
+    preconditioner : str
+        ``"block_jacobi"`` (or ``"auto"``); see :func:`check_slope_preconditioner`.
+    parallel : bool, optional
+        Use the parallel CSR kernel for ``C x``; default from the number of non-zeros.
+
+    Notes
+    -----
+    Memory: ``C`` (``nnz <= sum_k q_k d_k^2 + 2 sum_{k<l} d_k d_l cells_kl``) plus
+    ``O(q (p + 1 + n_probes))`` for the CG blocks; no ``n x q`` or dense ``q x q``
+    matrix is formed. ``Z`` is built once for ``C`` and then dropped.
+    """
+
+    def __init__(self, terms, X, y, method="REML", weights=None, n_probes=16, seed=0,
+                 rtol=1e-8, maxiter=2000, preconditioner="block_jacobi", parallel=None):
+        setup_objective(self, terms, X, y, method, weights)
+        self.n_probes = check_n_probes(n_probes)
+        self.seed = check_seed(seed)
+        self.rtol = check_rtol(rtol)
+        self.maxiter = int(maxiter)
+        self.preconditioner = check_slope_preconditioner(preconditioner)
+        _, C, self.ZtT, self.TT, self.ldW = vector_statistics(
+            self.terms, self.X, self.y, self.weights)
+        self._indptr = np.asarray(C.indptr, dtype=np.int64)
+        self._indices = np.asarray(C.indices, dtype=np.int32)
+        self._data = np.asarray(C.data, dtype=np.float64)
+        self.nnz = int(C.nnz)
+        par = (self.nnz >= _PARALLEL_MIN_NNZ and kernels.n_blocks(True) > 1
+               if parallel is None else bool(parallel))
+        self._csr = kernels.get_csr_matmat(par)
+        self._block = kernels.get_block_matmat(par and self.q >= _PARALLEL_MIN_NNZ // 4)
+        # the d_k x d_k diagonal blocks of C per level (the preconditioner's and the
+        # control variates' C_jj)
+        self.Cd = []
+        for k, t in enumerate(self.terms):
+            o, d, nl = int(self.offsets[k]), t.dim, t.n_levels
+            B = np.empty((nl, d, d))
+            for a in range(d):
+                for b in range(a, d):
+                    diag = C.diagonal(b - a)
+                    B[:, a, b] = B[:, b, a] = diag[o + a:o + nl * d:d]
+            self.Cd.append(B)
+        del C
+        self.probes = rademacher(self.q, self.n_probes, self.seed)
+        self.n_evaluations = 0
+        self.cg_iterations = 0
+        self.cg_history, self.probe_cg_history = [], []
+        self.last = {}
+
+    # ---------------------------------------------------------------- operators
+    def _blocks(self, X):
+        """Per term, the view of rows of ``X`` (q, m) as ``(n_l, d, m)``."""
+        m = X.shape[1]
+        return [X[self.offsets[k]:self.offsets[k + 1]].reshape(t.n_levels, t.dim, m)
+                for k, t in enumerate(self.terms)]
+
+    def _by_blocks(self, Bs, X):
+        """``blockdiag(B) X`` for per-term blocks ``Bs[k]`` of shape ``(n_l, d, d)`` (or
+        ``(1, d, d)``, one block for every level) and a (q, m) block ``X``."""
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        out = np.empty_like(X)
+        for k, B in enumerate(Bs):
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            self._block(B, X[lo:hi], out[lo:hi])
+        return out
+
+    def _lam(self, Ts, X, transpose=False):
+        """``Lambda X`` (``Lambda' X`` with ``transpose``) for a (q, m) block."""
+        return self._by_blocks([np.ascontiguousarray(T.T if transpose else T)[None]
+                                for T in Ts], X)
+
+    def _C(self, X):
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        out = np.empty_like(X)
+        self._csr(self._indptr, self._indices, self._data, X, out)
+        return out
+
+    def _A(self, Ts, X):
+        return self._lam(Ts, self._C(self._lam(Ts, X)), transpose=True) + X
+
+    def _preconditioner(self, Ts):
+        """Block-Jacobi pieces: per term the Cholesky factors ``L_j`` of
+        ``D_j = T' C_jj T + I``, ``L_j^{-T}``, ``D_j^{-1}``, and ``log|D|``."""
+        L, LinvT, Dinv, logdet = [], [], [], 0.0
+        for T, Cd in zip(Ts, self.Cd):
+            D = np.einsum("ba,jbc,cd->jad", T, Cd, T)
+            D += np.eye(T.shape[0])[None]
+            Lk = np.linalg.cholesky(D)
+            Li = np.linalg.inv(Lk)
+            logdet += 2.0 * float(np.sum(np.log(np.diagonal(Lk, axis1=1, axis2=2))))
+            L.append(Lk)
+            LinvT.append(np.ascontiguousarray(np.swapaxes(Li, 1, 2)))
+            Dinv.append(np.einsum("jba,jbc->jac", Li, Li))
+        return L, LinvT, Dinv, logdet
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, theta, gradient=True, probes=None):
+        """The estimated criterion (and gradient) at ``theta``.
+
+        Parameters
+        ----------
+        theta : array_like, shape (n_theta,)
+        gradient : bool
+        probes : ndarray, shape (q, m), optional
+            Probes to use instead of the objective's fixed ones (a fresh set for a
+            check); the objective's own are used by default.
+
+        Returns
+        -------
+        Evaluation
+            As :meth:`lmmops.estimation.vector.VectorObjective.evaluate`, plus
+            ``objective_se`` (Monte Carlo standard error of the criterion),
+            ``logdet_samples`` (per probe), ``gradient_cov`` (Monte Carlo covariance of
+            the gradient), ``gradient_samples`` (``n_theta x m``, the per-probe
+            stochastic part), ``dsigma2`` (derivative of the profiled ``sigma^2`` in
+            ``theta``, exact given the solves), ``cg_converged`` and ``cg_iterations``.
+
+        Raises
+        ------
+        LmmopsError
+            For an invalid ``theta``.
+        RankDeficientError
+            If ``X'V0^{-1}X`` is numerically singular.
+        """
+        theta = check_theta(self, theta)
+        self.n_evaluations += 1
+        n, p, q = self.n, self.p, self.q
+        Z = self.probes if probes is None else np.asarray(probes, dtype=np.float64)
+        m = Z.shape[1]
+        Ts = [t.relative_factor(theta[sl]) for t, sl in zip(self.terms, self.layout)]
+        L, LinvT, Dinv, logdet_D = self._preconditioner(Ts)
+        LZT = self._lam(Ts, self.ZtT, transpose=True)
+        B = np.empty((q, p + 1 + m))
+        B[:, :p + 1] = LZT
+        B[:, p + 1:] = self._by_blocks(L, Z)
+
+        def psolve(R):
+            return self._by_blocks(Dinv, np.ascontiguousarray(R))
+
+        Mop = LinearOperator((q, q), matvec=lambda r: psolve(r.reshape(-1, 1))[:, 0],
+                             matmat=psolve, dtype=np.float64)
+        mask = np.r_[np.zeros(p + 1, bool), np.ones(m, bool)]
+        sol, info = krylov.block_pcg(lambda U: self._A(Ts, U), B, M=Mop, rtol=self.rtol,
+                                     maxiter=self.maxiter, record=mask)
+        per = info["iterations_per_column"]
+        self.cg_history.append(int(per[:p + 1].max()))
+        self.probe_cg_history.append(int(per[p + 1:].max()))
+        self.cg_iterations += int(info["iterations"])
+        samples = np.empty(m)
+        for i in range(m):
+            c = p + 1 + i
+            a = info["alpha"][c]
+            if len(a) == 0:
+                samples[i] = 0.0
+                continue
+            dg, off = lanczos_from_cg(a, info["beta"][c])
+            samples[i] = info["norms2"][c] * slq_quadrature(dg, off)
+        logdet = logdet_D + float(samples.mean())
+        se = float(samples.std(ddof=1) / math.sqrt(m)) if m > 1 else math.inf
+        g = profiled_gls(self.TT, LZT, sol[:, :p + 1], logdet, n, self.method, self.ldW)
+        u = g["u"]
+        v = [u[self.offsets[k]:self.offsets[k + 1]].copy() for k in range(len(self.terms))]
+        ev = Evaluation(theta=theta, objective=g["objective"], gradient=None,
+                        sigma2=g["sigma2"], beta=g["beta"], beta_cov=g["sigma2"] * g["Cx_inv"],
+                        v=v, logdet_L=logdet, logdet_RX=g["logdet_RX"], pwrss=g["pwrss"])
+        ev.objective_se = se
+        ev.logdet_samples = samples
+        ev.cg_converged = bool(np.all(info["converged"]))
+        ev.cg_iterations = int(info["iterations"])
+        if gradient:
+            self._gradient(ev, Ts, Dinv, LinvT, Z, sol, g)
+        self.last = {"objective_se": se, "theta": theta}
+        return ev
+
+    def _gradient(self, ev, Ts, Dinv, LinvT, Z, sol, g):
+        p, m = self.p, Z.shape[1]
+        u, beta, Cx_inv, pwrss, dof = g["u"], g["beta"], g["Cx_inv"], g["pwrss"], g["dof"]
+        S = sol[:, :p]  # A^{-1} Lambda'Z'WX
+        CY = self._C(self._lam(Ts, np.column_stack([S, u])))
+        Wz = self.ZtT[:, :p] - CY[:, :p]  # Z'V0^{-1}X
+        a = self.ZtT[:, p] - self.ZtT[:, :p] @ beta - CY[:, p]  # Z'W r
+        W = self._by_blocks(LinvT, Z)  # w_i = L^{-T} z_i = D^{-1} L z_i
+        E = sol[:, p + 1:] - W  # (A^{-1} - D^{-1}) L z_i
+        G2 = self._C(self._lam(Ts, np.column_stack([W, E])))
+        grad = np.empty(self.n_theta)
+        gs = np.empty((self.n_theta, m))
+        dpw = np.empty(self.n_theta)
+        parts = zip(self.terms, self.layout, Ts, self.Cd, Dinv, self._blocks(S),
+                    self._blocks(Wz), self._blocks(a[:, None]), self._blocks(u[:, None]),
+                    self._blocks(W), self._blocks(E), self._blocks(G2[:, :m]),
+                    self._blocks(G2[:, m:]))
+        for t, sl, T, Cd, Di, Sk, Wk, ak, uk, wk, ek, gw, ge in parts:
+            d = t.dim
+            # tr(D^{-1} dA) = 2 (sum_j D_j^{-1} T' C_jj)_{ba}, exact
+            P = np.einsum("jbc,ec,jef->bf", Di, T, Cd)
+            s = np.empty((d, d, m))
+            for i in range(d):
+                for j in range(d):
+                    s[i, j] = (np.einsum("li,li->i", gw[:, i], ek[:, j])
+                               + np.einsum("li,li->i", ge[:, i], wk[:, j]))
+            dlogA = 2.0 * P.T + s.mean(axis=2)
+            dRX = -2.0 * np.einsum("jbp,pq,jaq->ab", Sk, Cx_inv, Wk)
+            dPW = -2.0 * np.einsum("ja,jb->ab", ak[:, :, 0], uk[:, :, 0])
+            G = dlogA + (dof / pwrss) * dPW
+            if self.method == "REML":
+                G += dRX
+            ii, jj = np.triu_indices(d)[::-1]
+            grad[sl] = G[ii, jj]
+            gs[sl] = s[ii, jj]
+            dpw[sl] = dPW[ii, jj]
+        ev.gradient = grad
+        ev.gradient_samples = gs
+        ev.gradient_cov = np.atleast_2d(np.cov(gs)) / m
+        ev.dsigma2 = dpw / dof
+
+    # ---------------------------------------------------------------- at the optimum
+    def residuals(self, ev):
+        """Conditional residuals ``y - X beta - Z Lambda u`` (on the objective's scale),
+        from the terms' codes and values (``Z`` is not kept)."""
+        r = self.y - self.X @ ev.beta
+        for t, sl, uk in zip(self.terms, self.layout, ev.v):
+            b = uk.reshape(t.n_levels, t.dim) @ t.relative_factor(ev.theta[sl]).T
+            rows = b[t.codes]
+            r -= rows[:, 0] if t.values is None else np.einsum("na,na->n", rows, t.values)
+        return r
+
+    def theta_covariance(self, ev):
+        """Wald covariance of ``theta``: twice the inverse of the Jacobian of the
+        fixed-probe gradient that :func:`fit_vector_iterative` left in ``ev.hessian``
+        (NaN rows and columns for parameters on the boundary, and everywhere without a
+        fit)."""
+        cov = np.full((self.n_theta, self.n_theta), np.nan)
+        H, idx = getattr(ev, "hessian", None), getattr(ev, "free", None)
+        if H is None:
+            return cov
+        keep = ev.theta[idx] > self.lower[idx]
+        sub = idx[keep]
+        if sub.size:
+            Hs = H[np.ix_(keep, keep)]
+            cov[np.ix_(sub, sub)] = 2.0 * np.linalg.pinv(Hs)
+        return cov
+
+    def __call__(self, theta):
+        return self.evaluate(theta, gradient=False).objective
+
+
+def _jacobian(objective, theta, ev, idx, h=1e-4):
+    """Forward differences of the fixed-probe gradient on the parameters ``idx``
+    (symmetrised); one evaluation per parameter."""
+    J = np.empty((idx.size, idx.size))
+    for c, i in enumerate(idx):
+        e = np.zeros_like(theta)
+        e[i] = h * max(1.0, abs(theta[i]))
+        g1 = objective.evaluate(theta + e).gradient
+        J[:, c] = (g1 - ev.gradient)[idx] / e[i]
+    return 0.5 * (J + J.T)
+
+
+def _spd(J):
+    """``J`` made positive definite by flooring its eigenvalues (and whether it was)."""
+    w, V = np.linalg.eigh(J)
+    floor = 1e-8 * max(1.0, float(np.max(np.abs(w))))
+    if w[0] > floor:
+        return J, True
+    return (V * np.maximum(np.abs(w), floor)) @ V.T, False
+
+
+class _Handover(Exception):
+    """L-BFGS-B stops here; Newton steps continue from ``theta``."""
+
+    def __init__(self, theta):
+        super().__init__("hand over to Newton")
+        self.theta = np.array(theta, dtype=np.float64)
+
+
+def fit_vector_iterative(objective, start=None, *, maxiter=100, step_tol=0.05,
+                         newton_steps=8, check_level=1e-3, handover=2.0,
+                         max_line_search=6, callback=None):
+    """Minimise a :class:`VectorIterativeObjective` and judge the optimum against its
+    Monte Carlo error.
+
+    1. L-BFGS-B on the fixed-probe criterion and gradient (lme4's bounds: diagonal
+       entries of ``T_k`` >= 0) from lme4's start ``T_k = I``, until every component of
+       the projected gradient is within ``handover`` of its Monte Carlo standard errors
+       (at any point it evaluates), or more than ``max_line_search`` evaluations pass
+       without an accepted iterate (then from the last one).
+    2. Newton steps on the fixed-probe gradient ``g_W`` (a smooth, deterministic function
+       of ``theta``: common random numbers), with its Jacobian ``H`` from forward
+       differences, on the free parameters (a diagonal entry at 0 with a positive
+       derivative stays there), until every component of the step is below
+       ``step_tol`` times its Monte Carlo standard deviation, from
+       ``Cov(theta_hat) = H^{-1} Cov(g_W) H^{-1}`` (the delta method). The estimated
+       gradient is not the derivative of the estimated criterion (see the module notes),
+       so these steps solve ``g_W = 0`` rather than follow the criterion.
+    3. A check with as many fresh probes: the gradient at the optimum with them must be
+       zero within ``Cov(g_W) + Cov(g_fresh)`` (a chi-squared test at ``check_level``);
+       a rejection makes the fit ``converged=False`` with a note, as does a CG solve
+       that misses its tolerance or a Jacobian that is not positive definite.
+
+    Parameters
+    ----------
+    objective : VectorIterativeObjective
+    start : ndarray, optional
+        Default :func:`lmmops.estimation.vector.start_theta` (lme4's).
+    maxiter : int
+        L-BFGS-B iterations.
+    step_tol : float
+        Newton convergence, relative to the Monte Carlo standard deviation.
+    newton_steps : int
+        Most Newton steps.
+    check_level : float
+        Level of the fresh-probe check.
+    handover : float
+        L-BFGS-B stops when the projected gradient is within this many of its Monte
+        Carlo standard errors, and Newton steps take over.
+    max_line_search : int
+        Evaluations without an accepted L-BFGS-B iterate before Newton takes over.
+    callback : callable, optional
+        ``callback(iteration, theta, criterion)``.
+
+    Returns
+    -------
+    (Evaluation, OptSummary)
+        The evaluation carries ``theta_mc_cov`` (Monte Carlo covariance of
+        ``theta_hat``), ``hessian`` and ``free`` (the Jacobian of ``g_W`` on the free
+        parameters), besides what :meth:`VectorIterativeObjective.evaluate` gives; the
+        summary carries ``notes``, ``n_probes`` and ``check_pvalue``; its
+        ``n_evaluations`` counts every evaluation (the Jacobian's and the fresh-probe
+        check's too), ``fitlog`` only the optimiser's.
+    """
+    t0 = time.perf_counter()
+    n_eval0 = objective.n_evaluations
+    lower = objective.lower
+    theta0 = start_theta(objective.terms) if start is None else np.asarray(start, float)
+    fitlog, it = [], [0]
+    ev_at = last_evaluation_cache(objective, fitlog)
+
+    state = {"accepted": np.maximum(theta0, lower), "since": 0}
+
+    def small(th, ev):
+        g = ev.gradient.copy()
+        g[(th <= lower) & (g > 0)] = 0.0
+        return bool(np.all(np.abs(g) <= handover * np.sqrt(np.diag(ev.gradient_cov))))
+
+    def fun(th):
+        th = np.maximum(th, lower)
+        ev = ev_at(th)
+        state["since"] += 1
+        # hand over to Newton once the gradient is within its Monte Carlo error, or when
+        # the line search keeps failing: from there it would judge the criterion against
+        # a gradient that is not its derivative (module notes), in many short steps
+        if small(th, ev):
+            raise _Handover(th)
+        if state["since"] > max_line_search:
+            raise _Handover(state["accepted"])
+        return ev.objective, ev.gradient
+
+    def cb(th):
+        it[0] += 1
+        state["accepted"], state["since"] = np.maximum(th, lower), 0
+        if callback is not None:
+            callback(it[0], th, ev_at(state["accepted"]).objective)
+
+    bounds = [(0.0 if b == 0 else None, None) for b in lower]
+    f0 = ev_at(np.maximum(theta0, lower)).objective
+    try:
+        res = sopt.minimize(fun, np.maximum(theta0, lower), jac=True, method="L-BFGS-B",
+                            bounds=bounds, callback=cb,
+                            options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-9,
+                                     "maxcor": 20})
+        theta = np.maximum(res.x, lower)
+    except _Handover as stop:
+        theta = stop.theta
+    ev = ev_at(theta)
+    notes, converged, message = [], False, ""
+    H = idx = cov = None
+    jac_at, last_ratio, prev_size = None, None, None  # jac_at: the Jacobian's free set
+    for _ in range(newton_steps):
+        free = ~((theta <= lower) & (ev.gradient > 0))
+        idx = np.flatnonzero(free)
+        if idx.size == 0:
+            converged, message = True, "all parameters on the boundary, gradient pointing out"
+            break
+        # a chord method: the Jacobian is kept while the steps shrink (it changes little
+        # near the optimum, and each one costs an evaluation per free parameter)
+        if jac_at is None or not np.array_equal(jac_at, idx) or (
+                last_ratio is not None and last_ratio > 0.5):
+            H, pd_ok = _spd(_jacobian(objective, theta, ev, idx))
+            Hinv, jac_at, last_ratio, prev_size = np.linalg.inv(H), idx, None, None
+        cov = Hinv @ ev.gradient_cov[np.ix_(idx, idx)] @ Hinv
+        sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+        step = Hinv @ ev.gradient[idx]
+        size = float(np.max(np.abs(step) / np.maximum(sd, 1e-300)))
+        if size <= step_tol:
+            converged = pd_ok
+            message = (f"Newton step below {step_tol:g} of its Monte Carlo standard deviation"
+                       if pd_ok else
+                       "the Jacobian of the gradient is not positive definite")
+            break
+        if prev_size is not None:
+            last_ratio = size / prev_size
+        prev_size = size
+        new = theta.copy()
+        new[idx] -= step
+        theta = np.maximum(new, lower)
+        ev = ev_at(theta)
+        it[0] += 1
+        if callback is not None:
+            callback(it[0], theta, ev.objective)
+    else:
+        message = f"{newton_steps} Newton steps without convergence"
+    n_theta = objective.n_theta
+    mc_cov = np.zeros((n_theta, n_theta))
+    if cov is not None:
+        mc_cov[np.ix_(idx, idx)] = cov
+    ev.theta_mc_cov = mc_cov
+    ev.hessian, ev.free = H, idx
+    if not ev.cg_converged:
+        converged = False
+        notes.append(f"a block PCG solve missed its tolerance {objective.rtol:g} at the "
+                     "estimate; the criterion and gradient are not to that precision")
+    # the fresh-probe check
+    pval = None
+    if idx is not None and idx.size:
+        rng = np.random.default_rng(
+            [int(objective.seed) if isinstance(objective.seed, int) else 0, 1])
+        fresh = objective.evaluate(theta, probes=rademacher(objective.q,
+                                                            objective.n_probes, rng))
+        dg = (fresh.gradient - ev.gradient)[idx]
+        Cd = (fresh.gradient_cov + ev.gradient_cov)[np.ix_(idx, idx)]
+        try:
+            chi2 = float(dg @ np.linalg.solve(Cd, dg))
+            pval = float(stats.chi2.sf(chi2, idx.size))
+        except np.linalg.LinAlgError:
+            pval = None
+        if pval is not None and pval < check_level:
+            converged = False
+            notes.append(f"the gradient with {objective.n_probes} fresh probes differs from "
+                         f"the fit's by more than their Monte Carlo errors (p = {pval:.2g} "
+                         f"< {check_level:g}): the optimum or its error is in doubt; refit "
+                         "with more probes")
+    g = ev.gradient.copy()
+    g[(theta <= lower) & (g > 0)] = 0.0
+    opt = OptSummary(theta_initial=np.asarray(theta0, float), theta_final=theta.copy(),
+                     f_initial=f0, f_final=ev.objective,
+                     n_evaluations=objective.n_evaluations - n_eval0,
+                     iterations=it[0], gradient_norm=float(np.max(np.abs(g))),
+                     converged=bool(converged), message=str(message),
+                     optimizer="L-BFGS-B + Newton on the fixed-probe gradient",
+                     elapsed_s=time.perf_counter() - t0, fitlog=fitlog)
+    opt.notes = notes
+    opt.n_probes = objective.n_probes
+    opt.check_pvalue = pval
+    if pval is not None:
+        notes.append(f"fresh-probe check of the gradient at the optimum: p = {pval:.3g}")
+    return ev, opt

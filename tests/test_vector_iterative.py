@@ -1,0 +1,254 @@
+"""VectorIterativeObjective (random slopes, matrix-free) against the exact VectorObjective.
+
+Real numbers, fixed seeds. "Within k MC standard errors" uses k = 4 throughout (the
+reported errors come from 16-64 probes, so they are themselves uncertain by 10-20 %);
+with unit-vector probes the estimators are exact, which is checked to round-off.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmmops
+from lmmops.data.design import CrossedDesign
+from lmmops.data.simulate import simulate_slopes
+from lmmops.data.terms import RandomEffectsTerm
+from lmmops.errors import ArgumentError, LmmopsError
+from lmmops.estimation import protocol
+from lmmops.estimation.vector import VectorObjective, fit_vector
+from lmmops.estimation.vector_iterative import (
+    VectorIterativeObjective,
+    check_slope_preconditioner,
+    fit_vector_iterative,
+)
+
+K_SE = 4.0
+TWO_SLOPES = np.array([0.8, 0.3, 0.6, 0.5, -0.2, 0.4])
+SLOPE_AND_INTERCEPT = np.array([0.9, 0.2, 0.5, 0.8])
+
+
+def _design(slopes, n=2000, levels=(60, 25), seed=3, weights=False):
+    terms, X, y = simulate_slopes(n, list(levels), slopes=slopes, zipf=[0.8, 1.0],
+                                  seed=seed)
+    w = np.random.default_rng(seed + 100).uniform(0.5, 2.0, n) if weights else None
+    return terms, X, y, w
+
+
+CASES = [([True, True], TWO_SLOPES), ([True, False], SLOPE_AND_INTERCEPT)]
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize(("slopes", "theta"), CASES)
+def test_criterion_and_gradient_within_mc_error(method, weights, slopes, theta):
+    terms, X, y, w = _design(slopes, weights=weights)
+    ex = VectorObjective(terms, X, y, method=method, weights=w).evaluate(theta)
+    it = VectorIterativeObjective(terms, X, y, method=method, weights=w, n_probes=32,
+                                  seed=5)
+    ev = it.evaluate(theta)
+    assert ev.cg_converged
+    assert ev.objective_se > 0
+    assert abs(ev.objective - ex.objective) <= K_SE * ev.objective_se
+    se = np.sqrt(np.diag(ev.gradient_cov))
+    assert np.all(se > 0)
+    assert np.all(np.abs(ev.gradient - ex.gradient) <= K_SE * se)
+    # the exact parts: GLS given theta to the CG tolerance
+    np.testing.assert_allclose(ev.beta, ex.beta, rtol=1e-6, atol=1e-8)
+    assert ev.pwrss == pytest.approx(ex.pwrss, rel=1e-7)
+    assert ev.logdet_RX == pytest.approx(ex.logdet_RX, rel=1e-7, abs=1e-7)
+
+
+@pytest.mark.parametrize(("slopes", "theta"), [
+    *CASES,
+    ([True, True], np.array([0.8, 0.3, 0.0, 0.5, 0.0, 0.0])),  # singular T_k: boundary
+    ([True, False], np.array([0.9, 0.0, 0.0, 0.0])),  # a zero slope and a zero intercept
+])
+def test_unit_vector_probes_are_exact(slopes, theta):
+    """With probes sqrt(q) e_i Hutchinson and full Lanczos quadrature are exact, so the
+    estimated criterion and gradient are the exact ones (also on the boundary, where no
+    inverse of T_k may appear)."""
+    terms, X, y, w = _design(slopes, n=600, levels=(30, 12), weights=True)
+    ex = VectorObjective(terms, X, y, weights=w).evaluate(theta)
+    it = VectorIterativeObjective(terms, X, y, weights=w, n_probes=2, rtol=1e-12)
+    ev = it.evaluate(theta, probes=np.sqrt(it.q) * np.eye(it.q))
+    assert ev.objective == pytest.approx(ex.objective, abs=1e-7)
+    np.testing.assert_allclose(ev.gradient, ex.gradient, atol=1e-6)
+
+
+def test_logdet_unbiased_over_seeds_and_its_error_honest():
+    terms, X, y, _ = _design([True, False], n=1500, levels=(50, 20))
+    exact = VectorObjective(terms, X, y).evaluate(SLOPE_AND_INTERCEPT).logdet_L
+    est, ses = [], []
+    for seed in range(40):
+        it = VectorIterativeObjective(terms, X, y, n_probes=8, seed=seed)
+        ev = it.evaluate(SLOPE_AND_INTERCEPT, gradient=False)
+        est.append(ev.logdet_L)
+        ses.append(ev.objective_se)
+    est = np.array(est)
+    spread = est.std(ddof=1)
+    # unbiased: the mean of 40 estimates within 4 of its standard errors
+    assert abs(est.mean() - exact) <= K_SE * spread / np.sqrt(len(est))
+    # the reported standard error matches the spread over seeds (within 40 %)
+    assert 0.6 < np.mean(ses) / spread < 1.4
+
+
+def test_gradient_is_not_the_derivative_of_the_estimate_but_close():
+    """At fixed probes the Hutchinson gradient is not the derivative of the SLQ criterion
+    estimate (non-commuting matrices), so it is no finite difference of it; the two agree
+    within the Monte Carlo error, which is all the fit relies on."""
+    terms, X, y, _ = _design([True, False], n=1500, levels=(50, 20))
+    it = VectorIterativeObjective(terms, X, y, n_probes=16, seed=2, rtol=1e-11)
+    ev = it.evaluate(SLOPE_AND_INTERCEPT)
+    se = np.sqrt(np.diag(ev.gradient_cov))
+    h = 1e-5
+    for i in range(len(SLOPE_AND_INTERCEPT)):
+        e = np.zeros_like(SLOPE_AND_INTERCEPT)
+        e[i] = h
+        fd = (it(SLOPE_AND_INTERCEPT + e) - it(SLOPE_AND_INTERCEPT - e)) / (2 * h)
+        assert abs(fd - ev.gradient[i]) <= K_SE * se[i]
+
+
+def _fit_both(slopes, n, levels, seed):
+    terms, X, y = simulate_slopes(n, list(levels), slopes=slopes, zipf=[0.8, 1.0],
+                                  seed=seed)
+    ex, opt_ex = fit_vector(VectorObjective(terms, X, y))
+    assert opt_ex.converged
+    it = VectorIterativeObjective(terms, X, y, n_probes=16, seed=0)
+    ev, opt = fit_vector_iterative(it)
+    return ex, ev, opt, it
+
+
+@pytest.mark.parametrize(("slopes", "n", "levels"), [([True, True], 12000, (400, 80)),
+                                             ([True, False], 20000, (900, 120))])
+def test_fit_agrees_with_exact_within_mc_error(slopes, n, levels):
+    ex, ev, opt, it = _fit_both(slopes, n, levels, seed=7)
+    assert opt.converged, opt.message
+    sd = np.sqrt(np.diag(ev.theta_mc_cov))
+    assert np.all(sd > 0)
+    assert np.all(np.abs(ev.theta - ex.theta) <= K_SE * sd + 1e-6)
+    assert abs(ev.objective - ex.objective) <= K_SE * ev.objective_se
+    # beta moves with theta_hat by far less than its sampling standard error
+    assert np.all(np.abs(ev.beta - ex.beta) <= 0.25 * np.sqrt(np.diag(ex.beta_cov)))
+    assert opt.check_pvalue is not None
+    assert opt.check_pvalue > 1e-3
+    info = protocol.solver_info(it)
+    assert info["preconditioner"] == "block_jacobi"
+    assert len(info["cg_iterations"]) == opt.n_evaluations == it.n_evaluations
+    assert max(info["cg_iterations"]) < 100  # block-Jacobi: tens of iterations
+
+
+def test_boundary_zero_slope_variance():
+    """No slope variance in the data: the exact optimum has T_k's slope row at (almost)
+    0 (its diagonal entry exactly 0) and so does the iterative fit, within its Monte
+    Carlo error."""
+    rng = np.random.default_rng(11)
+    n, G, H = 10000, 400, 60
+    g, h = rng.integers(0, G, n).astype(np.int32), rng.integers(0, H, n).astype(np.int32)
+    x = rng.normal(size=n)
+    y = 1 + 0.5 * x + rng.normal(size=G)[g] + 0.6 * rng.normal(size=H)[h] \
+        + rng.normal(size=n)
+    terms = [RandomEffectsTerm("g", g, pd.Index(range(G)), ("(Intercept)", "x"),
+                               np.column_stack([np.ones(n), x])),
+             RandomEffectsTerm("h", h, pd.Index(range(H)))]
+    X = np.column_stack([np.ones(n), x])
+    ex, opt_ex = fit_vector(VectorObjective(terms, X, y))
+    assert opt_ex.converged
+    assert ex.theta[2] == 0.0
+    for seed in (0, 1):
+        ev, opt = fit_vector_iterative(VectorIterativeObjective(terms, X, y, seed=seed))
+        assert opt.converged, opt.message
+        sd = np.sqrt(np.diag(ev.theta_mc_cov))
+        assert np.all(np.abs(ev.theta - ex.theta) <= K_SE * sd + 1e-3)
+        assert ev.theta[1] ** 2 + ev.theta[2] ** 2 < 1e-5  # slope variance ~ 0
+
+
+def _slope_model(n=3000, levels=(80, 20), seed=4):
+    terms, X, y = simulate_slopes(n, list(levels), slopes=[True, False], seed=seed)
+    d = CrossedDesign.from_codes([t.codes for t in terms], names=[t.group for t in terms])
+    return lmmops.LMM(d, X, y, fixef_names=["(Intercept)", "x"], terms=terms)
+
+
+def test_preconditioner_kinds_for_intercepts_are_refused():
+    for kind in ("jacobi", "amg", "spectral", "block_gauss_seidel"):
+        with pytest.raises(ArgumentError, match="random-intercept"):
+            check_slope_preconditioner(kind)
+        with pytest.raises(ArgumentError, match="block_jacobi"):
+            _slope_model().fit(solver="iterative", preconditioner=kind)
+    with pytest.raises(ArgumentError, match="must be one of"):
+        check_slope_preconditioner("cholesky")
+    assert check_slope_preconditioner("auto") == "block_jacobi"
+
+
+def test_lmm_iterative_slopes_result():
+    model = _slope_model()
+    res = model.fit(solver="iterative", preconditioner="auto")
+    exact = _slope_model().fit(solver="direct")
+    assert res.solver == "iterative"
+    assert not res.exact
+    assert res.solver_info["preconditioner"] == "block_jacobi"
+    assert res.mc_stderr["loglik"] > 0
+    se = res.mc_stderr["covariances"]
+    assert set(se) == {"g1", "g2"}
+    assert se["g1"].shape == (2, 2)
+    assert set(res.mc_stderr["variances"]) == {"g2", "Residual"}
+    for g in ("g1", "g2"):
+        diff = (res.covariances[g] - exact.covariances[g]).abs().to_numpy()
+        assert np.all(diff <= K_SE * se[g].to_numpy() + 1e-6)
+    assert abs(res.variances["Residual"] - exact.variances["Residual"]) \
+        <= K_SE * res.mc_stderr["variances"]["Residual"] + 1e-9
+    assert any("block-Jacobi" in note for note in res.notes)
+    assert res.theta_cov.shape == (4, 4)
+    json_mc = res.to_dict()["mc_stderr"]
+    assert json_mc["loglik"] == res.mc_stderr["loglik"]
+    with pytest.raises(LmmopsError, match="iterative solver for random-slope"):
+        res.residual_table()
+
+
+def test_auto_picks_iterative_for_a_large_schur_block(monkeypatch):
+    import lmmops.model as model_mod
+
+    monkeypatch.setattr(model_mod, "AUTO_DIRECT_MAX_SCHUR", 10)
+    picked, reason = _slope_model().choose_solver("auto")
+    assert picked == "iterative"
+    assert "would be" in reason
+    monkeypatch.setattr(model_mod, "AUTO_DIRECT_MAX_SCHUR", 8000)
+    assert _slope_model().choose_solver("auto")[0] == "direct"
+
+
+def test_deflation_rank_is_refused_for_slopes():
+    with pytest.raises(ArgumentError, match="deflation_rank"):
+        _slope_model().iterative_objective(deflation_rank=4)
+
+
+def test_invalid_inputs():
+    terms, X, y, _ = _design([True, False], n=400, levels=(20, 8))
+    with pytest.raises(LmmopsError, match="n_probes"):
+        VectorIterativeObjective(terms, X, y, n_probes=1)
+    with pytest.raises(LmmopsError, match="rtol"):
+        VectorIterativeObjective(terms, X, y, rtol=0.0)
+    it = VectorIterativeObjective(terms, X, y)
+    with pytest.raises(LmmopsError, match="theta"):
+        it.evaluate(np.array([-1.0, 0.0, 1.0, 1.0]))
+
+
+def test_one_term_is_exact_and_three_terms_agree():
+    """One term: A is block diagonal, so block-Jacobi is exact (one CG iteration, no
+    Monte Carlo error); three terms with a slope-only ``(0 + x | g3)`` term agree with the
+    exact solver within their errors."""
+    terms, X, y = simulate_slopes(1500, [40, 15, 6], slopes=[True, False, False], seed=9)
+    theta1 = np.array([0.9, 0.2, 0.5])
+    ex = VectorObjective(terms[:1], X, y).evaluate(theta1)
+    ev = VectorIterativeObjective(terms[:1], X, y, n_probes=4).evaluate(theta1)
+    assert ev.objective_se == 0.0
+    assert ev.cg_iterations <= 2
+    assert ev.objective == pytest.approx(ex.objective, abs=1e-8)
+    np.testing.assert_allclose(ev.gradient, ex.gradient, atol=1e-6)
+    x = X[:, 1]
+    slope_only = RandomEffectsTerm("g3", terms[2].codes, terms[2].levels, ("x",), x[:, None])
+    three = [terms[0], terms[1], slope_only]
+    theta3 = np.array([0.9, 0.2, 0.5, 0.8, 0.3])
+    ex = VectorObjective(three, X, y).evaluate(theta3)
+    ev = VectorIterativeObjective(three, X, y, n_probes=32, seed=3).evaluate(theta3)
+    assert abs(ev.objective - ex.objective) <= K_SE * ev.objective_se
+    se = np.sqrt(np.diag(ev.gradient_cov))
+    assert np.all(np.abs(ev.gradient - ex.gradient) <= K_SE * se + 1e-8)
