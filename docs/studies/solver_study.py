@@ -290,7 +290,13 @@ def write_quick(results, scaling, path, elapsed):
               f"{a['residual']:.1e} | {a['time']:.3f} |")
     w("")
     w(DISCUSSION)
-    path.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    # keep the section docs/studies/fit_kinds.py writes (fit-level timings per kind)
+    old = path.read_text() if path.exists() else ""
+    begin, end = "<!-- fit_kinds:begin -->", "<!-- fit_kinds:end -->"
+    if begin in old and end in old:
+        text += "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    path.write_text(text)
 
 
 DISCUSSION = """## Findings
