@@ -148,16 +148,10 @@ class LMMResult:
         self.df_resid = self.n_obs - self.df
         # BLUPs b_k = (I (x) T_k) u_k; lme4's ranef: one table per grouping factor, the
         # columns of all its terms side by side (a Series for a lone intercept term)
-        blocks = {}
-        for k, (t, sl) in enumerate(zip(terms, layout)):
-            u = np.asarray(ev.v[k]).reshape(t.n_levels, t.dim)
-            b = s * (u @ t.relative_factor(ev.theta[sl]).T)
-            blocks.setdefault(t.group, []).append(
-                pd.DataFrame(b, index=t.levels.rename(t.group), columns=list(t.columns)))
-        self.ranef = {}
-        for g, parts in blocks.items():
-            tab = pd.concat(parts, axis=1) if len(parts) > 1 else parts[0]
-            self.ranef[g] = (tab.iloc[:, 0].rename(g) if self.intercepts_only else tab)
+        self.ranef = self._by_group([
+            s * (np.asarray(ev.v[k]).reshape(t.n_levels, t.dim)
+                 @ t.relative_factor(ev.theta[sl]).T)
+            for k, (t, sl) in enumerate(zip(terms, layout))])
         self.resid = s * np.asarray(resid)
         self.fitted = model.y - self.resid
         self.converged = bool(opt.converged)
