@@ -525,6 +525,11 @@ class CrossedDesign:
         if key not in self._cache:
             if k == l:
                 m = sp.diags(self._counts[k].astype(np.float64), format="csr")
+            elif k > l:
+                # N_kl = N_lk': a transpose of the cached table (CSR -> CSR, indices
+                # sorted) costs a tenth of a recount over the rows
+                m = self.crosstab(l, k).T.tocsr()
+                m.sort_indices()
             else:
                 m = cell_table(self._codes[k], self._codes[l], self._n_levels[k],
                                self._n_levels[l])
