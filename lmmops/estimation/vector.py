@@ -279,13 +279,28 @@ class VectorObjective:
         L1 = np.linalg.cholesky(B)
         logdet = 2.0 * float(np.sum(np.log(np.diagonal(L1, axis1=1, axis2=2))))
         B1inv = np.linalg.inv(B)
-        Binv = sp.block_diag(list(B1inv), format="csr")
+        # block-diagonal CSR directly: row a of level j holds B_j^{-1}[a, :]
+        cols = (np.arange(nl)[:, None, None] * d1 + np.arange(d1)[None, None, :]
+                + np.zeros((1, d1, 1), dtype=np.int64))
+        Binv = sp.csr_matrix((B1inv.ravel(), cols.ravel(), np.arange(q1 + 1) * d1),
+                             shape=(q1, q1))
         fac = {"Lam": Lam, "Binv": Binv, "B1inv": B1inv}
         if self.m:
             A21 = M[q1:, :q1].tocsr()
+            A21.sort_indices()
             K = (Binv @ A21.T).tocsr()  # A11^{-1} A12
-            S = M[q1:, q1:].toarray() + np.eye(self.m) - (A21 @ K).toarray()
-            Ls = sla.cholesky(S, lower=True, check_finite=False)
+            K.sort_indices()
+            M22 = M[q1:, q1:].tocsr()
+            # S = M22 + I - A21 K, assembled densely by a compiled loop over its rows
+            # (row-major, so a row is one thread's; its transpose is the same symmetric
+            # matrix in LAPACK's column-major order, factored in place)
+            S = np.empty((self.m, self.m))
+            _schur_rows(M22.indptr, M22.indices, M22.data, A21.indptr, A21.indices,
+                        A21.data, K.indptr, K.indices, K.data, S)
+            Ls, info = sla.lapack.dpotrf(S.T, lower=1, clean=0, overwrite_a=1)
+            if info != 0:
+                raise LmmopsError("the Schur block of Lambda'Z'WZ Lambda + I is not "
+                                  f"positive definite (LAPACK info {info})")
             logdet += 2.0 * float(np.sum(np.log(np.diag(Ls))))
             fac.update(A21=A21, K=K, Ls=Ls)
         fac["logdet"] = logdet
@@ -619,6 +634,26 @@ class VectorObjective:
 
     def __call__(self, theta):
         return self.evaluate(theta, gradient=False).objective
+
+
+@numba.njit(cache=True, parallel=True)
+def _schur_rows(mp, mi, mx, ap, ai, ax, kp, ki, kx, S):  # pragma: no cover (compiled)
+    """``S = M22 + I - A21 K`` (dense, row-major) from the CSR matrices ``M22`` (m x m),
+    ``A21`` (m x q1) and ``K`` (q1 x m): row ``r`` of ``A21 K`` sums ``A21[r, j] K[j, :]``
+    over the nonzeros ``j`` of row ``r``; one thread per row."""
+    m = S.shape[0]
+    for r in prange(m):
+        row = S[r]
+        for c in range(m):
+            row[c] = 0.0
+        row[r] = 1.0
+        for p in range(mp[r], mp[r + 1]):
+            row[mi[p]] += mx[p]
+        for p in range(ap[r], ap[r + 1]):
+            j = ai[p]
+            v = ax[p]
+            for t in range(kp[j], kp[j + 1]):
+                row[ki[t]] -= v * kx[t]
 
 
 @numba.njit(cache=True)
