@@ -117,8 +117,6 @@ def test_wald_intervals_on_theta(res):
     z = 1.959963984540054
     np.testing.assert_allclose(ci.upper.iloc[:4], res.theta.to_numpy() + z * se, rtol=1e-10)
     assert (ci.lower.iloc[[0, 2, 3]] >= 0).all()  # diagonal entries: held at 0
-    with pytest.raises(LmmopsError, match="profile intervals are not available yet"):
-        res.confint()
 
 
 def test_summary_and_strict_json(res):

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from lmmops.data.terms import theta_lower_bounds
-from lmmops.errors import LmmopsError
+from lmmops.errors import LmmopsError, RankDeficientError
 from lmmops.estimation.criterion import criterion_at_sigma, residual_dof
 from lmmops.estimation.direct import theta_gradient
 from lmmops.estimation.protocol import variance_covariance
@@ -31,6 +31,9 @@ __all__ = [
     "confint",
     "full_criterion",
     "profile_interval",
+    "sdcor_names",
+    "sdcor_profile_interval",
+    "sdcor_theta",
     "variance_covariance",
 ]
 
@@ -248,13 +251,254 @@ def confint(result, method="profile", level=0.95, parm=None):
     return out.set_index("parameter")
 
 
+def sdcor_names(terms):
+    """lme4's names of the standard deviations and correlations of vector-valued terms
+    (``confint(m, oldNames = FALSE)``), in ``theta``'s order: ``sd_<column>|<group>`` for
+    a diagonal entry, ``cor_<column_i>.<column_j>|<group>`` below it."""
+    out = []
+    for t in terms:
+        for j in range(t.dim):
+            for i in range(j, t.dim):
+                out.append(f"sd_{t.columns[i]}|{t.group}" if i == j
+                           else f"cor_{t.columns[i]}.{t.columns[j]}|{t.group}")
+    return out
+
+
+def _correlation_factor(R):
+    """Lower Cholesky factor of a correlation matrix that may be singular (a correlation
+    of +-1); None when ``R`` is not positive semidefinite."""
+    d = R.shape[0]
+    L = np.zeros((d, d))
+    for j in range(d):
+        piv = R[j, j] - L[j, :j] @ L[j, :j]
+        if piv < -1e-12:
+            return None
+        L[j, j] = np.sqrt(max(piv, 0.0))
+        for i in range(j + 1, d):
+            num = R[i, j] - L[i, :j] @ L[j, :j]
+            if L[j, j] > 1e-12:
+                L[i, j] = num / L[j, j]
+            elif abs(num) > 1e-8:
+                return None
+    return L
+
+
+def sdcor_theta(terms, x, sigma):
+    """lme4's ``theta`` from per-term standard deviations and correlations ``x`` (in
+    :func:`sdcor_names` order) and the residual ``sigma``: ``T_k = diag(s) chol(R) / s``;
+    None when a term's correlation matrix is not positive semidefinite."""
+    out, pos = [], 0
+    for t in terms:
+        d = t.dim
+        vals = x[pos:pos + t.n_theta]
+        pos += t.n_theta
+        S = np.zeros((d, d))
+        rows, cols = np.triu_indices(d)[::-1]  # column-major lower triangle
+        S[rows, cols] = vals
+        sd = np.abs(np.diag(S))
+        R = np.tril(S, -1)
+        R = R + R.T + np.eye(d)
+        L = _correlation_factor(R)
+        if L is None:
+            return None
+        T = sd[:, None] * L / sigma
+        out.extend(T[rows, cols])
+    return np.array(out)
+
+
+def _sdcor_criterion(obj, terms, x, sigma):
+    """The (REML or ML) criterion not profiled in ``s`` at standard deviations and
+    correlations ``x`` and residual ``sigma``, on the objective's (conditioned) scale;
+    +inf where a correlation matrix is not positive semidefinite."""
+    theta = sdcor_theta(terms, x, sigma)
+    if theta is None:
+        return np.inf
+    try:
+        ev = obj.evaluate(theta, gradient=False)
+    except RankDeficientError:  # far out on a profile, X'V^{-1}X numerically singular
+        return np.inf
+    return float(criterion_at_sigma(ev.logdet_L, ev.logdet_RX, ev.pwrss, obj.n, obj.p,
+                                    obj.method, sigma * sigma, obj.ldW))
+
+
+def _sdcor_profile_value(obj, terms, kinds, j, c, x0):
+    """min over the other parameters with parameter ``j`` of ``x = (sd/cor..., s)``
+    fixed at ``c`` (``kinds``: "sd", "cor" or "sigma" per entry); standard deviations in
+    units of the start's residual ``s`` (``c`` when ``s`` is the one fixed), ``s`` on
+    the log scale, correlations bounded to [-1, 1]; finite-difference gradients (a
+    profile is for models whose evaluation is cheap)."""
+    n_x = len(kinds)
+    free = [i for i in range(n_x) if i != j]
+    u = float(c) if kinds[j] == "sigma" else float(x0[-1])
+
+    def unpack(z):
+        x = np.empty(n_x)
+        x[j] = c
+        for t, i in enumerate(free):
+            x[i] = (u * np.exp(z[t]) if kinds[i] == "sigma"
+                    else u * z[t] if kinds[i] == "sd" else z[t])
+        return x
+
+    def fun(z):
+        x = unpack(z)
+        return _sdcor_criterion(obj, terms, x[:-1], x[-1])
+
+    z0 = np.array([np.log(x0[i] / u) if kinds[i] == "sigma"
+                   else x0[i] / u if kinds[i] == "sd" else x0[i] for i in free])
+    bounds = [(None, None) if kinds[i] == "sigma" else (0.0, None) if kinds[i] == "sd"
+              else (-1.0, 1.0) for i in free]
+    z0 = np.array([np.clip(v, *(-np.inf if lo is None else lo, np.inf if hi is None else hi))
+                   for v, (lo, hi) in zip(z0, bounds)])
+    if not free:
+        return fun(z0), unpack(z0)
+    r = optimize.minimize(fun, z0, method="L-BFGS-B", bounds=bounds,
+                          options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 1000,
+                                   "eps": 1e-7})
+    return float(r.fun), unpack(r.x)
+
+
+def sdcor_profile_interval(obj, terms, xhat, j, level=0.95):
+    """Profile-likelihood interval for one standard deviation, correlation or ``s`` of a
+    model with vector-valued terms (lme4's ``confint(method = "profile")`` scale).
+
+    Parameters
+    ----------
+    obj : VectorObjective
+        Exact, on its own (conditioned) scale.
+    terms : sequence of RandomEffectsTerm
+    xhat : ndarray
+        The estimates: standard deviations and correlations (:func:`sdcor_names` order),
+        then ``s``.
+    j : int
+        Which entry of ``xhat``.
+    level : float
+
+    Returns
+    -------
+    (float, float)
+        A standard deviation's lower limit is 0 and a correlation's limits are -1 or 1
+        when the profile stays below the cut-off up to that bound.
+    """
+    kinds, where, pos = [], [], 0
+    for t in terms:
+        for b in range(t.dim):
+            for a in range(b, t.dim):
+                kinds.append("sd" if a == b else "cor")
+                where.append((pos, a, b))
+        pos += t.n_theta
+    kinds.append("sigma")
+    fmin = _sdcor_criterion(obj, terms, xhat[:-1], xhat[-1])
+    cut = stats.chi2.ppf(level, 1)
+    est = float(xhat[j])
+    kind = kinds[j]
+
+    def excess(c, x0):
+        f, x = _sdcor_profile_value(obj, terms, kinds, j, c, x0)
+        return (f - fmin) - cut, x
+
+    def excess_fixed(k):
+        """The excess with parameter ``k`` (a standard deviation) fixed at 0."""
+        f, _ = _sdcor_profile_value(obj, terms, kinds, k, 0.0, xhat)
+        return (f - fmin) - cut
+
+    def walk(points, bound):
+        """Follow the profile along ``points`` (away from the estimate), each
+        minimisation started from the previous one's optimum (so the path does not jump
+        to another basin, as a correlation's does when a standard deviation reaches 0),
+        then find the crossing in the first segment that crosses the cut-off; ``bound``
+        when none does."""
+        prev, x = est, xhat.copy()
+        for c in points:
+            e, x_new = excess(c, x)
+            if e > 0:
+                return optimize.brentq(lambda t, x0=x: excess(t, x0)[0], *sorted((prev, c)),
+                                       xtol=1e-7 * max(abs(est), 1e-8))
+            prev, x = c, x_new
+        if bound is None:
+            raise LmmopsError(f"the profile of parameter {j} did not reach the cut-off")
+        return bound
+
+    steps = np.arange(1, 9) / 8.0
+    sigma = float(xhat[-1])
+    grow = est + max(est, 1e-3 * sigma) * (2.0 ** np.arange(-2, 40) - 0.25)
+    if kind == "cor":
+        # with either standard deviation at 0 the correlation has no effect, so the
+        # profile never rises above the best fit with that standard deviation at 0: when
+        # that is within the cut-off, so is every correlation (lme4's [-1, 1])
+        off, a, b = where[j]
+        for i in (a, b):
+            k = next(n for n, w in enumerate(where) if w == (off, i, i))
+            if excess_fixed(k) <= 0:
+                return -1.0, 1.0
+        lower = walk(est + (-1.0 - est) * steps, -1.0) if est > -1.0 else -1.0
+        upper = walk(est + (1.0 - est) * steps, 1.0) if est < 1.0 else 1.0
+    elif kind == "sd":
+        lower = walk(est * (1.0 - steps), 0.0) if est > 0 else 0.0
+        upper = walk(grow[1:], None)
+    else:
+        lower = walk(est * 0.8 ** np.arange(1, 80), None)
+        upper = walk(grow[1:], None)
+    return float(lower), float(upper)
+
+
+def _confint_sdcor_profile(result, level, parm):
+    """Profile intervals on lme4's standard-deviation / correlation scale for models with
+    vector-valued terms (fixed effects: Wald), from exact refits on the solver's
+    conditioned data (standard deviations and ``s`` scale with ``conditioning.scale``,
+    correlations do not)."""
+    obj, ev = result.fit_objective(exact=True)
+    obj = getattr(obj, "conditioned", obj)
+    terms = result.terms
+    names = sdcor_names(terms) + ["sigma"]
+    fixed = list(result.fixef.index)
+    allp = names + fixed
+    parm = allp if parm is None else list(parm)
+    unknown = [p for p in parm if p not in allp]
+    if unknown:
+        raise LmmopsError(f"unknown parameter(s) {unknown}; choose from {allp}")
+    scale = result.model.conditioning.scale
+    sigma = float(np.sqrt(ev.sigma2))
+    xhat = []
+    for t, sl in zip(terms, obj.layout):
+        T = t.relative_factor(ev.theta[sl]) * sigma
+        cov = T @ T.T
+        sd = np.sqrt(np.diag(cov))
+        for b in range(t.dim):
+            for a in range(b, t.dim):
+                if a == b:
+                    xhat.append(sd[a])
+                else:
+                    xhat.append(cov[a, b] / (sd[a] * sd[b]) if sd[a] * sd[b] > 0 else np.nan)
+    xhat = np.append(xhat, sigma)
+    z = stats.norm.ppf(0.5 + level / 2.0)
+    rows = []
+    for p in parm:
+        if p in names:
+            j = names.index(p)
+            unit = 1.0 if p.startswith("cor_") else scale
+            est = unit * xhat[j]
+            if np.isnan(xhat[j]):
+                lo = hi = np.nan  # a correlation of a term with a zero standard deviation
+            else:
+                x0 = np.nan_to_num(xhat)
+                lo, hi = (unit * c for c in sdcor_profile_interval(obj, terms, x0, j, level))
+            how = "profile"
+        else:
+            est, se = float(result.fixef[p]), float(result.fixef_se[p])
+            lo, hi = est - z * se, est + z * se
+            how = "wald"
+        rows.append((p, est, lo, hi, how))
+    out = pd.DataFrame(rows, columns=["parameter", "estimate", "lower", "upper", "method"])
+    return out.set_index("parameter")
+
+
 def _confint_theta(result, method, level, parm):
     """Wald intervals on lme4's ``theta`` (relative to ``sigma``, so scale-free) and the
-    fixed effects, for models with vector-valued terms; a diagonal entry's lower limit is
-    held at 0, and a parameter on the boundary gets NaN limits."""
-    if method != "wald":
-        raise LmmopsError("profile intervals are not available yet for models with "
-                          "random-slope terms; use method='wald' (Wald intervals on theta)")
+    fixed effects, for models with vector-valued terms (profile intervals: on lme4's
+    standard-deviation / correlation scale, :func:`sdcor_profile_interval`); a diagonal
+    entry's lower limit is held at 0, and a parameter on the boundary gets NaN limits."""
+    if method == "profile":
+        return _confint_sdcor_profile(result, level, parm)
     theta = result.theta
     fixed = list(result.fixef.index)
     allp = list(theta.index) + fixed

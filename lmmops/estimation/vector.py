@@ -44,13 +44,13 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.optimize as sopt
 import scipy.sparse as sp
-from numba import prange
 
 from lmmops.data.checks import check_method, check_weights
 from lmmops.data.terms import theta_layout, theta_lower_bounds, theta_names
 from lmmops.errors import LmmopsError, RankDeficientError
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
+from lmmops.linalg import kernels
 
 __all__ = ["VectorObjective", "fit_vector", "profiled_gls", "random_effects_matrix",
            "vector_statistics"]
@@ -59,6 +59,11 @@ __all__ = ["VectorObjective", "fit_vector", "profiled_gls", "random_effects_matr
 #: diagonal entry of ``T_k`` is at least this; below it, the general form that needs no
 #: inverse of ``T_k`` (exact on the boundary, slower).
 _SELECTED_INVERSE_MIN_DIAG = 1e-3
+
+#: The compiled Schur-block loops run in parallel from this many rows of the block on
+#: (below it a thread team's start-up costs more than the loop: an 18-row block took 9 ms
+#: in parallel on a loaded machine, 0.02 ms serially).
+_PARALLEL_MIN_ROWS = 256
 
 #: ``fit_vector(optimizer="auto")`` uses AI-Newton up to this many parameters.
 AUTO_AI_NEWTON_MAX_THETA = 6
@@ -295,8 +300,9 @@ class VectorObjective:
             # (row-major, so a row is one thread's; its transpose is the same symmetric
             # matrix in LAPACK's column-major order, factored in place)
             S = np.empty((self.m, self.m))
-            _schur_rows(M22.indptr, M22.indices, M22.data, A21.indptr, A21.indices,
-                        A21.data, K.indptr, K.indices, K.data, S)
+            kernels.get_schur_rows(self.m >= _PARALLEL_MIN_ROWS)(
+                M22.indptr, M22.indices, M22.data, A21.indptr, A21.indices, A21.data,
+                K.indptr, K.indices, K.data, S)
             Ls, info = sla.lapack.dpotrf(S.T, lower=1, clean=0, overwrite_a=1)
             if info != 0:
                 raise LmmopsError("the Schur block of Lambda'Z'WZ Lambda + I is not "
@@ -333,7 +339,8 @@ class VectorObjective:
                 A22 = self._schur_inverse(fac)
                 K = fac["K"].tocsr()
                 K.sort_indices()
-                _add_sandwich_blocks(K.indptr, K.indices, K.data, A22, self.d1, D11)
+                kernels.get_sandwich_blocks(self.m >= _PARALLEL_MIN_ROWS)(
+                    K.indptr, K.indices, K.data, A22, self.d1, D11)
                 for k in range(1, len(self.terms)):
                     t = self.terms[k]
                     lo = self.offsets[k] - self.q1
@@ -636,26 +643,6 @@ class VectorObjective:
         return self.evaluate(theta, gradient=False).objective
 
 
-@numba.njit(cache=True, parallel=True)
-def _schur_rows(mp, mi, mx, ap, ai, ax, kp, ki, kx, S):  # pragma: no cover (compiled)
-    """``S = M22 + I - A21 K`` (dense, row-major) from the CSR matrices ``M22`` (m x m),
-    ``A21`` (m x q1) and ``K`` (q1 x m): row ``r`` of ``A21 K`` sums ``A21[r, j] K[j, :]``
-    over the nonzeros ``j`` of row ``r``; one thread per row."""
-    m = S.shape[0]
-    for r in prange(m):
-        row = S[r]
-        for c in range(m):
-            row[c] = 0.0
-        row[r] = 1.0
-        for p in range(mp[r], mp[r + 1]):
-            row[mi[p]] += mx[p]
-        for p in range(ap[r], ap[r + 1]):
-            j = ai[p]
-            v = ax[p]
-            for t in range(kp[j], kp[j + 1]):
-                row[ki[t]] -= v * kx[t]
-
-
 @numba.njit(cache=True)
 def _mirror_lower(A):  # pragma: no cover (compiled)
     """Copy the lower triangle of the square ``A`` onto its upper triangle, in place
@@ -664,26 +651,6 @@ def _mirror_lower(A):  # pragma: no cover (compiled)
     for j in range(n):
         for i in range(j + 1, n):
             A[j, i] = A[i, j]
-
-
-@numba.njit(cache=True, parallel=True)
-def _add_sandwich_blocks(indptr, indices, data, S, d, out):  # pragma: no cover (compiled)
-    """``out[j] += K_j S K_j'`` for every level ``j`` (rows ``j d .. j d + d - 1`` of the
-    CSR matrix ``K``), over the pairs of nonzeros of the level's rows."""
-    for j in prange(out.shape[0]):
-        for a in range(d):
-            ra = j * d + a
-            for b in range(a, d):
-                rb = j * d + b
-                acc = 0.0
-                for p in range(indptr[ra], indptr[ra + 1]):
-                    ca = indices[p]
-                    va = data[p]
-                    for r in range(indptr[rb], indptr[rb + 1]):
-                        acc += va * data[r] * S[ca, indices[r]]
-                out[j, a, b] += acc
-                if b != a:
-                    out[j, b, a] += acc
 
 
 def _block_sum(A, d):

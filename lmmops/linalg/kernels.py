@@ -81,10 +81,10 @@ __all__ = [
     "cg_update_parallel",
     "cg_update_serial",
     "cov_matmat_parallel",
-    "csr_gauss_seidel",
     "cov_matmat_serial",
     "cov_matvec_parallel",
     "cov_matvec_serial",
+    "csr_gauss_seidel",
     "csr_matmat_parallel",
     "csr_matmat_serial",
     "csr_residual_parallel",
@@ -93,8 +93,6 @@ __all__ = [
     "dense_matmat_serial",
     "dense_tmatmat_parallel",
     "dense_tmatmat_serial",
-    "sym_matmat_parallel",
-    "sym_matmat_serial",
     "gather_block_parallel",
     "gather_block_serial",
     "gather_parallel",
@@ -103,15 +101,23 @@ __all__ = [
     "get_csr_matmat",
     "get_dense_kernels",
     "get_kernel",
+    "get_sandwich_blocks",
+    "get_schur_rows",
     "level_matmat_parallel",
     "level_matmat_serial",
     "level_matvec_parallel",
     "level_matvec_serial",
     "n_blocks",
+    "sandwich_blocks_parallel",
+    "sandwich_blocks_serial",
     "scatter_block_parallel",
     "scatter_block_serial",
     "scatter_parallel",
     "scatter_serial",
+    "schur_rows_parallel",
+    "schur_rows_serial",
+    "sym_matmat_parallel",
+    "sym_matmat_serial",
     "weighted_gram",
     "weighted_gram2",
 ]
@@ -653,6 +659,44 @@ def _renamed(fn, suffix):
     return new
 
 
+def _schur_rows(mp, mi, mx, ap, ai, ax, kp, ki, kx, S):  # pragma: no cover (compiled)
+    """``S = M22 + I - A21 K`` (dense, row-major) from the CSR matrices ``M22`` (m x m),
+    ``A21`` (m x q1) and ``K`` (q1 x m): row ``r`` of ``A21 K`` sums ``A21[r, j] K[j, :]``
+    over the nonzeros ``j`` of row ``r``; one thread per row."""
+    m = S.shape[0]
+    for r in prange(m):
+        row = S[r]
+        for c in range(m):
+            row[c] = 0.0
+        row[r] = 1.0
+        for p in range(mp[r], mp[r + 1]):
+            row[mi[p]] += mx[p]
+        for p in range(ap[r], ap[r + 1]):
+            j = ai[p]
+            v = ax[p]
+            for t in range(kp[j], kp[j + 1]):
+                row[ki[t]] -= v * kx[t]
+
+
+def _sandwich_blocks(indptr, indices, data, S, d, out):  # pragma: no cover (compiled)
+    """``out[j] += K_j S K_j'`` for every level ``j`` (rows ``j d .. j d + d - 1`` of the
+    CSR matrix ``K``), over the pairs of nonzeros of the level's rows."""
+    for j in prange(out.shape[0]):
+        for a in range(d):
+            ra = j * d + a
+            for b in range(a, d):
+                rb = j * d + b
+                acc = 0.0
+                for p in range(indptr[ra], indptr[ra + 1]):
+                    ca = indices[p]
+                    va = data[p]
+                    for r in range(indptr[rb], indptr[rb + 1]):
+                        acc += va * data[r] * S[ca, indices[r]]
+                out[j, a, b] += acc
+                if b != a:
+                    out[j, b, a] += acc
+
+
 def _compile(fn, fastmath=False):
     serial = numba.njit(fn, cache=True, fastmath=fastmath)
     parallel = numba.njit(
@@ -674,6 +718,8 @@ level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
 csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
 block_matmat_serial, block_matmat_parallel = _compile(_block_matmat)
 csr_residual_serial, csr_residual_parallel = _compile(_csr_residual)
+schur_rows_serial, schur_rows_parallel = _compile(_schur_rows)
+sandwich_blocks_serial, sandwich_blocks_parallel = _compile(_sandwich_blocks)
 # fastmath lets the contiguous dot products and axpys use SIMD (reassociated float64 sums)
 dense_matmat_serial, dense_matmat_parallel = _compile(_dense_matmat, fastmath=True)
 dense_tmatmat_serial, dense_tmatmat_parallel = _compile(_dense_tmatmat, fastmath=True)
@@ -803,6 +849,36 @@ def get_csr_matmat(parallel=False):
     callable
     """
     return csr_matmat_parallel if parallel else csr_matmat_serial
+
+
+def get_schur_rows(parallel=False):
+    """The serial or parallel ``schur_rows`` kernel: the dense Schur block
+    ``S = M22 + I - A21 K`` of the exact slope solver, row-major, from CSR matrices.
+
+    Parameters
+    ----------
+    parallel : bool
+
+    Returns
+    -------
+    callable
+    """
+    return schur_rows_parallel if parallel else schur_rows_serial
+
+
+def get_sandwich_blocks(parallel=False):
+    """The serial or parallel ``sandwich_blocks`` kernel: ``out[j] += K_j S K_j'`` per
+    level (the first term's diagonal blocks of the exact slope solver's inverse).
+
+    Parameters
+    ----------
+    parallel : bool
+
+    Returns
+    -------
+    callable
+    """
+    return sandwich_blocks_parallel if parallel else sandwich_blocks_serial
 
 
 def get_dense_kernels(parallel=False):
