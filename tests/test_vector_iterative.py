@@ -265,3 +265,37 @@ def test_one_term_fit_converges_where_the_estimates_are_exact():
     ex = lmmops.fit("y ~ x + (1 + x | g)", df, solver="direct")
     assert it.converged, it.notes
     np.testing.assert_allclose(it.theta.to_numpy(), ex.theta.to_numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("z_only", [False, True])
+@pytest.mark.parametrize(("slopes", "theta"), CASES)
+def test_pev_blocks_within_mc_error_of_the_exact(slopes, theta, z_only):
+    """The BLUPs' prediction error covariances of the matrix-free solver (block-Jacobi
+    control variate plus Rademacher probes) against the exact solver's at the same theta:
+    every entry within 4 standard errors, and the errors honest (not all tiny)."""
+    terms, X, y, _ = _design(slopes)
+    exo = VectorObjective(terms, X, y)
+    itb = VectorIterativeObjective(terms, X, y, n_probes=16, seed=5)
+    ex_blocks = exo.pev_blocks(exo.evaluate(theta), z_only=z_only)
+    est, err = protocol.pev_blocks(itb, itb.evaluate(theta), z_only=z_only)
+    for a, b, e in zip(ex_blocks, est, err):
+        assert a.shape == b.shape == e.shape
+        assert np.all(np.abs(b - a) <= K_SE * e + 1e-9 * np.abs(a).max())
+        np.testing.assert_allclose(b, np.swapaxes(b, 1, 2))
+        # honest, nonzero errors (64 probes: 5-25 % of the diagonal entries here, the
+        # most for the levels with the most rows, whose PEV is smallest)
+        assert np.all(np.isfinite(e))
+        assert np.all(np.diagonal(e, axis1=1, axis2=2) > 0)
+        assert np.median(np.diagonal(e, axis1=1, axis2=2) / np.diagonal(a, axis1=1,
+                                                                          axis2=2)) < 0.5
+    # the level diagonal (spherical) has the same standard errors' shape, one per effect
+    d = protocol.level_diagonal_inverse(itb, itb.evaluate(theta), z_only=z_only)
+    assert d.estimate.shape == d.stderr.shape == (itb.q,)
+
+
+def test_iterative_ranef_pev_in_the_result():
+    model = _slope_model()
+    res = model.fit(solver="iterative")
+    pev = res.ranef_pev_blocks()
+    assert set(pev) == {"g1", "g2"}
+    assert np.all(np.asarray(pev["g2"]) > 0)

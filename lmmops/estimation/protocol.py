@@ -433,7 +433,16 @@ def _not_yet_iterative(what):
 variance_covariance.register(VectorIterativeObjective, _not_yet_iterative(
     "the covariance of the variance estimates (use LMMResult.theta_cov, Wald on theta)"))
 diag_P.register(VectorIterativeObjective, _not_yet_iterative("diag(P)"))
-level_diagonal_inverse.register(VectorIterativeObjective, _not_yet_iterative(
-    "the diagonal of the inverse mixed-model matrix"))
-pev_blocks.register(VectorIterativeObjective, _not_yet_iterative(
-    "the prediction error covariances of the BLUPs"))
+
+
+@level_diagonal_inverse.register
+def _(obj: VectorIterativeObjective, ev, z_only=False):
+    est, err = obj.level_blocks(ev, z_only=z_only)
+    diag = [np.diagonal(b, axis1=1, axis2=2).ravel() for b in est]
+    sd = [np.diagonal(e, axis1=1, axis2=2).ravel() for e in err]
+    return TraceEstimate(np.concatenate(diag), np.concatenate(sd), 64)
+
+
+@pev_blocks.register
+def _(obj: VectorIterativeObjective, ev, z_only=False):
+    return obj.pev_blocks(ev, z_only=z_only)

@@ -397,6 +397,94 @@ class VectorIterativeObjective:
             r -= rows[:, 0] if t.values is None else np.einsum("na,na->n", rows, t.values)
         return r
 
+    def level_blocks(self, ev, z_only=False, n_probes=64, seed=2, chunk=16):
+        """Stochastic estimates of the ``d_k x d_k`` diagonal blocks of the inverse of the
+        spherical mixed-model matrix, one per level, with Monte Carlo standard errors.
+
+        ``blocks(A^{-1}) = D^{-1} + blocks(A^{-1} - D^{-1})``: the block-Jacobi inverse
+        ``D^{-1}`` (exact) is the control variate, and the rest is estimated by
+        Rademacher probes ``w`` as ``sym((A^{-1} w - D^{-1} w)_j w_j')``, unbiased since
+        ``E[w w'] = I``; its noise comes only from the off-diagonal blocks of ``A^{-1}``
+        (levels of other terms that share rows). Without ``z_only`` the uncertainty of
+        ``beta`` is added exactly: ``(S_x)_j (X'V0^{-1}X)^{-1} (S_x)_j'`` with
+        ``S_x = A^{-1} Lambda'Z'WX`` (solved in the same block PCG). Probes are solved
+        ``chunk`` at a time.
+
+        Parameters
+        ----------
+        ev : Evaluation
+        z_only : bool
+            ``True``: given ``beta`` (lme4's ``condVar``).
+        n_probes : int
+        seed : int
+        chunk : int
+
+        Returns
+        -------
+        (list of ndarray, list of ndarray)
+            Per term, estimates and standard errors, each ``(n_levels, d, d)``.
+        """
+        theta = check_theta(self, ev.theta)
+        p, q = self.p, self.q
+        Ts = [t.relative_factor(theta[sl]) for t, sl in zip(self.terms, self.layout)]
+        _, _, Dinv, _ = self._preconditioner(Ts)
+
+        def psolve(R):
+            return self._by_blocks(Dinv, np.ascontiguousarray(R))
+
+        Mop = LinearOperator((q, q), matvec=lambda r: psolve(r.reshape(-1, 1))[:, 0],
+                             matmat=psolve, dtype=np.float64)
+
+        def solve(B):
+            sol, _ = krylov.block_pcg(lambda U: self._A(Ts, U), B, M=Mop, rtol=self.rtol,
+                                      maxiter=self.maxiter)
+            return sol
+
+        rng = np.random.default_rng(check_seed(seed))
+        s1 = [np.zeros((t.n_levels, t.dim, t.dim)) for t in self.terms]
+        s2 = [np.zeros_like(a) for a in s1]
+        done = 0
+        while done < n_probes:
+            m = min(chunk, n_probes - done)
+            W = rademacher(q, m, rng)
+            F = solve(W) - psolve(W)  # (A^{-1} - D^{-1}) W
+            for k, (fk, wk) in enumerate(zip(self._blocks(F), self._blocks(W))):
+                for i in range(m):
+                    o = fk[:, :, i, None] * wk[:, None, :, i]
+                    o = 0.5 * (o + np.swapaxes(o, 1, 2))
+                    s1[k] += o
+                    s2[k] += o * o
+            done += m
+        est, err = [], []
+        for k in range(len(self.terms)):
+            mean = s1[k] / n_probes
+            var = np.maximum(s2[k] / n_probes - mean * mean, 0.0) * n_probes / max(
+                n_probes - 1, 1)
+            est.append(Dinv[k] + mean)
+            err.append(np.sqrt(var / n_probes))
+        if not z_only and p:
+            LZX = self._lam(Ts, self.ZtT[:, :p], transpose=True)
+            Sx = solve(LZX)
+            Cx_inv = ev.beta_cov / ev.sigma2
+            for k, Sk in enumerate(self._blocks(Sx)):
+                est[k] = est[k] + np.einsum("jap,pq,jbq->jab", Sk, Cx_inv, Sk)
+        return est, err
+
+    def pev_blocks(self, ev, z_only=False, n_probes=64, seed=2):
+        """Per term, the prediction error covariance of each level's BLUPs,
+        ``s^2 T_k B_j T_k'`` from :meth:`level_blocks`, and its Monte Carlo standard
+        errors (of each entry, ``s^2 T_k`` times the blocks' errors by the entries'
+        propagation ``sqrt(sum (T_ab SE_bc T_dc)^2)``, an upper bound for correlated
+        entries)."""
+        est, err = self.level_blocks(ev, z_only=z_only, n_probes=n_probes, seed=seed)
+        out, errs = [], []
+        for t, sl, B, E in zip(self.terms, self.layout, est, err):
+            T = t.relative_factor(ev.theta[sl])
+            out.append(ev.sigma2 * np.einsum("ab,jbc,dc->jad", T, B, T))
+            errs.append(ev.sigma2 * np.sqrt(np.einsum("ab,jbc,dc->jad", T * T, E * E,
+                                                      T * T)))
+        return out, errs
+
     def theta_covariance(self, ev):
         """Wald covariance of ``theta``: twice the inverse of the Jacobian of the
         fixed-probe gradient that :func:`fit_vector_iterative` left in ``ev.hessian``
