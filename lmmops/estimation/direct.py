@@ -307,7 +307,9 @@ class DirectObjective:
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return self._evaluate(theta, gradient)
 
-    def _evaluate(self, theta, gradient):
+    def _factor(self, theta, gradient):
+        """The blocked Cholesky factor at ``theta`` and the criterion's pieces:
+        ``(theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, criterion, dof)``."""
         theta = np.asarray(theta, dtype=np.float64).copy()
         if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
             raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")
@@ -352,6 +354,19 @@ class DirectObjective:
             raise LmmopsError("the response is fitted exactly (zero residual sum of squares)")
         # log|R| = n log s^2 - sum(log w), as lme4's ldW
         obj, dof = profiled_criterion(logdet_L, logdet_RX, pwrss, n, p, self.method, self.ldW)
+        return theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, obj, dof
+
+    def criterion(self, theta):
+        """The criterion alone at ``theta`` (no modes, no gradient): the factorisation
+        and its diagonal, for the optimiser's grid and line searches (about a third of
+        the time of :meth:`evaluate`, mostly fixed overhead, on small designs)."""
+        with limit_threads(self.threads, dense_size=self.m, inner=True):
+            return float(self._factor(theta, False)[9])
+
+    def _evaluate(self, theta, gradient):
+        p, qr, m = self.p, self.qr, self.m
+        theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, obj, dof = self._factor(
+            theta, gradient)
         sigma2 = pwrss / dof
 
         # conditional modes: back-substitute the y column, then the first block
@@ -547,7 +562,7 @@ class DirectObjective:
 
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
-        return self.evaluate(theta, gradient=False).objective
+        return self.criterion(theta)
 
 
 def theta_gradient(theta, n_levels, traces, v, sigma2):

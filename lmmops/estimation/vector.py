@@ -262,10 +262,26 @@ class VectorObjective:
 
     # ---------------------------------------------------------------- pieces
     def _lambda(self, theta):
-        blocks = [sp.kron(sp.identity(t.n_levels, format="csr"),
-                          sp.csr_matrix(t.relative_factor(theta[sl])), format="csr")
-                  for t, sl in zip(self.terms, self.layout)]
-        return sp.block_diag(blocks, format="csr")
+        """``Lambda = blockdiag_k(I (x) T_k)`` as CSR, on a pattern fixed at the first
+        call (every lower-triangular entry of every ``T_k``, zeros included), so a new
+        ``theta`` only refills the data (sp.kron and sp.block_diag took 3 ms a call on
+        sleepstudy, a third of its fit)."""
+        if getattr(self, "_lam_pattern", None) is None:
+            indptr, indices, lens = [0], [], []
+            for k, t in enumerate(self.terms):
+                o, d = int(self.offsets[k]), t.dim
+                a, b = np.tril_indices(d)  # row-major lower triangle
+                cols = (o + np.arange(t.n_levels)[:, None] * d + b[None, :]).ravel()
+                indices.append(cols)
+                lens.append(np.tile(np.bincount(a, minlength=d), t.n_levels))
+            indptr = np.concatenate([[0], np.cumsum(np.concatenate(lens))])
+            self._lam_pattern = (indptr.astype(np.int64),
+                                 np.concatenate(indices).astype(np.int64))
+        indptr, indices = self._lam_pattern
+        data = np.concatenate([
+            np.tile(t.relative_factor(theta[sl])[np.tril_indices(t.dim)], t.n_levels)
+            for t, sl in zip(self.terms, self.layout)])
+        return sp.csr_matrix((data, indices, indptr), shape=(self.q, self.q))
 
     def _factor(self, theta):
         """Blocked Cholesky of ``A = Lambda' C Lambda + I``; returns what the solves need."""
