@@ -46,7 +46,12 @@ import scipy.optimize as sopt
 import scipy.sparse as sp
 
 from lmmops.data.checks import check_method, check_weights
-from lmmops.data.terms import theta_layout, theta_lower_bounds, theta_names
+from lmmops.data.terms import (
+    lower_triangle,
+    theta_layout,
+    theta_lower_bounds,
+    theta_names,
+)
 from lmmops.errors import LmmopsError, RankDeficientError
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
@@ -270,7 +275,7 @@ class VectorObjective:
             indptr, indices, lens = [0], [], []
             for k, t in enumerate(self.terms):
                 o, d = int(self.offsets[k]), t.dim
-                a, b = np.tril_indices(d)  # row-major lower triangle
+                a, b = lower_triangle(d)  # row-major lower triangle
                 cols = (o + np.arange(t.n_levels)[:, None] * d + b[None, :]).ravel()
                 indices.append(cols)
                 lens.append(np.tile(np.bincount(a, minlength=d), t.n_levels))
@@ -279,7 +284,7 @@ class VectorObjective:
                                  np.concatenate(indices).astype(np.int64))
         indptr, indices = self._lam_pattern
         data = np.concatenate([
-            np.tile(t.relative_factor(theta[sl])[np.tril_indices(t.dim)], t.n_levels)
+            np.tile(t.relative_factor(theta[sl])[lower_triangle(t.dim)], t.n_levels)
             for t, sl in zip(self.terms, self.layout)])
         return sp.csr_matrix((data, indices, indptr), shape=(self.q, self.q))
 
@@ -463,7 +468,7 @@ class VectorObjective:
                     F = F.reshape(self.m, t.n_levels, d)
                     H -= np.einsum("rja,rjb->ab", F, F)
                 G = 2.0 * T.T @ H
-            rows, cols = np.triu_indices(d)[::-1]  # column-major lower triangle
+            rows, cols = lower_triangle(d, "F")  # column-major lower triangle
             grad[sl] = G[cols, rows]
         return grad
 
@@ -610,7 +615,7 @@ class VectorObjective:
         for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
             T = t.relative_factor(ev.theta[sl])
             ak = a[self.offsets[k]:self.offsets[k + 1]].reshape(t.n_levels, t.dim)
-            rows, cs = np.triu_indices(t.dim)[::-1]
+            rows, cs = lower_triangle(t.dim, "F")
             for i, j in zip(rows, cs):
                 E = np.zeros((t.dim, t.dim))
                 E[i, j] = 1.0
@@ -874,7 +879,7 @@ def _canonical_theta(objective, theta):
         neg = np.diag(T) < 0
         if np.any(neg):
             T[:, neg] *= -1.0
-            rows, cols = np.triu_indices(t.dim)[::-1]
+            rows, cols = lower_triangle(t.dim, "F")
             out[sl] = T[rows, cols]
     return out
 

@@ -78,6 +78,7 @@ import scipy.optimize as sopt
 from scipy import stats
 from scipy.sparse.linalg import LinearOperator
 
+from lmmops.data.terms import lower_triangle
 from lmmops.errors import ArgumentError
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.estimation.iterative import (
@@ -377,7 +378,7 @@ class VectorIterativeObjective:
             G = dlogA + (dof / pwrss) * dPW
             if self.method == "REML":
                 G += dRX
-            ii, jj = np.triu_indices(d)[::-1]
+            ii, jj = lower_triangle(d, "F")
             grad[sl] = G[ii, jj]
             gs[sl] = s[ii, jj]
             dpw[sl] = dPW[ii, jj]
