@@ -420,13 +420,36 @@ class LMMResult:
         cov = theta_covariance(*self.fit_objective())
         return pd.DataFrame(cov, index=self.theta.index, columns=self.theta.index)
 
+    def _varcorr_se(self):
+        """Standard errors of the ``vcov`` column of :attr:`varcorr` (from
+        :attr:`variances_cov`), None where not available (the matrix-free solver for
+        slope models)."""
+        try:
+            c = self.variances_cov
+        except LmmopsError:
+            return [None] * len(self.varcorr)
+        keys = (self._varcorr_names() if not self.intercepts_only
+                else list(self.varcorr.grp))
+        return [float(np.sqrt(max(c.loc[k, k], 0.0))) if np.isfinite(c.loc[k, k]) else None
+                for k in keys]
+
+    def _varcorr_names(self):
+        """Names of the rows of :attr:`varcorr`: ``grp.var1`` for a variance,
+        ``grp.var1.var2`` for a covariance, ``Residual``."""
+        return [r.grp if r.grp == "Residual" else
+                f"{r.grp}.{r.var1}" if pd.isna(r.var2) else f"{r.grp}.{r.var1}.{r.var2}"
+                for r in self.varcorr.itertuples(index=False)]
+
     @property
     def variances_cov(self):
-        """pandas.DataFrame: covariance of the variance estimates (inverse average
-        information; order: the factors, then ``Residual``)."""
+        """pandas.DataFrame: covariance of the variance estimates. Random intercepts:
+        the inverse average information, indexed by the factors, then ``Residual``.
+        Random slopes (direct solver): Wald, twice the inverse Hessian of the criterion
+        in ``(theta, s^2)`` by the delta method, indexed by the rows of :attr:`varcorr`
+        (``grp.var1``, ``grp.var1.var2``, ``Residual``); NaN for a term with a parameter
+        on the boundary."""
         if getattr(self, "_vcov_var", None) is None:
-
-            names = list(self.variances)
+            names = list(self.variances) if self.intercepts_only else self._varcorr_names()
             cov = variance_covariance(*self.fit_objective())
             cov = cov * self.model.conditioning.variance_scale ** 2  # to the user's scale
             self._vcov_var = pd.DataFrame(cov, index=names, columns=names)
@@ -441,6 +464,12 @@ class LMMResult:
             c = self.variances_cov
         except LmmopsError:
             return {k: float("nan") for k in self.variances}
+        if not self.intercepts_only:  # the one-column terms' and the residual's rows
+            names = {r.grp: n for n, r in zip(self._varcorr_names(),
+                                              self.varcorr.itertuples(index=False))
+                     if pd.isna(r.var2)}
+            return {k: float(np.sqrt(max(c.loc[names[k], names[k]], 0.0)))
+                    for k in self.variances}
         return {k: float(np.sqrt(max(c.loc[k, k], 0.0))) for k in c.index}
 
     @property
@@ -576,7 +605,8 @@ class LMMResult:
             direct solver; ``cg_iterations``: the CG iterations of each evaluation's solve,
             empty for the direct solver; ``probe_cg_iterations``: those of the Jacobi
             probe block), ``varcorr`` (the records of :attr:`varcorr`, missing entries
-            as null).
+            as null, each with ``vcov_se``: the standard error of ``vcov`` from
+            :attr:`variances_cov`, null where not available).
         """
         out = {
             "lmmops_version": __version__,
@@ -620,8 +650,9 @@ class LMMResult:
             "varcorr": [
                 {"grp": r.grp, "var1": _text(r.var1), "var2": _text(r.var2),
                  "vcov": float(r.vcov),
-                 "sdcor": float(r.sdcor) if math.isfinite(r.sdcor) else None}
-                for r in self.varcorr.itertuples(index=False)],
+                 "sdcor": float(r.sdcor) if math.isfinite(r.sdcor) else None,
+                 "vcov_se": se if se is not None and math.isfinite(se) else None}
+                for r, se in zip(self.varcorr.itertuples(index=False), self._varcorr_se())],
         })
         for key in ("fixef", "fixef_se", "variances_se"):
             out[key] = {k: (v if math.isfinite(v) else None) for k, v in out[key].items()}

@@ -37,7 +37,9 @@ def test_varcorr_json_records_are_strict(fitted):
     rec = out["varcorr"]
     assert rec[-1] == {"grp": "Residual", "var1": None, "var2": None,
                        "vcov": fitted.variances["Residual"],
-                       "sdcor": fitted.stddev["Residual"]}
+                       "sdcor": fitted.stddev["Residual"],
+                       "vcov_se": fitted.variances_se["Residual"]}
+    assert rec[0]["vcov_se"] == fitted.variances_se[rec[0]["grp"]]
     assert rec[0]["var1"] == "(Intercept)"
     assert rec[0]["var2"] is None
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import lmmops
+from lmmops.data.terms import lower_triangle
 from lmmops.errors import LmmopsError
 from lmmops.estimation.vector import random_effects_matrix
 
@@ -146,3 +147,68 @@ def test_caterpillar_per_coefficient(res):
     fig = res.plot("diagnostics")
     assert len(fig.axes) == 4
     plt.close("all")
+
+
+def test_variances_cov_is_the_inverse_hessian_in_the_variance_parameters(res):
+    """Against an independent oracle: central differences of the criterion (not profiled
+    in s^2) in the variance components themselves, (Sigma_k entries, s^2) -> theta by
+    Cholesky, on the solver's scale; cov = 2 H^{-1}, to the user's scale."""
+    from lmmops.estimation.criterion import criterion_at_sigma
+
+    obj, ev = res.fit_objective()
+    obj = getattr(obj, "conditioned", obj)
+    cov = res.variances_cov
+    names = res._varcorr_names()
+    assert list(cov.index) == names
+    assert names[-1] == "Residual"
+    np.testing.assert_allclose(cov.to_numpy(), cov.to_numpy().T, rtol=1e-10)
+
+    def phi_to_theta(phi):
+        th, pos = [], 0
+        for t in obj.terms:
+            d = t.dim
+            C = np.zeros((d, d))
+            C[np.diag_indices(d)] = phi[pos:pos + d]
+            k = pos + d
+            for j in range(d):
+                for i in range(j + 1, d):
+                    C[i, j] = C[j, i] = phi[k]
+                    k += 1
+            pos = k
+            T = np.linalg.cholesky(C / phi[-1])
+            th.extend(T[lower_triangle(d, "F")])  # lme4's column-major theta
+        return np.array(th)
+
+    def F(phi):
+        e = obj.evaluate(phi_to_theta(phi), gradient=False)
+        return criterion_at_sigma(e.logdet_L, e.logdet_RX, e.pwrss, obj.n, obj.p,
+                                  obj.method, phi[-1], obj.ldW)
+
+    phi0 = []
+    s2 = ev.sigma2
+    for t, sl in zip(obj.terms, obj.layout):
+        T = t.relative_factor(ev.theta[sl])
+        C = s2 * T @ T.T
+        phi0.extend(np.diag(C))
+        for j in range(t.dim):
+            phi0.extend(C[i, j] for i in range(j + 1, t.dim))
+    phi0 = np.array(phi0 + [s2])
+    np.testing.assert_allclose(phi_to_theta(phi0), ev.theta, rtol=1e-10, atol=1e-12)
+    k = phi0.size
+    H = np.empty((k, k))
+    h = 1e-4 * np.maximum(np.abs(phi0), 1e-3)
+    for a in range(k):
+        for b in range(k):
+            def f(da, db, a=a, b=b):
+                x = phi0.copy()
+                x[a] += da * h[a]
+                x[b] += db * h[b]
+                return F(x)
+            H[a, b] = (f(1, 1) - f(1, -1) - f(-1, 1) + f(-1, -1)) / (4 * h[a] * h[b])
+    oracle = 2.0 * np.linalg.inv(0.5 * (H + H.T)) * res.model.conditioning.variance_scale**2
+    np.testing.assert_allclose(cov.to_numpy(), oracle, rtol=2e-3,
+                               atol=2e-3 * np.abs(oracle).max())
+    # the standard errors of the one-column terms and the residual are its diagonal
+    se = res.variances_se
+    assert se["h"] == pytest.approx(np.sqrt(cov.loc["h.(Intercept)", "h.(Intercept)"]))
+    assert se["Residual"] == pytest.approx(np.sqrt(cov.loc["Residual", "Residual"]))

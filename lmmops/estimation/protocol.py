@@ -410,16 +410,11 @@ def _(obj, state):
     return f"  CG iterations {cg:5d}  MC error {obj.last.get('objective_se', 0.0):.3g}"
 
 
-def _not_yet(what):
-    def refuse(obj, ev, *args, **kwargs):
-        raise LmmopsError(f"{what} is not available yet for models with random-slope "
-                          "terms (vector-valued terms); it is for random-intercept models")
-    return refuse
 
 
-variance_covariance.register(VectorObjective, _not_yet(
-    "the covariance of the variance estimates (use LMMResult.theta_cov or "
-    "confint(method='wald'), Wald on theta)"))
+@variance_covariance.register
+def _(obj: VectorObjective, ev):
+    return obj.variance_covariance(ev)
 
 
 def _not_yet_iterative(what):

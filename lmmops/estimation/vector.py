@@ -654,6 +654,74 @@ class VectorObjective:
             cov[np.ix_(idx, idx)] = 2.0 * np.linalg.pinv(H)
         return cov
 
+    def variance_covariance(self, ev):
+        """Wald covariance of the variance components on the objective's scale, in the
+        order of :attr:`~lmmops.result.LMMResult.varcorr` (per term the variances of its
+        columns, then their covariances, then the residual variance ``s^2``).
+
+        Twice the inverse Hessian of the criterion not profiled in ``s^2``, in
+        ``psi = (theta, s^2)``, mapped by the delta method to ``s^2 T_k T_k'`` and
+        ``s^2``. The ``theta`` block of that Hessian is the profiled criterion's
+        (finite differences of the analytic gradient, as :meth:`theta_covariance`) plus
+        ``h h' / H_ss`` with ``h = -dr^2/dtheta / s^4`` (the same differences' penalised
+        residual sums) and ``H_ss = dof / s^4``, so the ``theta`` block of the result is
+        exactly :meth:`theta_covariance`'s. Entries of a term with a parameter on the
+        boundary are NaN.
+        """
+        free = ~(ev.theta <= self.lower)
+        idx = np.flatnonzero(free)
+        s2 = ev.sigma2
+        dof = self.n - self.p if self.method == "REML" else self.n
+        # profiled Hessian and dr^2/dtheta from the same forward differences: those of
+        # the fit's Newton check when it differenced at (within 1e-4 of) this theta on
+        # these parameters, else new ones
+        last = getattr(self, "_fd_last", None)
+        if (last is not None and last[3] is not None and np.array_equal(last[1], idx)
+                and np.all(np.abs(last[0] - ev.theta)
+                           <= 1e-4 * np.maximum(1.0, np.abs(ev.theta)))):
+            Hp, dpw = last[2], last[3]
+        else:
+            _fd_hessian(self, ev.theta, idx, self.lower, g0=ev.gradient, pw0=ev.pwrss)
+            Hp, dpw = self._fd_last[2], self._fd_last[3]
+        h = -dpw / s2**2
+        Hss = dof / s2**2
+        H = np.empty((idx.size + 1, idx.size + 1))
+        H[:-1, :-1] = Hp + np.outer(h, h) / Hss
+        H[:-1, -1] = H[-1, :-1] = h
+        H[-1, -1] = Hss
+        cov_psi = 2.0 * np.linalg.pinv(H)
+
+        def phi(theta_free, sigma2):
+            th = ev.theta.copy()
+            th[idx] = theta_free
+            out = []
+            for t, sl in zip(self.terms, self.layout):
+                T = t.relative_factor(th[sl])
+                C = sigma2 * (T @ T.T)
+                out.extend(np.diag(C))
+                for j in range(t.dim):
+                    out.extend(C[i, j] for i in range(j + 1, t.dim))
+            out.append(sigma2)
+            return np.array(out)
+
+        psi = np.append(ev.theta[idx], s2)
+        J = np.empty((phi(psi[:-1], s2).size, psi.size))
+        for c in range(psi.size):
+            step = 1e-6 * max(1.0, abs(psi[c]))
+            up, dn = psi.copy(), psi.copy()
+            up[c] += step
+            dn[c] -= step
+            J[:, c] = (phi(up[:-1], up[-1]) - phi(dn[:-1], dn[-1])) / (2.0 * step)
+        cov = J @ cov_psi @ J.T
+        pos = 0
+        for t, sl in zip(self.terms, self.layout):
+            n_phi = t.dim * (t.dim + 1) // 2
+            if not np.all(free[sl]):
+                cov[pos:pos + n_phi, :] = np.nan
+                cov[:, pos:pos + n_phi] = np.nan
+            pos += n_phi
+        return cov
+
     def residuals(self, ev):
         """Conditional residuals ``y - X beta - Z Lambda u`` (on the objective's scale)."""
         Lam = self._lambda(ev.theta)
@@ -898,7 +966,7 @@ def _newton_polish(objective, theta, ev_at, tol, message):
         if idx.size == 0:
             return theta, ev, True, ("all parameters on the boundary, gradient pointing "
                                      "out"), None, idx
-        H = _fd_hessian(objective, theta, idx, lower, g0=ev.gradient)
+        H = _fd_hessian(objective, theta, idx, lower, g0=ev.gradient, pw0=ev.pwrss)
         try:
             Lh = np.linalg.cholesky(H)
         except np.linalg.LinAlgError:
@@ -954,20 +1022,33 @@ def _negative_curvature_step(theta, ev, H, idx, lower, ev_at):
     return best
 
 
-def _fd_hessian(objective, theta, idx, lower, h=1e-5, g0=None):
+def _fd_hessian(objective, theta, idx, lower, h=1e-5, g0=None, pw0=None):
     """Hessian on the parameters ``idx`` from differences of the analytic gradient:
     central, or forward (one evaluation per parameter) when the gradient ``g0`` at
-    ``theta`` is given or a central step would cross a bound."""
+    ``theta`` is given or a central step would cross a bound.
+
+    With forward differences and the penalised residual sum ``pw0`` at ``theta`` the
+    same evaluations also give ``dr^2/dtheta``; the result is kept on the objective
+    (``_fd_last``: theta, idx, H, dr^2/dtheta or None) for the Wald covariances at the
+    optimum (:meth:`VectorObjective.variance_covariance`).
+    """
     H = np.empty((idx.size, idx.size))
+    dpw = None if pw0 is None else np.empty(idx.size)
     for c, i in enumerate(idx):
         e = np.zeros_like(theta)
         step = h * max(1.0, abs(theta[i]))
         e[i] = step
-        g1 = objective.evaluate(theta + e).gradient
+        e1 = objective.evaluate(theta + e)
+        g1 = e1.gradient
         if g0 is not None or theta[i] - step < lower[i]:
             if g0 is None:
                 g0 = objective.evaluate(theta).gradient
             H[:, c] = (g1 - g0)[idx] / step
+            if dpw is not None:
+                dpw[c] = (e1.pwrss - pw0) / step
         else:
             H[:, c] = (g1 - objective.evaluate(theta - e).gradient)[idx] / (2 * step)
-    return 0.5 * (H + H.T)
+            dpw = None
+    H = 0.5 * (H + H.T)
+    objective._fd_last = (np.array(theta, dtype=np.float64), idx.copy(), H, dpw)
+    return H
