@@ -1,0 +1,519 @@
+"""The model and the fit from a Dask DataFrame: :class:`DaskLMM` and :func:`fit_dask`.
+
+:meth:`DaskLMM.from_formula` runs the passes of :mod:`lmmops.distributed.passes` over
+the partitions (the levels when the metadata does not know them, the moments, the
+statistics), each a map on the workers and a tree reduction
+(:mod:`lmmops.distributed.reduction`), and rebuilds on the client the objects the
+in-memory :class:`lmmops.LMM` builds from the rows, in level space: the level
+dictionaries in the same order, the fixed-effects columns and their names, the rank test,
+the conditioning, the design's counts and cell tables (:class:`LevelDesign`) and the
+random-effects terms. :meth:`DaskLMM.fit` then runs the same estimation code (the exact
+objectives built with ``X = y = None, stats=...``) and returns a :class:`DaskResult`:
+an :class:`~lmmops.result.LMMResult` whose row-level outputs are Dask objects computed
+by ``map_partitions``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import formulaic
+import numpy as np
+import pandas as pd
+
+from lmmops.data.checks import check_method
+from lmmops.data.formula import (
+    RankDeficientWarning,
+    parse_formula,
+    rank_message,
+    response_vector,
+)
+from lmmops.data.terms import RandomEffectsTerm, order_terms, theta_layout
+from lmmops.distributed.frame import (
+    Plan,
+    check_formula_for_partitions,
+    discover_levels,
+    fixed_specs,
+    prepare,
+    prototype,
+)
+from lmmops.distributed.levelspace import LevelDesign, level_terms, moment_start_from_stats
+from lmmops.distributed.moments import condition_from_moments
+from lmmops.distributed.passes import (
+    combine_levels,
+    combine_moments,
+    combine_statistics,
+    conditioned_rows,
+    map_levels,
+    map_moments,
+    map_statistics,
+)
+from lmmops.distributed.reduction import FAN_IN, client_info, map_reduce
+from lmmops.errors import ArgumentError, DesignError, DisconnectedDesignWarning, LmmopsError
+from lmmops.estimation.direct import DirectObjective
+from lmmops.estimation.protocol import optimise
+from lmmops.estimation.vector import VectorObjective, random_effects_matrix
+from lmmops.guard import max_dense_bytes
+from lmmops.options import resolve_options
+from lmmops.result import LMMResult
+from lmmops.threads import limit_threads, plan_threads
+
+__all__ = ["DaskLMM", "DaskResult", "fit_dask", "is_dask_dataframe"]
+
+#: as :data:`lmmops.model.AUTO_DIRECT_MAX_SCHUR`
+AUTO_DIRECT_MAX_SCHUR = 8000
+
+
+def is_dask_dataframe(data):
+    """Whether ``data`` is a ``dask.dataframe.DataFrame`` (without importing Dask)."""
+    mod = type(data).__module__ or ""
+    return mod.split(".")[0] in ("dask", "dask_expr") and hasattr(data, "to_delayed") \
+        and hasattr(data, "_meta")
+
+
+def _known(ddf, col):
+    """Whether a column is a categorical whose categories the metadata knows."""
+    if not isinstance(ddf._meta[col].dtype, pd.CategoricalDtype):
+        return False
+    return bool(ddf[col].cat.known)
+
+
+def _formula_columns(text, columns):
+    try:
+        used = formulaic.Formula(text).required_variables
+    except Exception:  # the sandbox's own parse names the problem later
+        used = set()
+    return [c for c in columns if c in used]
+
+
+class DaskLMM:
+    """A linear mixed model whose rows are the partitions of a Dask DataFrame.
+
+    Build it with :meth:`from_formula`; the attributes mirror :class:`lmmops.LMM`'s
+    (``design``, ``terms``, ``conditioning``, ``fixef_names``, ``rank_deficient``, ...)
+    in level space. ``passes`` records each pass over the data
+    (:class:`~lmmops.distributed.reduction.TreeReduction`).
+    """
+
+    def __init__(self):
+        self.passes = []
+        self.notes = []
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_formula(cls, formula, ddf, method="REML", weights=None, data_name=None,
+                     labels=None, fan_in=FAN_IN, progress=False):
+        """Build the model from an lme4 formula and a Dask DataFrame.
+
+        Parameters
+        ----------
+        formula : str
+        ddf : dask.dataframe.DataFrame
+        method : {"REML", "ML"}
+        weights : str, optional
+            The name of a column of prior weights (finite, > 0).
+        data_name : str, optional
+        labels : sequence of str, optional
+            How errors name each partition (the files it was read from); default
+            ``"partition i"``.
+        fan_in : int
+            Partial results combined per task of the tree reductions.
+        progress : bool
+            A progress bar per pass.
+
+        Returns
+        -------
+        DaskLMM
+
+        Raises
+        ------
+        FormulaError, DesignError, DataSourceError, LmmopsError
+            As :meth:`lmmops.LMM.from_formula`, the partition's errors naming its file
+            (or position) and the column.
+        """
+        with limit_threads("auto"):
+            self = cls()
+            self._build(formula, ddf, method, weights, data_name, labels, fan_in, progress)
+            return self
+
+    def _run(self, ddf, fn, combine, *args, name):
+        res, rec = map_reduce(ddf, fn, combine, *args, fan_in=self.fan_in, name=name,
+                              progress=self.progress)
+        self.passes.append(rec)
+        return res
+
+    def _build(self, formula, ddf, method, weights, data_name, labels, fan_in, progress):
+        t0 = time.perf_counter()
+        self.fan_in, self.progress = int(fan_in), bool(progress)
+        if self.fan_in < 2:
+            raise ArgumentError(f"fan_in must be at least 2, got {fan_in}")
+        self.method = check_method(method)
+        self.data_name = data_name
+        self.ddf = ddf
+        meta = ddf._meta
+        columns = [c for c in meta.columns]
+        pf = parse_formula(formula)
+        self.parsed_formula = pf
+        self.formula, self.response = pf.formula, pf.response
+        response_vector(meta, pf.response)  # the column exists and is numeric
+        if weights is not None and not isinstance(weights, str):
+            raise ArgumentError("weights of a Dask DataFrame must be the name of one of its "
+                                f"columns, got {type(weights).__name__}")
+        if weights is not None:
+            if weights not in columns:
+                raise LmmopsError(f"unknown weights column '{weights}'; available columns: "
+                                  f"{', '.join(map(str, columns))}")
+            col = meta[weights]
+            if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+                raise LmmopsError(f"weights must be numeric: column '{weights}' has dtype "
+                                  f"{col.dtype}")
+        self.weighted = weights is not None
+        factors = []
+        for g in pf.random:
+            if g not in columns:
+                parts = [p.strip() for p in str(g).split(":")]
+                unknown = [p for p in parts if p not in columns]
+                if unknown:
+                    raise DesignError(f"unknown column '{unknown[0]}' for grouping factor "
+                                      f"'{g}'; available columns: "
+                                      f"{', '.join(map(str, columns))}")
+                raise DesignError(f"the interaction grouping factor '{g}' is not supported "
+                                  "on a Dask DataFrame yet; add its column first, e.g. "
+                                  f"ddf['{g}'] = ddf.{parts[0]}.astype(str) + ':' + "
+                                  f"ddf.{parts[1]}.astype(str)")
+            factors.append((g, g))
+        effects = [t.effects for t in pf.random_terms]
+        texts = [pf.fixed, *effects]
+        check_formula_for_partitions(texts, dict(meta.dtypes))
+        used = []
+        for text in texts:
+            used += [c for c in _formula_columns(text, columns) if c not in used]
+        cat_cols = [c for c in used
+                    if isinstance(meta[c].dtype, pd.CategoricalDtype)
+                    or not pd.api.types.is_numeric_dtype(meta[c].dtype)
+                    or pd.api.types.is_bool_dtype(meta[c].dtype)]
+        group_cols = [c for _, c in factors]
+        unknown = [c for c in dict.fromkeys(group_cols + cat_cols) if not _known(ddf, c)]
+        labels = list(labels) if labels is not None else []
+        found = {}
+        if unknown:
+            found = self._run(ddf, map_levels, combine_levels, unknown, labels, name="levels")
+        dictionary = {}
+        for c in dict.fromkeys(group_cols + cat_cols):
+            if c in found:
+                dictionary[c] = discover_levels(found[c], c, meta[c].dtype)
+            else:
+                dictionary[c] = pd.Index(meta[c].dtype.categories)
+        categories = {c: dictionary[c] for c in cat_cols}
+        proto = prototype(meta, categories)
+        names, fspec, tspecs = fixed_specs(pf.fixed, effects, proto)
+        plan = Plan(pf.response, weights, factors, [dictionary[c] for c in group_cols],
+                    categories, fspec, [], columns, dict(meta.dtypes), labels)
+        plan.slopes = False
+        plan.p_all = len(names)
+        # pass 2: moments of [X y] and rows per level
+        mom, counts = self._run(ddf, map_moments, combine_moments, plan, name="moments")
+        if mom.n == 0:
+            raise DesignError("the design has no observations")
+        # as sorted_levels: a categorical's unused categories are dropped
+        plan.levels = [lv[np.asarray(c) > 0] for lv, c in zip(plan.levels, counts)]
+        self.n_obs = mom.n
+        self.conditioning, keep = condition_from_moments(mom)
+        plan.keep, plan.conditioning = keep, self.conditioning
+        self.all_fixef_names = names
+        self.keep = keep
+        kept = set(keep.tolist())
+        dropped = [names[j] for j in range(len(names)) if j not in kept]
+        self.rank_deficient = dropped
+        self.rank_message = rank_message(dropped) if dropped else None
+        if dropped:
+            warnings.warn(self.rank_message, RankDeficientWarning, stacklevel=3)
+        self.fixef_names = [names[j] for j in keep]
+        self.fixed_spec = fspec
+        # the terms, in lme4's order (the design's intercepts, or the formula's terms)
+        intercepts = (all(t.is_intercept for t in pf.random_terms)
+                      and len(pf.random_terms) == len(pf.random))
+        group_pos = {g: k for k, (g, _) in enumerate(factors)}
+        specs = []
+        for rt, (tnames, tspec) in zip(pf.random_terms, tspecs):
+            if len(tnames) == 0:
+                raise DesignError(f"random-effects term {rt} has no columns: its effects "
+                                  "remove the intercept and add nothing")
+            pure = list(tnames) == ["(Intercept)"]
+            specs.append((rt.group, tnames, None if pure else tspec))
+        nl = [len(plan.levels[group_pos[g]]) for g, _, _ in specs]
+        order = list(range(len(specs))) if intercepts else order_terms(nl)
+        specs = [specs[i] for i in order]
+        plan.slopes = not intercepts
+        plan.term_specs = [(group_pos[g], s) for g, _, s in specs]
+        plan.term_groups = [g for g, _, _ in specs]
+        plan.term_columns = [tuple(c) for _, c, _ in specs]
+        self.plan = plan
+        # pass 3: the statistics
+        stats, unweighted = self._run(ddf, map_statistics, combine_statistics, plan,
+                                      name="statistics")
+        dstats = unweighted if unweighted is not None else stats
+        self.stats, self.design_stats = stats, dstats
+        K = len(factors)
+        design = LevelDesign([g for g, _ in factors], plan.levels, dstats.D,
+                             {(k, l): dstats.N[(k, l)] for k in range(K)
+                              for l in range(k + 1, K)}, mom.n)
+        design.check_distinct_partitions()
+        self.design = design
+        if intercepts:
+            self.terms = design.terms
+        else:
+            self.terms = level_terms(design, specs)
+            for t in self.terms:
+                if t.dim > 1 and t.n_levels <= t.dim:
+                    raise DesignError(
+                        f"number of levels of each grouping factor must be > number of "
+                        f"random effects per level: term ({', '.join(t.columns)} | "
+                        f"{t.group}) has {t.n_levels} levels of '{t.group}' for {t.dim} "
+                        "random effects per level")
+                if mom.n <= t.n_random_effects:
+                    raise DesignError(
+                        f"number of observations (={mom.n}) <= number of random effects "
+                        f"(={t.n_random_effects}) for term ({', '.join(t.columns)} | "
+                        f"{t.group}); the random-effects parameters and the residual "
+                        "variance (or scale parameter) are probably unidentifiable")
+        self.has_slopes = not intercepts
+        p = len(keep)
+        self.X = np.zeros((0, p))  # the shape of the kept fixed effects; no rows
+        self.y = np.zeros(0)
+        self.weights = None
+        self._warn_disconnected()
+        self.n_partitions = ddf.npartitions
+        self.build_s = time.perf_counter() - t0
+
+    def _warn_disconnected(self):
+        """:class:`lmmops.LMM`'s warning for a disconnected design of crossed factors."""
+        d = self.design
+        if d.n_factors < 2:
+            return
+        crossed = []
+        for k in range(d.n_factors):
+            nested = any(
+                l != k and d.n_levels[l] < d.n_levels[k]
+                and np.all(np.diff(d.crosstab(k, l).indptr) == 1)
+                for l in range(d.n_factors))
+            if not nested:
+                crossed.append(k)
+        if len(crossed) < 2:
+            return
+        sub = d.subset_factors(crossed) if len(crossed) < d.n_factors else d
+        ncomp, _ = sub.connected_components()
+        if ncomp > 1:
+            warnings.warn(
+                f"the design is disconnected: the level graph of the crossed factors "
+                f"{', '.join(sub.names)} has {ncomp} connected components. REML and ML are "
+                "still well defined, but the components share information only through the "
+                "variance parameters; check that this is intended",
+                DisconnectedDesignWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ fit
+    def schur_rows(self):
+        """Rows of the exact solver's dense block (as :meth:`lmmops.LMM.schur_rows`)."""
+        if self.has_slopes:
+            q = [t.n_random_effects for t in self.terms]
+            return sum(q) - q[0] + self.X.shape[1] + 1
+        q = list(self.design.n_levels)
+        return sum(q) - max(q) + self.X.shape[1] + 1
+
+    def objective(self, method=None):
+        """The exact objective on the conditioned statistics (no rows)."""
+        m = check_method(method or self.method)
+        if self.has_slopes:
+            return VectorObjective(self.terms, None, None, method=m, stats=self.stats)
+        return DirectObjective(self.design, None, None, method=m, stats=self.stats)
+
+    def fit(self, method=None, solver="auto", start=None, maxiter=None, threads=None,
+            options=None, **kwargs):
+        """Fit by REML or ML with the exact solver, in level space.
+
+        Parameters
+        ----------
+        method : {"REML", "ML"}, optional
+        solver : {"auto", "direct"}
+            The iterative solver is not yet available on a Dask DataFrame.
+        start : array_like, optional
+        maxiter, threads : optional
+            Shorthands for ``options.maxiter`` and ``options.threads``.
+        options : Options, optional
+
+        Returns
+        -------
+        DaskResult
+        """
+        unsupported = {k: v for k, v in kwargs.items()
+                       if v is not None and k not in ("verbose", "progress")}
+        if unsupported:
+            raise ArgumentError(f"{', '.join(sorted(unsupported))} not supported by a fit "
+                                "from a Dask DataFrame (the exact solver)")
+        method = check_method(method or self.method)
+        s = str(solver).lower()
+        m = self.schur_rows()
+        if s not in ("auto", "direct", "iterative"):
+            raise LmmopsError(f"solver must be one of auto, direct, iterative, got {solver!r}")
+        if s == "iterative" or (s == "auto" and (
+                m > AUTO_DIRECT_MAX_SCHUR or 4 * 8 * m * m > max_dense_bytes())):
+            raise ArgumentError(
+                "the iterative solver is not yet available for a Dask DataFrame; the exact "
+                f"solver's dense Schur block is {m} x {m} ({8 * m * m / 2**20:.1f} MiB): "
+                "use solver='direct' if it fits in memory")
+        opts = resolve_options(options, maxiter=maxiter, threads=threads)
+        plan = plan_threads(opts.threads, dense_size=m, parallel=False)
+        t0 = time.perf_counter()
+        with limit_threads(plan):
+            obj = self.objective(method)
+            if start is None and not self.has_slopes:
+                U = self.design_stats
+                start = moment_start_from_stats(self.design, U.TT, U.ZT, U.D)
+            ev, opt = optimise(obj, start, opts, None)
+        elapsed = self.build_s + (time.perf_counter() - t0)
+        res = DaskResult(self, obj, ev, opt, method, "direct", np.zeros(0), elapsed, opts)
+        res.notes.append(plan.note)
+        if s == "auto":
+            res.notes.append(f"solver 'auto' picked 'direct': the dense Schur block is "
+                             f"{m} x {m} ({8 * m * m / 2**20:.1f} MiB)")
+        res.notes.append(self.log_line())
+        return res
+
+    def log_line(self):
+        """What the passes cost: partitions, workers, passes, bytes gathered."""
+        workers, link = client_info()
+        moved = sum(p.nbytes for p in self.passes)
+        secs = ", ".join(f"{p.name} {p.seconds:.2f} s" for p in self.passes)
+        who = f"{workers} workers" if workers is not None else "dask's local scheduler"
+        line = (f"dask: {self.n_partitions} partitions, {who}, {len(self.passes)} passes "
+                f"({secs}), {moved} bytes gathered on the client")
+        if link:
+            line += f"; dashboard {link}"
+        return line
+
+    def __repr__(self):
+        levels = dict(zip(self.design.names, self.design.n_levels))
+        return (f"DaskLMM({self.formula!r}, n_obs={self.n_obs}, levels={levels}, "
+                f"p={self.X.shape[1]}, partitions={self.n_partitions})")
+
+
+def _rows(part, i, plan, ev, theta_terms, kind):
+    """Row-level outputs of one partition (``map_partitions``)."""
+    a = prepare(part, plan, i)
+    Xc, yc = conditioned_rows(a, plan)
+    cond = plan.conditioning
+    marginal = yc - Xc @ ev.beta
+    if plan.slopes:
+        terms = [RandomEffectsTerm(plan.term_groups[t], a["codes"][k], plan.levels[k],
+                                   plan.term_columns[t], a["values"][t])
+                 for t, (k, _) in enumerate(plan.term_specs)]
+        Z = random_effects_matrix(terms)
+        b = np.concatenate([(np.asarray(v).reshape(-1, L.shape[0]) @ L.T).ravel()
+                            for v, L in zip(ev.v, theta_terms)])
+        zb = Z @ b
+    else:
+        zb = np.zeros(len(yc))
+        for k in range(a["codes"].shape[0]):
+            zb += (ev.theta[k] * np.asarray(ev.v[k]))[a["codes"][k]]
+    s = cond.scale
+    out = {"marginal": s * marginal, "conditional": s * (marginal - zb)}
+    out["fitted"] = a["y"] - out["conditional"]
+    if kind == "all":
+        return pd.DataFrame(out, index=part.index)
+    return pd.Series(out[kind], index=part.index, name=kind)
+
+
+class DaskResult(LMMResult):
+    """The fit of a :class:`DaskLMM`: an :class:`~lmmops.result.LMMResult` whose
+    row-level outputs are Dask objects (``map_partitions``), computed when asked.
+
+    ``resid`` and ``fitted`` are Dask Series (conditional residuals and fitted values on
+    the user's scale); :meth:`residuals` takes ``"conditional"``, ``"marginal"``,
+    ``"pearson"`` and ``"model"``; the summary's residual quartiles are Dask's
+    approximate quantiles.
+    """
+
+    def __init__(self, model, obj, ev, opt, method, solver, resid, elapsed, options=None):
+        super().__init__(model, obj, ev, opt, method, solver, resid, elapsed, options)
+        self.passes = list(model.passes)
+        self.n_partitions = model.n_partitions
+        self.resid = self._rows("conditional")
+        self.fitted = self._rows("fitted")
+
+    def _rows(self, kind):
+        m = self.model
+        ev = self.evaluation
+        Ls = [t.relative_factor(ev.theta[sl]) for t, sl in
+              zip(self.terms, theta_layout(self.terms))]
+        meta = (pd.DataFrame({k: pd.Series(dtype="float64")
+                              for k in ("marginal", "conditional", "fitted")})
+                if kind == "all" else pd.Series(dtype="float64", name=kind))
+        import dask
+
+        parts = m.ddf.to_delayed()
+        plan = dask.delayed(m.plan, traverse=False)
+        out = [dask.delayed(_rows, pure=True)(p, i, plan, ev, Ls, kind)
+               for i, p in enumerate(parts)]
+        import dask.dataframe as dd
+
+        return dd.from_delayed(out, meta=meta, divisions=m.ddf.divisions)
+
+    def residuals(self, kind="conditional"):
+        """Row-level residuals as a Dask Series (see :meth:`LMMResult.residuals`).
+
+        ``"conditional"``, ``"marginal"``, ``"pearson"`` (unweighted fits: ``e / s``)
+        and ``"model"``; the kinds that need ``diag(P)`` (``"shift"``,
+        ``"studentized"``) are not yet available from a Dask DataFrame.
+        """
+        if kind in ("conditional", "model"):
+            return self._rows("conditional")
+        if kind == "marginal":
+            return self._rows("marginal")
+        if kind == "pearson":
+            if self.model.weighted:
+                raise LmmopsError("Pearson residuals of a weighted fit from a Dask "
+                                  "DataFrame are not yet available")
+            return self._rows("conditional") / self.sigma
+        if kind in self.RESIDUAL_KINDS:
+            raise LmmopsError(f"residuals of kind {kind!r} need diag(P) per row, not yet "
+                              "available for a fit from a Dask DataFrame")
+        raise LmmopsError(f"unknown residual kind {kind!r}; use one of "
+                          f"{', '.join(self.RESIDUAL_KINDS)}")
+
+    def row_outputs(self):
+        """A Dask DataFrame with the ``marginal`` and ``conditional`` residuals and the
+        ``fitted`` values of every row (user scale), partitioned as the data."""
+        return self._rows("all")
+
+    def _scaled_residual_quantiles(self):
+        r = self._rows("conditional") / self.sigma
+        import dask
+
+        lo, hi, mid = dask.compute(r.min(), r.max(), r.quantile([0.25, 0.5, 0.75]))
+        mid = np.asarray(mid, dtype=float)
+        return np.array([float(lo), mid[0], mid[1], mid[2], float(hi)])
+
+
+def fit_dask(formula, ddf, method="REML", solver="auto", **kwargs):
+    """:func:`lmmops.fit` for a Dask DataFrame (the rows stay on the workers).
+
+    Parameters
+    ----------
+    formula : str
+    ddf : dask.dataframe.DataFrame
+    method : {"REML", "ML"}
+    solver : {"auto", "direct"}
+    **kwargs
+        ``weights`` (a column name), ``data_name``, ``labels``, ``fan_in`` and
+        ``progress`` for :meth:`DaskLMM.from_formula`; the rest for :meth:`DaskLMM.fit`.
+
+    Returns
+    -------
+    DaskResult
+    """
+    build = {k: kwargs.pop(k) for k in ("weights", "data_name", "labels", "fan_in",
+                                        "progress") if k in kwargs}
+    model = DaskLMM.from_formula(formula, ddf, method=method, **build)
+    return model.fit(solver=solver, **kwargs)
+

@@ -1,0 +1,245 @@
+"""Fits from a Dask DataFrame (lmmops.distributed) against the in-memory fit of the same
+rows, on a real ``distributed.LocalCluster`` (two worker processes, loopback only)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmmops
+from lmmops.data.conditioning import condition
+from lmmops.distributed.moments import Moments, condition_from_moments
+from lmmops.errors import DataSourceError, DesignError, FormulaError, LmmopsError
+from lmmops.estimation.direct import DirectObjective
+from lmmops.estimation.protocol import variance_covariance
+from lmmops.estimation.vector import VectorObjective, VectorStatistics
+
+dd = pytest.importorskip("dask.dataframe")
+distributed = pytest.importorskip("distributed")
+
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None)
+    cl = distributed.Client(cluster)
+    yield cl
+    cl.close()
+    cluster.close()
+
+
+def _frame(n=2400, seed=3):
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, 50, n)
+    h = rng.choice([f"lev{j:02d}" for j in range(9)], n)
+    hcode = np.array([int(s[3:]) for s in h])
+    df = pd.DataFrame({"g": g * 7 + 3, "h": h, "x": rng.normal(size=n),
+                       "f": rng.choice(["u", "v", "w"], n)})
+    df["y"] = (4.0 + rng.normal(size=50)[g] + 0.8 * rng.normal(size=9)[hcode]
+               + df.x * (1.0 + 0.4 * rng.normal(size=50)[g]) + (df.f == "v")
+               + rng.normal(size=n))
+    df["w"] = rng.uniform(0.5, 2.0, n)
+    return df
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return _frame()
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    assert np.array_equal(np.isnan(a), np.isnan(b))  # aliased coefficients: NaN in both
+    ok = ~np.isnan(b)
+    return float(np.max(np.abs(a[ok] - b[ok]) / np.maximum(np.abs(b[ok]), 1e-8)))
+
+
+def _same_fit(a, b, tol=TOL):
+    assert list(a.theta.index) == list(b.theta.index)
+    assert list(a.fixef.index) == list(b.fixef.index)
+    assert _rel(a.theta, b.theta) < tol
+    assert _rel(a.fixef, b.fixef) < tol
+    assert _rel(a.fixef_se, b.fixef_se) < tol
+    assert _rel(a.sigma, b.sigma) < tol
+    assert _rel(a.loglik, b.loglik) < tol
+    assert a.n_obs == b.n_obs
+
+
+CASES = [
+    ("y ~ x + f + (1|g) + (1|h)", None, "REML"),
+    ("y ~ x + f + (1|g) + (1|h)", "w", "ML"),
+    ("y ~ x + (1 + x|g) + (1|h)", None, "REML"),
+    ("y ~ x + f + (1 + x|g) + (1|h)", "w", "REML"),
+]
+
+
+@pytest.mark.parametrize(("formula", "weights", "method"), CASES)
+def test_fit_equals_in_memory_for_1_3_7_partitions(client, frame, formula, weights, method):
+    ref = lmmops.fit(formula, frame, method=method, weights=weights, solver="direct")
+    for P in (1, 3, 7):
+        res = lmmops.fit(formula, dd.from_pandas(frame, npartitions=P), method=method,
+                         weights=weights)
+        _same_fit(res, ref)
+        assert res.n_partitions == P
+        assert res.n_levels == ref.n_levels
+        for g in ref.ranef:  # same level dictionaries, same order, same BLUPs
+            assert list(res.ranef[g].index) == list(ref.ranef[g].index)
+            assert np.max(np.abs(np.asarray(res.ranef[g]) - np.asarray(ref.ranef[g]))) \
+                < 1e-9 * ref.sigma
+
+
+def test_result_summary_json_and_log(client, frame):
+    ddf = dd.from_pandas(frame, npartitions=4)
+    res = lmmops.fit("y ~ x + f + (1|g) + (1|h)", ddf)
+    ref = lmmops.fit("y ~ x + f + (1|g) + (1|h)", frame)
+    a, b = res.to_dict(), ref.to_dict()
+    assert set(a) == set(b)
+    json.dumps(a, allow_nan=False)
+    for k in ("g", "h", "Residual"):  # inverse average information, level space
+        assert _rel(a["variances_se"][k], b["variances_se"][k]) < 1e-8
+    text = res.summary()
+    assert "Random effects:" in text
+    assert "Number of obs: 2400" in text
+    log = [n for n in res.notes if n.startswith("dask:")]
+    assert len(log) == 1
+    assert "4 partitions" in log[0]
+    assert "2 workers" in log[0]
+    assert "bytes gathered" in log[0]
+    # the client gathered level-space objects only: far less than the rows
+    assert sum(p.nbytes for p in res.passes) < frame.memory_usage(deep=True).sum()
+
+
+def test_row_outputs_by_map_partitions(client, frame):
+    ddf = dd.from_pandas(frame, npartitions=3)
+    for formula in ("y ~ x + f + (1|g) + (1|h)", "y ~ x + (1 + x|g) + (1|h)"):
+        res = lmmops.fit(formula, ddf)
+        ref = lmmops.fit(formula, frame)
+        r = res.resid.compute().to_numpy()
+        assert np.max(np.abs(r - ref.resid)) < 1e-9 * ref.sigma
+        rows = res.row_outputs().compute()
+        assert np.max(np.abs(rows["marginal"].to_numpy() - ref.residuals("marginal"))) \
+            < 1e-9 * ref.sigma
+        assert np.max(np.abs(rows["fitted"].to_numpy() - ref.fitted)) < 1e-9 * ref.sigma
+    with pytest.raises(LmmopsError, match="diag"):
+        res.residuals("studentized")
+
+
+def test_known_categories_used_as_they_are(client, frame):
+    df = frame.copy()
+    # a categorical grouping factor whose category order is not the sorted one, with an
+    # unused category (dropped, as the in-memory path drops it)
+    cats = [f"lev{j:02d}" for j in (5, 2, 8, 0, 1, 3, 4, 6, 7)] + ["never"]
+    df["h"] = pd.Categorical(df["h"], categories=cats)
+    df["f"] = pd.Categorical(df["f"], categories=["w", "u", "v"])
+    ref = lmmops.fit("y ~ x + f + (1|g) + (1|h)", df)
+    ddf = dd.from_pandas(df, npartitions=5)
+    assert ddf["h"].cat.known
+    res = lmmops.fit("y ~ x + f + (1|g) + (1|h)", ddf)
+    assert [p.name for p in res.passes] == ["levels", "moments", "statistics"]  # g only
+    _same_fit(res, ref)
+    assert list(res.ranef["h"].index) == cats[:-1]
+    assert list(res.fixef.index) == ["(Intercept)", "x", "fu", "fv"]
+    known = df.assign(g=df.g.astype("category"))
+    res2 = lmmops.fit("y ~ x + f + (1|g) + (1|h)", dd.from_pandas(known, npartitions=2))
+    assert [p.name for p in res2.passes] == ["moments", "statistics"]  # no level pass
+    _same_fit(res2, ref)
+
+
+def test_rank_deficient_columns_dropped_as_in_memory(client, frame):
+    df = frame.assign(x2=2.0 * frame.x - 1.0)
+    with pytest.warns(lmmops.RankDeficientWarning):
+        ref = lmmops.fit("y ~ x + x2 + (1|g) + (1|h)", df)
+    with pytest.warns(lmmops.RankDeficientWarning):
+        res = lmmops.fit("y ~ x + x2 + (1|g) + (1|h)", dd.from_pandas(df, npartitions=3))
+    assert res.rank_deficient == ref.rank_deficient == ["x2"]
+    assert np.isnan(res.fixef["x2"])
+    _same_fit(res, ref)
+
+
+def test_partition_errors_name_the_partition_and_column(client, frame):
+    df = frame.copy()
+    df.loc[1900, "y"] = np.nan
+    with pytest.raises(FormulaError, match=r"partition 2: response 'y' has 1 missing"):
+        lmmops.fit("y ~ x + (1|g) + (1|h)", dd.from_pandas(df, npartitions=3))
+    df = frame.copy()
+    df.loc[5, "x"] = np.inf
+    with pytest.raises(FormulaError, match=r"partition 0: .*'x'"):
+        lmmops.fit("y ~ x + (1|g) + (1|h)", dd.from_pandas(df, npartitions=3))
+    # a typed (known-categories) column whose partition holds a level outside them
+    df = frame.copy()
+    df["h"] = pd.Categorical(df["h"])
+    ddf = dd.from_pandas(df, npartitions=3)
+    parts = ddf.to_delayed()
+    bad = df.iloc[1600:].copy()
+    bad["h"] = bad["h"].astype(str)
+    bad.loc[bad.index[3], "h"] = "stranger"
+    bad["h"] = pd.Categorical(bad["h"], categories=list(df["h"].cat.categories) + ["stranger"])
+    ddf2 = dd.from_delayed(parts[:2] + [_delayed(bad)], meta=ddf._meta, verify_meta=False)
+    with pytest.raises(DataSourceError, match=r"partition 2: grouping factor 'h' has the "
+                                              r"level 'stranger'"):
+        lmmops.fit("y ~ x + (1|g) + (1|h)", ddf2)
+    with pytest.raises(DesignError, match="interaction"):
+        lmmops.fit("y ~ x + (1|g:h)", dd.from_pandas(frame, npartitions=2))
+    with pytest.raises(FormulaError, match="learns its state"):
+        lmmops.fit("y ~ scale(x) + (1|g)", dd.from_pandas(frame, npartitions=2))
+
+
+def _delayed(obj):
+    import dask
+
+    return dask.delayed(obj)
+
+
+def test_moments_conditioning_matches_rows():
+    rng = np.random.default_rng(0)
+    n = 500
+    x = rng.normal(size=n)
+    for X in (np.column_stack([np.ones(n), x, 3.0 * x + 2.0]),        # aliased
+              np.column_stack([x, np.ones(n), rng.random(n) < 0.3]),  # intercept second
+              np.column_stack([np.ones(n), 1e3 + x])):                # offset covariate
+        X = X.astype(float)
+        y = X @ np.arange(1.0, X.shape[1] + 1) + 1e6 + rng.normal(size=n)
+        ref, keep_ref, _, _ = condition(X, y)
+        parts = [Moments.from_arrays(X[r], y[r]) for r in np.array_split(np.arange(n), 6)]
+        cond, keep = condition_from_moments(Moments.combine(parts))
+        assert keep.tolist() == keep_ref.tolist()
+        Xc = cond.X(X[:, keep])
+        yc = (y - Xc @ cond.b) / cond.scale
+        assert np.max(np.abs(Xc.T @ Xc / n - np.eye(keep.size))) < 1e-12
+        assert np.max(np.abs(Xc.T @ yc / n)) < 1e-7
+        assert abs(np.mean(yc**2) - 1.0) < 1e-7
+        assert abs(cond.scale / ref.scale - 1.0) < 1e-7
+    exact = Moments.from_arrays(np.column_stack([np.ones(n), x]), 2.0 + 3.0 * x)
+    with pytest.raises(LmmopsError, match="fit the response exactly"):
+        condition_from_moments(exact)
+
+
+def test_level_space_average_information_equals_rows(frame):
+    w = frame.w.to_numpy()
+    m = lmmops.LMM.from_formula("y ~ x + (1|g) + (1|h)", frame, weights=w)
+    rows = DirectObjective(m.design, m.X_conditioned, m.y_conditioned, weights=w)
+    stats = DirectObjective(m.design, None, None, stats=rows.stats)
+    for method in ("REML", "ML"):
+        rows.method = stats.method = method
+        ev, ev2 = rows.evaluate(np.array([0.7, 0.4])), stats.evaluate(np.array([0.7, 0.4]))
+        assert ev2.objective == pytest.approx(ev.objective, rel=1e-13)
+        A, A2 = rows.average_information(ev), stats.average_information(ev2)
+        assert np.max(np.abs(A2 - A)) < 1e-10 * np.max(np.abs(A))
+        V, V2 = variance_covariance(rows, ev), variance_covariance(stats, ev2)
+        assert np.max(np.abs(V2 - V)) < 1e-10 * np.max(np.abs(V))
+    with pytest.raises(LmmopsError, match="row-level"):
+        stats.residuals(ev2)
+    m = lmmops.LMM.from_formula("y ~ x + (1 + x|g) + (1|h)", frame, weights=w)
+    rows = VectorObjective(m.terms, m.X_conditioned, m.y_conditioned, weights=w)
+    vs = VectorStatistics.from_rows(m.terms, m.X_conditioned, m.y_conditioned, w)
+    stats = VectorObjective(m.terms, None, None, stats=vs)
+    th = np.array([0.5, 0.8, 0.1, 0.6])
+    ev, ev2 = rows.evaluate(th), stats.evaluate(th)
+    assert ev2.objective == pytest.approx(ev.objective, rel=1e-13)
+    A, A2 = rows.average_information(ev), stats.average_information(ev2)
+    assert np.max(np.abs(A2 - A)) < 1e-10 * np.max(np.abs(A))
+    with pytest.raises(LmmopsError, match="row-level"):
+        stats.residuals(ev2)
