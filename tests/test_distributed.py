@@ -314,3 +314,22 @@ def test_cli_simulate_partitions_and_errors(client, frame, tmp_path, capsys):
     assert "no data files match" in capsys.readouterr().err
     assert main(["fit", str(out), "--formula", "y ~ (1|g1)", "--scheduler", "nowhere"]) == 2
     assert "expected an address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("formula", "weights"), [("y ~ x + f + (1|g) + (1|h)", "w"),
+                                                  ("y ~ x + (1 + x|g) + (1|h)", None)])
+def test_iterative_solver_on_reduced_statistics(client, frame, formula, weights):
+    # the same probes and seed as in memory: the statistics differ only in their summation
+    # order, so the estimates agree far inside the Monte Carlo error
+    ref = lmmops.fit(formula, frame, solver="iterative", weights=weights, seed=0)
+    res = lmmops.fit(formula, dd.from_pandas(frame, npartitions=3), solver="iterative",
+                     weights=weights, seed=0)
+    assert res.solver == "iterative"
+    assert not res.exact
+    _same_fit(res, ref, tol=1e-8)
+    assert res.mc_stderr["loglik"] == pytest.approx(ref.mc_stderr["loglik"], rel=1e-6,
+                                                    abs=1e-12)
+    other = lmmops.fit(formula, dd.from_pandas(frame, npartitions=3), solver="iterative",
+                       weights=weights, seed=1)
+    if ref.mc_stderr["loglik"] > 1e-6:  # another seed, another estimate (this can fail)
+        assert abs(other.loglik - ref.loglik) > 1e-8 * abs(ref.loglik)

@@ -53,8 +53,13 @@ from lmmops.distributed.passes import (
 from lmmops.distributed.reduction import FAN_IN, client_info, map_reduce
 from lmmops.errors import ArgumentError, DesignError, DisconnectedDesignWarning, LmmopsError
 from lmmops.estimation.direct import DirectObjective
+from lmmops.estimation.iterative import DEFAULT_PRECONDITIONER, IterativeObjective
 from lmmops.estimation.protocol import optimise
 from lmmops.estimation.vector import VectorObjective, random_effects_matrix
+from lmmops.estimation.vector_iterative import (
+    VectorIterativeObjective,
+    check_slope_preconditioner,
+)
 from lmmops.guard import max_dense_bytes
 from lmmops.options import resolve_options
 from lmmops.result import LMMResult
@@ -330,6 +335,21 @@ class DaskLMM:
             return VectorObjective(self.terms, None, None, method=m, stats=self.stats)
         return DirectObjective(self.design, None, None, method=m, stats=self.stats)
 
+    def iterative_objective(self, method, options, preconditioner=None):
+        """The matrix-free objective on the conditioned statistics (no rows), with the
+        probes and seed of ``options`` (the in-memory fit's, so the same estimates)."""
+        common = dict(method=method, n_probes=options.n_probes, seed=options.seed,
+                      rtol=options.cg_rtol, maxiter=options.cg_maxiter, stats=self.stats)
+        if self.has_slopes:
+            return VectorIterativeObjective(
+                self.terms, None, None,
+                preconditioner=check_slope_preconditioner(preconditioner), **common)
+        extra = {} if options.deflation_rank is None else {
+            "deflation_rank": options.deflation_rank}
+        return IterativeObjective(self.design, None, None,
+                                  preconditioner=preconditioner or DEFAULT_PRECONDITIONER,
+                                  **common, **extra)
+
     def fit(self, method=None, solver="auto", start=None, maxiter=None, threads=None,
             options=None, progress=None, verbose=False, **kwargs):
         """Fit by REML or ML with the exact solver, in level space.
@@ -337,11 +357,16 @@ class DaskLMM:
         Parameters
         ----------
         method : {"REML", "ML"}, optional
-        solver : {"auto", "direct"}
-            The iterative solver is not yet available on a Dask DataFrame.
+        solver : {"auto", "direct", "iterative"}
+            As :meth:`lmmops.LMM.fit`; the iterative solver runs on the client on the
+            reduced statistics (same probes and seed as in memory: the same estimates up
+            to the summation order of the statistics).
         start : array_like, optional
         maxiter, threads : optional
             Shorthands for ``options.maxiter`` and ``options.threads``.
+        **kwargs
+            ``n_probes``, ``seed``, ``rtol`` (shorthands of ``options``) and
+            ``preconditioner`` (iterative solver).
         options : Options, optional
         progress : callable, optional
             Called as ``progress(message)`` once per iteration.
@@ -352,37 +377,49 @@ class DaskLMM:
         -------
         DaskResult
         """
+        preconditioner = kwargs.pop("preconditioner", None)
+        n_probes, seed, rtol = (kwargs.pop(k, None) for k in ("n_probes", "seed", "rtol"))
         unsupported = {k: v for k, v in kwargs.items() if v is not None}
         if unsupported:
             raise ArgumentError(f"{', '.join(sorted(unsupported))} not supported by a fit "
-                                "from a Dask DataFrame (the exact solver)")
+                                "from a Dask DataFrame")
         method = check_method(method or self.method)
         s = str(solver).lower()
         m = self.schur_rows()
         if s not in ("auto", "direct", "iterative"):
             raise LmmopsError(f"solver must be one of auto, direct, iterative, got {solver!r}")
-        if s == "iterative" or (s == "auto" and (
-                m > AUTO_DIRECT_MAX_SCHUR or 4 * 8 * m * m > max_dense_bytes())):
+        picked = s
+        if s == "auto":
+            small = m <= AUTO_DIRECT_MAX_SCHUR and 4 * 8 * m * m <= max_dense_bytes()
+            picked = "direct" if small else "iterative"
+        if preconditioner is not None and picked == "direct" and s == "direct":
             raise ArgumentError(
-                "the iterative solver is not yet available for a Dask DataFrame; the exact "
-                f"solver's dense Schur block is {m} x {m} ({8 * m * m / 2**20:.1f} MiB): "
-                "use solver='direct' if it fits in memory")
-        opts = resolve_options(options, maxiter=maxiter, threads=threads)
-        plan = plan_threads(opts.threads, dense_size=m, parallel=False)
+                f"preconditioner={preconditioner!r} applies to the iterative solver; the "
+                "direct solver factors the system exactly")
+        opts = resolve_options(options, maxiter=maxiter, threads=threads,
+                               n_probes=n_probes, seed=seed, cg_rtol=rtol)
+        plan = plan_threads(opts.threads, dense_size=m if picked == "direct" else 0,
+                            parallel=picked == "iterative")
         t0 = time.perf_counter()
         with limit_threads(plan):
-            obj = self.objective(method)
+            if picked == "iterative":
+                obj = self.iterative_objective(method, opts, preconditioner)
+            else:
+                obj = self.objective(method)
             if start is None and not self.has_slopes:
                 U = self.design_stats
                 start = moment_start_from_stats(self.design, U.TT, U.ZT, U.D)
             ev, opt = optimise(obj, start, opts, _callback(progress, verbose,
                                                            self.conditioning, method))
         elapsed = self.build_s + (time.perf_counter() - t0)
-        res = DaskResult(self, obj, ev, opt, method, "direct", np.zeros(0), elapsed, opts)
+        res = DaskResult(self, obj, ev, opt, method, picked, np.zeros(0), elapsed, opts)
         res.notes.append(plan.note)
         if s == "auto":
-            res.notes.append(f"solver 'auto' picked 'direct': the dense Schur block is "
-                             f"{m} x {m} ({8 * m * m / 2**20:.1f} MiB)")
+            res.notes.append(
+                f"solver 'auto' picked 'direct': the dense Schur block is {m} x {m} "
+                f"({8 * m * m / 2**20:.1f} MiB)" if picked == "direct" else
+                f"solver 'auto' picked 'iterative': the dense Schur block would be "
+                f"{m} x {m} ({8 * m * m / 2**30:.2f} GiB per copy)")
         res.notes.append(self.log_line())
         return res
 

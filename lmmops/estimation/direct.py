@@ -444,7 +444,9 @@ class DirectObjective:
         -------
         ndarray, shape (n_obs,)
         """
-        self._need_rows("the conditional residuals")
+        if self.X is None:
+            raise LmmopsError("the conditional residuals are row-level: this objective "
+                              "was built from level-space statistics alone")
         return conditional_residuals(self.design, self.X, self.y, ev)
 
     @property

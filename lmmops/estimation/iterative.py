@@ -399,9 +399,17 @@ class IterativeObjective:
         method = check_method(method)
         self.method = method
         self.design = design
-        self.X = np.ascontiguousarray(X, dtype=np.float64)
-        self.y = np.ascontiguousarray(y, dtype=np.float64).ravel()
-        n, p = self.X.shape
+        if X is None or y is None:
+            # level space only (the rows stayed on a cluster): n and p from the statistics
+            if stats is None or X is not None or y is not None or weights is not None:
+                raise LmmopsError("an IterativeObjective without rows needs stats= and "
+                                  "neither X, y nor weights (they are in the statistics)")
+            self.X = self.y = None
+            n, p = stats.n_obs, stats.p
+        else:
+            self.X = np.ascontiguousarray(X, dtype=np.float64)
+            self.y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+            n, p = self.X.shape
         self.n, self.p, self.K, self.q = n, p, design.n_factors, design.q
         if method == "REML" and n <= p:
             raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
