@@ -333,3 +333,20 @@ def test_iterative_solver_on_reduced_statistics(client, frame, formula, weights)
                        weights=weights, seed=1)
     if ref.mc_stderr["loglik"] > 1e-6:  # another seed, another estimate (this can fail)
         assert abs(other.loglik - ref.loglik) > 1e-8 * abs(ref.loglik)
+
+
+def test_predictions_for_new_data_pandas_and_dask(client, frame):
+    new = _frame(n=300, seed=9)
+    new.loc[0, "h"] = "never-seen"  # a new level: the population-level part only
+    new.loc[1, "g"] = -1
+    for formula in ("y ~ x + f + (1|g) + (1|h)", "y ~ x + (1 + x|g) + (1|h)"):
+        ref = lmmops.fit(formula, frame)
+        res = lmmops.fit(formula, dd.from_pandas(frame, npartitions=3))
+        for interval in (None, "prediction"):
+            want = np.asarray(ref.predict(new, interval=interval))
+            got = np.asarray(res.predict(new, interval=interval))
+            assert np.max(np.abs(got - want)) < 1e-9 * ref.sigma
+            lazy = res.predict(dd.from_pandas(new, npartitions=2), interval=interval)
+            assert np.max(np.abs(lazy.compute().to_numpy() - want)) < 1e-9 * ref.sigma
+        fitted = res.predict().compute().to_numpy()
+        assert np.max(np.abs(fitted - ref.fitted)) < 1e-9 * ref.sigma

@@ -23,8 +23,8 @@ from lmmops.data.design import sorted_levels
 from lmmops.data.formula import fixed_effects_matrix, response_vector
 from lmmops.errors import DataSourceError, DesignError, FormulaError, LmmopsError
 
-__all__ = ["Plan", "check_formula_for_partitions", "discover_levels", "level_values",
-           "merge_level_values", "prepare", "prototype"]
+__all__ = ["Plan", "cast_categories", "check_formula_for_partitions", "discover_levels",
+           "fixed_specs", "level_values", "merge_level_values", "prepare", "prototype"]
 
 #: formulaic transforms whose result depends on the whole column (they learn a state,
 #: the mean, the scale, the knots, from the data they first see)
@@ -190,8 +190,22 @@ def _codes(part, column, levels, label):
 
 
 def _cast(part, plan, label):
+    return cast_categories(part, plan.categories, label)
+
+
+def cast_categories(part, categories, label):
+    """``part`` with the columns of ``categories`` as ``pandas.Categorical`` of those
+    categories (what formulaic saw when the specifications were built).
+
+    Raises
+    ------
+    FormulaError
+        For a missing value.
+    DataSourceError
+        For a value outside the categories (naming ``label`` and the column).
+    """
     out = part.copy(deep=False)
-    for col, cats in plan.categories.items():
+    for col, cats in categories.items():
         s = out[col]
         if s.isna().any():
             rows = np.flatnonzero(s.isna().to_numpy())

@@ -33,6 +33,7 @@ from lmmops.data.formula import (
 from lmmops.data.terms import RandomEffectsTerm, order_terms, theta_layout
 from lmmops.distributed.frame import (
     Plan,
+    cast_categories,
     check_formula_for_partitions,
     discover_levels,
     fixed_specs,
@@ -435,6 +436,12 @@ class DaskLMM:
             line += f"; dashboard {link}"
         return line
 
+    def __getstate__(self):
+        """Pickled (sent to workers for predictions) without the Dask collection."""
+        state = dict(self.__dict__)
+        state["ddf"] = None
+        return state
+
     def __repr__(self):
         levels = dict(zip(self.design.names, self.design.n_levels))
         return (f"DaskLMM({self.formula!r}, n_obs={self.n_obs}, levels={levels}, "
@@ -480,6 +487,27 @@ def _rows(part, i, plan, ev, theta_terms, kind):
     if kind == "all":
         return pd.DataFrame(out, index=part.index)
     return pd.Series(out[kind], index=part.index, name=kind)
+
+
+def _predict_frame(result, newdata, random, interval, level):
+    """:meth:`LMMResult.predict` for a pandas frame: its non-numeric effect columns cast
+    to the fit's categories first (the model specifications were built on them)."""
+    if not isinstance(newdata, pd.DataFrame):
+        raise LmmopsError("newdata must be a pandas or a Dask DataFrame")
+    plan = result.model.plan
+    cats = {c: v for c, v in plan.categories.items() if c in newdata.columns}
+    newdata = cast_categories(newdata, cats, "newdata")
+    return LMMResult.predict(result, newdata, random=random, interval=interval, level=level)
+
+
+def _predict_partition(part, result, random, interval, level):
+    """Predictions of one partition of new data (``map_partitions``)."""
+    out = _predict_frame(result, part, random, interval, level)
+    if interval is None:
+        return pd.Series(np.asarray(out, dtype=np.float64), index=part.index, name="fit")
+    out = pd.DataFrame(out)
+    out.index = part.index
+    return out
 
 
 class DaskResult(LMMResult):
@@ -538,6 +566,39 @@ class DaskResult(LMMResult):
                               "available for a fit from a Dask DataFrame")
         raise LmmopsError(f"unknown residual kind {kind!r}; use one of "
                           f"{', '.join(self.RESIDUAL_KINDS)}")
+
+    def __getstate__(self):
+        """Pickled without its Dask collections (the row outputs are rebuilt lazily)."""
+        state = dict(self.__dict__)
+        state["resid"] = state["fitted"] = None
+        return state
+
+    def predict(self, newdata=None, random=True, interval=None, level=0.95):
+        """Predictions (see :func:`lmmops.analysis.predict.predict`).
+
+        ``newdata`` may be a pandas DataFrame (computed here, in level space) or a Dask
+        DataFrame (computed by ``map_partitions`` on the workers; a Dask Series, or a
+        Dask DataFrame with ``interval``). Without ``newdata``: the fitted values (a Dask
+        Series, ``interval=None`` only).
+        """
+        if newdata is None:
+            if interval is not None or not random:
+                raise LmmopsError("predictions for the fitted rows of a Dask fit are the "
+                                  "fitted values (random=True, interval=None); pass the "
+                                  "rows as newdata for intervals or random=False")
+            return self._rows("fitted")
+        if not is_dask_dataframe(newdata):
+            return _predict_frame(self, newdata, random, interval, level)
+        import dask
+
+        me = dask.delayed(self, traverse=False)
+        if interval is None:
+            meta = pd.Series(dtype="float64", name="fit")
+        else:
+            meta = pd.DataFrame({c: pd.Series(dtype="float64")
+                                 for c in ("fit", "se", "lower", "upper")})
+        return newdata.map_partitions(_predict_partition, me, random, interval, level,
+                                      meta=meta)
 
     def row_outputs(self):
         """A Dask DataFrame with the ``marginal`` and ``conditional`` residuals and the

@@ -570,8 +570,10 @@ class VectorObjective:
             v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
             zt = v @ T  # row i: (T_k' v_i)'
             zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
-            idx = np.where(c[:, None] >= 0, self.offsets[k] + c[:, None] * t.dim
-                           + np.arange(t.dim)[None], 0)
+            # an unseen level points at the term's first slots (its values are 0), so the
+            # index stays inside the term's block (0 would be outside a later term's)
+            idx = (self.offsets[k] + np.maximum(c, 0)[:, None] * t.dim
+                   + np.arange(t.dim)[None])
             parts.append((idx, zt))
         return parts
 
