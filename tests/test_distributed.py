@@ -350,3 +350,59 @@ def test_predictions_for_new_data_pandas_and_dask(client, frame):
             assert np.max(np.abs(lazy.compute().to_numpy() - want)) < 1e-9 * ref.sigma
         fitted = res.predict().compute().to_numpy()
         assert np.max(np.abs(fitted - ref.fitted)) < 1e-9 * ref.sigma
+
+
+# ---------------------------------------------------------------- reliability
+def _slow(chunk, seconds):
+    import time
+
+    time.sleep(seconds)
+    return chunk
+
+
+def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    import cloudpickle
+    import dask
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _slow on the workers
+    formula = "y ~ x + f + (1 + x|g) + (1|h)"
+    bounds = np.linspace(0, len(frame), 9).round().astype(int)
+
+    def slow_frame(seconds):
+        parts = [dask.delayed(_slow)(frame.iloc[bounds[i]:bounds[i + 1]], seconds)
+                 for i in range(8)]
+        return dd.from_delayed(parts, meta=frame.iloc[:0])
+
+    calm = lmmops.fit(formula, slow_frame(0.0))  # the same partitions, undisturbed
+    killed = []
+
+    def killer():
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            keys = client.run_on_scheduler(
+                lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+            if any("map_statistics" in k for k in keys):
+                busy = [a for a, ks in client.processing().items() if ks]
+                if busy:
+                    pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(busy[0])
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    hit = lmmops.fit(formula, slow_frame(0.2))
+    thread.join()
+    assert killed, "no worker was killed during the statistics pass"
+    a, b = hit.to_dict(), calm.to_dict()
+    for key in ("theta", "fixef", "fixef_se", "variances"):
+        assert _rel(list(a[key].values()), list(b[key].values())) < 1e-12, key
+    assert a["loglik"] == pytest.approx(b["loglik"], rel=1e-13)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it for the next tests
