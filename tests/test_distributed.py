@@ -91,9 +91,13 @@ def test_fit_equals_in_memory_for_1_3_7_partitions(client, frame, formula, weigh
                 < 1e-9 * ref.sigma
 
 
-def test_result_summary_json_and_log(client, frame):
+def test_result_summary_json_and_log(client, frame, capsys):
     ddf = dd.from_pandas(frame, npartitions=4)
-    res = lmmops.fit("y ~ x + f + (1|g) + (1|h)", ddf)
+    res = lmmops.fit("y ~ x + f + (1|g) + (1|h)", ddf, progress_bar=True)
+    err = capsys.readouterr().err  # one tqdm bar per pass, over the partitions
+    for name in ("levels", "moments", "statistics"):
+        assert f"dask {name} pass" in err
+    assert "/4 [" in err
     ref = lmmops.fit("y ~ x + f + (1|g) + (1|h)", frame)
     a, b = res.to_dict(), ref.to_dict()
     assert set(a) == set(b)

@@ -11,10 +11,16 @@ result does not depend on which worker ran what.
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
+import sys
 import time
 
+from tqdm import tqdm
+
 __all__ = ["TreeReduction", "client_info", "map_reduce", "tree_reduce"]
+
+_last_bar = []  # partitions the last progress bar counted (for the tests)
 
 #: partial results combined per task of the tree
 FAN_IN = 8
@@ -79,30 +85,44 @@ def map_reduce(ddf, fn, combine, *args, fan_in=FAN_IN, name="pass", progress=Non
     shared = [dask.delayed(a, traverse=False) for a in args]
     parts = ddf.to_delayed()
     mapped = [dask.delayed(fn, pure=True)(p, i, *shared) for i, p in enumerate(parts)]
-    root = tree_reduce(mapped, combine, fan_in=fan_in)
     if progress:
-        result = _with_progress(root, name)
+        result = _with_progress(mapped, combine, fan_in, name)
     else:
-        (result,) = dask.compute(root)
+        (result,) = dask.compute(tree_reduce(mapped, combine, fan_in=fan_in))
     nbytes = len(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     return result, TreeReduction(name, len(parts), time.perf_counter() - t0, nbytes)
 
 
-def _with_progress(root, name):
+def _with_progress(mapped, combine, fan_in, name):
+    """The reduction with a tqdm bar over the partitions (on stderr)."""
     import dask
 
-    client = _client()
-    if client is not None:
-        import distributed
+    bar = tqdm(total=len(mapped), desc=f"dask {name} pass", unit="partition",
+               file=sys.stderr, leave=False)
+    try:
+        client = _client()
+        if client is not None:
+            import distributed
 
-        fut = client.compute(root)
-        distributed.progress(fut, notebook=False)
-        return fut.result()
-    from dask.diagnostics import ProgressBar
+            futures = client.compute(mapped)
+            for _ in distributed.as_completed(futures):
+                bar.update(1)
+            root = tree_reduce(futures, combine, fan_in=fan_in)
+            return client.compute(root).result()
+        from dask.callbacks import Callback
 
-    with ProgressBar():
-        (result,) = dask.compute(root)
-    return result
+        class _Tick(Callback):
+            def _posttask(self, key, result, dsk, state, worker_id):
+                if str(key[0] if isinstance(key, tuple) else key).startswith(
+                        mapped[0].key.split("-")[0]):
+                    bar.update(1)
+
+        with _Tick():
+            (result,) = dask.compute(tree_reduce(mapped, combine, fan_in=fan_in))
+        return result
+    finally:
+        _last_bar[:] = [bar.n]
+        bar.close()
 
 
 def _client():
@@ -116,6 +136,10 @@ def _client():
         return None
 
 
+def _has_bokeh():
+    return importlib.util.find_spec("bokeh") is not None
+
+
 def client_info():
     """``(n_workers, dashboard link)`` of the current ``distributed`` client, or
     ``(None, None)`` when dask runs without one (its local scheduler)."""
@@ -127,7 +151,7 @@ def client_info():
     except Exception:  # pragma: no cover (a scheduler that went away)
         return None, None
     n = len(info.get("workers", {}))
-    # the link only when the scheduler serves a dashboard (it needs bokeh)
+    # the link only when the scheduler serves the dashboard's pages (they need bokeh)
     link = getattr(client, "dashboard_link", None) \
-        if "dashboard" in info.get("services", {}) else None
+        if "dashboard" in info.get("services", {}) and _has_bokeh() else None
     return n, link
