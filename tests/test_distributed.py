@@ -410,3 +410,39 @@ def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
         assert _rel(list(a[key].values()), list(b[key].values())) < 1e-12, key
     assert a["loglik"] == pytest.approx(b["loglik"], rel=1e-13)
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it for the next tests
+
+
+# ---------------------------------------------------------------- the distributed PCG
+def test_distributed_gram_products_and_pcg(client, frame):
+    from lmmops.distributed import DaskLMM
+    from lmmops.distributed.pcg import DistributedGram
+    from lmmops.linalg.krylov import cg
+    from lmmops.linalg.operators import GramOperator
+
+    formula = "y ~ x + f + (1|g) + (1|h)"
+    model = DaskLMM.from_formula(formula, dd.from_pandas(frame, npartitions=5), weights="w")
+    G = DistributedGram.from_model(model, n_blocks=3)
+    ref = GramOperator(model.design, stats=model.stats)
+    assert len(G.blocks) == 3
+    assert G.nnz == ref.nnz
+    U = np.random.default_rng(1).normal(size=(model.design.q, 4))
+    assert np.max(np.abs(G.matmat(U) - ref.matmat(U))) < 1e-12 * np.max(np.abs(ref @ U))
+    assert G.bytes_moved == U.nbytes * 4  # inline in the 3 block tasks, gathered once
+    # a PCG solve of (Lambda Z'WZ Lambda + I) x = b through the cluster's blocks
+    lam = np.repeat([0.8, 0.5], model.design.n_levels)
+    from scipy.sparse.linalg import LinearOperator
+
+    def system(A):
+        return LinearOperator(A.shape, matvec=lambda v: lam * (A @ (lam * v)) + v,
+                              dtype=np.float64)
+
+    b = np.random.default_rng(2).normal(size=model.design.q)
+    x, info = cg(system(G), b, rtol=1e-12)
+    x0, info0 = cg(system(ref), b, rtol=1e-12)
+    assert info == info0 == 0
+    assert np.max(np.abs(x - x0)) < 1e-9 * np.max(np.abs(x0))
+    # the matrix-free fit with its products on the workers: the same fit
+    want = model.fit(solver="iterative")
+    got = model.fit(solver="iterative", gram="workers")
+    _same_fit(got, want, tol=1e-9)
+    assert got.solver_info["cg_iterations"] == want.solver_info["cg_iterations"]

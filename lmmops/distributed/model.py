@@ -51,6 +51,7 @@ from lmmops.distributed.passes import (
     map_moments,
     map_statistics,
 )
+from lmmops.distributed.pcg import DistributedGram
 from lmmops.distributed.reduction import FAN_IN, client_info, map_reduce
 from lmmops.errors import ArgumentError, DesignError, DisconnectedDesignWarning, LmmopsError
 from lmmops.estimation.direct import DirectObjective
@@ -336,11 +337,20 @@ class DaskLMM:
             return VectorObjective(self.terms, None, None, method=m, stats=self.stats)
         return DirectObjective(self.design, None, None, method=m, stats=self.stats)
 
-    def iterative_objective(self, method, options, preconditioner=None):
+    def iterative_objective(self, method, options, preconditioner=None, gram="client"):
         """The matrix-free objective on the conditioned statistics (no rows), with the
-        probes and seed of ``options`` (the in-memory fit's, so the same estimates)."""
+        probes and seed of ``options`` (the in-memory fit's, so the same estimates).
+
+        ``gram="workers"`` (random intercepts): its PCG products apply ``Z'WZ`` as row
+        blocks kept on the cluster (:class:`~lmmops.distributed.pcg.DistributedGram`)."""
         common = dict(method=method, n_probes=options.n_probes, seed=options.seed,
                       rtol=options.cg_rtol, maxiter=options.cg_maxiter, stats=self.stats)
+        if gram not in ("client", "workers"):
+            raise ArgumentError(f"gram must be 'client' or 'workers', got {gram!r}")
+        if gram == "workers":
+            if self.has_slopes:
+                raise ArgumentError("gram='workers' is for random-intercept models")
+            common["gram"] = DistributedGram.from_model(self)
         if self.has_slopes:
             return VectorIterativeObjective(
                 self.terms, None, None,
@@ -352,7 +362,7 @@ class DaskLMM:
                                   **common, **extra)
 
     def fit(self, method=None, solver="auto", start=None, maxiter=None, threads=None,
-            options=None, progress=None, verbose=False, **kwargs):
+            options=None, progress=None, verbose=False, gram="client", **kwargs):
         """Fit by REML or ML with the exact solver, in level space.
 
         Parameters
@@ -373,6 +383,10 @@ class DaskLMM:
             Called as ``progress(message)`` once per iteration.
         verbose : bool
             Print one line per iteration to standard error.
+        gram : {"client", "workers"}
+            Iterative solver, random intercepts: where ``Z'WZ`` of the PCG products
+            lives; ``"workers"``: persisted row blocks on the cluster, the block vector
+            scattered each product (:class:`~lmmops.distributed.pcg.DistributedGram`).
 
         Returns
         -------
@@ -403,8 +417,11 @@ class DaskLMM:
                             parallel=picked == "iterative")
         t0 = time.perf_counter()
         with limit_threads(plan):
+            if gram != "client" and picked != "iterative":
+                raise ArgumentError("gram='workers' applies to the iterative solver "
+                                    "(solver='iterative')")
             if picked == "iterative":
-                obj = self.iterative_objective(method, opts, preconditioner)
+                obj = self.iterative_objective(method, opts, preconditioner, gram)
             else:
                 obj = self.objective(method)
             if start is None and not self.has_slopes:
