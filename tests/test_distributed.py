@@ -152,6 +152,19 @@ def test_known_categories_used_as_they_are(client, frame):
     _same_fit(res2, ref)
 
 
+def test_interaction_and_nested_factors(client, frame):
+    df = frame.assign(b=np.random.default_rng(5).choice(["p", "q", "r"], len(frame)))
+    df["f"] = pd.Categorical(df["f"], categories=["w", "v", "u"])  # its category order
+    for formula in ("y ~ x + (1|h/b) + (1|g)", "y ~ x + (1|h:f)",
+                    "y ~ x + (1 + x|h:b) + (1|g)"):
+        ref = lmmops.fit(formula, df)
+        res = lmmops.fit(formula, dd.from_pandas(df, npartitions=4))
+        _same_fit(res, ref)
+        assert res.n_levels == ref.n_levels
+        for g in ref.ranef:
+            assert list(res.ranef[g].index) == list(ref.ranef[g].index)
+
+
 def test_rank_deficient_columns_dropped_as_in_memory(client, frame):
     df = frame.assign(x2=2.0 * frame.x - 1.0)
     with pytest.warns(lmmops.RankDeficientWarning):
@@ -185,8 +198,8 @@ def test_partition_errors_name_the_partition_and_column(client, frame):
     with pytest.raises(DataSourceError, match=r"partition 2: grouping factor 'h' has the "
                                               r"level 'stranger'"):
         lmmops.fit("y ~ x + (1|g) + (1|h)", ddf2)
-    with pytest.raises(DesignError, match="interaction"):
-        lmmops.fit("y ~ x + (1|g:h)", dd.from_pandas(frame, npartitions=2))
+    with pytest.raises(DesignError, match="unknown column 'nope'"):
+        lmmops.fit("y ~ x + (1|g:nope)", dd.from_pandas(frame, npartitions=2))
     with pytest.raises(FormulaError, match="learns its state"):
         lmmops.fit("y ~ scale(x) + (1|g)", dd.from_pandas(frame, npartitions=2))
 

@@ -23,8 +23,9 @@ from lmmops.data.design import sorted_levels
 from lmmops.data.formula import fixed_effects_matrix, response_vector
 from lmmops.errors import DataSourceError, DesignError, FormulaError, LmmopsError
 
-__all__ = ["Plan", "cast_categories", "check_formula_for_partitions", "discover_levels",
-           "fixed_specs", "level_values", "merge_level_values", "prepare", "prototype"]
+__all__ = ["Plan", "cast_categories", "check_formula_for_partitions", "combination_values",
+           "discover_levels", "fixed_specs", "interaction_levels", "level_values",
+           "merge_level_values", "prepare", "prototype"]
 
 #: formulaic transforms whose result depends on the whole column (they learn a state,
 #: the mean, the scale, the knots, from the data they first see)
@@ -76,6 +77,86 @@ def level_values(part, column, label):
     return pd.unique(s.to_numpy())
 
 
+def combination_values(part, columns, label):
+    """The distinct rows of an interaction's component columns in one partition (as
+    object labels; missing values refused)."""
+    out = {}
+    for c in columns:
+        s = part[c]
+        if s.isna().any():
+            rows = np.flatnonzero(s.isna().to_numpy())
+            raise DesignError(f"{label}: grouping factor '{c}' has {rows.size} missing "
+                              f"value(s) (first at row {rows[0]} of the partition); remove "
+                              "or impute them before fitting")
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            s = s.astype(s.cat.categories.dtype)
+        out[c] = s.to_numpy()
+    return pd.DataFrame(out).drop_duplicates(ignore_index=True)
+
+
+def interaction_levels(rows, columns, meta):
+    """The level dictionary of an interaction factor, as the in-memory path orders it.
+
+    Parameters
+    ----------
+    rows : pandas.DataFrame
+        The observed combinations of the component labels (distinct rows).
+    columns : tuple of str
+    meta : pandas.DataFrame
+        The frame's metadata (a categorical component keeps its category order).
+
+    Returns
+    -------
+    components : list of pandas.Index
+        Each component's levels (observed only).
+    codes : ndarray of int64, shape (m, len(columns))
+        The combinations' component codes, in lexicographic order (the first component
+        slowest), one per level.
+    labels : pandas.Index
+        ``"a_label:b_label"`` per level.
+    """
+    comps, codes = [], []
+    for c in columns:
+        vals = rows[c].to_numpy()
+        dtype = meta[c].dtype
+        if isinstance(dtype, pd.CategoricalDtype):
+            cats = pd.Index(dtype.categories)
+            lv = cats[cats.isin(pd.unique(vals))] if len(cats) else discover_levels(
+                pd.unique(vals), c, dtype)
+        else:
+            lv = discover_levels(pd.unique(vals), c, dtype)
+        comps.append(lv)
+        codes.append(lv.get_indexer(vals))
+    codes = np.column_stack(codes).astype(np.int64)
+    order = np.lexsort(codes.T[::-1])
+    codes = codes[order]
+    labels = pd.Index([":".join(str(lv[j]) for lv, j in zip(comps, row)) for row in codes],
+                      dtype=object)
+    return comps, codes, labels
+
+
+def _interaction_codes(part, columns, comps, combos, label):
+    dims = [len(lv) for lv in comps]
+    if float(np.prod([float(d) for d in dims])) >= 2.0**62:
+        raise DesignError(f"the interaction of {', '.join(columns)} has too many possible "
+                          "combinations for the partitioned fit; add the combined column")
+    keys = []
+    for c, lv in zip(columns, comps):
+        keys.append(_codes(part, c, lv, label).astype(np.int64))
+    key = np.ravel_multi_index(keys, dims) if len(part) else np.zeros(0, np.int64)
+    table = np.ravel_multi_index(tuple(combos.T), dims)
+    pos = np.searchsorted(table, key)
+    pos = np.minimum(pos, len(table) - 1)
+    bad = table[pos] != key
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        combo = ":".join(str(part[c].iloc[i]) for c in columns)
+        raise DataSourceError(f"{label}: the combination {combo!r} of "
+                              f"{', '.join(columns)} (row {i} of the partition) was not "
+                              "seen by the level pass")
+    return pos.astype(np.int32)
+
+
 def merge_level_values(parts):
     """The union of partitions' distinct labels (any order)."""
     parts = [np.asarray(p) for p in parts]
@@ -113,8 +194,8 @@ class Plan:
     response : str
     weights : str or None
         The weights column.
-    factors : list of (name, column)
-        Grouping factors (single columns).
+    factors : list of (name, columns)
+        Grouping factors: a tuple of one column, or of an interaction's components.
     levels : list of pandas.Index
         Their level dictionaries.
     categories : dict
@@ -262,8 +343,12 @@ def prepare(part, plan, i):
     label = plan.label(i)
     _check_schema(part, plan, label)
     codes = np.empty((len(plan.factors), len(part)), dtype=np.int32)
-    for k, ((_, col), lv) in enumerate(zip(plan.factors, plan.levels)):
-        codes[k] = _codes(part, col, lv, label)
+    for k, ((_, cols), lv) in enumerate(zip(plan.factors, plan.levels)):
+        if len(cols) == 1:
+            codes[k] = _codes(part, cols[0], lv, label)
+        else:
+            comps, combos = plan.combos[k]
+            codes[k] = _interaction_codes(part, cols, comps, combos, label)
     try:
         y = response_vector(part, plan.response)
     except LmmopsError as exc:

@@ -37,6 +37,7 @@ from lmmops.distributed.frame import (
     check_formula_for_partitions,
     discover_levels,
     fixed_specs,
+    interaction_levels,
     prepare,
     prototype,
 )
@@ -82,7 +83,7 @@ def is_dask_dataframe(data):
 
 def _known(ddf, col):
     """Whether a column is a categorical whose categories the metadata knows."""
-    if not isinstance(ddf._meta[col].dtype, pd.CategoricalDtype):
+    if col not in ddf._meta.columns or not isinstance(ddf._meta[col].dtype, pd.CategoricalDtype):
         return False
     return bool(ddf[col].cat.known)
 
@@ -180,18 +181,13 @@ class DaskLMM:
         self.weighted = weights is not None
         factors = []
         for g in pf.random:
-            if g not in columns:
-                parts = [p.strip() for p in str(g).split(":")]
-                unknown = [p for p in parts if p not in columns]
-                if unknown:
-                    raise DesignError(f"unknown column '{unknown[0]}' for grouping factor "
-                                      f"'{g}'; available columns: "
-                                      f"{', '.join(map(str, columns))}")
-                raise DesignError(f"the interaction grouping factor '{g}' is not supported "
-                                  "on a Dask DataFrame yet; add its column first, e.g. "
-                                  f"ddf['{g}'] = ddf.{parts[0]}.astype(str) + ':' + "
-                                  f"ddf.{parts[1]}.astype(str)")
-            factors.append((g, g))
+            parts = (g,) if g in columns else tuple(p.strip() for p in str(g).split(":"))
+            unknown = [p for p in parts if p not in columns]
+            if unknown:
+                raise DesignError(f"unknown column '{unknown[0]}' for grouping factor "
+                                  f"'{g}'; available columns: "
+                                  f"{', '.join(map(str, columns))}")
+            factors.append((g, parts))
         effects = [t.effects for t in pf.random_terms]
         texts = [pf.fixed, *effects]
         check_formula_for_partitions(texts, dict(meta.dtypes))
@@ -202,23 +198,34 @@ class DaskLMM:
                     if isinstance(meta[c].dtype, pd.CategoricalDtype)
                     or not pd.api.types.is_numeric_dtype(meta[c].dtype)
                     or pd.api.types.is_bool_dtype(meta[c].dtype)]
-        group_cols = [c for _, c in factors]
+        group_cols = [parts[0] for _, parts in factors if len(parts) == 1]
+        inter = {g: parts for g, parts in factors if len(parts) > 1}
         unknown = [c for c in dict.fromkeys(group_cols + cat_cols) if not _known(ddf, c)]
         labels = list(labels) if labels is not None else []
-        found = {}
-        if unknown:
-            found = self._run(ddf, map_levels, combine_levels, unknown, labels, name="levels")
+        found, combos_found = {}, {}
+        if unknown or inter:
+            found, combos_found = self._run(ddf, map_levels, combine_levels, unknown, inter,
+                                            labels, name="levels")
         dictionary = {}
         for c in dict.fromkeys(group_cols + cat_cols):
             if c in found:
                 dictionary[c] = discover_levels(found[c], c, meta[c].dtype)
             else:
                 dictionary[c] = pd.Index(meta[c].dtype.categories)
+        factor_levels, combos = [], {}
+        for k, (g, parts) in enumerate(factors):
+            if len(parts) == 1:
+                factor_levels.append(dictionary[parts[0]])
+            else:
+                comp, codes, lab = interaction_levels(combos_found[g], parts, meta)
+                combos[k] = (comp, codes)
+                factor_levels.append(lab)
         categories = {c: dictionary[c] for c in cat_cols}
         proto = prototype(meta, categories)
         names, fspec, tspecs = fixed_specs(pf.fixed, effects, proto)
-        plan = Plan(pf.response, weights, factors, [dictionary[c] for c in group_cols],
+        plan = Plan(pf.response, weights, factors, factor_levels,
                     categories, fspec, [], columns, dict(meta.dtypes), labels)
+        plan.combos = combos
         plan.slopes = False
         plan.p_all = len(names)
         # pass 2: moments of [X y] and rows per level

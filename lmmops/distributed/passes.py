@@ -20,10 +20,16 @@ level space.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from lmmops.data.statistics import SufficientStatistics
 from lmmops.data.terms import RandomEffectsTerm
-from lmmops.distributed.frame import level_values, merge_level_values, prepare
+from lmmops.distributed.frame import (
+    combination_values,
+    level_values,
+    merge_level_values,
+    prepare,
+)
 from lmmops.distributed.moments import Moments
 from lmmops.estimation.vector import VectorStatistics
 
@@ -31,15 +37,19 @@ __all__ = ["combine_levels", "combine_moments", "combine_statistics", "map_level
            "map_moments", "map_statistics", "conditioned_rows"]
 
 
-def map_levels(part, i, columns, labels):
-    """Pass 1: ``{column: distinct labels}`` of the partition."""
+def map_levels(part, i, columns, interactions, labels):
+    """Pass 1: ``{column: distinct labels}`` of the partition, and for each interaction
+    factor ``{name: its distinct rows of component labels}``."""
     label = labels[i] if i < len(labels) else f"partition {i}"
-    return {c: level_values(part, c, label) for c in columns}
+    return ({c: level_values(part, c, label) for c in columns},
+            {g: combination_values(part, cols, label) for g, cols in interactions.items()})
 
 
 def combine_levels(parts):
-    """Pass 1's combine: the union per column."""
-    return {c: merge_level_values([p[c] for p in parts]) for c in parts[0]}
+    """Pass 1's combine: the union per column and per interaction."""
+    return ({c: merge_level_values([p[0][c] for p in parts]) for c in parts[0][0]},
+            {g: pd.concat([p[1][g] for p in parts], ignore_index=True).drop_duplicates(
+                ignore_index=True) for g in parts[0][1]})
 
 
 def map_moments(part, i, plan):
