@@ -459,3 +459,17 @@ def test_distributed_gram_products_and_pcg(client, frame):
     got = model.fit(solver="iterative", gram="workers")
     _same_fit(got, want, tol=1e-9)
     assert got.solver_info["cg_iterations"] == want.solver_info["cg_iterations"]
+
+
+def test_slope_term_checks_as_in_memory(client, frame):
+    df = frame.assign(gc=np.random.default_rng(1).normal(size=400)[frame.g % 400],
+                      x2=2.0 * frame.x + 1.0)
+    ddf = dd.from_pandas(df, npartitions=3)
+    for formula, match in (("y ~ x + (1 + gc|g)", "constant within every level of 'g'"),
+                           ("y ~ x + (1 + x + x2|g)", "column.s. x2 are linear combinations"),
+                           ("y ~ x + (1|g) + (1 + x|g)", "is also a column of the second")):
+        with pytest.raises(DesignError, match=match):
+            lmmops.fit(formula, df)
+        with pytest.raises(DesignError, match=match):
+            lmmops.fit(formula, ddf)
+    _same_fit(lmmops.fit("y ~ x + (x || g)", ddf), lmmops.fit("y ~ x + (x || g)", df))

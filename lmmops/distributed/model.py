@@ -44,6 +44,7 @@ from lmmops.distributed.frame import (
 from lmmops.distributed.levelspace import LevelDesign, level_terms, moment_start_from_stats
 from lmmops.distributed.moments import condition_from_moments
 from lmmops.distributed.passes import (
+    check_terms,
     combine_levels,
     combine_moments,
     combine_statistics,
@@ -226,10 +227,25 @@ class DaskLMM:
         plan = Plan(pf.response, weights, factors, factor_levels,
                     categories, fspec, [], columns, dict(meta.dtypes), labels)
         plan.combos = combos
-        plan.slopes = False
         plan.p_all = len(names)
-        # pass 2: moments of [X y] and rows per level
-        mom, counts = self._run(ddf, map_moments, combine_moments, plan, name="moments")
+        # the terms in the formula's order (lme4's order once the levels are known)
+        intercepts = (all(t.is_intercept for t in pf.random_terms)
+                      and len(pf.random_terms) == len(pf.random))
+        group_pos = {g: k for k, (g, _) in enumerate(factors)}
+        specs = []
+        for rt, (tnames, tspec) in zip(pf.random_terms, tspecs):
+            if len(tnames) == 0:
+                raise DesignError(f"random-effects term {rt} has no columns: its effects "
+                                  "remove the intercept and add nothing")
+            pure = list(tnames) == ["(Intercept)"]
+            specs.append((rt.group, tnames, None if pure else tspec))
+        plan.slopes = not intercepts
+        plan.term_specs = [(group_pos[g], sp_) for g, _, sp_ in specs]
+        plan.term_groups = [g for g, _, _ in specs]
+        plan.term_columns = [tuple(c) for _, c, _ in specs]
+        # pass 2: moments of [X y] and rows per level (and what the term checks need)
+        mom, counts, term_info = self._run(ddf, map_moments, combine_moments, plan,
+                                           name="moments")
         if mom.n == 0:
             raise DesignError("the design has no observations")
         # as sorted_levels: a categorical's unused categories are dropped
@@ -247,22 +263,12 @@ class DaskLMM:
             warnings.warn(self.rank_message, RankDeficientWarning, stacklevel=3)
         self.fixef_names = [names[j] for j in keep]
         self.fixed_spec = fspec
-        # the terms, in lme4's order (the design's intercepts, or the formula's terms)
-        intercepts = (all(t.is_intercept for t in pf.random_terms)
-                      and len(pf.random_terms) == len(pf.random))
-        group_pos = {g: k for k, (g, _) in enumerate(factors)}
-        specs = []
-        for rt, (tnames, tspec) in zip(pf.random_terms, tspecs):
-            if len(tnames) == 0:
-                raise DesignError(f"random-effects term {rt} has no columns: its effects "
-                                  "remove the intercept and add nothing")
-            pure = list(tnames) == ["(Intercept)"]
-            specs.append((rt.group, tnames, None if pure else tspec))
+        if not intercepts:
+            check_terms(pf.random_terms, specs, term_info, mom.n)
         nl = [len(plan.levels[group_pos[g]]) for g, _, _ in specs]
         order = list(range(len(specs))) if intercepts else order_terms(nl)
         specs = [specs[i] for i in order]
-        plan.slopes = not intercepts
-        plan.term_specs = [(group_pos[g], s) for g, _, s in specs]
+        plan.term_specs = [(group_pos[g], sp_) for g, _, sp_ in specs]
         plan.term_groups = [g for g, _, _ in specs]
         plan.term_columns = [tuple(c) for _, c, _ in specs]
         self.plan = plan

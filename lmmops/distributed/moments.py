@@ -37,7 +37,7 @@ import scipy.linalg as sla
 from lmmops.data.conditioning import ROUNDING_FLOOR, Conditioning
 from lmmops.errors import LmmopsError
 
-__all__ = ["Moments", "condition_from_moments"]
+__all__ = ["Moments", "condition_from_moments", "rank_from_moments"]
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -111,29 +111,9 @@ class Moments:
         return cls(n, mean, M2, amax)
 
 
-def condition_from_moments(mom, tol=1e-7):
-    """The conditioning and rank test of :func:`lmmops.data.conditioning.condition`,
-    from the moments of ``[X y]``.
-
-    Parameters
-    ----------
-    mom : Moments
-    tol : float
-        Rank tolerance (R's 1e-7), as :func:`~lmmops.data.conditioning.orthogonalise`.
-
-    Returns
-    -------
-    conditioning : Conditioning
-        ``X_c = X[:, keep] T`` has orthonormal columns of unit root mean square and
-        ``y_c = (y - X_c b) / s`` is the least-squares residual of ``y`` at unit root
-        mean square (up to rounding of the Gram).
-    keep : ndarray of int
-
-    Raises
-    ------
-    LmmopsError
-        If the fixed effects fit y exactly.
-    """
+def _gram_rank(mom, tol):
+    """The in-order rank test on the Gram of ``[X y 1]`` (see :func:`rank_from_moments`);
+    also what :func:`condition_from_moments` needs of the elimination."""
     n, p = mom.n, mom.p
     scales = np.array([_pow2(a) for a in mom.amax])
     mu = mom.mean / scales
@@ -168,7 +148,49 @@ def condition_from_moments(mom, tol=1e-7):
         keep.append(j)
         if not const_in_span:
             const_in_span = math.sqrt(max(S[p + 1, p + 1], 0.0) / n) <= _SPAN_TOL
-    keep = np.asarray(keep, dtype=int)
+    return np.asarray(keep, dtype=int), R, S, G, M2, scales, const_in_span
+
+
+def rank_from_moments(mom, tol=1e-7):
+    """The kept columns of :func:`lmmops.data.formula.rank_columns` (R's in-order test,
+    :func:`lmmops.data.conditioning.orthogonalise`) from the moments of ``[X y]``
+    (``y`` is not tested).
+
+    Examples
+    --------
+    >>> x = np.arange(6.0)
+    >>> X = np.column_stack([np.ones(6), x, 2 * x + 1])
+    >>> rank_from_moments(Moments.from_arrays(X, np.zeros(6))).tolist()
+    [0, 1]
+    """
+    return _gram_rank(mom, tol)[0]
+
+
+def condition_from_moments(mom, tol=1e-7):
+    """The conditioning and rank test of :func:`lmmops.data.conditioning.condition`,
+    from the moments of ``[X y]``.
+
+    Parameters
+    ----------
+    mom : Moments
+    tol : float
+        Rank tolerance (R's 1e-7), as :func:`~lmmops.data.conditioning.orthogonalise`.
+
+    Returns
+    -------
+    conditioning : Conditioning
+        ``X_c = X[:, keep] T`` has orthonormal columns of unit root mean square and
+        ``y_c = (y - X_c b) / s`` is the least-squares residual of ``y`` at unit root
+        mean square (up to rounding of the Gram).
+    keep : ndarray of int
+
+    Raises
+    ------
+    LmmopsError
+        If the fixed effects fit y exactly.
+    """
+    keep, R, S, G, M2, scales, const_in_span = _gram_rank(mom, tol)
+    n, p = mom.n, mom.p
     rk = keep.size
     rootn = math.sqrt(n)
     Rk = R[:rk][:, keep]

@@ -23,18 +23,21 @@ import numpy as np
 import pandas as pd
 
 from lmmops.data.statistics import SufficientStatistics
-from lmmops.data.terms import RandomEffectsTerm
+from lmmops.data.terms import INTERCEPT, RandomEffectsTerm
+from lmmops.data.terms import TOL as TERM_TOL
 from lmmops.distributed.frame import (
     combination_values,
     level_values,
     merge_level_values,
     prepare,
 )
-from lmmops.distributed.moments import Moments
+from lmmops.distributed.moments import Moments, rank_from_moments
+from lmmops.errors import DesignError
 from lmmops.estimation.vector import VectorStatistics
 
-__all__ = ["combine_levels", "combine_moments", "combine_statistics", "map_levels",
-           "map_moments", "map_statistics", "conditioned_rows"]
+__all__ = ["SPAN_TOL", "check_terms", "combine_levels", "combine_moments",
+           "combine_statistics", "conditioned_rows", "map_levels", "map_moments",
+           "map_statistics", "term_moments"]
 
 
 def map_levels(part, i, columns, interactions, labels):
@@ -53,17 +56,133 @@ def combine_levels(parts):
 
 
 def map_moments(part, i, plan):
-    """Pass 2: moments of ``[X y]`` (all fixed-effects columns) and rows per level."""
+    """Pass 2: moments of ``[X y]`` (all fixed-effects columns), rows per level and, for
+    slope terms, what their identifiability checks need (:func:`term_moments`)."""
     a = prepare(part, plan, i)
     counts = [np.bincount(a["codes"][k], minlength=len(lv)).astype(np.int64)
               for k, lv in enumerate(plan.levels)]
-    return Moments.from_arrays(a["X"], a["y"]), counts
+    info = term_moments(a, plan) if plan.slopes else None
+    return Moments.from_arrays(a["X"], a["y"]), counts, info
 
 
 def combine_moments(parts):
     """Pass 2's combine."""
+    info = None
+    if parts[0][2] is not None:
+        terms = []
+        for t in range(len(parts[0][2]["terms"])):
+            items = [p[2]["terms"][t] for p in parts]
+            if items[0] is None:
+                terms.append(None)
+                continue
+            terms.append({"mom": Moments.combine([x["mom"] for x in items]),
+                          "lo": np.minimum.reduce([x["lo"] for x in items]),
+                          "hi": np.maximum.reduce([x["hi"] for x in items])})
+        pairs = {key: Moments.combine([p[2]["pairs"][key] for p in parts])
+                 for key in parts[0][2]["pairs"]}
+        info = {"terms": terms, "pairs": pairs}
     return (Moments.combine([p[0] for p in parts]),
-            [sum(p[1][k] for p in parts) for k in range(len(parts[0][1]))])
+            [sum(p[1][k] for p in parts) for k in range(len(parts[0][1]))], info)
+
+
+def _term_values(a, t, n):
+    v = a["values"][t]
+    return np.ones((n, 1)) if v is None else v
+
+
+def term_moments(a, plan):
+    """Per slope term (formula order): the moments of its columns (the rank test) and
+    per level their smallest and largest values (a column constant within every level);
+    per pair of terms on one factor, the moments of their columns side by side (a column
+    of one in the span of the other's)."""
+    n = a["y"].shape[0]
+    terms = []
+    for t, (k, spec) in enumerate(plan.term_specs):
+        if spec is None:
+            terms.append(None)
+            continue
+        v = a["values"][t]
+        q = len(plan.levels[k])
+        lo = np.full((q, v.shape[1]), np.inf)
+        hi = np.full((q, v.shape[1]), -np.inf)
+        c = a["codes"][k]
+        for j in range(v.shape[1]):
+            np.minimum.at(lo[:, j], c, v[:, j])
+            np.maximum.at(hi[:, j], c, v[:, j])
+        terms.append({"mom": Moments.from_arrays(v, np.zeros(n)), "lo": lo, "hi": hi})
+    pairs = {}
+    for t1, (k1, _) in enumerate(plan.term_specs):
+        for t2 in range(t1 + 1, len(plan.term_specs)):
+            if plan.term_specs[t2][0] == k1:
+                V = np.hstack([_term_values(a, t1, n), _term_values(a, t2, n)])
+                pairs[(t1, t2)] = Moments.from_arrays(V, np.zeros(n))
+    return {"terms": terms, "pairs": pairs}
+
+
+def check_terms(random_terms, specs, info, n):
+    """The identifiability checks of :func:`lmmops.data.terms.build_terms` that read the
+    rows, from :func:`term_moments` (same messages).
+
+    Raises
+    ------
+    DesignError
+    """
+    for t, (rt, (_, names, spec)) in enumerate(zip(random_terms, specs)):
+        if spec is None:
+            continue
+        item = info["terms"][t]
+        keep = set(rank_from_moments(item["mom"], TERM_TOL).tolist())
+        aliased = [c for j, c in enumerate(names) if j not in keep]
+        if aliased:
+            kept = [c for c in names if c not in aliased]
+            raise DesignError(
+                f"random-effects term {rt}: its model matrix is rank deficient: column(s) "
+                f"{', '.join(aliased)} are linear combinations of the columns before them "
+                f"({', '.join(kept) or 'none: an all-zero column'}), so the term's "
+                "covariance is not identifiable; drop them from the term")
+        if INTERCEPT in names:
+            seen = np.isfinite(item["lo"][:, 0])
+            for j, name in enumerate(names):
+                if name == INTERCEPT:
+                    continue
+                lo, hi = item["lo"][seen, j], item["hi"][seen, j]
+                spread = float(np.max(hi - lo))
+                if spread <= TERM_TOL * (float(hi.max()) - float(lo.min())):
+                    raise DesignError(
+                        f"random-effects term {rt}: column '{name}' is constant within "
+                        f"every level of '{rt.group}', so its random slope is a multiple of "
+                        "the random intercept in each level and the two cannot be told "
+                        "apart; make it a fixed effect only, or drop it from the term")
+    for (t1, t2), mom in info["pairs"].items():
+        d1 = len(specs[t1][1])
+        G = mom.M2[:-1, :-1] + mom.n * np.outer(mom.mean[:-1], mom.mean[:-1])
+        m = G.shape[0]
+        for a, b in ((t1, t2), (t2, t1)):
+            ia = np.arange(d1) if a == t1 else np.arange(d1, m)
+            ib = np.arange(d1, m) if a == t1 else np.arange(d1)
+            Gbb = G[np.ix_(ib, ib)]
+            for j, name in zip(ia, specs[a][1]):
+                g = G[ib, j]
+                coef = np.linalg.lstsq(Gbb, g, rcond=None)[0]
+                resid2 = max(float(G[j, j] - g @ coef), 0.0)
+                # the rows' test is |r| <= tol |x|; from the Gram |r|^2 carries rounding
+                # of eps |x|^2, so a column in the span shows |r| ~ sqrt(eps) |x|
+                if resid2 <= SPAN_TOL**2 * G[j, j]:
+                    s1, s2 = random_terms[a], random_terms[b]
+                    how = ("is also a column" if name in specs[b][1]
+                           else "lies in the span of the columns")
+                    raise DesignError(
+                        f"random-effects terms {s1} and {s2} on grouping factor "
+                        f"'{s1.group}': column '{name}' of the first {how} of the second "
+                        f"({', '.join(specs[b][1])}), so only the sum of the two terms' "
+                        "variances along it is identifiable; merge them into one term or "
+                        "drop one (for a factor f, (f || g) is (1 | g) + (0 + f | g) in "
+                        "lme4: write (1 + f | g) or (0 + f | g))")
+
+
+#: a column is in the span of another term's when its residual norm is below this
+#: fraction of its norm (the rows' test uses 1e-7; the Gram resolves about 1e-7 too)
+SPAN_TOL = 1e-6
 
 
 def conditioned_rows(a, plan):
