@@ -454,11 +454,7 @@ def test_distributed_gram_products_and_pcg(client, frame):
     x0, info0 = cg(system(ref), b, rtol=1e-12)
     assert info == info0 == 0
     assert np.max(np.abs(x - x0)) < 1e-9 * np.max(np.abs(x0))
-    # the matrix-free fit with its products on the workers: the same fit
-    want = model.fit(solver="iterative")
-    got = model.fit(solver="iterative", gram="workers")
-    _same_fit(got, want, tol=1e-9)
-    assert got.solver_info["cg_iterations"] == want.solver_info["cg_iterations"]
+    # the matrix-free fit with its products on the workers: in the next test
 
 
 def test_slope_term_checks_as_in_memory(client, frame):
@@ -473,3 +469,45 @@ def test_slope_term_checks_as_in_memory(client, frame):
         with pytest.raises(DesignError, match=match):
             lmmops.fit(formula, ddf)
     _same_fit(lmmops.fit("y ~ x + (x || g)", ddf), lmmops.fit("y ~ x + (x || g)", df))
+
+
+def test_killed_worker_mid_distributed_pcg_changes_nothing(client, frame):
+    import os
+    import signal
+    import threading
+    import time
+
+    from lmmops.distributed import DaskLMM
+    from lmmops.distributed.pcg import DistributedGram
+
+    model = DaskLMM.from_formula("y ~ x + (1|g) + (1|h)", dd.from_pandas(frame, npartitions=4))
+    calm = model.fit(solver="iterative")
+    killed = []
+
+    def killer():  # once the PCG products run on the persisted blocks, kill a worker
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            keys = client.run_on_scheduler(
+                lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+            if sum("_block_product" in k for k in keys) > 0:
+                holders = client.run_on_scheduler(lambda dask_scheduler: sorted(
+                    {ws.address for ts in dask_scheduler.tasks.values()
+                     if "_sum_blocks" in str(ts.key) for ws in ts.who_has}))
+                if holders:
+                    pid = client.run(os.getpid, workers=[holders[0]])[holders[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(holders[0])
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    hit = model.fit(solver="iterative", gram="workers")
+    thread.join()
+    assert killed, "no worker was killed during the distributed PCG"
+    # the matrix-free fit with its products on the workers, one of them killed: the fit
+    # with the Gram on the client
+    _same_fit(hit, calm, tol=1e-9)
+    assert hit.solver_info["cg_iterations"] == calm.solver_info["cg_iterations"]
+    assert isinstance(hit.fit_objective()[0]._ZtZ, DistributedGram)
+    client.wait_for_workers(2, timeout=60)
