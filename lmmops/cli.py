@@ -289,6 +289,9 @@ def _cmd_fit(args):
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise UserError(f"--output: {args.output} exists and is not a directory")
     if args.scheduler or args.workers:
+        if args.plot:
+            raise UserError("--plot draws every row's residuals in memory; with --workers "
+                            "or --scheduler write them with --output and plot from there")
         return _fit_dask(args, cats)
     df = read_data(args.data, cats)
     _fit_and_print(df, args.formula, args, os.path.basename(args.data))

@@ -331,6 +331,11 @@ def test_cli_simulate_partitions_and_errors(client, frame, tmp_path, capsys):
     assert "no data files match" in capsys.readouterr().err
     assert main(["fit", str(out), "--formula", "y ~ (1|g1)", "--scheduler", "nowhere"]) == 2
     assert "expected an address" in capsys.readouterr().err
+    assert main(["fit", str(out), "--formula", "y ~ (1|g1)", "--workers", "1", "--plot",
+                 str(tmp_path / "p.png")]) == 2
+    assert "--plot draws every row" in capsys.readouterr().err
+    assert main(["fit", str(out), "--formula", "y ~ (1|g1)", "--output", "x"]) == 2
+    assert "use it with --workers or --scheduler" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("formula", "weights"), [("y ~ x + f + (1|g) + (1|h)", "w"),
