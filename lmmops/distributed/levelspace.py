@@ -46,7 +46,8 @@ class LevelDesign:
     counts : sequence of ndarray
         Rows per level (unweighted).
     N : dict
-        ``{(k, l): Z_k'Z_l}`` for ``k < l`` (CSR, unweighted counts).
+        ``{(k, l): Z_k'Z_l}`` for ``k < l`` (CSR): the cell tables, unweighted counts
+        or weighted ones (the design's checks read only their pattern).
     n_obs : int
     """
 

@@ -278,8 +278,9 @@ class DaskLMM:
         dstats = unweighted if unweighted is not None else stats
         self.stats, self.design_stats = stats, dstats
         K = len(factors)
+        tables = dstats.N if dstats.N or K < 2 else stats.N  # same pattern (w > 0)
         design = LevelDesign([g for g, _ in factors], plan.levels, dstats.D,
-                             {(k, l): dstats.N[(k, l)] for k in range(K)
+                             {(k, l): tables[(k, l)] for k in range(K)
                               for l in range(k + 1, K)}, mom.n)
         design.check_distinct_partitions()
         self.design = design

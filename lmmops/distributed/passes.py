@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lmmops.data.statistics import SufficientStatistics
+from lmmops.data.statistics import SufficientStatistics, level_sums
 from lmmops.data.terms import INTERCEPT, RandomEffectsTerm
 from lmmops.data.terms import TOL as TERM_TOL
 from lmmops.distributed.frame import (
@@ -219,8 +219,12 @@ def map_statistics(part, i, plan):
         unweighted = SufficientStatistics.from_codes(codes, q, Xc, yc)
     else:
         stats = SufficientStatistics.from_codes(codes, q, Xc, yc, a["w"])
-        if a["w"] is not None:
-            unweighted = SufficientStatistics.from_codes(codes, q, Xc, yc)
+        if a["w"] is not None:  # the moment start's unweighted sums; the cell tables'
+            # pattern (all the design's checks read) is the weighted tables'
+            T = np.column_stack([Xc, yc])
+            unweighted = SufficientStatistics(
+                q, T.shape[0], T.T @ T, [level_sums(codes[k], q[k], T) for k in range(len(q))],
+                [level_sums(codes[k], q[k]) for k in range(len(q))], {})
     return stats, unweighted
 
 
