@@ -166,8 +166,8 @@ def _write_rows(res, out, quiet):
     rows = res.row_outputs()
     rows.to_parquet(out, write_index=False)
     if not quiet:
-        print(f"row outputs (fitted, conditional and marginal residuals) written to {out} "
-              f"as {rows.npartitions} Parquet files", file=sys.stderr)
+        print(f"row outputs ({', '.join(rows.columns)}) written to {out} as "
+              f"{rows.npartitions} Parquet files", file=sys.stderr)
 
 
 def _json_default(o):

@@ -127,8 +127,12 @@ def test_row_outputs_by_map_partitions(client, frame):
         assert np.max(np.abs(rows["marginal"].to_numpy() - ref.residuals("marginal"))) \
             < 1e-9 * ref.sigma
         assert np.max(np.abs(rows["fitted"].to_numpy() - ref.fitted)) < 1e-9 * ref.sigma
-    with pytest.raises(LmmopsError, match="diag"):
-        res.residuals("studentized")
+        table = ref.residual_table()  # diag(P) per row from the level-space factor
+        for col in ("diag_P", "shift", "shift_var", "studentized"):
+            want = table[col].to_numpy()
+            assert np.max(np.abs(rows[col].to_numpy() - want)) < 1e-9 * np.max(np.abs(want))
+        t = res.residuals("studentized").compute().to_numpy()
+        assert np.max(np.abs(t - ref.residuals("studentized"))) < 1e-9
 
 
 def test_known_categories_used_as_they_are(client, frame):
@@ -348,6 +352,8 @@ def test_iterative_solver_on_reduced_statistics(client, frame, formula, weights)
                      weights=weights, seed=0)
     assert res.solver == "iterative"
     assert not res.exact
+    with pytest.raises(LmmopsError, match="needs the exact solver"):
+        res.residuals("shift")
     _same_fit(res, ref, tol=1e-8)
     assert res.mc_stderr["loglik"] == pytest.approx(ref.mc_stderr["loglik"], rel=1e-6,
                                                     abs=1e-12)

@@ -42,6 +42,7 @@ from lmmops.distributed.frame import (
     prototype,
 )
 from lmmops.distributed.levelspace import LevelDesign, level_terms, moment_start_from_stats
+from lmmops.distributed.leverage import leverage_parts, partition_leverages
 from lmmops.distributed.moments import condition_from_moments
 from lmmops.distributed.passes import (
     check_terms,
@@ -494,8 +495,10 @@ def _callback(progress, verbose, cond, method):
     return callback
 
 
-def _rows(part, i, plan, ev, theta_terms, kind):
-    """Row-level outputs of one partition (``map_partitions``)."""
+def _rows(part, i, plan, ev, theta_terms, kind, lev=None):
+    """Row-level outputs of one partition (``map_partitions``); ``lev`` =
+    ``(objective, leverage parts, user-scale s^2)`` adds ``diag_P``, ``shift``,
+    ``shift_var`` and ``studentized``."""
     a = prepare(part, plan, i)
     Xc, yc = conditioned_rows(a, plan)
     cond = plan.conditioning
@@ -515,6 +518,18 @@ def _rows(part, i, plan, ev, theta_terms, kind):
     s = cond.scale
     out = {"marginal": s * marginal, "conditional": s * (marginal - zb)}
     out["fitted"] = a["y"] - out["conditional"]
+    if lev is not None:
+        obj, parts, s2 = lev
+        if plan.slopes:
+            tcodes = [a["codes"][k] for k, _ in plan.term_specs]
+            h = partition_leverages(obj, ev, None, tcodes, a["values"], Xc)
+        else:
+            h = partition_leverages(obj, ev, parts, a["codes"], None, Xc)
+        w = np.ones(len(yc)) if a["w"] is None else a["w"]
+        dP = (w - w * w * h) / ev.sigma2 / cond.variance_scale  # user scale
+        Py = w * out["conditional"] / s2
+        out.update(diag_P=dP, shift=Py / dP, shift_var=1.0 / dP,
+                   studentized=Py / np.sqrt(dP))
     if kind == "all":
         return pd.DataFrame(out, index=part.index)
     return pd.Series(out[kind], index=part.index, name=kind)
@@ -558,19 +573,43 @@ class DaskResult(LMMResult):
         self.resid = self._rows("conditional")
         self.fitted = self._rows("fitted")
 
-    def _rows(self, kind):
+    #: the row outputs that need ``diag(P)`` (exact solver)
+    LEVERAGE_KINDS = ("diag_P", "shift", "shift_var", "studentized")
+
+    def _leverage(self):
+        """``(objective, leverage parts, s^2)`` for the row outputs of ``diag(P)``; the
+        exact solver only (the iterative one estimates it over the rows' probes)."""
+        obj, ev = self.fit_objective()
+        if not self.exact:
+            raise LmmopsError("diag(P) per row (shift and studentized residuals) of a fit "
+                              "from a Dask DataFrame needs the exact solver; refit with "
+                              "solver='direct'")
+        if getattr(self, "_lev", None) is None:
+            if self.model.has_slopes:
+                obj._inverse_parts(ev)  # cached in the objective, which the tasks carry
+                parts = None
+            else:
+                parts = leverage_parts(obj, ev)
+            self._lev = (obj, parts, self.sigma**2)
+        return self._lev
+
+    def _rows(self, kind, leverage=False):
         m = self.model
         ev = self.evaluation
         Ls = [t.relative_factor(ev.theta[sl]) for t, sl in
               zip(self.terms, theta_layout(self.terms))]
-        meta = (pd.DataFrame({k: pd.Series(dtype="float64")
-                              for k in ("marginal", "conditional", "fitted")})
+        cols = ["marginal", "conditional", "fitted"]
+        if leverage or kind in self.LEVERAGE_KINDS:
+            cols += list(self.LEVERAGE_KINDS)
+            leverage = True
+        meta = (pd.DataFrame({k: pd.Series(dtype="float64") for k in cols})
                 if kind == "all" else pd.Series(dtype="float64", name=kind))
         import dask
 
         parts = m.ddf.to_delayed()
         plan = dask.delayed(m.plan, traverse=False)
-        out = [dask.delayed(_rows, pure=True)(p, i, plan, ev, Ls, kind)
+        lev = dask.delayed(self._leverage(), traverse=False) if leverage else None
+        out = [dask.delayed(_rows, pure=True)(p, i, plan, ev, Ls, kind, lev)
                for i, p in enumerate(parts)]
         import dask.dataframe as dd
 
@@ -579,10 +618,13 @@ class DaskResult(LMMResult):
     def residuals(self, kind="conditional"):
         """Row-level residuals as a Dask Series (see :meth:`LMMResult.residuals`).
 
-        ``"conditional"``, ``"marginal"``, ``"pearson"`` (unweighted fits: ``e / s``)
-        and ``"model"``; the kinds that need ``diag(P)`` (``"shift"``,
-        ``"studentized"``) are not yet available from a Dask DataFrame.
+        ``"conditional"``, ``"marginal"``, ``"pearson"`` (unweighted fits: ``e / s``),
+        ``"model"``, and with the exact solver the mean-shift ``"shift"`` and
+        ``"studentized"`` residuals (``diag(P)`` per row from the level-space factor,
+        :mod:`lmmops.distributed.leverage`).
         """
+        if kind in ("shift", "studentized"):
+            return self._rows(kind)
         if kind in ("conditional", "model"):
             return self._rows("conditional")
         if kind == "marginal":
@@ -631,10 +673,19 @@ class DaskResult(LMMResult):
         return newdata.map_partitions(_predict_partition, me, random, interval, level,
                                       meta=meta)
 
-    def row_outputs(self):
+    def row_outputs(self, leverage=None):
         """A Dask DataFrame with the ``marginal`` and ``conditional`` residuals and the
-        ``fitted`` values of every row (user scale), partitioned as the data."""
-        return self._rows("all")
+        ``fitted`` values of every row (user scale), partitioned as the data.
+
+        Parameters
+        ----------
+        leverage : bool, optional
+            Add ``diag_P``, ``shift``, ``shift_var`` and ``studentized`` (the columns
+            of :meth:`LMMResult.residual_table`); default: with the exact solver.
+        """
+        if leverage is None:
+            leverage = self.exact
+        return self._rows("all", leverage=bool(leverage))
 
     def _scaled_residual_quantiles(self):
         r = self._rows("conditional") / self.sigma
