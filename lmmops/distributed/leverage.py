@@ -29,23 +29,11 @@ True
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
 
-from lmmops.errors import LmmopsError
+from lmmops.estimation.mme import _schur_inverse  # the exact solver's own S^{-1}
 
 __all__ = ["intercept_leverages", "leverage_parts", "partition_leverages"]
-
-
-def _schur_inverse(L, mp):
-    if not mp:
-        return np.zeros((0, 0))
-    Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
-    if info != 0:
-        raise LmmopsError("could not invert the Schur block of the mixed model equations")
-    iu = np.triu_indices(mp, 1)
-    Sinv[iu] = Sinv.T[iu]
-    return Sinv
 
 
 def leverage_parts(obj, ev):
