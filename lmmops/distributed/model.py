@@ -56,7 +56,13 @@ from lmmops.distributed.passes import (
 )
 from lmmops.distributed.pcg import DistributedGram
 from lmmops.distributed.reduction import FAN_IN, client_info, map_reduce
-from lmmops.errors import ArgumentError, DesignError, DisconnectedDesignWarning, LmmopsError
+from lmmops.errors import (
+    ArgumentError,
+    DesignError,
+    DisconnectedDesignWarning,
+    FormulaError,
+    LmmopsError,
+)
 from lmmops.estimation.direct import DirectObjective
 from lmmops.estimation.iterative import DEFAULT_PRECONDITIONER, IterativeObjective
 from lmmops.estimation.protocol import optimise
@@ -109,7 +115,6 @@ class DaskLMM:
 
     def __init__(self):
         self.passes = []
-        self.notes = []
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -131,7 +136,7 @@ class DaskLMM:
         fan_in : int
             Partial results combined per task of the tree reductions.
         progress_bar : bool
-            A progress bar per pass (``distributed.progress`` on a cluster).
+            A tqdm bar per pass over the partitions, on standard error.
 
         Returns
         -------
@@ -162,6 +167,8 @@ class DaskLMM:
             raise ArgumentError(f"fan_in must be at least 2, got {fan_in}")
         self.method = check_method(method)
         self.data_name = data_name
+        if not isinstance(getattr(ddf, "_meta", None), pd.DataFrame):
+            raise FormulaError(f"data must be a Dask DataFrame, got {type(ddf).__name__}")
         self.ddf = ddf
         meta = ddf._meta
         columns = [c for c in meta.columns]

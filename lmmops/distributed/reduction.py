@@ -18,6 +18,8 @@ import time
 
 from tqdm import tqdm
 
+from lmmops.errors import ArgumentError
+
 __all__ = ["TreeReduction", "client_info", "map_reduce", "tree_reduce"]
 
 _last_bar = []  # partitions the last progress bar counted (for the tests)
@@ -32,7 +34,7 @@ def tree_reduce(parts, combine, fan_in=FAN_IN):
 
     parts = list(parts)
     if not parts:
-        raise ValueError("nothing to reduce")
+        raise ArgumentError("nothing to reduce: no partitions")
     # one partition is still combined once, so the root is always a combine output
     while True:
         parts = [dask.delayed(combine, pure=True)(parts[i:i + fan_in])
