@@ -426,7 +426,7 @@ def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
 
     thread = threading.Thread(target=killer)
     thread.start()
-    hit = lmmops.fit(formula, slow_frame(0.2))
+    hit = lmmops.fit(formula, slow_frame(0.1))
     thread.join()
     assert killed, "no worker was killed during the statistics pass"
     a, b = hit.to_dict(), calm.to_dict()
@@ -437,11 +437,38 @@ def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
 
 
 # ---------------------------------------------------------------- the distributed PCG
-def test_distributed_gram_products_and_pcg(client, frame):
+def _kill_a_block_holder(client, killed):
+    """Once PCG products run on the persisted blocks, SIGKILL a worker holding some."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + 60
+    while time.time() < deadline and not killed:
+        keys = client.run_on_scheduler(
+            lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+        if any("_block_product" in k for k in keys):
+            holders = client.run_on_scheduler(lambda dask_scheduler: sorted(
+                {ws.address for ts in dask_scheduler.tasks.values()
+                 if "_sum_blocks" in str(ts.key) for ws in ts.who_has}))
+            if holders:
+                pid = client.run(os.getpid, workers=[holders[0]])[holders[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(holders[0])
+                return
+        time.sleep(0.01)
+
+
+def test_distributed_gram_products_and_pcg_with_a_killed_worker(client, frame):
+    import threading
+
+    from scipy.sparse.linalg import LinearOperator
+
     from lmmops.distributed import DaskLMM
     from lmmops.distributed.pcg import DistributedGram
     from lmmops.linalg.krylov import cg
     from lmmops.linalg.operators import GramOperator
+    from lmmops.options import Options
 
     formula = "y ~ x + f + (1|g) + (1|h)"
     model = DaskLMM.from_formula(formula, dd.from_pandas(frame, npartitions=5), weights="w")
@@ -452,20 +479,39 @@ def test_distributed_gram_products_and_pcg(client, frame):
     U = np.random.default_rng(1).normal(size=(model.design.q, 4))
     assert np.max(np.abs(G.matmat(U) - ref.matmat(U))) < 1e-12 * np.max(np.abs(ref @ U))
     assert G.bytes_moved == U.nbytes * 4  # inline in the 3 block tasks, gathered once
-    # a PCG solve of (Lambda Z'WZ Lambda + I) x = b through the cluster's blocks
+    # a PCG solve of (Lambda Z'WZ Lambda + I) x = b through the cluster's blocks, with a
+    # worker that holds blocks killed in the middle: they are recomputed, x is the same
     lam = np.repeat([0.8, 0.5], model.design.n_levels)
-    from scipy.sparse.linalg import LinearOperator
 
     def system(A):
         return LinearOperator(A.shape, matvec=lambda v: lam * (A @ (lam * v)) + v,
                               dtype=np.float64)
 
     b = np.random.default_rng(2).normal(size=model.design.q)
-    x, info = cg(system(G), b, rtol=1e-12)
-    x0, info0 = cg(system(ref), b, rtol=1e-12)
+    killed = []
+    thread = threading.Thread(target=_kill_a_block_holder, args=(client, killed))
+    thread.start()
+    x, info = cg(system(G), b, rtol=1e-13, maxiter=400)
+    thread.join()
+    assert killed, "no worker was killed during the distributed PCG"
+    x0, info0 = cg(system(ref), b, rtol=1e-13, maxiter=400)
     assert info == info0 == 0
     assert np.max(np.abs(x - x0)) < 1e-9 * np.max(np.abs(x0))
-    # the matrix-free fit with its products on the workers: in the next test
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it
+    # the matrix-free objective with its products on the workers (what
+    # fit(solver="iterative", gram="workers") optimises): the same evaluation, the same
+    # CG iterations, as with the Gram on the client
+    opts = Options()
+    on_workers = model.iterative_objective("REML", opts, gram="workers")
+    on_client = model.iterative_objective("REML", opts)
+    assert isinstance(on_workers._ZtZ, DistributedGram)
+    theta = np.array([0.9, 0.6])
+    ev, ev0 = on_workers.evaluate(theta), on_client.evaluate(theta)
+    assert ev.objective == pytest.approx(ev0.objective, rel=1e-12)
+    assert np.max(np.abs(ev.gradient - ev0.gradient)) < 1e-9 * np.max(np.abs(ev0.gradient))
+    assert on_workers.cg_history == on_client.cg_history
+    with pytest.raises(lmmops.errors.ArgumentError, match="iterative solver"):
+        model.fit(solver="direct", gram="workers")
 
 
 def test_slope_term_checks_as_in_memory(client, frame):
@@ -480,45 +526,3 @@ def test_slope_term_checks_as_in_memory(client, frame):
         with pytest.raises(DesignError, match=match):
             lmmops.fit(formula, ddf)
     _same_fit(lmmops.fit("y ~ x + (x || g)", ddf), lmmops.fit("y ~ x + (x || g)", df))
-
-
-def test_killed_worker_mid_distributed_pcg_changes_nothing(client, frame):
-    import os
-    import signal
-    import threading
-    import time
-
-    from lmmops.distributed import DaskLMM
-    from lmmops.distributed.pcg import DistributedGram
-
-    model = DaskLMM.from_formula("y ~ x + (1|g) + (1|h)", dd.from_pandas(frame, npartitions=4))
-    calm = model.fit(solver="iterative")
-    killed = []
-
-    def killer():  # once the PCG products run on the persisted blocks, kill a worker
-        deadline = time.time() + 60
-        while time.time() < deadline and not killed:
-            keys = client.run_on_scheduler(
-                lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
-            if sum("_block_product" in k for k in keys) > 0:
-                holders = client.run_on_scheduler(lambda dask_scheduler: sorted(
-                    {ws.address for ts in dask_scheduler.tasks.values()
-                     if "_sum_blocks" in str(ts.key) for ws in ts.who_has}))
-                if holders:
-                    pid = client.run(os.getpid, workers=[holders[0]])[holders[0]]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(holders[0])
-                    return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
-    hit = model.fit(solver="iterative", gram="workers")
-    thread.join()
-    assert killed, "no worker was killed during the distributed PCG"
-    # the matrix-free fit with its products on the workers, one of them killed: the fit
-    # with the Gram on the client
-    _same_fit(hit, calm, tol=1e-9)
-    assert hit.solver_info["cg_iterations"] == calm.solver_info["cg_iterations"]
-    assert isinstance(hit.fit_objective()[0]._ZtZ, DistributedGram)
-    client.wait_for_workers(2, timeout=60)
