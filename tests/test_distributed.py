@@ -133,6 +133,16 @@ def test_row_outputs_by_map_partitions(client, frame):
             assert np.max(np.abs(rows[col].to_numpy() - want)) < 1e-9 * np.max(np.abs(want))
         t = res.residuals("studentized").compute().to_numpy()
         assert np.max(np.abs(t - ref.residuals("studentized"))) < 1e-9
+        want, got = ref.outliers(top=6), res.outliers(top=6)  # the mean-shift scan
+        assert got.index.tolist() == want.index.tolist()
+        assert list(got.columns) == list(want.columns)
+        assert np.max(np.abs(got.to_numpy() - want.to_numpy())) < 1e-9 * ref.sigma
+        table = res.residual_table().compute()
+        assert list(table.columns) == list(ref.residual_table().columns)
+    with pytest.raises(LmmopsError, match="does not hold"):
+        res.outliers("vsom", rows=[3])
+    with pytest.raises(LmmopsError, match="draws every row"):
+        res.plot("qq")
 
 
 def test_known_categories_used_as_they_are(client, frame):

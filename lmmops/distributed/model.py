@@ -22,6 +22,7 @@ import warnings
 import formulaic
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from lmmops.data.checks import check_method
 from lmmops.data.formula import (
@@ -252,8 +253,10 @@ class DaskLMM:
         plan.term_groups = [g for g, _, _ in specs]
         plan.term_columns = [tuple(c) for _, c, _ in specs]
         # pass 2: moments of [X y] and rows per level (and what the term checks need)
-        mom, counts, term_info = self._run(ddf, map_moments, combine_moments, plan,
-                                           name="moments")
+        mom, counts, term_info, sizes = self._run(ddf, map_moments, combine_moments, plan,
+                                                  name="moments")
+        plan.row_offsets = np.concatenate(
+            [[0], np.cumsum([sizes[i] for i in range(len(sizes))])]).astype(np.int64)
         if mom.n == 0:
             raise DesignError("the design has no observations")
         # as sorted_levels: a categorical's unused categories are dropped
@@ -539,6 +542,14 @@ def _rows(part, i, plan, ev, theta_terms, kind, lev=None):
                    studentized=Py / np.sqrt(dP))
     if kind == "all":
         return pd.DataFrame(out, index=part.index)
+    if kind == "msom":  # the mean-shift scan's columns (lmmops.analysis.outliers.msom_scan)
+        t = out["studentized"]
+        p = 2.0 * stats.norm.sf(np.abs(t))
+        n = int(plan.row_offsets[-1])
+        return pd.DataFrame({
+            "row": plan.row_offsets[i] + np.arange(len(t)), "phi": out["shift"],
+            "se": np.sqrt(out["shift_var"]), "t": t, "p_value": p,
+            "p_bonferroni": np.minimum(1.0, n * p)}, index=part.index)
     return pd.Series(out[kind], index=part.index, name=kind)
 
 
@@ -606,11 +617,14 @@ class DaskResult(LMMResult):
         Ls = [t.relative_factor(ev.theta[sl]) for t, sl in
               zip(self.terms, theta_layout(self.terms))]
         cols = ["marginal", "conditional", "fitted"]
-        if leverage or kind in self.LEVERAGE_KINDS:
+        if leverage or kind in self.LEVERAGE_KINDS or kind == "msom":
             cols += list(self.LEVERAGE_KINDS)
             leverage = True
-        meta = (pd.DataFrame({k: pd.Series(dtype="float64") for k in cols})
-                if kind == "all" else pd.Series(dtype="float64", name=kind))
+        if kind == "msom":
+            cols = ["row", "phi", "se", "t", "p_value", "p_bonferroni"]
+        meta = (pd.DataFrame({k: pd.Series(dtype="int64" if k == "row" else "float64")
+                              for k in cols})
+                if kind in ("all", "msom") else pd.Series(dtype="float64", name=kind))
         import dask
 
         parts = m.ddf.to_delayed()
@@ -693,6 +707,46 @@ class DaskResult(LMMResult):
         if leverage is None:
             leverage = self.exact
         return self._rows("all", leverage=bool(leverage))
+
+    def residual_table(self):
+        """The columns of :meth:`LMMResult.residual_table` per row, as a Dask DataFrame
+        (exact solver; ``diag_P_se`` is 0)."""
+        rows = self._rows("all", leverage=True)
+        rows = rows.assign(diag_P_se=0.0)
+        return rows[["fitted", "conditional", "marginal", "shift", "shift_var",
+                     "studentized", "diag_P", "diag_P_se"]]
+
+    def outliers(self, method="msom", rows=None, top=None):
+        """The mean-shift outlier scan (see :meth:`LMMResult.outliers`), exact solver.
+
+        With ``top``: a pandas DataFrame of the ``top`` largest ``|t|`` (as in memory:
+        ``row`` is the 0-based position in the data, in partition order); without: the
+        whole scan as a Dask DataFrame, unsorted. The VSOM and a set of rows need the
+        rows in memory and are not available from a Dask DataFrame.
+        """
+        m = str(method).lower()
+        if m not in ("msom", "vsom"):
+            raise LmmopsError(f"unknown outlier method {method!r}; use 'msom' or 'vsom'")
+        if m == "vsom" or rows is not None:
+            raise LmmopsError("the variance-shift statistic and the mean shift of a set of "
+                              "rows solve with those rows' columns of P, which a fit from "
+                              "a Dask DataFrame does not hold; use the scan (top=...)")
+        scan = self._rows("msom")
+        if top is None:
+            return scan
+        t = scan.assign(abs_t=scan["t"].abs()).nlargest(int(top), "abs_t").compute()
+        t = t.drop(columns="abs_t")
+        t.index = pd.Index(t["row"].to_numpy(), name="observation")
+        return t
+
+    def plot(self, kind="diagnostics", ax=None, **kwargs):
+        """Plots from level-space quantities only (``"caterpillar"``); the row-level
+        ones would gather every row on the client."""
+        if kind != "caterpillar":
+            raise LmmopsError(f"plot({kind!r}) draws every row; from a Dask fit write the "
+                              "rows with row_outputs() and plot a sample, or use "
+                              "plot('caterpillar')")
+        return LMMResult.plot(self, kind, ax=ax, **kwargs)
 
     def _scaled_residual_quantiles(self):
         r = self._rows("conditional") / self.sigma

@@ -56,13 +56,14 @@ def combine_levels(parts):
 
 
 def map_moments(part, i, plan):
-    """Pass 2: moments of ``[X y]`` (all fixed-effects columns), rows per level and, for
-    slope terms, what their identifiability checks need (:func:`term_moments`)."""
+    """Pass 2: moments of ``[X y]`` (all fixed-effects columns), rows per level, for
+    slope terms what their identifiability checks need (:func:`term_moments`), and the
+    partition's number of rows (``{i: n_i}``, for global row positions)."""
     a = prepare(part, plan, i)
     counts = [np.bincount(a["codes"][k], minlength=len(lv)).astype(np.int64)
               for k, lv in enumerate(plan.levels)]
     info = term_moments(a, plan) if plan.slopes else None
-    return Moments.from_arrays(a["X"], a["y"]), counts, info
+    return Moments.from_arrays(a["X"], a["y"]), counts, info, {i: len(part)}
 
 
 def combine_moments(parts):
@@ -81,8 +82,11 @@ def combine_moments(parts):
         pairs = {key: Moments.combine([p[2]["pairs"][key] for p in parts])
                  for key in parts[0][2]["pairs"]}
         info = {"terms": terms, "pairs": pairs}
+    sizes = {}
+    for p in parts:
+        sizes.update(p[3])
     return (Moments.combine([p[0] for p in parts]),
-            [sum(p[1][k] for p in parts) for k in range(len(parts[0][1]))], info)
+            [sum(p[1][k] for p in parts) for k in range(len(parts[0][1]))], info, sizes)
 
 
 def _term_values(a, t, n):
