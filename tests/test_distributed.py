@@ -118,9 +118,10 @@ def test_result_summary_json_and_log(client, frame, capsys):
 
 def test_row_outputs_by_map_partitions(client, frame):
     ddf = dd.from_pandas(frame, npartitions=3)
-    for formula in ("y ~ x + f + (1|g) + (1|h)", "y ~ x + (1 + x|g) + (1|h)"):
-        res = lmmops.fit(formula, ddf)
-        ref = lmmops.fit(formula, frame)
+    for formula, weights in (("y ~ x + f + (1|g) + (1|h)", None),
+                             ("y ~ x + (1 + x|g) + (1|h)", "w")):
+        res = lmmops.fit(formula, ddf, weights=weights)
+        ref = lmmops.fit(formula, frame, weights=weights)
         r = res.resid.compute().to_numpy()
         assert np.max(np.abs(r - ref.resid)) < 1e-9 * ref.sigma
         rows = res.row_outputs().compute()
@@ -133,6 +134,8 @@ def test_row_outputs_by_map_partitions(client, frame):
             assert np.max(np.abs(rows[col].to_numpy() - want)) < 1e-9 * np.max(np.abs(want))
         t = res.residuals("studentized").compute().to_numpy()
         assert np.max(np.abs(t - ref.residuals("studentized"))) < 1e-9
+        pearson = res.residuals("pearson").compute().to_numpy()
+        assert np.max(np.abs(pearson - ref.residuals("pearson"))) < 1e-9
         want, got = ref.outliers(top=6), res.outliers(top=6)  # the mean-shift scan
         assert got.index.tolist() == want.index.tolist()
         assert list(got.columns) == list(want.columns)

@@ -528,6 +528,9 @@ def _rows(part, i, plan, ev, theta_terms, kind, lev=None):
     s = cond.scale
     out = {"marginal": s * marginal, "conditional": s * (marginal - zb)}
     out["fitted"] = a["y"] - out["conditional"]
+    if kind == "pearson":  # sqrt(w) e / sigma
+        w = np.ones(len(yc)) if a["w"] is None else a["w"]
+        out["pearson"] = np.sqrt(w) * out["conditional"] / (s * np.sqrt(ev.sigma2))
     if lev is not None:
         obj, parts, s2 = lev
         if plan.slopes:
@@ -639,7 +642,7 @@ class DaskResult(LMMResult):
     def residuals(self, kind="conditional"):
         """Row-level residuals as a Dask Series (see :meth:`LMMResult.residuals`).
 
-        ``"conditional"``, ``"marginal"``, ``"pearson"`` (unweighted fits: ``e / s``),
+        ``"conditional"``, ``"marginal"``, ``"pearson"`` (``sqrt(w) e / s``),
         ``"model"``, and with the exact solver the mean-shift ``"shift"`` and
         ``"studentized"`` residuals (``diag(P)`` per row from the level-space factor,
         :mod:`lmmops.distributed.leverage`).
@@ -651,10 +654,7 @@ class DaskResult(LMMResult):
         if kind == "marginal":
             return self._rows("marginal")
         if kind == "pearson":
-            if self.model.weighted:
-                raise LmmopsError("Pearson residuals of a weighted fit from a Dask "
-                                  "DataFrame are not yet available")
-            return self._rows("conditional") / self.sigma
+            return self._rows("pearson")
         if kind in self.RESIDUAL_KINDS:
             raise LmmopsError(f"residuals of kind {kind!r} need diag(P) per row, not yet "
                               "available for a fit from a Dask DataFrame")
