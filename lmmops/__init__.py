@@ -23,6 +23,7 @@ from lmmops.analysis.compare import anova
 from lmmops.data.design import CrossedDesign
 from lmmops.errors import (
     ConvergenceWarning,
+    DataSourceError,
     DenseTooLargeError,
     DesignError,
     DisconnectedDesignError,
@@ -43,6 +44,7 @@ __all__ = [
     "ConvergenceWarning",
     "CovarianceOperator",
     "CrossedDesign",
+    "DataSourceError",
     "DenseTooLargeError",
     "DesignError",
     "DisconnectedDesignError",

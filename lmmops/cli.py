@@ -21,6 +21,7 @@ from tqdm import tqdm
 from lmmops._version import __version__
 from lmmops.analysis.plots import save_diagnostics
 from lmmops.data.simulate import simulate_crossed
+from lmmops.distributed.files import read_dask, read_frame, resolve_files
 from lmmops.errors import LmmopsError, UserError
 from lmmops.estimation.direct import warm_up
 from lmmops.estimation.iterative import (
@@ -44,7 +45,8 @@ def read_data(path, categorical=()):
     Parameters
     ----------
     path : str
-        ``.csv``, ``.csv.gz``, ``.tsv``, ``.parquet`` or ``.pq``.
+        ``.csv``, ``.csv.gz``, ``.tsv``, ``.parquet`` or ``.pq``; or a directory or a
+        glob (``'data/part-*.parquet'``) of such files, concatenated in sorted file order.
     categorical : sequence of str
         Columns to read as categorical (R factors), e.g. ``service``.
 
@@ -53,6 +55,13 @@ def read_data(path, categorical=()):
     pandas.DataFrame
     """
 
+    if not os.path.isfile(path):
+        files = resolve_files(path)
+        if len(files) > 1 or files[0] != path:
+            if any(_is_parquet(f) for f in files):
+                _need_pyarrow()
+            df = read_frame(files)
+            return _categorical(df, categorical, path)
     if not os.path.exists(path):
         raise UserError(f"data file not found: {path}")
     low = path.lower()
@@ -73,6 +82,22 @@ def read_data(path, categorical=()):
         raise
     except Exception as exc:  # pandas raises many types for malformed files
         raise UserError(f"could not read {path}: {exc}") from None
+    return _categorical(df, categorical, path)
+
+
+def _is_parquet(path):
+    return path.lower().endswith((".parquet", ".pq"))
+
+
+def _need_pyarrow():
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise UserError("reading Parquet needs pyarrow: pip install 'lmmops[parquet]'") \
+            from None
+
+
+def _categorical(df, categorical, path):
     if len(df) == 0:
         what = f"only a header ({', '.join(map(str, df.columns))})" if len(df.columns) else (
             "no columns either")
@@ -82,6 +107,67 @@ def read_data(path, categorical=()):
             raise UserError(f"--categorical: unknown column '{c}'")
         df[c] = df[c].astype("category")
     return df
+
+
+def _dask_client(args):
+    """The ``distributed`` client of ``--scheduler`` or ``--workers`` (None without)."""
+    if args.scheduler and args.workers:
+        raise UserError("--scheduler and --workers exclude each other: connect to a "
+                        "running cluster or start one")
+    if not (args.scheduler or args.workers):
+        return None, None
+    try:
+        import distributed
+    except ImportError:
+        raise UserError("--scheduler and --workers need Dask: pip install "
+                        "'lmmops[dask]'") from None
+    if args.scheduler:
+        if not str(args.scheduler).startswith(("tcp://", "tls://", "inproc://", "ws://",
+                                               "wss://", "ucx://")):
+            raise UserError(f"--scheduler: expected an address such as "
+                            f"tcp://HOST:PORT, got {args.scheduler!r}")
+        try:
+            return distributed.Client(args.scheduler, timeout="10s"), None
+        except (OSError, TimeoutError) as exc:
+            raise UserError(f"--scheduler: cannot connect to {args.scheduler}: {exc}") \
+                from None
+    if args.workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {args.workers}")
+    cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1,
+                                       processes=True, host="127.0.0.1",
+                                       dashboard_address="127.0.0.1:0")
+    return distributed.Client(cluster), cluster
+
+
+def _fit_dask(args, cats):
+    files = resolve_files(args.data)
+    if any(_is_parquet(f) for f in files):
+        _need_pyarrow()
+    client, cluster = _dask_client(args)
+    try:
+        ddf, labels = read_dask(files)
+        for c in cats:
+            if c not in ddf.columns:
+                raise UserError(f"--categorical: unknown column '{c}'")
+            ddf[c] = ddf[c].astype("category")
+        name = os.path.basename(os.path.normpath(args.data))
+        res = _fit_and_print(ddf, args.formula, args, name, labels=labels)
+        if args.output:
+            _write_rows(res, args.output, args.quiet)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    return 0
+
+
+def _write_rows(res, out, quiet):
+    rows = res.row_outputs()
+    rows.to_parquet(out, write_index=False)
+    if not quiet:
+        print(f"row outputs ({', '.join(rows.columns)}) written to {out} as "
+              f"{rows.npartitions} Parquet files", file=sys.stderr)
 
 
 def _json_default(o):
@@ -117,7 +203,7 @@ def _dump(result):
                       allow_nan=False)
 
 
-def _fit_and_print(df, formula, args, data_name):
+def _fit_and_print(df, formula, args, data_name, labels=None):
 
     n_probes = check_n_probes(args.probes, "--probes")
     # progress: a tqdm bar on a terminal, plain lines with --verbose elsewhere; never
@@ -144,10 +230,12 @@ def _fit_and_print(df, formula, args, data_name):
     plot = getattr(args, "plot", None)
     if plot:
         _check_plot_path(plot)
+    extra = {} if labels is None else {"labels": labels, "progress_bar": bar is not None}
     try:
         res = fit(formula, df, method=args.method, solver=args.solver, data_name=data_name,
                   weights=getattr(args, "weights", None), progress=progress,
-                  preconditioner=getattr(args, "preconditioner", None), options=options)
+                  preconditioner=getattr(args, "preconditioner", None), options=options,
+                  **extra)
     finally:
         if bar is not None:
             bar.close()
@@ -194,6 +282,17 @@ def _check_plot_path(path):
 
 def _cmd_fit(args):
     cats = [c for c in (args.categorical or "").split(",") if c]
+    if args.output:
+        if not (args.scheduler or args.workers):
+            raise UserError("--output writes the row-level outputs from the workers: use "
+                            "it with --workers or --scheduler")
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise UserError(f"--output: {args.output} exists and is not a directory")
+    if args.scheduler or args.workers:
+        if args.plot:
+            raise UserError("--plot draws every row's residuals in memory; with --workers "
+                            "or --scheduler write them with --output and plot from there")
+        return _fit_dask(args, cats)
     df = read_data(args.data, cats)
     _fit_and_print(df, args.formula, args, os.path.basename(args.data))
     return 0
@@ -242,7 +341,20 @@ def _cmd_simulate(args):
         raise UserError(f"--levels: expected one level count per factor, e.g. 20000,3000; "
                         f"got {args.levels!r}")
     _check_seed(args.seed)
-    _check_output_dir(args.out, "simulate")
+    if args.partitions is not None:
+        if args.partitions < 1:
+            raise UserError(f"--partitions must be a positive integer, got "
+                            f"{args.partitions}")
+        _need_pyarrow()
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UserError(f"simulate --partitions: {args.out} exists and is not a "
+                            "directory")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent):
+            raise UserError(f"simulate: cannot write {args.out}: directory {parent} does "
+                            "not exist")
+    else:
+        _check_output_dir(args.out, "simulate")
     zipf = _parse_list(args.zipf, float, "--zipf") if args.zipf else None
     sigma2 = _parse_list(args.sigma2, float, "--sigma2") if args.sigma2 else None
     t0 = time.perf_counter()
@@ -250,7 +362,9 @@ def _cmd_simulate(args):
                           sigma2_e=args.sigma2_e, intercept=args.intercept, seed=args.seed)
     out = args.out
     low = out.lower()
-    if low.endswith((".parquet", ".pq")):
+    if args.partitions is not None:
+        _write_partitions(df, out, args.partitions)
+    elif low.endswith((".parquet", ".pq")):
         try:
             df.to_parquet(out, index=False)
         except ImportError:
@@ -262,6 +376,16 @@ def _cmd_simulate(args):
         print(f"wrote {len(df)} rows x {df.shape[1]} columns to {out} "
               f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _write_partitions(df, out, partitions):
+    """``df`` as ``partitions`` Parquet files ``out/part-00000.parquet``, ... (row blocks
+    in order, so their sorted concatenation is ``df``)."""
+    os.makedirs(out, exist_ok=True)
+    bounds = np.linspace(0, len(df), partitions + 1).round().astype(int)
+    for i in range(partitions):
+        df.iloc[bounds[i]:bounds[i + 1]].to_parquet(
+            os.path.join(out, f"part-{i:05d}.parquet"), index=False)
 
 
 def build_parser():
@@ -311,7 +435,8 @@ def build_parser():
 
     f = sub.add_parser("fit", help="fit a model to a CSV/Parquet file",
                        description="Fit a linear mixed model to a data file.")
-    f.add_argument("data", help="CSV (.csv, .csv.gz) or Parquet file")
+    f.add_argument("data", help="CSV (.csv, .csv.gz) or Parquet file, or a directory or "
+                                "a quoted glob ('data/part-*.parquet') of such files")
     add_fit_options(f, True)
     f.add_argument("--categorical", metavar="COLS",
                    help="comma-separated columns to treat as factors in the fixed part")
@@ -320,6 +445,15 @@ def build_parser():
     f.add_argument("--plot", metavar="PNG",
                    help="write diagnostic plots (BLUP caterpillar, residuals vs fitted, "
                         "normal QQ, outlier scan) to this image file; needs matplotlib")
+    f.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="fit on a Dask LocalCluster of N worker processes (loopback) "
+                        "started for the fit; the rows stay on the workers; needs "
+                        "lmmops[dask]")
+    f.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="fit on the running Dask cluster of this scheduler")
+    f.add_argument("--output", metavar="DIR",
+                   help="with --workers/--scheduler: write fitted values and residuals "
+                        "per row to DIR as partitioned Parquet")
     f.set_defaults(func=_cmd_fit)
 
     d = sub.add_parser("demo", help="fit lme4's InstEval example",
@@ -329,7 +463,11 @@ def build_parser():
 
     s = sub.add_parser("simulate", help="write a simulated crossed design",
                        description="Write y, g1..gK for a crossed design with Zipf imbalance.")
-    s.add_argument("out", help="output .csv, .csv.gz or .parquet")
+    s.add_argument("out", help="output .csv, .csv.gz or .parquet (with --partitions: a "
+                               "directory)")
+    s.add_argument("--partitions", type=int, default=None, metavar="P",
+                   help="write P Parquet files part-00000.parquet ... into the directory "
+                        "OUT (the input of a fit with --workers/--scheduler)")
     s.add_argument("--n-obs", type=int, required=True)
     s.add_argument("--levels", required=True, help="levels per factor, e.g. 20000,3000")
     s.add_argument("--zipf", help="Zipf exponents per factor, e.g. 0.8,1.0 (0 = uniform)")

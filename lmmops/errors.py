@@ -13,6 +13,7 @@ __all__ = [
     "ArgumentTypeError",
     "ConvergenceWarning",
     "CorrectionRankWarning",
+    "DataSourceError",
     "DenseTooLargeError",
     "DesignError",
     "DisconnectedDesignError",
@@ -57,6 +58,12 @@ class UnknownNameError(LmmopsError, KeyError):
 
 class DesignError(LmmopsError, ValueError):
     """The grouping factors or the response cannot define a crossed design."""
+
+
+class DataSourceError(LmmopsError, ValueError):
+    """A partition or a file of the data (a Dask DataFrame, a glob or a directory of
+    files) cannot be used: unreadable, a schema unlike the others, a value it cannot
+    hold. The message names the file (or partition) and the column."""
 
 
 class DisconnectedDesignError(DesignError):

@@ -29,6 +29,7 @@ from lmmops.data.formula import (
     response_vector,
 )
 from lmmops.data.terms import build_terms
+from lmmops.distributed import fit_dask, is_dask_dataframe
 from lmmops.errors import ArgumentError, DisconnectedDesignWarning, FormulaError, LmmopsError
 from lmmops.estimation.direct import DirectObjective, moment_start
 from lmmops.estimation.iterative import (
@@ -552,7 +553,10 @@ def fit(formula, data, method="REML", solver="auto", **kwargs):
     ----------
     formula : str
         lme4 formula, e.g. ``"y ~ 1 + service + (1|s) + (1|d) + (1|dept)"``.
-    data : pandas.DataFrame
+    data : pandas.DataFrame or dask.dataframe.DataFrame
+        A Dask DataFrame is fitted where its partitions are
+        (:func:`lmmops.distributed.fit_dask`): the client receives only level-space
+        statistics, and the result's row-level outputs are Dask objects.
     method : {"REML", "ML"}
     solver : {"auto", "direct", "iterative"}
         See :meth:`LMM.fit`.
@@ -579,6 +583,8 @@ def fit(formula, data, method="REML", solver="auto", **kwargs):
     >>> bool(res.loglik < 0)
     True
     """
+    if is_dask_dataframe(data):  # the rows stay on the workers (lmmops.distributed)
+        return fit_dask(formula, data, method=method, solver=solver, **kwargs)
     data_name = kwargs.pop("data_name", None)
     weights = kwargs.pop("weights", None)
     model = LMM.from_formula(formula, data, method=method, data_name=data_name,

@@ -683,7 +683,7 @@ class LMMResult:
             lines.append("".join(v.rjust(w) for v in vals))
         lines.append("")
         lines.append("Scaled residuals: ")
-        q = np.quantile(self.resid / self.sigma, [0, 0.25, 0.5, 0.75, 1.0])
+        q = self._scaled_residual_quantiles()
         hdr = ["Min", "1Q", "Median", "3Q", "Max"]
         vals = [f"{v:.4f}" for v in q]
         w = max(len(v) for v in vals) + 1
@@ -719,6 +719,10 @@ class LMMResult:
             f"{self.elapsed_s:.3f} s"
         )
         return "\n".join(lines)
+
+    def _scaled_residual_quantiles(self):
+        """Min, quartiles and max of ``resid / sigma`` (for the summary)."""
+        return np.quantile(self.resid / self.sigma, [0, 0.25, 0.5, 0.75, 1.0])
 
     def __repr__(self):
         crit = "REML criterion" if self.method == "REML" else "deviance"

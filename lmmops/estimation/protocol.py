@@ -173,6 +173,8 @@ def _inverse(A):
 def _(obj: DirectObjective, ev):
     if obj.method == "REML":
         A = obj.average_information(ev)
+    elif not obj.has_rows:  # level-space statistics alone: the same variates, by span
+        A = 0.5 * obj.quadratic_form_P_span(ev, *obj.working_variates_span(ev), z_only=True)
     else:
         s2 = ev.sigma2
         e = obj.residuals(ev)

@@ -57,8 +57,8 @@ from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
 
-__all__ = ["VectorObjective", "fit_vector", "profiled_gls", "random_effects_matrix",
-           "vector_statistics"]
+__all__ = ["VectorObjective", "VectorStatistics", "fit_vector", "profiled_gls",
+           "random_effects_matrix", "vector_statistics"]
 
 #: A term's gradient uses the selected inverse of ``A`` (and ``T_k^{-1}``) when every
 #: diagonal entry of ``T_k`` is at least this; below it, the general form that needs no
@@ -128,6 +128,83 @@ def vector_statistics(terms, X, y, weights=None):
     return Z, C, ZtT, TT, ldW
 
 
+class VectorStatistics:
+    """The level-space statistics of a slope model (:func:`vector_statistics` without
+    ``Z``): what :class:`VectorObjective` needs from the rows, additive over row blocks.
+
+    Parameters
+    ----------
+    C : scipy.sparse.csr_matrix, shape (q, q)
+        ``Z'WZ`` (sorted indices).
+    ZtT : ndarray, shape (q, p + 1)
+        ``Z'W[X y]``.
+    TT : ndarray, shape (p + 1, p + 1)
+        ``[X y]'W[X y]``.
+    log_weights : float
+        ``sum log w`` (0 without weights).
+    n_obs : int
+    weighted : bool
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from lmmops.data.terms import RandomEffectsTerm
+    >>> g = np.array([0, 0, 1, 1, 2], np.int32)
+    >>> x = np.arange(5.0)
+    >>> t = RandomEffectsTerm("g", g, pd.Index(range(3)), ("(Intercept)", "x"),
+    ...                       np.column_stack([np.ones(5), x]))
+    >>> whole = VectorStatistics.from_rows([t], np.ones((5, 1)), x)
+    >>> halves = [VectorStatistics.from_rows([RandomEffectsTerm(
+    ...     "g", g[r], t.levels, t.columns, t.values[r])], np.ones((r.size, 1)), x[r])
+    ...     for r in (np.arange(2), np.arange(2, 5))]
+    >>> both = VectorStatistics.combine(halves)
+    >>> bool(np.allclose(both.C.toarray(), whole.C.toarray())), both.n_obs
+    (True, 5)
+    """
+
+    def __init__(self, C, ZtT, TT, log_weights=0.0, n_obs=0, weighted=False):
+        self.C = C
+        self.ZtT = np.asarray(ZtT, dtype=np.float64)
+        self.TT = np.asarray(TT, dtype=np.float64)
+        self.log_weights = float(log_weights)
+        self.n_obs = int(n_obs)
+        self.weighted = bool(weighted)
+
+    @property
+    def p(self):
+        """Number of fixed-effects columns."""
+        return self.TT.shape[0] - 1
+
+    @classmethod
+    def from_rows(cls, terms, X, y, weights=None):
+        """The statistics of a block of rows (the terms' codes and values of that block)."""
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+        w = None if weights is None else check_weights(weights, X.shape[0])
+        _, C, ZtT, TT, ldW = vector_statistics(terms, X, y, w)
+        return cls(C, ZtT, TT, ldW, X.shape[0], w is not None)
+
+    @classmethod
+    def combine(cls, parts):
+        """The statistics of the union of disjoint row blocks: the sum of the parts."""
+        parts = list(parts)
+        if not parts:
+            raise LmmopsError("combine needs at least one part")
+        first = parts[0]
+        for s in parts[1:]:
+            if s.C.shape != first.C.shape or s.TT.shape != first.TT.shape:
+                raise LmmopsError(f"cannot combine slope statistics of shapes "
+                                  f"{s.C.shape}, {s.TT.shape} with {first.C.shape}, "
+                                  f"{first.TT.shape}")
+        C = sum((s.C for s in parts[1:]), first.C).tocsr()
+        C.sum_duplicates()
+        C.sort_indices()
+        return cls(C, sum(s.ZtT for s in parts[1:]) + first.ZtT,
+                   sum(s.TT for s in parts[1:]) + first.TT,
+                   sum(s.log_weights for s in parts), sum(s.n_obs for s in parts),
+                   any(s.weighted for s in parts))
+
+
 def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
     """Generalised least squares given ``theta`` and the profiled criterion, from the
     solves ``sol = A^{-1} Lambda'Z'W[X y]`` (exact or to a CG tolerance).
@@ -182,22 +259,35 @@ def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
             "sigma2": pwrss / dof, "dof": dof, "objective": float(f)}
 
 
-def setup_objective(obj, terms, X, y, method, weights):
+def setup_objective(obj, terms, X, y, method, weights, stats=None):
     """Check the inputs of a slope objective and set what every one keeps: ``method``,
     ``terms``, ``X``, ``y``, ``n``, ``p``, ``weights``, ``offsets`` (of each term's block
-    in level space), ``q``, ``layout``, ``n_theta``, ``lower`` and ``names``."""
+    in level space), ``q``, ``layout``, ``n_theta``, ``lower`` and ``names``.
+
+    With ``X = y = None`` and ``stats`` (:class:`VectorStatistics`), the objective has
+    no rows (``X``, ``y`` and ``weights`` None): ``n`` and ``p`` are the statistics'."""
     obj.method = check_method(method)
     obj.terms = tuple(terms)
-    X = np.ascontiguousarray(X, dtype=np.float64)
-    y = np.ascontiguousarray(y, dtype=np.float64).ravel()
-    n, p = X.shape
-    if y.shape[0] != n or any(t.codes.shape[0] != n for t in obj.terms):
-        raise LmmopsError("X, y and the random-effects terms must have the same "
-                          "number of rows")
-    check_method(obj.method, n, p)
-    obj.weights = None if weights is None else check_weights(weights, n)
-    obj.n, obj.p = n, p
-    obj.X, obj.y = X, y
+    if X is None or y is None:
+        if stats is None or X is not None or y is not None or weights is not None:
+            raise LmmopsError("a slope objective without rows needs stats= and neither "
+                              "X, y nor weights (they are in the statistics)")
+        n, p = stats.n_obs, stats.p
+        check_method(obj.method, n, p)
+        obj.weights = None
+        obj.n, obj.p = n, p
+        obj.X = obj.y = None
+    else:
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+        n, p = X.shape
+        if y.shape[0] != n or any(t.codes.shape[0] != n for t in obj.terms):
+            raise LmmopsError("X, y and the random-effects terms must have the same "
+                              "number of rows")
+        check_method(obj.method, n, p)
+        obj.weights = None if weights is None else check_weights(weights, n)
+        obj.n, obj.p = n, p
+        obj.X, obj.y = X, y
     sizes = [t.n_random_effects for t in obj.terms]
     obj.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     obj.q = int(obj.offsets[-1])
@@ -253,16 +343,24 @@ class VectorObjective:
     columns.
     """
 
-    def __init__(self, terms, X, y, method="REML", weights=None):
-        setup_objective(self, terms, X, y, method, weights)
+    def __init__(self, terms, X, y, method="REML", weights=None, stats=None):
+        setup_objective(self, terms, X, y, method, weights, stats)
         self.q1 = self.terms[0].n_random_effects
         self.d1 = self.terms[0].dim
         self.m = self.q - self.q1
         check_dense((self.m, self.m), "the exact solver's dense Schur block (all terms "
                     "but the first); use solver='iterative'", itemsize=8 * 3)
-        # sufficient statistics: one pass over the rows
-        self.Z, self.C, self.ZtT, self.TT, self.ldW = vector_statistics(
-            self.terms, self.X, self.y, self.weights)
+        if stats is None:  # sufficient statistics: one pass over the rows
+            self.Z, self.C, self.ZtT, self.TT, self.ldW = vector_statistics(
+                self.terms, self.X, self.y, self.weights)
+        else:  # precomputed (e.g. combined from partitions); Z only with the rows
+            if stats.C.shape != (self.q, self.q) or stats.p != self.p:
+                raise LmmopsError(f"slope statistics of shape {stats.C.shape} with p = "
+                                  f"{stats.p} do not match the terms' q = {self.q}, "
+                                  f"p = {self.p}")
+            self.Z = None if self.X is None else random_effects_matrix(self.terms)
+            self.C, self.ZtT, self.TT, self.ldW = stats.C, stats.ZtT, stats.TT, \
+                stats.log_weights
         self.n_evaluations = 0
 
     # ---------------------------------------------------------------- pieces
@@ -516,8 +614,10 @@ class VectorObjective:
             v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
             zt = v @ T  # row i: (T_k' v_i)'
             zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
-            idx = np.where(c[:, None] >= 0, self.offsets[k] + c[:, None] * t.dim
-                           + np.arange(t.dim)[None], 0)
+            # an unseen level points at the term's first slots (its values are 0), so the
+            # index stays inside the term's block (0 would be outside a later term's)
+            idx = (self.offsets[k] + np.maximum(c, 0)[:, None] * t.dim
+                   + np.arange(t.dim)[None])
             parts.append((idx, zt))
         return parts
 
@@ -604,6 +704,8 @@ class VectorObjective:
         (``P``) serves both methods: it only steers the optimiser; the optimum is verified
         on a finite-difference Hessian.
         """
+        if self.Z is None:
+            return self._average_information_span(ev)
         st = self._state(ev)
         fac, s2 = st["fac"], ev.sigma2
         Lam = fac["Lam"]
@@ -635,6 +737,46 @@ class VectorObjective:
         PW = (Vi - (w[:, None] * (self.X - self.Z @ (Lam @ st["solX"])))
               @ (st["Cx_inv"] @ XtVi)) / s2
         AI = 0.5 * (Wm.T @ PW)
+        AI = 0.5 * (AI + AI.T)
+        tt = slice(0, self.n_theta)
+        ss = AI[-1, -1]
+        return 2.0 * (AI[tt, tt] - np.outer(AI[tt, -1], AI[-1, tt]) / ss)
+
+    def _average_information_span(self, ev):
+        """:meth:`average_information` from the statistics alone: its working variates
+        are ``Wm = Z F + [X y] H``, so every product with them is a level-space one."""
+        st = self._state(ev)
+        fac, s2, p = st["fac"], ev.sigma2, self.p
+        Lam = fac["Lam"]
+        u = np.concatenate(ev.v)
+        C, ZtT, TT = self.C, self.ZtT, self.TT
+        ZtX = ZtT[:, :p]
+        a = ZtT[:, p] - ZtX @ ev.beta - C @ (Lam @ u)  # Z'W r
+        m = self.n_theta + 1
+        F = np.zeros((self.q, m))
+        H = np.zeros((p + 1, m))
+        c = 0
+        for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
+            T = t.relative_factor(ev.theta[sl])
+            ak = a[self.offsets[k]:self.offsets[k + 1]].reshape(t.n_levels, t.dim)
+            rows, cs = np.triu_indices(t.dim)[::-1]
+            for i, j in zip(rows, cs):
+                E = np.zeros((t.dim, t.dim))
+                E[i, j] = 1.0
+                F[self.offsets[k]:self.offsets[k + 1], c] = (ak @ (E @ T.T + T @ E.T).T).ravel()
+                c += 1
+        H[:p, -1] = -ev.beta / s2  # (y - X beta) / s^2
+        H[p, -1] = 1.0 / s2
+        ZtW = np.asarray(C @ F) + ZtT @ H  # Z'W Wm
+        TtW = ZtT.T @ F + TT @ H  # [X y]'W Wm
+        WtW = F.T @ ZtW + H.T @ TtW  # Wm'W Wm
+        XtW = TtW[:p]
+        LZ = np.asarray(Lam.T @ ZtW)
+        sol = self._solve(fac, LZ)
+        XtVi = XtW - (Lam.T @ ZtX).T @ sol  # X'V0^{-1} Wm
+        WVi = WtW - LZ.T @ sol  # Wm'V0^{-1} Wm
+        WWX = XtW.T - ZtW.T @ (Lam @ st["solX"])  # Wm'W(X - Z Lambda solX)
+        AI = 0.5 * (WVi - WWX @ (st["Cx_inv"] @ XtVi)) / s2
         AI = 0.5 * (AI + AI.T)
         tt = slice(0, self.n_theta)
         ss = AI[-1, -1]
@@ -724,6 +866,9 @@ class VectorObjective:
 
     def residuals(self, ev):
         """Conditional residuals ``y - X beta - Z Lambda u`` (on the objective's scale)."""
+        if self.Z is None:
+            raise LmmopsError("the conditional residuals are row-level: this objective "
+                              "was built from level-space statistics alone")
         Lam = self._lambda(ev.theta)
         u = np.concatenate(ev.v)
         return self.y - self.X @ ev.beta - self.Z @ (Lam @ u)

@@ -79,7 +79,7 @@ from scipy import stats
 from scipy.sparse.linalg import LinearOperator
 
 from lmmops.data.terms import lower_triangle
-from lmmops.errors import ArgumentError
+from lmmops.errors import ArgumentError, LmmopsError
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.estimation.iterative import (
     PRECONDITIONERS as INTERCEPT_PRECONDITIONERS,
@@ -186,15 +186,23 @@ class VectorIterativeObjective:
     """
 
     def __init__(self, terms, X, y, method="REML", weights=None, n_probes=16, seed=0,
-                 rtol=1e-8, maxiter=2000, preconditioner="block_jacobi", parallel=None):
-        setup_objective(self, terms, X, y, method, weights)
+                 rtol=1e-8, maxiter=2000, preconditioner="block_jacobi", parallel=None,
+                 stats=None):
+        setup_objective(self, terms, X, y, method, weights, stats)
         self.n_probes = check_n_probes(n_probes)
         self.seed = check_seed(seed)
         self.rtol = check_rtol(rtol)
         self.maxiter = int(maxiter)
         self.preconditioner = check_slope_preconditioner(preconditioner)
-        _, C, self.ZtT, self.TT, self.ldW = vector_statistics(
-            self.terms, self.X, self.y, self.weights)
+        if stats is None:  # the one pass over the rows
+            _, C, self.ZtT, self.TT, self.ldW = vector_statistics(
+                self.terms, self.X, self.y, self.weights)
+        else:  # precomputed (VectorStatistics, e.g. combined from partitions)
+            if stats.C.shape != (self.q, self.q) or stats.p != self.p:
+                raise LmmopsError(f"slope statistics of shape {stats.C.shape} with p = "
+                                  f"{stats.p} do not match the terms' q = {self.q}, "
+                                  f"p = {self.p}")
+            C, self.ZtT, self.TT, self.ldW = stats.C, stats.ZtT, stats.TT, stats.log_weights
         self._indptr = np.asarray(C.indptr, dtype=np.int64)
         self._indices = np.asarray(C.indices, dtype=np.int32)
         self._data = np.asarray(C.data, dtype=np.float64)

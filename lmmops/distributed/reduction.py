@@ -1,0 +1,159 @@
+"""Map a function over the partitions of a Dask DataFrame and combine the results by a
+tree reduction, gathering only the root (level space) on the client.
+
+The shape is dask's own ``reduction`` (``dask.array.reductions``, dask-ml's
+``_partial`` sums): each partition is mapped by one task, then groups of ``fan_in``
+results are combined by one task per group, level by level, so no task holds more than
+``fan_in`` partial results and the depth is ``ceil(log_fan_in(P))``. Lost tasks (a
+worker that dies) are recomputed by the scheduler from the graph, so a reduction's
+result does not depend on which worker ran what.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import sys
+import time
+
+from tqdm import tqdm
+
+from lmmops.errors import ArgumentError
+
+__all__ = ["TreeReduction", "client_info", "map_reduce", "tree_reduce"]
+
+_last_bar = []  # partitions the last progress bar counted (for the tests)
+
+#: partial results combined per task of the tree
+FAN_IN = 8
+
+
+def tree_reduce(parts, combine, fan_in=FAN_IN):
+    """The root of a tree of ``combine`` tasks over a list of ``dask.delayed`` values."""
+    import dask
+
+    parts = list(parts)
+    if not parts:
+        raise ArgumentError("nothing to reduce: no partitions")
+    # one partition is still combined once, so the root is always a combine output
+    while True:
+        parts = [dask.delayed(combine, pure=True)(parts[i:i + fan_in])
+                 for i in range(0, len(parts), fan_in)]
+        if len(parts) == 1:
+            break
+    return parts[0]
+
+
+class TreeReduction:
+    """The record of one map-reduce: partitions, seconds, bytes gathered."""
+
+    def __init__(self, name, n_partitions, seconds, nbytes):
+        self.name = name
+        self.n_partitions = n_partitions
+        self.seconds = seconds
+        self.nbytes = nbytes
+
+    def __repr__(self):
+        return (f"TreeReduction({self.name!r}, partitions={self.n_partitions}, "
+                f"{self.seconds:.2f} s, {self.nbytes} bytes gathered)")
+
+
+def map_reduce(ddf, fn, combine, *args, fan_in=FAN_IN, name="pass", progress=None):
+    """``combine`` over ``fn(partition, i, *args)`` for every partition of ``ddf``.
+
+    Parameters
+    ----------
+    ddf : dask.dataframe.DataFrame
+    fn : callable
+        ``fn(pandas partition, position, *args)``; runs on the workers.
+    combine : callable
+        ``combine(list of results)``; runs on the workers, the root's result is gathered.
+    *args
+        Sent once (one key in the graph) and shared by every task.
+    fan_in : int
+    name : str
+        For the record and the progress bar.
+    progress : bool, optional
+        Show a progress bar of the pass (``distributed.progress`` on a cluster, dask's
+        ``ProgressBar`` otherwise).
+
+    Returns
+    -------
+    (result, TreeReduction)
+    """
+    import dask
+
+    t0 = time.perf_counter()
+    shared = [dask.delayed(a, traverse=False) for a in args]
+    parts = ddf.to_delayed()
+    mapped = [dask.delayed(fn, pure=True)(p, i, *shared) for i, p in enumerate(parts)]
+    if progress:
+        result = _with_progress(mapped, combine, fan_in, name)
+    else:
+        (result,) = dask.compute(tree_reduce(mapped, combine, fan_in=fan_in))
+    nbytes = len(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    return result, TreeReduction(name, len(parts), time.perf_counter() - t0, nbytes)
+
+
+def _with_progress(mapped, combine, fan_in, name):
+    """The reduction with a tqdm bar over the partitions (on stderr)."""
+    import dask
+
+    bar = tqdm(total=len(mapped), desc=f"dask {name} pass", unit="partition",
+               file=sys.stderr, leave=False)
+    try:
+        client = _client()
+        if client is not None:
+            import distributed
+
+            futures = client.compute(mapped)
+            for _ in distributed.as_completed(futures):
+                bar.update(1)
+            root = tree_reduce(futures, combine, fan_in=fan_in)
+            return client.compute(root).result()
+        from dask.callbacks import Callback
+
+        class _Tick(Callback):
+            def _posttask(self, key, result, dsk, state, worker_id):
+                if str(key[0] if isinstance(key, tuple) else key).startswith(
+                        mapped[0].key.split("-")[0]):
+                    bar.update(1)
+
+        with _Tick():
+            (result,) = dask.compute(tree_reduce(mapped, combine, fan_in=fan_in))
+        return result
+    finally:
+        _last_bar[:] = [bar.n]
+        bar.close()
+
+
+def _client():
+    try:
+        import distributed
+    except ImportError:  # pragma: no cover (distributed is in the extra)
+        return None
+    try:
+        return distributed.get_client()
+    except ValueError:
+        return None
+
+
+def _has_bokeh():
+    return importlib.util.find_spec("bokeh") is not None
+
+
+def client_info():
+    """``(n_workers, dashboard link)`` of the current ``distributed`` client, or
+    ``(None, None)`` when dask runs without one (its local scheduler)."""
+    client = _client()
+    if client is None:
+        return None, None
+    try:
+        info = client.scheduler_info()
+    except Exception:  # pragma: no cover (a scheduler that went away)
+        return None, None
+    n = len(info.get("workers", {}))
+    # the link only when the scheduler serves the dashboard's pages (they need bokeh)
+    link = getattr(client, "dashboard_link", None) \
+        if "dashboard" in info.get("services", {}) and _has_bokeh() else None
+    return n, link
