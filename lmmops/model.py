@@ -18,7 +18,12 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from lmmops.data.checks import check_method, check_response, check_weights
+from lmmops.data.checks import (
+    check_method,
+    check_response,
+    check_weights,
+    warn_if_disconnected,
+)
 from lmmops.data.conditioning import UserScaleObjective, condition
 from lmmops.data.design import CrossedDesign
 from lmmops.data.formula import (
@@ -30,7 +35,7 @@ from lmmops.data.formula import (
 )
 from lmmops.data.terms import build_terms
 from lmmops.distributed import fit_dask, is_dask_dataframe
-from lmmops.errors import ArgumentError, DisconnectedDesignWarning, FormulaError, LmmopsError
+from lmmops.errors import ArgumentError, FormulaError, LmmopsError
 from lmmops.estimation.direct import DirectObjective, moment_start
 from lmmops.estimation.iterative import (
     DEFAULT_PRECONDITIONER,
@@ -211,32 +216,9 @@ class LMM:
         self._warn_disconnected()
 
     def _warn_disconnected(self):
-        d = self.design
-        if d.n_factors < 2:
-            return
-        crossed = []
-        for k in range(d.n_factors):
-            nested = False
-            for l in range(d.n_factors):
-                if l != k and d.n_levels[l] < d.n_levels[k]:
-                    N = d.crosstab(k, l)
-                    if np.all(np.diff(N.indptr) == 1):
-                        nested = True
-                        break
-            if not nested:
-                crossed.append(k)
-        if len(crossed) < 2:
-            return
-        sub = d.subset_factors(crossed) if len(crossed) < d.n_factors else d
-        ncomp, _ = sub.connected_components()
-        if ncomp > 1:
-            warnings.warn(
-                f"the design is disconnected: the level graph of the crossed factors "
-                f"{', '.join(sub.names)} has {ncomp} connected components. REML and ML are "
-                "still well defined, but the components share information only through the "
-                "variance parameters; check that this is intended",
-                DisconnectedDesignWarning, stacklevel=3,
-            )
+        """Warn when the crossed factors' level graph is disconnected
+        (:func:`lmmops.data.checks.warn_if_disconnected`)."""
+        warn_if_disconnected(self.design, stacklevel=3)
 
     @classmethod
     def from_formula(cls, formula, data, method="REML", data_name=None, weights=None):

@@ -5,12 +5,14 @@ complex response, one too large to square twice in float64, weights of the wrong
 non-positive or misaligned with the data) before any arithmetic.
 """
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
-from lmmops.errors import ArgumentError, LmmopsError
+from lmmops.errors import ArgumentError, DisconnectedDesignWarning, LmmopsError
 
-__all__ = ["check_method", "check_response", "check_weights"]
+__all__ = ["check_method", "check_response", "check_weights", "warn_if_disconnected"]
 
 
 def check_method(method, n=None, p=None):
@@ -187,3 +189,33 @@ def check_response(y, name=None):
             f"1e{exponent}, say) and scale the variances back by the square of that factor"
         )
     return arr
+
+
+def warn_if_disconnected(design, stacklevel=2):
+    """Warn (:class:`~lmmops.errors.DisconnectedDesignWarning`) when the level graph of
+    the crossed factors of ``design`` has more than one connected component.
+
+    A factor nested in another (every level of it meets one level of a factor with
+    fewer levels) is not crossed and is left out. ``design`` is any design with
+    ``n_factors``, ``n_levels``, ``crosstab``, ``subset_factors``,
+    ``connected_components`` and ``names`` (the in-memory
+    :class:`~lmmops.data.design.CrossedDesign` or the Dask backend's level-space one).
+    """
+    d = design
+    if d.n_factors < 2:
+        return
+    crossed = [k for k in range(d.n_factors)
+               if not any(l != k and d.n_levels[l] < d.n_levels[k]
+                          and np.all(np.diff(d.crosstab(k, l).indptr) == 1)
+                          for l in range(d.n_factors))]
+    if len(crossed) < 2:
+        return
+    sub = d.subset_factors(crossed) if len(crossed) < d.n_factors else d
+    ncomp, _ = sub.connected_components()
+    if ncomp > 1:
+        warnings.warn(
+            f"the design is disconnected: the level graph of the crossed factors "
+            f"{', '.join(sub.names)} has {ncomp} connected components. REML and ML are "
+            "still well defined, but the components share information only through the "
+            "variance parameters; check that this is intended",
+            DisconnectedDesignWarning, stacklevel=stacklevel + 1)

@@ -26,7 +26,7 @@ from lmmops.data.statistics import assemble_gram, cell_table
 from lmmops.data.terms import RandomEffectsTerm
 from lmmops.errors import DesignError, DisconnectedDesignError, UnknownNameError
 
-__all__ = ["CrossedDesign", "sorted_levels"]
+__all__ = ["CrossedDesign", "LevelCounts", "sorted_levels"]
 
 #: Level codes are int32: a factor has at most this many levels.
 _MAX_CODE = int(np.iinfo(np.int32).max)
@@ -129,7 +129,22 @@ def sorted_levels(values, name="factor"):
     return codes.astype(np.int32), index
 
 
-class CrossedDesign:
+class LevelCounts:
+    """The level-space sizes of a design with level counts ``_n_levels``: shared by
+    :class:`CrossedDesign` and the Dask backend's row-free design."""
+
+    @property
+    def q(self):
+        """int: total number of random effects, sum of q_k."""
+        return int(sum(self._n_levels))
+
+    @property
+    def offsets(self):
+        """ndarray of int64, shape (n_factors + 1,): start of each factor's block in q-space."""
+        return np.concatenate([[0], np.cumsum(self._n_levels)]).astype(np.int64)
+
+
+class CrossedDesign(LevelCounts):
     """Grouping factors of a crossed (or nested) random-effects design.
 
     Parameters
@@ -423,15 +438,6 @@ class CrossedDesign:
         """tuple of int: number of levels q_k of each factor."""
         return self._n_levels
 
-    @property
-    def q(self):
-        """int: total number of random effects, sum of q_k."""
-        return int(sum(self._n_levels))
-
-    @property
-    def offsets(self):
-        """ndarray of int64, shape (n_factors + 1,): start of each factor's block in q-space."""
-        return np.concatenate([[0], np.cumsum(self._n_levels)]).astype(np.int64)
 
     @property
     def names(self):

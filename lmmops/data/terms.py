@@ -42,8 +42,8 @@ import pandas as pd
 from lmmops.data.formula import fixed_effects_matrix, rank_columns
 from lmmops.errors import DesignError, FormulaError
 
-__all__ = ["RandomEffectsTerm", "build_terms", "lower_triangle", "order_terms", "theta_layout",
-           "theta_lower_bounds", "theta_names"]
+__all__ = ["RandomEffectsTerm", "build_terms", "check_term_rank", "lower_triangle",
+           "order_terms", "theta_layout", "theta_lower_bounds", "theta_names"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -209,6 +209,18 @@ def theta_lower_bounds(terms):
 TOL = 1e-7
 
 
+def check_term_rank(spec, names, aliased):
+    """Refuse a random-effects term whose model matrix is rank deficient: ``aliased``
+    (of its columns ``names``) are linear combinations of the columns before them."""
+    if aliased:
+        kept = [c for c in names if c not in aliased]
+        raise DesignError(
+            f"random-effects term {spec}: its model matrix is rank deficient: column(s) "
+            f"{', '.join(aliased)} are linear combinations of the columns before them "
+            f"({', '.join(kept) or 'none: an all-zero column'}), so the term's covariance is "
+            "not identifiable; drop them from the term")
+
+
 def order_terms(terms):
     """lme4's order of random-effects terms (``mkReTrms(reorder.terms = TRUE)``).
 
@@ -354,13 +366,7 @@ def _check_term_matrix(spec, X, names, codes):
     if list(names) == [INTERCEPT]:
         return None
     _, aliased = rank_columns(X, names, tol=TOL)
-    if aliased:
-        kept = [c for c in names if c not in aliased]
-        raise DesignError(
-            f"random-effects term {spec}: its model matrix is rank deficient: column(s) "
-            f"{', '.join(aliased)} are linear combinations of the columns before them "
-            f"({', '.join(kept) or 'none: an all-zero column'}), so the term's covariance is "
-            "not identifiable; drop them from the term")
+    check_term_rank(spec, names, aliased)
     if INTERCEPT in names:
         order = np.argsort(codes, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])

@@ -64,33 +64,30 @@ def check_formula_for_partitions(texts, dtypes):
                     ".cat.as_known())")
 
 
-def level_values(part, column, label):
-    """The distinct labels of one column in one partition (missing values refused)."""
+def _labels(part, column, label, what="grouping factor", error=DesignError, why=""):
+    """One column of one partition as an array of labels (a categorical's categories'
+    dtype); missing values refused with ``error``, naming the partition and the column
+    (``what`` it is, and ``why`` appended to the message)."""
     s = part[column]
     if s.isna().any():
         rows = np.flatnonzero(s.isna().to_numpy())
-        raise DesignError(f"{label}: grouping factor '{column}' has {rows.size} missing "
-                          f"value(s) (first at row {rows[0]} of the partition); remove or "
-                          "impute them before fitting")
+        raise error(f"{label}: {what} '{column}' has {rows.size} missing value(s) (first "
+                    f"at row {rows[0]} of the partition); remove or impute them before "
+                    f"fitting{why}")
     if isinstance(s.dtype, pd.CategoricalDtype):
         s = s.astype(s.cat.categories.dtype)
-    return pd.unique(s.to_numpy())
+    return s.to_numpy()
+
+
+def level_values(part, column, label):
+    """The distinct labels of one column in one partition (missing values refused)."""
+    return pd.unique(_labels(part, column, label))
 
 
 def combination_values(part, columns, label):
     """The distinct rows of an interaction's component columns in one partition (as
     object labels; missing values refused)."""
-    out = {}
-    for c in columns:
-        s = part[c]
-        if s.isna().any():
-            rows = np.flatnonzero(s.isna().to_numpy())
-            raise DesignError(f"{label}: grouping factor '{c}' has {rows.size} missing "
-                              f"value(s) (first at row {rows[0]} of the partition); remove "
-                              "or impute them before fitting")
-        if isinstance(s.dtype, pd.CategoricalDtype):
-            s = s.astype(s.cat.categories.dtype)
-        out[c] = s.to_numpy()
+    out = {c: _labels(part, c, label) for c in columns}
     return pd.DataFrame(out).drop_duplicates(ignore_index=True)
 
 
@@ -252,20 +249,13 @@ def _check_schema(part, plan, label):
 
 
 def _codes(part, column, levels, label):
-    s = part[column]
-    if s.isna().any():
-        rows = np.flatnonzero(s.isna().to_numpy())
-        raise DesignError(f"{label}: grouping factor '{column}' has {rows.size} missing "
-                          f"value(s) (first at row {rows[0]} of the partition); remove or "
-                          "impute them before fitting")
-    if isinstance(s.dtype, pd.CategoricalDtype):
-        s = s.astype(s.cat.categories.dtype)
-    codes = levels.get_indexer(s.to_numpy())
+    values = _labels(part, column, label)
+    codes = levels.get_indexer(values)
     bad = codes < 0
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataSourceError(f"{label}: grouping factor '{column}' has the level "
-                              f"{s.iloc[i]!r} (row {i} of the partition), which is not "
+                              f"{values[i]!r} (row {i} of the partition), which is not "
                               f"among the column's known categories")
     return codes.astype(np.int32)
 
@@ -287,15 +277,8 @@ def cast_categories(part, categories, label):
     """
     out = part.copy(deep=False)
     for col, cats in categories.items():
-        s = out[col]
-        if s.isna().any():
-            rows = np.flatnonzero(s.isna().to_numpy())
-            raise FormulaError(f"{label}: column '{col}' has {rows.size} missing value(s) "
-                               f"(first at row {rows[0]} of the partition); remove or impute "
-                               "them before fitting (lmmops never drops rows silently)")
-        if isinstance(s.dtype, pd.CategoricalDtype):
-            s = s.astype(s.cat.categories.dtype)
-        vals = s.to_numpy()
+        vals = _labels(out, col, label, what="column", error=FormulaError,
+                       why=" (lmmops never drops rows silently)")
         cat = pd.Categorical(vals, categories=cats)
         unknown = cat.codes < 0
         if unknown.any():

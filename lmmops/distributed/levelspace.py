@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from lmmops.data.design import CrossedDesign
+from lmmops.data.design import CrossedDesign, LevelCounts
 from lmmops.data.statistics import assemble_gram
 from lmmops.data.terms import RandomEffectsTerm
 from lmmops.errors import DesignError, UnknownNameError
@@ -36,7 +36,7 @@ from lmmops.estimation.direct import theta_scale
 __all__ = ["LevelDesign", "level_terms", "moment_start_from_stats"]
 
 
-class LevelDesign:
+class LevelDesign(LevelCounts):
     """Grouping factors known by their level counts and cell tables (no rows).
 
     Parameters
@@ -83,15 +83,6 @@ class LevelDesign:
     names = property(lambda self: self._names, doc="tuple of str: factor names.")
     levels = property(lambda self: self._levels, doc="tuple of pandas.Index: labels.")
 
-    @property
-    def q(self):
-        """int: total number of levels."""
-        return int(sum(self._n_levels))
-
-    @property
-    def offsets(self):
-        """ndarray of int64: start of each factor's block in level space."""
-        return np.concatenate([[0], np.cumsum(self._n_levels)]).astype(np.int64)
 
     @property
     def terms(self):

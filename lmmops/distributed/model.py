@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lmmops.data.checks import check_method
+from lmmops.data.checks import check_method, warn_if_disconnected
 from lmmops.data.formula import (
     RankDeficientWarning,
     parse_formula,
@@ -60,7 +60,6 @@ from lmmops.distributed.reduction import FAN_IN, client_info, map_reduce
 from lmmops.errors import (
     ArgumentError,
     DesignError,
-    DisconnectedDesignWarning,
     FormulaError,
     LmmopsError,
 )
@@ -322,31 +321,10 @@ class DaskLMM:
         self.build_s = time.perf_counter() - t0
 
     def _warn_disconnected(self):
-        """:class:`lmmops.LMM`'s warning for a disconnected design of crossed factors."""
-        d = self.design
-        if d.n_factors < 2:
-            return
-        crossed = []
-        for k in range(d.n_factors):
-            nested = any(
-                l != k and d.n_levels[l] < d.n_levels[k]
-                and np.all(np.diff(d.crosstab(k, l).indptr) == 1)
-                for l in range(d.n_factors))
-            if not nested:
-                crossed.append(k)
-        if len(crossed) < 2:
-            return
-        sub = d.subset_factors(crossed) if len(crossed) < d.n_factors else d
-        ncomp, _ = sub.connected_components()
-        if ncomp > 1:
-            warnings.warn(
-                f"the design is disconnected: the level graph of the crossed factors "
-                f"{', '.join(sub.names)} has {ncomp} connected components. REML and ML are "
-                "still well defined, but the components share information only through the "
-                "variance parameters; check that this is intended",
-                DisconnectedDesignWarning, stacklevel=4)
+        """Warn when the crossed factors' level graph is disconnected
+        (:func:`lmmops.data.checks.warn_if_disconnected`)."""
+        warn_if_disconnected(self.design, stacklevel=4)
 
-    # ------------------------------------------------------------------ fit
     def schur_rows(self):
         """Rows of the exact solver's dense block (as :meth:`lmmops.LMM.schur_rows`)."""
         if self.has_slopes:

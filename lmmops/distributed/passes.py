@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from lmmops.data.statistics import SufficientStatistics, level_sums
-from lmmops.data.terms import INTERCEPT, RandomEffectsTerm
+from lmmops.data.terms import INTERCEPT, RandomEffectsTerm, check_term_rank
 from lmmops.data.terms import TOL as TERM_TOL
 from lmmops.distributed.frame import (
     combination_values,
@@ -136,14 +136,7 @@ def check_terms(random_terms, specs, info, n):
             continue
         item = info["terms"][t]
         keep = set(rank_from_moments(item["mom"], TERM_TOL).tolist())
-        aliased = [c for j, c in enumerate(names) if j not in keep]
-        if aliased:
-            kept = [c for c in names if c not in aliased]
-            raise DesignError(
-                f"random-effects term {rt}: its model matrix is rank deficient: column(s) "
-                f"{', '.join(aliased)} are linear combinations of the columns before them "
-                f"({', '.join(kept) or 'none: an all-zero column'}), so the term's "
-                "covariance is not identifiable; drop them from the term")
+        check_term_rank(rt, names, [c for j, c in enumerate(names) if j not in keep])
         if INTERCEPT in names:
             seen = np.isfinite(item["lo"][:, 0])
             for j, name in enumerate(names):

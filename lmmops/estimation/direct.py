@@ -493,6 +493,11 @@ class DirectObjective:
         coefficients, from the level-space statistics alone (equal to it up to rounding)."""
         ZtW, XtW, WtW = self._span_products(np.asarray(F, dtype=np.float64),
                                             np.asarray(H, dtype=np.float64))
+        return self._projected_gram(ev, ZtW, XtW, WtW, z_only)
+
+    def _projected_gram(self, ev, ZtW, XtW, WtW, z_only):
+        """``W'PW`` (``z_only``: ``W'V^{-1}W``) from ``Z'W``, ``X'W`` and ``W'RW``-type
+        products: one solve of the spherical system, symmetrised."""
         b1, br = self._split_rhs(ZtW, XtW, ev.theta)
         if z_only:
             x1, xr = self.solve_spherical(ev, b1, br[:self.qr], z_only=True)
@@ -619,7 +624,6 @@ class DirectObjective:
         ndarray, shape (m, m)
         """
         self._need_rows("quadratic forms of row vectors")
-        s2 = ev.sigma2
         wt = self.weights
         WW = W if wt is None else wt[:, None] * W
         codes = self.design.codes
@@ -628,15 +632,7 @@ class DirectObjective:
                       for j in range(W.shape[1])], axis=1)
             for k in range(self.K)
         ])
-        XtW = self.X.T @ WW
-        b1, br = self._split_rhs(ZtW, XtW, ev.theta)
-        if z_only:
-            x1, xr = self.solve_spherical(ev, b1, br[:self.qr], z_only=True)
-            br = br[:self.qr]
-        else:
-            x1, xr = self.solve_spherical(ev, b1, br)
-        WPW = (W.T @ WW - (b1.T @ x1 + br.T @ xr)) / s2
-        return 0.5 * (WPW + WPW.T)
+        return self._projected_gram(ev, ZtW, self.X.T @ WW, W.T @ WW, z_only)
 
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""

@@ -419,7 +419,7 @@ class VectorObjective:
             # (row-major, so a row is one thread's; its transpose is the same symmetric
             # matrix in LAPACK's column-major order, factored in place)
             S = np.empty((self.m, self.m))
-            kernels.get_schur_rows(self.m >= _PARALLEL_MIN_ROWS)(
+            kernels.get_schur_kernels(self.m >= _PARALLEL_MIN_ROWS)[0](
                 M22.indptr, M22.indices, M22.data, A21.indptr, A21.indices, A21.data,
                 K.indptr, K.indices, K.data, S)
             Ls, info = sla.lapack.dpotrf(S.T, lower=1, clean=0, overwrite_a=1)
@@ -458,7 +458,7 @@ class VectorObjective:
                 A22 = self._schur_inverse(fac)
                 K = fac["K"].tocsr()
                 K.sort_indices()
-                kernels.get_sandwich_blocks(self.m >= _PARALLEL_MIN_ROWS)(
+                kernels.get_schur_kernels(self.m >= _PARALLEL_MIN_ROWS)[1](
                     K.indptr, K.indices, K.data, A22, self.d1, D11)
                 for k in range(1, len(self.terms)):
                     t = self.terms[k]

@@ -101,8 +101,7 @@ __all__ = [
     "get_csr_matmat",
     "get_dense_kernels",
     "get_kernel",
-    "get_sandwich_blocks",
-    "get_schur_rows",
+    "get_schur_kernels",
     "level_matmat_parallel",
     "level_matmat_serial",
     "level_matvec_parallel",
@@ -851,9 +850,11 @@ def get_csr_matmat(parallel=False):
     return csr_matmat_parallel if parallel else csr_matmat_serial
 
 
-def get_schur_rows(parallel=False):
-    """The serial or parallel ``schur_rows`` kernel: the dense Schur block
-    ``S = M22 + I - A21 K`` of the exact slope solver, row-major, from CSR matrices.
+def get_schur_kernels(parallel=False):
+    """The serial or parallel ``(schur_rows, sandwich_blocks)`` kernels of the exact
+    slope solver: the dense Schur block ``S = M22 + I - A21 K`` (row-major, from CSR
+    matrices) and ``out[j] += K_j S K_j'`` per level (the first term's diagonal blocks of
+    the inverse).
 
     Parameters
     ----------
@@ -861,24 +862,11 @@ def get_schur_rows(parallel=False):
 
     Returns
     -------
-    callable
+    (callable, callable)
     """
-    return schur_rows_parallel if parallel else schur_rows_serial
-
-
-def get_sandwich_blocks(parallel=False):
-    """The serial or parallel ``sandwich_blocks`` kernel: ``out[j] += K_j S K_j'`` per
-    level (the first term's diagonal blocks of the exact slope solver's inverse).
-
-    Parameters
-    ----------
-    parallel : bool
-
-    Returns
-    -------
-    callable
-    """
-    return sandwich_blocks_parallel if parallel else sandwich_blocks_serial
+    if parallel:
+        return schur_rows_parallel, sandwich_blocks_parallel
+    return schur_rows_serial, sandwich_blocks_serial
 
 
 def get_dense_kernels(parallel=False):
