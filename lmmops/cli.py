@@ -109,12 +109,18 @@ def _categorical(df, categorical, path):
     return df
 
 
+def _on_cluster(args):
+    """Whether the fit runs on Dask (``--scheduler`` or ``--workers``, even ``0``, which
+    is then refused by name rather than taken as "no cluster")."""
+    return bool(args.scheduler) or args.workers is not None
+
+
 def _dask_client(args):
     """The ``distributed`` client of ``--scheduler`` or ``--workers`` (None without)."""
-    if args.scheduler and args.workers:
+    if args.scheduler and args.workers is not None:
         raise UserError("--scheduler and --workers exclude each other: connect to a "
                         "running cluster or start one")
-    if not (args.scheduler or args.workers):
+    if not _on_cluster(args):
         return None, None
     try:
         import distributed
@@ -283,12 +289,12 @@ def _check_plot_path(path):
 def _cmd_fit(args):
     cats = [c for c in (args.categorical or "").split(",") if c]
     if args.output:
-        if not (args.scheduler or args.workers):
+        if not _on_cluster(args):
             raise UserError("--output writes the row-level outputs from the workers: use "
                             "it with --workers or --scheduler")
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise UserError(f"--output: {args.output} exists and is not a directory")
-    if args.scheduler or args.workers:
+    if _on_cluster(args):
         if args.plot:
             raise UserError("--plot draws every row's residuals in memory; with --workers "
                             "or --scheduler write them with --output and plot from there")

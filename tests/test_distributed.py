@@ -353,6 +353,9 @@ def test_cli_simulate_partitions_and_errors(client, frame, tmp_path, capsys):
     assert "--plot draws every row" in capsys.readouterr().err
     assert main(["fit", str(out), "--formula", "y ~ (1|g1)", "--output", "x"]) == 2
     assert "use it with --workers or --scheduler" in capsys.readouterr().err
+    # --workers 0 is refused by name, not taken as "no cluster" (it was, silently)
+    assert main(["fit", str(out), "--formula", "y ~ (1|g1)", "--workers", "0"]) == 2
+    assert "--workers must be a positive integer, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("formula", "weights"), [("y ~ x + f + (1|g) + (1|h)", "w"),
