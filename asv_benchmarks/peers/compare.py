@@ -10,6 +10,20 @@ Peers (each is skipped, with the reason printed, when it is not installed):
 - ``statsmodels``: ``MixedLM`` with the crossed factors as variance components
   (``vc_formula``) in one group (``groups = 1``, ``re_formula="0"``). It is very slow on
   large designs, so it runs once under ``--timeout`` (default 900 s) and a memory cap.
+- ``gpboost`` and ``gpboost-iterative``: ``gpboost.GPModel`` (PyPI ``gpboost``, not a
+  dependency of lmmops; imported only in its worker) with grouped random effects, with
+  ``matrix_inversion_method="cholesky"`` and ``"iterative"`` (GPBoost's Krylov solver).
+  Random intercepts ``(1|g)`` only (other terms are reported as not supported), the fixed
+  part from the fixed formula through formulaic, fitted by ML only: under ``--method REML``
+  the rows are marked "ML only" and their criterion is not compared. The criterion is
+  ``2 * neg_log_likelihood``, lme4's ML deviance. Timed around ``fit``, ``--repeat`` times.
+
+Every worker reports its own peak resident set size (``ru_maxrss`` of its process; lme4's
+from ``/usr/bin/time -f %M`` or, without it, R's ``VmHWM``) and the load average before and
+after its run. For ML fits each peer's criterion minus lmmops' is reported with
+``lmmops_equal_or_better`` (lmmops' likelihood at least the peer's, to a relative 1e-9).
+The environment variable ``LMMOPS_PEER_MODULES`` (``peer=module,...``) overrides the
+module a Python peer imports; the tests use it to simulate a peer that is not installed.
 
 Every peer, and lmmops itself, runs in its own subprocess that reads the same CSV, so
 one peer's crash, timeout or memory use cannot affect another. lmmops fits twice in its
@@ -49,7 +63,16 @@ DATASETS = {
     "insteval": ("y ~ 1 + (1|s) + (1|d)", ["s", "d", "dept", "service"]),
     "penicillin": ("diameter ~ 1 + (1|plate) + (1|sample)", ["plate", "sample"]),
 }
-ALL_PEERS = ["lme4", "mixedlm", "statsmodels"]
+ALL_PEERS = ["lme4", "mixedlm", "statsmodels", "gpboost", "gpboost-iterative"]
+#: the module each Python peer imports (overridable through ``LMMOPS_PEER_MODULES``)
+PEER_MODULES = {"mixedlm": "mixedlm", "statsmodels": "statsmodels", "gpboost": "gpboost",
+                "gpboost-iterative": "gpboost"}
+#: GPBoost's ``matrix_inversion_method`` for each of its two rows
+GPBOOST_METHODS = {"gpboost": "cholesky", "gpboost-iterative": "iterative"}
+#: peers that fit by ML only
+ML_ONLY = ("gpboost", "gpboost-iterative")
+#: relative tolerance of the equal-or-better likelihood check
+CRITERION_RTOL = 1e-9
 
 R_SCRIPT = r"""
 args <- commandArgs(trailingOnly = TRUE)
@@ -80,6 +103,9 @@ fe <- fixef(m)
 for (i in seq_along(fe)) cat("@fixef", names(fe)[i], num(fe[[i]]), "\n")
 cat("@version", as.character(packageVersion("lme4")), "\n")
 cat("@iterations", m@optinfo$feval, "\n")
+st <- tryCatch(readLines("/proc/self/status"), error = function(e) character(0))
+hwm <- grep("^VmHWM:", st, value = TRUE)
+if (length(hwm)) cat("@vmhwm", gsub("[^0-9]", "", hwm[1]), "\n")
 """
 
 
@@ -286,6 +312,188 @@ def worker_statsmodels(path, formula, factors, method, mem_limit_gb):
     }
 
 
+def peer_module(peer):
+    """The module a Python peer imports.
+
+    Parameters
+    ----------
+    peer : str
+        A name of ``PEER_MODULES``.
+
+    Returns
+    -------
+    str
+        ``PEER_MODULES[peer]``, unless the environment variable ``LMMOPS_PEER_MODULES``
+        (``peer=module,...``) names another (the tests simulate a missing peer this way).
+    """
+    override = {}
+    for item in os.environ.get("LMMOPS_PEER_MODULES", "").split(","):
+        if "=" in item:
+            k, v = item.split("=", 1)
+            override[k.strip()] = v.strip()
+    return override.get(peer, PEER_MODULES[peer])
+
+
+def _gpboost_spec(formula):
+    """(response, fixed right-hand side, grouping factors) of an lme4 formula.
+
+    Parameters
+    ----------
+    formula : str
+        An lme4 formula whose random terms are all ``(1|g)``.
+
+    Returns
+    -------
+    tuple of (str, str, list of str)
+
+    Raises
+    ------
+    ValueError
+        For any other random term (GPBoost's grouped random slopes are not wired here).
+    """
+    import re
+
+    lhs, rhs = formula.split("~", 1)
+    terms = [t.strip() for t in re.split(r"\+(?![^(]*\))", rhs)]
+    fixed, groups = [], []
+    for t in terms:
+        m = re.fullmatch(r"\(\s*1\s*\|\s*([A-Za-z_][\w.]*)\s*\)", t)
+        if m:
+            groups.append(m.group(1))
+        elif t.startswith("("):
+            raise ValueError(f"not supported: the gpboost peers take random intercepts "
+                             f"(1|g) only, got {t}")
+        elif t:
+            fixed.append(t)
+    if not groups:
+        raise ValueError("not supported: no (1|g) term for the gpboost peers")
+    return lhs.strip(), " + ".join(fixed) or "1", groups
+
+
+def worker_gpboost(path, formula, factors, inversion, repeat, module="gpboost"):
+    """Fit random intercepts by ML with ``gpboost.GPModel``.
+
+    Parameters
+    ----------
+    path : str
+        The CSV file.
+    formula : str
+        lme4 formula with ``(1|g)`` random terms only.
+    factors : list of str
+        Columns read as factors.
+    inversion : {"cholesky", "iterative"}
+        GPBoost's ``matrix_inversion_method``.
+    repeat : int
+        Number of timed fits (the first is reported separately).
+    module : str
+        The module to import (``gpboost``).
+
+    Returns
+    -------
+    dict
+        Times, criterion (``2 * neg_log_likelihood``), loglik, variances (``Error_term``
+        or ``Error_var`` as ``Residual``), fixed effects (formulaic's names, ``Intercept``
+        as ``(Intercept)``), iterations when GPBoost reports them, version.
+    """
+    import numpy as np
+    from formulaic import model_matrix
+
+    gpb = importlib.import_module(module)
+    resp, fixed_rhs, groups = _gpboost_spec(formula)
+    df = _read(path, factors)
+    X = model_matrix(fixed_rhs, df)
+    Xv = np.asarray(X, dtype=np.float64)
+    names = ["(Intercept)" if c == "Intercept" else str(c) for c in X.columns]
+    import pandas as pd
+
+    group_data = pd.DataFrame({g: df[g].astype(str).to_numpy() for g in groups})
+    y = df[resp].to_numpy(dtype=np.float64)
+    times, model = [], None
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        model = gpb.GPModel(group_data=group_data, likelihood="gaussian",
+                            matrix_inversion_method=inversion)
+        model.fit(y=y, X=Xv)
+        times.append(time.perf_counter() - t0)
+    cov = model.get_cov_pars()
+    cov_vals = np.asarray(cov, dtype=np.float64).ravel()
+    cov_names = [str(c) for c in getattr(cov, "columns", [])]
+    if len(cov_names) != len(cov_vals):  # unnamed: GPBoost's order, error term first
+        cov_names = ["Error_term"] + groups
+    variances = {}
+    for c, v in zip(cov_names, cov_vals):
+        if c in ("Error_term", "Error_var"):
+            c = "Residual"
+        elif c.startswith("Group_") and c[6:].isdigit() and 0 < int(c[6:]) <= len(groups):
+            c = groups[int(c[6:]) - 1]
+        variances[c] = float(v)
+    coef = np.asarray(model.get_coef(), dtype=np.float64).ravel()
+    nll = float(model.get_current_neg_log_likelihood())
+    it = getattr(model, "_get_num_optim_iter", None)
+    try:
+        iterations = int(it()) if callable(it) else None
+    except Exception:  # a private helper: absent or failing in other versions
+        iterations = None
+    return {
+        "time_first": times[0], "times_warm": times[1:] or times, "loglik": -nll,
+        "criterion": 2.0 * nll, "variances": variances,
+        "fixef": {n: float(v) for n, v in zip(names, coef)}, "iterations": iterations,
+        "version": getattr(gpb, "__version__", ""), "matrix_inversion_method": inversion,
+        "ml_only": True,
+    }
+
+
+def peak_rss_kib():
+    """Peak resident set size of this process in KiB (``ru_maxrss``, Linux units).
+
+    Returns
+    -------
+    int or None
+        None where the ``resource`` module is missing.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss // 1024) if sys.platform == "darwin" else int(rss)  # macOS: bytes
+
+
+def loadavg():
+    """The 1, 5 and 15 minute load averages as text.
+
+    Returns
+    -------
+    str
+    """
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def compare_criteria(report):
+    """Add to each peer row its criterion minus lmmops' and the equal-or-better check.
+
+    Parameters
+    ----------
+    report : dict
+        compare.py's report; its ``results`` rows gain ``criterion_minus_lmmops``,
+        ``criterion_compared`` and ``lmmops_equal_or_better`` (in place).
+    """
+    res = report["results"]
+    base = res.get("lmmops", {})
+    c0 = base.get("criterion") if "error" not in base else None
+    for name, r in res.items():
+        if name == "lmmops" or "error" in r or r.get("criterion") is None or c0 is None:
+            continue
+        if r.get("ml_only") and report["method"] != "ML":
+            r["criterion_compared"] = False
+            r["note"] = "ML only: fitted by ML, criterion not compared with REML"
+            continue
+        diff = r["criterion"] - c0
+        r["criterion_compared"] = True
+        r["criterion_minus_lmmops"] = diff
+        r["lmmops_equal_or_better"] = bool(diff >= -CRITERION_RTOL * max(1.0, abs(c0)))
+
+
 # --------------------------------------------------------------------------- runners
 def _run_python_worker(kind, extra, args, path, formula, factors, env=None, timeout=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "--_data", path,
@@ -295,7 +503,8 @@ def _run_python_worker(kind, extra, args, path, formula, factors, env=None, time
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"error": f"did not finish in {timeout:g} s"}
+        return {"error": f"did not finish in {timeout:g} s", "timed_out": True,
+                "timeout_s": timeout}
     wall = time.perf_counter() - t0
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("@result "):
@@ -318,12 +527,22 @@ def run_lme4(args, path, formula, factors):
         script = fh.name
     cmd = [rscript, "--vanilla", script, path, formula, ",".join(factors), args.method,
            str(max(1, args.repeat))]
+    gnu_time = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+    rss_file = script + ".rss"
+    if gnu_time:  # peak RSS of the R process, in KiB
+        cmd = [gnu_time, "-f", "%M", "-o", rss_file] + cmd
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"did not finish in {args.timeout:g} s"}
+        return {"error": f"did not finish in {args.timeout:g} s", "timed_out": True,
+                "timeout_s": args.timeout}
     finally:
         os.unlink(script)
+        rss_text = ""
+        if os.path.exists(rss_file):
+            with open(rss_file) as fh:
+                rss_text = fh.read()
+            os.unlink(rss_file)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         msg = lines[-1] if lines else f"exit code {proc.returncode}"
@@ -349,6 +568,15 @@ def run_lme4(args, path, formula, factors):
             out["version"] = parts[1]
         elif key == "iterations":
             out["iterations"] = int(float(parts[1]))
+        elif key == "vmhwm":
+            out["peak_rss_kib_vmhwm"] = int(parts[1])
+    digits = [ln.strip() for ln in rss_text.splitlines() if ln.strip().isdigit()]
+    if digits:
+        out["peak_rss_kib"] = int(digits[-1])
+        out["peak_rss_source"] = "/usr/bin/time -f %M"
+    elif "peak_rss_kib_vmhwm" in out:
+        out["peak_rss_kib"] = out["peak_rss_kib_vmhwm"]
+        out["peak_rss_source"] = "R: VmHWM of /proc/self/status"
     return out
 
 
@@ -418,6 +646,20 @@ def _warm(r):
     return min(ws) if ws else r.get("time_first")
 
 
+def mib(kib):
+    """KiB to MiB, None kept.
+
+    Parameters
+    ----------
+    kib : int or None
+
+    Returns
+    -------
+    float or None
+    """
+    return None if kib is None else kib / 1024.0
+
+
 def markdown(report):
     lines = [f"## {report['dataset']}: `{report['formula']}` ({report['method']})", ""]
     lines.append(f"n = {report['n_obs']}; machine: {report['machine']}; "
@@ -427,22 +669,34 @@ def markdown(report):
     base = res.get("lmmops", {})
     t_base = _warm(base) if "error" not in base else None
     lines.append("| program | version | warm fit (s) | first fit (s) | time / lmmops | "
-                 "criterion | loglik | iterations* |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+                 "peak RSS (MiB) | criterion | criterion - lmmops | loglik | iterations* | "
+                 "load before / after |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in res.items():
+        load = f"{r.get('loadavg_before', '-')} / {r.get('loadavg_after', '-')}"
         if "error" in r:
-            lines.append(f"| {name} | - | {r['error']} | | | | | |")
+            lines.append(f"| {name} | - | {r['error']} | | | | | | | | {load} |")
             continue
         t = _warm(r)
         ratio = t / t_base if t_base else None
+        if name == "lmmops":
+            dcrit = "0"
+        elif r.get("criterion_compared") is False:
+            dcrit = "ML only (not compared)"
+        else:
+            dcrit = _fmt(r.get("criterion_minus_lmmops"), 4)
         lines.append(
             f"| {name} | {r.get('version', '')} | {_fmt(t, 4)} | {_fmt(r.get('time_first'), 4)}"
-            f" | {_fmt(ratio, 3)} | {_fmt(r.get('criterion'), 10)} | "
-            f"{_fmt(r.get('loglik'), 10)} | {_fmt(r.get('iterations'))} |"
+            f" | {_fmt(ratio, 3)} | {_fmt(mib(r.get('peak_rss_kib')), 4)} | "
+            f"{_fmt(r.get('criterion'), 10)} | {dcrit} | "
+            f"{_fmt(r.get('loglik'), 10)} | {_fmt(r.get('iterations'))} | {load} |"
         )
     lines += ["", "\\* lmmops and mixedlm: optimiser iterations; lme4: criterion evaluations "
-              "(`optinfo$feval`); statsmodels: optimiser iterations when reported.",
-              "Times are wall seconds around the fit call only, best of the warm runs."]
+              "(`optinfo$feval`); statsmodels: optimiser iterations when reported; gpboost: "
+              "its optimiser's iterations (private `_get_num_optim_iter`).",
+              "Times are wall seconds around the fit call only, best of the warm runs. "
+              "Peak RSS: the whole worker process (data reading included); lme4: the R "
+              "process."]
     ok = {k: v for k, v in res.items() if "error" not in v}
     if ok:
         names = []
@@ -509,7 +763,7 @@ def build_parser():
     p.add_argument("--formula", help="lme4 formula (default: the dataset's)")
     p.add_argument("--method", default="REML", choices=["REML", "ML"])
     p.add_argument("--peers", default=",".join(ALL_PEERS),
-                   help="comma-separated subset of lme4,mixedlm,statsmodels, or 'none'")
+                   help="comma-separated subset of " + ",".join(ALL_PEERS) + ", or 'none'")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds allowed for each peer (default 900)")
     p.add_argument("--mem-limit-gb", type=float, default=12.0,
@@ -535,14 +789,19 @@ def _worker_main(args):
         out = worker_lmmops(args._data, args.formula, factors, args.method, args.repeat)
     elif args._worker == "lmmops_cold":
         out = worker_lmmops_cold(args._data, args.formula, factors, args.method)
-    elif args._worker in ("mixedlm", "statsmodels"):
+    elif args._worker in PEER_MODULES:
+        module = peer_module(args._worker)
         try:
-            importlib.import_module(args._worker)
+            importlib.import_module(module)
         except ImportError:
             print("@result " + json.dumps(
-                {"error": f"not installed (pip install {args._worker})"}))
+                {"error": f"not installed (no module {module!r}; pip install "
+                          f"{PEER_MODULES[args._worker]})", "not_installed": True}))
             return 0
-        if args._worker == "mixedlm":
+        if args._worker in GPBOOST_METHODS:
+            out = worker_gpboost(args._data, args.formula, factors,
+                                 GPBOOST_METHODS[args._worker], max(1, args.repeat), module)
+        elif args._worker == "mixedlm":
             out = worker_mixedlm(args._data, args.formula, factors, args.method,
                                  max(1, args.repeat))
         else:
@@ -550,6 +809,8 @@ def _worker_main(args):
                                      args.mem_limit_gb)
     else:
         raise SystemExit(f"unknown worker {args._worker}")
+    out["peak_rss_kib"] = peak_rss_kib()
+    out["peak_rss_source"] = "ru_maxrss of the worker process"
     print("@result " + json.dumps(out))
     return 0
 
@@ -577,16 +838,21 @@ def main(argv=None):
         df.to_csv(path, index=False)
         log(f"[compare] {name}: {len(df)} rows, {formula} ({args.method})")
         log("[compare] lmmops ...")
+        before = loadavg()
         report["results"]["lmmops"] = _run_python_worker(
             "lmmops", [], args, path, formula, factors, timeout=args.timeout)
+        report["results"]["lmmops"].update(loadavg_before=before, loadavg_after=loadavg())
         if not args.no_single_blas:
             # the direct solver's many small BLAS calls degrade badly when OpenBLAS's
             # threads compete for busy cores; this row shows the fit with one BLAS thread
             env1 = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                         MKL_NUM_THREADS="1")
             log("[compare] lmmops with one BLAS thread ...")
-            report["results"]["lmmops, 1 BLAS thread"] = _run_python_worker(
-                "lmmops", [], args, path, formula, factors, env=env1, timeout=args.timeout)
+            before = loadavg()
+            r1 = _run_python_worker("lmmops", [], args, path, formula, factors, env=env1,
+                                    timeout=args.timeout)
+            r1.update(loadavg_before=before, loadavg_after=loadavg())
+            report["results"]["lmmops, 1 BLAS thread"] = r1
         if not args.no_cold:
             # one BLAS thread here too, so contention does not masquerade as compile time
             env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "numba-cache"),
@@ -597,8 +863,17 @@ def main(argv=None):
                 timeout=args.timeout)
         for peer in peers:
             log(f"[compare] {peer} ...")
+            before = loadavg()
             if peer == "lme4":
                 r = run_lme4(args, path, formula, factors)
+            elif peer in GPBOOST_METHODS:
+                try:
+                    _gpboost_spec(formula)
+                except ValueError as exc:
+                    r = {"error": str(exc), "not_supported": True}
+                else:
+                    r = _run_python_worker(peer, [], args, path, formula, factors,
+                                           timeout=args.timeout)
             elif peer == "mixedlm":
                 r = _run_python_worker("mixedlm", [], args, path, formula, factors,
                                        timeout=args.timeout)
@@ -606,11 +881,15 @@ def main(argv=None):
                 r = _run_python_worker(
                     "statsmodels", ["--mem-limit-gb", str(args.mem_limit_gb)], args, path,
                     formula, factors, timeout=args.timeout)
+            r["loadavg_before"], r["loadavg_after"] = before, loadavg()
+            if "error" in r and r["error"].startswith("not installed"):
+                r["not_installed"] = True
             report["results"][peer] = r
     if args.matvec:
         log("[compare] V matvec at n = 10^7 ...")
         report["matvec"] = run_matvec()
-    report["loadavg_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    report["loadavg_after"] = loadavg()
+    compare_criteria(report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
