@@ -1,12 +1,12 @@
 """The peers scripts, asv_benchmarks/peers/compare.py and sweep.py, at tiny sizes: the GPBoost
 peers against lmmops' ML criterion, a missing peer reported, the sweep end to end."""
 
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
