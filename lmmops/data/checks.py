@@ -12,7 +12,8 @@ import pandas as pd
 
 from lmmops.errors import ArgumentError, DisconnectedDesignWarning, LmmopsError
 
-__all__ = ["check_method", "check_response", "check_weights", "warn_if_disconnected"]
+__all__ = ["check_method", "check_response", "check_rows_free", "check_weights",
+           "warn_if_disconnected"]
 
 
 def check_method(method, n=None, p=None):
@@ -219,3 +220,12 @@ def warn_if_disconnected(design, stacklevel=2):
             "still well defined, but the components share information only through the "
             "variance parameters; check that this is intended",
             DisconnectedDesignWarning, stacklevel=stacklevel + 1)
+
+
+def check_rows_free(owner, stats, X, y, weights):
+    """The inputs of an objective built without rows (a distributed backend's level-space
+    statistics): ``stats`` given and none of ``X``, ``y``, ``weights`` (they are in the
+    statistics)."""
+    if stats is None or X is not None or y is not None or weights is not None:
+        raise LmmopsError(f"{owner} without rows needs stats= and neither X, y nor weights "
+                          "(they are in the statistics)")

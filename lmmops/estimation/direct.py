@@ -44,7 +44,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from lmmops.data.checks import check_method, check_weights
+from lmmops.data.checks import check_method, check_rows_free, check_weights
 from lmmops.data.design import CrossedDesign
 from lmmops.data.statistics import SufficientStatistics
 from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
@@ -222,9 +222,7 @@ class DirectObjective:
         if X is None or y is None:
             # level space only (the rows stayed where they are: a distributed backend):
             # everything below comes from the statistics; row-level outputs are not here
-            if stats is None or X is not None or y is not None or weights is not None:
-                raise LmmopsError("a DirectObjective without rows needs stats= and neither "
-                                  "X, y nor weights (they are in the statistics)")
+            check_rows_free("a DirectObjective", stats, X, y, weights)
             n, p = stats.n_obs, stats.p
             if design.n_obs != n:
                 raise LmmopsError(f"the design has {design.n_obs} rows, the statistics {n}")

@@ -47,7 +47,7 @@ import warnings
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from lmmops.data.checks import check_method, check_weights
+from lmmops.data.checks import check_method, check_rows_free, check_weights
 from lmmops.data.statistics import SufficientStatistics
 from lmmops.errors import ArgumentError, ConvergenceWarning, LmmopsError
 from lmmops.estimation.criterion import profiled_criterion
@@ -406,9 +406,7 @@ class IterativeObjective:
         self.design = design
         if X is None or y is None:
             # level space only (the rows stayed on a cluster): n and p from the statistics
-            if stats is None or X is not None or y is not None or weights is not None:
-                raise LmmopsError("an IterativeObjective without rows needs stats= and "
-                                  "neither X, y nor weights (they are in the statistics)")
+            check_rows_free("an IterativeObjective", stats, X, y, weights)
             self.X = self.y = None
             n, p = stats.n_obs, stats.p
         else:
