@@ -749,6 +749,24 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def add_run_options(p, method, repeat):
+    """The options compare.py and sweep.py share (``--method``, ``--peers``,
+    ``--timeout``, ``--mem-limit-gb``, ``--repeat``, ``--no-single-blas``), with their
+    defaults for ``method`` and ``repeat``."""
+    p.add_argument("--method", default=method, choices=["REML", "ML"])
+    p.add_argument("--peers", default=",".join(ALL_PEERS),
+                   help="comma-separated subset of " + ",".join(ALL_PEERS)
+                        + " (default all), or 'none'")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds allowed for each run of each system (default 900)")
+    p.add_argument("--mem-limit-gb", type=float, default=12.0,
+                   help="address-space cap for the statsmodels process (0: none)")
+    p.add_argument("--repeat", type=int, default=repeat,
+                   help=f"warm fits of lmmops, timed fits of the peers (default {repeat})")
+    p.add_argument("--no-single-blas", action="store_true",
+                   help="skip the extra lmmops run with OPENBLAS_NUM_THREADS=1")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="insteval", choices=sorted(DATASETS))
@@ -761,19 +779,9 @@ def build_parser():
                         "--simulate 400000,20000,800 --slopes)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--formula", help="lme4 formula (default: the dataset's)")
-    p.add_argument("--method", default="REML", choices=["REML", "ML"])
-    p.add_argument("--peers", default=",".join(ALL_PEERS),
-                   help="comma-separated subset of " + ",".join(ALL_PEERS) + ", or 'none'")
-    p.add_argument("--timeout", type=float, default=900.0,
-                   help="seconds allowed for each peer (default 900)")
-    p.add_argument("--mem-limit-gb", type=float, default=12.0,
-                   help="address-space cap for the statsmodels process (0: none)")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="warm fits of lmmops (and timed runs of lme4/mixedlm)")
+    add_run_options(p, method="REML", repeat=3)
     p.add_argument("--no-cold", action="store_true",
                    help="skip the empty-Numba-cache compile measurement")
-    p.add_argument("--no-single-blas", action="store_true",
-                   help="skip the extra lmmops run with OPENBLAS_NUM_THREADS=1")
     p.add_argument("--matvec", action="store_true",
                    help="also time V @ x at n = 10^7, K = 2 against a numpy copy")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")

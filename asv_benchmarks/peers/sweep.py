@@ -45,7 +45,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMPARE = os.path.join(HERE, "compare.py")
 sys.path.insert(0, HERE)
-from compare import ALL_PEERS  # noqa: E402
+from compare import ALL_PEERS, add_run_options  # noqa: E402
 
 #: level counts of the simulated K = 2 designs used so far (SCALE.md)
 LEVELS = {10**5: (10**4, 10**3), 10**6: (10**5, 3 * 10**3), 10**7: (10**6, 3 * 10**4)}
@@ -353,18 +353,7 @@ def build_parser():
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of both factors")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-insteval", action="store_true", help="skip InstEval")
-    p.add_argument("--method", default="ML", choices=["ML", "REML"])
-    p.add_argument("--peers", default=",".join(ALL_PEERS),
-                   help=f"comma-separated subset of {','.join(ALL_PEERS)} (default all), "
-                        "or 'none'")
-    p.add_argument("--timeout", type=float, default=900.0,
-                   help="seconds allowed for each run of each system (default 900)")
-    p.add_argument("--mem-limit-gb", type=float, default=12.0,
-                   help="address-space cap of the statsmodels process (0: none)")
-    p.add_argument("--repeat", type=int, default=2,
-                   help="warm fits of lmmops, timed fits of the peers (default 2)")
-    p.add_argument("--no-single-blas", action="store_true",
-                   help="skip compare.py's row 'lmmops, 1 BLAS thread'")
+    add_run_options(p, method="ML", repeat=2)
     p.add_argument("--out-dir", default="sweep-results",
                    help="folder for sweep.md, sweep.json and sweep.png")
     p.add_argument("--no-plot", action="store_true")

@@ -347,8 +347,8 @@ def _sdcor_profile_value(obj, terms, kinds, j, c, x0):
                    else x0[i] / u if kinds[i] == "sd" else x0[i] for i in free])
     bounds = [(None, None) if kinds[i] == "sigma" else (0.0, None) if kinds[i] == "sd"
               else (-1.0, 1.0) for i in free]
-    z0 = np.array([np.clip(v, *(-np.inf if lo is None else lo, np.inf if hi is None else hi))
-                   for v, (lo, hi) in zip(z0, bounds)])
+    z0 = np.clip(z0, [-np.inf if lo is None else lo for lo, _ in bounds],
+                 [np.inf if hi is None else hi for _, hi in bounds])
     if not free:
         return fun(z0), unpack(z0)
     r = optimize.minimize(fun, z0, method="L-BFGS-B", bounds=bounds,

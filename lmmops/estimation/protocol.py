@@ -37,7 +37,11 @@ from lmmops.estimation.mme import diag_P as _exact_diag_P
 from lmmops.estimation.mme import level_space_diagonals
 from lmmops.estimation.stochastic import fit_iterative
 from lmmops.estimation.vector import VectorObjective, fit_vector
-from lmmops.estimation.vector_iterative import VectorIterativeObjective, fit_vector_iterative
+from lmmops.estimation.vector_iterative import (
+    PEV_PROBES,
+    VectorIterativeObjective,
+    fit_vector_iterative,
+)
 from lmmops.linalg.trace import TraceEstimate
 
 __all__ = ["diag_P", "fit_notes", "is_exact", "level_diagonal_inverse",
@@ -437,7 +441,7 @@ def _(obj: VectorIterativeObjective, ev, z_only=False):
     est, err = obj.level_blocks(ev, z_only=z_only)
     diag = [np.diagonal(b, axis1=1, axis2=2).ravel() for b in est]
     sd = [np.diagonal(e, axis1=1, axis2=2).ravel() for e in err]
-    return TraceEstimate(np.concatenate(diag), np.concatenate(sd), 64)
+    return TraceEstimate(np.concatenate(diag), np.concatenate(sd), PEV_PROBES)
 
 
 @pev_blocks.register

@@ -404,8 +404,7 @@ class VectorObjective:
         logdet = 2.0 * float(np.sum(np.log(np.diagonal(L1, axis1=1, axis2=2))))
         B1inv = np.linalg.inv(B)
         # block-diagonal CSR directly: row a of level j holds B_j^{-1}[a, :]
-        cols = (np.arange(nl)[:, None, None] * d1 + np.arange(d1)[None, None, :]
-                + np.zeros((1, d1, 1), dtype=np.int64))
+        cols = np.repeat((np.arange(nl)[:, None] * d1 + np.arange(d1)), d1, axis=0)
         Binv = sp.csr_matrix((B1inv.ravel(), cols.ravel(), np.arange(q1 + 1) * d1),
                              shape=(q1, q1))
         fac = {"Lam": Lam, "Binv": Binv, "B1inv": B1inv}

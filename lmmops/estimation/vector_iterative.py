@@ -100,8 +100,11 @@ from lmmops.estimation.vector import (
 from lmmops.linalg import kernels, krylov
 from lmmops.linalg.trace import lanczos_from_cg, rademacher, slq_quadrature
 
-__all__ = ["PRECONDITIONERS", "VectorIterativeObjective", "check_slope_preconditioner",
-           "fit_vector_iterative"]
+__all__ = ["PEV_PROBES", "PRECONDITIONERS", "VectorIterativeObjective",
+           "check_slope_preconditioner", "fit_vector_iterative"]
+
+#: Rademacher probes of the stochastic prediction error covariances (level_blocks).
+PEV_PROBES = 64
 
 #: The preconditioner kinds of the slope solver. ``"auto"`` means ``"block_jacobi"``.
 PRECONDITIONERS = ("block_jacobi",)
@@ -275,6 +278,20 @@ class VectorIterativeObjective:
             Dinv.append(np.einsum("jba,jbc->jac", Li, Li))
         return L, LinvT, Dinv, logdet
 
+    def _block_solve(self, Ts, Dinv, B, record=None):
+        """``A^{-1} B`` by block PCG with the block-Jacobi preconditioner ``Dinv``
+        (:func:`lmmops.linalg.krylov.block_pcg`; ``record``: the columns whose CG
+        coefficients are kept). Returns ``(solution, info)``."""
+        q = self.q
+
+        def psolve(R):
+            return self._by_blocks(Dinv, np.ascontiguousarray(R))
+
+        Mop = LinearOperator((q, q), matvec=lambda r: psolve(r.reshape(-1, 1))[:, 0],
+                             matmat=psolve, dtype=np.float64)
+        return krylov.block_pcg(lambda U: self._A(Ts, U), B, M=Mop, rtol=self.rtol,
+                                maxiter=self.maxiter, record=record)
+
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, theta, gradient=True, probes=None):
         """The estimated criterion (and gradient) at ``theta``.
@@ -316,14 +333,8 @@ class VectorIterativeObjective:
         B[:, :p + 1] = LZT
         B[:, p + 1:] = self._by_blocks(L, Z)
 
-        def psolve(R):
-            return self._by_blocks(Dinv, np.ascontiguousarray(R))
-
-        Mop = LinearOperator((q, q), matvec=lambda r: psolve(r.reshape(-1, 1))[:, 0],
-                             matmat=psolve, dtype=np.float64)
         mask = np.r_[np.zeros(p + 1, bool), np.ones(m, bool)]
-        sol, info = krylov.block_pcg(lambda U: self._A(Ts, U), B, M=Mop, rtol=self.rtol,
-                                     maxiter=self.maxiter, record=mask)
+        sol, info = self._block_solve(Ts, Dinv, B, record=mask)
         per = info["iterations_per_column"]
         self.cg_history.append(int(per[:p + 1].max()))
         self.probe_cg_history.append(int(per[p + 1:].max()))
@@ -406,7 +417,7 @@ class VectorIterativeObjective:
             r -= rows[:, 0] if t.values is None else np.einsum("na,na->n", rows, t.values)
         return r
 
-    def level_blocks(self, ev, z_only=False, n_probes=64, seed=2, chunk=16):
+    def level_blocks(self, ev, z_only=False, n_probes=None, seed=2, chunk=16):
         """Stochastic estimates of the ``d_k x d_k`` diagonal blocks of the inverse of the
         spherical mixed-model matrix, one per level, with Monte Carlo standard errors.
 
@@ -424,7 +435,8 @@ class VectorIterativeObjective:
         ev : Evaluation
         z_only : bool
             ``True``: given ``beta`` (lme4's ``condVar``).
-        n_probes : int
+        n_probes : int, optional
+            Default :data:`PEV_PROBES`.
         seed : int
         chunk : int
 
@@ -433,21 +445,15 @@ class VectorIterativeObjective:
         (list of ndarray, list of ndarray)
             Per term, estimates and standard errors, each ``(n_levels, d, d)``.
         """
+        n_probes = PEV_PROBES if n_probes is None else int(n_probes)
         theta = check_theta(self, ev.theta)
         p, q = self.p, self.q
         Ts = [t.relative_factor(theta[sl]) for t, sl in zip(self.terms, self.layout)]
         _, _, Dinv, _ = self._preconditioner(Ts)
 
-        def psolve(R):
-            return self._by_blocks(Dinv, np.ascontiguousarray(R))
-
-        Mop = LinearOperator((q, q), matvec=lambda r: psolve(r.reshape(-1, 1))[:, 0],
-                             matmat=psolve, dtype=np.float64)
 
         def solve(B):
-            sol, _ = krylov.block_pcg(lambda U: self._A(Ts, U), B, M=Mop, rtol=self.rtol,
-                                      maxiter=self.maxiter)
-            return sol
+            return self._block_solve(Ts, Dinv, B)[0]
 
         rng = np.random.default_rng(check_seed(seed))
         s1 = [np.zeros((t.n_levels, t.dim, t.dim)) for t in self.terms]
@@ -456,7 +462,7 @@ class VectorIterativeObjective:
         while done < n_probes:
             m = min(chunk, n_probes - done)
             W = rademacher(q, m, rng)
-            F = solve(W) - psolve(W)  # (A^{-1} - D^{-1}) W
+            F = solve(W) - self._by_blocks(Dinv, W)  # (A^{-1} - D^{-1}) W
             for k, (fk, wk) in enumerate(zip(self._blocks(F), self._blocks(W))):
                 for i in range(m):
                     o = fk[:, :, i, None] * wk[:, None, :, i]
@@ -479,7 +485,7 @@ class VectorIterativeObjective:
                 est[k] = est[k] + np.einsum("jap,pq,jbq->jab", Sk, Cx_inv, Sk)
         return est, err
 
-    def pev_blocks(self, ev, z_only=False, n_probes=64, seed=2):
+    def pev_blocks(self, ev, z_only=False, n_probes=None, seed=2):
         """Per term, the prediction error covariance of each level's BLUPs,
         ``s^2 T_k B_j T_k'`` from :meth:`level_blocks`, and its Monte Carlo standard
         errors (of each entry, ``s^2 T_k`` times the blocks' errors by the entries'
