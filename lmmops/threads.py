@@ -72,11 +72,15 @@ __all__ = [
 
 #: ``threads="auto"`` gives BLAS more than one thread only for a dense block (the exact
 #: solver's Schur complement) of at least this many rows, and then only on idle cores.
-#: Not a measured crossover (on the busy development machine one thread won at every size
-#: up to 4000, see the module notes): at 2500 rows one factorisation and inverse take
-#: about two seconds on one core, long against a time slice, where a second thread on an
-#: idle core pays for its synchronisation.
-AUTO_BLAS_MIN_DENSE = 2500
+#: Measured on the idle two-core development machine (load 0.3, ``potrf`` + ``potri``
+#: of a random SPD matrix, best of five, OpenBLAS): 1 thread / 2 threads 5.1 / 3.4 ms at
+#: 500 rows, 29.4 / 18.5 at 1000, 82.9 / 49.0 at 1500, 174 / 105 at 2000, 326 / 196 at
+#: 2500, so two threads win from 500 rows on when a core is idle; below 1000 rows a
+#: call is shorter than a few scheduler time slices, and a competitor that arrives
+#: mid-fit would cost more than the second thread gains, so the threshold is 1000. On
+#: a busy machine one thread wins at every size (the module notes), and the idle-core
+#: probe keeps it at one.
+AUTO_BLAS_MIN_DENSE = 1000
 
 @dataclass(frozen=True)
 class ThreadPlan:
@@ -225,11 +229,11 @@ def plan_threads(threads="auto", *, dense_size=0, parallel=False):
 
     Examples
     --------
-    >>> plan = plan_threads("auto", dense_size=1145)
+    >>> plan = plan_threads("auto", dense_size=800)
     >>> plan.blas, plan.numba
     (1, None)
     >>> plan.note
-    "threads='auto': BLAS 1, Numba unchanged (a 1145-row dense block is below 2500 rows)"
+    "threads='auto': BLAS 1, Numba unchanged (a 800-row dense block is below 1000 rows)"
     >>> plan_threads(2).blas
     2
     """
