@@ -33,9 +33,15 @@ from lmmops.data.formula import (
     rank_message,
     response_vector,
 )
-from lmmops.data.terms import build_terms
+from lmmops.data.terms import build_terms, off_centre_hint
 from lmmops.distributed import fit_dask, is_dask_dataframe
-from lmmops.errors import ArgumentError, FormulaError, LmmopsError
+from lmmops.errors import (
+    ArgumentError,
+    FormulaError,
+    LmmopsError,
+    NumericalFailure,
+    RankDeficientError,
+)
 from lmmops.estimation.direct import DirectObjective, moment_start
 from lmmops.estimation.iterative import (
     DEFAULT_PRECONDITIONER,
@@ -493,7 +499,7 @@ class LMM:
                     "block_jacobi" if self.has_slopes else DEFAULT_PRECONDITIONER), **extra)
         else:
             obj = self.objective(method).conditioned
-        if start is None and not self.has_slopes:  # slope terms: lme4's start T_k = I
+        if start is None and not self.has_slopes:  # slope terms: centred_start (fit_vector)
             start = moment_start(self.design, self.X_conditioned, self.y_conditioned)
         offset = self.conditioning.criterion_offset(method)  # progress on the user's scale
         if progress is None and verbose:
@@ -511,10 +517,18 @@ class LMM:
                 extra = progress_note(obj, state)
                 progress(f"iteration {it:3d}  criterion {f + offset:.6f}  step {step:.3g}{extra}  "
                          f"theta {np.round(theta, 6)}")
-        ev, opt = optimise(obj, start, opts, callback)
+        hint = off_centre_hint(self.terms) if self.has_slopes else ""
+        try:
+            ev, opt = optimise(obj, start, opts, callback)
+        except (RankDeficientError, NumericalFailure) as err:
+            if not hint:
+                raise
+            raise type(err)(f"{err} ({hint})") from err
         resid = obj.residuals(ev)
         elapsed = self.build_s + (time.perf_counter() - t0)
         res = LMMResult(self, obj, ev, opt, method, picked, resid, elapsed, opts)
+        if hint and not res.converged:
+            res.notes.append(hint)
         if solver == "auto":
             res.notes.append(reason)
             if preconditioner is not None and picked == "direct":

@@ -36,6 +36,7 @@ Examples
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -47,18 +48,21 @@ import scipy.sparse as sp
 
 from lmmops.data.checks import check_method, check_weights
 from lmmops.data.terms import (
+    centred_start,
+    column_units,
     lower_triangle,
     theta_layout,
     theta_lower_bounds,
     theta_names,
+    theta_scales,
 )
-from lmmops.errors import LmmopsError, RankDeficientError
+from lmmops.errors import LmmopsError, NumericalFailure, RankDeficientError
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
 
 __all__ = ["VectorObjective", "VectorStatistics", "fit_vector", "profiled_gls",
-           "random_effects_matrix", "vector_statistics"]
+           "random_effects_matrix", "term_units", "vector_statistics"]
 
 #: A term's gradient uses the selected inverse of ``A`` (and ``T_k^{-1}``) when every
 #: diagonal entry of ``T_k`` is at least this; below it, the general form that needs no
@@ -400,7 +404,12 @@ class VectorObjective:
             for b in range(d1):
                 B[:, a, b] = np.asarray(M11[r[a::d1], r[b::d1]]).ravel()
         B += np.eye(d1)[None]
-        L1 = np.linalg.cholesky(B)
+        try:
+            L1 = np.linalg.cholesky(B)
+        except np.linalg.LinAlgError:
+            raise NumericalFailure(
+                "a diagonal block of Lambda'Z'WZ Lambda + I is not numerically positive "
+                f"definite at theta = {np.array2string(theta, precision=4)}") from None
         logdet = 2.0 * float(np.sum(np.log(np.diagonal(L1, axis1=1, axis2=2))))
         B1inv = np.linalg.inv(B)
         # block-diagonal CSR directly: row a of level j holds B_j^{-1}[a, :]
@@ -423,8 +432,8 @@ class VectorObjective:
                 K.indptr, K.indices, K.data, S)
             Ls, info = sla.lapack.dpotrf(S.T, lower=1, clean=0, overwrite_a=1)
             if info != 0:
-                raise LmmopsError("the Schur block of Lambda'Z'WZ Lambda + I is not "
-                                  f"positive definite (LAPACK info {info})")
+                raise NumericalFailure("the Schur block of Lambda'Z'WZ Lambda + I is not "
+                                       f"positive definite (LAPACK info {info})")
             logdet += 2.0 * float(np.sum(np.log(np.diag(Ls))))
             fac.update(A21=A21, K=K, Ls=Ls)
         fac["logdet"] = logdet
@@ -952,7 +961,7 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
     ----------
     objective : VectorObjective
     start : ndarray, optional
-        Default :func:`start_theta` (lme4's).
+        Default :func:`lmmops.data.terms.centred_start` (see the notes).
     maxiter : int
     tol : float
         Convergence tolerance of the Newton decrement.
@@ -969,7 +978,101 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
     Returns
     -------
     (Evaluation, OptSummary)
+
+    Notes
+    -----
+    The optimiser works in ``theta^c = theta / r`` with ``r`` the powers of two of
+    :func:`lmmops.data.terms.theta_scales` (each slope column on unit scale, exactly), so
+    the path and the optimum do not depend on the units of a slope covariate; the start
+    is :func:`lmmops.data.terms.centred_start` (lme4's ``T_k = I`` for the columns
+    centred and on that scale); the evaluation, ``start``, ``callback`` and the summary
+    are in lme4's ``theta``.
     """
+    units = term_units(objective.terms, objective.C, objective.offsets, objective.n)
+    r = theta_scales(objective.terms, units)
+    scaled = _ScaledTheta(objective, r)
+    start_c = (centred_start(objective.terms, units) if start is None
+               else np.asarray(start, float)) / r
+    cb = None
+    if callback is not None:
+        def cb(i, th, f):
+            callback(i, th * r, f)
+    ev, opt = _fit_vector(scaled, start_c, maxiter=maxiter, tol=tol, callback=cb,
+                          optimizer=optimizer)
+    return scaled.to_user(ev), scaled.summary_to_user(opt)
+
+
+def term_units(terms, C, offsets, n):
+    """Per term, :func:`lmmops.data.terms.column_units` from ``C = Z'WZ``: the sum over
+    the term's levels of its ``d x d`` diagonal blocks is ``sum_rows w z z'``."""
+    out = []
+    for k, t in enumerate(terms):
+        o, d, nl = int(offsets[k]), t.dim, t.n_levels
+        S = np.empty((d, d))
+        for a in range(d):
+            for b in range(a, d):
+                diag = C.diagonal(b - a)
+                S[a, b] = S[b, a] = float(np.sum(diag[o + a:o + nl * d:d]))
+        out.append(column_units(t.columns, S, n))
+    return out
+
+
+class _ScaledTheta:
+    """A :class:`VectorObjective` seen in ``theta^c = theta / r`` (``r`` exact powers of
+    two, :func:`lmmops.data.terms.theta_scales`): evaluations carry ``theta^c`` and the
+    gradient ``r * g``; the average information and the Newton check's differences
+    (``_fd_last``) are mapped both ways."""
+
+    def __init__(self, objective, r):
+        self.inner, self.r = objective, np.asarray(r, dtype=np.float64)
+        self.terms, self.layout = objective.terms, objective.layout
+        self.lower, self.n_theta = objective.lower, objective.n_theta
+
+    @property
+    def n_evaluations(self):
+        return self.inner.n_evaluations
+
+    def _user(self, ev):
+        out = copy.copy(ev)
+        out.theta = ev.theta * self.r
+        if ev.gradient is not None:
+            out.gradient = ev.gradient / self.r
+        return out
+
+    def evaluate(self, theta, gradient=True):
+        theta = np.asarray(theta, dtype=np.float64)
+        ev = copy.copy(self.inner.evaluate(theta * self.r, gradient=gradient))
+        ev.theta = theta.copy()
+        if ev.gradient is not None:
+            ev.gradient = ev.gradient * self.r
+        return ev
+
+    def average_information(self, ev):
+        return self.inner.average_information(self._user(ev)) * np.outer(self.r, self.r)
+
+    @property
+    def _fd_last(self):  # pragma: no cover (only written)
+        return None
+
+    @_fd_last.setter
+    def _fd_last(self, value):
+        theta, idx, H, dpw = value
+        r = self.r[idx]
+        self.inner._fd_last = (theta * self.r, idx, H / np.outer(r, r),
+                               None if dpw is None else dpw / r)
+
+    def to_user(self, ev):
+        return self._user(ev)
+
+    def summary_to_user(self, opt):
+        out = copy.copy(opt)
+        out.theta_initial = opt.theta_initial * self.r
+        out.theta_final = opt.theta_final * self.r
+        out.fitlog = [(th * self.r, f) for th, f in opt.fitlog]
+        return out
+
+
+def _fit_vector(objective, start, *, maxiter, tol, callback, optimizer):
     if optimizer not in ("auto", "ai-newton", "lbfgsb"):
         raise LmmopsError(f"unknown optimizer {optimizer!r}; use 'auto', 'ai-newton' or "
                           "'lbfgsb'")

@@ -1,0 +1,119 @@
+"""A slope covariate's units and origin: the exact slope fit does not depend on them.
+
+Changing the units of ``x`` in ``(1 + x | g)`` (``a x``) is the same model with the
+row of ``T`` that belongs to ``x`` divided by ``a``; moving its origin (``x + c``) is the
+same model with the coefficients ``b_0 - c b_1`` and ``b_1`` (``_cov_in_original_x``
+maps a fit's covariance back to the original ``x``).
+The oracle is the fit on the original ``x``; the ML deviance is invariant.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lmmops
+from lmmops.data.terms import centred_start, column_units, off_centre_hint, theta_scales
+from lmmops.errors import NumericalFailure, RankDeficientError
+from lmmops.estimation.vector import term_units
+
+FORMULA = "y ~ x + (1 + x | g) + (1 | h)"
+
+
+@pytest.fixture(scope="module")
+def frame():
+    rng = np.random.default_rng(5)
+    n, g, h = 400, 15, 8
+    df = pd.DataFrame({"g": rng.integers(0, g, n), "h": rng.integers(0, h, n),
+                       "x": rng.uniform(0, 9, n)})
+    df["y"] = (250 + 10 * df.x + 25 * rng.normal(size=g)[df.g]
+               + 6 * rng.normal(size=g)[df.g] * df.x + 10 * rng.normal(size=h)[df.h]
+               + 25 * rng.normal(size=n))
+    df["g"] = pd.Categorical(df.g.map(lambda i: f"g{i:02d}"))
+    df["h"] = pd.Categorical(df.h.map(lambda i: f"h{i}"))
+    return df
+
+
+@pytest.fixture(scope="module")
+def base(frame):
+    return lmmops.fit(FORMULA, frame, method="ML")
+
+
+def _cov_in_original_x(res, a, c):
+    """The covariance of (intercept, slope) on the original x of a fit on a x + c."""
+    S = res.covariances["g"].to_numpy()
+    N = np.array([[1.0, c], [0.0, a]])  # b_orig = N b_user
+    return N @ S @ N.T
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.sampled_from([1e-3, 0.1, 3.0, 86400.0, 1e6, 2.0**20, 2.0**-7]))
+def test_units_of_a_slope_covariate_do_not_change_the_fit(frame, base, a):
+    df = frame.copy()
+    df["x"] = df.x * a
+    res = lmmops.fit(FORMULA, df, method="ML")
+    assert res.converged
+    assert res.deviance == pytest.approx(base.deviance, rel=1e-10)
+    np.testing.assert_allclose(_cov_in_original_x(res, a, 0.0),
+                               base.covariances["g"].to_numpy(), rtol=1e-5, atol=1e-6)
+    # powers of two rescale theta exactly: the same optimiser path; other factors move
+    # the start within a factor of two on the optimiser's scale
+    if np.log2(a) == np.round(np.log2(a)):
+        assert res.n_evaluations == base.n_evaluations
+    else:
+        assert abs(res.n_evaluations - base.n_evaluations) <= 3
+
+
+@pytest.mark.parametrize("c", [-30.0, 100.0, 1000.0])
+def test_origin_of_a_slope_covariate_does_not_change_the_fit(frame, base, c):
+    df = frame.copy()
+    df["x"] = df.x + c
+    res = lmmops.fit(FORMULA, df, method="ML")
+    assert res.converged
+    assert res.deviance == pytest.approx(base.deviance, rel=1e-9)
+    np.testing.assert_allclose(_cov_in_original_x(res, 1.0, c),
+                               base.covariances["g"].to_numpy(), rtol=2e-4, atol=1e-3)
+    assert res.n_evaluations <= 3 * base.n_evaluations
+
+
+def _fit_or_error(formula, df):
+    try:
+        return lmmops.fit(formula, df, method="ML"), ""
+    except (RankDeficientError, NumericalFailure) as err:
+        return None, str(err)
+
+
+def test_far_from_centred_covariate_is_named(frame):
+    df = frame.copy()
+    df["x"] = df.x + 1e6
+    res, message = _fit_or_error(FORMULA, df)
+    if res is None:  # the numerical failure carries the advice
+        assert "centre the column" in message
+        assert "'x'" in message
+    elif not res.converged:
+        assert any("centre the column" in n and "'x'" in n for n in res.notes)
+    else:  # when it does converge it is the right optimum
+        base = lmmops.fit(FORMULA, frame, method="ML")
+        assert res.deviance == pytest.approx(base.deviance, rel=1e-8)
+
+
+def test_scales_and_start(frame):
+    model = lmmops.LMM.from_formula(FORMULA, frame)
+    obj = model.objective().conditioned
+    t = model.terms[0]
+    x = frame.x.to_numpy()
+    units = term_units(obj.terms, obj.C, obj.offsets, obj.n)
+    # from Z'WZ's diagonal blocks: the column's mean and spread
+    np.testing.assert_allclose(units[0][1], [0.0, x.mean()], rtol=1e-12)
+    c = 2.0 ** np.floor(np.log2(x.std()))
+    np.testing.assert_array_equal(units[0][0], [1.0, c])
+    np.testing.assert_array_equal(theta_scales(model.terms, units), [1.0, 1 / c, 1 / c, 1.0])
+    T = t.relative_factor(centred_start(model.terms, units)[:3])
+    G = np.array([[1.0, -x.mean() / c], [0.0, 1.0 / c]])
+    np.testing.assert_allclose(T @ T.T, G @ G.T, rtol=1e-12)
+    assert off_centre_hint(model.terms) == ""
+    # without an intercept the spread is about 0 (the rows' mean square)
+    cz, mz = column_units(("x",), np.array([[np.sum(x * x)]]), x.size)
+    assert mz[0] == 0.0
+    assert cz[0] == 2.0 ** np.floor(np.log2(np.sqrt(np.mean(x * x))))
