@@ -516,6 +516,20 @@ class VectorIterativeObjective:
             cov[np.ix_(sub, sub)] = 2.0 * np.linalg.pinv(Hs)
         return cov
 
+    def set_probes(self, n_probes):
+        """Use ``n_probes`` Rademacher probes from now on (drawn from the objective's
+        seed, so the first columns are not the old ones: a new set of common random
+        numbers). The statistics are kept; nothing else changes.
+
+        Parameters
+        ----------
+        n_probes : int
+            At least 2 (:func:`lmmops.estimation.iterative.check_n_probes`).
+        """
+        self.n_probes = check_n_probes(n_probes)
+        self.probes = rademacher(self.q, self.n_probes, self.seed)
+        self.last = {}
+
     def __call__(self, theta):
         return self.evaluate(theta, gradient=False).objective
 
