@@ -117,3 +117,24 @@ def test_scales_and_start(frame):
     cz, mz = column_units(("x",), np.array([[np.sum(x * x)]]), x.size)
     assert mz[0] == 0.0
     assert cz[0] == 2.0 ** np.floor(np.log2(np.sqrt(np.mean(x * x))))
+
+
+def test_iterative_fit_is_invariant_to_power_of_two_units(frame):
+    """The matrix-free fit optimises in the same scaled theta: with a power-of-two
+    change of units the path is the same (same probes), so the fits agree to rounding;
+    with 1e6 (not a power of two) within the Monte Carlo error."""
+    base = lmmops.fit(FORMULA, frame, method="ML", solver="iterative")
+    assert base.converged, base.notes
+    for a, tol in [(2.0**20, 1e-9), (1e6, None)]:
+        df = frame.copy()
+        df["x"] = df.x * a
+        res = lmmops.fit(FORMULA, df, method="ML", solver="iterative")
+        assert res.converged, res.notes
+        if tol is not None:
+            assert res.deviance == pytest.approx(base.deviance, rel=tol)
+            np.testing.assert_allclose(_cov_in_original_x(res, a, 0.0),
+                                       base.covariances["g"].to_numpy(), rtol=1e-6,
+                                       atol=1e-8)
+        else:
+            assert abs(res.loglik - base.loglik) <= 4 * (res.mc_stderr["loglik"]
+                                                         + base.mc_stderr["loglik"])

@@ -31,14 +31,14 @@ import math
 
 import numpy as np
 
-from lmmops.data.terms import theta_names
+from lmmops.data.terms import centred_start, column_units, theta_names, theta_scales
 from lmmops.errors import ArgumentTypeError, LmmopsError
 from lmmops.estimation.direct import DirectObjective, fit_direct
 from lmmops.estimation.iterative import IterativeObjective
 from lmmops.estimation.mme import diag_P as _exact_diag_P
 from lmmops.estimation.mme import level_space_diagonals
 from lmmops.estimation.stochastic import fit_iterative
-from lmmops.estimation.vector import VectorObjective, fit_vector
+from lmmops.estimation.vector import ScaledTheta, VectorObjective, fit_vector
 from lmmops.estimation.vector_iterative import (
     PEV_PROBES,
     VectorIterativeObjective,
@@ -240,9 +240,22 @@ def _(obj: VectorObjective, start, options, callback=None):
 @optimise.register
 def _(obj: VectorIterativeObjective, start, options, callback=None):
     first, evals, rounds = obj.n_probes, 0, []
+    # as the exact fit: the optimiser works in theta / r (exact powers of two per slope
+    # column, from the diagonal blocks of Z'WZ), from lme4's start for the columns
+    # centred and on unit scale
+    units = [column_units(t.columns, B.sum(axis=0), obj.n) for t, B in zip(obj.terms, obj.Cd)]
+    r = theta_scales(obj.terms, units)
+    scaled = ScaledTheta(obj, r)
+    start = (centred_start(obj.terms, units) if start is None
+             else np.asarray(start, dtype=np.float64)) / r
+    cb = None
+    if callback is not None:
+        def cb(i, th, f):
+            callback(i, th * r, f)
     while True:
-        ev, opt = fit_vector_iterative(obj, start, maxiter=max(options.maxiter, 200),
-                                       step_tol=options.step_tol, callback=callback)
+        ev, opt = fit_vector_iterative(scaled, start, maxiter=max(options.maxiter, 200),
+                                       step_tol=options.step_tol, callback=cb)
+        ev, opt = scaled.to_user(ev), scaled.summary_to_user(opt)
         evals += opt.n_evaluations
         judge_monte_carlo_error(obj, ev, opt)
         ratio = opt.mc_to_sampling
@@ -255,7 +268,7 @@ def _(obj: VectorIterativeObjective, start, options, callback=None):
         # threshold, and refit from the estimate with the larger set
         need = math.ceil(obj.n_probes * (ratio / (0.7 * AUTO_RAISE_ABOVE)) ** 2)
         obj.set_probes(min(max(need, 2 * obj.n_probes), AUTO_MAX_PROBES))
-        start = ev.theta
+        start = ev.theta / r
     opt.n_evaluations = evals
     if len(rounds) > 1:
         opt.notes = [f"probes raised from {first} to {obj.n_probes} because the Monte "

@@ -61,7 +61,7 @@ from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
 
-__all__ = ["VectorObjective", "VectorStatistics", "fit_vector", "profiled_gls",
+__all__ = ["ScaledTheta", "VectorObjective", "VectorStatistics", "fit_vector", "profiled_gls",
            "random_effects_matrix", "term_units", "vector_statistics"]
 
 #: A term's gradient uses the selected inverse of ``A`` (and ``T_k^{-1}``) when every
@@ -990,7 +990,7 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
     """
     units = term_units(objective.terms, objective.C, objective.offsets, objective.n)
     r = theta_scales(objective.terms, units)
-    scaled = _ScaledTheta(objective, r)
+    scaled = ScaledTheta(objective, r)
     start_c = (centred_start(objective.terms, units) if start is None
                else np.asarray(start, float)) / r
     cb = None
@@ -1017,38 +1017,55 @@ def term_units(terms, C, offsets, n):
     return out
 
 
-class _ScaledTheta:
-    """A :class:`VectorObjective` seen in ``theta^c = theta / r`` (``r`` exact powers of
-    two, :func:`lmmops.data.terms.theta_scales`): evaluations carry ``theta^c`` and the
-    gradient ``r * g``; the average information and the Newton check's differences
-    (``_fd_last``) are mapped both ways."""
+class ScaledTheta:
+    """An objective of random-slope terms seen in ``theta^c = theta / r`` (``r`` exact
+    powers of two, :func:`lmmops.data.terms.theta_scales`), for the optimisers.
+
+    Evaluations carry ``theta^c``, the gradient ``r * g`` and its Monte Carlo covariance
+    ``Cov(g) * r r'`` (when present); the average information and the Newton check's
+    differences (``_fd_last``) are mapped both ways; every other attribute is the
+    objective's. :meth:`to_user` maps an evaluation back (also the iterative fit's
+    ``theta_mc_cov`` and ``hessian``), :meth:`summary_to_user` an optimiser summary.
+
+    Parameters
+    ----------
+    objective : VectorObjective or VectorIterativeObjective
+    r : ndarray, shape (n_theta,)
+    """
 
     def __init__(self, objective, r):
         self.inner, self.r = objective, np.asarray(r, dtype=np.float64)
-        self.terms, self.layout = objective.terms, objective.layout
-        self.lower, self.n_theta = objective.lower, objective.n_theta
 
-    @property
-    def n_evaluations(self):
-        return self.inner.n_evaluations
+    def __getattr__(self, name):  # terms, layout, lower, n_theta, seed, q, ...
+        return getattr(self.inner, name)
 
-    def _user(self, ev):
+    def _map(self, ev, f):
+        """A copy of ``ev`` with ``theta`` times ``f`` and the derivatives divided."""
         out = copy.copy(ev)
-        out.theta = ev.theta * self.r
-        if ev.gradient is not None:
-            out.gradient = ev.gradient / self.r
+        out.theta = ev.theta * f
+        if getattr(ev, "gradient", None) is not None:
+            out.gradient = ev.gradient / f
+        if getattr(ev, "gradient_cov", None) is not None:
+            out.gradient_cov = ev.gradient_cov / np.outer(f, f)
+        if getattr(ev, "theta_mc_cov", None) is not None:
+            out.theta_mc_cov = ev.theta_mc_cov * np.outer(f, f)
+        if getattr(ev, "hessian", None) is not None:
+            fi = f[ev.free]
+            out.hessian = ev.hessian / np.outer(fi, fi)
         return out
 
-    def evaluate(self, theta, gradient=True):
+    def evaluate(self, theta, gradient=True, **kw):
         theta = np.asarray(theta, dtype=np.float64)
-        ev = copy.copy(self.inner.evaluate(theta * self.r, gradient=gradient))
+        ev = self._map(self.inner.evaluate(theta * self.r, gradient=gradient, **kw),
+                       1.0 / self.r)
         ev.theta = theta.copy()
-        if ev.gradient is not None:
-            ev.gradient = ev.gradient * self.r
         return ev
 
+    def __call__(self, theta):
+        return self.inner(np.asarray(theta, dtype=np.float64) * self.r)
+
     def average_information(self, ev):
-        return self.inner.average_information(self._user(ev)) * np.outer(self.r, self.r)
+        return self.inner.average_information(self.to_user(ev)) * np.outer(self.r, self.r)
 
     @property
     def _fd_last(self):  # pragma: no cover (only written)
@@ -1062,9 +1079,11 @@ class _ScaledTheta:
                                None if dpw is None else dpw / r)
 
     def to_user(self, ev):
-        return self._user(ev)
+        """An evaluation in lme4's ``theta``."""
+        return self._map(ev, self.r)
 
     def summary_to_user(self, opt):
+        """An optimiser summary in lme4's ``theta``."""
         out = copy.copy(opt)
         out.theta_initial = opt.theta_initial * self.r
         out.theta_final = opt.theta_final * self.r
