@@ -422,8 +422,7 @@ class LMMResult:
 
     def _varcorr_se(self):
         """Standard errors of the ``vcov`` column of :attr:`varcorr` (from
-        :attr:`variances_cov`), None where not available (the matrix-free solver for
-        slope models)."""
+        :attr:`variances_cov`), None where not available."""
         try:
             c = self.variances_cov
         except LmmopsError:
@@ -444,8 +443,9 @@ class LMMResult:
     def variances_cov(self):
         """pandas.DataFrame: covariance of the variance estimates. Random intercepts:
         the inverse average information, indexed by the factors, then ``Residual``.
-        Random slopes (direct solver): Wald, twice the inverse Hessian of the criterion
-        in ``(theta, s^2)`` by the delta method, indexed by the rows of :attr:`varcorr`
+        Random slopes: Wald, twice the inverse Hessian of the criterion in
+        ``(theta, s^2)`` by the delta method (on the matrix-free solver from the fit's
+        Jacobian of the fixed-probe gradient), indexed by the rows of :attr:`varcorr`
         (``grp.var1``, ``grp.var1.var2``, ``Residual``); NaN for a term with a parameter
         on the boundary."""
         if getattr(self, "_vcov_var", None) is None:

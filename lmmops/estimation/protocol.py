@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from lmmops.data.terms import centred_start, column_units, theta_names, theta_scales
-from lmmops.errors import ArgumentTypeError, LmmopsError
+from lmmops.errors import ArgumentTypeError
 from lmmops.estimation.direct import DirectObjective, fit_direct
 from lmmops.estimation.iterative import IterativeObjective
 from lmmops.estimation.mme import diag_P as _exact_diag_P
@@ -549,17 +549,14 @@ def _(obj: VectorObjective, ev):
     return obj.variance_covariance(ev)
 
 
-def _not_yet_iterative(what):
-    def refuse(obj, ev, *args, **kwargs):
-        raise LmmopsError(f"{what} is not available yet on the iterative solver for "
-                          "random-slope terms; refit with solver='direct' (exact, while its "
-                          "dense Schur block fits in memory)")
-    return refuse
+@variance_covariance.register
+def _(obj: VectorIterativeObjective, ev):
+    return obj.variance_covariance(ev)
 
 
-variance_covariance.register(VectorIterativeObjective, _not_yet_iterative(
-    "the covariance of the variance estimates (use LMMResult.theta_cov, Wald on theta)"))
-diag_P.register(VectorIterativeObjective, _not_yet_iterative("diag(P)"))
+@diag_P.register
+def _(obj: VectorIterativeObjective, ev):
+    return obj.diag_P(ev)
 
 
 @level_diagonal_inverse.register

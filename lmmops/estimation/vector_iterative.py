@@ -516,6 +516,149 @@ class VectorIterativeObjective:
             cov[np.ix_(sub, sub)] = 2.0 * np.linalg.pinv(Hs)
         return cov
 
+    # ------------------------------------------------ row diagnostics, Wald covariance
+    def _rows_Z(self):
+        """``Z`` (sparse CSR, ``n x q``) from the terms' codes and values, built for the
+        caller and not kept; an :class:`~lmmops.errors.LmmopsError` when the objective
+        has no rows (built from level-space statistics, e.g. on Dask)."""
+        if self.X is None or self.n == 0 or any(t.codes.shape[0] != self.n
+                                                 for t in self.terms):
+            raise LmmopsError("diag(P) needs the rows (the terms' codes and values): this "
+                              "slope objective was built from level-space statistics "
+                              "alone (e.g. on Dask); fit in memory for leverages and "
+                              "studentized residuals")
+        from lmmops.estimation.vector import random_effects_matrix  # (merge-clean import)
+
+        return random_effects_matrix(self.terms)
+
+    def apply_P(self, ev, B, Z=None):
+        """``P B`` for an ``(n_obs, m)`` block, on the objective's scale (``1/s^2``
+        included, as :meth:`lmmops.estimation.vector.VectorObjective.diag_P`).
+
+        ``P = (V0^{-1} - V0^{-1} X (X'V0^{-1}X)^{-1} X'V0^{-1}) / s^2`` with
+        ``V0^{-1} = W - W Z Lambda A^{-1} Lambda' Z'W``: one block PCG solve in level
+        space (:meth:`_block_solve`) with right-hand sides ``Lambda'Z'WX`` and
+        ``Lambda'Z'WB``, exact to the CG tolerance.
+
+        Parameters
+        ----------
+        ev : Evaluation
+        B : ndarray, shape (n_obs, m)
+        Z : scipy.sparse matrix, optional
+            The rows' ``Z`` (:meth:`_rows_Z`), built here when not given.
+
+        Returns
+        -------
+        ndarray, shape (n_obs, m)
+        """
+        Z = self._rows_Z() if Z is None else Z
+        theta = check_theta(self, ev.theta)
+        p = self.p
+        B = np.asarray(B, dtype=np.float64).reshape(self.n, -1)
+        w = np.ones(self.n) if self.weights is None else self.weights
+        Ts = [t.relative_factor(theta[sl]) for t, sl in zip(self.terms, self.layout)]
+        _, _, Dinv, _ = self._preconditioner(Ts)
+        WB = w[:, None] * B
+        rhs = np.column_stack([self.ZtT[:, :p], np.asarray(Z.T @ WB)])
+        sol = self._block_solve(Ts, Dinv, self._lam(Ts, rhs, transpose=True))[0]
+        ZL = np.asarray(Z @ self._lam(Ts, sol))  # Z Lambda A^{-1} Lambda'Z'W [X B]
+        ViB = WB - w[:, None] * ZL[:, p:]
+        if p:
+            ViX = w[:, None] * (self.X - ZL[:, :p])
+            XtViB = self.X.T @ WB - rhs[:, :p].T @ (self._lam(Ts, sol[:, p:]))
+            ViB -= ViX @ ((ev.beta_cov / ev.sigma2) @ XtViB)
+        return ViB / ev.sigma2
+
+    def diag_P(self, ev, n_probes=64, seed=1, chunk=8):
+        """Stochastic estimate of ``diag(P)`` with per-entry standard errors, on the
+        objective's scale (``1/s^2`` included, as the exact
+        :meth:`lmmops.estimation.vector.VectorObjective.diag_P`).
+
+        Rademacher probes in observation space, ``d_i = mean_j z_ij (P z_j)_i``, ``P z``
+        by :meth:`apply_P` in chunks of ``chunk`` probes (memory ``O(n chunk)``), as
+        :meth:`lmmops.estimation.iterative.IterativeObjective.diag_P`. The noise of entry
+        ``i`` comes only from the off-diagonal ``P_il`` (rows sharing levels with ``i``).
+
+        Parameters
+        ----------
+        ev : Evaluation
+        n_probes : int
+        seed : int
+        chunk : int
+
+        Returns
+        -------
+        TraceEstimate
+            ``estimate`` and ``stderr`` of shape (n_obs,).
+
+        Raises
+        ------
+        LmmopsError
+            When the objective has no rows (level-space statistics alone, e.g. on Dask).
+        """
+        from lmmops.linalg.trace import TraceEstimate  # (merge-clean import)
+
+        Z = self._rows_Z()
+        rng = np.random.default_rng(check_seed(seed))
+        s1, s2 = np.zeros(self.n), np.zeros(self.n)
+        done = 0
+        while done < n_probes:
+            m = min(int(chunk), n_probes - done)
+            R = rademacher(self.n, m, rng)
+            samples = R * self.apply_P(ev, R, Z)
+            s1 += samples.sum(axis=1)
+            s2 += (samples ** 2).sum(axis=1)
+            done += m
+        d = s1 / n_probes
+        var = np.maximum(s2 / n_probes - d * d, 0.0) * n_probes / max(n_probes - 1, 1)
+        return TraceEstimate(d, np.sqrt(var / n_probes), n_probes)
+
+    def variance_covariance(self, ev):
+        """Wald covariance of the variance components on the objective's scale, laid out
+        as :meth:`lmmops.estimation.vector.VectorObjective.variance_covariance` (per term
+        the variances of its columns, then their covariances, then ``s^2``; NaN for a
+        term with a parameter on the boundary), by the same formula.
+
+        Its inputs are the profiled Hessian in ``theta`` and ``dr^2/dtheta``: the
+        Jacobian of the fixed-probe gradient that :func:`fit_vector_iterative` left in
+        ``ev.hessian`` (on ``ev.free``), restricted to the interior parameters, and
+        ``dof * ev.dsigma2`` (exact given the solves). Without a fit's Jacobian (an
+        evaluation not from a fit) it is differenced anew, one evaluation per interior
+        parameter. Both carry Monte Carlo error (common random numbers).
+
+        Parameters
+        ----------
+        ev : Evaluation
+
+        Returns
+        -------
+        ndarray, shape (n_phi, n_phi)
+        """
+        from types import SimpleNamespace  # (merge-clean imports)
+
+        from lmmops.estimation.vector import VectorObjective
+
+        theta = np.asarray(ev.theta, dtype=np.float64)
+        idx = np.flatnonzero(~(theta <= self.lower))
+        H, free = getattr(ev, "hessian", None), getattr(ev, "free", None)
+        if H is not None and free is not None and np.all(np.isin(idx, free)):
+            pos = np.searchsorted(free, idx)
+            Hp = np.asarray(H)[np.ix_(pos, pos)]
+        else:
+            if getattr(ev, "gradient", None) is None:
+                ev = self.evaluate(theta)
+            Hp = _jacobian(self, theta, ev, idx) if idx.size else np.zeros((0, 0))
+        dsigma2 = getattr(ev, "dsigma2", None)
+        if dsigma2 is None:
+            dsigma2 = self.evaluate(theta).dsigma2
+        dof = self.n - self.p if self.method == "REML" else self.n
+        dpw = dof * np.asarray(dsigma2, dtype=np.float64)[idx]
+        # the exact solver's delta method, fed these differences (its _fd_last)
+        view = SimpleNamespace(lower=self.lower, n=self.n, p=self.p, method=self.method,
+                               terms=self.terms, layout=self.layout,
+                               _fd_last=(theta, idx, Hp, dpw))
+        return VectorObjective.variance_covariance(view, ev)
+
     def set_probes(self, n_probes):
         """Use ``n_probes`` Rademacher probes from now on (drawn from the objective's
         seed, so the first columns are not the old ones: a new set of common random
