@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from designs import nine_level_frame
 
 import lmmops
 from lmmops.data.conditioning import condition
@@ -32,17 +33,7 @@ def client():
 
 
 def _frame(n=2400, seed=3):
-    rng = np.random.default_rng(seed)
-    g = rng.integers(0, 50, n)
-    h = rng.choice([f"lev{j:02d}" for j in range(9)], n)
-    hcode = np.array([int(s[3:]) for s in h])
-    df = pd.DataFrame({"g": g * 7 + 3, "h": h, "x": rng.normal(size=n),
-                       "f": rng.choice(["u", "v", "w"], n)})
-    df["y"] = (4.0 + rng.normal(size=50)[g] + 0.8 * rng.normal(size=9)[hcode]
-               + df.x * (1.0 + 0.4 * rng.normal(size=50)[g]) + (df.f == "v")
-               + rng.normal(size=n))
-    df["w"] = rng.uniform(0.5, 2.0, n)
-    return df
+    return nine_level_frame(n, seed)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ with unit-vector probes the estimators are exact, which is checked to round-off.
 import numpy as np
 import pandas as pd
 import pytest
+from designs import nine_level_frame
 
 import lmmops
 from lmmops.data.design import CrossedDesign
@@ -307,16 +308,7 @@ def test_newton_steps_that_raise_the_criterion_are_halved():
     boundary (criterion 9637 against the exact 7624, seed 3, a 9-level term); with the
     step kept only where the criterion stays within its Monte Carlo error, the fit
     converges near the exact optimum."""
-    rng = np.random.default_rng(3)
-    n = 2400
-    g = rng.integers(0, 50, n)
-    h = rng.choice([f"lev{j:02d}" for j in range(9)], n)
-    hcode = pd.Categorical(h).codes
-    df = pd.DataFrame({"g": g * 7 + 3, "h": h, "x": rng.normal(size=n),
-                       "f": rng.choice(["u", "v", "w"], n)})
-    df["y"] = (4.0 + rng.normal(size=50)[g] + 0.8 * rng.normal(size=9)[hcode]
-               + df.x * (1.0 + 0.4 * rng.normal(size=50)[g]) + (df.f == "v")
-               + rng.normal(size=n))
+    df = nine_level_frame()
     formula = "y ~ x + (1 + x|g) + (1|h)"
     exact = lmmops.fit(formula, df)
     res = lmmops.fit(formula, df, solver="iterative", seed=3)

@@ -59,7 +59,13 @@ from lmmops.estimation.direct import (
 )
 from lmmops.linalg import krylov, preconditioners
 from lmmops.linalg.operators import GramOperator, LevelSpaceOperator, RandomEffectsOperator
-from lmmops.linalg.trace import TraceEstimate, lanczos_from_cg, rademacher, slq_quadrature
+from lmmops.linalg.trace import (
+    TraceEstimate,
+    chunked_diagonal,
+    lanczos_from_cg,
+    rademacher,
+    slq_quadrature,
+)
 
 __all__ = ["DEFAULT_PRECONDITIONER", "MIN_PROBES", "PRECONDITIONERS", "USEFUL_PROBES",
            "IterativeObjective", "block_pcg", "check_n_probes", "check_preconditioner",
@@ -995,20 +1001,8 @@ class IterativeObjective:
         TraceEstimate
             ``estimate`` and ``stderr`` of shape (n_obs,).
         """
-        rng = np.random.default_rng(seed)
-        s1 = np.zeros(self.n)
-        s2 = np.zeros(self.n)
-        done = 0
-        while done < n_probes:
-            m = min(chunk, n_probes - done)
-            Zp = rademacher(self.n, m, rng)
-            samples = Zp * self.apply_P(ev, Zp)
-            s1 += samples.sum(axis=1)
-            s2 += (samples**2).sum(axis=1)
-            done += m
-        d = s1 / n_probes
-        var = np.maximum(s2 / n_probes - d * d, 0.0) * n_probes / max(n_probes - 1, 1)
-        return TraceEstimate(d, np.sqrt(var / n_probes), n_probes)
+        return chunked_diagonal(lambda Zp: self.apply_P(ev, Zp), self.n, n_probes,
+                                np.random.default_rng(seed), chunk)
 
     def with_weights(self, weights):
         """The same objective with other prior weights, the same probes and basis.

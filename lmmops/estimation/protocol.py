@@ -486,6 +486,15 @@ def fit_notes(obj, opt, loglik_se):
     raise ArgumentTypeError(f"no fit_notes for {type(obj).__name__}")
 
 
+def _shortfall(opt):
+    """The fit-notes clause on the expected log-likelihood shortfall, or ``""``."""
+    shortfall = getattr(opt, "loglik_shortfall", None)
+    if shortfall is None:
+        return ""
+    return (f", expected log-likelihood shortfall from the Monte Carlo error of the "
+            f"estimate {shortfall:.2g}")
+
+
 @fit_notes.register(DirectObjective)
 @fit_notes.register(VectorObjective)
 def _(obj, opt, loglik_se):
@@ -498,11 +507,7 @@ def _(obj: VectorIterativeObjective, opt, loglik_se):
     line = (f"iterative solver (random slopes, block-Jacobi PCG): {obj.n_probes} probes, "
             f"{obj.cg_iterations} CG iterations in {evals} evaluations; Monte Carlo "
             f"standard error of the log-likelihood {loglik_se:.3g}")
-    shortfall = getattr(opt, "loglik_shortfall", None)
-    if shortfall is not None:
-        line += (f", expected log-likelihood shortfall from the Monte Carlo error of the "
-                 f"estimate {shortfall:.2g}")
-    return [line, *getattr(opt, "notes", [])]
+    return [line + _shortfall(opt), *getattr(opt, "notes", [])]
 
 
 @fit_notes.register
@@ -512,11 +517,7 @@ def _(obj: IterativeObjective, opt, loglik_se):
     used = f"{first} probes" if probes == first else f"{first} probes ({probes} in the end)"
     line = (f"iterative solver: {used}, {obj.cg_iterations} CG iterations; Monte Carlo "
             f"standard error of the log-likelihood {loglik_se:.3g}")
-    shortfall = getattr(opt, "loglik_shortfall", None)
-    if shortfall is not None:
-        line += (f", expected log-likelihood shortfall from the Monte Carlo error of the "
-                 f"estimate {shortfall:.2g}")
-    return [line, *getattr(opt, "notes", [])]
+    return [line + _shortfall(opt), *getattr(opt, "notes", [])]
 
 
 @functools.singledispatch

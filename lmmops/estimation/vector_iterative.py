@@ -596,22 +596,11 @@ class VectorIterativeObjective:
         LmmopsError
             When the objective has no rows (level-space statistics alone, e.g. on Dask).
         """
-        from lmmops.linalg.trace import TraceEstimate  # (merge-clean import)
+        from lmmops.linalg.trace import chunked_diagonal  # (merge-clean import)
 
         Z = self._rows_Z()
-        rng = np.random.default_rng(check_seed(seed))
-        s1, s2 = np.zeros(self.n), np.zeros(self.n)
-        done = 0
-        while done < n_probes:
-            m = min(int(chunk), n_probes - done)
-            R = rademacher(self.n, m, rng)
-            samples = R * self.apply_P(ev, R, Z)
-            s1 += samples.sum(axis=1)
-            s2 += (samples ** 2).sum(axis=1)
-            done += m
-        d = s1 / n_probes
-        var = np.maximum(s2 / n_probes - d * d, 0.0) * n_probes / max(n_probes - 1, 1)
-        return TraceEstimate(d, np.sqrt(var / n_probes), n_probes)
+        return chunked_diagonal(lambda R: self.apply_P(ev, R, Z), self.n, n_probes,
+                                np.random.default_rng(check_seed(seed)), chunk)
 
     def variance_covariance(self, ev):
         """Wald covariance of the variance components on the objective's scale, laid out
