@@ -75,8 +75,8 @@ import time
 
 import numpy as np
 import scipy.optimize as sopt
+import scipy.sparse as sp
 from scipy import stats
-from scipy.sparse.linalg import LinearOperator
 
 from lmmops.data.terms import lower_triangle
 from lmmops.errors import ArgumentError, LmmopsError
@@ -206,14 +206,16 @@ class VectorIterativeObjective:
                                   f"{stats.p} do not match the terms' q = {self.q}, "
                                   f"p = {self.p}")
             C, self.ZtT, self.TT, self.ldW = stats.C, stats.ZtT, stats.TT, stats.log_weights
-        self._indptr = np.asarray(C.indptr, dtype=np.int64)
-        self._indices = np.asarray(C.indices, dtype=np.int32)
-        self._data = np.asarray(C.data, dtype=np.float64)
+        self._offs = np.asarray(self.offsets, dtype=np.int64)
+        self._dims = np.array([t.dim for t in self.terms], dtype=np.int64)
         self.nnz = int(C.nnz)
         par = (self.nnz >= _PARALLEL_MIN_NNZ and kernels.n_blocks(True) > 1
                if parallel is None else bool(parallel))
         self._csr = kernels.get_csr_matmat(par)
         self._block = kernels.get_block_matmat(par and self.q >= _PARALLEL_MIN_NNZ // 4)
+        self._ks = kernels.get_slope_kernels(par)
+        self._par = par
+        self._set_pattern(C)
         # the d_k x d_k diagonal blocks of C per level (the preconditioner's and the
         # control variates' C_jj)
         self.Cd = []
@@ -233,6 +235,57 @@ class VectorIterativeObjective:
         self.last = {}
 
     # ---------------------------------------------------------------- operators
+    def _set_pattern(self, C):
+        """Keep ``C`` on a block-closed pattern (its own when it is one: the rows of a
+        level share their columns, whole blocks, the diagonal block present), on which
+        ``A = Lambda' C Lambda + I`` is formed once per ``theta``."""
+        indptr = np.asarray(C.indptr, dtype=np.int64)
+        indices = np.asarray(C.indices, dtype=np.int32)
+        data = np.asarray(C.data, dtype=np.float64)
+        if not kernels.block_closed(indptr, indices, self._offs, self._dims):
+            # the closure Bp (|C| + I) Bp, Bp the block-diagonal pattern of Lambda
+            # (positive values: no cancellation drops an entry)
+            rows, cols = [], []
+            for k, t in enumerate(self.terms):
+                d, o = t.dim, int(self._offs[k])
+                base = o + d * np.arange(t.n_levels, dtype=np.int64)
+                for a in range(d):
+                    for b in range(d):
+                        rows.append(base + a)
+                        cols.append(base + b)
+            rows, cols = np.concatenate(rows), np.concatenate(cols)
+            Bp = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(self.q, self.q))
+            Cp = sp.csr_matrix((np.ones(indices.size), indices, indptr),
+                               shape=(self.q, self.q))
+            S = (Bp @ (Cp + sp.identity(self.q, format="csr")) @ Bp).tocsr()
+            S.sort_indices()
+            pptr = np.asarray(S.indptr, dtype=np.int64)
+            pind = np.asarray(S.indices, dtype=np.int32)
+            out = np.empty(pind.size)
+            self._ks["merge_values"](indptr, indices, data, pptr, pind, out)
+            indptr, indices, data = pptr, pind, out
+        self._indptr, self._indices, self._data = indptr, indices, data
+        self._adata = np.empty_like(data)
+        self._a_key = None
+        self._a_chunks = kernels.block_chunks(self._offs, self._dims,
+                                              64 if self._par else 1, indptr)
+        self._cg_blocks = None
+
+    def _form_A(self, Ts):
+        """The values of ``A = Lambda' C Lambda + I`` on ``C``'s pattern at ``Ts`` (kept
+        until ``Ts`` changes)."""
+        key = b"".join(np.ascontiguousarray(T, dtype=np.float64).tobytes() for T in Ts)
+        if key == self._a_key:
+            return
+        dmax = int(self._dims.max())
+        Tp = np.zeros((len(Ts), dmax, dmax))
+        for k, T in enumerate(Ts):
+            Tp[k, :T.shape[0], :T.shape[1]] = T
+        self._a_key = None  # while the values are being overwritten
+        self._ks["lam_sandwich"](self._indptr, self._indices, self._data, self._offs,
+                                 self._dims, Tp, self._a_chunks, self._adata)
+        self._a_key = key
+
     def _blocks(self, X):
         """Per term, the view of rows of ``X`` (q, m) as ``(n_l, d, m)``."""
         m = X.shape[1]
@@ -261,7 +314,13 @@ class VectorIterativeObjective:
         return out
 
     def _A(self, Ts, X):
-        return self._lam(Ts, self._C(self._lam(Ts, X)), transpose=True) + X
+        """``A X`` with ``A = Lambda' C Lambda + I`` formed on ``C``'s pattern (one CSR
+        product)."""
+        self._form_A(Ts)
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        out = np.empty_like(X)
+        self._csr(self._indptr, self._indices, self._adata, X, out)
+        return out
 
     def _preconditioner(self, Ts):
         """Block-Jacobi pieces: per term the Cholesky factors ``L_j`` of
@@ -282,14 +341,14 @@ class VectorIterativeObjective:
         """``A^{-1} B`` by block PCG with the block-Jacobi preconditioner ``Dinv``
         (:func:`lmmops.linalg.krylov.block_pcg`; ``record``: the columns whose CG
         coefficients are kept). Returns ``(solution, info)``."""
-        q = self.q
-
-        def psolve(R):
-            return self._by_blocks(Dinv, np.ascontiguousarray(R))
-
-        Mop = LinearOperator((q, q), matvec=lambda r: psolve(r.reshape(-1, 1))[:, 0],
-                             matmat=psolve, dtype=np.float64)
-        return krylov.block_pcg(lambda U: self._A(Ts, U), B, M=Mop, rtol=self.rtol,
+        dmax = int(self._dims.max())
+        Dr = np.zeros((self.q, dmax))
+        for k, Di in enumerate(Dinv):
+            d = Di.shape[1]
+            Dr[self._offs[k]:self._offs[k + 1], :d] = Di.reshape(-1, d)
+        self._form_A(Ts)
+        return krylov.block_pcg(lambda U: self._A(Ts, U), B,
+                                blocks=(Dr, self._offs, self._dims), rtol=self.rtol,
                                 maxiter=self.maxiter, record=record)
 
     # ---------------------------------------------------------------- evaluation
@@ -369,28 +428,31 @@ class VectorIterativeObjective:
         p, m = self.p, Z.shape[1]
         u, beta, Cx_inv, pwrss, dof = g["u"], g["beta"], g["Cx_inv"], g["pwrss"], g["dof"]
         S = sol[:, :p]  # A^{-1} Lambda'Z'WX
-        CY = self._C(self._lam(Ts, np.column_stack([S, u])))
-        Wz = self.ZtT[:, :p] - CY[:, :p]  # Z'V0^{-1}X
-        a = self.ZtT[:, p] - self.ZtT[:, :p] @ beta - CY[:, p]  # Z'W r
         W = self._by_blocks(LinvT, Z)  # w_i = L^{-T} z_i = D^{-1} L z_i
         E = sol[:, p + 1:] - W  # (A^{-1} - D^{-1}) L z_i
-        G2 = self._C(self._lam(Ts, np.column_stack([W, E])))
+        # one product C Lambda [W, E, S, u] (one pass over C's indices)
+        G2 = self._C(self._lam(Ts, np.column_stack([W, E, S, u])))
+        CY = G2[:, 2 * m:]
+        Wz = self.ZtT[:, :p] - CY[:, :p]  # Z'V0^{-1}X
+        a = self.ZtT[:, p] - self.ZtT[:, :p] @ beta - CY[:, p]  # Z'W r
+        G2 = np.ascontiguousarray(G2[:, :2 * m])
         grad = np.empty(self.n_theta)
         gs = np.empty((self.n_theta, m))
         dpw = np.empty(self.n_theta)
         parts = zip(self.terms, self.layout, Ts, self.Cd, Dinv, self._blocks(S),
-                    self._blocks(Wz), self._blocks(a[:, None]), self._blocks(u[:, None]),
-                    self._blocks(W), self._blocks(E), self._blocks(G2[:, :m]),
-                    self._blocks(G2[:, m:]))
-        for t, sl, T, Cd, Di, Sk, Wk, ak, uk, wk, ek, gw, ge in parts:
+                    self._blocks(Wz), self._blocks(a[:, None]), self._blocks(u[:, None]))
+        for k, (t, sl, T, Cd, Di, Sk, Wk, ak, uk) in enumerate(parts):
             d = t.dim
             # tr(D^{-1} dA) = 2 (sum_j D_j^{-1} T' C_jj)_{ba}, exact
             P = np.einsum("jbc,ec,jef->bf", Di, T, Cd)
-            s = np.empty((d, d, m))
-            for i in range(d):
-                for j in range(d):
-                    s[i, j] = (np.einsum("li,li->i", gw[:, i], ek[:, j])
-                               + np.einsum("li,li->i", ge[:, i], wk[:, j]))
+            # s[a, b, i] = sum_l (C Lambda w_i)_{l a} e_{l b i} + (C Lambda e_i)_{l a}
+            # w_{l b i}, the Hutchinson terms w_i' dA e_i per entry (a, b)
+            chunks = np.unique(np.linspace(0, t.n_levels, 8 * kernels.n_blocks(True) + 1
+                                           if self._par else 2).astype(np.int64))
+            work = np.empty((chunks.size - 1, d, d, m))
+            self._ks["pair_sums"](G2, W, E, int(self._offs[k]), t.n_levels, d, m, chunks,
+                                  work)
+            s = work.sum(axis=0)
             dlogA = 2.0 * P.T + s.mean(axis=2)
             dRX = -2.0 * np.einsum("jbp,pq,jaq->ab", Sk, Cx_inv, Wk)
             dPW = -2.0 * np.einsum("ja,jb->ab", ak[:, :, 0], uk[:, :, 0])

@@ -118,7 +118,8 @@ class LanczosCoefficients:
 
 
 def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, record=None,
-               stop_norms=None, vector=False, diagonal=None, stats=None, record_mask=None):
+               stop_norms=None, vector=False, diagonal=None, stats=None, record_mask=None,
+               blocks=None):
     """PCG on the columns of ``B`` (2-d), in place in ``X``; returns per-column iterations.
 
     The one block-CG recurrence of the package. Two ways to run an iteration:
@@ -129,7 +130,10 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
       the updates ``X += P a``, ``R -= A P a``, the residual reductions and the new
       directions run in the Numba kernels of :mod:`lmmops.linalg.kernels` (two passes over
       the block per iteration); a converged column keeps a zero step length, so the block
-      keeps its width (the kernels need contiguous blocks).
+      keeps its width (the kernels need contiguous blocks);
+    - fused block Jacobi (``blocks``: ``(Dr, offsets, dims)``, the rows of the inverse
+      ``d x d`` diagonal blocks, see :func:`block_pcg`): the same, with ``Z = D^{-1} R``
+      formed in the update kernel, block by block.
 
     ``stop_norms(R, cols)`` maps the active residual block to the norms compared with
     ``atol`` (default: column 2-norms; general path only). ``vector=True`` (one column) uses
@@ -140,7 +144,8 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
     m = B.shape[1]
     iters = np.zeros(m, dtype=np.int64)
     done = np.zeros(m, dtype=bool)
-    fused = diagonal is not None
+    fused = diagonal is not None or blocks is not None
+    bj = blocks is not None
     if vector:
         def amul(P):
             return A.matvec(P[:, 0])[:, None]
@@ -155,11 +160,18 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
             return R if M is None else M.matmat(R)
 
     if fused:
-        pinv = np.ascontiguousarray(diagonal, dtype=np.float64)
         parallel = B.size >= 200_000
         nb = kernels.n_blocks(True) if parallel else 1
-        k_update, k_direction = kernels.get_cg_kernels(parallel and nb > 1)
-        partial = np.zeros((nb, 2, m))
+        if bj:
+            Dr, b_off, b_dims = blocks
+            ks = kernels.get_slope_kernels(parallel and nb > 1)
+            chunks = kernels.block_chunks(b_off, b_dims, 8 * nb if parallel else 1)
+            Zb = np.empty_like(B)
+            partial = np.zeros((chunks.size - 1, 2, m))
+        else:
+            pinv = np.ascontiguousarray(diagonal, dtype=np.float64)
+            k_update, k_direction = kernels.get_cg_kernels(parallel and nb > 1)
+            partial = np.zeros((nb, 2, m))
         live = np.ones(m, dtype=bool)
 
     def norms(R, cols):
@@ -201,7 +213,11 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
         if fused:
             cols = np.flatnonzero(live & recorded) if record is not None else ()
             if P is None:
-                P = pinv[:, None] * R
+                if bj:
+                    ks["bj_apply"](Dr, b_off, b_dims, R, Zb, chunks)
+                    P = Zb.copy()
+                else:
+                    P = pinv[:, None] * R
                 rho = np.einsum("ij,ij->j", R, P)
                 if record is not None:
                     record.norms2[:] = rho
@@ -211,7 +227,10 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
                                 rho / np.where(rho_prev > 0, rho_prev, 1.0), 0.0)
                 for c in cols:
                     record.beta[c].append(float(beta[c]))
-                k_direction(P, R, pinv, beta, nb)
+                if bj:
+                    ks["cg_direction_z"](P, Zb, beta, chunks)
+                else:
+                    k_direction(P, R, pinv, beta, nb)
         else:
             Zr = psolve(R)
             rho = np.einsum("ij,ij->j", R, Zr)
@@ -238,7 +257,11 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
             alpha = np.where(live & (pq > 0), rho / np.where(pq > 0, pq, 1.0), 0.0)
             for c in cols:
                 record.alpha[c].append(float(alpha[c]))
-            k_update(X, R, P, Q, pinv, alpha, nb, partial)
+            if bj:
+                ks["cg_update_bj"](X, R, P, Q, Zb, Dr, b_off, b_dims, alpha, chunks,
+                                   partial)
+            else:
+                k_update(X, R, P, Q, pinv, alpha, nb, partial)
             rho_next = partial[:, 0, :].sum(axis=0)
             rn = np.where(live, np.sqrt(partial[:, 1, :].sum(axis=0)), rn)
             rho_prev = rho
@@ -467,7 +490,8 @@ class _Matmat:
         self.shape = (n, n)
 
 
-def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=None):
+def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=1000,
+              record=None):
     """Block PCG with per-column convergence and a diagnostics record (the fit's solver).
 
     The same recurrence as :func:`block_cg` (one implementation, ``_pcg_block``), with what
@@ -484,7 +508,14 @@ def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=No
         SPD approximation of ``A^{-1}``, e.g. ``preconditioners.build(...).aspreconditioner()``.
     diagonal : ndarray, shape (n,), optional
         The diagonal ``d`` of a diagonal preconditioner (``M = diag(1/d)``): the fused
-        Jacobi path. Exclusive with ``M``.
+        Jacobi path. Exclusive with ``M`` and ``blocks``.
+    blocks : tuple, optional
+        ``(Dr, offsets, dims)``: a block-Jacobi preconditioner ``M = blockdiag_j(D_j^{-1})``
+        with ``d x d`` blocks, term ``k`` holding rows ``offsets[k] .. offsets[k + 1] - 1``
+        in blocks of ``dims[k]``; ``Dr`` (n, dmax) holds row ``a`` of ``D_j^{-1}`` in row
+        ``start_j + a`` (its first ``d`` entries). The fused block-Jacobi path (Numba
+        kernels, ``Z = M R`` formed in the update pass). Exclusive with ``M`` and
+        ``diagonal``.
     rtol : float
         Column ``j`` stops when ``||b_j - A x_j|| < rtol ||b_j||``.
     maxiter : int
@@ -512,8 +543,9 @@ def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=No
     >>> bool(np.allclose(A @ X, np.eye(3))), bool(info["converged"].all())
     (True, True)
     """
-    if M is not None and diagonal is not None:
-        raise ArgumentError("block_pcg takes a preconditioner M or a diagonal, not both")
+    if sum(x is not None for x in (M, diagonal, blocks)) > 1:
+        raise ArgumentError("block_pcg takes one of a preconditioner M, a diagonal or "
+                            "blocks")
     B = np.ascontiguousarray(B, dtype=np.float64)
     if B.ndim != 2:
         raise ArgumentError(f"B must be 2-d (n, m), got shape {B.shape}")
@@ -531,8 +563,15 @@ def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=No
     mask = np.zeros(m, dtype=bool) if record is None else np.asarray(record, dtype=bool)
     X = np.zeros((n, m))
     stats = {}
+    if blocks is not None:
+        Dr, b_off, b_dims = blocks
+        blocks = (np.ascontiguousarray(Dr, dtype=np.float64),
+                  np.asarray(b_off, dtype=np.int64), np.asarray(b_dims, dtype=np.int64))
+        if blocks[0].shape[0] != n or blocks[1][-1] != n:
+            raise ArgumentError(f"blocks of {blocks[0].shape[0]} rows ending at "
+                                f"{blocks[1][-1]} for a block of {n} rows")
     iters, done = _pcg_block(A, B, X, atol, int(maxiter), M=M, record=rec, diagonal=inv,
-                             stats=stats, record_mask=mask)
+                             stats=stats, record_mask=mask, blocks=blocks)
     first = stats.get("first_product")
     if first is None:  # nothing to iterate (every column zero)
         first = np.zeros_like(B)
