@@ -491,7 +491,7 @@ class _Matmat:
 
 
 def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=1000,
-              record=None):
+              record=None, x0=None):
     """Block PCG with per-column convergence and a diagnostics record (the fit's solver).
 
     The same recurrence as :func:`block_cg` (one implementation, ``_pcg_block``), with what
@@ -520,7 +520,10 @@ def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=10
         Column ``j`` stops when ``||b_j - A x_j|| < rtol ||b_j||``.
     maxiter : int
     record : array_like of bool, shape (m,), optional
-        Columns whose CG coefficients are recorded.
+        Columns whose CG coefficients are recorded (their Lanczos quadrature assumes a
+        start at zero: recording with ``x0`` is refused).
+    x0 : ndarray, shape (n, m), optional
+        Starting block (default zero), e.g. the solution at a nearby operator.
 
     Returns
     -------
@@ -561,7 +564,15 @@ def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=10
     atol = float(rtol) * bnorm
     rec = LanczosCoefficients([[] for _ in range(m)], [[] for _ in range(m)], np.zeros(m))
     mask = np.zeros(m, dtype=bool) if record is None else np.asarray(record, dtype=bool)
-    X = np.zeros((n, m))
+    if x0 is None:
+        X = np.zeros((n, m))
+    else:
+        X = np.array(x0, dtype=np.float64, order="C")
+        if X.shape != (n, m):
+            raise ArgumentError(f"x0 of shape {X.shape} for a block of shape {(n, m)}")
+        if mask.any():
+            raise ArgumentError("CG coefficients for Lanczos quadrature need a start at "
+                                "zero: record and x0 are exclusive")
     stats = {}
     if blocks is not None:
         Dr, b_off, b_dims = blocks
