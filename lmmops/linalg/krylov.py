@@ -117,9 +117,20 @@ class LanczosCoefficients:
         return out
 
 
+def _work(work, name, shape):
+    """The reusable block ``work[name]`` of ``shape`` (float64, C order; allocated
+    once, or anew when the shape changes; a plain allocation without ``work``)."""
+    if work is None:
+        return np.empty(shape)
+    a = work.get(name)
+    if a is None or a.shape != tuple(shape):
+        a = work[name] = np.empty(shape)
+    return a
+
+
 def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, record=None,
                stop_norms=None, vector=False, diagonal=None, stats=None, record_mask=None,
-               blocks=None):
+               blocks=None, work=None):
     """PCG on the columns of ``B`` (2-d), in place in ``X``; returns per-column iterations.
 
     The one block-CG recurrence of the package. Two ways to run an iteration:
@@ -139,7 +150,10 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
     ``atol`` (default: column 2-norms; general path only). ``vector=True`` (one column) uses
     ``matvec`` as scipy does. ``stats`` (a dict, optional) receives ``norms`` (the last
     residual norm of every column) and ``first_product`` (``A M B``, the first product).
-    ``record_mask`` limits the recorded columns. Returns ``(iters, done)``.
+    ``record_mask`` limits the recorded columns. ``work`` (a dict, fused block-Jacobi path
+    only) keeps the (n, m) blocks ``R``, ``P``, ``Z`` and the products ``Q`` between calls
+    (each fresh block of this size costs page faults); ``A.matmat_out(P, Q)`` then writes
+    the products in place, and ``first_product`` is a copy. Returns ``(iters, done)``.
     """
     m = B.shape[1]
     iters = np.zeros(m, dtype=np.int64)
@@ -166,7 +180,7 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
             Dr, b_off, b_dims = blocks
             ks = kernels.get_slope_kernels(parallel and nb > 1)
             chunks = kernels.block_chunks(b_off, b_dims, 8 * nb if parallel else 1)
-            Zb = np.empty_like(B)
+            Zb = _work(work, "Z", B.shape)
             partial = np.zeros((chunks.size - 1, 2, m))
         else:
             pinv = np.ascontiguousarray(diagonal, dtype=np.float64)
@@ -180,7 +194,16 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
         return np.linalg.norm(R, axis=0)
 
     recorded = np.ones(m, dtype=bool) if record_mask is None else np.asarray(record_mask, bool)
-    if np.any(X):
+    reuse = work is not None and bj and hasattr(A, "matmat_out")
+    if reuse:
+        Qb = _work(work, "Q", B.shape)
+        R = _work(work, "R", B.shape)
+        if np.any(X):
+            A.matmat_out(X, Qb)
+            np.subtract(B, Qb, out=R)
+        else:
+            np.copyto(R, B)
+    elif np.any(X):
         R = B - (A.matvec(X[:, 0])[:, None] if vector else A.matmat(X))
     else:
         R = B.copy()
@@ -215,7 +238,8 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
             if P is None:
                 if bj:
                     ks["bj_apply"](Dr, b_off, b_dims, R, Zb, chunks)
-                    P = Zb.copy()
+                    P = _work(work, "P", B.shape) if reuse else np.empty_like(B)
+                    np.copyto(P, Zb)
                 else:
                     P = pinv[:, None] * R
                 rho = np.einsum("ij,ij->j", R, P)
@@ -245,10 +269,14 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
                 P += Zr
                 for c in cols:
                     record.beta[c].append(float(beta[np.searchsorted(act, c)]))
-        Q = amul(P)
-        if stats is not None and it == 0:
+        if reuse:
+            A.matmat_out(P, Qb)
+            Q = Qb
+        else:
+            Q = amul(P)
+        if stats is not None and it == 0 and not stats.get("skip_first"):
             if act.size == m or fused:
-                stats["first_product"] = Q
+                stats["first_product"] = Q.copy() if reuse else Q
             else:
                 stats["first_product"] = np.zeros((Q.shape[0], m))
                 stats["first_product"][:, act] = Q
@@ -491,7 +519,7 @@ class _Matmat:
 
 
 def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=1000,
-              record=None, x0=None):
+              record=None, x0=None, work=None, first_product=True):
     """Block PCG with per-column convergence and a diagnostics record (the fit's solver).
 
     The same recurrence as :func:`block_cg` (one implementation, ``_pcg_block``), with what
@@ -524,6 +552,15 @@ def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=10
         start at zero: recording with ``x0`` is refused).
     x0 : ndarray, shape (n, m), optional
         Starting block (default zero), e.g. the solution at a nearby operator.
+    work : dict, optional
+        With ``blocks``: reusable (n, m) blocks kept between calls (the solution ``X``,
+        the residuals, directions, preconditioned residuals and products), so that
+        repeated solves of one size allocate nothing of that size (a fresh block costs
+        page faults, as much as the solve's vector work on some machines). The returned
+        ``X`` is then ``work["X"]``, overwritten by the next call with the same dict;
+        ``x0`` may be that same array. ``A`` may offer ``matmat_out(U, out)``.
+    first_product : bool
+        Return ``info["first_product"]`` (``A M B``; None without).
 
     Returns
     -------
@@ -564,16 +601,24 @@ def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=10
     atol = float(rtol) * bnorm
     rec = LanczosCoefficients([[] for _ in range(m)], [[] for _ in range(m)], np.zeros(m))
     mask = np.zeros(m, dtype=bool) if record is None else np.asarray(record, dtype=bool)
-    if x0 is None:
+    wk = work if blocks is not None else None
+    if x0 is not None and np.shape(x0) != (n, m):
+        raise ArgumentError(f"x0 of shape {np.shape(x0)} for a block of shape {(n, m)}")
+    if wk is not None:
+        X = _work(wk, "X", (n, m))
+        if x0 is None:
+            X.fill(0.0)
+        elif x0 is not X:
+            np.copyto(X, x0)
+    elif x0 is None:
         X = np.zeros((n, m))
     else:
         X = np.array(x0, dtype=np.float64, order="C")
-        if X.shape != (n, m):
-            raise ArgumentError(f"x0 of shape {X.shape} for a block of shape {(n, m)}")
+    if x0 is not None:
         if mask.any():
             raise ArgumentError("CG coefficients for Lanczos quadrature need a start at "
                                 "zero: record and x0 are exclusive")
-    stats = {}
+    stats = {"skip_first": not first_product}
     if blocks is not None:
         Dr, b_off, b_dims = blocks
         blocks = (np.ascontiguousarray(Dr, dtype=np.float64),
@@ -582,9 +627,12 @@ def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=10
             raise ArgumentError(f"blocks of {blocks[0].shape[0]} rows ending at "
                                 f"{blocks[1][-1]} for a block of {n} rows")
     iters, done = _pcg_block(A, B, X, atol, int(maxiter), M=M, record=rec, diagonal=inv,
-                             stats=stats, record_mask=mask, blocks=blocks)
+                             stats=stats,
+                             record_mask=mask, blocks=blocks, work=wk)
     first = stats.get("first_product")
-    if first is None:  # nothing to iterate (every column zero)
+    if not first_product:
+        first = None
+    elif first is None:  # nothing to iterate (every column zero)
         first = np.zeros_like(B)
     info = {"iterations": int(iters.max(initial=0)), "iterations_per_column": iters,
             "converged": done, "residual": stats["norms"] / bnorm, "alpha": rec.alpha,
