@@ -235,13 +235,14 @@ def test_invalid_inputs():
 
 def test_one_term_is_exact_and_three_terms_agree():
     """One term: A is block diagonal, so block-Jacobi is exact (one CG iteration, no
-    Monte Carlo error); three terms with a slope-only ``(0 + x | g3)`` term agree with the
-    exact solver within their errors."""
+    Monte Carlo error beyond round-off: A is formed on C's pattern and D from C's
+    blocks, which may differ in the last bits); three terms with a slope-only
+    ``(0 + x | g3)`` term agree with the exact solver within their errors."""
     terms, X, y = simulate_slopes(1500, [40, 15, 6], slopes=[True, False, False], seed=9)
     theta1 = np.array([0.9, 0.2, 0.5])
     ex = VectorObjective(terms[:1], X, y).evaluate(theta1)
     ev = VectorIterativeObjective(terms[:1], X, y, n_probes=4).evaluate(theta1)
-    assert ev.objective_se == 0.0
+    assert ev.objective_se <= 1e-12 * abs(ev.objective)
     assert ev.cg_iterations <= 2
     assert ev.objective == pytest.approx(ex.objective, abs=1e-8)
     np.testing.assert_allclose(ev.gradient, ex.gradient, atol=1e-6)

@@ -74,10 +74,18 @@ __all__ = [
     "axpy_gather_block_serial",
     "axpy_gather_parallel",
     "axpy_gather_serial",
+    "bj_apply_parallel",
+    "bj_apply_serial",
+    "block_chunks",
+    "block_closed",
     "block_matmat_parallel",
     "block_matmat_serial",
     "cg_direction_parallel",
     "cg_direction_serial",
+    "cg_direction_z_parallel",
+    "cg_direction_z_serial",
+    "cg_update_bj_parallel",
+    "cg_update_bj_serial",
     "cg_update_parallel",
     "cg_update_serial",
     "cov_matmat_parallel",
@@ -102,11 +110,18 @@ __all__ = [
     "get_dense_kernels",
     "get_kernel",
     "get_schur_kernels",
+    "get_slope_kernels",
+    "lam_sandwich_parallel",
+    "lam_sandwich_serial",
     "level_matmat_parallel",
     "level_matmat_serial",
     "level_matvec_parallel",
     "level_matvec_serial",
+    "merge_values_parallel",
+    "merge_values_serial",
     "n_blocks",
+    "pair_sums_parallel",
+    "pair_sums_serial",
     "sandwich_blocks_parallel",
     "sandwich_blocks_serial",
     "scatter_block_parallel",
@@ -645,6 +660,194 @@ def _block_matmat(B, X, out):
                         out[r, c] += v * X[rb, c]
 
 
+def _block_of(i, offsets, dims):
+    # (start, size) of the d x d diagonal block holding row i, for terms with rows
+    # offsets[k] .. offsets[k + 1] - 1 in blocks of dims[k] (level by level)
+    k = 0
+    while offsets[k + 1] <= i:
+        k += 1
+    d = dims[k]
+    return i - (i - offsets[k]) % d, d
+
+
+_block_of_nb = numba.njit(_block_of, cache=True, inline="always")
+
+
+def _block_closed(indptr, indices, offsets, dims):
+    # True when the CSR pattern is closed under the block structure: the rows of a block
+    # share one column list, made of whole column blocks (each in order), and the
+    # diagonal block is present. Lambda' C Lambda + I then has exactly C's pattern.
+    q = indptr.size - 1
+    i = 0
+    while i < q:
+        s, d = _block_of_nb(i, offsets, dims)
+        lo, hi = indptr[s], indptr[s + 1]
+        ln = hi - lo
+        diag = False
+        p = lo
+        while p < hi:
+            c0, e = _block_of_nb(indices[p], offsets, dims)
+            if indices[p] != c0 or p + e > hi:
+                return False
+            for b in range(e):
+                if indices[p + b] != c0 + b:
+                    return False
+            if c0 == s:
+                diag = True
+            p += e
+        if not diag:
+            return False
+        for a in range(1, d):
+            la = indptr[s + a]
+            if indptr[s + a + 1] - la != ln:
+                return False
+            for t in range(ln):
+                if indices[la + t] != indices[lo + t]:
+                    return False
+        i = s + d
+    return True
+
+
+def _merge_values(indptr, indices, data, pptr, pind, out):
+    # The values of a CSR matrix (indptr, indices, data) on a pattern (pptr, pind) that
+    # contains it, both with sorted column indices: out zero where the matrix has none.
+    # Rows in prange, each writing only its own entries.
+    for i in prange(indptr.size - 1):
+        t = pptr[i]
+        for p in range(indptr[i], indptr[i + 1]):
+            c = indices[p]
+            while pind[t] != c:
+                out[t] = 0.0
+                t += 1
+            out[t] = data[p]
+            t += 1
+        for u in range(t, pptr[i + 1]):
+            out[u] = 0.0
+
+
+def _lam_sandwich(indptr, indices, data, offsets, dims, T, chunks, out):
+    # out = Lambda' C Lambda + I on C's block-closed pattern (see _block_closed), with
+    # Lambda = blockdiag_k(I (x) T_k): entry ((j, a), (l, c)) is
+    # sum_{a', b'} T_k[a', a] C[(j, a'), (l, b')] T_l[b', c].
+    # indptr, indices, data: C (CSR, q x q, sorted, block-closed); offsets: (K + 1,) int64;
+    # dims: (K,) int64; T: (K, dmax, dmax) float64, term k's T_k in its top-left corner;
+    # chunks: (nch + 1,) block-aligned row boundaries; out: (nnz,) float64, overwritten.
+    # Chunks in prange, each writing only its own rows.
+    for ch in prange(chunks.size - 1):
+        i = chunks[ch]
+        while i < chunks[ch + 1]:
+            k = 0
+            while offsets[k + 1] <= i:
+                k += 1
+            d = dims[k]
+            lo = indptr[i]
+            ln = indptr[i + 1] - lo
+            t = 0
+            while t < ln:
+                c0 = indices[lo + t]
+                m = 0
+                while offsets[m + 1] <= c0:
+                    m += 1
+                e = dims[m]
+                for a in range(d):
+                    pa = indptr[i + a] + t
+                    for c in range(e):
+                        acc = 0.0
+                        for a2 in range(d):
+                            ta = T[k, a2, a]
+                            if ta != 0.0:
+                                pb = indptr[i + a2] + t
+                                inner = 0.0
+                                for b2 in range(e):
+                                    inner += data[pb + b2] * T[m, b2, c]
+                                acc += ta * inner
+                        if i + a == c0 + c:
+                            acc += 1.0
+                        out[pa + c] = acc
+                t += e
+            i += d
+
+
+def _bj_apply(Dr, offsets, dims, R, Z, chunks):
+    # Z = blockdiag_j(D_j^{-1}) R for the d x d blocks of rows (offsets, dims); Dr (q, dmax)
+    # holds row a of block j's D_j^{-1} in row j d + a (only its first d entries read).
+    # R, Z: (q, m) C order. Chunks (block-aligned row boundaries) in prange.
+    m = R.shape[1]
+    for ch in prange(chunks.size - 1):
+        i = chunks[ch]
+        while i < chunks[ch + 1]:
+            s, d = _block_of_nb(i, offsets, dims)
+            for a in range(d):
+                r = s + a
+                for j in range(m):
+                    acc = 0.0
+                    for b in range(d):
+                        acc += Dr[r, b] * R[s + b, j]
+                    Z[r, j] = acc
+            i = s + d
+
+
+def _cg_update_bj(X, R, P, AP, Z, Dr, offsets, dims, a, chunks, partial):
+    # One block-CG update with the block-Jacobi preconditioner, fused: X += P a,
+    # R -= AP a, Z = D^{-1} R (per d x d block, after the block's rows of R are updated)
+    # and per-chunk partial sums of R * Z and R * R per column into partial[ch, 0 / 1, j]
+    # (race-free), for the caller to sum. Shapes as _cg_update and _bj_apply;
+    # partial: (nch, 2, m).
+    m = X.shape[1]
+    for ch in prange(chunks.size - 1):
+        for j in range(m):
+            partial[ch, 0, j] = 0.0
+            partial[ch, 1, j] = 0.0
+        i = chunks[ch]
+        while i < chunks[ch + 1]:
+            s, d = _block_of_nb(i, offsets, dims)
+            for r in range(s, s + d):
+                for j in range(m):
+                    aj = a[j]
+                    X[r, j] += aj * P[r, j]
+                    R[r, j] -= aj * AP[r, j]
+            for r in range(s, s + d):
+                for j in range(m):
+                    acc = 0.0
+                    for b in range(d):
+                        acc += Dr[r, b] * R[s + b, j]
+                    Z[r, j] = acc
+                    rr = R[r, j]
+                    partial[ch, 0, j] += rr * acc
+                    partial[ch, 1, j] += rr * rr
+            i = s + d
+
+
+def _cg_direction_z(P, Z, b, chunks):
+    # P = Z + P b (the new search directions from preconditioned residuals Z)
+    m = P.shape[1]
+    for ch in prange(chunks.size - 1):
+        for i in range(chunks[ch], chunks[ch + 1]):
+            for j in range(m):
+                P[i, j] = Z[i, j] + b[j] * P[i, j]
+
+
+def _pair_sums(G, W, E, lo, nl, d, m, chunks, work):
+    # Per-probe sums of the slope gradient's trace part for one term (rows lo ..
+    # lo + nl d - 1, blocks of d): work[ch, a, b, i] = sum over the chunk's levels l of
+    # G[(l, a), i] E[(l, b), i] + G[(l, a), m + i] W[(l, b), i], with G = [C Lambda W,
+    # C Lambda E] (q, 2 m), W, E (q, m); chunks: level boundaries (nch + 1,); the caller
+    # sums work over chunks. Race-free (one row of work per chunk).
+    for ch in prange(chunks.size - 1):
+        for a in range(d):
+            for b in range(d):
+                for i in range(m):
+                    work[ch, a, b, i] = 0.0
+        for lev in range(chunks[ch], chunks[ch + 1]):
+            r0 = lo + lev * d
+            for a in range(d):
+                ra = r0 + a
+                for b in range(d):
+                    rb = r0 + b
+                    for i in range(m):
+                        work[ch, a, b, i] += G[ra, i] * E[rb, i] + G[ra, m + i] * W[rb, i]
+
+
 def _renamed(fn, suffix):
     # A copy of ``fn`` under another qualified name. Numba names on-disk cache entries by
     # qualified name and line and does not key them by ``parallel``, so without this the
@@ -724,6 +927,13 @@ dense_matmat_serial, dense_matmat_parallel = _compile(_dense_matmat, fastmath=Tr
 dense_tmatmat_serial, dense_tmatmat_parallel = _compile(_dense_tmatmat, fastmath=True)
 sym_matmat_serial, sym_matmat_parallel = _compile(_sym_matmat, fastmath=True)
 cg_update_serial, cg_update_parallel = _compile(_cg_update)
+merge_values_serial, merge_values_parallel = _compile(_merge_values)
+lam_sandwich_serial, lam_sandwich_parallel = _compile(_lam_sandwich)
+bj_apply_serial, bj_apply_parallel = _compile(_bj_apply)
+cg_update_bj_serial, cg_update_bj_parallel = _compile(_cg_update_bj)
+cg_direction_z_serial, cg_direction_z_parallel = _compile(_cg_direction_z)
+pair_sums_serial, pair_sums_parallel = _compile(_pair_sums)
+block_closed = numba.njit(_block_closed, cache=True)
 cg_direction_serial, cg_direction_parallel = _compile(_cg_direction)
 
 @numba.njit(cache=True, nogil=True)
@@ -800,6 +1010,78 @@ KERNELS = {
     "level_matvec": (level_matvec_serial, level_matvec_parallel),
     "level_matmat": (level_matmat_serial, level_matmat_parallel),
 }
+
+
+def block_chunks(offsets, dims, n_chunks, indptr=None):
+    """Row boundaries of about ``n_chunks`` chunks that start on ``d x d`` block starts.
+
+    Parameters
+    ----------
+    offsets : ndarray of int, shape (K + 1,)
+        First row of each term (and ``q``).
+    dims : ndarray of int, shape (K,)
+        Block size of each term.
+    n_chunks : int
+    indptr : ndarray, shape (q + 1,), optional
+        A CSR row pointer: chunks of equal non-zeros rather than equal rows.
+
+    Returns
+    -------
+    ndarray of int64, shape (m + 1,)
+        Increasing, from 0 to ``q``, every entry a block start.
+
+    Examples
+    --------
+    >>> block_chunks(np.array([0, 6, 9]), np.array([2, 1]), 4).tolist()
+    [0, 2, 4, 6, 9]
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    dims = np.asarray(dims, dtype=np.int64)
+    q = int(offsets[-1])
+    if q == 0:
+        return np.zeros(1, dtype=np.int64)
+    if indptr is None:
+        cuts = (np.arange(1, n_chunks) * q) // n_chunks
+    else:
+        ip = np.asarray(indptr, dtype=np.int64)
+        cuts = np.searchsorted(ip, (np.arange(1, n_chunks) * ip[-1]) // n_chunks)
+        cuts = np.minimum(cuts, q)
+    k = np.searchsorted(offsets, cuts, side="right") - 1
+    k = np.minimum(k, dims.size - 1)
+    cuts = cuts - (cuts - offsets[k]) % dims[k]  # snap down to the block start
+    return np.unique(np.r_[0, cuts, q]).astype(np.int64)
+
+
+def get_slope_kernels(parallel=False):
+    """The serial or parallel kernels of the random-slope iterative solver, by name.
+
+    ``lam_sandwich(indptr, indices, data, offsets, dims, T, chunks, out)``: the values
+    of ``Lambda' C Lambda + I`` on ``C``'s block-closed pattern (:data:`block_closed`);
+    ``bj_apply(Dr, offsets, dims, R, Z, chunks)``: ``Z = D^{-1} R`` for the block-Jacobi
+    inverse blocks given by rows ``Dr``; ``cg_update_bj(X, R, P, AP, Z, Dr, offsets, dims,
+    a, chunks, partial)`` and ``cg_direction_z(P, Z, b, chunks)``: the fused block-CG
+    update and direction; ``pair_sums(G, W, E, lo, nl, d, m, chunks, work)``: per-probe
+    sums of the gradient's trace part; ``merge_values(indptr, indices, data, pptr, pind,
+    out)``: a CSR matrix's values on a larger pattern. ``chunks`` are block-aligned row
+    boundaries (:func:`block_chunks`).
+
+    Parameters
+    ----------
+    parallel : bool
+
+    Returns
+    -------
+    dict of str to callable
+    """
+    v = 1 if parallel else 0
+    return {
+        "lam_sandwich": (lam_sandwich_serial, lam_sandwich_parallel)[v],
+        "bj_apply": (bj_apply_serial, bj_apply_parallel)[v],
+        "cg_update_bj": (cg_update_bj_serial, cg_update_bj_parallel)[v],
+        "cg_direction_z": (cg_direction_z_serial, cg_direction_z_parallel)[v],
+        "pair_sums": (pair_sums_serial, pair_sums_parallel)[v],
+        "merge_values": (merge_values_serial, merge_values_parallel)[v],
+    }
 
 
 def get_cg_kernels(parallel=False):

@@ -117,8 +117,20 @@ class LanczosCoefficients:
         return out
 
 
+def _work(work, name, shape):
+    """The reusable block ``work[name]`` of ``shape`` (float64, C order; allocated
+    once, or anew when the shape changes; a plain allocation without ``work``)."""
+    if work is None:
+        return np.empty(shape)
+    a = work.get(name)
+    if a is None or a.shape != tuple(shape):
+        a = work[name] = np.empty(shape)
+    return a
+
+
 def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, record=None,
-               stop_norms=None, vector=False, diagonal=None, stats=None, record_mask=None):
+               stop_norms=None, vector=False, diagonal=None, stats=None, record_mask=None,
+               blocks=None, work=None):
     """PCG on the columns of ``B`` (2-d), in place in ``X``; returns per-column iterations.
 
     The one block-CG recurrence of the package. Two ways to run an iteration:
@@ -129,18 +141,25 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
       the updates ``X += P a``, ``R -= A P a``, the residual reductions and the new
       directions run in the Numba kernels of :mod:`lmmops.linalg.kernels` (two passes over
       the block per iteration); a converged column keeps a zero step length, so the block
-      keeps its width (the kernels need contiguous blocks).
+      keeps its width (the kernels need contiguous blocks);
+    - fused block Jacobi (``blocks``: ``(Dr, offsets, dims)``, the rows of the inverse
+      ``d x d`` diagonal blocks, see :func:`block_pcg`): the same, with ``Z = D^{-1} R``
+      formed in the update kernel, block by block.
 
     ``stop_norms(R, cols)`` maps the active residual block to the norms compared with
     ``atol`` (default: column 2-norms; general path only). ``vector=True`` (one column) uses
     ``matvec`` as scipy does. ``stats`` (a dict, optional) receives ``norms`` (the last
     residual norm of every column) and ``first_product`` (``A M B``, the first product).
-    ``record_mask`` limits the recorded columns. Returns ``(iters, done)``.
+    ``record_mask`` limits the recorded columns. ``work`` (a dict, fused block-Jacobi path
+    only) keeps the (n, m) blocks ``R``, ``P``, ``Z`` and the products ``Q`` between calls
+    (each fresh block of this size costs page faults); ``A.matmat_out(P, Q)`` then writes
+    the products in place, and ``first_product`` is a copy. Returns ``(iters, done)``.
     """
     m = B.shape[1]
     iters = np.zeros(m, dtype=np.int64)
     done = np.zeros(m, dtype=bool)
-    fused = diagonal is not None
+    fused = diagonal is not None or blocks is not None
+    bj = blocks is not None
     if vector:
         def amul(P):
             return A.matvec(P[:, 0])[:, None]
@@ -155,11 +174,18 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
             return R if M is None else M.matmat(R)
 
     if fused:
-        pinv = np.ascontiguousarray(diagonal, dtype=np.float64)
         parallel = B.size >= 200_000
         nb = kernels.n_blocks(True) if parallel else 1
-        k_update, k_direction = kernels.get_cg_kernels(parallel and nb > 1)
-        partial = np.zeros((nb, 2, m))
+        if bj:
+            Dr, b_off, b_dims = blocks
+            ks = kernels.get_slope_kernels(parallel and nb > 1)
+            chunks = kernels.block_chunks(b_off, b_dims, 8 * nb if parallel else 1)
+            Zb = _work(work, "Z", B.shape)
+            partial = np.zeros((chunks.size - 1, 2, m))
+        else:
+            pinv = np.ascontiguousarray(diagonal, dtype=np.float64)
+            k_update, k_direction = kernels.get_cg_kernels(parallel and nb > 1)
+            partial = np.zeros((nb, 2, m))
         live = np.ones(m, dtype=bool)
 
     def norms(R, cols):
@@ -168,7 +194,16 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
         return np.linalg.norm(R, axis=0)
 
     recorded = np.ones(m, dtype=bool) if record_mask is None else np.asarray(record_mask, bool)
-    if np.any(X):
+    reuse = work is not None and bj and hasattr(A, "matmat_out")
+    if reuse:
+        Qb = _work(work, "Q", B.shape)
+        R = _work(work, "R", B.shape)
+        if np.any(X):
+            A.matmat_out(X, Qb)
+            np.subtract(B, Qb, out=R)
+        else:
+            np.copyto(R, B)
+    elif np.any(X):
         R = B - (A.matvec(X[:, 0])[:, None] if vector else A.matmat(X))
     else:
         R = B.copy()
@@ -201,7 +236,12 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
         if fused:
             cols = np.flatnonzero(live & recorded) if record is not None else ()
             if P is None:
-                P = pinv[:, None] * R
+                if bj:
+                    ks["bj_apply"](Dr, b_off, b_dims, R, Zb, chunks)
+                    P = _work(work, "P", B.shape) if reuse else np.empty_like(B)
+                    np.copyto(P, Zb)
+                else:
+                    P = pinv[:, None] * R
                 rho = np.einsum("ij,ij->j", R, P)
                 if record is not None:
                     record.norms2[:] = rho
@@ -211,7 +251,10 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
                                 rho / np.where(rho_prev > 0, rho_prev, 1.0), 0.0)
                 for c in cols:
                     record.beta[c].append(float(beta[c]))
-                k_direction(P, R, pinv, beta, nb)
+                if bj:
+                    ks["cg_direction_z"](P, Zb, beta, chunks)
+                else:
+                    k_direction(P, R, pinv, beta, nb)
         else:
             Zr = psolve(R)
             rho = np.einsum("ij,ij->j", R, Zr)
@@ -226,10 +269,14 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
                 P += Zr
                 for c in cols:
                     record.beta[c].append(float(beta[np.searchsorted(act, c)]))
-        Q = amul(P)
-        if stats is not None and it == 0:
+        if reuse:
+            A.matmat_out(P, Qb)
+            Q = Qb
+        else:
+            Q = amul(P)
+        if stats is not None and it == 0 and not stats.get("skip_first"):
             if act.size == m or fused:
-                stats["first_product"] = Q
+                stats["first_product"] = Q.copy() if reuse else Q
             else:
                 stats["first_product"] = np.zeros((Q.shape[0], m))
                 stats["first_product"][:, act] = Q
@@ -238,7 +285,11 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
             alpha = np.where(live & (pq > 0), rho / np.where(pq > 0, pq, 1.0), 0.0)
             for c in cols:
                 record.alpha[c].append(float(alpha[c]))
-            k_update(X, R, P, Q, pinv, alpha, nb, partial)
+            if bj:
+                ks["cg_update_bj"](X, R, P, Q, Zb, Dr, b_off, b_dims, alpha, chunks,
+                                   partial)
+            else:
+                k_update(X, R, P, Q, pinv, alpha, nb, partial)
             rho_next = partial[:, 0, :].sum(axis=0)
             rn = np.where(live, np.sqrt(partial[:, 1, :].sum(axis=0)), rn)
             rho_prev = rho
@@ -467,7 +518,8 @@ class _Matmat:
         self.shape = (n, n)
 
 
-def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=None):
+def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=1000,
+              record=None, x0=None, work=None, first_product=True):
     """Block PCG with per-column convergence and a diagnostics record (the fit's solver).
 
     The same recurrence as :func:`block_cg` (one implementation, ``_pcg_block``), with what
@@ -484,12 +536,31 @@ def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=No
         SPD approximation of ``A^{-1}``, e.g. ``preconditioners.build(...).aspreconditioner()``.
     diagonal : ndarray, shape (n,), optional
         The diagonal ``d`` of a diagonal preconditioner (``M = diag(1/d)``): the fused
-        Jacobi path. Exclusive with ``M``.
+        Jacobi path. Exclusive with ``M`` and ``blocks``.
+    blocks : tuple, optional
+        ``(Dr, offsets, dims)``: a block-Jacobi preconditioner ``M = blockdiag_j(D_j^{-1})``
+        with ``d x d`` blocks, term ``k`` holding rows ``offsets[k] .. offsets[k + 1] - 1``
+        in blocks of ``dims[k]``; ``Dr`` (n, dmax) holds row ``a`` of ``D_j^{-1}`` in row
+        ``start_j + a`` (its first ``d`` entries). The fused block-Jacobi path (Numba
+        kernels, ``Z = M R`` formed in the update pass). Exclusive with ``M`` and
+        ``diagonal``.
     rtol : float
         Column ``j`` stops when ``||b_j - A x_j|| < rtol ||b_j||``.
     maxiter : int
     record : array_like of bool, shape (m,), optional
-        Columns whose CG coefficients are recorded.
+        Columns whose CG coefficients are recorded (their Lanczos quadrature assumes a
+        start at zero: recording with ``x0`` is refused).
+    x0 : ndarray, shape (n, m), optional
+        Starting block (default zero), e.g. the solution at a nearby operator.
+    work : dict, optional
+        With ``blocks``: reusable (n, m) blocks kept between calls (the solution ``X``,
+        the residuals, directions, preconditioned residuals and products), so that
+        repeated solves of one size allocate nothing of that size (a fresh block costs
+        page faults, as much as the solve's vector work on some machines). The returned
+        ``X`` is then ``work["X"]``, overwritten by the next call with the same dict;
+        ``x0`` may be that same array. ``A`` may offer ``matmat_out(U, out)``.
+    first_product : bool
+        Return ``info["first_product"]`` (``A M B``; None without).
 
     Returns
     -------
@@ -512,8 +583,9 @@ def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=No
     >>> bool(np.allclose(A @ X, np.eye(3))), bool(info["converged"].all())
     (True, True)
     """
-    if M is not None and diagonal is not None:
-        raise ArgumentError("block_pcg takes a preconditioner M or a diagonal, not both")
+    if sum(x is not None for x in (M, diagonal, blocks)) > 1:
+        raise ArgumentError("block_pcg takes one of a preconditioner M, a diagonal or "
+                            "blocks")
     B = np.ascontiguousarray(B, dtype=np.float64)
     if B.ndim != 2:
         raise ArgumentError(f"B must be 2-d (n, m), got shape {B.shape}")
@@ -529,12 +601,38 @@ def block_pcg(A, B, *, M=None, diagonal=None, rtol=1e-8, maxiter=1000, record=No
     atol = float(rtol) * bnorm
     rec = LanczosCoefficients([[] for _ in range(m)], [[] for _ in range(m)], np.zeros(m))
     mask = np.zeros(m, dtype=bool) if record is None else np.asarray(record, dtype=bool)
-    X = np.zeros((n, m))
-    stats = {}
+    wk = work if blocks is not None else None
+    if x0 is not None and np.shape(x0) != (n, m):
+        raise ArgumentError(f"x0 of shape {np.shape(x0)} for a block of shape {(n, m)}")
+    if wk is not None:
+        X = _work(wk, "X", (n, m))
+        if x0 is None:
+            X.fill(0.0)
+        elif x0 is not X:
+            np.copyto(X, x0)
+    elif x0 is None:
+        X = np.zeros((n, m))
+    else:
+        X = np.array(x0, dtype=np.float64, order="C")
+    if x0 is not None:
+        if mask.any():
+            raise ArgumentError("CG coefficients for Lanczos quadrature need a start at "
+                                "zero: record and x0 are exclusive")
+    stats = {"skip_first": not first_product}
+    if blocks is not None:
+        Dr, b_off, b_dims = blocks
+        blocks = (np.ascontiguousarray(Dr, dtype=np.float64),
+                  np.asarray(b_off, dtype=np.int64), np.asarray(b_dims, dtype=np.int64))
+        if blocks[0].shape[0] != n or blocks[1][-1] != n:
+            raise ArgumentError(f"blocks of {blocks[0].shape[0]} rows ending at "
+                                f"{blocks[1][-1]} for a block of {n} rows")
     iters, done = _pcg_block(A, B, X, atol, int(maxiter), M=M, record=rec, diagonal=inv,
-                             stats=stats, record_mask=mask)
+                             stats=stats,
+                             record_mask=mask, blocks=blocks, work=wk)
     first = stats.get("first_product")
-    if first is None:  # nothing to iterate (every column zero)
+    if not first_product:
+        first = None
+    elif first is None:  # nothing to iterate (every column zero)
         first = np.zeros_like(B)
     info = {"iterations": int(iters.max(initial=0)), "iterations_per_column": iters,
             "converged": done, "residual": stats["norms"] / bnorm, "alpha": rec.alpha,
