@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import scipy.optimize as sopt
@@ -90,15 +91,22 @@ from lmmops.estimation.iterative import (
     check_seed,
 )
 from lmmops.estimation.vector import (
+    VectorObjective,
     check_theta,
     last_evaluation_cache,
     profiled_gls,
+    random_effects_matrix,
     setup_objective,
     start_theta,
     vector_statistics,
 )
 from lmmops.linalg import kernels, krylov
-from lmmops.linalg.trace import lanczos_from_cg, rademacher, slq_quadrature
+from lmmops.linalg.trace import (
+    chunked_diagonal,
+    lanczos_from_cg,
+    rademacher,
+    slq_quadrature,
+)
 
 __all__ = ["PEV_PROBES", "PRECONDITIONERS", "VectorIterativeObjective",
            "check_slope_preconditioner", "fit_vector_iterative"]
@@ -646,8 +654,6 @@ class VectorIterativeObjective:
                               "slope objective was built from level-space statistics "
                               "alone (e.g. on Dask); fit in memory for leverages and "
                               "studentized residuals")
-        from lmmops.estimation.vector import random_effects_matrix  # (merge-clean import)
-
         return random_effects_matrix(self.terms)
 
     def apply_P(self, ev, B, Z=None):
@@ -715,8 +721,6 @@ class VectorIterativeObjective:
         LmmopsError
             When the objective has no rows (level-space statistics alone, e.g. on Dask).
         """
-        from lmmops.linalg.trace import chunked_diagonal  # (merge-clean import)
-
         Z = self._rows_Z()
         return chunked_diagonal(lambda R: self.apply_P(ev, R, Z), self.n, n_probes,
                                 np.random.default_rng(check_seed(seed)), chunk)
@@ -742,10 +746,6 @@ class VectorIterativeObjective:
         -------
         ndarray, shape (n_phi, n_phi)
         """
-        from types import SimpleNamespace  # (merge-clean imports)
-
-        from lmmops.estimation.vector import VectorObjective
-
         theta = np.asarray(ev.theta, dtype=np.float64)
         idx = np.flatnonzero(~(theta <= self.lower))
         H, free = getattr(ev, "hessian", None), getattr(ev, "free", None)
