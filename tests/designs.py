@@ -21,3 +21,18 @@ def nine_level_frame(n=2400, seed=3):
                + rng.normal(size=n))
     df["w"] = rng.uniform(0.5, 2.0, n)
     return df
+
+
+def slope_frame(n, n_g, n_h, seed, intercept=1.0, h_label="h{:02d}"):
+    """``y ~ x + (1 + x | g) + (1 | h)`` data: ``n`` rows, ``n_g`` levels of ``g``
+    (labels ``g00``, ...) with a random slope on ``x`` (sd 0.6), ``n_h`` levels of ``h``
+    (sd 0.7, labels ``h_label``), residual sd 1."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"g": rng.integers(0, n_g, n), "h": rng.integers(0, n_h, n),
+                       "x": rng.normal(size=n)})
+    df["y"] = (intercept + 0.5 * df.x + rng.normal(size=n_g)[df.g]
+               + 0.6 * rng.normal(size=n_g)[df.g] * df.x
+               + 0.7 * rng.normal(size=n_h)[df.h] + rng.normal(size=n))
+    df["g"] = pd.Categorical(df.g.map(lambda i: f"g{i:02d}"))
+    df["h"] = pd.Categorical(df.h.map(h_label.format))
+    return df

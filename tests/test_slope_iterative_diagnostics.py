@@ -6,8 +6,8 @@ import copy
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
+from designs import slope_frame
 
 import lmmops
 from lmmops.cli import main
@@ -28,15 +28,7 @@ def design():
 
 @pytest.fixture(scope="module")
 def frame():
-    rng = np.random.default_rng(5)
-    n, G, H = 3000, 60, 40
-    df = pd.DataFrame({"g": rng.integers(0, G, n), "h": rng.integers(0, H, n),
-                       "x": rng.normal(size=n)})
-    df["y"] = (1 + 0.5 * df.x + rng.normal(size=G)[df.g] + 0.6 * rng.normal(size=G)[df.g] * df.x
-               + 0.7 * rng.normal(size=H)[df.h] + rng.normal(size=n))
-    df["g"] = pd.Categorical(df.g.map(lambda i: f"g{i:02d}"))
-    df["h"] = pd.Categorical(df.h.map(lambda i: f"h{i:02d}"))
-    return df
+    return slope_frame(3000, 60, 40, seed=5)
 
 
 @pytest.fixture(scope="module")

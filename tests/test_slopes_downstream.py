@@ -5,8 +5,8 @@ prediction error variances shaped as ranef, Wald intervals on theta, the summary
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
+from designs import slope_frame
 
 import lmmops
 from lmmops.data.terms import lower_triangle
@@ -16,15 +16,7 @@ from lmmops.estimation.vector import random_effects_matrix
 
 @pytest.fixture(scope="module")
 def frame():
-    rng = np.random.default_rng(11)
-    n, g, h = 300, 12, 7
-    df = pd.DataFrame({"g": rng.integers(0, g, n), "h": rng.integers(0, h, n),
-                       "x": rng.normal(size=n)})
-    df["y"] = (2 + 0.5 * df.x + rng.normal(size=g)[df.g] + 0.6 * rng.normal(size=g)[df.g] * df.x
-               + 0.7 * rng.normal(size=h)[df.h] + rng.normal(size=n))
-    df["g"] = pd.Categorical(df.g.map(lambda i: f"g{i:02d}"))
-    df["h"] = pd.Categorical(df.h.map(lambda i: f"h{i}"))
-    return df
+    return slope_frame(300, 12, 7, seed=11, intercept=2.0, h_label="h{}")
 
 
 @pytest.fixture(scope="module")

@@ -1005,14 +1005,14 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
 def term_units(terms, C, offsets, n):
     """Per term, :func:`lmmops.data.terms.column_units` from ``C = Z'WZ``: the sum over
     the term's levels of its ``d x d`` diagonal blocks is ``sum_rows w z z'``."""
+    diags = [C.diagonal(j) for j in range(max(t.dim for t in terms))]  # once, not per term
     out = []
     for k, t in enumerate(terms):
         o, d, nl = int(offsets[k]), t.dim, t.n_levels
         S = np.empty((d, d))
         for a in range(d):
             for b in range(a, d):
-                diag = C.diagonal(b - a)
-                S[a, b] = S[b, a] = float(np.sum(diag[o + a:o + nl * d:d]))
+                S[a, b] = S[b, a] = float(np.sum(diags[b - a][o + a:o + nl * d:d]))
         out.append(column_units(t.columns, S, n))
     return out
 
