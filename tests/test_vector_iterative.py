@@ -316,3 +316,43 @@ def test_newton_steps_that_raise_the_criterion_are_halved():
     assert res.converged
     assert abs(res.loglik - exact.loglik) <= 5.0 * res.mc_stderr["loglik"]
     assert np.all(res.theta.to_numpy()[[0, 2, 3]] > 0.3)  # not on the boundary
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize(("slopes", "theta"), CASES)
+def test_average_information_equals_the_exact_solver(method, weights, slopes, theta):
+    # no probes enter it: exact given the solves (the AI solve's rtol 1e-6)
+    terms, X, y, w = _design(slopes, weights=weights)
+    ex = VectorObjective(terms, X, y, method=method, weights=w)
+    it = VectorIterativeObjective(terms, X, y, method=method, weights=w, n_probes=8, seed=5)
+    e1, e2 = ex.evaluate(theta), it.evaluate(theta)
+    A1, A2 = ex.average_information(e1), it.average_information(e2)
+    np.testing.assert_allclose(A2, A1, rtol=2e-5, atol=2e-5 * np.abs(A1).max())
+    assert np.all(np.linalg.eigvalsh(A2) > 0)
+    with pytest.raises(LmmopsError, match="sol_x"):
+        it.average_information(e1)
+
+
+def test_ai_newton_and_lbfgsb_reach_the_same_optimum_ai_with_fewer_evaluations():
+    terms, X, y, _ = _design([True, False], n=20000, levels=(2000, 80), seed=4)
+    fits = {}
+    for name in ("ai-newton", "lbfgsb"):
+        it = VectorIterativeObjective(terms, X, y, n_probes=16, seed=2)
+        fits[name] = fit_vector_iterative(it, optimizer=name)
+    (ea, oa), (el, ol) = fits["ai-newton"], fits["lbfgsb"]
+    assert oa.converged
+    assert ol.converged
+    assert oa.optimizer.startswith("AI-Newton +")
+    # the same fixed-probe root g_W = 0: within a Monte Carlo sd (each stops at 0.05 sd)
+    sd = np.sqrt(np.diag(ea.theta_mc_cov))
+    assert np.all(np.abs(ea.theta - el.theta) <= 0.2 * sd + 1e-9)
+    assert ea.objective == pytest.approx(el.objective, abs=0.1 * ea.objective_se)
+    # and near the exact optimum
+    exact, _ = fit_vector(VectorObjective(terms, X, y))
+    samp = np.sqrt(np.diag(2.0 * np.linalg.inv(ea.hessian)))
+    assert np.all(np.abs(ea.theta - exact.theta) <= 4.0 * np.hypot(sd, 0.5 * samp))
+    assert oa.n_evaluations < ol.n_evaluations
+    with pytest.raises(LmmopsError, match="unknown optimizer"):
+        fit_vector_iterative(VectorIterativeObjective(terms, X, y, n_probes=4),
+                             optimizer="nelder-mead")

@@ -62,7 +62,8 @@ from lmmops.guard import check_dense
 from lmmops.linalg import kernels
 
 __all__ = ["ScaledTheta", "VectorObjective", "VectorStatistics", "fit_vector", "profiled_gls",
-           "random_effects_matrix", "term_units", "vector_statistics"]
+           "random_effects_matrix", "span_average_information", "term_units",
+           "vector_statistics"]
 
 #: A term's gradient uses the selected inverse of ``A`` (and ``T_k^{-1}``) when every
 #: diagonal entry of ``T_k`` is at least this; below it, the general form that needs no
@@ -90,14 +91,27 @@ def random_effects_matrix(terms):
     -------
     scipy.sparse.csr_matrix, shape (n_obs, sum_k q_k d_k)
     """
-    blocks = []
+    # every row has sum_k d_k entries, term by term (so its column indices ascend): the
+    # CSR arrays are written directly, without a COO sort or a stack
+    n = terms[0].codes.shape[0]
+    width = sum(t.dim for t in terms)
+    q = sum(t.n_random_effects for t in terms)
+    index_dtype = np.int32 if max(q, n * width) < 2**31 - 1 else np.int64
+    indices = np.empty((n, width), dtype=index_dtype)
+    data = np.empty((n, width))
+    c, off = 0, 0
     for t in terms:
-        n, d = t.codes.shape[0], t.dim
-        vals = np.ones((n, 1)) if t.values is None else np.asarray(t.values, np.float64)
-        cols = (t.codes.astype(np.int64)[:, None] * d + np.arange(d)[None, :]).ravel()
-        rows = np.repeat(np.arange(n, dtype=np.int64), d)
-        blocks.append(sp.csr_matrix((vals.ravel(), (rows, cols)), shape=(n, t.n_random_effects)))
-    return sp.hstack(blocks, format="csr")
+        d = t.dim
+        base = t.codes.astype(index_dtype) * d + off
+        for a in range(d):
+            indices[:, c + a] = base + a
+        if t.values is None:
+            data[:, c] = 1.0
+        else:
+            data[:, c:c + d] = np.asarray(t.values, np.float64).reshape(n, d)
+        c, off = c + d, off + t.n_random_effects
+    indptr = np.arange(0, n * width + 1, width, dtype=index_dtype)
+    return sp.csr_matrix((data.ravel(), indices.ravel(), indptr), shape=(n, q))
 
 
 def vector_statistics(terms, X, y, weights=None):
@@ -751,44 +765,16 @@ class VectorObjective:
         return 2.0 * (AI[tt, tt] - np.outer(AI[tt, -1], AI[-1, tt]) / ss)
 
     def _average_information_span(self, ev):
-        """:meth:`average_information` from the statistics alone: its working variates
-        are ``Wm = Z F + [X y] H``, so every product with them is a level-space one."""
+        """:meth:`average_information` from the statistics alone
+        (:func:`span_average_information` with this solver's sparse ``Lambda`` and
+        blocked Cholesky)."""
         st = self._state(ev)
-        fac, s2, p = st["fac"], ev.sigma2, self.p
+        fac = st["fac"]
         Lam = fac["Lam"]
-        u = np.concatenate(ev.v)
-        C, ZtT, TT = self.C, self.ZtT, self.TT
-        ZtX = ZtT[:, :p]
-        a = ZtT[:, p] - ZtX @ ev.beta - C @ (Lam @ u)  # Z'W r
-        m = self.n_theta + 1
-        F = np.zeros((self.q, m))
-        H = np.zeros((p + 1, m))
-        c = 0
-        for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
-            T = t.relative_factor(ev.theta[sl])
-            ak = a[self.offsets[k]:self.offsets[k + 1]].reshape(t.n_levels, t.dim)
-            rows, cs = np.triu_indices(t.dim)[::-1]
-            for i, j in zip(rows, cs):
-                E = np.zeros((t.dim, t.dim))
-                E[i, j] = 1.0
-                F[self.offsets[k]:self.offsets[k + 1], c] = (ak @ (E @ T.T + T @ E.T).T).ravel()
-                c += 1
-        H[:p, -1] = -ev.beta / s2  # (y - X beta) / s^2
-        H[p, -1] = 1.0 / s2
-        ZtW = np.asarray(C @ F) + ZtT @ H  # Z'W Wm
-        TtW = ZtT.T @ F + TT @ H  # [X y]'W Wm
-        WtW = F.T @ ZtW + H.T @ TtW  # Wm'W Wm
-        XtW = TtW[:p]
-        LZ = np.asarray(Lam.T @ ZtW)
-        sol = self._solve(fac, LZ)
-        XtVi = XtW - (Lam.T @ ZtX).T @ sol  # X'V0^{-1} Wm
-        WVi = WtW - LZ.T @ sol  # Wm'V0^{-1} Wm
-        WWX = XtW.T - ZtW.T @ (Lam @ st["solX"])  # Wm'W(X - Z Lambda solX)
-        AI = 0.5 * (WVi - WWX @ (st["Cx_inv"] @ XtVi)) / s2
-        AI = 0.5 * (AI + AI.T)
-        tt = slice(0, self.n_theta)
-        ss = AI[-1, -1]
-        return 2.0 * (AI[tt, tt] - np.outer(AI[tt, -1], AI[-1, tt]) / ss)
+        return span_average_information(
+            self, ev, lambda B: np.asarray(self.C @ B), lambda B: Lam @ B,
+            lambda B: np.asarray(Lam.T @ B), lambda B: self._solve(fac, B), st["solX"],
+            st["Cx_inv"])
 
     def theta_covariance(self, ev):
         """Wald covariance of ``theta``: twice the inverse Hessian of the profiled
@@ -883,6 +869,73 @@ class VectorObjective:
 
     def __call__(self, theta):
         return self.evaluate(theta, gradient=False).objective
+
+
+def span_average_information(obj, ev, cmul, lam, lam_t, solve, sol_x, cx_inv):
+    """The average information of :meth:`VectorObjective.average_information` from the
+    level-space statistics alone, for any solver of ``A = Lambda' C Lambda + I``.
+
+    The working variates are ``Wm = Z F + [X y] H`` (``F``: per entry ``(a, b)`` of a
+    ``T_k`` the level blocks ``(E_ab T_k' + T_k E_ab') a_j`` of ``a = Z'W r``, ``H`` the
+    ``s^2`` column ``(y - X beta) / s^2``), so every product with them is a level-space
+    one: ``Z'W Wm = C F + Z'W[X y] H``, ``Wm'W Wm`` and ``X'W Wm`` from those and
+    ``[X y]'W[X y]``, and one solve with ``n_theta + 1`` right-hand sides.
+
+    Parameters
+    ----------
+    obj : object
+        With ``terms``, ``layout``, ``offsets``, ``q``, ``p``, ``n_theta``, ``ZtT``
+        (``Z'W[X y]``) and ``TT`` (``[X y]'W[X y]``).
+    ev : Evaluation
+        At ``theta``, with ``beta``, ``sigma2`` and the spherical modes ``v``.
+    cmul, lam, lam_t, solve : callable
+        ``B -> C B``, ``Lambda B``, ``Lambda' B`` and ``A^{-1} B`` for a ``(q, m)`` block.
+    sol_x : ndarray, shape (q, p)
+        ``A^{-1} Lambda' Z'W X``.
+    cx_inv : ndarray, shape (p, p)
+        ``(X'V0^{-1}X)^{-1}``.
+
+    Returns
+    -------
+    ndarray, shape (n_theta, n_theta)
+        Twice the average information in ``theta`` with ``s^2`` profiled out (a Schur
+        complement).
+    """
+    s2, p = ev.sigma2, obj.p
+    u = np.concatenate(ev.v)
+    ZtT, TT = obj.ZtT, obj.TT
+    ZtX = ZtT[:, :p]
+    a = ZtT[:, p] - ZtX @ ev.beta - cmul(lam(u[:, None]))[:, 0]  # Z'W r
+    m = obj.n_theta + 1
+    F = np.zeros((obj.q, m))
+    H = np.zeros((p + 1, m))
+    c = 0
+    for k, (t, sl) in enumerate(zip(obj.terms, obj.layout)):
+        T = t.relative_factor(ev.theta[sl])
+        lo, hi = obj.offsets[k], obj.offsets[k + 1]
+        ak = a[lo:hi].reshape(t.n_levels, t.dim)
+        rows, cs = lower_triangle(t.dim, "F")
+        for i, j in zip(rows, cs):
+            E = np.zeros((t.dim, t.dim))
+            E[i, j] = 1.0
+            F[lo:hi, c] = (ak @ (E @ T.T + T @ E.T).T).ravel()
+            c += 1
+    H[:p, -1] = -ev.beta / s2  # (y - X beta) / s^2
+    H[p, -1] = 1.0 / s2
+    ZtW = cmul(F) + ZtT @ H  # Z'W Wm
+    TtW = ZtT.T @ F + TT @ H  # [X y]'W Wm
+    WtW = F.T @ ZtW + H.T @ TtW  # Wm'W Wm
+    XtW = TtW[:p]
+    LZ = lam_t(ZtW)
+    sol = solve(LZ)
+    XtVi = XtW - lam_t(ZtX).T @ sol  # X'V0^{-1} Wm
+    WVi = WtW - LZ.T @ sol  # Wm'V0^{-1} Wm
+    WWX = XtW.T - ZtW.T @ lam(sol_x)  # Wm'W(X - Z Lambda solX)
+    AI = 0.5 * (WVi - WWX @ (cx_inv @ XtVi)) / s2
+    AI = 0.5 * (AI + AI.T)
+    tt = slice(0, obj.n_theta)
+    ss = AI[-1, -1]
+    return 2.0 * (AI[tt, tt] - np.outer(AI[tt, -1], AI[-1, tt]) / ss)
 
 
 @numba.njit(cache=True)
