@@ -138,3 +138,48 @@ def test_iterative_fit_is_invariant_to_power_of_two_units(frame):
         else:
             assert abs(res.loglik - base.loglik) <= 4 * (res.mc_stderr["loglik"]
                                                          + base.mc_stderr["loglik"])
+
+
+@pytest.mark.parametrize("c", [1e4, 3e4])
+def test_far_off_centre_covariate_is_centred_inside_the_fit(frame, base, c):
+    """A column 4e3-1.2e4 spreads from 0 is centred inside the exact fit (the same
+    model) and the optimum mapped back: the deviance, the covariance of the original
+    coefficients and the BLUPs are the centred fit's."""
+    df = frame.copy()
+    df["x"] = df.x + c
+    res = lmmops.fit(FORMULA, df, method="ML")
+    assert res.converged, res.notes
+    assert any("centred inside the fit" in n for n in res.notes)
+    assert res.deviance == pytest.approx(base.deviance, rel=1e-7)
+    np.testing.assert_allclose(_cov_in_original_x(res, 1.0, c),
+                               base.covariances["g"].to_numpy(), rtol=1e-4, atol=1e-3)
+    # b_orig = N b_user: the intercept at the original 0 is b_0 + c b_1
+    r, b = res.ranef["g"], base.ranef["g"]
+    np.testing.assert_allclose(r["x"], b["x"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(r["(Intercept)"] + c * r["x"], b["(Intercept)"],
+                               rtol=1e-4, atol=1e-3 * abs(c) * 1e-4 + 1e-3)
+    assert np.all(np.isfinite(res.theta_cov.to_numpy()))
+    assert res.fixef["x"] == pytest.approx(base.fixef["x"], rel=1e-6)
+
+
+def test_centring_maps_theta_both_ways_and_keeps_the_criterion(frame):
+    from lmmops.data.terms import centred_terms, centring_shifts, recentre_theta
+    from lmmops.estimation.vector import VectorObjective
+
+    df = frame.copy()
+    df["x"] = df.x + 500.0
+    model = lmmops.LMM.from_formula(FORMULA, df)
+    obj = model.objective().conditioned
+    shifts = centring_shifts(obj.terms)
+    assert shifts is not None
+    assert shifts[0][1] == pytest.approx(df.x.mean(), rel=1e-12)
+    assert not np.any(shifts[1])
+    twin = VectorObjective(centred_terms(obj.terms, shifts), obj.X, obj.y)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        th_c = np.abs(rng.normal(size=obj.n_theta)) + 0.1
+        th_c[1] = rng.normal()
+        th = recentre_theta(obj.terms, th_c, shifts, to="user")
+        np.testing.assert_allclose(recentre_theta(obj.terms, th, shifts), th_c, rtol=1e-9)
+        # the same model: the criterion is the same (to the rounding of the far column)
+        assert obj(th) == pytest.approx(twin(th_c), rel=1e-9)

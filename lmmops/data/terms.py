@@ -43,8 +43,9 @@ import pandas as pd
 from lmmops.data.formula import fixed_effects_matrix, rank_columns
 from lmmops.errors import DesignError, FormulaError
 
-__all__ = ["RandomEffectsTerm", "build_terms", "centred_start", "check_term_rank",
-           "column_units", "lower_triangle", "off_centre_hint", "order_terms",
+__all__ = ["CENTRE_RATIO", "RandomEffectsTerm", "build_terms", "centred_start",
+           "centred_terms", "centring_shifts", "check_term_rank", "column_units",
+           "lq_lower", "recentre_theta", "lower_triangle", "off_centre_hint", "order_terms",
            "theta_layout", "theta_lower_bounds", "theta_names", "theta_scales"]
 
 
@@ -388,6 +389,131 @@ def off_centre_hint(terms, ratio=OFF_CENTRE_RATIO):
     return ("; ".join(found) + ": the intercept at 0 is far outside the data and nearly "
             "aliased with the slope, which makes the criterion ill-conditioned; centre the "
             "column (e.g. x - mean(x)), which gives the same model")
+
+
+#: A slope column whose mean is at least this many times its spread, in a term with an
+#: intercept, is centred inside the exact slope fit (:func:`centring_shifts`).
+CENTRE_RATIO = 10.0
+
+
+def centring_shifts(terms, ratio=CENTRE_RATIO):
+    """Per term the shifts ``m`` of its off-centre slope columns, or None if no column
+    is off centre.
+
+    A column ``x`` of a term with an intercept whose mean is at least ``ratio`` times
+    its spread is shifted by its mean: ``Z = Z^c N`` with ``N = I + e_0 m'`` (``e_0``
+    the intercept), so ``(1 + x | g)`` on ``x`` is the same model as on ``x - m`` with
+    the coefficients ``b^c = N b`` and covariance ``N Sigma N'`` (:func:`recentre_theta`
+    maps ``theta`` between the two). Terms without values, without an intercept or with
+    uncorrelated columns (``||``, one column) are not shifted: for them a shift is a
+    different model.
+
+    Parameters
+    ----------
+    terms : sequence of RandomEffectsTerm
+    ratio : float
+
+    Returns
+    -------
+    list of ndarray (one ``(d,)`` per term) or None
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> x = np.tile(np.arange(4.0), 5) + 1e5
+    >>> t = RandomEffectsTerm("g", np.repeat(np.arange(5), 4).astype(np.int32),
+    ...                       pd.Index(range(5)), ("(Intercept)", "x"),
+    ...                       np.column_stack([np.ones(20), x]))
+    >>> centring_shifts([t])[0].tolist()
+    [0.0, 100001.5]
+    """
+    out, any_shift = [], False
+    for t in terms:
+        m = np.zeros(t.dim)
+        if t.values is not None and INTERCEPT in t.columns and t.dim > 1 and t.codes.size:
+            for i, name in enumerate(t.columns):
+                if name == INTERCEPT:
+                    continue
+                z = np.asarray(t.values[:, i], dtype=np.float64)
+                mean = float(z.mean())
+                s = float(np.sqrt(np.mean((z - mean) ** 2)))
+                if s > 0.0 and abs(mean) >= ratio * s:
+                    m[i], any_shift = mean, True
+        out.append(m)
+    return out if any_shift else None
+
+
+def centred_terms(terms, shifts):
+    """The terms with their slope columns shifted by ``shifts`` (:func:`centring_shifts`):
+    the same model, with the rows' values ``z - m`` (terms without a shift unchanged)."""
+    return [t if not np.any(m) else dataclasses.replace(
+        t, values=np.ascontiguousarray(t.values - m[None, :]), spec=None)
+        for t, m in zip(terms, shifts)]
+
+
+def lq_lower(M):
+    """The lower-triangular ``L`` with a non-negative diagonal and ``L L' = M M'`` (the
+    ``L`` of ``M = L Q``, from a QR of ``M'``), also for a singular ``M``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> M = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> L = lq_lower(M)
+    >>> bool(np.allclose(L @ L.T, M @ M.T)), bool(L[0, 1] == 0.0)
+    (True, True)
+    """
+    R = np.linalg.qr(np.asarray(M, dtype=np.float64).T, mode="r")
+    R = R * np.where(np.diag(R) < 0.0, -1.0, 1.0)[:, None]
+    return np.tril(R.T)
+
+
+def recentre_theta(terms, theta, shifts, to="centred"):
+    """lme4's ``theta`` of the user's columns mapped to that of the columns shifted by
+    ``shifts`` (``to="centred"``), or back (``to="user"``).
+
+    Per term ``T^c T^c' = N T T' N'`` with ``N = I + e_0 m'``: ``T^c`` is the
+    lower-triangular factor of ``N T`` (:func:`lq_lower`), ``T`` that of ``N^{-1} T^c``
+    (``N^{-1} = I - e_0 m'``). The conditional modes follow as ``b = N^{-1} b^c``; the
+    spherical ``u = Lambda^{-1} b`` is rotated by the ``Q`` of that factorisation.
+
+    Parameters
+    ----------
+    terms : sequence of RandomEffectsTerm
+    theta : ndarray, shape (n_theta,)
+    shifts : list of ndarray
+    to : {"centred", "user"}
+
+    Returns
+    -------
+    ndarray, shape (n_theta,)
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> x = np.tile(np.arange(4.0), 5) + 100.0
+    >>> t = RandomEffectsTerm("g", np.repeat(np.arange(5), 4).astype(np.int32),
+    ...                       pd.Index(range(5)), ("(Intercept)", "x"),
+    ...                       np.column_stack([np.ones(20), x]))
+    >>> m = [np.array([0.0, 101.5])]
+    >>> th = recentre_theta([t], np.array([2.0, 0.5, 1.0]), m, to="user")
+    >>> np.round(recentre_theta([t], th, m), 12).tolist()
+    [2.0, 0.5, 1.0]
+    """
+    if to not in ("centred", "user"):
+        raise ValueError(f"to must be 'centred' or 'user', got {to!r}")
+    theta = np.asarray(theta, dtype=np.float64)
+    out = theta.copy()
+    for t, m, sl in zip(terms, shifts, theta_layout(terms)):
+        if not np.any(m):
+            continue
+        i0 = t.columns.index(INTERCEPT)
+        N = np.eye(t.dim)
+        N[i0] += m if to == "centred" else -m
+        L = lq_lower(N @ t.relative_factor(theta[sl]))
+        rows, cols = lower_triangle(t.dim, "F")
+        out[sl] = L[rows, cols]
+    return out
 
 
 # ---------------------------------------------------------------- from a formula

@@ -498,7 +498,7 @@ def _shortfall(opt):
 @fit_notes.register(DirectObjective)
 @fit_notes.register(VectorObjective)
 def _(obj, opt, loglik_se):
-    return []
+    return list(getattr(opt, "notes", []))
 
 
 @fit_notes.register

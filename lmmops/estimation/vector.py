@@ -49,8 +49,11 @@ import scipy.sparse as sp
 from lmmops.data.checks import check_method, check_weights
 from lmmops.data.terms import (
     centred_start,
+    centred_terms,
+    centring_shifts,
     column_units,
     lower_triangle,
+    recentre_theta,
     theta_layout,
     theta_lower_bounds,
     theta_names,
@@ -998,7 +1001,7 @@ def last_evaluation_cache(objective, fitlog):
 
 
 def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
-               optimizer="auto"):
+               optimizer="auto", centre=True):
     """Minimise a :class:`VectorObjective` and verify the optimum.
 
     Projected Newton steps on the average-information Hessian
@@ -1027,6 +1030,8 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
         few parameters, where one evaluation can be expensive, InstEval's 2256-row Schur
         block; with many parameters near the boundary its steps are poor, because the
         average information in a diagonal entry of ``T_k`` vanishes with the entry).
+    centre : bool
+        Optimise on off-centre slope columns centred (:func:`_fit_centred`), the default.
 
     Returns
     -------
@@ -1040,7 +1045,18 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
     is :func:`lmmops.data.terms.centred_start` (lme4's ``T_k = I`` for the columns
     centred and on that scale); the evaluation, ``start``, ``callback`` and the summary
     are in lme4's ``theta``.
+
+    A slope column whose mean is at least :data:`lmmops.data.terms.CENTRE_RATIO` of its
+    spreads from 0 (a year, ``Days + 1e5``) makes the criterion in the user's ``theta``
+    ill-conditioned (its intercept, the value at 0, is nearly aliased with the slope);
+    such a fit runs on an objective of the columns centred, the same model, and maps
+    its optimum back (:func:`_fit_centred`).
     """
+    shifts = (None if objective.X is None or not centre
+              else centring_shifts(objective.terms))
+    if shifts is not None:
+        return _fit_centred(objective, shifts, start, maxiter=maxiter, tol=tol,
+                            callback=callback, optimizer=optimizer)
     units = term_units(objective.terms, objective.C, objective.offsets, objective.n)
     r = theta_scales(objective.terms, units)
     scaled = ScaledTheta(objective, r)
@@ -1053,6 +1069,71 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
     ev, opt = _fit_vector(scaled, start_c, maxiter=maxiter, tol=tol, callback=cb,
                           optimizer=optimizer)
     return scaled.to_user(ev), scaled.summary_to_user(opt)
+
+
+#: The criterion at the mapped optimum, on the user's columns, must equal the centred
+#: fit's within this relative tolerance for the fit to count as converged.
+CENTRED_AGREEMENT = 1e-7
+
+
+def _fit_centred(objective, shifts, start, *, maxiter, tol, callback, optimizer):
+    """:func:`fit_vector` on the objective's off-centre slope columns centred by
+    ``shifts`` (:func:`lmmops.data.terms.centring_shifts`), mapped back.
+
+    The fit runs on a twin objective of the centred columns (the same model: the
+    criterion, ``beta``, ``s^2`` and the fitted values are the same; ``theta`` maps by
+    :func:`lmmops.data.terms.recentre_theta`); the evaluation returned is the objective's
+    own at the mapped optimum, and the Newton check's Hessian and ``dr^2/dtheta`` are
+    mapped with the Jacobian of ``theta`` in ``theta^c`` (central differences of the
+    closed-form map), so the Wald covariances need no differences in the
+    ill-conditioned user parametrisation. The fit is converged only where the twin's is
+    and the two criteria agree within :data:`CENTRED_AGREEMENT`.
+    """
+    terms = objective.terms
+    twin = VectorObjective(centred_terms(terms, shifts), objective.X, objective.y,
+                           method=objective.method, weights=objective.weights)
+    start_c = None if start is None else recentre_theta(terms, start, shifts)
+    cb = None
+    if callback is not None:
+        def cb(i, th, f):
+            callback(i, recentre_theta(terms, th, shifts, to="user"), f)
+    ev_c, opt = fit_vector(twin, start_c, maxiter=maxiter, tol=tol, callback=cb,
+                           optimizer=optimizer, centre=False)
+    theta = np.maximum(recentre_theta(terms, ev_c.theta, shifts, to="user"),
+                       objective.lower)
+    ev = objective.evaluate(theta)
+    objective.n_evaluations += twin.n_evaluations
+    out = copy.copy(opt)
+    out.theta_initial = recentre_theta(terms, opt.theta_initial, shifts, to="user")
+    out.theta_final = theta.copy()
+    out.fitlog = [(recentre_theta(terms, th, shifts, to="user"), f) for th, f in opt.fitlog]
+    out.n_evaluations = opt.n_evaluations + 1
+    out.f_final = ev.objective
+    names = [f"'{c}' of the term on '{t.group}' (by {m[i]:.6g})"
+             for t, m in zip(terms, shifts) for i, c in enumerate(t.columns) if m[i]]
+    out.notes = [f"slope column(s) {', '.join(names)} centred inside the fit (the same "
+                 "model; theta, the covariances and the BLUPs are of the columns as given)"]
+    gap = abs(ev.objective - ev_c.objective)
+    if not gap <= CENTRED_AGREEMENT * max(1.0, abs(ev_c.objective)):
+        out.converged = False
+        out.message = (f"the criterion on the columns as given ({ev.objective:.10g}) differs "
+                       f"from the centred fit's ({ev_c.objective:.10g}) by {gap:.3g}: "
+                       "the columns are too far from centred to evaluate it; centre them")
+    last = getattr(twin, "_fd_last", None)
+    if (last is not None and np.array_equal(last[0], ev_c.theta)
+            and last[1].size == twin.n_theta):
+        # theta = f(theta^c): H = J^{-T} H^c J^{-1}, d/dtheta = J^{-T} d/dtheta^c
+        J = np.empty((twin.n_theta, twin.n_theta))
+        for j in range(twin.n_theta):
+            e = np.zeros(twin.n_theta)
+            e[j] = 1e-6 * max(1.0, abs(ev_c.theta[j]))
+            J[:, j] = (recentre_theta(terms, ev_c.theta + e, shifts, to="user")
+                       - recentre_theta(terms, ev_c.theta - e, shifts, to="user")) / (2 * e[j])
+        Ji = np.linalg.inv(J)
+        H = Ji.T @ last[2] @ Ji
+        objective._fd_last = (theta.copy(), last[1].copy(), 0.5 * (H + H.T),
+                              None if last[3] is None else Ji.T @ last[3])
+    return ev, out
 
 
 def term_units(terms, C, offsets, n):
