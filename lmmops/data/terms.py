@@ -371,19 +371,9 @@ def off_centre_hint(terms, ratio=OFF_CENTRE_RATIO):
     >>> off_centre_hint([t])[:60]
     "slope column 'x' of the term on 'g' has mean 1e+05, 8.9e+04 "
     """
-    found = []
-    for t in terms:
-        if t.values is None or INTERCEPT not in t.columns:
-            continue
-        for i, name in enumerate(t.columns):
-            if name == INTERCEPT:
-                continue
-            z = np.asarray(t.values[:, i], dtype=np.float64)
-            m = float(z.mean()) if z.size else 0.0
-            s = float(np.sqrt(np.mean((z - m) ** 2))) if z.size else 0.0
-            if s > 0.0 and abs(m) >= ratio * s:
-                found.append(f"slope column '{name}' of the term on '{t.group}' has mean "
-                             f"{m:.3g}, {abs(m) / s:.2g} times its spread")
+    found = [f"slope column '{terms[k].columns[i]}' of the term on '{terms[k].group}' has "
+             f"mean {m:.3g}, {abs(m) / s:.2g} times its spread"
+             for k, i, m, s in _off_centre_columns(terms, ratio)]
     if not found:
         return ""
     return ("; ".join(found) + ": the intercept at 0 is far outside the data and nearly "
@@ -427,20 +417,29 @@ def centring_shifts(terms, ratio=CENTRE_RATIO):
     >>> centring_shifts([t])[0].tolist()
     [0.0, 100001.5]
     """
-    out, any_shift = [], False
-    for t in terms:
-        m = np.zeros(t.dim)
-        if t.values is not None and INTERCEPT in t.columns and t.dim > 1 and t.codes.size:
-            for i, name in enumerate(t.columns):
-                if name == INTERCEPT:
-                    continue
-                z = np.asarray(t.values[:, i], dtype=np.float64)
-                mean = float(z.mean())
-                s = float(np.sqrt(np.mean((z - mean) ** 2)))
-                if s > 0.0 and abs(mean) >= ratio * s:
-                    m[i], any_shift = mean, True
-        out.append(m)
-    return out if any_shift else None
+    out = [np.zeros(t.dim) for t in terms]
+    found = _off_centre_columns(terms, ratio)
+    for k, i, m, _ in found:
+        out[k][i] = m
+    return out if found else None
+
+
+def _off_centre_columns(terms, ratio):
+    """``(term, column, mean, spread)`` of each slope column, in a term with values and
+    an intercept, whose mean is ``ratio`` spreads or more from 0."""
+    found = []
+    for k, t in enumerate(terms):
+        if t.values is None or INTERCEPT not in t.columns:
+            continue
+        for i, name in enumerate(t.columns):
+            z = np.asarray(t.values[:, i], dtype=np.float64)
+            if name == INTERCEPT or not z.size:
+                continue
+            m = float(z.mean())
+            s = float(np.sqrt(np.mean((z - m) ** 2)))
+            if s > 0.0 and abs(m) >= ratio * s:
+                found.append((k, i, m, s))
+    return found
 
 
 def centred_terms(terms, shifts):
