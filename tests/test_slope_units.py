@@ -183,3 +183,33 @@ def test_centring_maps_theta_both_ways_and_keeps_the_criterion(frame):
         np.testing.assert_allclose(recentre_theta(obj.terms, th, shifts), th_c, rtol=1e-9)
         # the same model: the criterion is the same (to the rounding of the far column)
         assert obj(th) == pytest.approx(twin(th_c), rel=1e-9)
+
+
+def test_scaled_theta_keeps_the_newton_check_differences_both_ways(frame):
+    """The Newton check runs on ScaledTheta: its differences reach the objective in
+    lme4's theta (the Hessian differenced there directly is the oracle) and read back
+    in theta^c unchanged."""
+    from lmmops.estimation.vector import ScaledTheta, _fd_hessian
+
+    df = frame.copy()
+    df["x"] = df.x * 1000.0
+    model = lmmops.LMM.from_formula(FORMULA, df)
+    obj = model.objective().conditioned
+    units = term_units(obj.terms, obj.C, obj.offsets, obj.n)
+    r = theta_scales(obj.terms, units)
+    scaled = ScaledTheta(obj, r)
+    theta = np.array([1.1, -0.02, 0.01, 0.5])
+    idx = np.arange(obj.n_theta)
+    ev = obj.evaluate(theta)
+    Hc = _fd_hessian(scaled, theta / r, idx, obj.lower / r, g0=scaled.evaluate(theta / r).gradient,
+                     pw0=ev.pwrss)
+    th_in, idx_in, H_in, dpw_in = obj._fd_last
+    np.testing.assert_allclose(th_in, theta, rtol=1e-15)
+    Hd = _fd_hessian(obj, theta, idx, obj.lower)
+    np.testing.assert_allclose(H_in, Hd, rtol=1e-3, atol=1e-6 * np.abs(Hd).max())
+    obj._fd_last = (th_in, idx_in, H_in, dpw_in)
+    th_c, idx_c, H_c, dpw_c = scaled._fd_last
+    np.testing.assert_allclose(th_c, theta / r, rtol=1e-15)
+    np.testing.assert_allclose(H_c, Hc, rtol=1e-12)
+    assert dpw_c is not None
+    np.testing.assert_allclose(dpw_c, dpw_in * r, rtol=1e-15)

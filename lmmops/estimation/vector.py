@@ -1202,8 +1202,14 @@ class ScaledTheta:
         return self.inner.average_information(self.to_user(ev)) * np.outer(self.r, self.r)
 
     @property
-    def _fd_last(self):  # pragma: no cover (only written)
-        return None
+    def _fd_last(self):
+        """The objective's last Newton-check differences in ``theta^c`` (or None)."""
+        last = getattr(self.inner, "_fd_last", None)
+        if last is None:
+            return None
+        theta, idx, H, dpw = last
+        r = self.r[idx]
+        return (theta / self.r, idx, H * np.outer(r, r), None if dpw is None else dpw * r)
 
     @_fd_last.setter
     def _fd_last(self, value):
