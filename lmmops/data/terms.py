@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from lmmops.data.formula import fixed_effects_matrix, rank_columns
-from lmmops.errors import DesignError, FormulaError
+from lmmops.errors import ArgumentError, DesignError, FormulaError
 
 __all__ = ["CENTRE_RATIO", "RandomEffectsTerm", "build_terms", "centred_start",
            "centred_terms", "centring_shifts", "check_term_rank", "column_units",
@@ -500,7 +500,7 @@ def recentre_theta(terms, theta, shifts, to="centred"):
     [2.0, 0.5, 1.0]
     """
     if to not in ("centred", "user"):
-        raise ValueError(f"to must be 'centred' or 'user', got {to!r}")
+        raise ArgumentError(f"to must be 'centred' or 'user', got {to!r}")
     theta = np.asarray(theta, dtype=np.float64)
     out = theta.copy()
     for t, m, sl in zip(terms, shifts, theta_layout(terms)):
