@@ -45,7 +45,7 @@ from lmmops.errors import ArgumentError, DesignError, FormulaError
 
 __all__ = ["CENTRE_RATIO", "RandomEffectsTerm", "build_terms", "centred_start",
            "centred_terms", "centring_shifts", "check_term_rank", "column_units",
-           "lq_lower", "recentre_theta", "lower_triangle", "off_centre_hint", "order_terms",
+           "lower_triangle", "lq_lower", "off_centre_hint", "order_terms", "recentre_theta",
            "theta_layout", "theta_lower_bounds", "theta_names", "theta_scales"]
 
 

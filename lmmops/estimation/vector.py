@@ -1090,8 +1090,12 @@ def _fit_centred(objective, shifts, start, *, maxiter, tol, callback, optimizer)
     and the two criteria agree within :data:`CENTRED_AGREEMENT`.
     """
     terms = objective.terms
-    twin = VectorObjective(centred_terms(terms, shifts), objective.X, objective.y,
-                           method=objective.method, weights=objective.weights)
+    twin = getattr(objective, "_centred_twin", None)  # one statistics pass per objective
+    if twin is None:
+        twin = objective._centred_twin = VectorObjective(
+            centred_terms(terms, shifts), objective.X, objective.y,
+            method=objective.method, weights=objective.weights)
+    n_before = twin.n_evaluations
     start_c = None if start is None else recentre_theta(terms, start, shifts)
     cb = None
     if callback is not None:
@@ -1102,7 +1106,7 @@ def _fit_centred(objective, shifts, start, *, maxiter, tol, callback, optimizer)
     theta = np.maximum(recentre_theta(terms, ev_c.theta, shifts, to="user"),
                        objective.lower)
     ev = objective.evaluate(theta)
-    objective.n_evaluations += twin.n_evaluations
+    objective.n_evaluations += twin.n_evaluations - n_before
     out = copy.copy(opt)
     out.theta_initial = recentre_theta(terms, opt.theta_initial, shifts, to="user")
     out.theta_final = theta.copy()
