@@ -1,10 +1,13 @@
-"""The random-slope iterative solver's kernels against dense / scipy oracles: A formed on
-C's block-closed pattern, the fused block-Jacobi block PCG, the gradient's per-probe sums,
-warm-started gradient evaluations and the Powell-symmetric-Broyden update."""
+"""The random-slope solvers' kernels against dense / scipy oracles: A formed on C's
+block-closed pattern, the fused block-Jacobi block PCG, the gradient's per-probe sums,
+warm-started gradient evaluations, the Powell-symmetric-Broyden update, and the exact
+solver's Schur block and first-term inverse blocks."""
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmmops.data.simulate import simulate_slopes
 from lmmops.errors import ArgumentError
@@ -241,3 +244,40 @@ def test_psb_update_is_symmetric_and_secant():
     np.testing.assert_allclose(Hn, Hn.T, atol=1e-14)
     np.testing.assert_allclose(Hn @ s, yv, rtol=1e-12)
     np.testing.assert_array_equal(_psb(H, np.zeros(3), yv), H)
+
+
+# ---------------------------------------------------------------- the exact solver's
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(1, 3), levels=st.integers(1, 9), m=st.integers(1, 12),
+       density=st.floats(0.05, 0.9), seed=st.integers(0, 2**31 - 1),
+       parallel=st.booleans())
+def test_sandwich_blocks_read_only_the_upper_triangle(d, levels, m, density, seed,
+                                                       parallel):
+    """``out[j] += K_j S K_j'`` against dense products, with the strict lower triangle
+    of ``S`` set to NaN (the kernel must read ``S[r, c]``, ``c >= r``, only)."""
+    rng = np.random.default_rng(seed)
+    K = sp.random(levels * d, m, density=density, random_state=rng, format="csr")
+    K.sort_indices()
+    R = rng.normal(size=(m, m))
+    S = R @ R.T
+    U = np.triu(S) + np.tril(np.full((m, m), np.nan), -1)
+    out = rng.normal(size=(levels, d, d))
+    want = out.copy()
+    Kd = K.toarray().reshape(levels, d, m)
+    want += np.einsum("jam,mn,jbn->jab", Kd, S, Kd)
+    kernels.get_schur_kernels(parallel)[1](K.indptr, K.indices, K.data, U, d, out)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_schur_rows_is_m22_plus_identity_minus_a21_k(parallel):
+    rng = np.random.default_rng(7)
+    M22 = sp.random(6, 6, density=0.4, random_state=rng, format="csr")
+    A21 = sp.random(6, 9, density=0.3, random_state=rng, format="csr")
+    K = sp.random(9, 6, density=0.3, random_state=rng, format="csr")
+    S = np.empty((6, 6))
+    kernels.get_schur_kernels(parallel)[0](M22.indptr, M22.indices, M22.data, A21.indptr,
+                                           A21.indices, A21.data, K.indptr, K.indices,
+                                           K.data, S)
+    want = M22.toarray() + np.eye(6) - A21.toarray() @ K.toarray()
+    np.testing.assert_allclose(S, want, rtol=1e-13, atol=1e-13)

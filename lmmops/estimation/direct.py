@@ -89,6 +89,9 @@ class Evaluation:
         ``log|R_X|^2``.
     pwrss : float
         Penalised weighted residual sum of squares ``r^2``.
+    gradient_probes : int
+        0 when ``gradient`` is exact; else the number of probes of the Hutchinson
+        estimates of its traces (early optimiser steps of the slope solver).
     """
 
     theta: np.ndarray
@@ -103,6 +106,7 @@ class Evaluation:
     pwrss: float
     traces: np.ndarray | None = None
     factor: tuple | None = field(default=None, repr=False)
+    gradient_probes: int = 0
 
 
 @dataclass

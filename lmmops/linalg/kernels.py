@@ -882,21 +882,37 @@ def _schur_rows(mp, mi, mx, ap, ai, ax, kp, ki, kx, S):  # pragma: no cover (com
 
 def _sandwich_blocks(indptr, indices, data, S, d, out):  # pragma: no cover (compiled)
     """``out[j] += K_j S K_j'`` for every level ``j`` (rows ``j d .. j d + d - 1`` of the
-    CSR matrix ``K``), over the pairs of nonzeros of the level's rows."""
+    CSR matrix ``K``, column indices sorted within rows), over the pairs of nonzeros of
+    the level's rows, for a symmetric ``S`` of which only the upper triangle
+    ``S[r, c]``, ``c >= r``, is read (so LAPACK's column-major lower triangle, viewed
+    transposed, serves as it is; each row of the triangle is read along its length)."""
     for j in prange(out.shape[0]):
         for a in range(d):
             ra = j * d + a
-            for b in range(a, d):
+            # the diagonal entry: each unordered pair once, the off-diagonal ones twice
+            acc = 0.0
+            for p in range(indptr[ra], indptr[ra + 1]):
+                ca = indices[p]
+                va = data[p]
+                row = 0.0
+                for r in range(p + 1, indptr[ra + 1]):
+                    row += data[r] * S[ca, indices[r]]
+                acc += va * (va * S[ca, ca] + 2.0 * row)
+            out[j, a, a] += acc
+            for b in range(a + 1, d):
                 rb = j * d + b
                 acc = 0.0
                 for p in range(indptr[ra], indptr[ra + 1]):
                     ca = indices[p]
                     va = data[p]
                     for r in range(indptr[rb], indptr[rb + 1]):
-                        acc += va * data[r] * S[ca, indices[r]]
+                        cb = indices[r]
+                        if cb >= ca:
+                            acc += va * data[r] * S[ca, cb]
+                        else:
+                            acc += va * data[r] * S[cb, ca]
                 out[j, a, b] += acc
-                if b != a:
-                    out[j, b, a] += acc
+                out[j, b, a] += acc
 
 
 def _compile(fn, fastmath=False):
@@ -1136,7 +1152,7 @@ def get_schur_kernels(parallel=False):
     """The serial or parallel ``(schur_rows, sandwich_blocks)`` kernels of the exact
     slope solver: the dense Schur block ``S = M22 + I - A21 K`` (row-major, from CSR
     matrices) and ``out[j] += K_j S K_j'`` per level (the first term's diagonal blocks of
-    the inverse).
+    the inverse; it reads the upper triangle of a symmetric ``S`` only).
 
     Parameters
     ----------
