@@ -250,13 +250,18 @@ def test_psb_update_is_symmetric_and_secant():
 @settings(max_examples=25, deadline=None)
 @given(d=st.integers(1, 3), levels=st.integers(1, 9), m=st.integers(1, 12),
        density=st.floats(0.05, 0.9), seed=st.integers(0, 2**31 - 1),
-       parallel=st.booleans())
+       parallel=st.booleans(), shared=st.booleans())
 def test_sandwich_blocks_read_only_the_upper_triangle(d, levels, m, density, seed,
-                                                       parallel):
+                                                       parallel, shared):
     """``out[j] += K_j S K_j'`` against dense products, with the strict lower triangle
-    of ``S`` set to NaN (the kernel must read ``S[r, c]``, ``c >= r``, only)."""
+    of ``S`` set to NaN (the kernel must read ``S[r, c]``, ``c >= r``, only); with
+    ``shared`` the rows of a level have the same columns (the two-column fast path)."""
     rng = np.random.default_rng(seed)
-    K = sp.random(levels * d, m, density=density, random_state=rng, format="csr")
+    if shared:
+        mask = np.repeat(rng.random((levels, m)) < density, d, axis=0)
+        K = sp.csr_matrix(np.where(mask, rng.normal(size=(levels * d, m)), 0.0))
+    else:
+        K = sp.random(levels * d, m, density=density, random_state=rng, format="csr")
     K.sort_indices()
     R = rng.normal(size=(m, m))
     S = R @ R.T
@@ -275,7 +280,8 @@ def test_schur_rows_is_m22_plus_identity_minus_a21_k(parallel):
     M22 = sp.random(6, 6, density=0.4, random_state=rng, format="csr")
     A21 = sp.random(6, 9, density=0.3, random_state=rng, format="csr")
     K = sp.random(9, 6, density=0.3, random_state=rng, format="csr")
-    S = np.empty((6, 6))
+    K.sort_indices()
+    S = np.full((6, 6), np.nan)
     kernels.get_schur_kernels(parallel)[0](M22.indptr, M22.indices, M22.data, A21.indptr,
                                            A21.indices, A21.data, K.indptr, K.indices,
                                            K.data, S)

@@ -885,8 +885,44 @@ def _sandwich_blocks(indptr, indices, data, S, d, out):  # pragma: no cover (com
     CSR matrix ``K``, column indices sorted within rows), over the pairs of nonzeros of
     the level's rows, for a symmetric ``S`` of which only the upper triangle
     ``S[r, c]``, ``c >= r``, is read (so LAPACK's column-major lower triangle, viewed
-    transposed, serves as it is; each row of the triangle is read along its length)."""
+    transposed, serves as it is; each row of the triangle is read along its length).
+
+    Two rows with the same columns (a two-column term's level, as ``K = B^{-1} A_12``
+    makes them unless a value cancels exactly) read each ``S`` entry of their pattern
+    once for the three products, not twice."""
     for j in prange(out.shape[0]):
+        if d == 2:
+            r0 = 2 * j
+            lo0, hi0, hi1 = indptr[r0], indptr[r0 + 1], indptr[r0 + 2]
+            same = hi1 - hi0 == hi0 - lo0
+            if same:
+                for p in range(hi0 - lo0):
+                    if indices[lo0 + p] != indices[hi0 + p]:
+                        same = False
+                        break
+            if same:
+                s00 = 0.0
+                s01 = 0.0
+                s11 = 0.0
+                for p in range(hi0 - lo0):
+                    cp = indices[lo0 + p]
+                    x0 = data[lo0 + p]
+                    x1 = data[hi0 + p]
+                    t0 = 0.0
+                    t1 = 0.0
+                    for r in range(p + 1, hi0 - lo0):
+                        v = S[cp, indices[lo0 + r]]
+                        t0 += data[lo0 + r] * v
+                        t1 += data[hi0 + r] * v
+                    v = S[cp, cp]
+                    s00 += x0 * (x0 * v + 2.0 * t0)
+                    s11 += x1 * (x1 * v + 2.0 * t1)
+                    s01 += x0 * (x1 * v + t1) + x1 * t0
+                out[j, 0, 0] += s00
+                out[j, 0, 1] += s01
+                out[j, 1, 0] += s01
+                out[j, 1, 1] += s11
+                continue
         for a in range(d):
             ra = j * d + a
             # the diagonal entry: each unordered pair once, the off-diagonal ones twice
