@@ -27,6 +27,7 @@ from scipy import stats
 from lmmops.data.checks import check_method, warn_if_disconnected
 from lmmops.data.formula import (
     RankDeficientWarning,
+    grouping_columns,
     parse_formula,
     rank_message,
     response_vector,
@@ -190,7 +191,7 @@ class DaskLMM:
         self.weighted = weights is not None
         factors = []
         for g in pf.random:
-            parts = (g,) if g in columns else tuple(p.strip() for p in str(g).split(":"))
+            parts = (g,) if g in columns else grouping_columns(g)
             unknown = [p for p in parts if p not in columns]
             if unknown:
                 raise DesignError(f"unknown column '{unknown[0]}' for grouping factor "
