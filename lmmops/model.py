@@ -33,7 +33,7 @@ from lmmops.data.formula import (
     rank_message,
     response_vector,
 )
-from lmmops.data.terms import build_terms, off_centre_hint
+from lmmops.data.terms import build_terms, off_centre_hint, order_terms
 from lmmops.distributed import fit_dask, is_dask_dataframe
 from lmmops.errors import (
     ArgumentError,
@@ -277,6 +277,10 @@ class LMM:
         # several terms on a factor) is built from the formula's effects, in lme4's order
         intercepts = (all(t.is_intercept for t in pf.random_terms)
                       and len(pf.random_terms) == len(pf.random))
+        if intercepts:  # lme4's term order (mkReTrms), as build_terms orders the others
+            order = order_terms(list(design.n_levels))
+            if order != list(range(design.n_factors)):
+                design = design.permuted(order)
         terms = None if intercepts else build_terms(pf, data, design)
         X, names, spec = fixed_effects_matrix(pf.fixed, data, return_spec=True)
         if isinstance(weights, str):

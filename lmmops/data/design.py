@@ -334,6 +334,37 @@ class CrossedDesign(LevelCounts):
         design.check_distinct_partitions()
         return design
 
+    def permuted(self, order):
+        """The same design with its factors in another order.
+
+        Parameters
+        ----------
+        order : sequence of int
+            A permutation of ``0..n_factors-1``: factor ``order[j]`` becomes factor ``j``.
+
+        Returns
+        -------
+        CrossedDesign
+
+        Raises
+        ------
+        DesignError
+            If ``order`` is not a permutation of the factors.
+
+        Examples
+        --------
+        >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]], names=["a", "b"])
+        >>> d.permuted([1, 0]).names, d.permuted([1, 0]).n_levels
+        (('b', 'a'), (2, 3))
+        """
+        order = [int(i) for i in order]
+        if sorted(order) != list(range(self.n_factors)):
+            raise DesignError(f"{order} is not a permutation of the design's "
+                              f"{self.n_factors} factors")
+        return CrossedDesign(self._codes[order], [self._n_levels[i] for i in order],
+                             [self._names[i] for i in order],
+                             [self._levels[i] for i in order])
+
     @staticmethod
     def _term_parts(data, col):
         if isinstance(col, tuple):

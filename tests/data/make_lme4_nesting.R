@@ -114,6 +114,10 @@ record <- function(id, formula, data, data_name) {
 fits <- list(
   record("pastes_nested", "strength ~ 1 + (1|batch/cask)", pastes, "pastes"),
   record("pastes_explicit", "strength ~ 1 + (1|batch:cask) + (1|batch)", pastes, "pastes"),
+  ## written outer first: lme4 reorders the terms by number of levels (mkReTrms)
+  record("pastes_explicit_reordered", "strength ~ 1 + (1|batch) + (1|batch:cask)", pastes,
+         "pastes"),
+  record("sim_explicit_three_way", "y ~ x + (1|a) + (1|a:b:c)", sim, "nesting_sim"),
   record("sim_three_level", "y ~ x + (1|a/b/c)", sim, "nesting_sim"),
   record("sim_slope_nested", "y ~ x + (1 + x|a/b)", sim, "nesting_sim"),
   record("sim_double_vert_nested", "y ~ x + (x||a/b)", sim, "nesting_sim")
