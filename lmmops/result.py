@@ -20,6 +20,7 @@ from lmmops.analysis.inference import confint, variance_covariance
 from lmmops.analysis.outliers import msom, msom_scan, vsom
 from lmmops.analysis.plots import plot
 from lmmops.analysis.predict import predict
+from lmmops.data.formula import varcorr_names
 from lmmops.data.terms import theta_layout, theta_names
 from lmmops.errors import LmmopsError
 from lmmops.estimation.protocol import diag_P as diag_P_of
@@ -123,7 +124,7 @@ class LMMResult:
                                 and len(terms) == d.n_factors)
         keys = list(d.names) if self.intercepts_only else theta_names(terms)
         self.theta = pd.Series(ev.theta, index=keys, name="theta")
-        groups = _unique([t.group for t in terms])
+        groups = varcorr_names([t.group for t in terms])
         sigma2 = s2 * ev.sigma2
         self.sigma = float(np.sqrt(sigma2))
         layout = theta_layout(terms)
@@ -228,7 +229,7 @@ class LMMResult:
         :attr:`variances` (the one-column terms and ``Residual``)."""
         per_term, resid_se = slopes
         vs = self.model.conditioning.variance_scale
-        groups = _unique([t.group for t in self.terms])
+        groups = varcorr_names([t.group for t in self.terms])
         covs, variances = {}, {}
         for g, t, se in zip(groups, self.terms, per_term):
             covs[g] = pd.DataFrame(vs * se, index=list(t.columns), columns=list(t.columns))
@@ -769,47 +770,3 @@ def _text(x):
     return x if isinstance(x, str) else None
 
 
-_R_RESERVED = frozenset(
-    "if else repeat while function for next break in TRUE FALSE NULL Inf NaN NA "
-    "NA_integer_ NA_real_ NA_character_ NA_complex_".split())
-
-
-def _make_name(name):
-    """R's ``make.names`` of one name: invalid characters become ``.``, ``X`` is prepended
-    if the name does not start with a letter or a dot not followed by a digit, and a
-    reserved word gains a dot."""
-    out = "".join(ch if ch.isalnum() or ch in "._" else "." for ch in name)
-    if not (out[:1].isalpha() or (out[:1] == "." and not out[1:2].isdigit())):
-        out = "X" + out
-    return out + "." if out in _R_RESERVED else out
-
-
-def _unique(names):
-    """lme4's names of the VarCorr entries: the grouping factors' names as they are, or,
-    if one repeats, R's ``make.names(names, unique = TRUE)`` (``make.unique`` of
-    ``make.names``): the second term on ``Subject`` is ``Subject.1``, and with
-    ``(x || a/b)`` the factor ``b:a`` becomes ``b.a`` and ``b.a.1``.
-
-    Examples
-    --------
-    >>> _unique(["cask:batch", "batch"])
-    ['cask:batch', 'batch']
-    >>> _unique(["b:a", "b:a", "a", "a", "a.1"])
-    ['b.a', 'b.a.1', 'a', 'a.2', 'a.1']
-    """
-    if len(set(names)) == len(names):
-        return list(names)
-    names = [_make_name(nm) for nm in names]
-    used, first, nxt, out = set(names), set(), {}, []
-    for nm in names:
-        if nm not in first:
-            first.add(nm)
-            out.append(nm)
-            continue
-        k = nxt.get(nm, 1)
-        while f"{nm}.{k}" in used:
-            k += 1
-        out.append(f"{nm}.{k}")
-        used.add(out[-1])
-        nxt[nm] = k + 1
-    return out

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import lmmops
 from lmmops.cli import main
 from lmmops.data.design import CrossedDesign
-from lmmops.data.formula import grouping_columns, parse_formula
+from lmmops.data.formula import grouping_columns, parse_formula, varcorr_names
 from lmmops.data.terms import theta_names
 from lmmops.errors import DesignError
 
@@ -201,3 +201,14 @@ def test_design_levels_of_a_nested_name_are_rs():
     assert d.names == ("c:(b:a)", "b:a")
     assert list(d.levels[0]) == ["1:x:A", "1:x:B", "1:y:A", "2:x:B", "2:y:B"]
     assert list(d.levels[1]) == ["x:A", "x:B", "y:A", "y:B"]
+
+
+@pytest.mark.parametrize(("groups", "r_names"), [  # R: make.names(groups, unique = TRUE)
+    (["if", "if"], ["if.", "if..1"]),
+    ([".2a", ".2a", "_a"], ["X.2a", "X.2a.1", "X_a"]),
+    (["c:(b:a)", "c:(b:a)", "b:`my a`"], ["c..b.a.", "c..b.a..1", "b..my.a."]),
+    (["b:a", "b:a", "a", "a", "a.1"], ["b.a", "b.a.1", "a", "a.2", "a.1"]),
+    (["c:(b:a)", "b:a"], ["c:(b:a)", "b:a"]),  # no repeat: the names as they are
+])
+def test_varcorr_names_are_rs_make_names(groups, r_names):
+    assert varcorr_names(groups) == r_names

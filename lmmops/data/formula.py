@@ -75,6 +75,7 @@ __all__ = [
     "rank_columns",
     "rank_message",
     "response_vector",
+    "varcorr_names",
 ]
 
 
@@ -946,6 +947,58 @@ def grouping_columns(group):
         elif m.group(2) is not None and m.group(2).strip():
             out.append(m.group(2).strip())
     return tuple(out)
+
+
+def _r_make_name(name):
+    """R's ``make.names`` of one name: invalid characters become ``.``, ``X`` is prepended
+    if the name does not start with a letter or a dot not followed by a digit, and a
+    reserved word gains a dot."""
+    out = "".join(ch if ch.isalnum() or ch in "._" else "." for ch in name)
+    if not (out[:1].isalpha() or (out[:1] == "." and not out[1:2].isdigit())):
+        out = "X" + out
+    return out + "." if out in _R_RESERVED else out
+
+
+def varcorr_names(groups):
+    """lme4's names of the entries of ``VarCorr``, one per random-effects term.
+
+    The grouping factors' names as they are, or, if one repeats (a factor with several
+    terms), R's ``make.names(groups, unique = TRUE)`` (``make.unique`` of ``make.names``),
+    as lme4's ``mkVarCorr`` does: the second term on ``Subject`` is ``Subject.1``, and with
+    ``(x || a/b)`` the factor ``b:a`` becomes ``b.a`` and ``b.a.1``.
+
+    Parameters
+    ----------
+    groups : sequence of str
+        The terms' grouping factors, in term order.
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> varcorr_names(["cask:batch", "batch"])
+    ['cask:batch', 'batch']
+    >>> varcorr_names(["b:a", "b:a", "a", "a", "a.1"])
+    ['b.a', 'b.a.1', 'a', 'a.2', 'a.1']
+    """
+    if len(set(groups)) == len(groups):
+        return list(groups)
+    names = [_r_make_name(nm) for nm in groups]
+    used, first, nxt, out = set(names), set(), {}, []
+    for nm in names:
+        if nm not in first:
+            first.add(nm)
+            out.append(nm)
+            continue
+        k = nxt.get(nm, 1)
+        while f"{nm}.{k}" in used:
+            k += 1
+        out.append(f"{nm}.{k}")
+        used.add(out[-1])
+        nxt[nm] = k + 1
+    return out
 
 
 def _random_grouping(node, where):
