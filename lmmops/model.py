@@ -247,6 +247,10 @@ class LMM:
         Returns
         -------
         LMM
+            Its terms (and, for random intercepts only, the design's factors) in lme4's
+            order and with lme4's names: ``findbars`` order (``(1|a/b)`` is ``(1|b:a) +
+            (1|a)``), then by decreasing number of levels if a term has more levels than
+            the one before it (:func:`lmmops.data.terms.order_terms`).
 
         Raises
         ------
