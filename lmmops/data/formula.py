@@ -1204,7 +1204,9 @@ def parse_formula(formula):
     - ``(e | a/b)`` is ``(e | b:a) + (e | a)``, lme4's ``expandSlash``: the inner
       factor first, named as lme4 names it (``b:a``, its levels ``"b_level:a_level"``
       ordered by ``b``, then ``a``); ``(e | a/b/c)`` is ``(e | c:(b:a)) + (e | b:a) +
-      (e | a)``. An interaction written out, ``(e | a:b)``, keeps the name ``a:b``;
+      (e | a)``, and ``(e | a/b:c)`` is ``(e | b:c:a) + (e | a)``, as in lme4 1.1-31
+      (which cannot fit ``(e | a:b/c)``; lmmops names it by the same rule, ``c:(a:b)``
+      and ``a:b``). An interaction written out, ``(e | a:b)``, keeps the name ``a:b``;
     - ``(e || g)`` is lme4's ``expandDoubleVerts``: ``(1 | g)`` (unless ``e`` removes the
       intercept) and ``(0 + t | g)`` for each term label ``t`` of ``e``, so
       ``(1 + x + z || g)`` is ``(1 | g) + (0 + x | g) + (0 + z | g)``; a factor is one
