@@ -33,7 +33,7 @@ from lmmops.data.formula import (
     rank_message,
     response_vector,
 )
-from lmmops.data.terms import build_terms, off_centre_hint
+from lmmops.data.terms import build_terms, off_centre_hint, order_terms
 from lmmops.distributed import fit_dask, is_dask_dataframe
 from lmmops.errors import (
     ArgumentError,
@@ -247,6 +247,10 @@ class LMM:
         Returns
         -------
         LMM
+            Its terms (and, for random intercepts only, the design's factors) in lme4's
+            order and with lme4's names: ``findbars`` order (``(1|a/b)`` is ``(1|b:a) +
+            (1|a)``), then by decreasing number of levels if a term has more levels than
+            the one before it (:func:`lmmops.data.terms.order_terms`).
 
         Raises
         ------
@@ -277,6 +281,10 @@ class LMM:
         # several terms on a factor) is built from the formula's effects, in lme4's order
         intercepts = (all(t.is_intercept for t in pf.random_terms)
                       and len(pf.random_terms) == len(pf.random))
+        if intercepts:  # lme4's term order (mkReTrms), as build_terms orders the others
+            order = order_terms(list(design.n_levels))
+            if order != list(range(design.n_factors)):
+                design = design.permuted(order)
         terms = None if intercepts else build_terms(pf, data, design)
         X, names, spec = fixed_effects_matrix(pf.fixed, data, return_spec=True)
         if isinstance(weights, str):

@@ -20,6 +20,7 @@ from lmmops.analysis.inference import confint, variance_covariance
 from lmmops.analysis.outliers import msom, msom_scan, vsom
 from lmmops.analysis.plots import plot
 from lmmops.analysis.predict import predict
+from lmmops.data.formula import varcorr_names
 from lmmops.data.terms import theta_layout, theta_names
 from lmmops.errors import LmmopsError
 from lmmops.estimation.protocol import diag_P as diag_P_of
@@ -123,7 +124,7 @@ class LMMResult:
                                 and len(terms) == d.n_factors)
         keys = list(d.names) if self.intercepts_only else theta_names(terms)
         self.theta = pd.Series(ev.theta, index=keys, name="theta")
-        groups = _unique([t.group for t in terms])
+        groups = varcorr_names([t.group for t in terms])
         sigma2 = s2 * ev.sigma2
         self.sigma = float(np.sqrt(sigma2))
         layout = theta_layout(terms)
@@ -228,7 +229,7 @@ class LMMResult:
         :attr:`variances` (the one-column terms and ``Residual``)."""
         per_term, resid_se = slopes
         vs = self.model.conditioning.variance_scale
-        groups = _unique([t.group for t in self.terms])
+        groups = varcorr_names([t.group for t in self.terms])
         covs, variances = {}, {}
         for g, t, se in zip(groups, self.terms, per_term):
             covs[g] = pd.DataFrame(vs * se, index=list(t.columns), columns=list(t.columns))
@@ -769,15 +770,3 @@ def _text(x):
     return x if isinstance(x, str) else None
 
 
-def _unique(names):
-    """R's ``make.unique``: repeated names gain ``.1``, ``.2``, ... (lme4's VarCorr
-    names the second term on a factor ``Subject.1``)."""
-    seen, out = {}, []
-    for nm in names:
-        if nm in seen:
-            seen[nm] += 1
-            out.append(f"{nm}.{seen[nm]}")
-        else:
-            seen[nm] = 0
-            out.append(nm)
-    return out

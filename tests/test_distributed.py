@@ -2,6 +2,7 @@
 rows, on a real ``distributed.LocalCluster`` (two worker processes, loopback only)."""
 
 import json
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ from designs import nine_level_frame
 
 import lmmops
 from lmmops.data.conditioning import condition
+from lmmops.data.terms import theta_names
 from lmmops.distributed.moments import Moments, condition_from_moments
 from lmmops.errors import DataSourceError, DesignError, FormulaError, LmmopsError
 from lmmops.estimation.direct import DirectObjective
@@ -171,6 +173,33 @@ def test_interaction_and_nested_factors(client, frame):
         assert res.n_levels == ref.n_levels
         for g in ref.ranef:
             assert list(res.ranef[g].index) == list(ref.ranef[g].index)
+        if "h/b" in formula:  # lme4's name of the inner factor, and its level labels
+            # findbars order b:h, h, g; g has the most levels, so lme4 reorders them
+            assert list(res.n_levels) == ["g", "b:h", "h"]
+            assert res.n_levels["g"] > res.n_levels["b:h"] > res.n_levels["h"]
+            lab = res.ranef["b:h"].index[0]
+            assert lab == f"p:{res.ranef['h'].index[0]}"
+
+
+def test_nested_factors_named_as_lme4_and_as_in_memory(client):
+    """lme4's names, levels and term order of (1|a/b/c) and (1 + x|a/b) from a Dask frame
+    (tests/data/lme4_nesting.json), the same as the in-memory fit's."""
+    data = pathlib.Path(__file__).parent / "data"
+    ref = {f["id"]: f for f in json.loads((data / "lme4_nesting.json").read_text())["fits"]}
+    sim = pd.read_csv(data / "nesting_sim.csv")
+    for fid in ("sim_three_level", "sim_slope_nested"):
+        f = ref[fid]
+        mem = lmmops.fit(f["formula"], sim)
+        res = lmmops.fit(f["formula"], dd.from_pandas(sim, npartitions=3))
+        _same_fit(res, mem, tol=1e-8)
+        assert theta_names(res.terms) == f["theta"]["names"]
+        assert [t.group for t in res.terms] == f["cnms"]
+        assert list(res.ranef) == f["flist"]
+        assert list(res.varcorr.grp) == [r["grp"] for r in f["varcorr"]]
+        for g, lv in f["levels"].items():
+            assert res.n_levels[g] == lv["nlevels"]
+            assert list(res.ranef[g].index[:6]) == lv["first"]
+        assert abs(res.reml_criterion - f["reml_criterion"]) <= 1e-6 * f["reml_criterion"]
 
 
 def test_rank_deficient_columns_dropped_as_in_memory(client, frame):

@@ -84,12 +84,12 @@ def df():
      [("1", "subj", False), ("0 + cond", "subj", False)]),
     # separate terms on one factor
     ("y ~ x + (1 | g) + (0 + x | g)", ("g",), [("1", "g", True), ("0 + x", "g", True)]),
-    # nesting: lme4's expandSlash lists the inner factor first
-    ("y ~ x + (1 + x | a/b)", ("a", "a:b"), [("1 + x", "a:b", True), ("1 + x", "a", True)]),
-    ("y ~ (1 | a/b/c)", ("a", "a:b", "a:b:c"),
-     [("1", "a:b:c", True), ("1", "a:b", True), ("1", "a", True)]),
-    ("y ~ x + (x || a/b)", ("a", "a:b"),
-     [("1", "a:b", False), ("1", "a", False), ("0 + x", "a:b", False),
+    # nesting: lme4's expandSlash lists the inner factor first, named b:a (R's deparse)
+    ("y ~ x + (1 + x | a/b)", ("b:a", "a"), [("1 + x", "b:a", True), ("1 + x", "a", True)]),
+    ("y ~ (1 | a/b/c)", ("c:(b:a)", "b:a", "a"),
+     [("1", "c:(b:a)", True), ("1", "b:a", True), ("1", "a", True)]),
+    ("y ~ x + (x || a/b)", ("b:a", "a"),
+     [("1", "b:a", False), ("1", "a", False), ("0 + x", "b:a", False),
       ("0 + x", "a", False)]),
     # crossed slope terms mixed with intercept terms
     ("y ~ A*B + (1 + A + B | subj) + (1 | item) + (0 + A | item) + (1 | site) + (B || day)",

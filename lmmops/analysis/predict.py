@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from lmmops.data.formula import grouping_columns
 from lmmops.errors import LmmopsError
 from lmmops.estimation.iterative import IterativeObjective
 
@@ -34,7 +35,7 @@ def _codes_for(result, newdata):
     d = result.model.design
     out = []
     for k, name in enumerate(d.names):
-        parts = name.split(":")
+        parts = [name] if name in newdata.columns else list(grouping_columns(name))
         for p in parts:
             if p not in newdata.columns:
                 raise LmmopsError(f"newdata has no column '{p}' for the grouping factor "

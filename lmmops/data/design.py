@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
+from lmmops.data.formula import grouping_columns
 from lmmops.data.statistics import assemble_gram, cell_table
 from lmmops.data.terms import RandomEffectsTerm
 from lmmops.errors import DesignError, DisconnectedDesignError, UnknownNameError
@@ -294,9 +295,13 @@ class CrossedDesign(LevelCounts):
         columns : sequence of str or tuple of str
             Grouping factors. A tuple, or a string ``"a:b"`` that is not itself a
             column, is the interaction of its columns: one level per observed
-            combination, ordered by the levels of ``a`` then ``b``.
+            combination, ordered by the levels of ``a`` then ``b``, labelled
+            ``"a_level:b_level"``. lme4's names of nested factors are understood
+            (:func:`~lmmops.data.formula.grouping_columns`: ``"c:(b:a)"`` is the
+            interaction of ``c``, ``b`` and ``a``).
         names : sequence of str, optional
-            Factor names; default the column names (``"a:b"`` for interactions).
+            Factor names; default the column names (``"a:b"`` for interactions, the
+            string as given).
 
         Returns
         -------
@@ -319,7 +324,7 @@ class CrossedDesign(LevelCounts):
         codes, levels, nlev, out_names = [], [], [], []
         for i, col in enumerate(columns):
             parts = cls._term_parts(data, col)
-            label = ":".join(parts)
+            label = ":".join(parts) if isinstance(col, tuple) else str(col)
             fcodes, flevels = cls._encode_term(data, parts)
             codes.append(fcodes)
             levels.append(flevels)
@@ -329,6 +334,37 @@ class CrossedDesign(LevelCounts):
         design.check_distinct_partitions()
         return design
 
+    def permuted(self, order):
+        """The same design with its factors in another order.
+
+        Parameters
+        ----------
+        order : sequence of int
+            A permutation of ``0..n_factors-1``: factor ``order[j]`` becomes factor ``j``.
+
+        Returns
+        -------
+        CrossedDesign
+
+        Raises
+        ------
+        DesignError
+            If ``order`` is not a permutation of the factors.
+
+        Examples
+        --------
+        >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]], names=["a", "b"])
+        >>> d.permuted([1, 0]).names, d.permuted([1, 0]).n_levels
+        (('b', 'a'), (2, 3))
+        """
+        order = [int(i) for i in order]
+        if sorted(order) != list(range(self.n_factors)):
+            raise DesignError(f"{order} is not a permutation of the design's "
+                              f"{self.n_factors} factors")
+        return CrossedDesign(self._codes[order], [self._n_levels[i] for i in order],
+                             [self._names[i] for i in order],
+                             [self._levels[i] for i in order])
+
     @staticmethod
     def _term_parts(data, col):
         if isinstance(col, tuple):
@@ -336,7 +372,7 @@ class CrossedDesign(LevelCounts):
         elif col in data.columns:
             return [col]
         else:
-            parts = [p.strip() for p in str(col).split(":")]
+            parts = list(grouping_columns(col))
         for p in parts:
             if p not in data.columns:
                 raise DesignError(
@@ -410,8 +446,17 @@ class CrossedDesign(LevelCounts):
                 if self._n_levels[k] == self._n_levels[l] and (
                     self.crosstab(k, l).nnz == self._n_levels[k]
                 ):
+                    a, b = self._names[k], self._names[l]
+                    ca, cb = grouping_columns(a), grouping_columns(b)
+                    if len(ca) > 1 and sorted(ca) == sorted(cb):  # b:a and a:b
+                        raise DesignError(
+                            f"grouping factors '{a}' and '{b}' are one interaction written "
+                            "in two orders, which lmmops keeps as two factors grouping the "
+                            "observations identically; write it the same way in every term "
+                            "(lme4's name of the inner factor of (1|a/b) is 'b:a')"
+                        )
                     raise DesignError(
-                        f"grouping factors '{self._names[k]}' and '{self._names[l]}' group the "
+                        f"grouping factors '{a}' and '{b}' group the "
                         f"observations identically (each level of one is exactly one level of "
                         "the other), so their variances cannot be told apart; drop one of the "
                         "two terms"

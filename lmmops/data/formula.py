@@ -5,7 +5,8 @@ coefficient names are rewritten to lme4's (``service[T.1]`` becomes ``service1``
 ``Intercept`` becomes ``(Intercept)``). Random terms ``(effects | group)`` follow lme4:
 
 - ``(1|g)``: a random intercept per level of ``g``; ``(1|a:b)``: per observed
-  combination of ``a`` and ``b``; ``(e|a/b)``: nesting, ``(e|a:b) + (e|a)``;
+  combination of ``a`` and ``b``; ``(e|a/b)``: nesting, ``(e|b:a) + (e|a)``, with
+  lme4's names (``b:a``; ``c:(b:a)`` for ``a/b/c``);
 - ``(x|g)``, ``(1 + x|g)``, ``(1 + x + z|g)``, ``(1 + A*B|s)``, ``(1 + f|g)`` for a
   factor ``f``: correlated random intercept and slopes, the columns of the effects'
   model matrix (built as the fixed part's, with treatment contrasts);
@@ -68,11 +69,13 @@ __all__ = [
     "RankDeficientWarning",
     "check_full_rank",
     "fixed_effects_matrix",
+    "grouping_columns",
     "lme4_names",
     "parse_formula",
     "rank_columns",
     "rank_message",
     "response_vector",
+    "varcorr_names",
 ]
 
 
@@ -89,8 +92,10 @@ class ParsedFormula:
     fixed : str
         Right-hand side without the random terms (``"1"`` if nothing is left).
     random : tuple of str
-        Grouping factors, unique, in the order they first appear (``"s"``, ``"a:b"``);
-        one factor of the design each.
+        Grouping factors, unique, in the order they first appear in
+        ``random_terms`` (``"s"``, ``"a:b"``; ``(1|a/b)`` gives ``"b:a"`` and ``"a"``,
+        lme4's names and order); one factor of the design each
+        (:func:`grouping_columns` gives a name's columns).
     random_terms : tuple of RandomTermSpec
         The random-effects terms after lme4's expansion of ``/`` and ``||``, in
         ``findbars`` order (before lme4's reordering by number of levels, which
@@ -895,8 +900,116 @@ def _check_atom(tok, where, columns):
             raise _unknown_column(name, where, columns)
 
 
+#: R's reserved words: deparse quotes them (and any other non-syntactic name) in backticks.
+_R_RESERVED = frozenset(
+    "if else repeat while function for next break in TRUE FALSE NULL Inf NaN NA "
+    "NA_integer_ NA_real_ NA_character_ NA_complex_ ...".split())
+_R_SYNTACTIC = re.compile(r"(?:[^\W\d_]|\.(?!\d))[\w.]*|\.")
+_GROUP_PART = re.compile(r"`([^`]*)`|([^:()`]+)|[:()`]")
+
+
+def _r_deparse(name):
+    """A column name as R's ``deparse`` prints it in an expression (backticks if needed)."""
+    if _R_SYNTACTIC.fullmatch(name) and name not in _R_RESERVED \
+            and not re.fullmatch(r"\.\.\d+", name):
+        return name
+    return f"`{name}`"
+
+
+def grouping_columns(group):
+    """The data columns of a grouping factor named as lme4 names it.
+
+    The inverse of the names :func:`parse_formula` gives: a column ``g``, an interaction
+    ``a:b`` (levels ordered by ``a``, then ``b``), lme4's names of nested factors
+    (``(1|a/b/c)`` gives ``c:(b:a)``, ``b:a`` and ``a``), and names that R quotes in
+    backticks. A name that is itself a column should be looked up as that column first.
+
+    Parameters
+    ----------
+    group : str
+
+    Returns
+    -------
+    tuple of str
+        The component columns, the first one slowest in the level order.
+
+    Examples
+    --------
+    >>> grouping_columns("cask:batch"), grouping_columns("c:(b:a)")
+    (('cask', 'batch'), ('c', 'b', 'a'))
+    >>> grouping_columns("b:`my a`")
+    ('b', 'my a')
+    """
+    out = []
+    for m in _GROUP_PART.finditer(str(group)):
+        if m.group(1) is not None:
+            out.append(m.group(1))
+        elif m.group(2) is not None and m.group(2).strip():
+            out.append(m.group(2).strip())
+    return tuple(out)
+
+
+def _r_make_name(name):
+    """R's ``make.names`` of one name: invalid characters become ``.``, ``X`` is prepended
+    if the name does not start with a letter or a dot not followed by a digit, and a
+    reserved word gains a dot."""
+    out = "".join(ch if ch.isalnum() or ch in "._" else "." for ch in name)
+    if not (out[:1].isalpha() or (out[:1] == "." and not out[1:2].isdigit())):
+        out = "X" + out
+    return out + "." if out in _R_RESERVED else out
+
+
+def varcorr_names(groups):
+    """lme4's names of the entries of ``VarCorr``, one per random-effects term.
+
+    The grouping factors' names as they are, or, if one repeats (a factor with several
+    terms), R's ``make.names(groups, unique = TRUE)`` (``make.unique`` of ``make.names``),
+    as lme4's ``mkVarCorr`` does: the second term on ``Subject`` is ``Subject.1``, and with
+    ``(x || a/b)`` the factor ``b:a`` becomes ``b.a`` and ``b.a.1``.
+
+    Parameters
+    ----------
+    groups : sequence of str
+        The terms' grouping factors, in term order.
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> varcorr_names(["cask:batch", "batch"])
+    ['cask:batch', 'batch']
+    >>> varcorr_names(["b:a", "b:a", "a", "a", "a.1"])
+    ['b.a', 'b.a.1', 'a', 'a.2', 'a.1']
+    """
+    if len(set(groups)) == len(groups):
+        return list(groups)
+    names = [_r_make_name(nm) for nm in groups]
+    used, first, nxt, out = set(names), set(), {}, []
+    for nm in names:
+        if nm not in first:
+            first.add(nm)
+            out.append(nm)
+            continue
+        k = nxt.get(nm, 1)
+        while f"{nm}.{k}" in used:
+            k += 1
+        out.append(f"{nm}.{k}")
+        used.add(out[-1])
+        nxt[nm] = k + 1
+    return out
+
+
 def _random_grouping(node, where):
-    """Grouping factors of a random term: ``g``, ``a:b`` or ``a/b`` (-> ``a``, ``a:b``)."""
+    """Grouping factors of a random term, named as lme4 names them, outermost first.
+
+    ``g`` is ``["g"]`` (a quoted name without its backticks), ``a:b`` is ``["a:b"]``
+    (as written), and nesting follows lme4's ``expandSlash``, whose names are R's
+    ``deparse`` of the interaction it builds: ``a/b`` is ``["a", "b:a"]``, ``a/b/c`` is
+    ``["a", "b:a", "c:(b:a)"]``, ``a/b:c`` is ``["a", "b:c:a"]``. In an interaction a
+    name that is not syntactic in R keeps its backticks (``b:`my a```), as in lme4.
+    """
     term = where.text[node.start + 1:node.end - 1].strip()
     toks = node.parts[1]
     if not toks:
@@ -913,6 +1026,9 @@ def _random_grouping(node, where):
     for t in names:
         if t.kind == "name" and _is_dunder(t.text):
             raise where.refuse("dunder name", t.text, t.start)
+    if len(names) == 1:
+        t = names[0]
+        return [t.text[1:-1] if t.kind == "qname" else t.text]
     parts, cur = [], [names[0]]
     for op, t in zip(ops, names[1:]):
         if op.text == "/":
@@ -920,9 +1036,19 @@ def _random_grouping(node, where):
             cur = []
         cur.append(t)
     parts.append(cur)
-    labels = [":".join(t.text[1:-1] if t.kind == "qname" else t.text for t in p)
-              for p in parts]
-    return [":".join(labels[: i + 1]) for i in range(len(labels))]
+    labels = [":".join(_r_deparse(t.text[1:-1] if t.kind == "qname" else t.text)
+                       for t in p) for p in parts]
+    # expandSlash: the next part times the factor so far, substitute(foo:bar); deparse
+    # brackets the right operand when it is itself an interaction
+    out, inner = [], labels[0]
+    compound = len(parts[0]) > 1
+    for label in labels[1:]:
+        inner = f"{label}:({inner})" if compound else f"{label}:{inner}"
+        out.append(inner)
+        compound = True
+    t = parts[0][0]
+    outer = labels[0] if len(parts[0]) > 1 else t.text[1:-1] if t.kind == "qname" else t.text
+    return [outer, *out]
 
 
 def _intercept_only(left):
@@ -1075,8 +1201,12 @@ def parse_formula(formula):
     The effects on the left of ``|`` or ``||`` are checked against the same allow-list as
     the fixed part. The random terms are expanded as lme4's ``findbars`` does:
 
-    - ``(e | a/b)`` is ``(e | a:b) + (e | a)`` (lme4 lists the inner factor first; it
-      names it ``b:a``, lmmops ``a:b``);
+    - ``(e | a/b)`` is ``(e | b:a) + (e | a)``, lme4's ``expandSlash``: the inner
+      factor first, named as lme4 names it (``b:a``, its levels ``"b_level:a_level"``
+      ordered by ``b``, then ``a``); ``(e | a/b/c)`` is ``(e | c:(b:a)) + (e | b:a) +
+      (e | a)``, and ``(e | a/b:c)`` is ``(e | b:c:a) + (e | a)``, as in lme4 1.1-31
+      (which cannot fit ``(e | a:b/c)``; lmmops names it by the same rule, ``c:(a:b)``
+      and ``a:b``). An interaction written out, ``(e | a:b)``, keeps the name ``a:b``;
     - ``(e || g)`` is lme4's ``expandDoubleVerts``: ``(1 | g)`` (unless ``e`` removes the
       intercept) and ``(0 + t | g)`` for each term label ``t`` of ``e``, so
       ``(1 + x + z || g)`` is ``(1 | g) + (0 + x | g) + (0 + z | g)``; a factor is one
@@ -1109,7 +1239,9 @@ def parse_formula(formula):
     --------
     >>> pf = parse_formula("y ~ x + (1|a/b) + (1|c)")
     >>> pf.response, pf.fixed, pf.random
-    ('y', 'x', ('a', 'a:b', 'c'))
+    ('y', 'x', ('b:a', 'a', 'c'))
+    >>> parse_formula("y ~ (1|a/b/c)").random
+    ('c:(b:a)', 'b:a', 'a')
     >>> [str(t) for t in parse_formula("y ~ x + (1 + x + z || g) + (x | h)").random_terms]
     ['(1 | g)', '(0 + x | g)', '(0 + z | g)', '(x | h)']
     >>> parse_formula("y ~ x + (1|g) +")  # doctest: +IGNORE_EXCEPTION_DETAIL
@@ -1144,7 +1276,7 @@ def parse_formula(formula):
         else:
             effects = [text[left.start:left.end].strip()]
         for eff in effects:
-            for g in reversed(grouping):  # lme4's expandSlash: a:b before a
+            for g in reversed(grouping):  # lme4's expandSlash: b:a before a
                 spec = RandomTermSpec(eff, g, node.op == "|")
                 key = (_canonical(eff, where), g)
                 if key in seen:
@@ -1152,7 +1284,7 @@ def parse_formula(formula):
                                 "the sum of the two variances is identifiable; drop one")
                 seen.add(key)
                 specs.append(spec)
-        for g in grouping:
+        for g in reversed(grouping):  # findbars order: b:a before a
             if g not in groups:
                 groups.append(g)
     if not groups:

@@ -27,6 +27,7 @@ from scipy import stats
 from lmmops.data.checks import check_method, warn_if_disconnected
 from lmmops.data.formula import (
     RankDeficientWarning,
+    grouping_columns,
     parse_formula,
     rank_message,
     response_vector,
@@ -190,7 +191,7 @@ class DaskLMM:
         self.weighted = weights is not None
         factors = []
         for g in pf.random:
-            parts = (g,) if g in columns else tuple(p.strip() for p in str(g).split(":"))
+            parts = (g,) if g in columns else grouping_columns(g)
             unknown = [p for p in parts if p not in columns]
             if unknown:
                 raise DesignError(f"unknown column '{unknown[0]}' for grouping factor "
@@ -229,6 +230,13 @@ class DaskLMM:
                 comp, codes, lab = interaction_levels(combos_found[g], parts, meta)
                 combos[k] = (comp, codes)
                 factor_levels.append(lab)
+        intercepts = (all(t.is_intercept for t in pf.random_terms)
+                      and len(pf.random_terms) == len(pf.random))
+        if intercepts:  # lme4's term order, as the in-memory fit (LMM.from_formula)
+            order = order_terms([len(lv) for lv in factor_levels])
+            factors = [factors[i] for i in order]
+            factor_levels = [factor_levels[i] for i in order]
+            combos = {order.index(k): v for k, v in combos.items()}
         categories = {c: dictionary[c] for c in cat_cols}
         proto = prototype(meta, categories)
         names, fspec, tspecs = fixed_specs(pf.fixed, effects, proto)
@@ -237,8 +245,6 @@ class DaskLMM:
         plan.combos = combos
         plan.p_all = len(names)
         # the terms in the formula's order (lme4's order once the levels are known)
-        intercepts = (all(t.is_intercept for t in pf.random_terms)
-                      and len(pf.random_terms) == len(pf.random))
         group_pos = {g: k for k, (g, _) in enumerate(factors)}
         specs = []
         for rt, (tnames, tspec) in zip(pf.random_terms, tspecs):
@@ -276,7 +282,7 @@ class DaskLMM:
         if not intercepts:
             check_terms(pf.random_terms, specs, term_info, mom.n)
         nl = [len(plan.levels[group_pos[g]]) for g, _, _ in specs]
-        order = list(range(len(specs))) if intercepts else order_terms(nl)
+        order = order_terms(nl)  # intercepts: the factors' order, set above
         specs = [specs[i] for i in order]
         plan.term_specs = [(group_pos[g], sp_) for g, _, sp_ in specs]
         plan.term_groups = [g for g, _, _ in specs]
