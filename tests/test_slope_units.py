@@ -221,3 +221,35 @@ def test_scaled_theta_keeps_the_newton_check_differences_both_ways(frame):
     np.testing.assert_allclose(H_c, Hc, rtol=1e-12)
     assert dpw_c is not None
     np.testing.assert_allclose(dpw_c, dpw_in * r, rtol=1e-15)
+
+
+def test_centred_fit_on_the_boundary_keeps_the_nan_pattern():
+    """No random slope in the data: the exact fit is singular (T's last diagonal entry
+    0) with and without x + 1e4. After centring, theta_cov is NaN for the parameter on
+    the boundary (the twin's zero maps to the user's) and variances_cov NaN for the
+    singular term, as without the shift; the crossed factor's entries are the same."""
+    rng = np.random.default_rng(4)
+    n, n_g, n_h = 400, 20, 8
+    df = pd.DataFrame({"g": rng.integers(0, n_g, n), "h": rng.integers(0, n_h, n),
+                       "x": rng.normal(size=n)})
+    df["y"] = (1 + 0.5 * df.x + rng.normal(size=n_g)[df.g] + 0.7 * rng.normal(size=n_h)[df.h]
+               + rng.normal(size=n))
+    df["g"] = pd.Categorical(df.g)
+    df["h"] = pd.Categorical(df.h)
+    base = lmmops.fit(FORMULA, df, method="ML", solver="direct")
+    shifted = df.copy()
+    shifted["x"] = shifted.x + 1e4
+    res = lmmops.fit(FORMULA, shifted, method="ML", solver="direct")
+    for r in (base, res):
+        assert r.converged, r.notes
+        assert r.singular
+    assert any("centred inside the fit" in n for n in res.notes)
+    assert res.deviance == pytest.approx(base.deviance, rel=1e-9)
+    tc, tb = res.theta_cov.to_numpy(), base.theta_cov.to_numpy()
+    np.testing.assert_array_equal(np.isnan(np.diag(tc)), np.isnan(np.diag(tb)))
+    assert np.isnan(tc[2, 2])
+    assert tc[3, 3] == pytest.approx(tb[3, 3], rel=1e-3)
+    vc, vb = res.variances_cov, base.variances_cov
+    np.testing.assert_array_equal(np.isnan(vc.to_numpy()), np.isnan(vb.to_numpy()))
+    for name in ("h.(Intercept)", "Residual"):
+        assert vc.loc[name, name] == pytest.approx(vb.loc[name, name], rel=2e-3)

@@ -32,7 +32,13 @@ import copy
 
 import numpy as np
 
-from lmmops.data.terms import INTERCEPT, centred_terms, covariance_entries, recentre_theta
+from lmmops.data.terms import (
+    INTERCEPT,
+    centred_terms,
+    covariance_entries,
+    recentre_theta,
+    theta_lower_bounds,
+)
 
 __all__ = ["CENTRED_AGREEMENT", "CentredFit", "centred_twin", "centring_jacobian",
            "fit_centred"]
@@ -137,9 +143,16 @@ class CentredFit:
         return _block_diag(blocks)
 
     def theta_covariance(self):
-        """The Wald covariance of the user's ``theta`` (NaN where the twin's is NaN, and
-        for the entries it moves)."""
-        return _map_covariance(self.jacobian, self.twin.theta_covariance(self.ev_c))
+        """The Wald covariance of the user's ``theta``: NaN for the entries that a NaN
+        of the twin's (a parameter on the boundary) moves, and for the user's parameters
+        on the boundary (a singular ``T^c`` maps to a singular ``T``, whose zero may sit
+        in another entry)."""
+        cov = _map_covariance(self.jacobian, self.twin.theta_covariance(self.ev_c))
+        theta = recentre_theta(self.terms, self.ev_c.theta, self.shifts, to="user")
+        at = theta <= theta_lower_bounds(self.terms)
+        cov[at, :] = np.nan
+        cov[:, at] = np.nan
+        return cov
 
     def variance_covariance(self):
         """The Wald covariance of the user's covariance entries and ``s^2``, laid out as
