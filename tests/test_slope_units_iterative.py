@@ -23,6 +23,7 @@ import pytest
 from designs import slope_frame
 
 import lmmops
+from lmmops.analysis.predict import predict
 from lmmops.data.terms import centring_shifts
 from lmmops.estimation.protocol import pev_blocks
 
@@ -159,6 +160,9 @@ def test_shifted_days_downstream_matches_the_exact_solver(sleepstudy, sleep_base
     assert float(z.max()) < 5.0
     pi, pe = res.ranef_pev()["Subject"].to_numpy(), ex.ranef_pev()["Subject"].to_numpy()
     np.testing.assert_allclose(pi, pe, rtol=1e-5)
+    new = df.iloc[::7].copy()
+    new["Days"] = new.Days + 0.5  # new rows, the term's columns built from the formula
+    np.testing.assert_allclose(predict(res, new), predict(ex, new), rtol=1e-7)
 
 
 @pytest.mark.parametrize("c", [1e4, 1e5])
@@ -227,6 +231,11 @@ def test_crossed_shifted_downstream_on_the_users_columns(crossed):
     np.testing.assert_allclose(res.covariances["g"].to_numpy(),
                                _in_original_x(twin.covariances["g"].to_numpy(), -m),
                                rtol=1e-6)
+    new = df.iloc[::10].copy()
+    new["x"] = new.x + 0.5
+    new_c = new.copy()
+    new_c["x"] = new.x - m
+    np.testing.assert_allclose(predict(res, new), predict(twin, new_c), rtol=1e-6)
     names = ["g.(Intercept)", "g.x", "g.(Intercept).x", "h.(Intercept)", "Residual"]
     M = np.eye(5)
     M[:3, :3] = _entries_to_user(m)
