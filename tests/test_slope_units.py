@@ -253,3 +253,40 @@ def test_centred_fit_on_the_boundary_keeps_the_nan_pattern():
     np.testing.assert_array_equal(np.isnan(vc.to_numpy()), np.isnan(vb.to_numpy()))
     for name in ("h.(Intercept)", "Residual"):
         assert vc.loc[name, name] == pytest.approx(vb.loc[name, name], rel=2e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 3), st.integers(0, 2**32 - 1),
+       st.sampled_from([3.0, -40.0, 1e4, 2.5e5]))
+def test_centred_maps_of_theta_and_covariance_entries(d, seed, scale):
+    """The maps behind a centred fit, against closed forms: CentredFit.entries_map sends
+    the covariance entries of the centred columns to those of G Sigma G' (G = N^{-1}),
+    s^2 unchanged; centring_jacobian is the derivative of recentre_theta (a small step
+    against the map itself, to second order)."""
+    from lmmops.data.terms import RandomEffectsTerm, covariance_entries, recentre_theta
+    from lmmops.estimation.centring import CentredFit, centring_jacobian
+
+    rng = np.random.default_rng(seed)
+    n = 40
+    cols = ("(Intercept)", *(f"x{i}" for i in range(1, d)))
+    values = np.column_stack([np.ones(n), rng.normal(size=(n, d - 1))])
+    t = RandomEffectsTerm("g", rng.integers(0, 5, n).astype(np.int32), pd.Index(range(5)),
+                          cols, values)
+    m = np.concatenate([[0.0], scale * rng.uniform(0.5, 1.5, d - 1)])
+    B = rng.normal(size=(d, d))
+    S_c = B @ B.T + 0.1 * np.eye(d)
+    G = np.eye(d)
+    G[0] -= m
+    M = CentredFit([t], [m], None, None).entries_map()
+    phi_c = np.append(covariance_entries(S_c), 2.5)
+    want = np.append(covariance_entries(G @ S_c @ G.T), 2.5)
+    np.testing.assert_allclose(M @ phi_c, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    T_c = np.linalg.cholesky(S_c)
+    rows, cols_ = np.triu_indices(d)[::-1]  # lme4's column-major lower triangle
+    theta_c = T_c[rows, cols_]
+    J = centring_jacobian([t], theta_c, [m])
+    step = 1e-5 * rng.normal(size=theta_c.size)
+    moved = (recentre_theta([t], theta_c + step, [m], to="user")
+             - recentre_theta([t], theta_c, [m], to="user"))
+    np.testing.assert_allclose(J @ step, moved, rtol=0,
+                               atol=1e-3 * np.abs(moved).max() + 1e-12)
