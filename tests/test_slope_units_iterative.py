@@ -108,9 +108,9 @@ def test_shifted_days_fits_as_days(sleepstudy, sleep_base, c):
     mc = res.mc_stderr["covariances"]["Subject"].to_numpy()
     assert np.all(mc <= 1e-9 * np.abs(res.covariances["Subject"].to_numpy()).max())
     base_S = sleep_base.covariances["Subject"].to_numpy()
+    rel = 1e-6 if c <= 1e5 else 2e-5  # measured 3.4e-9, 5.9e-8, 5.7e-6
     np.testing.assert_allclose(_in_original_x(res.covariances["Subject"].to_numpy(), c),
-                               base_S, rtol=2e-5, atol=2e-5 * np.abs(base_S).max())
-    rel = 1e-6 if c <= 1e5 else 1e-5
+                               base_S, rtol=rel, atol=rel * np.abs(base_S).max())
     assert res.sigma == pytest.approx(sleep_base.sigma, rel=rel)
     assert res.fixef["Days"] == pytest.approx(sleep_base.fixef["Days"], rel=rel)
     assert res.n_evaluations <= sleep_base.n_evaluations + 2
@@ -187,7 +187,7 @@ def test_crossed_shifted_fit_within_monte_carlo_error(crossed, crossed_base, c):
     # the stated Monte Carlo errors are of the columns as given: the slope's (invariant)
     # as the unshifted fit's, the intercept's at 0 (c spreads away) c^2 times it
     mc = res.mc_stderr["covariances"]["g"].to_numpy()
-    assert mc[1, 1] == pytest.approx(base.mc_stderr["covariances"]["g"].iloc[1, 1], rel=0.5)
+    assert mc[1, 1] == pytest.approx(base.mc_stderr["covariances"]["g"].iloc[1, 1], rel=0.05)
     assert mc[0, 0] == pytest.approx(c * c * mc[1, 1], rel=0.05)
     assert len(res.solver_info["cg_iterations"]) == res.n_evaluations
 
