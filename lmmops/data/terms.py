@@ -45,8 +45,9 @@ from lmmops.errors import ArgumentError, DesignError, FormulaError
 
 __all__ = ["CENTRE_RATIO", "RandomEffectsTerm", "build_terms", "centred_start",
            "centred_terms", "centring_shifts", "check_term_rank", "column_units",
-           "lower_triangle", "lq_lower", "off_centre_hint", "order_terms", "recentre_theta",
-           "theta_layout", "theta_lower_bounds", "theta_names", "theta_scales"]
+           "covariance_entries", "lower_triangle", "lq_lower", "off_centre_hint",
+           "order_terms", "recentre_theta", "theta_layout", "theta_lower_bounds",
+           "theta_names", "theta_scales"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,6 +69,25 @@ def lower_triangle(d, order="C"):
     rows.setflags(write=False)
     cols.setflags(write=False)
     return rows, cols
+
+
+def covariance_entries(S):
+    """The entries of a term's ``d x d`` covariance in the order of
+    :attr:`~lmmops.result.LMMResult.varcorr` (and of the slope solvers'
+    ``variance_covariance``): the variances, then the covariances below the diagonal,
+    column by column.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> covariance_entries(np.array([[4.0, 1.0, 2.0], [1.0, 9.0, 3.0], [2.0, 3.0, 16.0]]))
+    array([ 4.,  9., 16.,  1.,  2.,  3.])
+    """
+    S = np.asarray(S, dtype=np.float64)
+    d = S.shape[0]
+    below = [S[i, j] for j in range(d) for i in range(j + 1, d)]
+    return np.concatenate([np.diag(S), np.array(below, dtype=np.float64)])
+
 
 INTERCEPT = "(Intercept)"
 

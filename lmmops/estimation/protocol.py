@@ -31,8 +31,15 @@ import math
 
 import numpy as np
 
-from lmmops.data.terms import centred_start, column_units, theta_names, theta_scales
+from lmmops.data.terms import (
+    centred_start,
+    centring_shifts,
+    column_units,
+    theta_names,
+    theta_scales,
+)
 from lmmops.errors import ArgumentTypeError
+from lmmops.estimation.centring import centred_twin, fit_centred
 from lmmops.estimation.direct import DirectObjective, fit_direct
 from lmmops.estimation.iterative import IterativeObjective
 from lmmops.estimation.mme import diag_P as _exact_diag_P
@@ -239,6 +246,15 @@ def _(obj: VectorObjective, start, options, callback=None):
 
 @optimise.register
 def _(obj: VectorIterativeObjective, start, options, callback=None):
+    shifts = None if obj.X is None else centring_shifts(obj.terms)
+    if shifts is None:
+        return _fit_slopes_iterative(obj, start, options, callback)
+    return _fit_slopes_iterative_centred(obj, shifts, start, options, callback)
+
+
+def _fit_slopes_iterative(obj, start, options, callback):
+    """The matrix-free slope fit on ``obj``'s columns as they are: in ``theta / r``,
+    raising the probes while the Monte Carlo error is large (:func:`optimise`)."""
     first, evals, rounds = obj.n_probes, 0, []
     # as the exact fit: the optimiser works in theta / r (exact powers of two per slope
     # column, from the diagonal blocks of Z'WZ), from lme4's start for the columns
@@ -274,6 +290,65 @@ def _(obj: VectorIterativeObjective, start, options, callback=None):
         opt.notes = [f"probes raised from {first} to {obj.n_probes} because the Monte "
                      f"Carlo error of theta exceeded its sampling error ({'; '.join(rounds)})",
                      *opt.notes]
+    return ev, opt
+
+
+#: The matrix-free slope fit on centred columns (:func:`_fit_slopes_iterative_centred`)
+#: accepts a gap between the criteria on the user's columns and on the centred ones of
+#: this many combined Monte Carlo standard errors (their probes are the same, their
+#: block-Jacobi factors are not), on top of the exact solver's relative tolerance.
+CENTRED_AGREEMENT_SE = 4.0
+
+
+def _fit_slopes_iterative_centred(obj, shifts, start, options, callback):
+    """:func:`_fit_slopes_iterative` on the twin of ``obj`` with its off-centre slope
+    columns centred (:func:`lmmops.estimation.centring.fit_centred`, as the exact fit),
+    mapped back.
+
+    The evaluation is ``obj``'s own at the mapped optimum, with its own probes (the
+    twin's number of them, raised or not); the fit's Monte Carlo covariance of
+    ``theta`` maps as ``J Cov J'`` (``J = d theta / d theta^c``,
+    :func:`~lmmops.estimation.centring.centring_jacobian`) and the Wald covariances are
+    the twin's, mapped (:class:`~lmmops.estimation.centring.CentredFit`), so neither
+    needs differences in the ill-conditioned user parametrisation. The judgement of the Monte Carlo
+    error (:func:`judge_monte_carlo_error`) is the twin's, in its well-conditioned
+    parametrisation. The CG counts of the twin's evaluations are the objective's.
+    """
+    twin = centred_twin(obj, shifts)
+    if twin.n_probes != obj.n_probes:  # a refit after the twin's probes were raised
+        twin.set_probes(obj.n_probes)
+    base = (obj.cg_iterations, len(obj.cg_history))
+    t0 = (twin.cg_iterations, len(twin.cg_history))
+
+    def sync():  # the twin's CG work on the objective (progress lines, solver_info)
+        obj.cg_iterations = base[0] + twin.cg_iterations - t0[0]
+        obj.last = twin.last
+
+    def fit(tw, start_c, cb):
+        inner = None
+        if cb is not None:
+            def inner(i, th, f):
+                sync()
+                cb(i, th, f)
+        out = _fit_slopes_iterative(tw, start_c, options, inner)
+        if obj.n_probes != tw.n_probes:  # the user-column evaluation with as many
+            obj.set_probes(tw.n_probes)
+        return out
+
+    def allowance(ev, ev_c):
+        se = math.hypot(ev.objective_se, ev_c.objective_se)
+        return CENTRED_AGREEMENT_SE * se if math.isfinite(se) else 0.0
+
+    ev, ev_c, opt, _ = fit_centred(obj, shifts, start, fit, callback=callback,
+                                   allowance=allowance)
+    sync()
+    obj.cg_iterations += ev.cg_iterations
+    obj.cg_history[base[1]:base[1]] = twin.cg_history[t0[1]:]
+    obj.probe_cg_history[base[1]:base[1]] = twin.probe_cg_history[t0[1]:]
+    # the Monte Carlo covariance of theta by the delta method; the Wald covariances
+    # are the twin's, mapped (ev.centred)
+    J = ev.centred.jacobian
+    ev.theta_mc_cov = J @ ev_c.theta_mc_cov @ J.T
     return ev, opt
 
 

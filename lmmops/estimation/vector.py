@@ -49,17 +49,17 @@ import scipy.sparse as sp
 from lmmops.data.checks import check_method, check_weights
 from lmmops.data.terms import (
     centred_start,
-    centred_terms,
     centring_shifts,
     column_units,
+    covariance_entries,
     lower_triangle,
-    recentre_theta,
     theta_layout,
     theta_lower_bounds,
     theta_names,
     theta_scales,
 )
 from lmmops.errors import LmmopsError, NumericalFailure, RankDeficientError
+from lmmops.estimation.centring import fit_centred
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
@@ -393,6 +393,12 @@ class VectorObjective:
             self.C, self.ZtT, self.TT, self.ldW = stats.C, stats.ZtT, stats.TT, \
                 stats.log_weights
         self.n_evaluations = 0
+
+    def with_terms(self, terms):
+        """The same objective (rows, method, weights) on ``terms`` of the same shapes: the
+        centred twin of :func:`lmmops.estimation.centring.fit_centred`."""
+        return VectorObjective(terms, self.X, self.y, method=self.method,
+                               weights=self.weights)
 
     # ---------------------------------------------------------------- pieces
     def _lambda(self, theta):
@@ -885,7 +891,11 @@ class VectorObjective:
         """Wald covariance of ``theta``: twice the inverse Hessian of the profiled
         criterion (finite differences of the analytic gradient, those of the fit's
         Newton check when they are at this ``theta``) on the free parameters; rows and
-        columns of parameters on the boundary are NaN."""
+        columns of parameters on the boundary are NaN. After a fit on centred columns
+        (``ev.centred``), the twin's mapped
+        (:class:`lmmops.estimation.centring.CentredFit`)."""
+        if getattr(ev, "centred", None) is not None:
+            return ev.centred.theta_covariance()
         free = ~((ev.theta <= self.lower) & (ev.gradient > 0)) if ev.gradient is not None \
             else np.ones(self.n_theta, bool)
         free &= ~(ev.theta <= self.lower)  # a zero variance has no Wald interval
@@ -925,15 +935,18 @@ class VectorObjective:
         ``h h' / H_ss`` with ``h = -dr^2/dtheta / s^4`` (the same differences' penalised
         residual sums) and ``H_ss = dof / s^4``, so the ``theta`` block of the result is
         exactly :meth:`theta_covariance`'s. Entries of a term with a parameter on the
-        boundary are NaN.
+        boundary are NaN. After a fit on centred columns (``ev.centred``), the twin's
+        mapped exactly (:class:`lmmops.estimation.centring.CentredFit`).
         """
+        if getattr(ev, "centred", None) is not None:
+            return ev.centred.variance_covariance()
         free = ~(ev.theta <= self.lower)
         idx = np.flatnonzero(free)
         s2 = ev.sigma2
         dof = self.n - self.p if self.method == "REML" else self.n
         # profiled Hessian and dr^2/dtheta from the same forward differences: those of
         # the fit's Newton check when it differenced at this theta, else new ones
-        Hp, dpw = self._profiled_hessian(ev, idx)
+        Hp, dpw = VectorObjective._profiled_hessian(self, ev, idx)  # self may be a view
         if dpw is None:  # central differences (no gradient at ev): forward ones
             _fd_hessian(self, ev.theta, idx, self.lower,
                         g0=self.evaluate(ev.theta).gradient, pw0=ev.pwrss)
@@ -949,15 +962,10 @@ class VectorObjective:
         def phi(theta_free, sigma2):
             th = ev.theta.copy()
             th[idx] = theta_free
-            out = []
-            for t, sl in zip(self.terms, self.layout):
-                T = t.relative_factor(th[sl])
-                C = sigma2 * (T @ T.T)
-                out.extend(np.diag(C))
-                for j in range(t.dim):
-                    out.extend(C[i, j] for i in range(j + 1, t.dim))
-            out.append(sigma2)
-            return np.array(out)
+            out = [covariance_entries(sigma2 * (T @ T.T))
+                   for T in (t.relative_factor(th[sl])
+                             for t, sl in zip(self.terms, self.layout))]
+            return np.concatenate([*out, [sigma2]])
 
         psi = np.append(ev.theta[idx], s2)
         J = np.empty((phi(psi[:-1], s2).size, psi.size))
@@ -1201,72 +1209,22 @@ def fit_vector(objective, start=None, *, maxiter=200, tol=1e-6, callback=None,
     return scaled.to_user(ev), scaled.summary_to_user(opt)
 
 
-#: The criterion at the mapped optimum, on the user's columns, must equal the centred
-#: fit's within this relative tolerance for the fit to count as converged.
-CENTRED_AGREEMENT = 1e-7
-
-
 def _fit_centred(objective, shifts, start, *, maxiter, tol, callback, optimizer):
     """:func:`fit_vector` on the objective's off-centre slope columns centred by
-    ``shifts`` (:func:`lmmops.data.terms.centring_shifts`), mapped back.
+    ``shifts`` (:func:`lmmops.data.terms.centring_shifts`), mapped back
+    (:func:`lmmops.estimation.centring.fit_centred`).
 
-    The fit runs on a twin objective of the centred columns (the same model: the
-    criterion, ``beta``, ``s^2`` and the fitted values are the same; ``theta`` maps by
-    :func:`lmmops.data.terms.recentre_theta`); the evaluation returned is the objective's
-    own at the mapped optimum, and the Newton check's Hessian and ``dr^2/dtheta`` are
-    mapped with the Jacobian of ``theta`` in ``theta^c`` (central differences of the
-    closed-form map), so the Wald covariances need no differences in the
-    ill-conditioned user parametrisation. The fit is converged only where the twin's is
-    and the two criteria agree within :data:`CENTRED_AGREEMENT`.
+    The Wald covariances of the result are the twin's, mapped
+    (:class:`lmmops.estimation.centring.CentredFit`, ``ev.centred``), so they need no
+    differences in the ill-conditioned user parametrisation. The fit is converged only
+    where the twin's is and the two criteria agree within
+    :data:`lmmops.estimation.centring.CENTRED_AGREEMENT`.
     """
-    terms = objective.terms
-    twin = getattr(objective, "_centred_twin", None)  # one statistics pass per objective
-    if twin is None:
-        twin = objective._centred_twin = VectorObjective(
-            centred_terms(terms, shifts), objective.X, objective.y,
-            method=objective.method, weights=objective.weights)
-    n_before = twin.n_evaluations
-    start_c = None if start is None else recentre_theta(terms, start, shifts)
-    cb = None
-    if callback is not None:
-        def cb(i, th, f):
-            callback(i, recentre_theta(terms, th, shifts, to="user"), f)
-    ev_c, opt = fit_vector(twin, start_c, maxiter=maxiter, tol=tol, callback=cb,
-                           optimizer=optimizer, centre=False)
-    theta = np.maximum(recentre_theta(terms, ev_c.theta, shifts, to="user"),
-                       objective.lower)
-    ev = objective.evaluate(theta)
-    objective.n_evaluations += twin.n_evaluations - n_before
-    out = copy.copy(opt)
-    out.theta_initial = recentre_theta(terms, opt.theta_initial, shifts, to="user")
-    out.theta_final = theta.copy()
-    out.fitlog = [(recentre_theta(terms, th, shifts, to="user"), f) for th, f in opt.fitlog]
-    out.n_evaluations = opt.n_evaluations + 1
-    out.f_final = ev.objective
-    names = [f"'{c}' of the term on '{t.group}' (by {m[i]:.6g})"
-             for t, m in zip(terms, shifts) for i, c in enumerate(t.columns) if m[i]]
-    out.notes = [f"slope column(s) {', '.join(names)} centred inside the fit (the same "
-                 "model; theta, the covariances and the BLUPs are of the columns as given)"]
-    gap = abs(ev.objective - ev_c.objective)
-    if not gap <= CENTRED_AGREEMENT * max(1.0, abs(ev_c.objective)):
-        out.converged = False
-        out.message = (f"the criterion on the columns as given ({ev.objective:.10g}) differs "
-                       f"from the centred fit's ({ev_c.objective:.10g}) by {gap:.3g}: "
-                       "the columns are too far from centred to evaluate it; centre them")
-    last = getattr(twin, "_fd_last", None)
-    if (last is not None and np.array_equal(last[0], ev_c.theta)
-            and last[1].size == twin.n_theta):
-        # theta = f(theta^c): H = J^{-T} H^c J^{-1}, d/dtheta = J^{-T} d/dtheta^c
-        J = np.empty((twin.n_theta, twin.n_theta))
-        for j in range(twin.n_theta):
-            e = np.zeros(twin.n_theta)
-            e[j] = 1e-6 * max(1.0, abs(ev_c.theta[j]))
-            J[:, j] = (recentre_theta(terms, ev_c.theta + e, shifts, to="user")
-                       - recentre_theta(terms, ev_c.theta - e, shifts, to="user")) / (2 * e[j])
-        Ji = np.linalg.inv(J)
-        H = Ji.T @ last[2] @ Ji
-        objective._fd_last = (theta.copy(), last[1].copy(), 0.5 * (H + H.T),
-                              None if last[3] is None else Ji.T @ last[3])
+    def fit(twin, start_c, cb):
+        return fit_vector(twin, start_c, maxiter=maxiter, tol=tol, callback=cb,
+                          optimizer=optimizer, centre=False)
+
+    ev, _, out, _ = fit_centred(objective, shifts, start, fit, callback=callback)
     return ev, out
 
 

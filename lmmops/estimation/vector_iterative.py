@@ -252,6 +252,18 @@ class VectorIterativeObjective:
         self._pool, self._views = {}, {}  # reused (q, m) blocks (see _view)
         self._pc = (None, None)  # the last evaluation's theta and block-Jacobi D^{-1}
 
+    def with_terms(self, terms):
+        """The same objective (rows, method, weights, probes, seed, CG settings) on
+        ``terms`` of the same shapes: the centred twin of
+        :func:`lmmops.estimation.centring.fit_centred`. The probes are the same
+        Rademacher matrix (same size and seed)."""
+        return VectorIterativeObjective(terms, self.X, self.y, method=self.method,
+                                        weights=self.weights, n_probes=self.n_probes,
+                                        seed=self.seed, rtol=self.rtol,
+                                        maxiter=self.maxiter,
+                                        preconditioner=self.preconditioner,
+                                        parallel=self._par)
+
     # ---------------------------------------------------------------- operators
     def _set_pattern(self, C):
         """Keep ``C`` on a block-closed pattern (its own when it is one: the rows of a
@@ -676,7 +688,10 @@ class VectorIterativeObjective:
         """Wald covariance of ``theta``: twice the inverse of the Jacobian of the
         fixed-probe gradient that :func:`fit_vector_iterative` left in ``ev.hessian``
         (NaN rows and columns for parameters on the boundary, and everywhere without a
-        fit)."""
+        fit); after a fit on centred columns (``ev.centred``), the twin's mapped
+        (:class:`lmmops.estimation.centring.CentredFit`)."""
+        if getattr(ev, "centred", None) is not None:
+            return ev.centred.theta_covariance()
         cov = np.full((self.n_theta, self.n_theta), np.nan)
         H, idx = getattr(ev, "hessian", None), getattr(ev, "free", None)
         if H is None:
@@ -781,7 +796,9 @@ class VectorIterativeObjective:
         ``ev.hessian`` (on ``ev.free``), restricted to the interior parameters, and
         ``dof * ev.dsigma2`` (exact given the solves). Without a fit's Jacobian (an
         evaluation not from a fit) it is differenced anew, one evaluation per interior
-        parameter. Both carry Monte Carlo error (common random numbers).
+        parameter. Both carry Monte Carlo error (common random numbers). After a fit on
+        centred columns (``ev.centred``), the twin's mapped exactly
+        (:class:`lmmops.estimation.centring.CentredFit`).
 
         Parameters
         ----------
@@ -791,6 +808,8 @@ class VectorIterativeObjective:
         -------
         ndarray, shape (n_phi, n_phi)
         """
+        if getattr(ev, "centred", None) is not None:
+            return ev.centred.variance_covariance()
         theta = np.asarray(ev.theta, dtype=np.float64)
         idx = np.flatnonzero(~(theta <= self.lower))
         H, free = getattr(ev, "hessian", None), getattr(ev, "free", None)
