@@ -60,6 +60,7 @@ from lmmops.data.terms import (
 )
 from lmmops.errors import LmmopsError, NumericalFailure, RankDeficientError
 from lmmops.estimation.centring import fit_centred
+from lmmops.estimation.criterion import criterion_at_sigma
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
@@ -594,6 +595,42 @@ class VectorObjective:
                           sigma2=g["sigma2"], beta=beta, beta_cov=g["sigma2"] * Cx_inv, v=v,
                           logdet_L=fac["logdet"], logdet_RX=g["logdet_RX"], pwrss=pwrss,
                           gradient_probes=probes)
+
+    def evaluate_at_sigma(self, theta, s2):
+        """The criterion not profiled in the residual variance, at ``theta`` and
+        ``s2``, with its analytic derivatives (for profile intervals).
+
+        ``F = log|A| - sum(log w) + dof log(2 pi s2) + r^2 / s2`` (``+ log|R_X|^2`` for
+        REML; :func:`lmmops.estimation.criterion.criterion_at_sigma`); its gradient in
+        ``theta`` is the profiled criterion's with the weight ``dof / r^2`` of
+        ``dr^2/dtheta`` replaced by ``1 / s2``.
+
+        Parameters
+        ----------
+        theta : array_like, shape (n_theta,)
+        s2 : float
+            Residual variance (> 0), on the objective's scale.
+
+        Returns
+        -------
+        (float, ndarray, float)
+            ``F``, ``dF/dtheta`` and ``dF/ds2``.
+        """
+        theta = check_theta(self, theta)
+        s2 = float(s2)
+        if not (np.isfinite(s2) and s2 > 0):
+            raise LmmopsError(f"the residual variance must be positive, got {s2!r}")
+        self.n_evaluations += 1
+        fac = self._factor(theta)
+        LZT = np.asarray(fac["Lam"].T @ self.ZtT)
+        sol = self._solve(fac, LZT)
+        g = profiled_gls(self.TT, LZT, sol, fac["logdet"], self.n, self.method, self.ldW)
+        pwrss = g["pwrss"]
+        F = criterion_at_sigma(fac["logdet"], g["logdet_RX"], pwrss, self.n, self.p,
+                               self.method, s2, self.ldW)
+        grad = self._gradient(theta, fac, LZT, sol, g["beta"], g["u"], g["Cx_inv"], pwrss,
+                              pwrss / s2)
+        return float(F), grad, float(g["dof"] / s2 - pwrss / s2**2)
 
     @property
     def early_gradient_probes(self):
