@@ -573,13 +573,21 @@ class VectorObjective:
             If ``X'V^{-1}X`` is numerically singular.
         """
         theta = check_theta(self, theta)
-        self.n_evaluations += 1
         n = self.n
-        fac = self._factor(theta)
-        Lam = fac["Lam"]
-        LZT = np.asarray(Lam.T @ self.ZtT)  # Lambda' Z'W [X y]
-        sol = self._solve(fac, LZT)  # A^{-1} Lambda' Z'W [X y]
-        g = profiled_gls(self.TT, LZT, sol, fac["logdet"], n, self.method, self.ldW)
+        key = theta.tobytes()
+        last = getattr(self, "_last_pieces", None)
+        if gradient and last is not None and last[0] == key:
+            # the gradient at the point just evaluated for its criterion (an accepted
+            # line-search trial): the same factor, not a new evaluation
+            fac, LZT, sol, g = last[1]
+        else:
+            self.n_evaluations += 1
+            fac = self._factor(theta)
+            LZT = np.asarray(fac["Lam"].T @ self.ZtT)  # Lambda' Z'W [X y]
+            sol = self._solve(fac, LZT)  # A^{-1} Lambda' Z'W [X y]
+            g = profiled_gls(self.TT, LZT, sol, fac["logdet"], n, self.method, self.ldW)
+        # a criterion-only evaluation keeps its pieces for a gradient asked next
+        self._last_pieces = None if gradient else (key, (fac, LZT, sol, g))
         beta, u, pwrss, Cx_inv = g["beta"], g["u"], g["pwrss"], g["Cx_inv"]
         # kept for the quantities at this theta (average information, leverages, PEV)
         self._state_key = theta.tobytes()
@@ -1472,7 +1480,9 @@ def _ai_newton(objective, theta, ev_at, maxiter, callback, tol=1e-6):
             # step never lands on the boundary, where the criterion is even in the entry
             # and its derivative vanishes
             new = _canonical_theta(objective, new)
-            if ev_at(new, probes).objective <= ev.objective - 1e-4 * t * dec:
+            # the trial's criterion only: its gradient is completed from the same
+            # factor when the trial is accepted (the next iteration asks for it)
+            if ev_at(new, probes, gradient=False).objective <= ev.objective - 1e-4 * t * dec:
                 break
             t *= 0.5
         else:
