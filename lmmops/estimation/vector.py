@@ -1694,7 +1694,7 @@ def _negative_curvature_step(theta, ev, H, idx, lower, ev_at):
             cand = theta.copy()
             cand[idx] += sign * s * vecs[:, 0]
             cand = np.maximum(cand, lower)
-            f = ev_at(cand).objective
+            f = ev_at(cand, gradient=False).objective
             if f < f_best - 1e-10 * max(1.0, abs(f_best)):
                 best, f_best = cand, f
     return best
