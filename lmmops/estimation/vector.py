@@ -565,7 +565,6 @@ class VectorObjective:
             kernels.get_block_rows_kernel(pat["par"])(pat["ptr12"], Av[pat["p12"]], B1inv,
                                                       d1, kdata)
             K = sp.csr_matrix((kdata, pat["ind12"], pat["ptr12"]), shape=(q1, m))
-            self._nnz_k = K.nnz
             m22 = Av[pat["p22"]]
             m22[pat["diag22"]] -= 1.0  # M22 = A22 - I: the kernel adds I
             M22 = sp.csr_matrix((m22, pat["ind22"], pat["ptr22"]), shape=(m, m))
@@ -757,23 +756,32 @@ class VectorObjective:
         exact traces are the cheaper (small Schur blocks).
 
         The exact traces need the inverse of the ``m x m`` Schur block (``potri``,
-        ``2 m^3 / 3`` flops after the Cholesky's ``m^3 / 3``); the estimate solves
-        ``2 P`` columns with the factor (``4 P m^2`` flops) plus two sparse products
-        with ``K`` per probe. Estimates are used when they cost under a third of the
-        inverse (InstEval's slope model, ``m = 2256``: 23 ms against 120 ms for the
-        selected inverse, measured).
+        ``2 m^3 / 3`` flops after the Cholesky's ``m^3 / 3``) and the first term's
+        blocks ``K_j S^{-1} K_j'``, one random read of ``S^{-1}`` per pair of columns of a
+        level; the estimate solves ``2 P`` columns with the factor (``4 P m^2`` flops)
+        plus two sparse products with ``K`` (``4 P nnz(K)``). In flop units a sparse
+        multiply-add costs about 3 dense flops and a random read about 300 (measured,
+        one thread: potri at 27 GFlop/s, ``K'Z`` at 4.4 GMAC/s, the pair loop at 12 ns
+        a read). Estimates are used when they cost under a third of the exact traces:
+        InstEval's slope model (``m = 2256``) 23 against 120 ms, a 4e5-row users x items
+        design with two slope terms (``m = 1600``, ``nnz(K) = 1.6e6``) 70 against 297 ms
+        (measured at load 4-5).
         """
         if not self.m:
             return 0
         P = EARLY_GRADIENT_PROBES
-        nnz_k = getattr(self, "_nnz_k", None)
-        if nnz_k is None:  # before the first factorisation: K's pattern is C_12's
-            nnz_k = self._nnz_k = int(self.C[:self.q1, self.q1:].nnz)
-        # dense flops at about 10 times the rate of scipy's sparse products (measured
-        # on InstEval: K'Z at 4 GFlop/s, the triangular solves near 40)
-        inverse = 2.0 * self.m ** 3 / 3.0
-        estimate = 4.0 * P * self.m ** 2 + 10.0 * 4.0 * P * nnz_k
-        return P if estimate < inverse / 3.0 else 0
+        cost = getattr(self, "_trace_costs", None)
+        if cost is None:  # from the pattern of C_12, which K's shares
+            C12 = sp.csr_matrix(self.C[:self.q1, self.q1:])
+            n_j = np.diff(C12.indptr)[::self.d1].astype(np.float64)  # a level's columns
+            d1 = self.d1
+            per_pair = 1.0 if d1 <= 2 else d1 * (d1 + 1) / 2.0
+            cost = self._trace_costs = (float(C12.nnz),
+                                        float(np.sum(n_j * n_j)) / 2.0 * per_pair)
+        nnz_k, pair_reads = cost
+        exact = 2.0 * self.m ** 3 / 3.0 + 300.0 * pair_reads
+        estimate = 4.0 * P * self.m ** 2 + 3.0 * 4.0 * P * nnz_k
+        return P if estimate < exact / 3.0 else 0
 
     def _probes(self, rows, P):
         """A fixed ``rows x P`` Rademacher probe block (cached)."""
