@@ -44,7 +44,8 @@ from lmmops.data.formula import fixed_effects_matrix, rank_columns
 from lmmops.errors import ArgumentError, DesignError, FormulaError
 
 __all__ = ["CENTRE_RATIO", "RandomEffectsTerm", "build_terms", "centred_start",
-           "centred_terms", "centring_shifts", "check_term_rank", "column_units",
+           "centred_terms", "centring_offsets", "centring_shifts", "check_term_rank",
+           "column_units",
            "covariance_entries", "lower_triangle", "lq_lower", "off_centre_hint",
            "order_terms", "recentre_theta", "theta_layout", "theta_lower_bounds",
            "theta_names", "theta_scales"]
@@ -444,6 +445,13 @@ def centring_shifts(terms, ratio=CENTRE_RATIO):
     return out if found else None
 
 
+def _mean_spread(z):
+    """A column's mean and spread (root mean square about the mean)."""
+    z = np.asarray(z, dtype=np.float64)
+    m = float(z.mean())
+    return m, float(np.sqrt(np.mean((z - m) ** 2)))
+
+
 def _off_centre_columns(terms, ratio):
     """``(term, column, mean, spread)`` of each slope column, in a term with values and
     an intercept, whose mean is ``ratio`` spreads or more from 0."""
@@ -452,14 +460,38 @@ def _off_centre_columns(terms, ratio):
         if t.values is None or INTERCEPT not in t.columns:
             continue
         for i, name in enumerate(t.columns):
-            z = np.asarray(t.values[:, i], dtype=np.float64)
-            if name == INTERCEPT or not z.size:
+            if name == INTERCEPT or not t.values.shape[0]:
                 continue
-            m = float(z.mean())
-            s = float(np.sqrt(np.mean((z - m) ** 2)))
+            m, s = _mean_spread(t.values[:, i])
             if s > 0.0 and abs(m) >= ratio * s:
                 found.append((k, i, m, s))
     return found
+
+
+def centring_offsets(terms, shifts):
+    """The largest ``|m| / s`` of the columns shifted by ``shifts``
+    (:func:`centring_shifts`): the shift ``m`` of a column over its spread ``s`` (the
+    root mean square of its values about their mean), 0 if nothing is shifted.
+
+    The criterion evaluated on the columns as given loses about ``eps (|m| / s)^2`` of
+    itself to rounding (``docs/theory_slopes.rst``, "Conditioning").
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> x = np.tile(np.arange(4.0), 5) + 1e5
+    >>> t = RandomEffectsTerm("g", np.repeat(np.arange(5), 4).astype(np.int32),
+    ...                       pd.Index(range(5)), ("(Intercept)", "x"),
+    ...                       np.column_stack([np.ones(20), x]))
+    >>> round(centring_offsets([t], centring_shifts([t])))
+    89444
+    """
+    out = 0.0
+    for t, m in zip(terms, shifts):
+        for i in np.flatnonzero(m):
+            s = _mean_spread(t.values[:, i])[1]
+            out = max(out, math.inf if s == 0.0 else abs(float(m[i])) / s)
+    return out
 
 
 def centred_terms(terms, shifts):

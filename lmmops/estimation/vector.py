@@ -1216,9 +1216,10 @@ def _fit_centred(objective, shifts, start, *, maxiter, tol, callback, optimizer)
 
     The Wald covariances of the result are the twin's, mapped
     (:class:`lmmops.estimation.centring.CentredFit`, ``ev.centred``), so they need no
-    differences in the ill-conditioned user parametrisation. The fit is converged only
-    where the twin's is and the two criteria agree within
-    :data:`lmmops.estimation.centring.CENTRED_AGREEMENT`.
+    differences in the ill-conditioned user parametrisation; the criterion is the
+    twin's. The fit is converged only where the twin's is and the criterion on the
+    user's columns agrees with it within its rounding bound
+    (:func:`lmmops.estimation.centring.centring_tolerance`).
     """
     def fit(twin, start_c, cb):
         return fit_vector(twin, start_c, maxiter=maxiter, tol=tol, callback=cb,
