@@ -737,22 +737,8 @@ class VectorObjective:
         return st["inv"]
 
     def _spherical_rows(self, ev, codes, values):
-        """Per row, the nonzeros of ``Lambda' z_i``: their level-space indices and values,
-        split into the first term (``(n, d_1)``, its level codes) and the rest."""
-        theta = ev.theta
-        parts = []
-        for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
-            T = t.relative_factor(theta[sl])
-            c = np.asarray(codes[k], dtype=np.int64)
-            v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
-            zt = v @ T  # row i: (T_k' v_i)'
-            zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
-            # an unseen level points at the term's first slots (its values are 0), so the
-            # index stays inside the term's block (0 would be outside a later term's)
-            idx = (self.offsets[k] + np.maximum(c, 0)[:, None] * t.dim
-                   + np.arange(t.dim)[None])
-            parts.append((idx, zt))
-        return parts
+        """Per row, the nonzeros of ``Lambda' z_i`` (:func:`spherical_rows`)."""
+        return spherical_rows(self, ev.theta, codes, values)
 
     def quadratic_rows(self, ev, codes, values, X=None):
         """``g_i' Omega^{-1} g_i`` for rows ``g_i = [Lambda' z_i; x_i]`` (spherical scale;
@@ -1091,6 +1077,27 @@ def _block_sum_product(Y, BY, d):
     c = np.arange(Y.shape[1])
     return np.array([[Y[:, c[a::d]].multiply(BY[:, c[b::d]]).sum() for b in range(d)]
                      for a in range(d)])
+
+
+def spherical_rows(obj, theta, codes, values):
+    """Per row, the nonzeros of ``Lambda' z_i`` of a slope objective ``obj`` (its
+    ``terms``, ``layout`` and ``offsets``) at ``theta``: per term their level-space
+    indices and values, ``(n, d_k)`` each (a level the fit has not seen: values 0,
+    indices inside the term's block). For the quadratic forms of new rows
+    (``quadratic_rows`` of both slope objectives)."""
+    parts = []
+    for k, (t, sl) in enumerate(zip(obj.terms, obj.layout)):
+        T = t.relative_factor(theta[sl])
+        c = np.asarray(codes[k], dtype=np.int64)
+        v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
+        zt = v @ T  # row i: (T_k' v_i)'
+        zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
+        # an unseen level points at the term's first slots (its values are 0), so the
+        # index stays inside the term's block (0 would be outside a later term's)
+        idx = (obj.offsets[k] + np.maximum(c, 0)[:, None] * t.dim
+               + np.arange(t.dim)[None])
+        parts.append((idx, zt))
+    return parts
 
 
 def start_theta(terms):
