@@ -717,7 +717,9 @@ def build_terms(parsed, data, design):
                 "random-effects parameters and the residual variance (or scale parameter) "
                 "are probably unidentifiable")
         built.append((spec, term))
-    _check_shared_columns(built)
+    twins = {frozenset((design.names[k], design.names[l]))
+             for k, l in design.identical_partitions()}
+    _check_shared_columns(built, twins)
     return tuple(built[i][1] for i in order_terms([t for _, t in built]))
 
 
@@ -749,11 +751,18 @@ def _check_term_matrix(spec, X, names, codes):
     return values
 
 
-def _check_shared_columns(built):
-    """Two terms on one factor: no column of one in the span of the other's columns."""
+def _check_shared_columns(built, twins=frozenset()):
+    """Two terms on one factor, or on two factors that group the rows identically
+    (``twins``: sets of their two names, ``(1 | b:a) + (0 + x | a:b)``): no column of one
+    in the span of the other's columns."""
     for a, (spec_a, ta) in enumerate(built):
         for spec_b, tb in built[a + 1:]:
-            if ta.group != tb.group:
+            if ta.group == tb.group:
+                where = f"on grouping factor '{ta.group}'"
+            elif frozenset((ta.group, tb.group)) in twins:
+                where = (f"on grouping factors '{ta.group}' and '{tb.group}' (which group "
+                         "the observations identically)")
+            else:
                 continue
             for (s1, t1), (s2, t2) in (((spec_a, ta), (spec_b, tb)),
                                        ((spec_b, tb), (spec_a, ta))):
@@ -766,8 +775,8 @@ def _check_shared_columns(built):
                         how = ("is also a column" if name in t2.columns
                                else "lies in the span of the columns")
                         raise DesignError(
-                            f"random-effects terms {s1} and {s2} on grouping factor "
-                            f"'{ta.group}': column '{name}' of the first {how} of the "
+                            f"random-effects terms {s1} and {s2} {where}: column "
+                            f"'{name}' of the first {how} of the "
                             f"second ({', '.join(t2.columns)}), so only the sum of the two "
                             "terms' variances along it is identifiable; merge them into one "
                             "term or drop one (for a factor f, (f || g) is (1 | g) + "
