@@ -127,6 +127,18 @@ def test_iterative_crossed_far_off_centre_within_monte_carlo_error(crossed):
         np.abs(res.theta.to_numpy() - want) / se)
     assert abs(res.loglik - exact.loglik) <= (4.0 * res.mc_stderr["loglik"]
                                               + res.optsum.loglik_shortfall)
+    # the check: the user-column estimate against the twin's within the rounding bound
+    # plus 4 of their combined Monte Carlo errors (each its own: other block-Jacobi
+    # factors); the reported criterion and its error are the twin's
+    ev = res.evaluation
+    assert ev.objective_user_se > 0
+    assert ev.objective_se > 0
+    assert ev.objective_user_se != ev.objective_se
+    assert res.mc_stderr["loglik"] == pytest.approx(0.5 * ev.objective_se, rel=1e-12)
+    _, tol = centring.centring_tolerance(res.model.terms, centring_shifts(res.model.terms),
+                                         ev.objective)
+    assert abs(ev.objective_user - ev.objective) <= tol + 4.0 * np.hypot(
+        ev.objective_user_se, ev.objective_se)
 
 
 @pytest.mark.parametrize(("case", "c"), [("sleep", 1e5), ("sleep", 1e6), ("sleep", 1e7),

@@ -263,13 +263,14 @@ def fit_centred(objective, shifts, start, fit, *, callback=None, allowance=None)
     ev.centred = CentredFit(terms, shifts, twin, ev_c)
     # the criterion is the twin's (the same model, well conditioned); the evaluation on
     # the columns as given checks the map to within its rounding
+    # (the allowance of the two evaluations' own Monte Carlo errors first)
+    extra = 0.0 if allowance is None else float(allowance(ev, ev_c))
     ev.objective_user = ev.objective
     ev.objective = out.f_final = ev_c.objective
     if hasattr(ev_c, "objective_se"):
         ev.objective_user_se = getattr(ev, "objective_se", 0.0)
         ev.objective_se = ev_c.objective_se
     gap = abs(ev.objective_user - ev_c.objective)
-    extra = 0.0 if allowance is None else float(allowance(ev, ev_c))
     rounding, tol = centring_tolerance(terms, shifts, ev_c.objective)
     tol += extra
     if rounding > CENTRED_ROUNDING_MAX:
