@@ -103,6 +103,7 @@ def _thread_limited(fit):
         with limit_threads(plan):
             res = fit(*bound.args, **bound.kwargs)
         res.notes.append(plan.note)
+        res.thread_plan = plan  # for the work after the fit (profile intervals)
         return res
 
     return wrapper

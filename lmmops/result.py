@@ -33,6 +33,7 @@ from lmmops.estimation.protocol import (
     solver_info,
     theta_covariance,
 )
+from lmmops.threads import limit_threads
 
 __all__ = ["LMMResult"]
 
@@ -77,6 +78,9 @@ class LMMResult:
         Wall time of building and fitting the model.
     notes : list of str
         For example the singular-fit note.
+    thread_plan : lmmops.threads.ThreadPlan or None
+        The BLAS / Numba thread counts the fit ran with (also used by :meth:`confint`);
+        None for a result not made by ``LMM.fit``.
     optsum : OptSummary
         With user-scale criteria.
     evaluation : Evaluation
@@ -167,6 +171,7 @@ class LMMResult:
         self.elapsed_s = float(elapsed)
         self.optsum = cond.opt_summary(opt, method)
         self.notes = []
+        self.thread_plan = None
         if self.rank_deficient:
             self.notes.append(model.rank_message)
         zero = [g for g, t, sl in zip(groups, terms, layout)
@@ -513,9 +518,16 @@ class LMMResult:
         Returns
         -------
         pandas.DataFrame
-        """
 
-        return confint(self, method=method, level=level, parm=parm)
+        Notes
+        -----
+        Runs with the fit's thread plan (``thread_plan``; ``threads="auto"`` for a
+        result without one): a profile refits the model hundreds of times, and small
+        BLAS calls on two threads of a loaded machine cost several times one.
+        """
+        plan = getattr(self, "thread_plan", None) or "auto"
+        with limit_threads(plan):
+            return confint(self, method=method, level=level, parm=parm)
 
     def outliers(self, method="msom", rows=None, top=None):
         """Outlier statistics (see :mod:`lmmops.analysis.outliers`).

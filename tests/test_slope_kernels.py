@@ -287,3 +287,22 @@ def test_schur_rows_is_m22_plus_identity_minus_a21_k(parallel):
                                            K.data, S)
     want = M22.toarray() + np.eye(6) - A21.toarray() @ K.toarray()
     np.testing.assert_allclose(S, want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_block_rows_left_multiply_is_blockdiag_times_m(parallel):
+    """``blockdiag_j(B_j) M`` on ``M``'s pattern, for rows that come in groups of
+    ``d`` sharing their columns (one group per level)."""
+    rng = np.random.default_rng(11)
+    d, levels, m = 2, 6, 9
+    mask = np.repeat(rng.random((levels, m)) < 0.4, d, axis=0)
+    mask[:, 0] = True  # every level has a column
+    dense = np.where(mask, rng.normal(size=(levels * d, m)), 0.0)
+    rows, cols = np.nonzero(mask)
+    M = sp.csr_matrix((dense[rows, cols], (rows, cols)), shape=dense.shape)
+    B = rng.normal(size=(levels, d, d))
+    out = np.empty(M.nnz)
+    kernels.get_block_rows_kernel(parallel)(M.indptr.astype(np.int64), M.data, B, d, out)
+    got = sp.csr_matrix((out, M.indices, M.indptr), shape=M.shape).toarray()
+    want = sp.block_diag(list(B)).toarray() @ dense
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)

@@ -214,7 +214,11 @@ def test_scaled_theta_keeps_the_newton_check_differences_both_ways(frame):
     th_in, idx_in, H_in, dpw_in = obj._fd_last
     np.testing.assert_allclose(th_in, theta, rtol=1e-15)
     Hd = _fd_hessian(obj, theta, idx, obj.lower)
-    np.testing.assert_allclose(H_in, Hd, rtol=1e-3, atol=1e-6 * np.abs(Hd).max())
+    # forward differences in theta^c against central ones in theta: the steps on the
+    # slope entries are ~2e-7 and the gradient's rounding noise here ~1e-8 of its size
+    # (measured), so an entry agrees to about 1%; the mapping itself is checked exactly
+    # below
+    np.testing.assert_allclose(H_in, Hd, rtol=2e-2, atol=1e-6 * np.abs(Hd).max())
     obj._fd_last = (th_in, idx_in, H_in, dpw_in)
     th_c, idx_c, H_c, dpw_c = scaled._fd_last
     np.testing.assert_allclose(th_c, theta / r, rtol=1e-15)

@@ -4,10 +4,13 @@ correlation scale, against lme4's ``confint(method = "profile", oldNames = FALSE
 independent multi-start minimisations of the criterion at the limits."""
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from scipy import optimize, stats
 
 import lmmops
@@ -151,3 +154,62 @@ def test_unknown_parameter_is_named():
     _, res = _fit("sleepstudy-corr-ML")
     with pytest.raises(lmmops.LmmopsError, match="unknown parameter"):
         res.confint(method="profile", parm=["sd_x|Subject"])
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_criterion_at_sigma_gradient_is_the_finite_difference_one(method):
+    """``VectorObjective.evaluate_at_sigma``: the criterion not profiled in ``s^2`` and
+    its analytic derivatives in ``theta`` and ``s^2`` against central differences (a
+    crossed two-term design with weights)."""
+    from test_vector import _crossed
+
+    from lmmops.estimation.criterion import criterion_at_sigma
+    from lmmops.estimation.vector import VectorObjective
+
+    terms, X, y, w = _crossed(1, weights=True)
+    obj = VectorObjective(terms, X, y, method=method, weights=w)
+    th, s2, h = np.array([0.8, 0.3, 0.6, 0.5, -0.2, 0.4]), 1.7, 1e-6
+    F, g, gs = obj.evaluate_at_sigma(th, s2)
+    ev = obj.evaluate(th, gradient=False)
+    assert F == pytest.approx(criterion_at_sigma(ev.logdet_L, ev.logdet_RX, ev.pwrss, obj.n,
+                                                 obj.p, method, s2, obj.ldW), rel=1e-13)
+    fd = [(obj.evaluate_at_sigma(th + h * e, s2)[0]
+           - obj.evaluate_at_sigma(th - h * e, s2)[0]) / (2 * h) for e in np.eye(6)]
+    np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-6)
+    fs = (obj.evaluate_at_sigma(th, s2 + h)[0] - obj.evaluate_at_sigma(th, s2 - h)[0]) / (2 * h)
+    assert gs == pytest.approx(fs, rel=1e-6, abs=1e-7)
+    # at s^2 = r^2 / dof the theta-gradient is the profiled criterion's
+    F0, g0, gs0 = obj.evaluate_at_sigma(th, ev.sigma2)
+    np.testing.assert_allclose(g0, obj.evaluate(th).gradient, rtol=1e-10, atol=1e-10)
+    assert abs(gs0) < 1e-8 * obj.n / ev.sigma2
+
+
+@settings(max_examples=30, deadline=None)
+@given(sd=st.lists(st.floats(0.0, 3.0), min_size=3, max_size=3),
+       cor=st.lists(st.floats(-0.999, 0.999), min_size=3, max_size=3),
+       sigma=st.floats(0.3, 3.0))
+def test_sdcor_theta_jacobian_is_the_finite_difference_one(sd, cor, sigma):
+    """``d theta / d (sd, cor, sigma)`` of a three-column term against central
+    differences of :func:`sdcor_theta` (where the correlations make a positive definite
+    matrix; a zero standard deviation by a forward difference)."""
+    from lmmops.analysis.inference import _sdcor_theta_jacobian, sdcor_theta
+
+    R = np.array([[1.0, cor[0], cor[1]], [cor[0], 1.0, cor[2]], [cor[1], cor[2], 1.0]])
+    assume(np.linalg.eigvalsh(R)[0] > 1e-3)
+    term = types.SimpleNamespace(dim=3, n_theta=6)
+    # column-major lower triangle: sd0, cor10, cor20, sd1, cor21, sd2
+    x = np.array([sd[0], cor[0], cor[1], sd[1], cor[2], sd[2]])
+    J = _sdcor_theta_jacobian([term], x, sigma)
+    h = 1e-6
+    for i in range(x.size + 1):
+        xp, xm, sp_, sm = x.copy(), x.copy(), sigma, sigma
+        if i < x.size:
+            xp[i] += h
+            xm[i] -= h
+        else:
+            sp_, sm = sigma + h, sigma - h
+        forward = i < x.size and i in (0, 3, 5) and x[i] < h
+        tp = sdcor_theta([term], xp, sp_)
+        want = ((tp - sdcor_theta([term], x, sigma)) / h if forward
+                else (tp - sdcor_theta([term], xm, sm)) / (2 * h))
+        np.testing.assert_allclose(J[:, i], want, rtol=1e-4, atol=1e-6)

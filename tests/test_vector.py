@@ -279,3 +279,17 @@ def test_both_optimizers_reach_the_same_optimum(seed):
     np.testing.assert_allclose(ev1.theta, ev2.theta, atol=1e-5)
     with pytest.raises(LmmopsError, match="unknown optimizer"):
         fit_vector(VectorObjective(terms, X, y), optimizer="bobyqa")
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("weights", [False, True])
+def test_average_information_from_statistics_equals_the_rows_one(method, weights):
+    """The level-space average information (what ``average_information`` uses when
+    ``C`` has no more nonzeros than ``Z``) equals the one from the rows."""
+    terms, X, y, w = _crossed(3, n=300, weights=weights)
+    obj = VectorObjective(terms, X, y, method=method, weights=w)
+    ev = obj.evaluate(THETA)
+    rows, span = obj._average_information_rows(ev), obj._average_information_span(ev)
+    np.testing.assert_allclose(span, rows, rtol=1e-10, atol=1e-10 * np.abs(rows).max())
+    np.testing.assert_allclose(obj.average_information(ev), rows, rtol=1e-10,
+                               atol=1e-10 * np.abs(rows).max())

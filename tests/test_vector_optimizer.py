@@ -93,12 +93,16 @@ class _Forced(VectorObjective):
 
 
 def _counting(obj):
+    """Record ``(gradient, probes)`` of every call that factorised (a gradient completed
+    from the factor of the criterion-only call just before is not a new evaluation)."""
     seen = []
     orig = obj.evaluate
 
     def evaluate(theta, gradient=True, probes=0):
+        n0 = obj.n_evaluations
         ev = orig(theta, gradient=gradient, probes=probes)
-        seen.append((gradient, probes))
+        if obj.n_evaluations > n0:
+            seen.append((gradient, probes))
         return ev
 
     obj.evaluate = evaluate
@@ -155,3 +159,23 @@ def test_final_step_is_a_criterion_only_evaluation():
     assert opt.converged
     assert np.isfinite(opt.gradient_norm)
     assert ev.objective <= min(f for _, f in opt.fitlog[:-1])
+
+
+def test_a_gradient_after_a_criterion_only_call_reuses_its_factor():
+    """The line search evaluates trials for the criterion only; the accepted one's
+    gradient comes from the same factor: bit for bit a fresh evaluation's, and one
+    evaluation counted, not two."""
+    terms, X, y, _ = _crossed(2)
+    obj, fresh = VectorObjective(terms, X, y), VectorObjective(terms, X, y)
+    n0 = obj.n_evaluations
+    crit = obj.evaluate(THETA, gradient=False)
+    assert crit.gradient is None
+    full = obj.evaluate(THETA)
+    assert obj.n_evaluations == n0 + 1
+    want = fresh.evaluate(THETA)
+    np.testing.assert_array_equal(full.gradient, want.gradient)
+    assert full.objective == want.objective == crit.objective
+    # another theta, or a second gradient call, factorises again
+    obj.evaluate(THETA)
+    obj.evaluate(THETA * 0.9)
+    assert obj.n_evaluations == n0 + 3

@@ -321,15 +321,76 @@ def _sdcor_criterion(obj, terms, x, sigma):
                                     obj.method, sigma * sigma, obj.ldW))
 
 
+def _sdcor_theta_jacobian(terms, x, sigma, h=1e-7):
+    """``d theta / d (x, sigma)`` of :func:`sdcor_theta` (``n_theta x (len(x) + 1)``):
+    exact for the standard deviations (``dT/ds_a = e_a e_a' chol(R) / sigma``, at 0 too)
+    and ``sigma`` (``-T / sigma``), central differences of the factor for the
+    correlations (one-sided where a step would leave [-1, 1] or the semidefinite cone);
+    None where ``theta`` is not defined."""
+    theta = sdcor_theta(terms, x, sigma)
+    if theta is None:
+        return None
+    J = np.zeros((theta.size, x.size + 1))
+    J[:, -1] = -theta / sigma
+    pos = 0
+    for t in terms:
+        d, n = t.dim, t.n_theta
+        rows, cols = np.triu_indices(d)[::-1]  # column-major lower triangle
+        S = np.zeros((d, d))
+        S[rows, cols] = x[pos:pos + n]
+        R = np.tril(S, -1)
+        L = _correlation_factor(R + R.T + np.eye(d))
+        for c in range(n):
+            i = pos + c
+            if rows[c] == cols[c]:  # a standard deviation: T's row a is s_a L[a, :] / s
+                on_row = rows == rows[c]
+                J[pos:pos + n, i] = np.where(on_row, L[rows[c], cols] / sigma, 0.0)
+                continue
+            cols_fd = []
+            for step in (h, -h):
+                xs = x.copy()
+                xs[i] = x[i] + step
+                ts = sdcor_theta(terms, xs, sigma) if abs(xs[i]) <= 1.0 else None
+                cols_fd.append(ts)
+            tp, tm = cols_fd
+            if tp is not None and tm is not None:
+                J[:, i] = (tp - tm) / (2 * h)
+            elif tp is not None:
+                J[:, i] = (tp - theta) / h
+            elif tm is not None:
+                J[:, i] = (theta - tm) / h
+        pos += n
+    return J
+
+
+def _sdcor_criterion_and_gradient(obj, terms, x, sigma):
+    """:func:`_sdcor_criterion` and its gradient in ``(x, sigma)`` from the objective's
+    analytic ``evaluate_at_sigma`` and :func:`_sdcor_theta_jacobian`; ``(inf, 0)``
+    where the criterion is not defined."""
+    J = _sdcor_theta_jacobian(terms, x, sigma)
+    if J is None:
+        return np.inf, np.zeros(x.size + 1)
+    theta = sdcor_theta(terms, x, sigma)
+    try:
+        F, g_theta, g_s2 = obj.evaluate_at_sigma(theta, sigma * sigma)
+    except RankDeficientError:
+        return np.inf, np.zeros(x.size + 1)
+    grad = g_theta @ J
+    grad[-1] += g_s2 * 2.0 * sigma
+    return F, grad
+
+
 def _sdcor_profile_value(obj, terms, kinds, j, c, x0):
     """min over the other parameters with parameter ``j`` of ``x = (sd/cor..., s)``
     fixed at ``c`` (``kinds``: "sd", "cor" or "sigma" per entry); standard deviations in
     units of the start's residual ``s`` (``c`` when ``s`` is the one fixed), ``s`` on
-    the log scale, correlations bounded to [-1, 1]; finite-difference gradients (a
-    profile is for models whose evaluation is cheap)."""
+    the log scale, correlations bounded to [-1, 1]. The gradient is analytic when the
+    objective has ``evaluate_at_sigma`` (the exact slope solver), else by finite
+    differences."""
     n_x = len(kinds)
     free = [i for i in range(n_x) if i != j]
     u = float(c) if kinds[j] == "sigma" else float(x0[-1])
+    analytic = hasattr(obj, "evaluate_at_sigma")
 
     def unpack(z):
         x = np.empty(n_x)
@@ -343,6 +404,13 @@ def _sdcor_profile_value(obj, terms, kinds, j, c, x0):
         x = unpack(z)
         return _sdcor_criterion(obj, terms, x[:-1], x[-1])
 
+    def fun_grad(z):
+        x = unpack(z)
+        F, g = _sdcor_criterion_and_gradient(obj, terms, x[:-1], x[-1])
+        dxdz = np.array([x[i] if kinds[i] == "sigma" else u if kinds[i] == "sd" else 1.0
+                         for i in free])
+        return F, g[free] * dxdz
+
     z0 = np.array([np.log(x0[i] / u) if kinds[i] == "sigma"
                    else x0[i] / u if kinds[i] == "sd" else x0[i] for i in free])
     bounds = [(None, None) if kinds[i] == "sigma" else (0.0, None) if kinds[i] == "sd"
@@ -351,9 +419,13 @@ def _sdcor_profile_value(obj, terms, kinds, j, c, x0):
                  [np.inf if hi is None else hi for _, hi in bounds])
     if not free:
         return fun(z0), unpack(z0)
-    r = optimize.minimize(fun, z0, method="L-BFGS-B", bounds=bounds,
-                          options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 1000,
-                                   "eps": 1e-7})
+    if analytic:
+        r = optimize.minimize(fun_grad, z0, jac=True, method="L-BFGS-B", bounds=bounds,
+                              options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 1000})
+    else:
+        r = optimize.minimize(fun, z0, method="L-BFGS-B", bounds=bounds,
+                              options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 1000,
+                                       "eps": 1e-7})
     return float(r.fun), unpack(r.x)
 
 

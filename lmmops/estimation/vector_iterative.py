@@ -77,7 +77,6 @@ from types import SimpleNamespace
 import numpy as np
 import scipy.linalg as sla
 import scipy.optimize as sopt
-import scipy.sparse as sp
 from scipy import stats
 
 from lmmops.data.terms import lower_triangle
@@ -94,6 +93,7 @@ from lmmops.estimation.iterative import (
 from lmmops.estimation.vector import (
     VectorObjective,
     _canonical_theta,
+    block_closed_arrays,
     check_theta,
     last_evaluation_cache,
     profiled_gls,
@@ -270,31 +270,8 @@ class VectorIterativeObjective:
         """Keep ``C`` on a block-closed pattern (its own when it is one: the rows of a
         level share their columns, whole blocks, the diagonal block present), on which
         ``A = Lambda' C Lambda + I`` is formed once per ``theta``."""
-        indptr = np.asarray(C.indptr, dtype=np.int64)
-        indices = np.asarray(C.indices, dtype=np.int32)
-        data = np.asarray(C.data, dtype=np.float64)
-        if not kernels.block_closed(indptr, indices, self._offs, self._dims):
-            # the closure Bp (|C| + I) Bp, Bp the block-diagonal pattern of Lambda
-            # (positive values: no cancellation drops an entry)
-            rows, cols = [], []
-            for k, t in enumerate(self.terms):
-                d, o = t.dim, int(self._offs[k])
-                base = o + d * np.arange(t.n_levels, dtype=np.int64)
-                for a in range(d):
-                    for b in range(d):
-                        rows.append(base + a)
-                        cols.append(base + b)
-            rows, cols = np.concatenate(rows), np.concatenate(cols)
-            Bp = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(self.q, self.q))
-            Cp = sp.csr_matrix((np.ones(indices.size), indices, indptr),
-                               shape=(self.q, self.q))
-            S = (Bp @ (Cp + sp.identity(self.q, format="csr")) @ Bp).tocsr()
-            S.sort_indices()
-            pptr = np.asarray(S.indptr, dtype=np.int64)
-            pind = np.asarray(S.indices, dtype=np.int32)
-            out = np.empty(pind.size)
-            self._ks["merge_values"](indptr, indices, data, pptr, pind, out)
-            indptr, indices, data = pptr, pind, out
+        indptr, indices, data = block_closed_arrays(C, self.terms, self._offs,
+                                                    self._dims, self._ks["merge_values"])
         self._indptr, self._indices, self._data = indptr, indices, data
         self._adata = np.empty_like(data)
         self._a_key = None

@@ -105,6 +105,7 @@ __all__ = [
     "gather_block_serial",
     "gather_parallel",
     "gather_serial",
+    "get_block_rows_kernel",
     "get_cg_kernels",
     "get_csr_matmat",
     "get_dense_kernels",
@@ -951,6 +952,22 @@ def _sandwich_blocks(indptr, indices, data, S, d, out):  # pragma: no cover (com
                 out[j, b, a] += acc
 
 
+def _block_rows_left_multiply(indptr, data, B, d, out):  # pragma: no cover (compiled)
+    """``out`` on the pattern of a CSR matrix whose rows come in groups of ``d`` sharing
+    their columns (level ``j``: rows ``j d .. j d + d - 1``): each group's ``d x n_j``
+    values left-multiplied by ``B[j]`` (``d x d``). One thread per level."""
+    for j in prange(B.shape[0]):
+        r0 = j * d
+        n = indptr[r0 + 1] - indptr[r0]
+        for a in range(d):
+            oa = indptr[r0 + a]
+            for t in range(n):
+                acc = 0.0
+                for b in range(d):
+                    acc += B[j, a, b] * data[indptr[r0 + b] + t]
+                out[oa + t] = acc
+
+
 def _compile(fn, fastmath=False):
     serial = numba.njit(fn, cache=True, fastmath=fastmath)
     parallel = numba.njit(
@@ -974,6 +991,7 @@ block_matmat_serial, block_matmat_parallel = _compile(_block_matmat)
 csr_residual_serial, csr_residual_parallel = _compile(_csr_residual)
 schur_rows_serial, schur_rows_parallel = _compile(_schur_rows)
 sandwich_blocks_serial, sandwich_blocks_parallel = _compile(_sandwich_blocks)
+block_rows_lmul_serial, block_rows_lmul_parallel = _compile(_block_rows_left_multiply)
 # fastmath lets the contiguous dot products and axpys use SIMD (reassociated float64 sums)
 dense_matmat_serial, dense_matmat_parallel = _compile(_dense_matmat, fastmath=True)
 dense_tmatmat_serial, dense_tmatmat_parallel = _compile(_dense_tmatmat, fastmath=True)
@@ -1201,6 +1219,23 @@ def get_schur_kernels(parallel=False):
     if parallel:
         return schur_rows_parallel, sandwich_blocks_parallel
     return schur_rows_serial, sandwich_blocks_serial
+
+
+def get_block_rows_kernel(parallel=False):
+    """The serial or parallel ``block_rows_left_multiply(indptr, data, B, d, out)``:
+    the values of ``blockdiag_j(B_j) M`` on the pattern of a CSR matrix ``M`` whose rows
+    come in groups of ``d`` (one per level) sharing their columns (the exact slope
+    solver's ``K = A_11^{-1} A_12``).
+
+    Parameters
+    ----------
+    parallel : bool
+
+    Returns
+    -------
+    callable
+    """
+    return block_rows_lmul_parallel if parallel else block_rows_lmul_serial
 
 
 def get_dense_kernels(parallel=False):
