@@ -40,6 +40,7 @@ from lmmops.data.terms import (
     recentre_theta,
     theta_lower_bounds,
 )
+from lmmops.errors import NumericalFailure, RankDeficientError
 
 __all__ = ["CENTRED_AGREEMENT", "CENTRED_ROUNDING", "CENTRED_ROUNDING_MAX", "CentredFit",
            "centred_twin", "centring_jacobian", "centring_tolerance", "fit_centred"]
@@ -236,6 +237,12 @@ def fit_centred(objective, shifts, start, fit, *, callback=None, allowance=None)
     (Evaluation, Evaluation, OptSummary, object)
         The objective's evaluation at the mapped optimum, the twin's at its optimum,
         the summary, and the twin.
+
+    Raises
+    ------
+    NumericalFailure
+        When the objective cannot be evaluated at the mapped optimum (``X'V^{-1}X``
+        not positive definite there: a wrong map, or columns too far from centred).
     """
     terms = objective.terms
     twin = centred_twin(objective, shifts)
@@ -248,7 +255,13 @@ def fit_centred(objective, shifts, start, fit, *, callback=None, allowance=None)
     ev_c, opt = fit(twin, start_c, cb)
     theta = np.maximum(recentre_theta(terms, ev_c.theta, shifts, to="user"),
                        objective.lower)
-    ev = objective.evaluate(theta)
+    try:
+        ev = objective.evaluate(theta)
+    except (RankDeficientError, NumericalFailure) as exc:
+        raise NumericalFailure(
+            f"the centred fit's optimum (criterion {ev_c.objective:.10g}) mapped to the "
+            f"columns as given cannot be evaluated on them ({exc}): the map to them or "
+            "their conditioning failed") from exc
     objective.n_evaluations += twin.n_evaluations - n_before
     out = copy.copy(opt)
     out.theta_initial = recentre_theta(terms, opt.theta_initial, shifts, to="user")
