@@ -46,7 +46,8 @@ class LMMResult:
     formula, method, solver : str
     n_obs : int
     n_levels : dict
-        Factor name to level count.
+        Factor name to level count, in lme4's order of the grouping factors
+        (``getME(m, "flist")``: by their first term in lme4's term order).
     fixef, fixef_se, tvalues : pandas.Series
         Fixed effects, standard errors and t values (lme4's names).
     vcov : pandas.DataFrame
@@ -102,7 +103,11 @@ class LMMResult:
         terms = model.terms
         self.terms = terms
         self.n_obs = model.n_obs
-        self.n_levels = dict(zip(d.names, d.n_levels))
+        # lme4's flist order: the factors in the order of their first term (lme4's term
+        # order), then any factor without a term
+        order = list(dict.fromkeys([t.group for t in terms if t.group in d.names]
+                                   + list(d.names)))
+        self.n_levels = {g: int(d.n_levels[d.index(g)]) for g in order}
         # aliased columns of a rank-deficient X: NaN (not estimable; tau_1 = 0 is used)
         names = list(getattr(model, "all_fixef_names", model.fixef_names))
         keep = np.asarray(getattr(model, "keep", np.arange(len(names))))

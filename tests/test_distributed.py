@@ -182,12 +182,13 @@ def test_interaction_and_nested_factors(client, frame):
 
 
 def test_nested_factors_named_as_lme4_and_as_in_memory(client):
-    """lme4's names, levels and term order of (1|a/b/c) and (1 + x|a/b) from a Dask frame
+    """lme4's names, levels and term order of (1|a/b/c), (1 + x|a/b) and
+    (1|a/b) + (0 + x|a:b) (b:a and a:b: one grouping, two names) from a Dask frame
     (tests/data/lme4_nesting.json), the same as the in-memory fit's."""
     data = pathlib.Path(__file__).parent / "data"
     ref = {f["id"]: f for f in json.loads((data / "lme4_nesting.json").read_text())["fits"]}
     sim = pd.read_csv(data / "nesting_sim.csv")
-    for fid in ("sim_three_level", "sim_slope_nested"):
+    for fid in ("sim_three_level", "sim_slope_nested", "sim_two_orders"):
         f = ref[fid]
         mem = lmmops.fit(f["formula"], sim)
         res = lmmops.fit(f["formula"], dd.from_pandas(sim, npartitions=3))

@@ -117,6 +117,7 @@ class LevelDesign(LevelCounts):
         """Sparse ``Z'Z``."""
         return assemble_gram(self._counts, self._N)
 
+    identical_partitions = CrossedDesign.identical_partitions
     check_distinct_partitions = CrossedDesign.check_distinct_partitions
 
     def connected_components(self):

@@ -298,12 +298,16 @@ class DaskLMM:
         design = LevelDesign([g for g, _ in factors], plan.levels, dstats.D,
                              {(k, l): tables[(k, l)] for k in range(K)
                               for l in range(k + 1, K)}, mom.n)
-        design.check_distinct_partitions()
+        if intercepts:
+            design.check_distinct_partitions()
         self.design = design
         if intercepts:
             self.terms = design.terms
         else:
             self.terms = level_terms(design, specs)
+            # two names of one grouping (b:a and a:b) whose terms share no column: as
+            # terms on one factor, as in memory (CrossedDesign.check_distinct_partitions)
+            design.check_distinct_partitions(self.terms)
             for t in self.terms:
                 if t.dim > 1 and t.n_levels <= t.dim:
                     raise DesignError(

@@ -901,22 +901,8 @@ class VectorObjective:
         return st["inv"]
 
     def _spherical_rows(self, ev, codes, values):
-        """Per row, the nonzeros of ``Lambda' z_i``: their level-space indices and values,
-        split into the first term (``(n, d_1)``, its level codes) and the rest."""
-        theta = ev.theta
-        parts = []
-        for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
-            T = t.relative_factor(theta[sl])
-            c = np.asarray(codes[k], dtype=np.int64)
-            v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
-            zt = v @ T  # row i: (T_k' v_i)'
-            zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
-            # an unseen level points at the term's first slots (its values are 0), so the
-            # index stays inside the term's block (0 would be outside a later term's)
-            idx = (self.offsets[k] + np.maximum(c, 0)[:, None] * t.dim
-                   + np.arange(t.dim)[None])
-            parts.append((idx, zt))
-        return parts
+        """Per row, the nonzeros of ``Lambda' z_i`` (:func:`spherical_rows`)."""
+        return spherical_rows(self, ev.theta, codes, values)
 
     def quadratic_rows(self, ev, codes, values, X=None):
         """``g_i' Omega^{-1} g_i`` for rows ``g_i = [Lambda' z_i; x_i]`` (spherical scale;
@@ -1263,6 +1249,27 @@ def _block_sum_product(Y, BY, d):
                      for a in range(d)])
 
 
+def spherical_rows(obj, theta, codes, values):
+    """Per row, the nonzeros of ``Lambda' z_i`` of a slope objective ``obj`` (its
+    ``terms``, ``layout`` and ``offsets``) at ``theta``: per term their level-space
+    indices and values, ``(n, d_k)`` each (a level the fit has not seen: values 0,
+    indices inside the term's block). For the quadratic forms of new rows
+    (``quadratic_rows`` of both slope objectives)."""
+    parts = []
+    for k, (t, sl) in enumerate(zip(obj.terms, obj.layout)):
+        T = t.relative_factor(theta[sl])
+        c = np.asarray(codes[k], dtype=np.int64)
+        v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
+        zt = v @ T  # row i: (T_k' v_i)'
+        zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
+        # an unseen level points at the term's first slots (its values are 0), so the
+        # index stays inside the term's block (0 would be outside a later term's)
+        idx = (obj.offsets[k] + np.maximum(c, 0)[:, None] * t.dim
+               + np.arange(t.dim)[None])
+        parts.append((idx, zt))
+    return parts
+
+
 def start_theta(terms):
     """lme4's start: ``T_k = I`` for every term."""
     return np.array([1.0 if i == j else 0.0 for t in terms
@@ -1386,9 +1393,10 @@ def _fit_centred(objective, shifts, start, *, maxiter, tol, callback, optimizer)
 
     The Wald covariances of the result are the twin's, mapped
     (:class:`lmmops.estimation.centring.CentredFit`, ``ev.centred``), so they need no
-    differences in the ill-conditioned user parametrisation. The fit is converged only
-    where the twin's is and the two criteria agree within
-    :data:`lmmops.estimation.centring.CENTRED_AGREEMENT`.
+    differences in the ill-conditioned user parametrisation; the criterion is the
+    twin's. The fit is converged only where the twin's is and the criterion on the
+    user's columns agrees with it within its rounding bound
+    (:func:`lmmops.estimation.centring.centring_tolerance`).
     """
     def fit(twin, start_c, cb):
         return fit_vector(twin, start_c, maxiter=maxiter, tol=tol, callback=cb,
