@@ -51,7 +51,10 @@ from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
 from lmmops.estimation.criterion import profiled_criterion
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
+from lmmops.linalg.lapack import chol_inverse, chol_solve, tri_solve
 from lmmops.threads import limit_threads
+
+_dpotrf = sla.lapack.dpotrf
 
 __all__ = [
     "DirectObjective",
@@ -279,16 +282,37 @@ class DirectObjective:
             self.N.indptr.astype(np.int64), self.N.indices.astype(np.int64),
             self.N.data.astype(np.float64),
         )
-        self._S = np.empty((m, m))
-        self._G1 = np.empty((self.qr, self.qr))
-        self._G2 = np.empty((self.qr, self.qr))
+        # N and N' for the CSR products (scipy's own index arrays, float64 values)
+        self._N_csr = _csr_arrays(self.N)
+        self._Nt_csr = _csr_arrays(self.Nt)
+        # theta_k repeated over the levels of each factor but the first
+        self._rest_index = np.repeat(np.asarray(self.rest, dtype=np.intp), self.q_rest)
+        qr = self.qr
+        self._S = S = np.empty((m, m))
+        # views of the Schur block's parts, written in place at every evaluation
+        self._S_rr, self._S_rx = S[:qr, :qr], S[:qr, qr:]
+        self._S_xr, self._S_xx = S[qr:, :qr], S[qr:, qr:]
+        self._S_diag_rr = S.reshape(-1)[:qr * (m + 1):m + 1]
+        self._G1 = np.empty((qr, qr))
+        self._G2 = np.empty((qr, qr))
         self.n_evaluations = 0
 
     # ------------------------------------------------------------------ helpers
     def _theta_rest(self, theta):
         if not self.qr:
             return np.zeros(0)
-        return np.repeat(np.asarray(theta, dtype=np.float64)[self.rest], self.q_rest)
+        return np.asarray(theta, dtype=np.float64)[self._rest_index]
+
+    def _N_times(self, B):
+        """``N @ B`` (``N`` the cross-tabulation of the first factor with the rest) for a
+        C-ordered float64 ``B`` of shape ``(q_rest, k)``, as scipy's CSR product computes
+        it, without its dispatch."""
+        return _csr_times(self._N_csr, B, self.q1)
+
+    def _Nt_times(self, B):
+        """``N' @ B`` for a C-ordered float64 ``B`` of shape ``(q_1, k)`` (see
+        :meth:`_N_times`)."""
+        return _csr_times(self._Nt_csr, B, self.qr)
 
     def _reml_dims(self):
         """Size of the leading block whose log-determinant enters the criterion."""
@@ -321,8 +345,8 @@ class DirectObjective:
     def _factor(self, theta, gradient):
         """The blocked Cholesky factor at ``theta`` and the criterion's pieces:
         ``(theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, criterion, dof)``."""
-        theta = np.asarray(theta, dtype=np.float64).copy()
-        if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
+        theta = np.array(theta, dtype=np.float64)
+        if theta.shape != (self.K,) or not all(0.0 <= t < math.inf for t in theta.tolist()):
             raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")
         self.n_evaluations += 1
         n, p, qr, m = self.n, self.p, self.qr, self.m
@@ -332,21 +356,23 @@ class DirectObjective:
         tr_ = self._theta_rest(theta)
         S = self._S
         G1 = self._G1
+        WZ1 = w1[:, None] * self.Z1T
         if qr:
             if gradient:
                 w2 = w1 / d
                 kernels.weighted_gram2(*self._N_arrays, w1, w2, G1, self._G2)
             else:
                 kernels.weighted_gram(*self._N_arrays, w1, G1)
-            S[:qr, :qr] = self.Arr - G1
-            S[:qr, :qr] *= tr_[:, None]
-            S[:qr, :qr] *= tr_[None, :]
-            S[np.arange(qr), np.arange(qr)] += 1.0
-            NwT = self.Nt @ (w1[:, None] * self.Z1T)
-            S[:qr, qr:] = tr_[:, None] * (self.ZrT - NwT)
-            S[qr:, :qr] = S[:qr, qr:].T
-        S[qr:, qr:] = self.TT - self.Z1T.T @ (w1[:, None] * self.Z1T)
-        L, info = sla.lapack.dpotrf(S, lower=1, overwrite_a=0, clean=1)
+            Srr = self._S_rr
+            np.subtract(self.Arr, G1, out=Srr)
+            Srr *= tr_[:, None]
+            Srr *= tr_[None, :]
+            self._S_diag_rr += 1.0
+            NwT = self._Nt_times(WZ1)
+            np.multiply(tr_[:, None], self.ZrT - NwT, out=self._S_rx)
+            self._S_xr[...] = self._S_rx.T
+        np.subtract(self.TT, self.Z1T.T @ WZ1, out=self._S_xx)
+        L, info = _dpotrf(S, lower=1, overwrite_a=0, clean=1)
         if info > 0:
             col = info - 1
             if col == m - 1:  # y in the span of X and Z: perfect fit
@@ -357,9 +383,10 @@ class DirectObjective:
                     f"the blocked Cholesky factor lost positive definiteness at pivot {info} "
                     f"({where}) for theta = {theta}"
                 )
-        diag = np.diag(L)
-        logdet_L = float(np.sum(np.log(d)) + 2.0 * np.sum(np.log(diag[:qr])))
-        logdet_RX = float(2.0 * np.sum(np.log(diag[qr:qr + p])))
+        diag = L.diagonal()
+        logs = np.log(diag[:qr + p])
+        logdet_L = float(np.log(d).sum() + 2.0 * logs[:qr].sum())
+        logdet_RX = float(2.0 * logs[qr:].sum())
         pwrss = float(diag[m - 1] ** 2)
         if pwrss <= 0:
             raise LmmopsError("the response is fitted exactly (zero residual sum of squares)")
@@ -383,16 +410,16 @@ class DirectObjective:
         # conditional modes: back-substitute the y column, then the first block
         Lm = L[: m - 1, : m - 1]
         c = L[m - 1, : m - 1]
-        sol = sla.solve_triangular(Lm, c, lower=True, trans="T") if m > 1 else np.zeros(0)
+        sol = tri_solve(Lm, c, lower=True, trans=1) if m > 1 else np.zeros(0)
         v_rest = sol[:qr]
         beta = sol[qr:qr + p]
         rhs1 = t1 * self.Z1T[:, p] - t1 * (self.Z1T[:, :p] @ beta)
         if qr:
-            rhs1 -= t1 * (self.N @ (tr_ * v_rest))
+            rhs1 -= t1 * self._N_times(tr_ * v_rest)
         v1 = rhs1 / d
         # beta covariance: sigma2 * (R_X R_X')^{-1}
         RX = L[qr:qr + p, qr:qr + p]
-        RXinv = sla.solve_triangular(RX, np.eye(p), lower=True) if p else np.zeros((0, 0))
+        RXinv = tri_solve(RX, np.eye(p), lower=True) if p else np.zeros((0, 0))
         beta_cov = sigma2 * (RXinv.T @ RXinv)
 
         v = [None] * self.K
@@ -411,11 +438,10 @@ class DirectObjective:
         mp = self._reml_dims()
         # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X])
         if mp:
-            Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
-            if info != 0:
-                raise LmmopsError("could not invert the Schur block")
-            iu = np.triu_indices(mp, 1)
-            Sinv[iu] = Sinv.T[iu]
+            try:
+                Sinv = chol_inverse(L[:mp, :mp], lower=True)
+            except NumericalFailure:
+                raise LmmopsError("could not invert the Schur block") from None
         else:
             Sinv = np.zeros((0, 0))
         # trace of the first factor's block of M^{-1}: sum 1/d + tr(S'^{-1} B'D^{-2}B)
@@ -430,7 +456,7 @@ class DirectObjective:
                 X1 = self.Z1T[:, :p]
                 Bt[qr:, qr:] = t1 * t1 * (X1.T @ (X1 / (d * d)[:, None]))
                 if qr:
-                    NwX = self.Nt @ (w2[:, None] * X1)
+                    NwX = self._Nt_times(w2[:, None] * X1)
                     Bt[:qr, qr:] = tr_[:, None] * NwX
                     Bt[qr:, :qr] = Bt[:qr, qr:].T
             tr_first += float(np.sum(Sinv * Bt))
@@ -561,14 +587,14 @@ class DirectObjective:
         z = b1 / d[:, None]
         cr = np.array(br, dtype=np.float64, copy=True)
         if qr:
-            cr[:qr] -= tr_[:, None] * (self.Nt @ (t1 * z))
+            cr[:qr] -= tr_[:, None] * self._Nt_times(t1 * z)
         if p:
             cr[qr:] -= t1 * (X1.T @ z)
         mp = qr + p
-        xr = sla.cho_solve((L[:mp, :mp], True), cr) if mp else cr
+        xr = chol_solve(L[:mp, :mp], cr, lower=True) if mp else cr
         back = X1 @ xr[qr:] if p else np.zeros_like(b1)
         if qr:
-            back = back + self.N @ (tr_[:, None] * xr[:qr])
+            back = back + self._N_times(tr_[:, None] * xr[:qr])
         x1 = (b1 - t1 * back) / d[:, None]
         return x1, xr
 
@@ -635,6 +661,24 @@ class DirectObjective:
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
         return self.criterion(theta)
+
+
+def _csr_arrays(A):
+    """``(indptr, indices, data)`` of a CSR matrix for :func:`_csr_times` (float64 data)."""
+    return A.indptr, A.indices, np.asarray(A.data, dtype=np.float64)
+
+
+def _csr_times(arrays, B, rows):
+    """``A @ B`` for a CSR ``A`` given by :func:`_csr_arrays` with ``rows`` rows and a
+    float64 ``B`` (1-d or 2-d): the serial ``csr_matmat`` kernel, which adds up each
+    row's products in the order scipy's CSR product does (the same result, bit for bit),
+    without scipy's dispatch (several microseconds a call)."""
+    B = np.asarray(B, dtype=np.float64)
+    vector = B.ndim == 1
+    B2 = np.ascontiguousarray(B.reshape(-1, 1) if vector else B)
+    out = np.empty((rows, B2.shape[1]))
+    kernels.csr_matmat_serial(*arrays, B2, out)
+    return out[:, 0] if vector else out
 
 
 def theta_gradient(theta, n_levels, traces, v, sigma2):
