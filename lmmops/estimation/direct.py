@@ -52,7 +52,7 @@ from lmmops.estimation.criterion import profiled_criterion
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
 from lmmops.linalg.lapack import chol_inverse, chol_solve, tri_solve
-from lmmops.threads import limit_threads
+from lmmops.threads import limit_threads, limits_active
 
 _dpotrf = sla.lapack.dpotrf
 
@@ -338,7 +338,10 @@ class DirectObjective:
         RankDeficientError
             If X is numerically rank deficient.
         """
-        # a small Schur block runs single-threaded BLAS (threads="auto", lmmops.threads)
+        # a small Schur block runs single-threaded BLAS (threads="auto", lmmops.threads);
+        # inside a fit, the fit's limits are in force already
+        if limits_active():
+            return self._evaluate(theta, gradient)
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return self._evaluate(theta, gradient)
 
@@ -398,6 +401,8 @@ class DirectObjective:
         """The criterion alone at ``theta`` (no modes, no gradient): the factorisation
         and its diagonal, for the optimiser's grid and line searches (about a third of
         the time of :meth:`evaluate`, mostly fixed overhead, on small designs)."""
+        if limits_active():
+            return float(self._factor(theta, False)[9])
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return float(self._factor(theta, False)[9])
 
