@@ -293,8 +293,13 @@ class DirectObjective:
         self._S_rr, self._S_rx = S[:qr, :qr], S[:qr, qr:]
         self._S_xr, self._S_xx = S[qr:, :qr], S[qr:, qr:]
         self._S_diag_rr = S.reshape(-1)[:qr * (m + 1):m + 1]
-        self._G1 = np.empty((qr, qr))
         self._G2 = np.empty((qr, qr))
+        # _first_parts' cache: a few entries, on small level spaces only
+        self._first_cache = {}
+        self._first_cacheable = (self.q1 * (p + 3) + qr * (2 * qr + p + 1)
+                                 <= _FIRST_CACHE_DOUBLES)
+        self._offsets = [int(o) for o in design.offsets]
+        self._level_index = {}  # _level_sums' bin index per number of columns
         self.n_evaluations = 0
 
     # ------------------------------------------------------------------ helpers
@@ -354,27 +359,19 @@ class DirectObjective:
         self.n_evaluations += 1
         n, p, qr, m = self.n, self.p, self.qr, self.m
         t1 = theta[self.first]
-        d = t1 * t1 * self.d1 + 1.0
-        w1 = t1 * t1 / d
+        d, w1, G2, AG, RN, Sxx, logdet_d = self._first_parts(t1, gradient)
         tr_ = self._theta_rest(theta)
         S = self._S
-        G1 = self._G1
-        WZ1 = w1[:, None] * self.Z1T
         if qr:
             if gradient:
-                w2 = w1 / d
-                kernels.weighted_gram2(*self._N_arrays, w1, w2, G1, self._G2)
-            else:
-                kernels.weighted_gram(*self._N_arrays, w1, G1)
+                self._G2 = G2
             Srr = self._S_rr
-            np.subtract(self.Arr, G1, out=Srr)
-            Srr *= tr_[:, None]
+            np.multiply(AG, tr_[:, None], out=Srr)
             Srr *= tr_[None, :]
             self._S_diag_rr += 1.0
-            NwT = self._Nt_times(WZ1)
-            np.multiply(tr_[:, None], self.ZrT - NwT, out=self._S_rx)
+            np.multiply(tr_[:, None], RN, out=self._S_rx)
             self._S_xr[...] = self._S_rx.T
-        np.subtract(self.TT, self.Z1T.T @ WZ1, out=self._S_xx)
+        self._S_xx[...] = Sxx
         L, info = _dpotrf(S, lower=1, overwrite_a=0, clean=1)
         if info > 0:
             col = info - 1
@@ -388,7 +385,7 @@ class DirectObjective:
                 )
         diag = L.diagonal()
         logs = np.log(diag[:qr + p])
-        logdet_L = float(np.log(d).sum() + 2.0 * logs[:qr].sum())
+        logdet_L = float(logdet_d + 2.0 * logs[:qr].sum())
         logdet_RX = float(2.0 * logs[qr:].sum())
         pwrss = float(diag[m - 1] ** 2)
         if pwrss <= 0:
@@ -396,6 +393,44 @@ class DirectObjective:
         # log|R| = n log s^2 - sum(log w), as lme4's ldW
         obj, dof = profiled_criterion(logdet_L, logdet_RX, pwrss, n, p, self.method, self.ldW)
         return theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, obj, dof
+
+    def _first_parts(self, t1, gradient):
+        """The parts of the Schur block that depend on the first factor's ``theta`` alone:
+        ``(d, w1, G2, A - G1, Z_r'T - N'W_1 Z_1'T, T'T - T'Z_1 W_1 Z_1'T, sum(log d))``
+        with ``d = t1^2 D_1 + 1``, ``w1 = t1^2 / d``, ``G1 = N' diag(w1) N`` and (with
+        ``gradient``) ``G2 = N' diag(w1 / d) N``.
+
+        Kept for the last few values of ``t1`` on a small level space (the optimiser's
+        grids move the other components with ``t1`` fixed), so a repeated ``t1`` reuses
+        the same numbers."""
+        key = (float(t1), bool(gradient))
+        hit = self._first_cache.get(key)
+        if hit is not None:
+            return hit
+        qr = self.qr
+        d = t1 * t1 * self.d1 + 1.0
+        w1 = t1 * t1 / d
+        WZ1 = w1[:, None] * self.Z1T
+        G2 = AG = RN = None
+        if qr:
+            G1 = np.empty((qr, qr))
+            if gradient:
+                G2 = np.empty((qr, qr))
+                kernels.weighted_gram2(*self._N_arrays, w1, w1 / d, G1, G2)
+            else:
+                kernels.weighted_gram(*self._N_arrays, w1, G1)
+            AG = self.Arr - G1
+            RN = self.ZrT - self._Nt_times(WZ1)
+        Sxx = self.TT - self.Z1T.T @ WZ1
+        parts = (d, w1, G2, AG, RN, Sxx, np.log(d).sum())
+        if self._first_cacheable:
+            for a in parts[:6]:
+                if a is not None:
+                    a.setflags(write=False)  # shared by the evaluations at this t1
+            if len(self._first_cache) >= _FIRST_CACHE_ENTRIES:
+                self._first_cache.clear()
+            self._first_cache[key] = parts
+        return parts
 
     def criterion(self, theta):
         """The criterion alone at ``theta`` (no modes, no gradient): the factorisation
@@ -559,12 +594,16 @@ class DirectObjective:
 
     def _split_rhs(self, ZtW, XtW, theta):
         """Spherical right-hand sides ``[Lambda Z'W; X'W]`` in block order."""
-        off = self.design.offsets
+        off = self._offsets
         f = self.first
         b1 = theta[f] * ZtW[off[f]:off[f + 1]]
-        parts = [theta[k] * ZtW[off[k]:off[k + 1]] for k in self.rest]
-        parts.append(XtW)
-        br = np.vstack(parts)
+        br = np.empty((self.qr + XtW.shape[0], ZtW.shape[1]))
+        lo = 0
+        for k in self.rest:
+            hi = lo + off[k + 1] - off[k]
+            np.multiply(theta[k], ZtW[off[k]:off[k + 1]], out=br[lo:hi])
+            lo = hi
+        br[lo:] = XtW
         return b1, br
 
     def solve_spherical(self, ev, b1, br, z_only=False):
@@ -655,17 +694,48 @@ class DirectObjective:
         self._need_rows("quadratic forms of row vectors")
         wt = self.weights
         WW = W if wt is None else wt[:, None] * W
+        return self._projected_gram(ev, self._level_sums(WW), self.X.T @ WW, W.T @ WW,
+                                    z_only)
+
+    def _level_sums(self, W):
+        """``Z'W`` (``q x c``) for the columns of ``W`` (``n x c``): per factor and column
+        the sums over each level's rows, in row order (``np.bincount``).
+
+        For a small design one ``bincount`` over the bins ``(level, column)`` of all
+        factors (its index cached per ``c``) adds the same values in the same order as
+        one call per factor and column; larger designs take those calls (the index
+        would hold ``n K c`` entries)."""
+        n, c = W.shape
+        q = self._offsets[-1]
+        if n * self.K * c <= _LEVEL_SUMS_MAX_INDEX:
+            idx = self._level_index.get(c)
+            if idx is None:
+                codes = np.asarray(self.design.codes, dtype=np.int64)
+                lev = codes + np.asarray(self._offsets[:-1], dtype=np.int64)[:, None]
+                idx = (lev[:, :, None] * c + np.arange(c)[None, None, :]).ravel()
+                self._level_index[c] = idx
+            w = np.ascontiguousarray(W, dtype=np.float64).ravel()
+            return np.bincount(idx, weights=np.tile(w, self.K), minlength=q * c).reshape(q, c)
         codes = self.design.codes
-        ZtW = np.vstack([
-            np.stack([np.bincount(codes[k], weights=WW[:, j], minlength=self.design.n_levels[k])
-                      for j in range(W.shape[1])], axis=1)
+        return np.vstack([
+            np.stack([np.bincount(codes[k], weights=W[:, j], minlength=self.design.n_levels[k])
+                      for j in range(c)], axis=1)
             for k in range(self.K)
         ])
-        return self._projected_gram(ev, ZtW, self.X.T @ WW, W.T @ WW, z_only)
 
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
         return self.criterion(theta)
+
+
+#: :meth:`DirectObjective._first_parts` keeps at most this many values of ``t1``, where
+#: one entry holds at most ``_FIRST_CACHE_DOUBLES`` numbers (256 KiB)
+_FIRST_CACHE_ENTRIES = 32
+_FIRST_CACHE_DOUBLES = 2**15
+
+#: :meth:`DirectObjective._level_sums` caches its one-``bincount`` index up to this many
+#: entries (8 MiB)
+_LEVEL_SUMS_MAX_INDEX = 2**20
 
 
 def _csr_arrays(A):
