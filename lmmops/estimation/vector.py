@@ -334,6 +334,23 @@ def check_theta(obj, theta):
     return theta
 
 
+def _diagonal_blocks(M, nl, d):
+    """The ``nl`` diagonal ``d x d`` blocks of a sparse ``nl d x nl d`` matrix,
+    ``(nl, d, d)``, read from its CSR entries (entry ``(j d + a, j d + b)`` is block
+    ``j``'s ``(a, b)``; absent entries are 0)."""
+    M = M.tocsr()
+    if not M.has_canonical_format:
+        M = M.copy()
+        M.sum_duplicates()
+    rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
+    lev_r, a = np.divmod(rows, d)
+    lev_c, b = np.divmod(M.indices, d)
+    keep = lev_r == lev_c
+    B = np.zeros((nl, d, d))
+    B[lev_r[keep], a[keep], b[keep]] = M.data[keep]
+    return B
+
+
 class VectorObjective:
     """The exact profiled REML/ML criterion of a model with vector-valued terms.
 
@@ -412,14 +429,10 @@ class VectorObjective:
         Lam = self._lambda(theta)
         M = (Lam.T @ self.C @ Lam).tocsr()
         q1, d1 = self.q1, self.d1
-        M11 = M[:q1, :q1].tocsr()
+        M11 = M if not self.m else M[:q1, :q1].tocsr()
         nl = q1 // d1
         # the leading block is block diagonal: one d1 x d1 block per level of term 1
-        r = np.arange(q1)
-        B = np.zeros((nl, d1, d1))
-        for a in range(d1):
-            for b in range(d1):
-                B[:, a, b] = np.asarray(M11[r[a::d1], r[b::d1]]).ravel()
+        B = _diagonal_blocks(M11, nl, d1)
         B += np.eye(d1)[None]
         try:
             L1 = np.linalg.cholesky(B)
