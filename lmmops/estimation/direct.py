@@ -288,11 +288,7 @@ class DirectObjective:
         # theta_k repeated over the levels of each factor but the first
         self._rest_index = np.repeat(np.asarray(self.rest, dtype=np.intp), self.q_rest)
         qr = self.qr
-        self._S = S = np.empty((m, m))
-        # views of the Schur block's parts, written in place at every evaluation
-        self._S_rr, self._S_rx = S[:qr, :qr], S[:qr, qr:]
-        self._S_xr, self._S_xx = S[qr:, :qr], S[qr:, qr:]
-        self._S_diag_rr = S.reshape(-1)[:qr * (m + 1):m + 1]
+        self._S = np.empty((m, m))  # the Schur block, written in place (schur_fill)
         self._G2 = np.empty((qr, qr))
         # _first_parts' cache: a few entries, on small level spaces only
         self._first_cache = {}
@@ -365,13 +361,9 @@ class DirectObjective:
         if qr:
             if gradient:
                 self._G2 = G2
-            Srr = self._S_rr
-            np.multiply(AG, tr_[:, None], out=Srr)
-            Srr *= tr_[None, :]
-            self._S_diag_rr += 1.0
-            np.multiply(tr_[:, None], RN, out=self._S_rx)
-            self._S_xr[...] = self._S_rx.T
-        self._S_xx[...] = Sxx
+            kernels.schur_fill(AG, RN, Sxx, tr_, S)
+        else:
+            S[...] = Sxx
         L, info = _dpotrf(S, lower=1, overwrite_a=0, clean=1)
         if info > 0:
             col = info - 1
