@@ -98,7 +98,7 @@ def test_csr_times_equals_scipy_bit_for_bit(r, c, k, density, seed):
 
 @settings(**FAST)
 @given(seed=st.integers(0, 2**31 - 1), K=st.integers(1, 3), cols=st.integers(1, 5))
-def test_level_sums_equal_one_bincount_per_column(seed, K, cols):
+def test_zt_times_equal_one_bincount_per_column(seed, K, cols):
     rng = np.random.default_rng(seed)
     d = random_design(rng, n_levels=(6, 4, 3)[:K], n_obs=50)
     X = np.ones((d.n_obs, 1))
@@ -107,7 +107,7 @@ def test_level_sums_equal_one_bincount_per_column(seed, K, cols):
     want = np.vstack([np.stack([np.bincount(d.codes[k], weights=W[:, j],
                                             minlength=d.n_levels[k])
                                 for j in range(cols)], axis=1) for k in range(K)])
-    got = obj._level_sums(W)
+    got = obj._zt_times(W)
     assert np.array_equal(got, want)
     Z = sp.hstack([sp.csr_matrix((np.ones(d.n_obs), (np.arange(d.n_obs), d.codes[k])),
                                  shape=(d.n_obs, d.n_levels[k])) for k in range(K)])

@@ -295,7 +295,7 @@ class DirectObjective:
         self._first_cacheable = (self.q1 * (p + 3) + qr * (2 * qr + p + 1)
                                  <= _FIRST_CACHE_DOUBLES)
         self._offsets = [int(o) for o in design.offsets]
-        self._level_index = {}  # _level_sums' bin index per number of columns
+        self._level_index = {}  # _zt_times' bin index per number of columns
         self.n_evaluations = 0
 
     # ------------------------------------------------------------------ helpers
@@ -686,10 +686,10 @@ class DirectObjective:
         self._need_rows("quadratic forms of row vectors")
         wt = self.weights
         WW = W if wt is None else wt[:, None] * W
-        return self._projected_gram(ev, self._level_sums(WW), self.X.T @ WW, W.T @ WW,
+        return self._projected_gram(ev, self._zt_times(WW), self.X.T @ WW, W.T @ WW,
                                     z_only)
 
-    def _level_sums(self, W):
+    def _zt_times(self, W):
         """``Z'W`` (``q x c``) for the columns of ``W`` (``n x c``): per factor and column
         the sums over each level's rows, in row order (``np.bincount``).
 
@@ -699,7 +699,7 @@ class DirectObjective:
         would hold ``n K c`` entries)."""
         n, c = W.shape
         q = self._offsets[-1]
-        if n * self.K * c <= _LEVEL_SUMS_MAX_INDEX:
+        if n * self.K * c <= _ZT_TIMES_MAX_INDEX:
             idx = self._level_index.get(c)
             if idx is None:
                 codes = np.asarray(self.design.codes, dtype=np.int64)
@@ -725,9 +725,9 @@ class DirectObjective:
 _FIRST_CACHE_ENTRIES = 32
 _FIRST_CACHE_DOUBLES = 2**15
 
-#: :meth:`DirectObjective._level_sums` caches its one-``bincount`` index up to this many
+#: :meth:`DirectObjective._zt_times` caches its one-``bincount`` index up to this many
 #: entries (8 MiB)
-_LEVEL_SUMS_MAX_INDEX = 2**20
+_ZT_TIMES_MAX_INDEX = 2**20
 
 
 def _csr_arrays(A):
