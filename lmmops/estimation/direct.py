@@ -705,6 +705,8 @@ class DirectObjective:
                 codes = np.asarray(self.design.codes, dtype=np.int64)
                 lev = codes + np.asarray(self._offsets[:-1], dtype=np.int64)[:, None]
                 idx = (lev[:, :, None] * c + np.arange(c)[None, None, :]).ravel()
+                if len(self._level_index) >= 4:  # a few widths at most (AI: K + 1)
+                    self._level_index.clear()
                 self._level_index[c] = idx
             w = np.ascontiguousarray(W, dtype=np.float64).ravel()
             return np.bincount(idx, weights=np.tile(w, self.K), minlength=q * c).reshape(q, c)
