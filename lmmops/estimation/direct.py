@@ -54,8 +54,6 @@ from lmmops.linalg import kernels
 from lmmops.linalg.lapack import chol_inverse, chol_solve, tri_solve
 from lmmops.threads import limit_threads, limits_active
 
-_dpotrf = sla.lapack.dpotrf
-
 __all__ = [
     "DirectObjective",
     "Evaluation",
@@ -364,7 +362,7 @@ class DirectObjective:
             kernels.schur_fill(AG, RN, Sxx, tr_, S)
         else:
             S[...] = Sxx
-        L, info = _dpotrf(S, lower=1, overwrite_a=0, clean=1)
+        L, info = sla.lapack.dpotrf(S, lower=1, overwrite_a=0, clean=1)
         if info > 0:
             col = info - 1
             if col == m - 1:  # y in the span of X and Z: perfect fit
