@@ -22,7 +22,7 @@ from lmmops.data.design import CrossedDesign, sorted_levels
 from lmmops.data.formula import fixed_effects_matrix
 from lmmops.estimation.direct import DirectObjective, _csr_arrays, _csr_times
 from lmmops.estimation.vector import _diagonal_blocks
-from lmmops.linalg.lapack import chol_inverse, chol_solve, tri_solve
+from lmmops.linalg.lapack import chol_factor, chol_inverse, chol_solve, tri_solve
 from lmmops.threads import limit_threads, limits_active
 
 FAST = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -73,6 +73,24 @@ def test_chol_solve_and_inverse_equal_scipy(m, k, seed):
     got = chol_inverse(c)
     assert np.array_equal(got, inv)
     assert np.allclose(got, np.linalg.inv(c @ c.T), rtol=1e-9, atol=1e-12)
+
+
+@settings(**FAST)
+@given(m=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_chol_factor_equals_scipy(m, seed):
+    A = _spd(np.random.default_rng(seed), m)
+    got = chol_factor(A)
+    assert np.array_equal(got, sla.cholesky(A, lower=True))
+    assert np.allclose(got @ got.T, A)
+
+
+def test_empty_systems_return_empty_arrays_as_scipy_does():
+    e = np.zeros((0, 0))
+    assert chol_factor(e).shape == (0, 0)
+    assert chol_solve(e, np.zeros(0)).shape == (0,)
+    assert tri_solve(e, np.zeros((0, 2)), lower=True).shape == (0, 2)
+    with pytest.raises(lmmops.errors.NumericalFailure, match="not positive definite"):
+        chol_factor(np.array([[1.0, 2.0], [2.0, 1.0]]))
 
 
 def test_tri_solve_singular_raises_lmmops_error():

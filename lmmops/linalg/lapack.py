@@ -18,7 +18,7 @@ from scipy.linalg import lapack as _lapack
 
 from lmmops.errors import NumericalFailure
 
-__all__ = ["chol_inverse", "chol_solve", "tri_solve"]
+__all__ = ["chol_factor", "chol_inverse", "chol_solve", "tri_solve"]
 
 # the LAPACK routines are looked up at each call (scipy.linalg.lapack.dtrtrs, ...), so
 # that a test's spy on them sees these calls too
@@ -69,6 +69,8 @@ def tri_solve(a, b, lower=False, trans=0):
     ...                     sla.solve_triangular(a, b, lower=True)))
     True
     """
+    if np.size(b) == 0:  # scipy's quick return
+        return np.empty(np.shape(b))
     if a.flags.f_contiguous:
         x, info = _lapack.dtrtrs(a, b, lower=int(lower), trans=int(trans))
     else:
@@ -76,6 +78,43 @@ def tri_solve(a, b, lower=False, trans=0):
     if info != 0:
         raise NumericalFailure(f"triangular solve failed (LAPACK trtrs info {info})")
     return x
+
+
+def chol_factor(a, lower=True):
+    """The Cholesky factor of a symmetric positive definite ``a``.
+
+    The same LAPACK ``dpotrf`` call as ``scipy.linalg.cholesky(a, lower=lower)`` (the
+    other triangle zeroed), without its validation.
+
+    Parameters
+    ----------
+    a : ndarray, shape (m, m), float64
+        Finite; only the ``lower`` (or upper) triangle is read.
+    lower : bool
+
+    Returns
+    -------
+    ndarray, shape (m, m)
+
+    Raises
+    ------
+    NumericalFailure
+        If ``a`` is not numerically positive definite.
+
+    Examples
+    --------
+    >>> import scipy.linalg as sla
+    >>> A = np.array([[4.0, 1.0], [1.0, 3.0]])
+    >>> bool(np.array_equal(chol_factor(A), sla.cholesky(A, lower=True)))
+    True
+    """
+    if np.size(a) == 0:  # scipy's quick return
+        return np.empty(np.shape(a))
+    c, info = _lapack.dpotrf(a, lower=int(lower), overwrite_a=0, clean=1)
+    if info != 0:
+        raise NumericalFailure(f"the matrix is not positive definite (LAPACK potrf info "
+                               f"{info})")
+    return c
 
 
 def chol_solve(c, b, lower=True):
@@ -110,6 +149,8 @@ def chol_solve(c, b, lower=True):
     >>> bool(np.array_equal(chol_solve(c, b), sla.cho_solve((c, True), b)))
     True
     """
+    if np.size(b) == 0:  # scipy's quick return
+        return np.empty(np.shape(b))
     x, info = _lapack.dpotrs(c, b, lower=int(lower))
     if info != 0:
         raise NumericalFailure(f"Cholesky solve failed (LAPACK potrs info {info})")
