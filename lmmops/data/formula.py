@@ -1351,8 +1351,8 @@ def _remember_plain(text, what, data, formula, mm, X, names):
     depend on the data only through those columns' values and dtypes, so
     :func:`_plain_matrix` rebuilds it for the next data set without formulaic.
     """
-    if not len(data) or len(_PLAIN) >= _PLAIN_MAX:
-        return
+    if not len(data) or len(_PLAIN) >= _PLAIN_MAX or "Intercept" in data.columns:
+        return  # (a data column named like formulaic's intercept column: not plain)
     sources = []
     for term in formula:
         factors = list(term.factors)
