@@ -108,6 +108,8 @@ def sorted_levels(values, name="factor"):
     ([2, 0, 2, 1], [2, 7, 10])
     """
     s = pd.Series(values) if not isinstance(values, pd.Series) else values
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return _categorical_levels(s.array, name)
     missing = s.isna().to_numpy()
     if missing.any():
         rows = np.flatnonzero(missing)
@@ -115,10 +117,6 @@ def sorted_levels(values, name="factor"):
             f"grouping factor '{name}' has {rows.size} missing value(s) "
             f"(first at row {rows[0]}); remove or impute them before fitting"
         )
-    if isinstance(s.dtype, pd.CategoricalDtype):
-        cat = s.cat.remove_unused_categories()
-        _check_label_text(cat.cat.categories, name)
-        return cat.cat.codes.to_numpy().astype(np.int32), pd.Index(cat.cat.categories)
     arr = s.to_numpy()
     if arr.dtype.kind in "biuf":
         uniq, codes = np.unique(arr, return_inverse=True)
@@ -128,6 +126,29 @@ def sorted_levels(values, name="factor"):
     index = pd.Index(_sort_key_labels(uniq), dtype=object)
     codes = index.get_indexer(arr)
     return codes.astype(np.int32), index
+
+
+def _categorical_levels(cat, name):
+    """:func:`sorted_levels` of a pandas Categorical: its codes (``-1`` is a missing
+    value) and categories, unused categories dropped in their order (as
+    ``remove_unused_categories``, without building a new Series)."""
+    codes = np.asarray(cat.codes)
+    missing = codes < 0
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise DesignError(
+            f"grouping factor '{name}' has {rows.size} missing value(s) "
+            f"(first at row {rows[0]}); remove or impute them before fitting"
+        )
+    categories = cat.categories
+    used = np.bincount(codes, minlength=len(categories)) > 0
+    if used.all():
+        codes = codes.astype(np.int32)
+    else:
+        codes = (np.cumsum(used) - 1).astype(np.int32)[codes]
+        categories = categories[used]
+    _check_label_text(categories, name)
+    return codes, pd.Index(categories)
 
 
 class LevelCounts:
@@ -401,7 +422,10 @@ class CrossedDesign(LevelCounts):
             combined = codes * len(lv) + c
             _, first, codes = np.unique(combined, return_index=True, return_inverse=True)
             codes = codes.ravel()
-        labels = [":".join(str(lv[c[i]]) for c, lv in sub) for i in first]
+        # each level's label read once (a pandas Index is slow to index element-wise)
+        values = [[lv[j] for j in range(len(lv))] for _, lv in sub]
+        labels = [":".join(str(vals[c[i]]) for (c, _), vals in zip(sub, values))
+                  for i in first]
         return codes.astype(np.int32), pd.Index(labels, dtype=object)
 
     # ------------------------------------------------------------------ validation

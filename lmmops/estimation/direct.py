@@ -51,7 +51,8 @@ from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
 from lmmops.estimation.criterion import profiled_criterion
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
-from lmmops.threads import limit_threads
+from lmmops.linalg.lapack import chol_inverse, chol_solve, tri_solve
+from lmmops.threads import limit_threads, limits_active
 
 __all__ = [
     "DirectObjective",
@@ -283,16 +284,38 @@ class DirectObjective:
             self.N.indptr.astype(np.int64), self.N.indices.astype(np.int64),
             self.N.data.astype(np.float64),
         )
-        self._S = np.empty((m, m))
-        self._G1 = np.empty((self.qr, self.qr))
-        self._G2 = np.empty((self.qr, self.qr))
+        # N and N' for the CSR products (scipy's own index arrays, float64 values)
+        self._N_csr = _csr_arrays(self.N)
+        self._Nt_csr = _csr_arrays(self.Nt)
+        # theta_k repeated over the levels of each factor but the first
+        self._rest_index = np.repeat(np.asarray(self.rest, dtype=np.intp), self.q_rest)
+        qr = self.qr
+        self._S = np.empty((m, m))  # the Schur block, written in place (schur_fill)
+        self._G2 = np.empty((qr, qr))
+        # _first_parts' cache: a few entries, on small level spaces only
+        self._first_cache = {}
+        self._first_cacheable = (self.q1 * (p + 3) + qr * (2 * qr + p + 1)
+                                 <= _FIRST_CACHE_DOUBLES)
+        self._offsets = [int(o) for o in design.offsets]
+        self._level_index = {}  # _zt_times' bin index per number of columns
         self.n_evaluations = 0
 
     # ------------------------------------------------------------------ helpers
     def _theta_rest(self, theta):
         if not self.qr:
             return np.zeros(0)
-        return np.repeat(np.asarray(theta, dtype=np.float64)[self.rest], self.q_rest)
+        return np.asarray(theta, dtype=np.float64)[self._rest_index]
+
+    def _N_times(self, B):
+        """``N @ B`` (``N`` the cross-tabulation of the first factor with the rest) for a
+        C-ordered float64 ``B`` of shape ``(q_rest, k)``, as scipy's CSR product computes
+        it, without its dispatch."""
+        return _csr_times(self._N_csr, B, self.q1)
+
+    def _Nt_times(self, B):
+        """``N' @ B`` for a C-ordered float64 ``B`` of shape ``(q_1, k)`` (see
+        :meth:`_N_times`)."""
+        return _csr_times(self._Nt_csr, B, self.qr)
 
     def _reml_dims(self):
         """Size of the leading block whose log-determinant enters the criterion."""
@@ -318,38 +341,31 @@ class DirectObjective:
         RankDeficientError
             If X is numerically rank deficient.
         """
-        # a small Schur block runs single-threaded BLAS (threads="auto", lmmops.threads)
+        # a small Schur block runs single-threaded BLAS (threads="auto", lmmops.threads);
+        # inside a fit, the fit's limits are in force already
+        if limits_active():
+            return self._evaluate(theta, gradient)
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return self._evaluate(theta, gradient)
 
     def _factor(self, theta, gradient):
         """The blocked Cholesky factor at ``theta`` and the criterion's pieces:
         ``(theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, criterion, dof)``."""
-        theta = np.asarray(theta, dtype=np.float64).copy()
-        if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
+        theta = np.array(theta, dtype=np.float64)
+        if theta.shape != (self.K,) or not all(0.0 <= t < math.inf for t in theta.tolist()):
             raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")
         self.n_evaluations += 1
         n, p, qr, m = self.n, self.p, self.qr, self.m
         t1 = theta[self.first]
-        d = t1 * t1 * self.d1 + 1.0
-        w1 = t1 * t1 / d
+        d, w1, G2, AG, RN, Sxx, logdet_d = self._first_parts(t1, gradient)
         tr_ = self._theta_rest(theta)
         S = self._S
-        G1 = self._G1
         if qr:
             if gradient:
-                w2 = w1 / d
-                kernels.weighted_gram2(*self._N_arrays, w1, w2, G1, self._G2)
-            else:
-                kernels.weighted_gram(*self._N_arrays, w1, G1)
-            S[:qr, :qr] = self.Arr - G1
-            S[:qr, :qr] *= tr_[:, None]
-            S[:qr, :qr] *= tr_[None, :]
-            S[np.arange(qr), np.arange(qr)] += 1.0
-            NwT = self.Nt @ (w1[:, None] * self.Z1T)
-            S[:qr, qr:] = tr_[:, None] * (self.ZrT - NwT)
-            S[qr:, :qr] = S[:qr, qr:].T
-        S[qr:, qr:] = self.TT - self.Z1T.T @ (w1[:, None] * self.Z1T)
+                self._G2 = G2
+            kernels.schur_fill(AG, RN, Sxx, tr_, S)
+        else:
+            S[...] = Sxx
         L, info = sla.lapack.dpotrf(S, lower=1, overwrite_a=0, clean=1)
         if info > 0:
             col = info - 1
@@ -361,9 +377,10 @@ class DirectObjective:
                     f"the blocked Cholesky factor lost positive definiteness at pivot {info} "
                     f"({where}) for theta = {theta}"
                 )
-        diag = np.diag(L)
-        logdet_L = float(np.sum(np.log(d)) + 2.0 * np.sum(np.log(diag[:qr])))
-        logdet_RX = float(2.0 * np.sum(np.log(diag[qr:qr + p])))
+        diag = L.diagonal()
+        logs = np.log(diag[:qr + p])
+        logdet_L = float(logdet_d + 2.0 * logs[:qr].sum())
+        logdet_RX = float(2.0 * logs[qr:].sum())
         pwrss = float(diag[m - 1] ** 2)
         if pwrss <= 0:
             raise LmmopsError("the response is fitted exactly (zero residual sum of squares)")
@@ -371,10 +388,50 @@ class DirectObjective:
         obj, dof = profiled_criterion(logdet_L, logdet_RX, pwrss, n, p, self.method, self.ldW)
         return theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, obj, dof
 
+    def _first_parts(self, t1, gradient):
+        """The parts of the Schur block that depend on the first factor's ``theta`` alone:
+        ``(d, w1, G2, A - G1, Z_r'T - N'W_1 Z_1'T, T'T - T'Z_1 W_1 Z_1'T, sum(log d))``
+        with ``d = t1^2 D_1 + 1``, ``w1 = t1^2 / d``, ``G1 = N' diag(w1) N`` and (with
+        ``gradient``) ``G2 = N' diag(w1 / d) N``.
+
+        Kept for the last few values of ``t1`` on a small level space (the optimiser's
+        grids move the other components with ``t1`` fixed), so a repeated ``t1`` reuses
+        the same numbers."""
+        key = (float(t1), bool(gradient))
+        hit = self._first_cache.get(key)
+        if hit is not None:
+            return hit
+        qr = self.qr
+        d = t1 * t1 * self.d1 + 1.0
+        w1 = t1 * t1 / d
+        WZ1 = w1[:, None] * self.Z1T
+        G2 = AG = RN = None
+        if qr:
+            G1 = np.empty((qr, qr))
+            if gradient:
+                G2 = np.empty((qr, qr))
+                kernels.weighted_gram2(*self._N_arrays, w1, w1 / d, G1, G2)
+            else:
+                kernels.weighted_gram(*self._N_arrays, w1, G1)
+            AG = self.Arr - G1
+            RN = self.ZrT - self._Nt_times(WZ1)
+        Sxx = self.TT - self.Z1T.T @ WZ1
+        parts = (d, w1, G2, AG, RN, Sxx, np.log(d).sum())
+        if self._first_cacheable:
+            for a in parts[:6]:
+                if a is not None:
+                    a.setflags(write=False)  # shared by the evaluations at this t1
+            if len(self._first_cache) >= _FIRST_CACHE_ENTRIES:
+                self._first_cache.clear()
+            self._first_cache[key] = parts
+        return parts
+
     def criterion(self, theta):
         """The criterion alone at ``theta`` (no modes, no gradient): the factorisation
         and its diagonal, for the optimiser's grid and line searches (about a third of
         the time of :meth:`evaluate`, mostly fixed overhead, on small designs)."""
+        if limits_active():
+            return float(self._factor(theta, False)[9])
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return float(self._factor(theta, False)[9])
 
@@ -387,16 +444,16 @@ class DirectObjective:
         # conditional modes: back-substitute the y column, then the first block
         Lm = L[: m - 1, : m - 1]
         c = L[m - 1, : m - 1]
-        sol = sla.solve_triangular(Lm, c, lower=True, trans="T") if m > 1 else np.zeros(0)
+        sol = tri_solve(Lm, c, lower=True, trans=1) if m > 1 else np.zeros(0)
         v_rest = sol[:qr]
         beta = sol[qr:qr + p]
         rhs1 = t1 * self.Z1T[:, p] - t1 * (self.Z1T[:, :p] @ beta)
         if qr:
-            rhs1 -= t1 * (self.N @ (tr_ * v_rest))
+            rhs1 -= t1 * self._N_times(tr_ * v_rest)
         v1 = rhs1 / d
         # beta covariance: sigma2 * (R_X R_X')^{-1}
         RX = L[qr:qr + p, qr:qr + p]
-        RXinv = sla.solve_triangular(RX, np.eye(p), lower=True) if p else np.zeros((0, 0))
+        RXinv = tri_solve(RX, np.eye(p), lower=True) if p else np.zeros((0, 0))
         beta_cov = sigma2 * (RXinv.T @ RXinv)
 
         v = [None] * self.K
@@ -415,11 +472,10 @@ class DirectObjective:
         mp = self._reml_dims()
         # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X])
         if mp:
-            Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
-            if info != 0:
-                raise LmmopsError("could not invert the Schur block")
-            iu = np.triu_indices(mp, 1)
-            Sinv[iu] = Sinv.T[iu]
+            try:
+                Sinv = chol_inverse(L[:mp, :mp], lower=True)
+            except NumericalFailure:
+                raise LmmopsError("could not invert the Schur block") from None
         else:
             Sinv = np.zeros((0, 0))
         # trace of the first factor's block of M^{-1}: sum 1/d + tr(S'^{-1} B'D^{-2}B)
@@ -434,7 +490,7 @@ class DirectObjective:
                 X1 = self.Z1T[:, :p]
                 Bt[qr:, qr:] = t1 * t1 * (X1.T @ (X1 / (d * d)[:, None]))
                 if qr:
-                    NwX = self.Nt @ (w2[:, None] * X1)
+                    NwX = self._Nt_times(w2[:, None] * X1)
                     Bt[:qr, qr:] = tr_[:, None] * NwX
                     Bt[qr:, :qr] = Bt[:qr, qr:].T
             tr_first += float(np.sum(Sinv * Bt))
@@ -532,12 +588,16 @@ class DirectObjective:
 
     def _split_rhs(self, ZtW, XtW, theta):
         """Spherical right-hand sides ``[Lambda Z'W; X'W]`` in block order."""
-        off = self.design.offsets
+        off = self._offsets
         f = self.first
         b1 = theta[f] * ZtW[off[f]:off[f + 1]]
-        parts = [theta[k] * ZtW[off[k]:off[k + 1]] for k in self.rest]
-        parts.append(XtW)
-        br = np.vstack(parts)
+        br = np.empty((self.qr + XtW.shape[0], ZtW.shape[1]))
+        lo = 0
+        for k in self.rest:
+            hi = lo + off[k + 1] - off[k]
+            np.multiply(theta[k], ZtW[off[k]:off[k + 1]], out=br[lo:hi])
+            lo = hi
+        br[lo:] = XtW
         return b1, br
 
     def solve_spherical(self, ev, b1, br, z_only=False):
@@ -565,14 +625,14 @@ class DirectObjective:
         z = b1 / d[:, None]
         cr = np.array(br, dtype=np.float64, copy=True)
         if qr:
-            cr[:qr] -= tr_[:, None] * (self.Nt @ (t1 * z))
+            cr[:qr] -= tr_[:, None] * self._Nt_times(t1 * z)
         if p:
             cr[qr:] -= t1 * (X1.T @ z)
         mp = qr + p
-        xr = sla.cho_solve((L[:mp, :mp], True), cr) if mp else cr
+        xr = chol_solve(L[:mp, :mp], cr, lower=True) if mp else cr
         back = X1 @ xr[qr:] if p else np.zeros_like(b1)
         if qr:
-            back = back + self.N @ (tr_[:, None] * xr[:qr])
+            back = back + self._N_times(tr_[:, None] * xr[:qr])
         x1 = (b1 - t1 * back) / d[:, None]
         return x1, xr
 
@@ -628,17 +688,68 @@ class DirectObjective:
         self._need_rows("quadratic forms of row vectors")
         wt = self.weights
         WW = W if wt is None else wt[:, None] * W
+        return self._projected_gram(ev, self._zt_times(WW), self.X.T @ WW, W.T @ WW,
+                                    z_only)
+
+    def _zt_times(self, W):
+        """``Z'W`` (``q x c``) for the columns of ``W`` (``n x c``): per factor and column
+        the sums over each level's rows, in row order (``np.bincount``).
+
+        For a small design one ``bincount`` over the bins ``(level, column)`` of all
+        factors (its index cached per ``c``) adds the same values in the same order as
+        one call per factor and column; larger designs take those calls (the index
+        would hold ``n K c`` entries)."""
+        n, c = W.shape
+        q = self._offsets[-1]
+        if n * self.K * c <= _ZT_TIMES_MAX_INDEX:
+            idx = self._level_index.get(c)
+            if idx is None:
+                codes = np.asarray(self.design.codes, dtype=np.int64)
+                lev = codes + np.asarray(self._offsets[:-1], dtype=np.int64)[:, None]
+                idx = (lev[:, :, None] * c + np.arange(c)[None, None, :]).ravel()
+                if len(self._level_index) >= 4:  # a few widths at most (AI: K + 1)
+                    self._level_index.clear()
+                self._level_index[c] = idx
+            w = np.ascontiguousarray(W, dtype=np.float64).ravel()
+            return np.bincount(idx, weights=np.tile(w, self.K), minlength=q * c).reshape(q, c)
         codes = self.design.codes
-        ZtW = np.vstack([
-            np.stack([np.bincount(codes[k], weights=WW[:, j], minlength=self.design.n_levels[k])
-                      for j in range(W.shape[1])], axis=1)
+        return np.vstack([
+            np.stack([np.bincount(codes[k], weights=W[:, j], minlength=self.design.n_levels[k])
+                      for j in range(c)], axis=1)
             for k in range(self.K)
         ])
-        return self._projected_gram(ev, ZtW, self.X.T @ WW, W.T @ WW, z_only)
 
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
         return self.criterion(theta)
+
+
+#: :meth:`DirectObjective._first_parts` keeps at most this many values of ``t1``, where
+#: one entry holds at most ``_FIRST_CACHE_DOUBLES`` numbers (256 KiB)
+_FIRST_CACHE_ENTRIES = 32
+_FIRST_CACHE_DOUBLES = 2**15
+
+#: :meth:`DirectObjective._zt_times` caches its one-``bincount`` index up to this many
+#: entries (8 MiB)
+_ZT_TIMES_MAX_INDEX = 2**20
+
+
+def _csr_arrays(A):
+    """``(indptr, indices, data)`` of a CSR matrix for :func:`_csr_times` (float64 data)."""
+    return A.indptr, A.indices, np.asarray(A.data, dtype=np.float64)
+
+
+def _csr_times(arrays, B, rows):
+    """``A @ B`` for a CSR ``A`` given by :func:`_csr_arrays` with ``rows`` rows and a
+    float64 ``B`` (1-d or 2-d): the serial ``csr_matmat`` kernel, which adds up each
+    row's products in the order scipy's CSR product does (the same result, bit for bit),
+    without scipy's dispatch (several microseconds a call)."""
+    B = np.asarray(B, dtype=np.float64)
+    vector = B.ndim == 1
+    B2 = np.ascontiguousarray(B.reshape(-1, 1) if vector else B)
+    out = np.empty((rows, B2.shape[1]))
+    kernels.csr_matmat_serial(*arrays, B2, out)
+    return out[:, 0] if vector else out
 
 
 def theta_gradient(theta, n_levels, traces, v, sigma2):

@@ -64,6 +64,7 @@ from lmmops.estimation.criterion import criterion_at_sigma
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
+from lmmops.linalg.lapack import chol_factor, chol_solve
 
 __all__ = ["ScaledTheta", "VectorObjective", "VectorStatistics", "fit_vector", "profiled_gls",
            "random_effects_matrix", "span_average_information", "term_units",
@@ -320,11 +321,11 @@ def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
     Cx = TT[:p, :p] - LZT[:, :p].T @ sol[:, :p]  # X'V0^{-1}X
     cxy = TT[:p, p] - LZT[:, :p].T @ sol[:, p]
     try:
-        Rx = sla.cholesky(Cx, lower=True, check_finite=False)
-    except np.linalg.LinAlgError as exc:
+        Rx = chol_factor(Cx, lower=True)
+    except NumericalFailure as exc:
         raise RankDeficientError("X'V^{-1}X is not positive definite: the fixed "
                                  "effects are not identifiable") from exc
-    beta = sla.cho_solve((Rx, True), cxy, check_finite=False)
+    beta = chol_solve(Rx, cxy, lower=True)
     u = sol[:, p] - sol[:, :p] @ beta
     # r^2 = ||W^{1/2}(y - X beta - Z Lambda u)||^2 + ||u||^2 at the PLS solution
     pwrss = float(TT[p, p] - TT[:p, p] @ beta - LZT[:, p] @ u)
@@ -336,7 +337,7 @@ def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
     if method == "REML":
         f += logdet_RX
     return {"beta": beta, "u": u, "pwrss": pwrss, "logdet_RX": logdet_RX,
-            "Cx_inv": sla.cho_solve((Rx, True), np.eye(p), check_finite=False),
+            "Cx_inv": chol_solve(Rx, np.eye(p), lower=True),
             "sigma2": pwrss / dof, "dof": dof, "objective": float(f)}
 
 
@@ -649,7 +650,7 @@ class VectorObjective:
         if not self.m:
             return b1
         rhs = b[q1:] - fac["A21"] @ b1
-        x2 = sla.cho_solve((fac["Ls"], True), rhs, check_finite=False)
+        x2 = chol_solve(fac["Ls"], rhs, lower=True)
         x1 = b1 - fac["K"] @ x2
         return np.vstack([x1, x2])
 

@@ -56,6 +56,8 @@ weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
 weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
     Two weighted Grams of the same ``N`` in one pass (serial only).
+schur_fill(AG, RN, Sxx, t, S)
+    The exact solver's dense Schur block from its parts, in one pass (serial only).
 csr_gauss_seidel(indptr, indices, data, x, b, forward)
     One in-place Gauss-Seidel sweep on a CSR matrix (serial only; AMG's coarse levels).
 """
@@ -130,6 +132,7 @@ __all__ = [
     "scatter_parallel",
     "scatter_serial",
     "schur_rows_parallel",
+    "schur_fill",
     "schur_rows_serial",
     "sym_matmat_parallel",
     "sym_matmat_serial",
@@ -1042,6 +1045,32 @@ def weighted_gram2(indptr, indices, data, w1, w2, out1, out2):  # pragma: no cov
                 jb = indices[b]
                 out1[ja, jb] += wi1 * prod
                 out2[ja, jb] += wi2 * prod
+
+
+@numba.njit(cache=True, nogil=True)
+def schur_fill(AG, RN, Sxx, t, S):  # pragma: no cover - compiled
+    """The exact solver's Schur block ``S`` (``m x m``, C order) from its parts.
+
+    With ``r = t.size`` rows for the factors after the first: ``S[:r, :r] = (AG t_i) t_j``
+    plus 1 on the diagonal, ``S[:r, r:] = t_i RN`` and its transpose below, and
+    ``S[r:, r:] = Sxx``; the same operations, in the same order, as the numpy
+    expressions of ``DirectObjective._factor`` (one call instead of six).
+    AG : (r, r); RN : (r, m - r); Sxx : (m - r, m - r); t : (r,); all float64.
+    """
+    r = t.size
+    m = S.shape[0]
+    for i in range(r):
+        ti = t[i]
+        for j in range(r):
+            S[i, j] = AG[i, j] * ti * t[j]
+        S[i, i] += 1.0
+        for j in range(m - r):
+            v = ti * RN[i, j]
+            S[i, r + j] = v
+            S[r + j, i] = v
+    for i in range(m - r):
+        for j in range(m - r):
+            S[r + i, r + j] = Sxx[i, j]
 
 
 @numba.njit(cache=True, nogil=True)
