@@ -58,6 +58,9 @@ weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
     Two weighted Grams of the same ``N`` in one pass (serial only).
 csr_gauss_seidel(indptr, indices, data, x, b, forward)
     One in-place Gauss-Seidel sweep on a CSR matrix (serial only; AMG's coarse levels).
+union_csr(indptr, indices, row_offset, col_offset, parent), component_labels(parent, out)
+    Connected components of a graph given by CSR blocks of edges, by union-find on their
+    own index arrays (serial only; the level graph of a design from its cell tables).
 """
 
 import types
@@ -92,6 +95,7 @@ __all__ = [
     "cov_matmat_serial",
     "cov_matvec_parallel",
     "cov_matvec_serial",
+    "component_labels",
     "csr_gauss_seidel",
     "csr_matmat_parallel",
     "csr_matmat_serial",
@@ -132,6 +136,7 @@ __all__ = [
     "schur_rows_serial",
     "sym_matmat_parallel",
     "sym_matmat_serial",
+    "union_csr",
     "weighted_gram",
     "weighted_gram2",
 ]
@@ -995,6 +1000,53 @@ def csr_gauss_seidel(indptr, indices, data, x, b, forward):  # pragma: no cover 
             else:
                 s -= data[p] * x[j]
         x[i] = s / d
+
+
+@numba.njit(cache=True, nogil=True)
+def _find(parent, i):  # pragma: no cover - compiled
+    """The root of ``i`` in the union-find forest ``parent``, halving the path."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@numba.njit(cache=True, nogil=True)
+def union_csr(indptr, indices, row_offset, col_offset, parent):  # pragma: no cover
+    """Join, in the union-find forest ``parent``, the vertices ``row_offset + i`` and
+    ``col_offset + indices[a]`` of every stored entry ``a`` of row ``i`` of a CSR pattern.
+
+    indptr : (r + 1,) int; indices : (nnz,) int; parent : (q,) int64, updated (start
+    with ``parent[i] = i``). Reads the pattern only (any stored entry is an edge); the
+    root of a union is the smaller vertex.
+    """
+    for i in range(indptr.size - 1):
+        for a in range(indptr[i], indptr[i + 1]):
+            ri = _find(parent, row_offset + i)
+            rj = _find(parent, col_offset + indices[a])
+            if ri < rj:
+                parent[rj] = ri
+            elif rj < ri:
+                parent[ri] = rj
+
+
+@numba.njit(cache=True, nogil=True)
+def component_labels(parent, out):  # pragma: no cover - compiled
+    """Component labels of a union-find forest, numbered by their smallest vertex (as
+    ``scipy.sparse.csgraph.connected_components`` numbers them); returns the number of
+    components.
+
+    parent : (q,) int64, compressed in place; out : (q,) int32, overwritten.
+    """
+    n = 0
+    for i in range(parent.size):
+        r = _find(parent, i)
+        if r == i:  # the smallest vertex of its component (roots are minimal)
+            out[i] = n
+            n += 1
+        else:
+            out[i] = out[r]
+    return n
 
 
 #: name -> (serial, parallel) compiled variants
