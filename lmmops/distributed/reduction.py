@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from lmmops.errors import ArgumentError
 
-__all__ = ["TreeReduction", "client_info", "map_reduce", "pickled_nbytes", "tree_reduce"]
+__all__ = ["TreeReduction", "client_info", "client_peak_mb", "map_reduce", "pickled_nbytes",
+           "tree_reduce"]
 
 _last_bar = []  # partitions the last progress bar counted (for the tests)
 
@@ -207,3 +208,24 @@ def client_info():
     link = getattr(client, "dashboard_link", None) \
         if "dashboard" in info.get("services", {}) and _has_bokeh() else None
     return n, link
+
+
+def client_peak_mb():
+    """The peak resident memory of this (the client's) process so far, in MiB, or None
+    where the platform does not report it.
+
+    ``getrusage``'s ``ru_maxrss`` (KiB on Linux, bytes on macOS): the whole process,
+    which includes the scheduler of a ``LocalCluster`` started in it (its workers are
+    other processes).
+
+    Examples
+    --------
+    >>> client_peak_mb() > 0
+    True
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover (Windows)
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) / (2**20 if sys.platform == "darwin" else 2**10)

@@ -45,6 +45,7 @@ import time
 import warnings
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from lmmops.data.checks import check_method, check_rows_free, check_weights
@@ -471,9 +472,9 @@ class IterativeObjective:
         # squared cross-tabulations, for ||E||_F^2 in closed form
         self._N2 = []
         for (k, l), N in sorted(stats.N.items()):
-            N = N.copy()
-            N.data = N.data**2
-            self._N2.append((k, l, N))
+            N = N.tocsr()  # the squares share the table's index arrays (no copy)
+            self._N2.append((k, l, sp.csr_matrix((N.data**2, N.indices, N.indptr),
+                                                 shape=N.shape, copy=False)))
         self.n_evaluations = 0
         self.cg_iterations = 0
         # per evaluation: CG iterations of the solve with the chosen preconditioner (the
@@ -561,8 +562,11 @@ class IterativeObjective:
         return self._ZtZ.matmat(U)
 
     def _M_matmat(self, lam):
-        def mm(U):
-            return lam[:, None] * self._gram(lam[:, None] * U) + U
+        def mm(U):  # lam Z'Z (lam U) + U, scaled in place (one (q, m) temporary)
+            out = self._gram(lam[:, None] * U)
+            out *= lam[:, None]
+            out += U
+            return out
         return mm
 
     def _preconditioner(self, lam):
@@ -575,13 +579,15 @@ class IterativeObjective:
                 self.design, theta, self.preconditioner, floor))
         return self._pc_cache[1]
 
-    def _solve(self, lam, B, record=None, kind=None):
-        """Block PCG on ``M X = B``: fused Jacobi, or the chosen kind (``kind`` overrides)."""
+    def _solve(self, lam, B, record=None, kind=None, overwrite_b=False):
+        """Block PCG on ``M X = B``: fused Jacobi, or the chosen kind (``kind`` overrides);
+        ``overwrite_b``: ``B`` may become the residual block (Jacobi)."""
         kind = self.preconditioner if kind is None else kind
         P = lam * lam * self.counts + 1.0
         if kind == "jacobi":
             X, info = krylov.block_pcg(self._M_matmat(lam), B, diagonal=P, rtol=self.rtol,
-                                       maxiter=self.maxiter, record=record)
+                                       maxiter=self.maxiter, record=record,
+                                       overwrite_b=overwrite_b)
         else:
             X, info = krylov.block_pcg(self._M_matmat(lam), B, M=self._preconditioner(lam),
                                        rtol=self.rtol, maxiter=self.maxiter, record=record)
@@ -636,8 +642,9 @@ class IterativeObjective:
         B[:, cQ:] = sqP[:, None] * self.W
         record = np.zeros(cW, dtype=bool)
         record[c0:] = True
-        if self.preconditioner == "jacobi":
-            S, info, _ = self._solve(lam, B, record)
+        Lt = B[:, :c0].copy()  # copies: views would keep the whole blocks alive
+        if self.preconditioner == "jacobi":  # B becomes the residual block
+            S, info, _ = self._solve(lam, B, record, overwrite_b=True)
             per_col = info["iterations_per_column"]
             cg_exact = int(per_col[:c0].max())
             cg_probe = int(per_col[c0:].max(initial=0))
@@ -657,7 +664,6 @@ class IterativeObjective:
                     "iterations": cg_exact + cg_probe}
         self.cg_history.append(cg_exact)
         self.probe_cg_history.append(cg_probe)
-        Lt = B[:, :c0].copy()  # copies: views would keep the whole blocks alive
         St = S[:, :c0].copy()
         Omega = self.TT - Lt.T @ St  # [X y]' V0^{-1} [X y]
         Omega = 0.5 * (Omega + Omega.T)

@@ -58,6 +58,9 @@ weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
     Two weighted Grams of the same ``N`` in one pass (serial only).
 csr_gauss_seidel(indptr, indices, data, x, b, forward)
     One in-place Gauss-Seidel sweep on a CSR matrix (serial only; AMG's coarse levels).
+csr_append(indptr, indices, data, row_offset, col_offset, transpose, fill, out_indices, out_data)
+    Append a CSR block (or its transpose) to the rows of a preallocated CSR matrix
+    (serial only; the level-space Gram ``Z'WZ`` from its cell tables without a copy).
 union_csr(indptr, indices, row_offset, col_offset, parent), component_labels(parent, out)
     Connected components of a graph given by CSR blocks of edges, by union-find on their
     own index arrays (serial only; the level graph of a design from its cell tables).
@@ -96,6 +99,7 @@ __all__ = [
     "cov_matvec_parallel",
     "cov_matvec_serial",
     "component_labels",
+    "csr_append",
     "csr_gauss_seidel",
     "csr_matmat_parallel",
     "csr_matmat_serial",
@@ -1000,6 +1004,33 @@ def csr_gauss_seidel(indptr, indices, data, x, b, forward):  # pragma: no cover 
             else:
                 s -= data[p] * x[j]
         x[i] = s / d
+
+
+@numba.njit(cache=True, nogil=True)
+def csr_append(indptr, indices, data, row_offset, col_offset, transpose, fill, out_indices,
+               out_data):  # pragma: no cover - compiled
+    """Append the entries of a CSR block ``N`` (``transpose``: of ``N'``) to the rows of
+    a preallocated CSR matrix, at ``row_offset`` and ``col_offset``.
+
+    indptr : (r + 1,) int; indices : (nnz,) int; data : (nnz,) float64; fill : (q,)
+    int64, the next free position of each output row (advanced); out_indices : int32,
+    out_data : float64 (the output's arrays). Entry ``a`` of row ``i`` goes to row
+    ``row_offset + i`` and column ``col_offset + indices[a]`` (transposed: row
+    ``row_offset + indices[a]``, column ``col_offset + i``), so appending blocks in
+    increasing column order with sorted ``N`` keeps every output row sorted.
+    """
+    for i in range(indptr.size - 1):
+        for a in range(indptr[i], indptr[i + 1]):
+            if transpose:
+                r = row_offset + indices[a]
+                c = col_offset + i
+            else:
+                r = row_offset + i
+                c = col_offset + indices[a]
+            p = fill[r]
+            out_indices[p] = c
+            out_data[p] = data[a]
+            fill[r] = p + 1
 
 
 @numba.njit(cache=True, nogil=True)
