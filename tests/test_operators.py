@@ -423,3 +423,21 @@ def test_gram_arrays_equal_the_assembled_gram_and_the_dense_one(seed, levels, we
     U = rng.normal(size=(d.q, 3))
     assert_allclose(op.matmat(U), Z.T @ (W[:, None] * (Z @ U)), rtol=1e-12, atol=1e-12)
     assert op.nnz == ref.nnz
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("m", [1, 5])
+def test_gram_sandwich_is_the_three_steps_bit_for_bit(parallel, m):
+    """The fused spherical product lam * (Z'Z (lam * U)) + U of the iterative solver."""
+    d = _k3()
+    G = GramOperator(d, parallel=parallel)
+    rng = np.random.default_rng(4)
+    lam = rng.uniform(0.1, 3.0, size=d.q)
+    U = rng.normal(size=(d.q, m))
+    steps = G.matmat(lam[:, None] * U)
+    steps *= lam[:, None]
+    steps += U
+    np.testing.assert_array_equal(G.sandwich(lam, U), steps)
+    Z = np.hstack([d.indicator(k).toarray() for k in range(d.n_factors)])
+    assert_allclose(G.sandwich(lam, U), lam[:, None] * (Z.T @ (Z @ (lam[:, None] * U))) + U,
+                    rtol=1e-13, atol=1e-13)

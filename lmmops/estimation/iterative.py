@@ -562,6 +562,10 @@ class IterativeObjective:
         return self._ZtZ.matmat(U)
 
     def _M_matmat(self, lam):
+        sandwich = getattr(self._ZtZ, "sandwich", None)
+        if sandwich is not None:  # GramOperator: fused, no (q, m) temporary
+            return lambda U: sandwich(lam, U)
+
         def mm(U):  # lam Z'Z (lam U) + U, scaled in place (one (q, m) temporary)
             out = self._gram(lam[:, None] * U)
             out *= lam[:, None]

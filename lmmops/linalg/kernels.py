@@ -44,6 +44,8 @@ level_matmat(codes, offsets, U, lam, work, out)
     The same for ``U`` of shape (q, m).
 csr_matmat(indptr, indices, data, X, out)
     ``out = A X`` for a CSR matrix ``A`` and a dense block ``X`` (rows in parallel).
+csr_sandwich(indptr, indices, data, lam, X, out)
+    ``out = lam * (A (lam * X)) + X`` (rows scaled by ``lam``) in one pass.
 csr_residual(indptr, indices, data, x, b, scale, out)
     ``out = scale * (b - A x)`` for a CSR ``A``, fused (one block update of AMG's cycle).
 dense_matmat(U, Ct, out), dense_tmatmat(U, T, work, out)
@@ -105,6 +107,8 @@ __all__ = [
     "csr_matmat_serial",
     "csr_residual_parallel",
     "csr_residual_serial",
+    "csr_sandwich_parallel",
+    "csr_sandwich_serial",
     "dense_matmat_parallel",
     "dense_matmat_serial",
     "dense_tmatmat_parallel",
@@ -526,6 +530,31 @@ def _csr_matmat(indptr, indices, data, X, out):
                         out[i, j] += a * X[col, j]
 
 
+def _csr_sandwich(indptr, indices, data, lam, X, out):
+    # out = lam * (A (lam * X)) + X for a CSR matrix A and a vector lam (rows scaled):
+    # the spherical product M X = Lambda Z'Z Lambda X + X of the iterative solver in one
+    # pass, without the (r, m) temporary lam * X. The same operations in the same order
+    # as the three steps (scale, csr_matmat, scale and add), so the same rounding.
+    # Rows in blocks of equal nnz as in _csr_matmat. indptr: (r + 1,) int; indices:
+    # (nnz,) int32/int64; data: (nnz,) float; lam: (r,) float64; X, out: (r, m) float64
+    m = X.shape[1]
+    nb = min(indptr.size - 1, 64)
+    for blk in prange(nb):
+        lo, hi = _nnz_block_nb(indptr, blk, nb)
+        for i in range(lo, hi):
+            for j in range(m):
+                out[i, j] = 0.0
+            for p in range(indptr[i], indptr[i + 1]):
+                a = data[p]
+                col = indices[p]
+                lc = lam[col]
+                for j in range(m):
+                    out[i, j] += a * (lc * X[col, j])
+            li = lam[i]
+            for j in range(m):
+                out[i, j] = li * out[i, j] + X[i, j]
+
+
 def _csr_residual(indptr, indices, data, x, b, scale, out):
     # out = scale * (b - A x) for a CSR matrix A and vectors x, b, scale (elementwise; the
     # fused form of one Gauss-Seidel block update or one residual). Rows split into blocks
@@ -927,6 +956,7 @@ cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
 level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
 csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
+csr_sandwich_serial, csr_sandwich_parallel = _compile(_csr_sandwich)
 block_matmat_serial, block_matmat_parallel = _compile(_block_matmat)
 csr_residual_serial, csr_residual_parallel = _compile(_csr_residual)
 schur_rows_serial, schur_rows_parallel = _compile(_schur_rows)
