@@ -458,12 +458,45 @@ def _slow(chunk, seconds):
     return chunk
 
 
-def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
+def _kill_a_worker_during(client, killed, task, victim, poll=0.02, timeout=60):
+    """SIGKILL one worker process once the scheduler knows a task whose key contains
+    ``task``: the worker ``victim(client)`` names (polled again while it names none).
+    Its address is appended to ``killed`` (empty after ``timeout`` seconds: no kill)."""
     import os
     import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not killed:
+        keys = client.run_on_scheduler(
+            lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+        if any(task in k for k in keys):
+            address = victim(client)
+            if address is not None:
+                pid = client.run(os.getpid, workers=[address])[address]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(address)
+                return
+        time.sleep(poll)
+
+
+def _busy_worker(client):
+    """A worker processing some task now, or None."""
+    busy = [a for a, ks in client.processing().items() if ks]
+    return busy[0] if busy else None
+
+
+def _block_holder(client):
+    """A worker holding one of DistributedGram's persisted row blocks, or None."""
+    holders = client.run_on_scheduler(lambda dask_scheduler: sorted(
+        {ws.address for ts in dask_scheduler.tasks.values()
+         if "_sum_blocks" in str(ts.key) for ws in ts.who_has}))
+    return holders[0] if holders else None
+
+
+def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
     import sys
     import threading
-    import time
 
     import cloudpickle
     import dask
@@ -479,22 +512,8 @@ def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
 
     calm = lmmops.fit(formula, slow_frame(0.0))  # the same partitions, undisturbed
     killed = []
-
-    def killer():
-        deadline = time.time() + 60
-        while time.time() < deadline and not killed:
-            keys = client.run_on_scheduler(
-                lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
-            if any("map_statistics" in k for k in keys):
-                busy = [a for a, ks in client.processing().items() if ks]
-                if busy:
-                    pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(busy[0])
-                    return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer)
+    thread = threading.Thread(target=_kill_a_worker_during,
+                              args=(client, killed, "map_statistics", _busy_worker))
     thread.start()
     hit = lmmops.fit(formula, slow_frame(0.1))
     thread.join()
@@ -507,28 +526,6 @@ def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
 
 
 # ---------------------------------------------------------------- the distributed PCG
-def _kill_a_block_holder(client, killed):
-    """Once PCG products run on the persisted blocks, SIGKILL a worker holding some."""
-    import os
-    import signal
-    import time
-
-    deadline = time.time() + 60
-    while time.time() < deadline and not killed:
-        keys = client.run_on_scheduler(
-            lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
-        if any("_block_product" in k for k in keys):
-            holders = client.run_on_scheduler(lambda dask_scheduler: sorted(
-                {ws.address for ts in dask_scheduler.tasks.values()
-                 if "_sum_blocks" in str(ts.key) for ws in ts.who_has}))
-            if holders:
-                pid = client.run(os.getpid, workers=[holders[0]])[holders[0]]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(holders[0])
-                return
-        time.sleep(0.01)
-
-
 def test_distributed_gram_products_and_pcg_with_a_killed_worker(client, frame):
     import threading
 
@@ -559,7 +556,10 @@ def test_distributed_gram_products_and_pcg_with_a_killed_worker(client, frame):
 
     b = np.random.default_rng(2).normal(size=model.design.q)
     killed = []
-    thread = threading.Thread(target=_kill_a_block_holder, args=(client, killed))
+    # once PCG products run on the persisted blocks, a worker that holds some
+    thread = threading.Thread(target=_kill_a_worker_during,
+                              args=(client, killed, "_block_product", _block_holder),
+                              kwargs={"poll": 0.01})
     thread.start()
     x, info = cg(system(G), b, rtol=1e-13, maxiter=400)
     thread.join()
