@@ -224,7 +224,7 @@ def client_peak_mb():
     True
     """
     try:
-        import resource
+        import resource  # POSIX only
     except ImportError:  # pragma: no cover (Windows)
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
