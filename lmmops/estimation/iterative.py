@@ -469,12 +469,15 @@ class IterativeObjective:
         self.W = self._project(rademacher(self.q, self.n_probes, rng))
         # seed of the boundary probes (one stream per factor, see boundary_gradient)
         self._boundary_seed = int(rng.integers(2**62))
-        # squared cross-tabulations, for ||E||_F^2 in closed form
-        self._N2 = []
-        for (k, l), N in sorted(stats.N.items()):
-            N = N.tocsr()  # the squares share the table's index arrays (no copy)
-            self._N2.append((k, l, sp.csr_matrix((N.data**2, N.indices, N.indptr),
-                                                 shape=N.shape, copy=False)))
+        # squared cross-tabulations, for ||E||_F^2 in closed form: from the Gram's own
+        # arrays when it is a GramOperator (no copy), else squared tables
+        self._N2 = None
+        if not hasattr(self._ZtZ, "offdiag_square_rows"):
+            self._N2 = []
+            for (k, l), N in sorted(stats.N.items()):
+                N = N.tocsr()  # the squares share the table's index arrays (no copy)
+                self._N2.append((k, l, sp.csr_matrix((N.data**2, N.indices, N.indptr),
+                                                     shape=N.shape, copy=False)))
         self.n_evaluations = 0
         self.cg_iterations = 0
         # per evaluation: CG iterations of the solve with the chosen preconditioner (the
@@ -554,6 +557,18 @@ class IterativeObjective:
         return self.n_probes
 
     # ------------------------------------------------------------------ operators
+    def _square_rows(self, a):
+        """``s_i = sum_{j != i} (Z'WZ)_ij^2 a_j`` (the squared cross-tabulations' rows
+        weighted by ``a``): from the Gram's arrays, or the squared tables."""
+        if self._N2 is None:
+            return self._ZtZ.offdiag_square_rows(a)
+        off = self.offsets
+        s = np.zeros(self.q)
+        for k, l, N2 in self._N2:
+            s[off[k]:off[k + 1]] += N2 @ a[off[l]:off[l + 1]]
+            s[off[l]:off[l + 1]] += N2.T @ a[off[k]:off[k + 1]]
+        return s
+
     def _lam(self, theta):
         return np.repeat(np.asarray(theta, dtype=np.float64), self.sizes)
 
@@ -693,10 +708,8 @@ class IterativeObjective:
         EW = first[:, cQ:] / sqP[:, None] - self.W
         del first, B
         a = lam * lam / P
-        E2 = 0.0  # ||E||_F^2 = 2 sum_{k<l} sum_ij N_ij^2 a_i a_j
+        E2 = float(a @ self._square_rows(a))  # ||E||_F^2 = 2 sum_{k<l} sum_ij N_ij^2 a_i a_j
         off = self.offsets
-        for k, l, N2 in self._N2:
-            E2 += 2.0 * float(a[off[k]:off[k + 1]] @ (N2 @ a[off[l]:off[l + 1]]))
         # log|M| = log|P| + sum_i q_i' log(Ahat) q_i (deterministic quadrature)
         #        + tr(Pq log(Ahat) Pq): closed-form Taylor part + stochastic remainder
         quadQ = 0.0
@@ -834,14 +847,12 @@ class IterativeObjective:
         if self.method == "REML" and p:
             ZZS = self._gram(lam[:, None] * ev._Sx)
         value = np.empty(len(factors))
+        srows = self._square_rows(a)
         for i, k in enumerate(factors):
             sl = slice(off[k], off[k + 1])
             exact = float(np.sum(self.counts[sl]))  # tr D_k
-            for k1, l1, N2 in self._N2:  # tr(C'P^{-1}C) = sum_l sum_ij N_kl[i,j]^2 a_j
-                if k1 == k:
-                    exact -= float(np.asarray(N2.sum(axis=0)).ravel() @ a[off[l1]:off[l1 + 1]])
-                elif l1 == k:
-                    exact -= float(np.asarray(N2.sum(axis=1)).ravel() @ a[off[k1]:off[k1 + 1]])
+            # tr(C'P^{-1}C) = sum_{l != k} sum_ij N_kl[i,j]^2 a_j
+            exact -= float(np.sum(srows[sl]))
             if self.method == "REML" and p:
                 B = self.ZtT[sl, :p] - ZZS[sl]
                 exact -= float(np.einsum("ij,ij->", B @ ev._Ainv, B))

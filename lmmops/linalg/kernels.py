@@ -46,6 +46,8 @@ csr_matmat(indptr, indices, data, X, out)
     ``out = A X`` for a CSR matrix ``A`` and a dense block ``X`` (rows in parallel).
 csr_sandwich(indptr, indices, data, lam, X, out)
     ``out = lam * (A (lam * X)) + X`` (rows scaled by ``lam``) in one pass.
+offdiag_square_rows(indptr, indices, data, a, out)
+    ``out[i] = sum_{j != i} A_ij^2 a_j`` for a CSR ``A``.
 csr_residual(indptr, indices, data, x, b, scale, out)
     ``out = scale * (b - A x)`` for a CSR ``A``, fused (one block update of AMG's cycle).
 dense_matmat(U, Ct, out), dense_tmatmat(U, T, work, out)
@@ -132,6 +134,8 @@ __all__ = [
     "merge_values_parallel",
     "merge_values_serial",
     "n_blocks",
+    "offdiag_square_rows_parallel",
+    "offdiag_square_rows_serial",
     "pair_sums_parallel",
     "pair_sums_serial",
     "sandwich_blocks_parallel",
@@ -555,6 +559,25 @@ def _csr_sandwich(indptr, indices, data, lam, X, out):
                 out[i, j] = li * out[i, j] + X[i, j]
 
 
+def _offdiag_square_rows(indptr, indices, data, a, out):
+    # out[i] = sum_{p in row i, indices[p] != i} data[p]^2 a[indices[p]]: the row sums of
+    # the squared off-diagonal entries of a CSR matrix weighted by a (the closed forms
+    # ||E||_F^2 = a' out and tr(C'P^{-1}C) of the iterative solver, from the Gram's own
+    # arrays). Rows in blocks of equal nnz as in _csr_matmat. indptr: (r + 1,) int;
+    # indices: (nnz,) int; data: (nnz,) float; a: (c,) float64; out: (r,) float64
+    nb = min(indptr.size - 1, 64)
+    for blk in prange(nb):
+        lo, hi = _nnz_block_nb(indptr, blk, nb)
+        for i in range(lo, hi):
+            s = 0.0
+            for p in range(indptr[i], indptr[i + 1]):
+                j = indices[p]
+                if j != i:
+                    v = data[p]
+                    s += v * v * a[j]
+            out[i] = s
+
+
 def _csr_residual(indptr, indices, data, x, b, scale, out):
     # out = scale * (b - A x) for a CSR matrix A and vectors x, b, scale (elementwise; the
     # fused form of one Gauss-Seidel block update or one residual). Rows split into blocks
@@ -957,6 +980,7 @@ level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
 csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
 csr_sandwich_serial, csr_sandwich_parallel = _compile(_csr_sandwich)
+offdiag_square_rows_serial, offdiag_square_rows_parallel = _compile(_offdiag_square_rows)
 block_matmat_serial, block_matmat_parallel = _compile(_block_matmat)
 csr_residual_serial, csr_residual_parallel = _compile(_csr_residual)
 schur_rows_serial, schur_rows_parallel = _compile(_schur_rows)

@@ -907,6 +907,30 @@ class GramOperator(_SelfAdjoint, LinearOperator):
         kernel(self._indptr, self._indices, self._data, lam, U, out)
         return out
 
+    def offdiag_square_rows(self, a):
+        """``s_i = sum_{j != i} (Z'Z)_ij^2 a_j`` for a q-vector ``a``: from the Gram's own
+        arrays, what the squared cross-tabulations give (``a's`` is
+        ``2 sum_{k<l} a_k' (N_kl o N_kl) a_l``), with no copy of them.
+
+        Examples
+        --------
+        >>> from lmmops.data.design import CrossedDesign
+        >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]])
+        >>> G = GramOperator(d)
+        >>> A = d.gram().toarray()
+        >>> a = np.arange(1.0, 6.0)
+        >>> bool(np.allclose(G.offdiag_square_rows(a), (A**2 - np.diag(np.diag(A)**2)) @ a))
+        True
+        """
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        if a.shape != (self.shape[0],):
+            raise ArgumentError(f"a must have shape ({self.shape[0]},), got {a.shape}")
+        out = np.empty(self.shape[0])
+        kernel = kernels.offdiag_square_rows_parallel if self.parallel else \
+            kernels.offdiag_square_rows_serial
+        kernel(self._indptr, self._indices, self._data, a, out)
+        return out
+
     def todense(self):
         """Dense ``Z'Z`` (tests and small problems only; size-guarded).
 
