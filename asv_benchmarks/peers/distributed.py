@@ -62,6 +62,11 @@ PHASES = [("lmmops.distributed.model", "map_reduce"),
           ("lmmops.estimation.iterative", "IterativeObjective.__init__"),
           ("lmmops.estimation.iterative", "IterativeObjective.evaluate"),
           ("lmmops.estimation.iterative", "IterativeObjective.average_information"),
+          ("lmmops.estimation.iterative", "IterativeObjective.boundary_gradient"),
+          ("lmmops.estimation.iterative", "IterativeObjective.expected_information"),
+          ("lmmops.estimation.iterative", "IterativeObjective.diag_inverse"),
+          ("lmmops.distributed.model", "optimise"),
+          ("lmmops.distributed.model", "DaskResult.__init__"),
           ("lmmops.distributed.model", "DaskLMM._build"),
           ("lmmops.distributed.model", "DaskLMM.fit")]
 STACK, RECORDS = [], {}
