@@ -598,15 +598,16 @@ class IterativeObjective:
                 self.design, theta, self.preconditioner, floor))
         return self._pc_cache[1]
 
-    def _solve(self, lam, B, record=None, kind=None, overwrite_b=False):
+    def _solve(self, lam, B, record=None, kind=None, overwrite_b=False, first_product=True):
         """Block PCG on ``M X = B``: fused Jacobi, or the chosen kind (``kind`` overrides);
-        ``overwrite_b``: ``B`` may become the residual block (Jacobi)."""
+        ``overwrite_b``: ``B`` may become the residual block, ``first_product=False``:
+        the first product is not kept (Jacobi)."""
         kind = self.preconditioner if kind is None else kind
         P = lam * lam * self.counts + 1.0
         if kind == "jacobi":
             X, info = krylov.block_pcg(self._M_matmat(lam), B, diagonal=P, rtol=self.rtol,
                                        maxiter=self.maxiter, record=record,
-                                       overwrite_b=overwrite_b)
+                                       overwrite_b=overwrite_b, first_product=first_product)
         else:
             X, info = krylov.block_pcg(self._M_matmat(lam), B, M=self._preconditioner(lam),
                                        rtol=self.rtol, maxiter=self.maxiter, record=record)
@@ -662,21 +663,29 @@ class IterativeObjective:
         record = np.zeros(cW, dtype=bool)
         record[c0:] = True
         Lt = B[:, :c0].copy()  # copies: views would keep the whole blocks alive
-        if self.preconditioner == "jacobi":  # B becomes the residual block
-            S, info, _ = self._solve(lam, B, record, overwrite_b=True)
+        if self.preconditioner == "jacobi":
+            # B becomes the residual block, and the first product M P^{-1} B of the [Q W]
+            # columns is made again after the solve (the same numbers) rather than kept
+            # through it: two (q, c) blocks less at the solve's peak, one product more
+            S, info, _ = self._solve(lam, B, record, overwrite_b=True, first_product=False)
+            del B
             per_col = info["iterations_per_column"]
             cg_exact = int(per_col[:c0].max())
             cg_probe = int(per_col[c0:].max(initial=0))
+            first = np.empty((self.q, cW - c0))
+            first[:, :r] = sqP[:, None] * self.Q
+            first[:, r:] = sqP[:, None] * self.W
+            first *= (1.0 / P)[:, None]  # the solve's first direction, P^{-1} B
+            first = self._M_matmat(lam)(first)
         else:  # the GLS columns with the chosen kind, the probe columns on Jacobi
             S = np.empty_like(B)
             S[:, :c0], info0, _ = self._solve(lam, np.ascontiguousarray(B[:, :c0]))
             S[:, c0:], info, _ = self._solve(lam, np.ascontiguousarray(B[:, c0:]),
                                              record[c0:], kind="jacobi")
+            del B
             cg_exact, cg_probe = info0["iterations"], info["iterations"]
-            first = np.zeros_like(B)
-            first[:, c0:] = info["first_product"]
-            info = {"first_product": first,
-                    "alpha": [[]] * c0 + list(info["alpha"]),
+            first = info["first_product"]  # of the [Q W] columns
+            info = {"alpha": [[]] * c0 + list(info["alpha"]),
                     "beta": [[]] * c0 + list(info["beta"]),
                     "converged": np.concatenate([info0["converged"], info["converged"]]),
                     "residual": np.concatenate([info0["residual"], info["residual"]]),
@@ -703,10 +712,9 @@ class IterativeObjective:
         dof = n - p if self.method == "REML" else n
         sigma2 = pwrss / dof
         # normalised operator Ahat = P^{-1/2} M P^{-1/2} = I + E; Ahat x from the first product
-        first = info.pop("first_product")
-        EQ = first[:, c0:cQ] / sqP[:, None] - self.Q
-        EW = first[:, cQ:] / sqP[:, None] - self.W
-        del first, B
+        EQ = first[:, :r] / sqP[:, None] - self.Q
+        EW = first[:, r:] / sqP[:, None] - self.W
+        del first
         a = lam * lam / P
         E2 = float(a @ self._square_rows(a))  # ||E||_F^2 = 2 sum_{k<l} sum_ij N_ij^2 a_i a_j
         off = self.offsets
