@@ -266,7 +266,6 @@ class DirectObjective:
         self.TT = stats.TT
         if self.qr:
             self.rest_offsets = np.concatenate([[0], np.cumsum(self.q_rest)]).astype(np.int64)
-            self.Arr = stats.block(self.rest)
             self.ZrT = np.vstack([stats.ZT[k] for k in self.rest])
             N = sp.hstack([stats.crosstab(self.first, k) for k in self.rest], format="csr")
             N.sum_duplicates()
@@ -275,7 +274,6 @@ class DirectObjective:
             self.Nt = N.T.tocsr()
         else:
             self.rest_offsets = np.zeros(1, dtype=np.int64)
-            self.Arr = np.zeros((0, 0))
             self.ZrT = np.zeros((0, p + 1))
             self.N = sp.csr_matrix((self.q1, 0))
             self.Nt = sp.csr_matrix((0, self.q1))
@@ -283,9 +281,27 @@ class DirectObjective:
             self.N.indptr.astype(np.int64), self.N.indices.astype(np.int64),
             self.N.data.astype(np.float64),
         )
-        self._S = np.empty((m, m))
-        self._G1 = np.empty((self.qr, self.qr))
-        self._G2 = np.empty((self.qr, self.qr))
+        # the Schur block's symbolic work, once: the pairs of N's rows that fill
+        # N' diag(w) N (kernels.gram_pairs) and Z_rest'WZ_rest's upper triangle (sparse);
+        # a design whose pairs would take more memory than a few Schur blocks keeps the
+        # dense Gram kernels (_gram_pairs_fit)
+        self._pairs = self._Arr = self._arr_upper = None
+        if self.qr:
+            if _gram_pairs_fit(self.N, m):
+                self._pairs = kernels.gram_pairs(*self._N_arrays, self.qr)
+                A = sp.triu(sp.bmat([[stats.crosstab(k, l) for l in self.rest]
+                                     for k in self.rest], format="csr"), format="csr")
+                A.sort_indices()
+                self._arr_upper = (A.indptr.astype(np.int64), A.indices.astype(np.int64),
+                                   A.data.astype(np.float64))
+            else:
+                self._Arr = stats.block(self.rest)
+                self._G1 = np.empty((self.qr, self.qr))
+                self._G2 = np.empty((self.qr, self.qr))
+        # scratch for criterion-only evaluations; C order, of which only the upper
+        # triangle is ever written: LAPACK factors its transpose (column-major, lower) in
+        # place, and the other triangle stays zero
+        self._S = np.zeros((m, m))
         self.n_evaluations = 0
 
     # ------------------------------------------------------------------ helpers
@@ -322,9 +338,16 @@ class DirectObjective:
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return self._evaluate(theta, gradient)
 
-    def _factor(self, theta, gradient):
+    def _factor(self, theta, gradient, keep=True):
         """The blocked Cholesky factor at ``theta`` and the criterion's pieces:
-        ``(theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, criterion, dof)``."""
+        ``(theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, criterion, dof)``.
+
+        ``L`` is column-major, lower, with a zero upper triangle; ``keep=False`` factors
+        in the objective's scratch block (the criterion alone: ``L`` is overwritten by the
+        next such call), otherwise in a new one (an :class:`Evaluation` keeps it).
+        ``gradient`` makes the dense-Gram fallback also form the second Gram
+        :meth:`_gradient` needs.
+        """
         theta = np.asarray(theta, dtype=np.float64).copy()
         if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
             raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")
@@ -334,23 +357,24 @@ class DirectObjective:
         d = t1 * t1 * self.d1 + 1.0
         w1 = t1 * t1 / d
         tr_ = self._theta_rest(theta)
-        S = self._S
-        G1 = self._G1
+        # S's upper triangle, C order (= the lower triangle of the column-major S.T)
+        S = np.zeros((m, m)) if keep else self._S
         if qr:
-            if gradient:
-                w2 = w1 / d
-                kernels.weighted_gram2(*self._N_arrays, w1, w2, G1, self._G2)
+            if self._pairs is not None:
+                kernels.schur_fill(*self._pairs, w1, *self._arr_upper, tr_, S)
             else:
-                kernels.weighted_gram(*self._N_arrays, w1, G1)
-            S[:qr, :qr] = self.Arr - G1
-            S[:qr, :qr] *= tr_[:, None]
-            S[:qr, :qr] *= tr_[None, :]
-            S[np.arange(qr), np.arange(qr)] += 1.0
+                G1 = self._G1
+                if gradient:
+                    kernels.weighted_gram2(*self._N_arrays, w1, w1 / d, G1, self._G2)
+                else:
+                    kernels.weighted_gram(*self._N_arrays, w1, G1)
+                B = (self._Arr - G1) * tr_[:, None] * tr_[None, :]
+                B[np.arange(qr), np.arange(qr)] += 1.0
+                S[:qr, :qr] = np.triu(B)
             NwT = self.Nt @ (w1[:, None] * self.Z1T)
             S[:qr, qr:] = tr_[:, None] * (self.ZrT - NwT)
-            S[qr:, :qr] = S[:qr, qr:].T
-        S[qr:, qr:] = self.TT - self.Z1T.T @ (w1[:, None] * self.Z1T)
-        L, info = sla.lapack.dpotrf(S, lower=1, overwrite_a=0, clean=1)
+        S[qr:, qr:] = np.triu(self.TT - self.Z1T.T @ (w1[:, None] * self.Z1T))
+        L, info = sla.lapack.dpotrf(S.T, lower=1, overwrite_a=1, clean=0)
         if info > 0:
             col = info - 1
             if col == m - 1:  # y in the span of X and Z: perfect fit
@@ -376,7 +400,7 @@ class DirectObjective:
         and its diagonal, for the optimiser's grid and line searches (about a third of
         the time of :meth:`evaluate`, mostly fixed overhead, on small designs)."""
         with limit_threads(self.threads, dense_size=self.m, inner=True):
-            return float(self._factor(theta, False)[9])
+            return float(self._factor(theta, False, keep=False)[9])
 
     def _evaluate(self, theta, gradient):
         p, qr, m = self.p, self.qr, self.m
@@ -384,10 +408,16 @@ class DirectObjective:
             theta, gradient)
         sigma2 = pwrss / dof
 
-        # conditional modes: back-substitute the y column, then the first block
-        Lm = L[: m - 1, : m - 1]
-        c = L[m - 1, : m - 1]
-        sol = sla.solve_triangular(Lm, c, lower=True, trans="T") if m > 1 else np.zeros(0)
+        # conditional modes: back-substitute the y column, then the first block. With the
+        # whole factor (no copy of its leading block): L' [x; 0] = [c; 0] is
+        # L_11' x = c as the last pivot sqrt(pwrss) > 0
+        if m > 1:
+            c = np.zeros(m)
+            c[:m - 1] = L[m - 1, :m - 1]
+            sol = sla.solve_triangular(L, c, lower=True, trans="T", check_finite=False,
+                                       overwrite_b=True)[:m - 1]
+        else:
+            sol = np.zeros(0)
         v_rest = sol[:qr]
         beta = sol[qr:qr + p]
         rhs1 = t1 * self.Z1T[:, p] - t1 * (self.Z1T[:, :p] @ beta)
@@ -413,32 +443,39 @@ class DirectObjective:
     def _gradient(self, theta, L, d, w1, tr_, v, sigma2):
         p, qr = self.p, self.qr
         mp = self._reml_dims()
-        # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X])
+        # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X]): its lower
+        # triangle (column-major); the upper one is L's, zero
         if mp:
             Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
             if info != 0:
                 raise LmmopsError("could not invert the Schur block")
-            iu = np.triu_indices(mp, 1)
-            Sinv[iu] = Sinv.T[iu]
         else:
             Sinv = np.zeros((0, 0))
-        # trace of the first factor's block of M^{-1}: sum 1/d + tr(S'^{-1} B'D^{-2}B)
+        # trace of the first factor's block of M^{-1}: sum 1/d + tr(S'^{-1} B'D^{-2}B),
+        # B'D^{-2}B = [[T N'W2 N T, T N'W2 X1], [., t1^2 X1'D^{-2}X1]] with W2 = w1 / d,
+        # summed against S'^{-1}'s lower triangle (off-diagonal entries twice)
         tr_first = float(np.sum(1.0 / d))
         if mp:
             t1 = theta[self.first]
             w2 = w1 / d
-            Bt = np.zeros((mp, mp))
             if qr:
-                Bt[:qr, :qr] = self._G2 * tr_[:, None] * tr_[None, :]
+                if self._pairs is not None:  # on N'N's pattern only, no dense Gram
+                    tr_first += kernels.schur_trace(*self._pairs, w2, tr_, Sinv.T)
+                else:
+                    B = self._G2 * tr_[:, None] * tr_[None, :]
+                    Sl = Sinv[:qr, :qr]
+                    tr_first += float(2.0 * np.sum(Sl * B)
+                                      - np.sum(np.diagonal(Sl) * np.diagonal(B)))
             if self.method == "REML" and p:
                 X1 = self.Z1T[:, :p]
-                Bt[qr:, qr:] = t1 * t1 * (X1.T @ (X1 / (d * d)[:, None]))
+                Sxx = Sinv[qr:, qr:]
+                Bxx = t1 * t1 * (X1.T @ (X1 / (d * d)[:, None]))
+                tr_first += float(2.0 * np.sum(np.tril(Sxx) * Bxx)
+                                  - np.sum(np.diagonal(Sxx) * np.diagonal(Bxx)))
                 if qr:
-                    NwX = self.Nt @ (w2[:, None] * X1)
-                    Bt[:qr, qr:] = tr_[:, None] * NwX
-                    Bt[qr:, :qr] = Bt[:qr, qr:].T
-            tr_first += float(np.sum(Sinv * Bt))
-        diag_inv = np.diag(Sinv)
+                    NwX = self.Nt @ (w2[:, None] * X1)  # (qr, p)
+                    tr_first += 2.0 * float(np.sum(Sinv[qr:, :qr].T * (tr_[:, None] * NwX)))
+        diag_inv = np.diagonal(Sinv)
         traces = np.zeros(self.K)
         for k in range(self.K):
             if k == self.first:
@@ -569,7 +606,7 @@ class DirectObjective:
         if p:
             cr[qr:] -= t1 * (X1.T @ z)
         mp = qr + p
-        xr = sla.cho_solve((L[:mp, :mp], True), cr) if mp else cr
+        xr = leading_cho_solve(L, mp, cr) if mp else cr
         back = X1 @ xr[qr:] if p else np.zeros_like(b1)
         if qr:
             back = back + self.N @ (tr_[:, None] * xr[:qr])
@@ -639,6 +676,54 @@ class DirectObjective:
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
         return self.criterion(theta)
+
+
+def _gram_pairs_fit(N, m):
+    """Whether :func:`~lmmops.linalg.kernels.gram_pairs`'s symbolic pairs of ``N``
+    (``sum_i nnz_i (nnz_i + 1) / 2``, 16 bytes each) fit in :data:`GRAM_PAIRS_MAX` times
+    the Schur block's ``m^2`` entries (else the dense Gram kernels, same flops, more
+    passes over the block)."""
+    nnz = np.diff(N.indptr).astype(np.int64)
+    pairs = int(np.sum(nnz * (nnz + 1) // 2))
+    return pairs <= GRAM_PAIRS_MAX * m * m and N.shape[0] < 2**31 and N.shape[1] < 2**31
+
+
+#: the symbolic Gram pairs are kept up to this many per entry of the Schur block (16
+#: bytes a pair: two Schur blocks' memory at 1); InstEval's (1|s) + (1|d) has 1.01
+GRAM_PAIRS_MAX = 2.0
+
+
+def leading_cho_solve(L, mp, b):
+    """Solve ``L_11 L_11' x = b`` with the leading ``mp x mp`` block of the lower factor
+    ``L`` (column-major), by triangular solves with the whole of ``L`` (no copy of the
+    block): forward with ``[b; 0]``, the trailing part of the result set to 0, backward.
+
+    Parameters
+    ----------
+    L : ndarray, shape (m, m)
+        Lower Cholesky factor with a nonsingular trailing block.
+    mp : int
+    b : ndarray, shape (mp,) or (mp, k)
+
+    Returns
+    -------
+    ndarray, shape of ``b``
+
+    Examples
+    --------
+    >>> A = np.array([[4.0, 2.0, 1.0], [2.0, 3.0, 0.5], [1.0, 0.5, 2.0]])
+    >>> L = np.asfortranarray(np.linalg.cholesky(A))
+    >>> x = leading_cho_solve(L, 2, np.array([1.0, 2.0]))
+    >>> bool(np.allclose(A[:2, :2] @ x, [1.0, 2.0]))
+    True
+    """
+    m = L.shape[0]
+    rhs = np.zeros((m,) + np.shape(b)[1:])
+    rhs[:mp] = b
+    y = sla.solve_triangular(L, rhs, lower=True, check_finite=False, overwrite_b=True)
+    y[mp:] = 0.0
+    return sla.solve_triangular(L, y, lower=True, trans="T", check_finite=False,
+                                overwrite_b=True)[:mp]
 
 
 def theta_gradient(theta, n_levels, traces, v, sigma2):

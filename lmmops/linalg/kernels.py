@@ -56,6 +56,13 @@ weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
 weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
     Two weighted Grams of the same ``N`` in one pass (serial only).
+gram_pairs(indptr, indices, data, ncols)
+    The symbolic pairs of ``N' diag(w) N``'s upper triangle, grouped by output row (once).
+schur_fill(ptr, cols, src, vals, w, aptr, aidx, aval, scale, out)
+    ``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba + [a = b]`` from the pairs.
+schur_trace(ptr, cols, src, vals, w, scale, S)
+    ``sum(S o scale (N' diag(w) N) scale)`` for a symmetric ``S`` given by its upper
+    triangle, from the pairs (no dense Gram).
 csr_gauss_seidel(indptr, indices, data, x, b, forward)
     One in-place Gauss-Seidel sweep on a CSR matrix (serial only; AMG's coarse levels).
 """
@@ -112,6 +119,7 @@ __all__ = [
     "get_kernel",
     "get_schur_kernels",
     "get_slope_kernels",
+    "gram_pairs",
     "lam_sandwich_parallel",
     "lam_sandwich_serial",
     "level_matmat_parallel",
@@ -129,8 +137,10 @@ __all__ = [
     "scatter_block_serial",
     "scatter_parallel",
     "scatter_serial",
+    "schur_fill",
     "schur_rows_parallel",
     "schur_rows_serial",
+    "schur_trace",
     "sym_matmat_parallel",
     "sym_matmat_serial",
     "weighted_gram",
@@ -1042,6 +1052,95 @@ def weighted_gram2(indptr, indices, data, w1, w2, out1, out2):  # pragma: no cov
                 jb = indices[b]
                 out1[ja, jb] += wi1 * prod
                 out2[ja, jb] += wi2 * prod
+
+
+@numba.njit(cache=True, nogil=True)
+def gram_pairs(indptr, indices, data, ncols):  # pragma: no cover - compiled
+    """The symbolic form of ``G = N' diag(w) N``'s upper triangle, grouped by row of ``G``.
+
+    ``N`` is CSR with sorted column indices within rows (shape ``(q1, ncols)``). Every
+    pair of nonzeros ``b <= a`` of a row ``i`` of ``N`` adds ``w_i N_ib N_ia`` to
+    ``G[b, a]``; the pairs are returned grouped by ``b``: for ``t`` in
+    ``ptr[b] .. ptr[b + 1]``, column ``cols[t]``, row of ``N`` ``src[t]`` and value
+    ``vals[t] = N_ib N_ia``. ``sum_i nnz_i (nnz_i + 1) / 2`` pairs in all (two passes, a
+    counting sort, no comparison sort). :func:`schur_fill` and :func:`schur_trace` then
+    stream them once per ``w``, each output row in cache.
+
+    Returns
+    -------
+    ptr : (ncols + 1,) int64; cols, src : (pairs,) int32; vals : (pairs,) float64
+    """
+    q1 = indptr.size - 1
+    ptr = np.zeros(ncols + 1, dtype=np.int64)
+    for i in range(q1):
+        hi = indptr[i + 1]
+        for p in range(indptr[i], hi):
+            ptr[indices[p] + 1] += hi - p
+    for b in range(ncols):
+        ptr[b + 1] += ptr[b]
+    total = ptr[ncols]
+    cols = np.empty(total, dtype=np.int32)
+    src = np.empty(total, dtype=np.int32)
+    vals = np.empty(total, dtype=np.float64)
+    pos = ptr[:ncols].copy()
+    for i in range(q1):
+        lo, hi = indptr[i], indptr[i + 1]
+        for p in range(lo, hi):
+            b = indices[p]
+            vb = data[p]
+            t = pos[b]
+            for r in range(p, hi):
+                cols[t] = indices[r]
+                src[t] = i
+                vals[t] = vb * data[r]
+                t += 1
+            pos[b] = t
+    return ptr, cols, src, vals
+
+
+@numba.njit(cache=True, nogil=True)
+def schur_fill(ptr, cols, src, vals, w, aptr, aidx, aval, scale, out):  # pragma: no cover
+    """``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba + [a = b]`` for ``b < r``.
+
+    The pairs ``(ptr, cols, src, vals)`` are :func:`gram_pairs`'s; ``A`` (``r x r``) is
+    given by the CSR upper triangle ``(aptr, aidx, aval)``; ``out`` has at least ``r``
+    columns and only the upper triangle of its leading ``r x r`` block is written (a
+    C-ordered ``out`` is then the lower triangle of LAPACK's column-major ``out.T``).
+    """
+    r = ptr.size - 1
+    for b in range(r):
+        row = out[b]
+        for a in range(b, r):
+            row[a] = 0.0
+        for t in range(ptr[b], ptr[b + 1]):
+            row[cols[t]] -= w[src[t]] * vals[t]
+        for t in range(aptr[b], aptr[b + 1]):
+            row[aidx[t]] += aval[t]
+        sb = scale[b]
+        for a in range(b, r):
+            row[a] *= sb * scale[a]
+        row[b] += 1.0
+
+
+@numba.njit(cache=True, nogil=True)
+def schur_trace(ptr, cols, src, vals, w, scale, S):  # pragma: no cover - compiled
+    """``sum_{a,b} S_ab scale_a scale_b (N' diag(w) N)_ab`` from :func:`gram_pairs`'s pairs.
+
+    ``S`` is symmetric and only its upper triangle ``S[b, a]``, ``a >= b``, is read (a
+    C-ordered view of LAPACK's column-major lower triangle); off-diagonal pairs count
+    twice. The trace of ``S`` times the dense Gram, without forming it.
+    """
+    r = ptr.size - 1
+    total = 0.0
+    for b in range(r):
+        row = S[b]
+        acc = 0.0
+        for t in range(ptr[b], ptr[b + 1]):
+            a = cols[t]
+            v = w[src[t]] * vals[t] * scale[a] * row[a]
+            acc += v if a == b else 2.0 * v
+        total += scale[b] * acc
+    return total
 
 
 @numba.njit(cache=True, nogil=True)
