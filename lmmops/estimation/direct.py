@@ -281,23 +281,16 @@ class DirectObjective:
             self.N.indptr.astype(np.int64), self.N.indices.astype(np.int64),
             self.N.data.astype(np.float64),
         )
-        # the Schur block's symbolic work, once: the pairs of N's rows that fill
-        # N' diag(w) N (kernels.gram_pairs) and Z_rest'WZ_rest's upper triangle (sparse);
-        # a design whose pairs would take more memory than a few Schur blocks keeps the
-        # dense Gram kernels (_gram_pairs_fit)
-        self._pairs = self._Arr = self._arr_upper = None
-        if self.qr:
-            if _gram_pairs_fit(self.N, m):
-                self._pairs = kernels.gram_pairs(*self._N_arrays, self.qr)
-                A = sp.triu(sp.bmat([[stats.crosstab(k, l) for l in self.rest]
-                                     for k in self.rest], format="csr"), format="csr")
-                A.sort_indices()
-                self._arr_upper = (A.indptr.astype(np.int64), A.indices.astype(np.int64),
-                                   A.data.astype(np.float64))
-            else:
-                self._Arr = stats.block(self.rest)
-                self._G1 = np.empty((self.qr, self.qr))
-                self._G2 = np.empty((self.qr, self.qr))
+        # the Schur block's symbolic work, once: N's transpose as an index (the rows of
+        # N with a nonzero in each column, kernels.csr_column_positions) and
+        # Z_rest'WZ_rest's upper triangle (sparse); each evaluation refills the values
+        self._cols = kernels.csr_column_positions(self._N_arrays[0], self._N_arrays[1],
+                                                  self.qr)
+        A = sp.triu(sp.bmat([[stats.crosstab(k, l) for l in self.rest] for k in self.rest],
+                            format="csr"), format="csr") if self.qr else sp.csr_matrix((0, 0))
+        A.sort_indices()
+        self._arr_upper = (A.indptr.astype(np.int64), A.indices.astype(np.int64),
+                           A.data.astype(np.float64))
         # scratch for criterion-only evaluations; C order, of which only the upper
         # triangle is ever written: LAPACK factors its transpose (column-major, lower) in
         # place, and the other triangle stays zero
@@ -345,8 +338,7 @@ class DirectObjective:
         ``L`` is column-major, lower, with a zero upper triangle; ``keep=False`` factors
         in the objective's scratch block (the criterion alone: ``L`` is overwritten by the
         next such call), otherwise in a new one (an :class:`Evaluation` keeps it).
-        ``gradient`` makes the dense-Gram fallback also form the second Gram
-        :meth:`_gradient` needs.
+        ``gradient`` is unused (the gradient's Gram terms are summed on the fly).
         """
         theta = np.asarray(theta, dtype=np.float64).copy()
         if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
@@ -360,17 +352,7 @@ class DirectObjective:
         # S's upper triangle, C order (= the lower triangle of the column-major S.T)
         S = np.zeros((m, m)) if keep else self._S
         if qr:
-            if self._pairs is not None:
-                kernels.schur_fill(*self._pairs, w1, *self._arr_upper, tr_, S)
-            else:
-                G1 = self._G1
-                if gradient:
-                    kernels.weighted_gram2(*self._N_arrays, w1, w1 / d, G1, self._G2)
-                else:
-                    kernels.weighted_gram(*self._N_arrays, w1, G1)
-                B = (self._Arr - G1) * tr_[:, None] * tr_[None, :]
-                B[np.arange(qr), np.arange(qr)] += 1.0
-                S[:qr, :qr] = np.triu(B)
+            kernels.schur_fill(*self._N_arrays, *self._cols, w1, *self._arr_upper, tr_, S)
             NwT = self.Nt @ (w1[:, None] * self.Z1T)
             S[:qr, qr:] = tr_[:, None] * (self.ZrT - NwT)
         S[qr:, qr:] = np.triu(self.TT - self.Z1T.T @ (w1[:, None] * self.Z1T))
@@ -458,14 +440,8 @@ class DirectObjective:
         if mp:
             t1 = theta[self.first]
             w2 = w1 / d
-            if qr:
-                if self._pairs is not None:  # on N'N's pattern only, no dense Gram
-                    tr_first += kernels.schur_trace(*self._pairs, w2, tr_, Sinv.T)
-                else:
-                    B = self._G2 * tr_[:, None] * tr_[None, :]
-                    Sl = Sinv[:qr, :qr]
-                    tr_first += float(2.0 * np.sum(Sl * B)
-                                      - np.sum(np.diagonal(Sl) * np.diagonal(B)))
+            if qr:  # on N'N's pattern only, no dense Gram
+                tr_first += kernels.schur_trace(*self._N_arrays, *self._cols, w2, tr_, Sinv.T)
             if self.method == "REML" and p:
                 X1 = self.Z1T[:, :p]
                 Sxx = Sinv[qr:, qr:]
@@ -676,21 +652,6 @@ class DirectObjective:
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
         return self.criterion(theta)
-
-
-def _gram_pairs_fit(N, m):
-    """Whether :func:`~lmmops.linalg.kernels.gram_pairs`'s symbolic pairs of ``N``
-    (``sum_i nnz_i (nnz_i + 1) / 2``, 16 bytes each) fit in :data:`GRAM_PAIRS_MAX` times
-    the Schur block's ``m^2`` entries (else the dense Gram kernels, same flops, more
-    passes over the block)."""
-    nnz = np.diff(N.indptr).astype(np.int64)
-    pairs = int(np.sum(nnz * (nnz + 1) // 2))
-    return pairs <= GRAM_PAIRS_MAX * m * m and N.shape[0] < 2**31 and N.shape[1] < 2**31
-
-
-#: the symbolic Gram pairs are kept up to this many per entry of the Schur block (16
-#: bytes a pair: two Schur blocks' memory at 1); InstEval's (1|s) + (1|d) has 1.01
-GRAM_PAIRS_MAX = 2.0
 
 
 def leading_cho_solve(L, mp, b):

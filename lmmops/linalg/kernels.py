@@ -54,15 +54,14 @@ cg_update(X, R, P, AP, pinv, a, nblocks, partial), cg_direction(P, R, pinv, b, n
     The fused updates of block preconditioned CG with a diagonal preconditioner.
 weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
-weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
-    Two weighted Grams of the same ``N`` in one pass (serial only).
-gram_pairs(indptr, indices, data, ncols)
-    The symbolic pairs of ``N' diag(w) N``'s upper triangle, grouped by output row (once).
-schur_fill(ptr, cols, src, vals, w, aptr, aidx, aval, scale, out)
-    ``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba + [a = b]`` from the pairs.
-schur_trace(ptr, cols, src, vals, w, scale, S)
+csr_column_positions(indptr, indices, ncols)
+    A CSR matrix's transpose as an index (rows and positions of each column's nonzeros).
+schur_fill(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale, out)
+    The exact solver's Schur block, ``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba
+    + [a = b]``, row by row in place (no dense Gram).
+schur_trace(indptr, indices, data, cptr, crows, cpos, w, scale, S)
     ``sum(S o scale (N' diag(w) N) scale)`` for a symmetric ``S`` given by its upper
-    triangle, from the pairs (no dense Gram).
+    triangle (no dense Gram).
 csr_gauss_seidel(indptr, indices, data, x, b, forward)
     One in-place Gauss-Seidel sweep on a CSR matrix (serial only; AMG's coarse levels).
 """
@@ -99,6 +98,7 @@ __all__ = [
     "cov_matmat_serial",
     "cov_matvec_parallel",
     "cov_matvec_serial",
+    "csr_column_positions",
     "csr_gauss_seidel",
     "csr_matmat_parallel",
     "csr_matmat_serial",
@@ -119,7 +119,6 @@ __all__ = [
     "get_kernel",
     "get_schur_kernels",
     "get_slope_kernels",
-    "gram_pairs",
     "lam_sandwich_parallel",
     "lam_sandwich_serial",
     "level_matmat_parallel",
@@ -144,7 +143,6 @@ __all__ = [
     "sym_matmat_parallel",
     "sym_matmat_serial",
     "weighted_gram",
-    "weighted_gram2",
 ]
 
 # Parallel variants are cached too: tests/test_kernels.py::test_numba_cache_hits shows the
@@ -1036,84 +1034,61 @@ def weighted_gram(indptr, indices, data, w, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def weighted_gram2(indptr, indices, data, w1, w2, out1, out2):  # pragma: no cover
-    """``out1 = N' diag(w1) N`` and ``out2 = N' diag(w2) N`` in one pass over ``N``."""
-    out1[:, :] = 0.0
-    out2[:, :] = 0.0
-    for i in range(indptr.size - 1):
-        wi1 = w1[i]
-        wi2 = w2[i]
-        lo, hi = indptr[i], indptr[i + 1]
-        for a in range(lo, hi):
-            ja = indices[a]
-            da = data[a]
-            for b in range(lo, hi):
-                prod = da * data[b]
-                jb = indices[b]
-                out1[ja, jb] += wi1 * prod
-                out2[ja, jb] += wi2 * prod
+def csr_column_positions(indptr, indices, ncols):  # pragma: no cover - compiled
+    """Where each column's nonzeros sit in a CSR matrix ``N`` (shape ``(q1, ncols)``).
 
-
-@numba.njit(cache=True, nogil=True)
-def gram_pairs(indptr, indices, data, ncols):  # pragma: no cover - compiled
-    """The symbolic form of ``G = N' diag(w) N``'s upper triangle, grouped by row of ``G``.
-
-    ``N`` is CSR with sorted column indices within rows (shape ``(q1, ncols)``). Every
-    pair of nonzeros ``b <= a`` of a row ``i`` of ``N`` adds ``w_i N_ib N_ia`` to
-    ``G[b, a]``; the pairs are returned grouped by ``b``: for ``t`` in
-    ``ptr[b] .. ptr[b + 1]``, column ``cols[t]``, row of ``N`` ``src[t]`` and value
-    ``vals[t] = N_ib N_ia``. ``sum_i nnz_i (nnz_i + 1) / 2`` pairs in all (two passes, a
-    counting sort, no comparison sort). :func:`schur_fill` and :func:`schur_trace` then
-    stream them once per ``w``, each output row in cache.
+    For column ``b`` and ``t`` in ``ptr[b] .. ptr[b + 1]``: the nonzero's row ``rows[t]``
+    and its position ``pos[t]`` in ``indices``/``data`` (rows increasing): the transpose
+    as an index, for :func:`schur_fill` and :func:`schur_trace` (symbolic, once).
 
     Returns
     -------
-    ptr : (ncols + 1,) int64; cols, src : (pairs,) int32; vals : (pairs,) float64
+    ptr : (ncols + 1,) int64; rows, pos : (nnz,) int64
     """
     q1 = indptr.size - 1
     ptr = np.zeros(ncols + 1, dtype=np.int64)
-    for i in range(q1):
-        hi = indptr[i + 1]
-        for p in range(indptr[i], hi):
-            ptr[indices[p] + 1] += hi - p
+    for p in range(indptr[q1]):
+        ptr[indices[p] + 1] += 1
     for b in range(ncols):
         ptr[b + 1] += ptr[b]
-    total = ptr[ncols]
-    cols = np.empty(total, dtype=np.int32)
-    src = np.empty(total, dtype=np.int32)
-    vals = np.empty(total, dtype=np.float64)
-    pos = ptr[:ncols].copy()
+    rows = np.empty(indptr[q1], dtype=np.int64)
+    pos = np.empty(indptr[q1], dtype=np.int64)
+    nxt = ptr[:ncols].copy()
     for i in range(q1):
-        lo, hi = indptr[i], indptr[i + 1]
-        for p in range(lo, hi):
-            b = indices[p]
-            vb = data[p]
-            t = pos[b]
-            for r in range(p, hi):
-                cols[t] = indices[r]
-                src[t] = i
-                vals[t] = vb * data[r]
-                t += 1
-            pos[b] = t
-    return ptr, cols, src, vals
+        for p in range(indptr[i], indptr[i + 1]):
+            t = nxt[indices[p]]
+            rows[t] = i
+            pos[t] = p
+            nxt[indices[p]] = t + 1
+    return ptr, rows, pos
 
 
 @numba.njit(cache=True, nogil=True)
-def schur_fill(ptr, cols, src, vals, w, aptr, aidx, aval, scale, out):  # pragma: no cover
+def schur_fill(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale,
+               out):  # pragma: no cover - compiled
     """``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba + [a = b]`` for ``b < r``.
 
-    The pairs ``(ptr, cols, src, vals)`` are :func:`gram_pairs`'s; ``A`` (``r x r``) is
-    given by the CSR upper triangle ``(aptr, aidx, aval)``; ``out`` has at least ``r``
-    columns and only the upper triangle of its leading ``r x r`` block is written (a
-    C-ordered ``out`` is then the lower triangle of LAPACK's column-major ``out.T``).
+    ``N`` is CSR (``(q1, r)``, column indices sorted within rows) with
+    :func:`csr_column_positions` ``(cptr, crows, cpos)``; ``A`` (``r x r``) is given by
+    its CSR upper triangle ``(aptr, aidx, aval)``. Row ``b`` of the Gram sums, over the
+    rows ``i`` of ``N`` with a nonzero in column ``b``, ``w_i N_ib`` times the rest of row
+    ``i`` from ``b`` on: ``sum_i nnz_i (nnz_i + 1) / 2`` products reading ``N`` (small)
+    and writing one output row at a time (in cache), no dense Gram and no zeroing pass.
+    ``out`` has at least ``r`` columns; only the upper triangle of its leading ``r x r``
+    block is written (a C-ordered ``out`` is the lower triangle of LAPACK's
+    column-major ``out.T``).
     """
-    r = ptr.size - 1
+    r = cptr.size - 1
     for b in range(r):
         row = out[b]
         for a in range(b, r):
             row[a] = 0.0
-        for t in range(ptr[b], ptr[b + 1]):
-            row[cols[t]] -= w[src[t]] * vals[t]
+        for t in range(cptr[b], cptr[b + 1]):
+            i = crows[t]
+            p = cpos[t]
+            c = w[i] * data[p]
+            for q in range(p, indptr[i + 1]):
+                row[indices[q]] -= c * data[q]
         for t in range(aptr[b], aptr[b + 1]):
             row[aidx[t]] += aval[t]
         sb = scale[b]
@@ -1123,22 +1098,27 @@ def schur_fill(ptr, cols, src, vals, w, aptr, aidx, aval, scale, out):  # pragma
 
 
 @numba.njit(cache=True, nogil=True)
-def schur_trace(ptr, cols, src, vals, w, scale, S):  # pragma: no cover - compiled
-    """``sum_{a,b} S_ab scale_a scale_b (N' diag(w) N)_ab`` from :func:`gram_pairs`'s pairs.
+def schur_trace(indptr, indices, data, cptr, crows, cpos, w, scale,
+                S):  # pragma: no cover - compiled
+    """``sum_{a,b} S_ab scale_a scale_b (N' diag(w) N)_ab``, the trace of ``S`` times
+    the dense Gram without forming it (:func:`schur_fill`'s arguments).
 
     ``S`` is symmetric and only its upper triangle ``S[b, a]``, ``a >= b``, is read (a
-    C-ordered view of LAPACK's column-major lower triangle); off-diagonal pairs count
-    twice. The trace of ``S`` times the dense Gram, without forming it.
+    C-ordered view of LAPACK's column-major lower triangle); off-diagonal entries
+    count twice.
     """
-    r = ptr.size - 1
+    r = cptr.size - 1
     total = 0.0
     for b in range(r):
         row = S[b]
         acc = 0.0
-        for t in range(ptr[b], ptr[b + 1]):
-            a = cols[t]
-            v = w[src[t]] * vals[t] * scale[a] * row[a]
-            acc += v if a == b else 2.0 * v
+        for t in range(cptr[b], cptr[b + 1]):
+            i = crows[t]
+            p = cpos[t]
+            sp_ = 0.0
+            for q in range(p + 1, indptr[i + 1]):
+                sp_ += data[q] * scale[indices[q]] * row[indices[q]]
+            acc += w[i] * data[p] * (data[p] * scale[b] * row[b] + 2.0 * sp_)
         total += scale[b] * acc
     return total
 
