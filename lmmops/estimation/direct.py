@@ -606,19 +606,10 @@ class DirectObjective:
         ndarray, shape (n_factors + 1, n_factors + 1)
             Order: the factors' variances, then the residual variance.
         """
-        if not self.has_rows:
-            return 0.5 * self.quadratic_form_P_span(ev, *self.working_variates_span(ev))
-        s2 = ev.sigma2
-        e = self.residuals(ev)
-        wt = self.weights
-        we = e if wt is None else wt * e  # R^{-1} e s^2 = s^2 P y
-        codes = self.design.codes
-        W = np.empty((self.n, self.K + 1))
-        for k in range(self.K):
-            ze = np.bincount(codes[k], weights=we, minlength=self.design.n_levels[k])
-            W[:, k] = ze[codes[k]] / s2
-        W[:, self.K] = e / s2  # dV/ds_e^2 P y = W^{-1} P y
-        return 0.5 * self.quadratic_form_P(ev, W)
+        # in level space (the working variates as Z F + [X y] H): no pass over the rows,
+        # the same numbers up to rounding as quadratic_form_P of the row vectors (InstEval:
+        # 3.1 against 5.7 ms, once per Newton step)
+        return 0.5 * self.quadratic_form_P_span(ev, *self.working_variates_span(ev))
 
     def quadratic_form_P(self, ev, W, z_only=False):
         """``W' P W`` for the columns of ``W``, exactly, by one solve in level space.
