@@ -1073,7 +1073,8 @@ def schur_fill(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, sc
     its CSR upper triangle ``(aptr, aidx, aval)``. Row ``b`` of the Gram sums, over the
     rows ``i`` of ``N`` with a nonzero in column ``b``, ``w_i N_ib`` times the rest of row
     ``i`` from ``b`` on: ``sum_i nnz_i (nnz_i + 1) / 2`` products reading ``N`` (small)
-    and writing one output row at a time (in cache), no dense Gram and no zeroing pass.
+    and writing one output row at a time (in cache): no dense Gram, and the zeroing and
+    scaling are done row by row in the same sweep.
     ``out`` has at least ``r`` columns; only the upper triangle of its leading ``r x r``
     block is written (a C-ordered ``out`` is the lower triangle of LAPACK's
     column-major ``out.T``).
