@@ -59,6 +59,7 @@ __all__ = [
     "NumericalFailure",
     "OptSummary",
     "fit_direct",
+    "leading_cho_solve",
     "moment_start",
     "theta_gradient",
     "theta_scale",
