@@ -184,7 +184,7 @@ class LMM:
         #: slopes): such models are fitted by :class:`~lmmops.estimation.vector.VectorObjective`
         self.has_slopes = not (all(t.is_intercept for t in self.terms)
                                and len(self.terms) == design.n_factors)
-        design.check_distinct_partitions()
+        design.check_distinct_partitions(None if terms is None else self.terms)
         self.X = np.ascontiguousarray(X, dtype=np.float64)
         self.y = check_response(y, response)
         if self.X.ndim != 2 or self.X.shape[0] != self.y.shape[0]:
@@ -277,11 +277,13 @@ class LMM:
             raise FormulaError(f"data must be a pandas DataFrame, got {type(data).__name__}")
         pf = parse_formula(formula)
         y = response_vector(data, pf.response)
-        design = CrossedDesign.from_frame(data, list(pf.random))
         # one intercept term per factor is the design's own; anything else (slopes,
-        # several terms on a factor) is built from the formula's effects, in lme4's order
+        # several terms on a factor) is built from the formula's effects, in lme4's order,
+        # and its factors' partitions are checked with the terms (two names of one
+        # grouping with different columns, (1|a/b) + (0 + x|a:b), fit as in lme4)
         intercepts = (all(t.is_intercept for t in pf.random_terms)
                       and len(pf.random_terms) == len(pf.random))
+        design = CrossedDesign.from_frame(data, list(pf.random), check=intercepts)
         if intercepts:  # lme4's term order (mkReTrms), as build_terms orders the others
             order = order_terms(list(design.n_levels))
             if order != list(range(design.n_factors)):

@@ -10,6 +10,7 @@ branches on the solver.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -46,7 +47,8 @@ class LMMResult:
     formula, method, solver : str
     n_obs : int
     n_levels : dict
-        Factor name to level count.
+        Factor name to level count, in lme4's order of the grouping factors
+        (``getME(m, "flist")``: by their first term in lme4's term order).
     fixef, fixef_se, tvalues : pandas.Series
         Fixed effects, standard errors and t values (lme4's names).
     vcov : pandas.DataFrame
@@ -102,7 +104,11 @@ class LMMResult:
         terms = model.terms
         self.terms = terms
         self.n_obs = model.n_obs
-        self.n_levels = dict(zip(d.names, d.n_levels))
+        # lme4's flist order: the factors in the order of their first term (lme4's term
+        # order), then any factor without a term
+        order = list(dict.fromkeys([t.group for t in terms if t.group in d.names]
+                                   + list(d.names)))
+        self.n_levels = {g: int(d.n_levels[d.index(g)]) for g in order}
         # aliased columns of a rank-deficient X: NaN (not estimable; tau_1 = 0 is used)
         names = list(getattr(model, "all_fixef_names", model.fixef_names))
         keep = np.asarray(getattr(model, "keep", np.arange(len(names))))
@@ -116,29 +122,26 @@ class LMMResult:
         cov = np.full((p_all, p_all), np.nan)
         cov[np.ix_(keep, keep)] = cond.fixef_cov(ev.beta_cov)
         self.rank_deficient = list(getattr(model, "rank_deficient", []))
-        self.fixef = pd.Series(beta, index=names, name="Estimate")
-        se = np.sqrt(np.diag(cov))
-        self.fixef_se = pd.Series(se, index=names, name="Std. Error")
-        self.tvalues = pd.Series(beta / se, index=names, name="t value")
-        self.vcov = pd.DataFrame(cov, index=names, columns=names)
+        # the pandas tables (fixef, fixef_se, tvalues, vcov, theta, covariances, ranef)
+        # are built when first read: on a small data set their construction costs as
+        # much as a tenth of the fit
+        self._fixef_parts = (names, beta, cov)
         self.evaluation = ev
         #: whether every term is a scalar random intercept on its own factor (the model of
         #: ``variances``, ``theta`` keyed by factor, and the per-factor analysis functions)
         self.intercepts_only = (all(t.is_intercept for t in terms)
                                 and len(terms) == d.n_factors)
-        keys = list(d.names) if self.intercepts_only else theta_names(terms)
-        self.theta = pd.Series(ev.theta, index=keys, name="theta")
+        self._theta_keys = list(d.names) if self.intercepts_only else theta_names(terms)
         groups = varcorr_names([t.group for t in terms])
         sigma2 = s2 * ev.sigma2
         self.sigma = float(np.sqrt(sigma2))
         layout = theta_layout(terms)
-        #: per term, the ``d x d`` covariance ``s^2 Lambda_k Lambda_k'`` of its random effects
-        self.covariances = {}
+        # per term, the d x d covariance s^2 Lambda_k Lambda_k' of its random effects
+        self._covariance_parts = {}
         for g, t, sl in zip(groups, terms, layout):
             L = t.relative_factor(ev.theta[sl])
-            self.covariances[g] = pd.DataFrame(sigma2 * (L @ L.T), index=list(t.columns),
-                                               columns=list(t.columns))
-        self.variances = {g: float(self.covariances[g].iloc[0, 0])
+            self._covariance_parts[g] = (sigma2 * (L @ L.T), list(t.columns))
+        self.variances = {g: float(self._covariance_parts[g][0][0, 0])
                           for g, t in zip(groups, terms) if t.dim == 1}
         self.variances["Residual"] = float(sigma2)
         self.stddev = {k: float(np.sqrt(v)) for k, v in self.variances.items()}
@@ -153,10 +156,10 @@ class LMMResult:
         self.df_resid = self.n_obs - self.df
         # BLUPs b_k = (I (x) T_k) u_k; lme4's ranef: one table per grouping factor, the
         # columns of all its terms side by side (a Series for a lone intercept term)
-        self.ranef = self._by_group([
+        self._ranef_parts = [
             s * (np.asarray(ev.v[k]).reshape(t.n_levels, t.dim)
                  @ t.relative_factor(ev.theta[sl]).T)
-            for k, (t, sl) in enumerate(zip(terms, layout))])
+            for k, (t, sl) in enumerate(zip(terms, layout))]
         self.resid = s * np.asarray(resid)
         self.fitted = model.y - self.resid
         self.converged = bool(opt.converged)
@@ -186,6 +189,49 @@ class LMMResult:
         #: preconditioner; empty for the direct solver) and ``probe_cg_iterations`` (the
         #: same for the Jacobi probe block of the stochastic estimates).
         self.solver_info = solver_info(obj)
+
+    @functools.cached_property
+    def fixef(self):
+        """pandas.Series: the fixed effects (NaN for an aliased column)."""
+        names, beta, _ = self._fixef_parts
+        return pd.Series(beta, index=names, name="Estimate")
+
+    @functools.cached_property
+    def fixef_se(self):
+        """pandas.Series: their standard errors."""
+        names, _, cov = self._fixef_parts
+        return pd.Series(np.sqrt(np.diag(cov)), index=names, name="Std. Error")
+
+    @functools.cached_property
+    def tvalues(self):
+        """pandas.Series: the fixed effects over their standard errors."""
+        names, beta, cov = self._fixef_parts
+        return pd.Series(beta / np.sqrt(np.diag(cov)), index=names, name="t value")
+
+    @functools.cached_property
+    def vcov(self):
+        """pandas.DataFrame: the fixed effects' covariance (lme4's ``vcov``)."""
+        names, _, cov = self._fixef_parts
+        return pd.DataFrame(cov, index=names, columns=names)
+
+    @functools.cached_property
+    def theta(self):
+        """pandas.Series: the relative covariance parameters (per factor for random
+        intercepts, lme4's ``theta`` names otherwise)."""
+        return pd.Series(self.evaluation.theta, index=self._theta_keys, name="theta")
+
+    @functools.cached_property
+    def covariances(self):
+        """dict of pandas.DataFrame: per grouping factor, the ``d x d`` covariance
+        ``s^2 Lambda_k Lambda_k'`` of its random effects."""
+        return {g: pd.DataFrame(c, index=cols, columns=cols)
+                for g, (c, cols) in self._covariance_parts.items()}
+
+    @functools.cached_property
+    def ranef(self):
+        """dict of pandas.Series or DataFrame: the BLUPs per grouping factor, indexed by
+        level (lme4's ``ranef``)."""
+        return self._by_group(self._ranef_parts)
 
     def _set_mc_stderr(self, obj, ev):
         """Monte Carlo standard errors of the fit (delta method; 0 where it is exact).

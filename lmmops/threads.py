@@ -67,6 +67,7 @@ __all__ = [
     "check_threads",
     "idle_cores",
     "limit_threads",
+    "limits_active",
     "plan_threads",
 ]
 
@@ -348,6 +349,28 @@ def blas_threads():
     """
     return [int(info["num_threads"]) for info in _controller().info()
             if info.get("user_api") == "blas"]
+
+
+def limits_active():
+    """Whether a :func:`limit_threads` block is active in this Python thread.
+
+    An ``inner=True`` block would then do nothing; building blocks called many times
+    inside a fit (the exact solver's criterion) test this first and skip the context
+    manager, whose set-up costs a few microseconds.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> limits_active()
+    False
+    >>> with limit_threads(1):
+    ...     limits_active()
+    True
+    """
+    return threading.get_ident() in _BLAS_REQUESTS
 
 
 @contextlib.contextmanager

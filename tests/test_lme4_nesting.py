@@ -148,13 +148,37 @@ def test_predict_newdata_on_nested_factors(fits):
     assert res.predict(new)[0] == pytest.approx(want, abs=1e-10)
 
 
-def test_interaction_in_two_orders_is_refused_with_a_hint():
+def test_interaction_in_two_orders_fits_as_lme4_or_is_refused_with_a_hint(fits):
+    """``(1|a/b) + (0 + x|a:b)``: b:a and a:b group the rows identically, but their terms
+    share no column, so it is the model of ``(1|a/b) + (0 + x|b:a)`` and lme4 fits it as
+    two factors (``sim_two_orders`` in the reference: the criterion, theta, names,
+    levels, varcorr and BLUPs are compared by the tests above). Two names of one
+    grouping whose terms share a column are refused, naming both (before, every such
+    pair was refused)."""
     sim = _data("nesting_sim")
+    res = fits["sim_two_orders"]
+    assert [t.group for t in res.terms] == ["a:b", "b:a", "a"]
+    same = lmmops.fit("y ~ x + (1|a/b) + (0 + x|b:a)", sim)  # the same factor twice
+    assert [t.group for t in same.terms] == ["b:a", "b:a", "a"]
+    assert res.reml_criterion == pytest.approx(same.reml_criterion, rel=1e-12)
+    np.testing.assert_allclose(np.sort(res.theta.to_numpy()), np.sort(same.theta.to_numpy()),
+                               rtol=1e-6)
+    # the prediction for new rows reads each name's labels in its own order
+    np.testing.assert_allclose(res.predict(sim.iloc[::7]), res.fitted[::7], rtol=1e-10)
     with pytest.raises(DesignError, match=r"'b:a' and 'a:b' are one interaction written in "
                                           r"two orders.*'b:a'"):
-        lmmops.fit("y ~ x + (1|a/b) + (0 + x|a:b)", sim)
-    res = lmmops.fit("y ~ x + (1|a/b) + (0 + x|b:a)", sim)  # the same factor twice: fine
-    assert [t.group for t in res.terms] == ["b:a", "b:a", "a"]
+        lmmops.fit("y ~ x + (1|b:a) + (1|a:b)", sim)
+    with pytest.raises(DesignError, match=r"\(1 \| b:a\) and \(1 \+ x \| a:b\) on grouping "
+                                          r"factors 'b:a' and 'a:b' \(which group the "
+                                          r"observations identically\): column '\(Intercept\)'"):
+        lmmops.fit("y ~ x + (1|a/b) + (1 + x|a:b)", sim)
+    # hand-built terms: the model's own check of the two names' columns
+    model = lmmops.LMM.from_formula("y ~ x + (1|a/b) + (0 + x|a:b)", sim)
+    twin = [t for t in model.terms if t.group == "a:b"][0]
+    dup = type(twin)(twin.group, twin.codes, twin.levels, ("(Intercept)",))
+    with pytest.raises(DesignError, match=r"terms on both have the column\(s\) "
+                                          r"\['\(Intercept\)'\]"):
+        lmmops.LMM(model.design, model.X, model.y, terms=[*model.terms, dup])
 
 
 @pytest.mark.parametrize(("formula", "random"), [

@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
+import scipy.sparse as sps
 import scipy.sparse.linalg as spla
 from conftest import SEED, nested_design, random_design
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from lmmops.errors import DenseTooLargeError
@@ -390,3 +393,51 @@ def test_random_design_helper_importable(rng):
     assert all(d.counts(k).min() >= 1 for k in range(4))
     with pytest.raises(ValueError, match="n_levels"):
         random_design(rng, n_levels=(1, 3), n_obs=10)
+
+
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(st.integers(0, 10**6), st.lists(st.integers(2, 9), min_size=1, max_size=4),
+       st.booleans())
+def test_gram_arrays_equal_the_assembled_gram_and_the_dense_one(seed, levels, weighted):
+    """The Gram written straight into CSR arrays (no COO, no transposed copies) is
+    assemble_gram's matrix entry for entry, and Z'WZ from dense indicators."""
+    from lmmops.data.statistics import SufficientStatistics, assemble_gram
+
+    rng = np.random.default_rng(seed)
+    n = 6 * max(levels) + 5
+    d = random_design(rng, n_levels=levels, n_obs=n, missing=0.4)
+    w = rng.uniform(0.5, 2.0, size=n) if weighted else None
+    s = SufficientStatistics.from_arrays(d, np.ones((n, 1)), rng.normal(size=n), w)
+    indptr, indices, data = operators.gram_arrays(s.D, s.N)
+    assert indptr.dtype == np.int64
+    assert indices.dtype == np.int32
+    ref = assemble_gram(s.D, s.N)
+    np.testing.assert_array_equal(indptr, ref.indptr)
+    np.testing.assert_array_equal(indices, ref.indices)
+    np.testing.assert_array_equal(data, ref.data)  # the same numbers, not rounded
+    Z = np.hstack([d.indicator(k).toarray() for k in range(d.n_factors)])
+    W = np.ones(n) if w is None else w
+    G = sps.csr_matrix((data, indices, indptr), shape=(d.q, d.q)).toarray()
+    assert_allclose(G, Z.T @ (W[:, None] * Z), rtol=1e-13, atol=1e-13)
+    op = GramOperator(d, stats=s)
+    U = rng.normal(size=(d.q, 3))
+    assert_allclose(op.matmat(U), Z.T @ (W[:, None] * (Z @ U)), rtol=1e-12, atol=1e-12)
+    assert op.nnz == ref.nnz
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("m", [1, 5])
+def test_gram_sandwich_is_the_three_steps_bit_for_bit(parallel, m):
+    """The fused spherical product lam * (Z'Z (lam * U)) + U of the iterative solver."""
+    d = _k3()
+    G = GramOperator(d, parallel=parallel)
+    rng = np.random.default_rng(4)
+    lam = rng.uniform(0.1, 3.0, size=d.q)
+    U = rng.normal(size=(d.q, m))
+    steps = G.matmat(lam[:, None] * U)
+    steps *= lam[:, None]
+    steps += U
+    np.testing.assert_array_equal(G.sandwich(lam, U), steps)
+    Z = np.hstack([d.indicator(k).toarray() for k in range(d.n_factors)])
+    assert_allclose(G.sandwich(lam, U), lam[:, None] * (Z.T @ (Z @ (lam[:, None] * U))) + U,
+                    rtol=1e-13, atol=1e-13)

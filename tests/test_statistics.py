@@ -88,3 +88,32 @@ def test_mismatched_statistics_are_refused():
         SufficientStatistics.combine([])
     with pytest.raises(ArgumentError, match="same number of rows"):
         SufficientStatistics.from_arrays(d, X[:5], y)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_closed_forms_from_the_gram_equal_the_squared_tables(weighted):
+    """||E||_F^2 and the boundary derivative's tr(C'P^{-1}C) read the Gram's own arrays
+    (GramOperator.offdiag_square_rows); with any other operator for Z'WZ they read
+    squared cell tables: the same numbers, and both equal the dense sums."""
+    from scipy.sparse.linalg import aslinearoperator
+
+    d, X, y, w = _problem(5, levels=(9, 6, 4), n=90, weighted=weighted)
+    s = SufficientStatistics.from_arrays(d, X, y, w)
+    fast = IterativeObjective(d, None, None, stats=s, n_probes=8, seed=2)
+    plain = IterativeObjective(d, None, None, stats=s, n_probes=8, seed=2,
+                               gram=aslinearoperator(s.gram()))
+    assert fast._N2 is None
+    assert len(plain._N2) == 3
+    G = s.gram().toarray()
+    off2 = G**2 - np.diag(np.diag(G) ** 2)
+    a = np.random.default_rng(1).uniform(0.1, 1.0, size=d.q)
+    np.testing.assert_allclose(fast._square_rows(a), off2 @ a, rtol=1e-13)
+    np.testing.assert_allclose(plain._square_rows(a), off2 @ a, rtol=1e-13)
+    theta = np.array([0.8, 0.5, 1.2])
+    ev, ev0 = fast.evaluate(theta), plain.evaluate(theta)
+    assert ev.objective == pytest.approx(ev0.objective, rel=1e-13)
+    np.testing.assert_allclose(ev.gradient, ev0.gradient, rtol=1e-10, atol=1e-12)
+    edge = np.array([0.8, 0.0, 1.2])
+    b, _, _ = fast.boundary_gradient(fast.evaluate(edge), [1])
+    b0, _, _ = plain.boundary_gradient(plain.evaluate(edge), [1])
+    np.testing.assert_allclose(b, b0, rtol=1e-10)

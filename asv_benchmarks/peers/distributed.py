@@ -14,6 +14,8 @@ Examples::
     python asv_benchmarks/peers/distributed.py --help
     python asv_benchmarks/peers/distributed.py                      # 1e7 and 1e8 rows
     python asv_benchmarks/peers/distributed.py --sizes 2e4:300,40 --partitions 4
+    python asv_benchmarks/peers/distributed.py --sizes 1e6:100000,10000 --partitions 8 \
+        --solver iterative --phases          # where the client's memory goes
 
 Targets (issue 15): 1e8 rows, K = 2 with 1e6 x 1e5 levels on a LocalCluster of two
 workers, client peak memory at most 2.5 GB (independent of n); the same at 1e7 rows shows
@@ -44,7 +46,7 @@ def _parse_size(text):
 
 
 CHILD = r"""
-import json, os, resource, sys, time
+import functools, json, os, resource, sys, time, tracemalloc
 import lmmops
 import distributed
 from lmmops.distributed.files import read_dask, resolve_files
@@ -52,8 +54,62 @@ from lmmops.distributed.files import read_dask, resolve_files
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
+#: the client-side steps whose tracemalloc peaks --phases reports (module, attribute)
+PHASES = [("lmmops.distributed.model", "map_reduce"),
+          ("lmmops.distributed.levelspace", "LevelDesign.connected_components"),
+          ("lmmops.linalg.operators", "GramOperator.__init__"),
+          ("lmmops.estimation.iterative", "IterativeObjective._deflation_basis"),
+          ("lmmops.estimation.iterative", "IterativeObjective.__init__"),
+          ("lmmops.estimation.iterative", "IterativeObjective.evaluate"),
+          ("lmmops.estimation.iterative", "IterativeObjective.average_information"),
+          ("lmmops.estimation.iterative", "IterativeObjective.boundary_gradient"),
+          ("lmmops.estimation.iterative", "IterativeObjective.expected_information"),
+          ("lmmops.estimation.iterative", "IterativeObjective.diag_inverse"),
+          ("lmmops.distributed.model", "optimise"),
+          ("lmmops.distributed.model", "DaskResult.__init__"),
+          ("lmmops.distributed.model", "DaskLMM._build"),
+          ("lmmops.distributed.model", "DaskLMM.fit")]
+STACK, RECORDS = [], {}
+
+def traced(fn, label):
+    # the peak of traced memory above the start of each call (nested calls fold into
+    # their caller's peak); RECORDS[label] = [calls, largest increase MiB, seconds]
+    @functools.wraps(fn)
+    def inner(*a, **k):
+        cur, peak = tracemalloc.get_traced_memory()
+        if STACK:
+            STACK[-1][1] = max(STACK[-1][1], peak)
+        STACK.append([cur, cur])
+        tracemalloc.reset_peak()
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            start, top = STACK.pop()
+            top = max(top, tracemalloc.get_traced_memory()[1])
+            if STACK:
+                STACK[-1][1] = max(STACK[-1][1], top)
+            tracemalloc.reset_peak()
+            r = RECORDS.setdefault(label, [0, 0.0, 0.0])
+            r[0] += 1
+            r[1] = max(r[1], (top - start) / 2**20)
+            r[2] += time.perf_counter() - t0
+    return inner
+
+def trace_phases():
+    import importlib
+    for mod, attr in PHASES:
+        owner = importlib.import_module(mod)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, traced(getattr(owner, name), attr))
+    tracemalloc.start()
+
 if __name__ == "__main__":
     cfg = json.loads(sys.argv[1])
+    if cfg.get("phases"):
+        trace_phases()
     with distributed.LocalCluster(n_workers=cfg["workers"], threads_per_worker=1,
                                   processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster, \
@@ -73,7 +129,9 @@ if __name__ == "__main__":
             "bytes_gathered": sum(p.nbytes for p in model.passes),
             "client_peak_mb": peak_mb(),
             "worker_peak_mb": sorted(workers.values()),
-            "loglik": res.loglik, "converged": res.converged}))
+            "loglik": res.loglik, "converged": res.converged,
+            "phases": {k: {"calls": v[0], "peak_increase_mb": round(v[1], 1),
+                           "seconds": round(v[2], 2)} for k, v in RECORDS.items()}}))
 """
 
 
@@ -91,10 +149,12 @@ def _env():
     return env
 
 
-def run_fit(directory, workers, solver="auto", formula="y ~ 1 + (1|g1) + (1|g2)"):
-    """Fit the files in a fresh child process; its JSON report."""
+def run_fit(directory, workers, solver="auto", formula="y ~ 1 + (1|g1) + (1|g2)",
+            phases=False):
+    """Fit the files in a fresh child process; its JSON report (``phases``: with the
+    tracemalloc peaks of the client's steps, which slow the fit and add to its RSS)."""
     cfg = json.dumps({"data": directory, "workers": workers, "solver": solver,
-                      "formula": formula})
+                      "formula": formula, "phases": bool(phases)})
     out = subprocess.run([sys.executable, "-c", CHILD, cfg], check=True,
                          capture_output=True, text=True, env=_env())
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,6 +171,10 @@ def main(argv=None):
                    help="Parquet files per size (default: one per 2e6 rows, at least 4)")
     p.add_argument("--solver", default="auto", choices=["auto", "direct", "iterative"])
     p.add_argument("--keep", metavar="DIR", help="write the data here and keep it")
+    p.add_argument("--phases", action="store_true",
+                   help="also report the client's tracemalloc peak per step (the passes, "
+                        "the connectivity, the Gram, the deflation basis, the "
+                        "evaluations); slower, and its RSS includes tracemalloc's own")
     args = p.parse_args(argv)
     rows = []
     for size in args.sizes:
@@ -121,7 +185,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             simulate(n, levels, parts, directory)
             sim_s = time.perf_counter() - t0
-            rep = run_fit(directory, args.workers, args.solver)
+            rep = run_fit(directory, args.workers, args.solver, phases=args.phases)
         rep["simulate_s"] = sim_s
         print(json.dumps(rep), flush=True)
         rows.append(rep)
@@ -134,6 +198,13 @@ def main(argv=None):
               f"| {r['workers']} | {r['solver']} | {r['build_s']:.1f} | {r['fit_s']:.1f} "
               f"| {r['client_peak_mb']:.0f} | {workers} "
               f"| {r['bytes_gathered'] / 2**20:.1f} |")
+    if args.phases:
+        print("\n| n | client step | calls | peak increase MB | seconds |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            for name, ph in r["phases"].items():
+                print(f"| {r['n']:.0e} | {name} | {ph['calls']} "
+                      f"| {ph['peak_increase_mb']:.1f} | {ph['seconds']:.2f} |")
     return 0
 
 

@@ -108,6 +108,8 @@ def sorted_levels(values, name="factor"):
     ([2, 0, 2, 1], [2, 7, 10])
     """
     s = pd.Series(values) if not isinstance(values, pd.Series) else values
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return _categorical_levels(s.array, name)
     missing = s.isna().to_numpy()
     if missing.any():
         rows = np.flatnonzero(missing)
@@ -115,10 +117,6 @@ def sorted_levels(values, name="factor"):
             f"grouping factor '{name}' has {rows.size} missing value(s) "
             f"(first at row {rows[0]}); remove or impute them before fitting"
         )
-    if isinstance(s.dtype, pd.CategoricalDtype):
-        cat = s.cat.remove_unused_categories()
-        _check_label_text(cat.cat.categories, name)
-        return cat.cat.codes.to_numpy().astype(np.int32), pd.Index(cat.cat.categories)
     arr = s.to_numpy()
     if arr.dtype.kind in "biuf":
         uniq, codes = np.unique(arr, return_inverse=True)
@@ -128,6 +126,29 @@ def sorted_levels(values, name="factor"):
     index = pd.Index(_sort_key_labels(uniq), dtype=object)
     codes = index.get_indexer(arr)
     return codes.astype(np.int32), index
+
+
+def _categorical_levels(cat, name):
+    """:func:`sorted_levels` of a pandas Categorical: its codes (``-1`` is a missing
+    value) and categories, unused categories dropped in their order (as
+    ``remove_unused_categories``, without building a new Series)."""
+    codes = np.asarray(cat.codes)
+    missing = codes < 0
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise DesignError(
+            f"grouping factor '{name}' has {rows.size} missing value(s) "
+            f"(first at row {rows[0]}); remove or impute them before fitting"
+        )
+    categories = cat.categories
+    used = np.bincount(codes, minlength=len(categories)) > 0
+    if used.all():
+        codes = codes.astype(np.int32)
+    else:
+        codes = (np.cumsum(used) - 1).astype(np.int32)[codes]
+        categories = categories[used]
+    _check_label_text(categories, name)
+    return codes, pd.Index(categories)
 
 
 class LevelCounts:
@@ -286,7 +307,7 @@ class CrossedDesign(LevelCounts):
         return cls(arr, n_levels, names)
 
     @classmethod
-    def from_frame(cls, data, columns, names=None):
+    def from_frame(cls, data, columns, names=None, check=True):
         """Build a design from DataFrame columns holding any hashable labels.
 
         Parameters
@@ -302,6 +323,13 @@ class CrossedDesign(LevelCounts):
         names : sequence of str, optional
             Factor names; default the column names (``"a:b"`` for interactions, the
             string as given).
+        check : bool
+            Refuse two factors that group the rows identically
+            (:meth:`check_distinct_partitions`), the default. ``False`` for a design
+            whose factors carry random-effects terms built afterwards
+            (:meth:`lmmops.LMM.from_formula`: ``(1 | a/b) + (0 + x | a:b)``, two names
+            of one grouping with different columns), which the model checks with its
+            terms.
 
         Returns
         -------
@@ -331,7 +359,8 @@ class CrossedDesign(LevelCounts):
             nlev.append(len(flevels))
             out_names.append(names[i] if names is not None else label)
         design = cls(np.vstack(codes), nlev, out_names, levels)
-        design.check_distinct_partitions()
+        if check:
+            design.check_distinct_partitions()
         return design
 
     def permuted(self, order):
@@ -393,7 +422,10 @@ class CrossedDesign(LevelCounts):
             combined = codes * len(lv) + c
             _, first, codes = np.unique(combined, return_index=True, return_inverse=True)
             codes = codes.ravel()
-        labels = [":".join(str(lv[c[i]]) for c, lv in sub) for i in first]
+        # each level's label read once (a pandas Index is slow to index element-wise)
+        values = [[lv[j] for j in range(len(lv))] for _, lv in sub]
+        labels = [":".join(str(vals[c[i]]) for (c, _), vals in zip(sub, values))
+                  for i in first]
         return codes.astype(np.int32), pd.Index(labels, dtype=object)
 
     # ------------------------------------------------------------------ validation
@@ -420,7 +452,22 @@ class CrossedDesign(LevelCounts):
                     "is not identifiable apart from the residual"
                 )
 
-    def check_distinct_partitions(self):
+    def identical_partitions(self):
+        """The pairs ``(k, l)``, ``k < l``, of factors that group the observations
+        identically (each level of one is exactly one level of the other).
+
+        Examples
+        --------
+        >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [2, 2, 0, 0, 1], [0, 1, 0, 1, 0]],
+        ...                              names=["a", "b", "c"])
+        >>> d.identical_partitions()
+        [(0, 1)]
+        """
+        return [(k, l) for k in range(self.n_factors) for l in range(k + 1, self.n_factors)
+                if self._n_levels[k] == self._n_levels[l]
+                and self.crosstab(k, l).nnz == self._n_levels[k]]
+
+    def check_distinct_partitions(self, terms=None):
         """Raise :class:`DesignError` if two factors group the observations identically.
 
         Two factors with the same partition of the rows, such as ``(1|g) + (1|g:g)``, or
@@ -428,6 +475,17 @@ class CrossedDesign(LevelCounts):
         a relabelling of levels, so their variances are not identifiable apart. The
         operators do not need distinct factors; a model does, and
         :meth:`from_frame` and :class:`lmmops.LMM` call this check.
+
+        With the model's random-effects ``terms``, two such factors are accepted when
+        each carries terms and no column name is in terms of both: they are then as
+        terms on one factor, ``(1 | a/b) + (0 + x | a:b)`` (``b:a`` and ``a:b``, one
+        grouping), which lme4 fits as two factors. (A column of one in the span of the
+        other's columns is refused by :func:`lmmops.data.terms.build_terms`.)
+
+        Parameters
+        ----------
+        terms : sequence of RandomEffectsTerm, optional
+            Default: one random intercept per factor (the design's own).
 
         Raises
         ------
@@ -441,26 +499,35 @@ class CrossedDesign(LevelCounts):
         Traceback (most recent call last):
         lmmops.errors.DesignError: grouping factors 'a' and 'b' group the observations ...
         """
-        for k in range(self.n_factors):
-            for l in range(k + 1, self.n_factors):
-                if self._n_levels[k] == self._n_levels[l] and (
-                    self.crosstab(k, l).nnz == self._n_levels[k]
-                ):
-                    a, b = self._names[k], self._names[l]
-                    ca, cb = grouping_columns(a), grouping_columns(b)
-                    if len(ca) > 1 and sorted(ca) == sorted(cb):  # b:a and a:b
-                        raise DesignError(
-                            f"grouping factors '{a}' and '{b}' are one interaction written "
-                            "in two orders, which lmmops keeps as two factors grouping the "
-                            "observations identically; write it the same way in every term "
-                            "(lme4's name of the inner factor of (1|a/b) is 'b:a')"
-                        )
-                    raise DesignError(
-                        f"grouping factors '{a}' and '{b}' group the "
-                        f"observations identically (each level of one is exactly one level of "
-                        "the other), so their variances cannot be told apart; drop one of the "
-                        "two terms"
-                    )
+        columns = None
+        if terms is not None:
+            columns = {}
+            for t in terms:
+                columns.setdefault(t.group, set()).update(t.columns)
+        for k, l in self.identical_partitions():
+            a, b = self._names[k], self._names[l]
+            if columns is not None and a in columns and b in columns:
+                shared = columns[a] & columns[b]
+                if not shared:
+                    continue
+            ca, cb = grouping_columns(a), grouping_columns(b)
+            if len(ca) > 1 and sorted(ca) == sorted(cb):  # b:a and a:b
+                raise DesignError(
+                    f"grouping factors '{a}' and '{b}' are one interaction written "
+                    "in two orders, which lmmops keeps as two factors grouping the "
+                    "observations identically"
+                    + (f", and terms on both have the column(s) {sorted(shared)}: only the "
+                       "sum of their variances is identifiable; merge the terms or drop one"
+                       if columns is not None and a in columns and b in columns else
+                       "; write it the same way in every term")
+                    + " (lme4's name of the inner factor of (1|a/b) is 'b:a')"
+                )
+            raise DesignError(
+                f"grouping factors '{a}' and '{b}' group the "
+                f"observations identically (each level of one is exactly one level of "
+                "the other), so their variances cannot be told apart; drop one of the "
+                "two terms"
+            )
 
     # ------------------------------------------------------------------ basic facts
     @property

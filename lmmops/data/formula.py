@@ -1417,6 +1417,10 @@ def fixed_effects_matrix(fixed, data, return_spec=False, what="fixed effects"):
     columns = {c for c in data.columns if isinstance(c, str)}
     for _, node in _terms(_Parser(text, 0, where).parse()):
         _check_fixed(node, where, columns)
+    hit = _plain_matrix(text, what, data)
+    if hit is not None:
+        X, names, spec = hit
+        return (X, names, spec) if return_spec else (X, names)
     try:
         formula = formulaic.Formula(text)
     except Exception as exc:  # formulaic raises several types; name the problem
@@ -1451,9 +1455,86 @@ def fixed_effects_matrix(fixed, data, return_spec=False, what="fixed effects"):
         kind = what.replace("effects", "effect").replace(" ", "-")
         raise _fail(f"{kind} column(s) {bad} contain non-finite values (inf or NaN); "
                     "remove or impute them before fitting")
+    _remember_plain(text, what, data, formula, mm, X, names)
     if return_spec:
         return X, names, mm.model_spec
     return X, names
+
+
+#: :func:`fixed_effects_matrix`'s memory of the formulas whose matrix is plain columns:
+#: ``(text, what) -> (sources, dtypes, names, spec)``, bounded by :data:`_PLAIN_MAX`
+_PLAIN = {}
+_PLAIN_MAX = 256
+
+
+def _plain_dtype(col):
+    """The dtype of a column if it is a plain numpy integer or float dtype, else None."""
+    dt = getattr(col, "dtype", None)  # a DataFrame (duplicated column name) has none
+    return dt if isinstance(dt, np.dtype) and dt.kind in "iuf" else None
+
+
+def _remember_plain(text, what, data, formula, mm, X, names):
+    """Remember a formula whose matrix formulaic built as plain columns.
+
+    Plain: every factor formulaic evaluated is the intercept or a lookup of a numeric
+    (numpy integer or float) column, every term has one factor at most, and each column
+    of the matrix is the intercept (ones) or a data column cast to float64, exactly.
+    Such a matrix, and its model spec (which holds no state learnt from the data),
+    depend on the data only through those columns' values and dtypes, so
+    :func:`_plain_matrix` rebuilds it for the next data set without formulaic.
+    """
+    if not len(data) or len(_PLAIN) >= _PLAIN_MAX or "Intercept" in data.columns:
+        return  # (a data column named like formulaic's intercept column: not plain)
+    sources = []
+    for term in formula:
+        factors = list(term.factors)
+        if len(factors) > 1:
+            return
+        for factor in factors:
+            method = factor.eval_method.value
+            if method == "lookup":
+                if factor.expr not in data.columns or _plain_dtype(data[factor.expr]) is None:
+                    return
+            elif not (method == "literal" and factor.expr == "1"):
+                return
+    for j, c in enumerate(mm.columns):
+        c = str(c)
+        if c == "Intercept":
+            if not np.all(X[:, j] == 1.0):
+                return
+            sources.append(None)
+        elif c in data.columns and _plain_dtype(data[c]) is not None:
+            if not np.array_equal(X[:, j], data[c].to_numpy(dtype=np.float64)):
+                return
+            sources.append(c)
+        else:
+            return
+    dtypes = tuple(None if c is None else data[c].dtype for c in sources)
+    _PLAIN[(text, what)] = (tuple(sources), dtypes, list(names), mm.model_spec)
+
+
+def _plain_matrix(text, what, data):
+    """``(X, names, spec)`` for a formula :func:`_remember_plain` saw, if the data's
+    columns have the same dtypes and no missing value; else None (formulaic builds it,
+    and reports any problem)."""
+    hit = _PLAIN.get((text, what))
+    if hit is None or not len(data):
+        return None
+    sources, dtypes, names, spec = hit
+    X = np.empty((len(data), len(sources)))
+    for j, (c, dt) in enumerate(zip(sources, dtypes)):
+        if c is None:
+            X[:, j] = 1.0
+            continue
+        if c not in data.columns:
+            return None
+        col = data[c]
+        if not isinstance(col, pd.Series) or col.dtype != dt:
+            return None
+        X[:, j] = col.to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(X)):
+        return None  # formulaic's path names the missing or non-finite values
+    return X, list(names), spec
 
 
 def check_full_rank(X, names, tol=1e-7):

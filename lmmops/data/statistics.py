@@ -196,6 +196,8 @@ class SufficientStatistics:
         Used for the exact solver's Schur block, whose size is guarded by its caller.
         """
         factors = list(factors)
+        if len(factors) == 1:  # a diagonal block: the same matrix without scipy's bmat
+            return np.diag(np.asarray(self.D[factors[0]], dtype=np.float64))
         blocks = [[self.crosstab(k, l) for l in factors] for k in factors]
         if not blocks:
             return np.zeros((0, 0))

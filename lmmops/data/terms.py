@@ -44,7 +44,8 @@ from lmmops.data.formula import fixed_effects_matrix, rank_columns
 from lmmops.errors import ArgumentError, DesignError, FormulaError
 
 __all__ = ["CENTRE_RATIO", "RandomEffectsTerm", "build_terms", "centred_start",
-           "centred_terms", "centring_shifts", "check_term_rank", "column_units",
+           "centred_terms", "centring_offsets", "centring_shifts", "check_term_rank",
+           "column_units",
            "covariance_entries", "lower_triangle", "lq_lower", "off_centre_hint",
            "order_terms", "recentre_theta", "theta_layout", "theta_lower_bounds",
            "theta_names", "theta_scales"]
@@ -444,6 +445,13 @@ def centring_shifts(terms, ratio=CENTRE_RATIO):
     return out if found else None
 
 
+def _mean_spread(z):
+    """A column's mean and spread (root mean square about the mean)."""
+    z = np.asarray(z, dtype=np.float64)
+    m = float(z.mean())
+    return m, float(np.sqrt(np.mean((z - m) ** 2)))
+
+
 def _off_centre_columns(terms, ratio):
     """``(term, column, mean, spread)`` of each slope column, in a term with values and
     an intercept, whose mean is ``ratio`` spreads or more from 0."""
@@ -452,14 +460,38 @@ def _off_centre_columns(terms, ratio):
         if t.values is None or INTERCEPT not in t.columns:
             continue
         for i, name in enumerate(t.columns):
-            z = np.asarray(t.values[:, i], dtype=np.float64)
-            if name == INTERCEPT or not z.size:
+            if name == INTERCEPT or not t.values.shape[0]:
                 continue
-            m = float(z.mean())
-            s = float(np.sqrt(np.mean((z - m) ** 2)))
+            m, s = _mean_spread(t.values[:, i])
             if s > 0.0 and abs(m) >= ratio * s:
                 found.append((k, i, m, s))
     return found
+
+
+def centring_offsets(terms, shifts):
+    """The largest ``|m| / s`` of the columns shifted by ``shifts``
+    (:func:`centring_shifts`): the shift ``m`` of a column over its spread ``s`` (the
+    root mean square of its values about their mean), 0 if nothing is shifted.
+
+    The criterion evaluated on the columns as given loses about ``eps (|m| / s)^2`` of
+    itself to rounding (``docs/theory_slopes.rst``, "Conditioning").
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> x = np.tile(np.arange(4.0), 5) + 1e5
+    >>> t = RandomEffectsTerm("g", np.repeat(np.arange(5), 4).astype(np.int32),
+    ...                       pd.Index(range(5)), ("(Intercept)", "x"),
+    ...                       np.column_stack([np.ones(20), x]))
+    >>> round(centring_offsets([t], centring_shifts([t])))
+    89444
+    """
+    out = 0.0
+    for t, m in zip(terms, shifts):
+        for i in np.flatnonzero(m):
+            s = _mean_spread(t.values[:, i])[1]
+            out = max(out, math.inf if s == 0.0 else abs(float(m[i])) / s)
+    return out
 
 
 def centred_terms(terms, shifts):
@@ -685,7 +717,9 @@ def build_terms(parsed, data, design):
                 "random-effects parameters and the residual variance (or scale parameter) "
                 "are probably unidentifiable")
         built.append((spec, term))
-    _check_shared_columns(built)
+    twins = {frozenset((design.names[k], design.names[l]))
+             for k, l in design.identical_partitions()}
+    _check_shared_columns(built, twins)
     return tuple(built[i][1] for i in order_terms([t for _, t in built]))
 
 
@@ -717,11 +751,18 @@ def _check_term_matrix(spec, X, names, codes):
     return values
 
 
-def _check_shared_columns(built):
-    """Two terms on one factor: no column of one in the span of the other's columns."""
+def _check_shared_columns(built, twins=frozenset()):
+    """Two terms on one factor, or on two factors that group the rows identically
+    (``twins``: sets of their two names, ``(1 | b:a) + (0 + x | a:b)``): no column of one
+    in the span of the other's columns."""
     for a, (spec_a, ta) in enumerate(built):
         for spec_b, tb in built[a + 1:]:
-            if ta.group != tb.group:
+            if ta.group == tb.group:
+                where = f"on grouping factor '{ta.group}'"
+            elif frozenset((ta.group, tb.group)) in twins:
+                where = (f"on grouping factors '{ta.group}' and '{tb.group}' (which group "
+                         "the observations identically)")
+            else:
                 continue
             for (s1, t1), (s2, t2) in (((spec_a, ta), (spec_b, tb)),
                                        ((spec_b, tb), (spec_a, ta))):
@@ -734,8 +775,8 @@ def _check_shared_columns(built):
                         how = ("is also a column" if name in t2.columns
                                else "lies in the span of the columns")
                         raise DesignError(
-                            f"random-effects terms {s1} and {s2} on grouping factor "
-                            f"'{ta.group}': column '{name}' of the first {how} of the "
+                            f"random-effects terms {s1} and {s2} {where}: column "
+                            f"'{name}' of the first {how} of the "
                             f"second ({', '.join(t2.columns)}), so only the sum of the two "
                             "terms' variances along it is identifiable; merge them into one "
                             "term or drop one (for a factor f, (f || g) is (1 | g) + "

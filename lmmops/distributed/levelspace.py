@@ -25,13 +25,13 @@ import numbers
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.sparse import csgraph
 
 from lmmops.data.design import CrossedDesign, LevelCounts
 from lmmops.data.statistics import assemble_gram
 from lmmops.data.terms import RandomEffectsTerm
 from lmmops.errors import DesignError, UnknownNameError
 from lmmops.estimation.direct import theta_scale
+from lmmops.linalg import kernels
 
 __all__ = ["LevelDesign", "level_terms", "moment_start_from_stats"]
 
@@ -117,27 +117,38 @@ class LevelDesign(LevelCounts):
         """Sparse ``Z'Z``."""
         return assemble_gram(self._counts, self._N)
 
+    identical_partitions = CrossedDesign.identical_partitions
     check_distinct_partitions = CrossedDesign.check_distinct_partitions
 
     def connected_components(self):
         """Connected components of the level graph (as
-        :meth:`CrossedDesign.connected_components`: edges from the first factor)."""
+        :meth:`CrossedDesign.connected_components`: edges from the first factor).
+
+        A union-find over the cell tables' own CSR index arrays
+        (:func:`lmmops.linalg.kernels.union_csr`): no copy of the tables, ``12 q`` bytes
+        of work whatever the number of cells (the edge list and the float adjacency
+        matrix that ``scipy.sparse.csgraph`` needs would cost tens of bytes per cell).
+        """
         if "components" not in self._cache:
             K, off = self.n_factors, self.offsets
             if K == 1:
                 res = (self.q, np.arange(self.q, dtype=np.int32))
             else:
-                rows, cols = [], []
+                parent = np.arange(self.q, dtype=np.int64)
                 for k in range(1, K):
-                    c = self.crosstab(0, k).tocoo()
-                    rows.append(c.row + off[0])
-                    cols.append(c.col + off[k])
-                rows, cols = np.concatenate(rows), np.concatenate(cols)
-                adj = sp.coo_matrix((np.ones(rows.size), (rows, cols)), shape=(self.q, self.q))
-                ncomp, labels = csgraph.connected_components(adj, directed=False)
-                res = (int(ncomp), labels.astype(np.int32))
+                    c = self._table(0, k)
+                    kernels.union_csr(c.indptr, c.indices, np.int64(off[0]),
+                                      np.int64(off[k]), parent)
+                labels = np.empty(self.q, dtype=np.int32)
+                ncomp = kernels.component_labels(parent, labels)
+                res = (int(ncomp), labels)
             self._cache["components"] = res
         return self._cache["components"]
+
+    def _table(self, k, l):
+        """``Z_k'Z_l`` for ``k < l``: the stored cell table (CSR, no copy)."""
+        m = self._N[(k, l)]
+        return m if sp.issparse(m) and m.format == "csr" else sp.csr_matrix(m)
 
     @property
     def is_connected(self):

@@ -57,7 +57,7 @@ from lmmops.distributed.passes import (
     map_statistics,
 )
 from lmmops.distributed.pcg import DistributedGram
-from lmmops.distributed.reduction import FAN_IN, client_info, map_reduce
+from lmmops.distributed.reduction import FAN_IN, client_info, client_peak_mb, map_reduce
 from lmmops.errors import (
     ArgumentError,
     DesignError,
@@ -298,12 +298,16 @@ class DaskLMM:
         design = LevelDesign([g for g, _ in factors], plan.levels, dstats.D,
                              {(k, l): tables[(k, l)] for k in range(K)
                               for l in range(k + 1, K)}, mom.n)
-        design.check_distinct_partitions()
+        if intercepts:
+            design.check_distinct_partitions()
         self.design = design
         if intercepts:
             self.terms = design.terms
         else:
             self.terms = level_terms(design, specs)
+            # two names of one grouping (b:a and a:b) whose terms share no column: as
+            # terms on one factor, as in memory (CrossedDesign.check_distinct_partitions)
+            design.check_distinct_partitions(self.terms)
             for t in self.terms:
                 if t.dim > 1 and t.n_levels <= t.dim:
                     raise DesignError(
@@ -440,6 +444,8 @@ class DaskLMM:
                                                            self.conditioning, method))
         elapsed = self.build_s + (time.perf_counter() - t0)
         res = DaskResult(self, obj, ev, opt, method, picked, np.zeros(0), elapsed, opts)
+        res.n_workers = client_info()[0]
+        res.client_peak_mb = client_peak_mb()  # the build and the fit
         res.notes.append(plan.note)
         if s == "auto":
             res.notes.append(
@@ -580,6 +586,48 @@ class DaskResult(LMMResult):
 
     #: the row outputs that need ``diag(P)`` (exact solver)
     LEVERAGE_KINDS = ("diag_P", "shift", "shift_var", "studentized")
+
+    def to_dict(self):
+        """:meth:`LMMResult.to_dict` (the ``lmmops fit --json`` contract) and the record
+        of the fit on the cluster, ``distributed`` (:meth:`distributed_info`)."""
+        out = super().to_dict()
+        out["distributed"] = self.distributed_info()
+        return out
+
+    def distributed_info(self):
+        """What the fit cost on the cluster and on the client.
+
+        Returns
+        -------
+        dict
+            ``partitions`` (int); ``workers`` (int, or None on dask's local scheduler);
+            ``bytes_gathered``: ``{"total": int, "per_pass": {name: int}}``, the pickled
+            size of each pass's root received by the client; ``passes``: one
+            ``{"name", "seconds", "bytes", "partitions"}`` per pass over the data, in
+            order; ``client_peak_mb`` (float or None): the peak resident memory of the
+            client's process at the end of the fit, in MiB (with a ``LocalCluster``
+            started in the process it includes the scheduler); ``gram``: None, or for
+            ``gram="workers"`` ``{"blocks", "products", "bytes_moved"}`` of the
+            Gram matrix's row blocks on the workers.
+        """
+        passes = [{"name": p.name, "seconds": float(p.seconds), "bytes": int(p.nbytes),
+                   "partitions": int(p.n_partitions)} for p in self.passes]
+        gram = getattr(self._objective, "_ZtZ", None)
+        gram_info = None
+        if gram is not None and hasattr(gram, "bytes_moved"):  # DistributedGram
+            gram_info = {"blocks": len(gram.blocks), "products": int(gram.products),
+                         "bytes_moved": int(gram.bytes_moved)}
+        workers = getattr(self, "n_workers", None)
+        peak = getattr(self, "client_peak_mb", None)
+        return {
+            "partitions": int(self.n_partitions),
+            "workers": None if workers is None else int(workers),
+            "bytes_gathered": {"total": sum(p["bytes"] for p in passes),
+                               "per_pass": {p["name"]: p["bytes"] for p in passes}},
+            "passes": passes,
+            "client_peak_mb": None if peak is None else float(peak),
+            "gram": gram_info,
+        }
 
     def _leverage(self):
         """``(objective, leverage parts, s^2)`` for the row outputs of ``diag(P)``; the

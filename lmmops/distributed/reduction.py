@@ -20,12 +20,63 @@ from tqdm import tqdm
 
 from lmmops.errors import ArgumentError
 
-__all__ = ["TreeReduction", "client_info", "map_reduce", "tree_reduce"]
+__all__ = ["TreeReduction", "client_info", "client_peak_mb", "map_reduce", "pickled_nbytes",
+           "tree_reduce"]
 
 _last_bar = []  # partitions the last progress bar counted (for the tests)
 
 #: partial results combined per task of the tree
 FAN_IN = 8
+
+
+class _Counter:
+    """A write-only file that keeps the number of bytes written and nothing else."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        self.n += n
+        return n
+
+
+def pickled_nbytes(obj):
+    """The size of ``obj`` pickled (protocol 5), counted without making the pickle.
+
+    The pickler writes to a counter instead of a bytes object, and the large contiguous
+    buffers (NumPy arrays, hence the arrays of SciPy sparse matrices) are handed out of
+    band to a callback that adds up their sizes: nothing as large as ``obj`` is
+    allocated, where ``len(pickle.dumps(obj))`` makes a whole second copy of it. The
+    count is that of ``pickle.dumps(obj, protocol=5)`` up to a few bytes per buffer
+    (an out-of-band buffer's opcode is 1 byte, an in-band one's 9 plus its length).
+
+    Parameters
+    ----------
+    obj : object
+        Picklable.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = {"a": np.zeros(1000), "b": [1, 2, 3]}
+    >>> n = pickled_nbytes(x)
+    >>> abs(n - len(pickle.dumps(x, protocol=5))) < 16
+    True
+    """
+    out = _Counter()
+    buffers = [0]
+
+    def count(buf):
+        buffers[0] += memoryview(buf).nbytes
+        # a false return leaves the buffer out of band: counted here, never copied
+
+    pickle.Pickler(out, protocol=5, buffer_callback=count).dump(obj)
+    return out.n + buffers[0]
 
 
 def tree_reduce(parts, combine, fan_in=FAN_IN):
@@ -91,7 +142,7 @@ def map_reduce(ddf, fn, combine, *args, fan_in=FAN_IN, name="pass", progress=Non
         result = _with_progress(mapped, combine, fan_in, name)
     else:
         (result,) = dask.compute(tree_reduce(mapped, combine, fan_in=fan_in))
-    nbytes = len(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    nbytes = pickled_nbytes(result)
     return result, TreeReduction(name, len(parts), time.perf_counter() - t0, nbytes)
 
 
@@ -157,3 +208,24 @@ def client_info():
     link = getattr(client, "dashboard_link", None) \
         if "dashboard" in info.get("services", {}) and _has_bokeh() else None
     return n, link
+
+
+def client_peak_mb():
+    """The peak resident memory of this (the client's) process so far, in MiB, or None
+    where the platform does not report it.
+
+    ``getrusage``'s ``ru_maxrss`` (KiB on Linux, bytes on macOS): the whole process,
+    which includes the scheduler of a ``LocalCluster`` started in it (its workers are
+    other processes).
+
+    Examples
+    --------
+    >>> client_peak_mb() > 0
+    True
+    """
+    try:
+        import resource  # POSIX only
+    except ImportError:  # pragma: no cover (Windows)
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) / (2**20 if sys.platform == "darwin" else 2**10)

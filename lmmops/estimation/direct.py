@@ -51,7 +51,8 @@ from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
 from lmmops.estimation.criterion import profiled_criterion
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
-from lmmops.threads import limit_threads
+from lmmops.linalg.lapack import tri_solve
+from lmmops.threads import limit_threads, limits_active
 
 __all__ = [
     "DirectObjective",
@@ -282,13 +283,18 @@ class DirectObjective:
             self.N.indptr.astype(np.int64), self.N.indices.astype(np.int64),
             self.N.data.astype(np.float64),
         )
+        # N and N' for the CSR products (scipy's own index arrays, float64 values)
+        self._N_csr = _csr_arrays(self.N)
+        self._Nt_csr = _csr_arrays(self.Nt)
+        # theta_k repeated over the levels of each factor but the first
+        self._rest_index = np.repeat(np.asarray(self.rest, dtype=np.intp), self.q_rest)
+        qr = self.qr
         # the Schur block's symbolic work, once: N's transpose as an index (the rows of
         # N with a nonzero in each column, kernels.csr_column_positions) and
         # Z_rest'WZ_rest's upper triangle (sparse); each evaluation refills the values
-        self._cols = kernels.csr_column_positions(self._N_arrays[0], self._N_arrays[1],
-                                                  self.qr)
+        self._cols = kernels.csr_column_positions(self._N_arrays[0], self._N_arrays[1], qr)
         A = sp.triu(sp.bmat([[stats.crosstab(k, l) for l in self.rest] for k in self.rest],
-                            format="csr"), format="csr") if self.qr else sp.csr_matrix((0, 0))
+                            format="csr"), format="csr") if qr else sp.csr_matrix((0, 0))
         A.sort_indices()
         self._arr_upper = (A.indptr.astype(np.int64), A.indices.astype(np.int64),
                            A.data.astype(np.float64))
@@ -296,13 +302,30 @@ class DirectObjective:
         # triangle is ever written: LAPACK factors its transpose (column-major, lower) in
         # place, and the other triangle stays zero
         self._S = np.zeros((m, m))
+        # _first_parts' cache: a few entries, on small level spaces only
+        self._first_cache = {}
+        self._first_cacheable = (2 * self.q1 + (qr + p + 1) * (p + 1)
+                                 <= _FIRST_CACHE_DOUBLES)
+        self._offsets = [int(o) for o in design.offsets]
+        self._level_index = {}  # _zt_times' bin index per number of columns
         self.n_evaluations = 0
 
     # ------------------------------------------------------------------ helpers
     def _theta_rest(self, theta):
         if not self.qr:
             return np.zeros(0)
-        return np.repeat(np.asarray(theta, dtype=np.float64)[self.rest], self.q_rest)
+        return np.asarray(theta, dtype=np.float64)[self._rest_index]
+
+    def _N_times(self, B):
+        """``N @ B`` (``N`` the cross-tabulation of the first factor with the rest) for a
+        C-ordered float64 ``B`` of shape ``(q_rest, k)``, as scipy's CSR product computes
+        it, without its dispatch."""
+        return _csr_times(self._N_csr, B, self.q1)
+
+    def _Nt_times(self, B):
+        """``N' @ B`` for a C-ordered float64 ``B`` of shape ``(q_1, k)`` (see
+        :meth:`_N_times`)."""
+        return _csr_times(self._Nt_csr, B, self.qr)
 
     def _reml_dims(self):
         """Size of the leading block whose log-determinant enters the criterion."""
@@ -328,7 +351,10 @@ class DirectObjective:
         RankDeficientError
             If X is numerically rank deficient.
         """
-        # a small Schur block runs single-threaded BLAS (threads="auto", lmmops.threads)
+        # a small Schur block runs single-threaded BLAS (threads="auto", lmmops.threads);
+        # inside a fit, the fit's limits are in force already
+        if limits_active():
+            return self._evaluate(theta, gradient)
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return self._evaluate(theta, gradient)
 
@@ -341,22 +367,21 @@ class DirectObjective:
         next such call), otherwise in a new one (an :class:`Evaluation` keeps it).
         ``gradient`` is unused (the gradient's Gram terms are summed on the fly).
         """
-        theta = np.asarray(theta, dtype=np.float64).copy()
-        if theta.shape != (self.K,) or np.any(~np.isfinite(theta)) or np.any(theta < 0):
+        theta = np.array(theta, dtype=np.float64)
+        if theta.shape != (self.K,) or not all(0.0 <= t < math.inf for t in theta.tolist()):
             raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")
         self.n_evaluations += 1
         n, p, qr, m = self.n, self.p, self.qr, self.m
         t1 = theta[self.first]
-        d = t1 * t1 * self.d1 + 1.0
-        w1 = t1 * t1 / d
+        d, w1, RN, Sxx, logdet_d = self._first_parts(t1)
         tr_ = self._theta_rest(theta)
         # S's upper triangle, C order (= the lower triangle of the column-major S.T)
         S = np.zeros((m, m)) if keep else self._S
         if qr:
-            kernels.schur_fill(*self._N_arrays, *self._cols, w1, *self._arr_upper, tr_, S)
-            NwT = self.Nt @ (w1[:, None] * self.Z1T)
-            S[:qr, qr:] = tr_[:, None] * (self.ZrT - NwT)
-        S[qr:, qr:] = np.triu(self.TT - self.Z1T.T @ (w1[:, None] * self.Z1T))
+            kernels.schur_fill_rows(*self._N_arrays, *self._cols, w1, *self._arr_upper, tr_,
+                                    S)
+            S[:qr, qr:] = tr_[:, None] * RN
+        S[qr:, qr:] = np.triu(Sxx)
         L, info = sla.lapack.dpotrf(S.T, lower=1, overwrite_a=1, clean=0)
         if info > 0:
             col = info - 1
@@ -368,9 +393,10 @@ class DirectObjective:
                     f"the blocked Cholesky factor lost positive definiteness at pivot {info} "
                     f"({where}) for theta = {theta}"
                 )
-        diag = np.diag(L)
-        logdet_L = float(np.sum(np.log(d)) + 2.0 * np.sum(np.log(diag[:qr])))
-        logdet_RX = float(2.0 * np.sum(np.log(diag[qr:qr + p])))
+        diag = L.diagonal()
+        logs = np.log(diag[:qr + p])
+        logdet_L = float(logdet_d + 2.0 * logs[:qr].sum())
+        logdet_RX = float(2.0 * logs[qr:].sum())
         pwrss = float(diag[m - 1] ** 2)
         if pwrss <= 0:
             raise LmmopsError("the response is fitted exactly (zero residual sum of squares)")
@@ -378,10 +404,42 @@ class DirectObjective:
         obj, dof = profiled_criterion(logdet_L, logdet_RX, pwrss, n, p, self.method, self.ldW)
         return theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, obj, dof
 
+    def _first_parts(self, t1, gradient=False):
+        """The parts of the Schur block that depend on the first factor's ``theta`` alone:
+        ``(d, w1, Z_r'T - N'W_1 Z_1'T, T'T - T'Z_1 W_1 Z_1'T, sum(log d))`` with
+        ``d = t1^2 D_1 + 1`` and ``w1 = t1^2 / d`` (the block of the other factors is
+        filled from ``w1`` by :func:`~lmmops.linalg.kernels.schur_fill_rows`; ``gradient``
+        is unused).
+
+        Kept for the last few values of ``t1`` on a small level space (the optimiser's
+        grids move the other components with ``t1`` fixed), so a repeated ``t1`` reuses
+        the same numbers."""
+        key = float(t1)
+        hit = self._first_cache.get(key)
+        if hit is not None:
+            return hit
+        qr = self.qr
+        d = t1 * t1 * self.d1 + 1.0
+        w1 = t1 * t1 / d
+        WZ1 = w1[:, None] * self.Z1T
+        RN = self.ZrT - self._Nt_times(WZ1) if qr else None
+        Sxx = self.TT - self.Z1T.T @ WZ1
+        parts = (d, w1, RN, Sxx, np.log(d).sum())
+        if self._first_cacheable:
+            for a in parts[:4]:
+                if a is not None:
+                    a.setflags(write=False)  # shared by the evaluations at this t1
+            if len(self._first_cache) >= _FIRST_CACHE_ENTRIES:
+                self._first_cache.clear()
+            self._first_cache[key] = parts
+        return parts
+
     def criterion(self, theta):
         """The criterion alone at ``theta`` (no modes, no gradient): the factorisation
         and its diagonal, for the optimiser's grid and line searches (about a third of
         the time of :meth:`evaluate`, mostly fixed overhead, on small designs)."""
+        if limits_active():
+            return float(self._factor(theta, False, keep=False)[9])
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return float(self._factor(theta, False, keep=False)[9])
 
@@ -405,11 +463,11 @@ class DirectObjective:
         beta = sol[qr:qr + p]
         rhs1 = t1 * self.Z1T[:, p] - t1 * (self.Z1T[:, :p] @ beta)
         if qr:
-            rhs1 -= t1 * (self.N @ (tr_ * v_rest))
+            rhs1 -= t1 * self._N_times(tr_ * v_rest)
         v1 = rhs1 / d
         # beta covariance: sigma2 * (R_X R_X')^{-1}
         RX = L[qr:qr + p, qr:qr + p]
-        RXinv = sla.solve_triangular(RX, np.eye(p), lower=True) if p else np.zeros((0, 0))
+        RXinv = tri_solve(RX, np.eye(p), lower=True) if p else np.zeros((0, 0))
         beta_cov = sigma2 * (RXinv.T @ RXinv)
 
         v = [None] * self.K
@@ -442,7 +500,7 @@ class DirectObjective:
             t1 = theta[self.first]
             w2 = w1 / d
             if qr:  # on N'N's pattern only, no dense Gram
-                tr_first += kernels.schur_trace(*self._N_arrays, *self._cols, w2, tr_, Sinv.T)
+                tr_first += kernels.schur_trace_rows(*self._N_arrays, *self._cols, w2, tr_, Sinv.T)
             if self.method == "REML" and p:
                 X1 = self.Z1T[:, :p]
                 Sxx = Sinv[qr:, qr:]
@@ -450,7 +508,7 @@ class DirectObjective:
                 tr_first += float(2.0 * np.sum(np.tril(Sxx) * Bxx)
                                   - np.sum(np.diagonal(Sxx) * np.diagonal(Bxx)))
                 if qr:
-                    NwX = self.Nt @ (w2[:, None] * X1)  # (qr, p)
+                    NwX = self._Nt_times(w2[:, None] * X1)  # (qr, p)
                     tr_first += 2.0 * float(np.sum(Sinv[qr:, :qr].T * (tr_[:, None] * NwX)))
         diag_inv = np.diagonal(Sinv)
         traces = np.zeros(self.K)
@@ -546,12 +604,16 @@ class DirectObjective:
 
     def _split_rhs(self, ZtW, XtW, theta):
         """Spherical right-hand sides ``[Lambda Z'W; X'W]`` in block order."""
-        off = self.design.offsets
+        off = self._offsets
         f = self.first
         b1 = theta[f] * ZtW[off[f]:off[f + 1]]
-        parts = [theta[k] * ZtW[off[k]:off[k + 1]] for k in self.rest]
-        parts.append(XtW)
-        br = np.vstack(parts)
+        br = np.empty((self.qr + XtW.shape[0], ZtW.shape[1]))
+        lo = 0
+        for k in self.rest:
+            hi = lo + off[k + 1] - off[k]
+            np.multiply(theta[k], ZtW[off[k]:off[k + 1]], out=br[lo:hi])
+            lo = hi
+        br[lo:] = XtW
         return b1, br
 
     def solve_spherical(self, ev, b1, br, z_only=False):
@@ -579,14 +641,14 @@ class DirectObjective:
         z = b1 / d[:, None]
         cr = np.array(br, dtype=np.float64, copy=True)
         if qr:
-            cr[:qr] -= tr_[:, None] * (self.Nt @ (t1 * z))
+            cr[:qr] -= tr_[:, None] * self._Nt_times(t1 * z)
         if p:
             cr[qr:] -= t1 * (X1.T @ z)
         mp = qr + p
         xr = leading_cho_solve(L, mp, cr) if mp else cr
         back = X1 @ xr[qr:] if p else np.zeros_like(b1)
         if qr:
-            back = back + self.N @ (tr_[:, None] * xr[:qr])
+            back = back + self._N_times(tr_[:, None] * xr[:qr])
         x1 = (b1 - t1 * back) / d[:, None]
         return x1, xr
 
@@ -633,13 +695,36 @@ class DirectObjective:
         self._need_rows("quadratic forms of row vectors")
         wt = self.weights
         WW = W if wt is None else wt[:, None] * W
+        return self._projected_gram(ev, self._zt_times(WW), self.X.T @ WW, W.T @ WW,
+                                    z_only)
+
+    def _zt_times(self, W):
+        """``Z'W`` (``q x c``) for the columns of ``W`` (``n x c``): per factor and column
+        the sums over each level's rows, in row order (``np.bincount``).
+
+        For a small design one ``bincount`` over the bins ``(level, column)`` of all
+        factors (its index cached per ``c``) adds the same values in the same order as
+        one call per factor and column; larger designs take those calls (the index
+        would hold ``n K c`` entries)."""
+        n, c = W.shape
+        q = self._offsets[-1]
+        if n * self.K * c <= _ZT_TIMES_MAX_INDEX:
+            idx = self._level_index.get(c)
+            if idx is None:
+                codes = np.asarray(self.design.codes, dtype=np.int64)
+                lev = codes + np.asarray(self._offsets[:-1], dtype=np.int64)[:, None]
+                idx = (lev[:, :, None] * c + np.arange(c)[None, None, :]).ravel()
+                if len(self._level_index) >= 4:  # a few widths at most (AI: K + 1)
+                    self._level_index.clear()
+                self._level_index[c] = idx
+            w = np.ascontiguousarray(W, dtype=np.float64).ravel()
+            return np.bincount(idx, weights=np.tile(w, self.K), minlength=q * c).reshape(q, c)
         codes = self.design.codes
-        ZtW = np.vstack([
-            np.stack([np.bincount(codes[k], weights=WW[:, j], minlength=self.design.n_levels[k])
-                      for j in range(W.shape[1])], axis=1)
+        return np.vstack([
+            np.stack([np.bincount(codes[k], weights=W[:, j], minlength=self.design.n_levels[k])
+                      for j in range(c)], axis=1)
             for k in range(self.K)
         ])
-        return self._projected_gram(ev, ZtW, self.X.T @ WW, W.T @ WW, z_only)
 
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
@@ -677,6 +762,34 @@ def leading_cho_solve(L, mp, b):
     y[mp:] = 0.0
     return sla.solve_triangular(L, y, lower=True, trans="T", check_finite=False,
                                 overwrite_b=True)[:mp]
+
+
+#: :meth:`DirectObjective._first_parts` keeps at most this many values of ``t1``, where
+#: one entry holds at most ``_FIRST_CACHE_DOUBLES`` numbers (256 KiB)
+_FIRST_CACHE_ENTRIES = 32
+_FIRST_CACHE_DOUBLES = 2**15
+
+#: :meth:`DirectObjective._zt_times` caches its one-``bincount`` index up to this many
+#: entries (8 MiB)
+_ZT_TIMES_MAX_INDEX = 2**20
+
+
+def _csr_arrays(A):
+    """``(indptr, indices, data)`` of a CSR matrix for :func:`_csr_times` (float64 data)."""
+    return A.indptr, A.indices, np.asarray(A.data, dtype=np.float64)
+
+
+def _csr_times(arrays, B, rows):
+    """``A @ B`` for a CSR ``A`` given by :func:`_csr_arrays` with ``rows`` rows and a
+    float64 ``B`` (1-d or 2-d): the serial ``csr_matmat`` kernel, which adds up each
+    row's products in the order scipy's CSR product does (the same result, bit for bit),
+    without scipy's dispatch (several microseconds a call)."""
+    B = np.asarray(B, dtype=np.float64)
+    vector = B.ndim == 1
+    B2 = np.ascontiguousarray(B.reshape(-1, 1) if vector else B)
+    out = np.empty((rows, B2.shape[1]))
+    kernels.csr_matmat_serial(*arrays, B2, out)
+    return out[:, 0] if vector else out
 
 
 def theta_gradient(theta, n_levels, traces, v, sigma2):

@@ -45,6 +45,7 @@ import time
 import warnings
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from lmmops.data.checks import check_method, check_rows_free, check_weights
@@ -468,12 +469,15 @@ class IterativeObjective:
         self.W = self._project(rademacher(self.q, self.n_probes, rng))
         # seed of the boundary probes (one stream per factor, see boundary_gradient)
         self._boundary_seed = int(rng.integers(2**62))
-        # squared cross-tabulations, for ||E||_F^2 in closed form
-        self._N2 = []
-        for (k, l), N in sorted(stats.N.items()):
-            N = N.copy()
-            N.data = N.data**2
-            self._N2.append((k, l, N))
+        # squared cross-tabulations, for ||E||_F^2 in closed form: from the Gram's own
+        # arrays when it is a GramOperator (no copy), else squared tables
+        self._N2 = None
+        if not hasattr(self._ZtZ, "offdiag_square_rows"):
+            self._N2 = []
+            for (k, l), N in sorted(stats.N.items()):
+                N = N.tocsr()  # the squares share the table's index arrays (no copy)
+                self._N2.append((k, l, sp.csr_matrix((N.data**2, N.indices, N.indptr),
+                                                     shape=N.shape, copy=False)))
         self.n_evaluations = 0
         self.cg_iterations = 0
         # per evaluation: CG iterations of the solve with the chosen preconditioner (the
@@ -553,6 +557,18 @@ class IterativeObjective:
         return self.n_probes
 
     # ------------------------------------------------------------------ operators
+    def _square_rows(self, a):
+        """``s_i = sum_{j != i} (Z'WZ)_ij^2 a_j`` (the squared cross-tabulations' rows
+        weighted by ``a``): from the Gram's arrays, or the squared tables."""
+        if self._N2 is None:
+            return self._ZtZ.offdiag_square_rows(a)
+        off = self.offsets
+        s = np.zeros(self.q)
+        for k, l, N2 in self._N2:
+            s[off[k]:off[k + 1]] += N2 @ a[off[l]:off[l + 1]]
+            s[off[l]:off[l + 1]] += N2.T @ a[off[k]:off[k + 1]]
+        return s
+
     def _lam(self, theta):
         return np.repeat(np.asarray(theta, dtype=np.float64), self.sizes)
 
@@ -561,8 +577,15 @@ class IterativeObjective:
         return self._ZtZ.matmat(U)
 
     def _M_matmat(self, lam):
-        def mm(U):
-            return lam[:, None] * self._gram(lam[:, None] * U) + U
+        sandwich = getattr(self._ZtZ, "sandwich", None)
+        if sandwich is not None:  # GramOperator: fused, no (q, m) temporary
+            return lambda U: sandwich(lam, U)
+
+        def mm(U):  # lam Z'Z (lam U) + U, scaled in place (one (q, m) temporary)
+            out = self._gram(lam[:, None] * U)
+            out *= lam[:, None]
+            out += U
+            return out
         return mm
 
     def _preconditioner(self, lam):
@@ -575,13 +598,16 @@ class IterativeObjective:
                 self.design, theta, self.preconditioner, floor))
         return self._pc_cache[1]
 
-    def _solve(self, lam, B, record=None, kind=None):
-        """Block PCG on ``M X = B``: fused Jacobi, or the chosen kind (``kind`` overrides)."""
+    def _solve(self, lam, B, record=None, kind=None, overwrite_b=False, first_product=True):
+        """Block PCG on ``M X = B``: fused Jacobi, or the chosen kind (``kind`` overrides);
+        ``overwrite_b``: ``B`` may become the residual block, ``first_product=False``:
+        the first product is not kept (Jacobi)."""
         kind = self.preconditioner if kind is None else kind
         P = lam * lam * self.counts + 1.0
         if kind == "jacobi":
             X, info = krylov.block_pcg(self._M_matmat(lam), B, diagonal=P, rtol=self.rtol,
-                                       maxiter=self.maxiter, record=record)
+                                       maxiter=self.maxiter, record=record,
+                                       overwrite_b=overwrite_b, first_product=first_product)
         else:
             X, info = krylov.block_pcg(self._M_matmat(lam), B, M=self._preconditioner(lam),
                                        rtol=self.rtol, maxiter=self.maxiter, record=record)
@@ -636,28 +662,36 @@ class IterativeObjective:
         B[:, cQ:] = sqP[:, None] * self.W
         record = np.zeros(cW, dtype=bool)
         record[c0:] = True
+        Lt = B[:, :c0].copy()  # copies: views would keep the whole blocks alive
         if self.preconditioner == "jacobi":
-            S, info, _ = self._solve(lam, B, record)
+            # B becomes the residual block, and the first product M P^{-1} B of the [Q W]
+            # columns is made again after the solve (the same numbers) rather than kept
+            # through it: two (q, c) blocks less at the solve's peak, one product more
+            S, info, _ = self._solve(lam, B, record, overwrite_b=True, first_product=False)
+            del B
             per_col = info["iterations_per_column"]
             cg_exact = int(per_col[:c0].max())
             cg_probe = int(per_col[c0:].max(initial=0))
+            first = np.empty((self.q, cW - c0))
+            first[:, :r] = sqP[:, None] * self.Q
+            first[:, r:] = sqP[:, None] * self.W
+            first *= (1.0 / P)[:, None]  # the solve's first direction, P^{-1} B
+            first = self._M_matmat(lam)(first)
         else:  # the GLS columns with the chosen kind, the probe columns on Jacobi
             S = np.empty_like(B)
             S[:, :c0], info0, _ = self._solve(lam, np.ascontiguousarray(B[:, :c0]))
             S[:, c0:], info, _ = self._solve(lam, np.ascontiguousarray(B[:, c0:]),
                                              record[c0:], kind="jacobi")
+            del B
             cg_exact, cg_probe = info0["iterations"], info["iterations"]
-            first = np.zeros_like(B)
-            first[:, c0:] = info["first_product"]
-            info = {"first_product": first,
-                    "alpha": [[]] * c0 + list(info["alpha"]),
+            first = info["first_product"]  # of the [Q W] columns
+            info = {"alpha": [[]] * c0 + list(info["alpha"]),
                     "beta": [[]] * c0 + list(info["beta"]),
                     "converged": np.concatenate([info0["converged"], info["converged"]]),
                     "residual": np.concatenate([info0["residual"], info["residual"]]),
                     "iterations": cg_exact + cg_probe}
         self.cg_history.append(cg_exact)
         self.probe_cg_history.append(cg_probe)
-        Lt = B[:, :c0].copy()  # copies: views would keep the whole blocks alive
         St = S[:, :c0].copy()
         Omega = self.TT - Lt.T @ St  # [X y]' V0^{-1} [X y]
         Omega = 0.5 * (Omega + Omega.T)
@@ -678,15 +712,12 @@ class IterativeObjective:
         dof = n - p if self.method == "REML" else n
         sigma2 = pwrss / dof
         # normalised operator Ahat = P^{-1/2} M P^{-1/2} = I + E; Ahat x from the first product
-        first = info.pop("first_product")
-        EQ = first[:, c0:cQ] / sqP[:, None] - self.Q
-        EW = first[:, cQ:] / sqP[:, None] - self.W
-        del first, B
+        EQ = first[:, :r] / sqP[:, None] - self.Q
+        EW = first[:, r:] / sqP[:, None] - self.W
+        del first
         a = lam * lam / P
-        E2 = 0.0  # ||E||_F^2 = 2 sum_{k<l} sum_ij N_ij^2 a_i a_j
+        E2 = float(a @ self._square_rows(a))  # ||E||_F^2 = 2 sum_{k<l} sum_ij N_ij^2 a_i a_j
         off = self.offsets
-        for k, l, N2 in self._N2:
-            E2 += 2.0 * float(a[off[k]:off[k + 1]] @ (N2 @ a[off[l]:off[l + 1]]))
         # log|M| = log|P| + sum_i q_i' log(Ahat) q_i (deterministic quadrature)
         #        + tr(Pq log(Ahat) Pq): closed-form Taylor part + stochastic remainder
         quadQ = 0.0
@@ -824,14 +855,12 @@ class IterativeObjective:
         if self.method == "REML" and p:
             ZZS = self._gram(lam[:, None] * ev._Sx)
         value = np.empty(len(factors))
+        srows = self._square_rows(a)
         for i, k in enumerate(factors):
             sl = slice(off[k], off[k + 1])
             exact = float(np.sum(self.counts[sl]))  # tr D_k
-            for k1, l1, N2 in self._N2:  # tr(C'P^{-1}C) = sum_l sum_ij N_kl[i,j]^2 a_j
-                if k1 == k:
-                    exact -= float(np.asarray(N2.sum(axis=0)).ravel() @ a[off[l1]:off[l1 + 1]])
-                elif l1 == k:
-                    exact -= float(np.asarray(N2.sum(axis=1)).ravel() @ a[off[k1]:off[k1 + 1]])
+            # tr(C'P^{-1}C) = sum_{l != k} sum_ij N_kl[i,j]^2 a_j
+            exact -= float(np.sum(srows[sl]))
             if self.method == "REML" and p:
                 B = self.ZtT[sl, :p] - ZZS[sl]
                 exact -= float(np.einsum("ij,ij->", B @ ev._Ainv, B))

@@ -296,7 +296,8 @@ def _fit_slopes_iterative(obj, start, options, callback):
 #: The matrix-free slope fit on centred columns (:func:`_fit_slopes_iterative_centred`)
 #: accepts a gap between the criteria on the user's columns and on the centred ones of
 #: this many combined Monte Carlo standard errors (their probes are the same, their
-#: block-Jacobi factors are not), on top of the exact solver's relative tolerance.
+#: block-Jacobi factors are not), on top of the exact solver's rounding bound
+#: (:func:`lmmops.estimation.centring.centring_tolerance`).
 CENTRED_AGREEMENT_SE = 4.0
 
 

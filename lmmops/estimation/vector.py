@@ -64,6 +64,7 @@ from lmmops.estimation.criterion import criterion_at_sigma
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
+from lmmops.linalg.lapack import chol_factor, chol_solve
 
 __all__ = ["ScaledTheta", "VectorObjective", "VectorStatistics", "fit_vector", "profiled_gls",
            "random_effects_matrix", "span_average_information", "term_units",
@@ -320,11 +321,11 @@ def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
     Cx = TT[:p, :p] - LZT[:, :p].T @ sol[:, :p]  # X'V0^{-1}X
     cxy = TT[:p, p] - LZT[:, :p].T @ sol[:, p]
     try:
-        Rx = sla.cholesky(Cx, lower=True, check_finite=False)
-    except np.linalg.LinAlgError as exc:
+        Rx = chol_factor(Cx, lower=True)
+    except NumericalFailure as exc:
         raise RankDeficientError("X'V^{-1}X is not positive definite: the fixed "
                                  "effects are not identifiable") from exc
-    beta = sla.cho_solve((Rx, True), cxy, check_finite=False)
+    beta = chol_solve(Rx, cxy, lower=True)
     u = sol[:, p] - sol[:, :p] @ beta
     # r^2 = ||W^{1/2}(y - X beta - Z Lambda u)||^2 + ||u||^2 at the PLS solution
     pwrss = float(TT[p, p] - TT[:p, p] @ beta - LZT[:, p] @ u)
@@ -336,7 +337,7 @@ def profiled_gls(TT, LZT, sol, logdet_A, n, method, ldW):
     if method == "REML":
         f += logdet_RX
     return {"beta": beta, "u": u, "pwrss": pwrss, "logdet_RX": logdet_RX,
-            "Cx_inv": sla.cho_solve((Rx, True), np.eye(p), check_finite=False),
+            "Cx_inv": chol_solve(Rx, np.eye(p), lower=True),
             "sigma2": pwrss / dof, "dof": dof, "objective": float(f)}
 
 
@@ -565,7 +566,6 @@ class VectorObjective:
             kernels.get_block_rows_kernel(pat["par"])(pat["ptr12"], Av[pat["p12"]], B1inv,
                                                       d1, kdata)
             K = sp.csr_matrix((kdata, pat["ind12"], pat["ptr12"]), shape=(q1, m))
-            self._nnz_k = K.nnz
             m22 = Av[pat["p22"]]
             m22[pat["diag22"]] -= 1.0  # M22 = A22 - I: the kernel adds I
             M22 = sp.csr_matrix((m22, pat["ind22"], pat["ptr22"]), shape=(m, m))
@@ -650,7 +650,7 @@ class VectorObjective:
         if not self.m:
             return b1
         rhs = b[q1:] - fac["A21"] @ b1
-        x2 = sla.cho_solve((fac["Ls"], True), rhs, check_finite=False)
+        x2 = chol_solve(fac["Ls"], rhs, lower=True)
         x1 = b1 - fac["K"] @ x2
         return np.vstack([x1, x2])
 
@@ -757,23 +757,32 @@ class VectorObjective:
         exact traces are the cheaper (small Schur blocks).
 
         The exact traces need the inverse of the ``m x m`` Schur block (``potri``,
-        ``2 m^3 / 3`` flops after the Cholesky's ``m^3 / 3``); the estimate solves
-        ``2 P`` columns with the factor (``4 P m^2`` flops) plus two sparse products
-        with ``K`` per probe. Estimates are used when they cost under a third of the
-        inverse (InstEval's slope model, ``m = 2256``: 23 ms against 120 ms for the
-        selected inverse, measured).
+        ``2 m^3 / 3`` flops after the Cholesky's ``m^3 / 3``) and the first term's
+        blocks ``K_j S^{-1} K_j'``, one random read of ``S^{-1}`` per pair of columns of a
+        level; the estimate solves ``2 P`` columns with the factor (``4 P m^2`` flops)
+        plus two sparse products with ``K`` (``4 P nnz(K)``). In flop units a sparse
+        multiply-add costs about 3 dense flops and a random read about 300 (measured,
+        one thread: potri at 27 GFlop/s, ``K'Z`` at 4.4 GMAC/s, the pair loop at 12 ns
+        a read). Estimates are used when they cost under a third of the exact traces:
+        InstEval's slope model (``m = 2256``) 23 against 120 ms, a 4e5-row users x items
+        design with two slope terms (``m = 1600``, ``nnz(K) = 1.6e6``) 70 against 297 ms
+        (measured at load 4-5).
         """
         if not self.m:
             return 0
         P = EARLY_GRADIENT_PROBES
-        nnz_k = getattr(self, "_nnz_k", None)
-        if nnz_k is None:  # before the first factorisation: K's pattern is C_12's
-            nnz_k = self._nnz_k = int(self.C[:self.q1, self.q1:].nnz)
-        # dense flops at about 10 times the rate of scipy's sparse products (measured
-        # on InstEval: K'Z at 4 GFlop/s, the triangular solves near 40)
-        inverse = 2.0 * self.m ** 3 / 3.0
-        estimate = 4.0 * P * self.m ** 2 + 10.0 * 4.0 * P * nnz_k
-        return P if estimate < inverse / 3.0 else 0
+        cost = getattr(self, "_trace_costs", None)
+        if cost is None:  # from the pattern of C_12, which K's shares
+            C12 = sp.csr_matrix(self.C[:self.q1, self.q1:])
+            n_j = np.diff(C12.indptr)[::self.d1].astype(np.float64)  # a level's columns
+            d1 = self.d1
+            per_pair = 1.0 if d1 <= 2 else d1 * (d1 + 1) / 2.0
+            cost = self._trace_costs = (float(C12.nnz),
+                                        float(np.sum(n_j * n_j)) / 2.0 * per_pair)
+        nnz_k, pair_reads = cost
+        exact = 2.0 * self.m ** 3 / 3.0 + 300.0 * pair_reads
+        estimate = 4.0 * P * self.m ** 2 + 3.0 * 4.0 * P * nnz_k
+        return P if estimate < exact / 3.0 else 0
 
     def _probes(self, rows, P):
         """A fixed ``rows x P`` Rademacher probe block (cached)."""
@@ -893,22 +902,8 @@ class VectorObjective:
         return st["inv"]
 
     def _spherical_rows(self, ev, codes, values):
-        """Per row, the nonzeros of ``Lambda' z_i``: their level-space indices and values,
-        split into the first term (``(n, d_1)``, its level codes) and the rest."""
-        theta = ev.theta
-        parts = []
-        for k, (t, sl) in enumerate(zip(self.terms, self.layout)):
-            T = t.relative_factor(theta[sl])
-            c = np.asarray(codes[k], dtype=np.int64)
-            v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
-            zt = v @ T  # row i: (T_k' v_i)'
-            zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
-            # an unseen level points at the term's first slots (its values are 0), so the
-            # index stays inside the term's block (0 would be outside a later term's)
-            idx = (self.offsets[k] + np.maximum(c, 0)[:, None] * t.dim
-                   + np.arange(t.dim)[None])
-            parts.append((idx, zt))
-        return parts
+        """Per row, the nonzeros of ``Lambda' z_i`` (:func:`spherical_rows`)."""
+        return spherical_rows(self, ev.theta, codes, values)
 
     def quadratic_rows(self, ev, codes, values, X=None):
         """``g_i' Omega^{-1} g_i`` for rows ``g_i = [Lambda' z_i; x_i]`` (spherical scale;
@@ -1255,6 +1250,27 @@ def _block_sum_product(Y, BY, d):
                      for a in range(d)])
 
 
+def spherical_rows(obj, theta, codes, values):
+    """Per row, the nonzeros of ``Lambda' z_i`` of a slope objective ``obj`` (its
+    ``terms``, ``layout`` and ``offsets``) at ``theta``: per term their level-space
+    indices and values, ``(n, d_k)`` each (a level the fit has not seen: values 0,
+    indices inside the term's block). For the quadratic forms of new rows
+    (``quadratic_rows`` of both slope objectives)."""
+    parts = []
+    for k, (t, sl) in enumerate(zip(obj.terms, obj.layout)):
+        T = t.relative_factor(theta[sl])
+        c = np.asarray(codes[k], dtype=np.int64)
+        v = np.ones((c.size, 1)) if values[k] is None else np.asarray(values[k], float)
+        zt = v @ T  # row i: (T_k' v_i)'
+        zt[c < 0] = 0.0  # a level not in the fit: no random effect of this term
+        # an unseen level points at the term's first slots (its values are 0), so the
+        # index stays inside the term's block (0 would be outside a later term's)
+        idx = (obj.offsets[k] + np.maximum(c, 0)[:, None] * t.dim
+               + np.arange(t.dim)[None])
+        parts.append((idx, zt))
+    return parts
+
+
 def start_theta(terms):
     """lme4's start: ``T_k = I`` for every term."""
     return np.array([1.0 if i == j else 0.0 for t in terms
@@ -1378,9 +1394,10 @@ def _fit_centred(objective, shifts, start, *, maxiter, tol, callback, optimizer)
 
     The Wald covariances of the result are the twin's, mapped
     (:class:`lmmops.estimation.centring.CentredFit`, ``ev.centred``), so they need no
-    differences in the ill-conditioned user parametrisation. The fit is converged only
-    where the twin's is and the two criteria agree within
-    :data:`lmmops.estimation.centring.CENTRED_AGREEMENT`.
+    differences in the ill-conditioned user parametrisation; the criterion is the
+    twin's. The fit is converged only where the twin's is and the criterion on the
+    user's columns agrees with it within its rounding bound
+    (:func:`lmmops.estimation.centring.centring_tolerance`).
     """
     def fit(twin, start_c, cb):
         return fit_vector(twin, start_c, maxiter=maxiter, tol=tol, callback=cb,

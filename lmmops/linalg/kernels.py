@@ -44,6 +44,10 @@ level_matmat(codes, offsets, U, lam, work, out)
     The same for ``U`` of shape (q, m).
 csr_matmat(indptr, indices, data, X, out)
     ``out = A X`` for a CSR matrix ``A`` and a dense block ``X`` (rows in parallel).
+csr_sandwich(indptr, indices, data, lam, X, out)
+    ``out = lam * (A (lam * X)) + X`` (rows scaled by ``lam``) in one pass.
+offdiag_square_rows(indptr, indices, data, a, out)
+    ``out[i] = sum_{j != i} A_ij^2 a_j`` for a CSR ``A``.
 csr_residual(indptr, indices, data, x, b, scale, out)
     ``out = scale * (b - A x)`` for a CSR ``A``, fused (one block update of AMG's cycle).
 dense_matmat(U, Ct, out), dense_tmatmat(U, T, work, out)
@@ -54,16 +58,25 @@ cg_update(X, R, P, AP, pinv, a, nblocks, partial), cg_direction(P, R, pinv, b, n
     The fused updates of block preconditioned CG with a diagonal preconditioner.
 weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
+schur_fill(AG, RN, Sxx, t, S)
+    The exact solver's dense Schur block from its parts, in one pass (serial only).
 csr_column_positions(indptr, indices, ncols)
     A CSR matrix's transpose as an index (rows and positions of each column's nonzeros).
-schur_fill(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale, out)
+schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale,
+                out)
     The exact solver's Schur block, ``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba
     + [a = b]``, row by row in place (no dense Gram).
-schur_trace(indptr, indices, data, cptr, crows, cpos, w, scale, S)
+schur_trace_rows(indptr, indices, data, cptr, crows, cpos, w, scale, S)
     ``sum(S o scale (N' diag(w) N) scale)`` for a symmetric ``S`` given by its upper
     triangle (no dense Gram).
 csr_gauss_seidel(indptr, indices, data, x, b, forward)
     One in-place Gauss-Seidel sweep on a CSR matrix (serial only; AMG's coarse levels).
+csr_append(indptr, indices, data, row_offset, col_offset, transpose, fill, out_indices, out_data)
+    Append a CSR block (or its transpose) to the rows of a preallocated CSR matrix
+    (serial only; the level-space Gram ``Z'WZ`` from its cell tables without a copy).
+union_csr(indptr, indices, row_offset, col_offset, parent), component_labels(parent, out)
+    Connected components of a graph given by CSR blocks of edges, by union-find on their
+    own index arrays (serial only; the level graph of a design from its cell tables).
 """
 
 import types
@@ -94,16 +107,20 @@ __all__ = [
     "cg_update_bj_serial",
     "cg_update_parallel",
     "cg_update_serial",
+    "component_labels",
     "cov_matmat_parallel",
     "cov_matmat_serial",
     "cov_matvec_parallel",
     "cov_matvec_serial",
+    "csr_append",
     "csr_column_positions",
     "csr_gauss_seidel",
     "csr_matmat_parallel",
     "csr_matmat_serial",
     "csr_residual_parallel",
     "csr_residual_serial",
+    "csr_sandwich_parallel",
+    "csr_sandwich_serial",
     "dense_matmat_parallel",
     "dense_matmat_serial",
     "dense_tmatmat_parallel",
@@ -128,6 +145,8 @@ __all__ = [
     "merge_values_parallel",
     "merge_values_serial",
     "n_blocks",
+    "offdiag_square_rows_parallel",
+    "offdiag_square_rows_serial",
     "pair_sums_parallel",
     "pair_sums_serial",
     "sandwich_blocks_parallel",
@@ -137,11 +156,13 @@ __all__ = [
     "scatter_parallel",
     "scatter_serial",
     "schur_fill",
+    "schur_fill_rows",
     "schur_rows_parallel",
     "schur_rows_serial",
-    "schur_trace",
+    "schur_trace_rows",
     "sym_matmat_parallel",
     "sym_matmat_serial",
+    "union_csr",
     "weighted_gram",
 ]
 
@@ -524,6 +545,50 @@ def _csr_matmat(indptr, indices, data, X, out):
                     col = indices[p]
                     for j in range(m):
                         out[i, j] += a * X[col, j]
+
+
+def _csr_sandwich(indptr, indices, data, lam, X, out):
+    # out = lam * (A (lam * X)) + X for a CSR matrix A and a vector lam (rows scaled):
+    # the spherical product M X = Lambda Z'Z Lambda X + X of the iterative solver in one
+    # pass, without the (r, m) temporary lam * X. The same operations in the same order
+    # as the three steps (scale, csr_matmat, scale and add), so the same rounding.
+    # Rows in blocks of equal nnz as in _csr_matmat. indptr: (r + 1,) int; indices:
+    # (nnz,) int32/int64; data: (nnz,) float; lam: (r,) float64; X, out: (r, m) float64
+    m = X.shape[1]
+    nb = min(indptr.size - 1, 64)
+    for blk in prange(nb):
+        lo, hi = _nnz_block_nb(indptr, blk, nb)
+        for i in range(lo, hi):
+            for j in range(m):
+                out[i, j] = 0.0
+            for p in range(indptr[i], indptr[i + 1]):
+                a = data[p]
+                col = indices[p]
+                lc = lam[col]
+                for j in range(m):
+                    out[i, j] += a * (lc * X[col, j])
+            li = lam[i]
+            for j in range(m):
+                out[i, j] = li * out[i, j] + X[i, j]
+
+
+def _offdiag_square_rows(indptr, indices, data, a, out):
+    # out[i] = sum_{p in row i, indices[p] != i} data[p]^2 a[indices[p]]: the row sums of
+    # the squared off-diagonal entries of a CSR matrix weighted by a (the closed forms
+    # ||E||_F^2 = a' out and tr(C'P^{-1}C) of the iterative solver, from the Gram's own
+    # arrays). Rows in blocks of equal nnz as in _csr_matmat. indptr: (r + 1,) int;
+    # indices: (nnz,) int; data: (nnz,) float; a: (c,) float64; out: (r,) float64
+    nb = min(indptr.size - 1, 64)
+    for blk in prange(nb):
+        lo, hi = _nnz_block_nb(indptr, blk, nb)
+        for i in range(lo, hi):
+            s = 0.0
+            for p in range(indptr[i], indptr[i + 1]):
+                j = indices[p]
+                if j != i:
+                    v = data[p]
+                    s += v * v * a[j]
+            out[i] = s
 
 
 def _csr_residual(indptr, indices, data, x, b, scale, out):
@@ -995,6 +1060,8 @@ cov_matmat_serial, cov_matmat_parallel = _compile(_cov_matmat)
 level_matvec_serial, level_matvec_parallel = _compile(_level_matvec)
 level_matmat_serial, level_matmat_parallel = _compile(_level_matmat)
 csr_matmat_serial, csr_matmat_parallel = _compile(_csr_matmat)
+csr_sandwich_serial, csr_sandwich_parallel = _compile(_csr_sandwich)
+offdiag_square_rows_serial, offdiag_square_rows_parallel = _compile(_offdiag_square_rows)
 block_matmat_serial, block_matmat_parallel = _compile(_block_matmat)
 csr_residual_serial, csr_residual_parallel = _compile(_csr_residual)
 schur_rows_serial, schur_rows_parallel = _compile(_schur_rows)
@@ -1039,7 +1106,7 @@ def csr_column_positions(indptr, indices, ncols):  # pragma: no cover - compiled
 
     For column ``b`` and ``t`` in ``ptr[b] .. ptr[b + 1]``: the nonzero's row ``rows[t]``
     and its position ``pos[t]`` in ``indices``/``data`` (rows increasing): the transpose
-    as an index, for :func:`schur_fill` and :func:`schur_trace` (symbolic, once).
+    as an index, for :func:`schur_fill_rows` and :func:`schur_trace_rows` (symbolic, once).
 
     Returns
     -------
@@ -1064,8 +1131,8 @@ def csr_column_positions(indptr, indices, ncols):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def schur_fill(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale,
-               out):  # pragma: no cover - compiled
+def schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval,
+                    scale, out):  # pragma: no cover - compiled
     """``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba + [a = b]`` for ``b < r``.
 
     ``N`` is CSR (``(q1, r)``, column indices sorted within rows) with
@@ -1099,10 +1166,10 @@ def schur_fill(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, sc
 
 
 @numba.njit(cache=True, nogil=True)
-def schur_trace(indptr, indices, data, cptr, crows, cpos, w, scale,
-                S):  # pragma: no cover - compiled
+def schur_trace_rows(indptr, indices, data, cptr, crows, cpos, w, scale,
+                     S):  # pragma: no cover - compiled
     """``sum_{a,b} S_ab scale_a scale_b (N' diag(w) N)_ab``, the trace of ``S`` times
-    the dense Gram without forming it (:func:`schur_fill`'s arguments).
+    the dense Gram without forming it (:func:`schur_fill_rows`' arguments).
 
     ``S`` is symmetric and only its upper triangle ``S[b, a]``, ``a >= b``, is read (a
     C-ordered view of LAPACK's column-major lower triangle); off-diagonal entries
@@ -1122,6 +1189,32 @@ def schur_trace(indptr, indices, data, cptr, crows, cpos, w, scale,
             acc += w[i] * data[p] * (data[p] * scale[b] * row[b] + 2.0 * sp_)
         total += scale[b] * acc
     return total
+
+
+@numba.njit(cache=True, nogil=True)
+def schur_fill(AG, RN, Sxx, t, S):  # pragma: no cover - compiled
+    """The exact solver's Schur block ``S`` (``m x m``, C order) from its parts.
+
+    With ``r = t.size`` rows for the factors after the first: ``S[:r, :r] = (AG t_i) t_j``
+    plus 1 on the diagonal, ``S[:r, r:] = t_i RN`` and its transpose below, and
+    ``S[r:, r:] = Sxx``; the same operations, in the same order, as the numpy
+    expressions of ``DirectObjective._factor`` (one call instead of six).
+    AG : (r, r); RN : (r, m - r); Sxx : (m - r, m - r); t : (r,); all float64.
+    """
+    r = t.size
+    m = S.shape[0]
+    for i in range(r):
+        ti = t[i]
+        for j in range(r):
+            S[i, j] = AG[i, j] * ti * t[j]
+        S[i, i] += 1.0
+        for j in range(m - r):
+            v = ti * RN[i, j]
+            S[i, r + j] = v
+            S[r + j, i] = v
+    for i in range(m - r):
+        for j in range(m - r):
+            S[r + i, r + j] = Sxx[i, j]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1145,6 +1238,80 @@ def csr_gauss_seidel(indptr, indices, data, x, b, forward):  # pragma: no cover 
             else:
                 s -= data[p] * x[j]
         x[i] = s / d
+
+
+@numba.njit(cache=True, nogil=True)
+def csr_append(indptr, indices, data, row_offset, col_offset, transpose, fill, out_indices,
+               out_data):  # pragma: no cover - compiled
+    """Append the entries of a CSR block ``N`` (``transpose``: of ``N'``) to the rows of
+    a preallocated CSR matrix, at ``row_offset`` and ``col_offset``.
+
+    indptr : (r + 1,) int; indices : (nnz,) int; data : (nnz,) float64; fill : (q,)
+    int64, the next free position of each output row (advanced); out_indices : int32,
+    out_data : float64 (the output's arrays). Entry ``a`` of row ``i`` goes to row
+    ``row_offset + i`` and column ``col_offset + indices[a]`` (transposed: row
+    ``row_offset + indices[a]``, column ``col_offset + i``), so appending blocks in
+    increasing column order with sorted ``N`` keeps every output row sorted.
+    """
+    for i in range(indptr.size - 1):
+        for a in range(indptr[i], indptr[i + 1]):
+            if transpose:
+                r = row_offset + indices[a]
+                c = col_offset + i
+            else:
+                r = row_offset + i
+                c = col_offset + indices[a]
+            p = fill[r]
+            out_indices[p] = c
+            out_data[p] = data[a]
+            fill[r] = p + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _find(parent, i):  # pragma: no cover - compiled
+    """The root of ``i`` in the union-find forest ``parent``, halving the path."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@numba.njit(cache=True, nogil=True)
+def union_csr(indptr, indices, row_offset, col_offset, parent):  # pragma: no cover
+    """Join, in the union-find forest ``parent``, the vertices ``row_offset + i`` and
+    ``col_offset + indices[a]`` of every stored entry ``a`` of row ``i`` of a CSR pattern.
+
+    indptr : (r + 1,) int; indices : (nnz,) int; parent : (q,) int64, updated (start
+    with ``parent[i] = i``). Reads the pattern only (any stored entry is an edge); the
+    root of a union is the smaller vertex.
+    """
+    for i in range(indptr.size - 1):
+        for a in range(indptr[i], indptr[i + 1]):
+            ri = _find(parent, row_offset + i)
+            rj = _find(parent, col_offset + indices[a])
+            if ri < rj:
+                parent[rj] = ri
+            elif rj < ri:
+                parent[ri] = rj
+
+
+@numba.njit(cache=True, nogil=True)
+def component_labels(parent, out):  # pragma: no cover - compiled
+    """Component labels of a union-find forest, numbered by their smallest vertex (as
+    ``scipy.sparse.csgraph.connected_components`` numbers them); returns the number of
+    components.
+
+    parent : (q,) int64, compressed in place; out : (q,) int32, overwritten.
+    """
+    n = 0
+    for i in range(parent.size):
+        r = _find(parent, i)
+        if r == i:  # the smallest vertex of its component (roots are minimal)
+            out[i] = n
+            n += 1
+        else:
+            out[i] = out[r]
+    return n
 
 
 #: name -> (serial, parallel) compiled variants

@@ -130,7 +130,7 @@ def _work(work, name, shape):
 
 def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, record=None,
                stop_norms=None, vector=False, diagonal=None, stats=None, record_mask=None,
-               blocks=None, work=None):
+               blocks=None, work=None, overwrite_b=False):
     """PCG on the columns of ``B`` (2-d), in place in ``X``; returns per-column iterations.
 
     The one block-CG recurrence of the package. Two ways to run an iteration:
@@ -153,7 +153,8 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
     ``record_mask`` limits the recorded columns. ``work`` (a dict, fused block-Jacobi path
     only) keeps the (n, m) blocks ``R``, ``P``, ``Z`` and the products ``Q`` between calls
     (each fresh block of this size costs page faults); ``A.matmat_out(P, Q)`` then writes
-    the products in place, and ``first_product`` is a copy. Returns ``(iters, done)``.
+    the products in place, and ``first_product`` is a copy. ``overwrite_b``: ``B`` becomes
+    the residual block (no copy; its values are lost). Returns ``(iters, done)``.
     """
     m = B.shape[1]
     iters = np.zeros(m, dtype=np.int64)
@@ -206,7 +207,7 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
     elif np.any(X):
         R = B - (A.matvec(X[:, 0])[:, None] if vector else A.matmat(X))
     else:
-        R = B.copy()
+        R = B if overwrite_b else B.copy()
     act = np.arange(m)
     rn = norms(R, act)
     last = rn.copy()
@@ -273,6 +274,7 @@ def _pcg_block(A, B, X, atol, maxiter, M=None, callback=None, residuals=None, re
             A.matmat_out(P, Qb)
             Q = Qb
         else:
+            Q = None  # the last product is not needed: freed before the next one is made
             Q = amul(P)
         if stats is not None and it == 0 and not stats.get("skip_first"):
             if act.size == m or fused:
@@ -519,7 +521,7 @@ class _Matmat:
 
 
 def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=1000,
-              record=None, x0=None, work=None, first_product=True):
+              record=None, x0=None, work=None, first_product=True, overwrite_b=False):
     """Block PCG with per-column convergence and a diagnostics record (the fit's solver).
 
     The same recurrence as :func:`block_cg` (one implementation, ``_pcg_block``), with what
@@ -561,6 +563,10 @@ def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=10
         ``x0`` may be that same array. ``A`` may offer ``matmat_out(U, out)``.
     first_product : bool
         Return ``info["first_product"]`` (``A M B``; None without).
+    overwrite_b : bool
+        Let the solve use ``B`` as its residual block instead of a copy (when ``B`` is
+        C-contiguous float64): one ``(n, m)`` block less at the peak; ``B`` is
+        overwritten.
 
     Returns
     -------
@@ -586,7 +592,10 @@ def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=10
     if sum(x is not None for x in (M, diagonal, blocks)) > 1:
         raise ArgumentError("block_pcg takes one of a preconditioner M, a diagonal or "
                             "blocks")
+    given = B
     B = np.ascontiguousarray(B, dtype=np.float64)
+    # the residual block is B itself when allowed, or when B is already a private copy
+    overwrite_b = bool(overwrite_b) or not np.may_share_memory(B, given)
     if B.ndim != 2:
         raise ArgumentError(f"B must be 2-d (n, m), got shape {B.shape}")
     n, m = B.shape
@@ -628,7 +637,8 @@ def block_pcg(A, B, *, M=None, diagonal=None, blocks=None, rtol=1e-8, maxiter=10
                                 f"{blocks[1][-1]} for a block of {n} rows")
     iters, done = _pcg_block(A, B, X, atol, int(maxiter), M=M, record=rec, diagonal=inv,
                              stats=stats,
-                             record_mask=mask, blocks=blocks, work=wk)
+                             record_mask=mask, blocks=blocks, work=wk,
+                             overwrite_b=overwrite_b)
     first = stats.get("first_product")
     if not first_product:
         first = None

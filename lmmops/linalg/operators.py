@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from lmmops.data.checks import check_weights
-from lmmops.data.statistics import assemble_gram, cell_table, level_sums
+from lmmops.data.statistics import cell_table, level_sums
 from lmmops.errors import ArgumentError
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
@@ -38,6 +38,7 @@ __all__ = [
     "LevelSpaceOperator",
     "RandomEffectsAdjointOperator",
     "RandomEffectsOperator",
+    "gram_arrays",
 ]
 
 #: ``parallel=None`` uses the parallel kernels from this many observations on.
@@ -706,6 +707,86 @@ class LevelSpaceOperator(_SelfAdjoint, _KernelOperator):
                           f"lambdas={_fmt(self.lambdas)}", f"sigma2_e={self.sigma2_e:.6g}")
 
 
+def gram_arrays(D, N):
+    """The level-space Gram matrix ``Z'WZ`` (both triangles) from its blocks, written
+    straight into its final CSR arrays.
+
+    The same matrix as :func:`lmmops.data.statistics.assemble_gram` (sorted indices, no
+    duplicates, every diagonal entry stored), without its intermediates: ``bmat`` goes
+    through a COO copy of all ``2c + q`` entries and a transposed copy of each cell
+    table, about 57 bytes per cell at its peak, where this allocates the result
+    (``24 c + 20 q`` bytes: int64 row pointers, int32 column indices, float64 values)
+    and ``8 q`` bytes of work (:func:`lmmops.linalg.kernels.csr_append`).
+
+    Parameters
+    ----------
+    D : sequence of ndarray, shape (q_k,)
+        ``diag(Z_k'WZ_k)``.
+    N : dict
+        ``{(k, l): Z_k'WZ_l}`` for ``k < l`` (CSR with sorted indices).
+
+    Returns
+    -------
+    indptr : ndarray of int64, shape (q + 1,)
+    indices : ndarray of int32, shape (nnz,)
+    data : ndarray of float64, shape (nnz,)
+
+    Examples
+    --------
+    >>> N = {(0, 1): sp.csr_matrix([[2.0], [1.0]])}
+    >>> arrays = gram_arrays([np.array([2.0, 1.0]), np.array([3.0])], N)
+    >>> sp.csr_matrix(arrays[::-1], shape=(3, 3)).toarray()
+    array([[2., 0., 2.],
+           [0., 1., 1.],
+           [2., 1., 3.]])
+    """
+    D = [np.asarray(d, dtype=np.float64) for d in D]
+    K = len(D)
+    sizes = [d.size for d in D]
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    q = int(off[-1])
+    blocks = {}
+    for k in range(K):
+        for l in range(k + 1, K):
+            m = N[(k, l)]
+            if not (sp.issparse(m) and m.format == "csr"):
+                m = sp.csr_matrix(m)
+            if not m.has_sorted_indices:
+                m = m.sorted_indices()
+            blocks[(k, l)] = m
+    counts = np.ones(q, dtype=np.int64)  # the diagonal
+    for (k, l), m in blocks.items():
+        counts[off[k]:off[k + 1]] += np.diff(m.indptr)
+        counts[off[l]:off[l + 1]] += np.bincount(m.indices, minlength=sizes[l])
+    indptr = np.empty(q + 1, dtype=np.int64)
+    indptr[0] = 0
+    np.cumsum(counts, out=indptr[1:])
+    del counts
+    nnz = int(indptr[-1])
+    if q >= 2**31:
+        raise ArgumentError(f"{q} levels: more than int32 column indices address")
+    indices = np.empty(nnz, dtype=np.int32)
+    data = np.empty(nnz, dtype=np.float64)
+    fill = indptr[:-1].copy()
+    # column blocks in increasing order, so every row is filled in sorted order
+    for b in range(K):
+        for k in range(K):
+            if b < k:  # Z_k'WZ_b = (Z_b'WZ_k)': rows of block k from the columns of N
+                m = blocks[(b, k)]
+                kernels.csr_append(m.indptr, m.indices, m.data, off[k], off[b], True, fill,
+                                   indices, data)
+            elif b == k:
+                rows = fill[off[k]:off[k + 1]]
+                indices[rows] = np.arange(off[k], off[k + 1], dtype=np.int32)
+                data[rows] = D[k]
+                rows += 1
+            else:
+                m = blocks[(k, b)]
+                kernels.csr_append(m.indptr, m.indices, m.data, off[k], off[b], False, fill,
+                                   indices, data)
+    return indptr, indices, data
+
+
 class GramOperator(_SelfAdjoint, LinearOperator):
     """``Z'Z`` (q x q) applied through its sparse form, one pass over the non-empty cells.
 
@@ -750,7 +831,7 @@ class GramOperator(_SelfAdjoint, LinearOperator):
             if tuple(stats.n_levels) != tuple(design.n_levels):
                 raise ArgumentError(f"statistics on levels {stats.n_levels} for a design "
                                     f"with levels {tuple(design.n_levels)}")
-            A = stats.gram()
+            A = gram_arrays(stats.D, stats.N)
         elif weights is None:
             A = design.gram().tocsr()
             if not _keep_cache:  # the arrays below are then the only copy kept
@@ -761,22 +842,26 @@ class GramOperator(_SelfAdjoint, LinearOperator):
                 raise ArgumentError(f"weights must have shape ({design.n_obs},), got {w.shape}")
             w = check_weights(w, design.n_obs)
             c, K = design.codes, design.n_factors
-            A = assemble_gram(
+            A = gram_arrays(
                 [level_sums(c[k], design.n_levels[k], w) for k in range(K)],
                 {(k, l): cell_table(c[k], c[l], design.n_levels[k], design.n_levels[l], w)
                  for k in range(K) for l in range(k + 1, K)})
-        A.sort_indices()
+        if isinstance(A, tuple):  # gram_arrays: sorted, in the kernels' dtypes
+            self._indptr, self._indices, self._data = A
+        else:
+            A.sort_indices()
+            # no copies where the dtypes already fit (the design's cached Z'Z shares them)
+            self._indptr = np.asarray(A.indptr, dtype=np.int64)
+            self._indices = np.asarray(A.indices, dtype=np.int32)
+            self._data = np.asarray(A.data, dtype=np.float64)
+        del A
         self.design = design
-        # no copies where the dtypes already fit (the design's cached Z'Z shares them)
-        self._indptr = np.asarray(A.indptr, dtype=np.int64)
-        self._indices = np.asarray(A.indices, dtype=np.int32)
-        self._data = np.asarray(A.data, dtype=np.float64)
-        self.nnz = int(A.nnz)
+        self.nnz = int(self._indptr[-1])
         self.parallel = _resolve_parallel(parallel, self.nnz)
         # scipy's view of the same arrays (no copy): its csr_matvec is 1.5x faster than
         # the serial block kernel on one column (1.7 ms against 2.5 ms at 1.4e6 nnz)
         self._csr = sp.csr_matrix((self._data, self._indices, self._indptr),
-                                  shape=A.shape, copy=False)
+                                  shape=(q, q), copy=False)
 
     def _mat(self, X):
         X = np.asarray(X)
@@ -795,6 +880,56 @@ class GramOperator(_SelfAdjoint, LinearOperator):
 
     def _matmat(self, X):
         return self._mat(X)
+
+    def sandwich(self, lam, U):
+        """``lam * (Z'Z (lam * U)) + U`` for a (q, m) block and a q-vector ``lam``: the
+        spherical product ``(Lambda Z'Z Lambda + I) U`` in one pass over the cells, with
+        no (q, m) temporary (the same numbers as the three steps).
+
+        Examples
+        --------
+        >>> from lmmops.data.design import CrossedDesign
+        >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]])
+        >>> G, lam = GramOperator(d), np.array([0.5, 0.5, 0.5, 2.0, 2.0])
+        >>> U = np.arange(10.0).reshape(5, 2)
+        >>> bool(np.array_equal(G.sandwich(lam, U),
+        ...                     lam[:, None] * (G @ (lam[:, None] * U)) + U))
+        True
+        """
+        U = np.ascontiguousarray(U, dtype=np.float64)
+        lam = np.ascontiguousarray(lam, dtype=np.float64)
+        if U.ndim != 2 or U.shape[0] != self.shape[0] or lam.shape != (self.shape[0],):
+            raise ArgumentError(f"sandwich of a ({self.shape[0]}, m) block with a "
+                                f"({self.shape[0]},) scaling, got {U.shape} and {lam.shape}")
+        out = np.empty_like(U)
+        kernel = kernels.csr_sandwich_parallel if self.parallel else \
+            kernels.csr_sandwich_serial
+        kernel(self._indptr, self._indices, self._data, lam, U, out)
+        return out
+
+    def offdiag_square_rows(self, a):
+        """``s_i = sum_{j != i} (Z'Z)_ij^2 a_j`` for a q-vector ``a``: from the Gram's own
+        arrays, what the squared cross-tabulations give (``a's`` is
+        ``2 sum_{k<l} a_k' (N_kl o N_kl) a_l``), with no copy of them.
+
+        Examples
+        --------
+        >>> from lmmops.data.design import CrossedDesign
+        >>> d = CrossedDesign.from_codes([[0, 0, 1, 1, 2], [0, 1, 0, 1, 1]])
+        >>> G = GramOperator(d)
+        >>> A = d.gram().toarray()
+        >>> a = np.arange(1.0, 6.0)
+        >>> bool(np.allclose(G.offdiag_square_rows(a), (A**2 - np.diag(np.diag(A)**2)) @ a))
+        True
+        """
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        if a.shape != (self.shape[0],):
+            raise ArgumentError(f"a must have shape ({self.shape[0]},), got {a.shape}")
+        out = np.empty(self.shape[0])
+        kernel = kernels.offdiag_square_rows_parallel if self.parallel else \
+            kernels.offdiag_square_rows_serial
+        kernel(self._indptr, self._indices, self._data, a, out)
+        return out
 
     def todense(self):
         """Dense ``Z'Z`` (tests and small problems only; size-guarded).

@@ -120,7 +120,10 @@ fits <- list(
   record("sim_explicit_three_way", "y ~ x + (1|a) + (1|a:b:c)", sim, "nesting_sim"),
   record("sim_three_level", "y ~ x + (1|a/b/c)", sim, "nesting_sim"),
   record("sim_slope_nested", "y ~ x + (1 + x|a/b)", sim, "nesting_sim"),
-  record("sim_double_vert_nested", "y ~ x + (x||a/b)", sim, "nesting_sim")
+  record("sim_double_vert_nested", "y ~ x + (x||a/b)", sim, "nesting_sim"),
+  ## b:a (from a/b) and a:b (written out) group the rows identically: lme4 keeps them as
+  ## two factors, one with the intercept, one with the slope
+  record("sim_two_orders", "y ~ x + (1|a/b) + (0 + x|a:b)", sim, "nesting_sim")
 )
 
 about <- list(
