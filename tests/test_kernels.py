@@ -445,16 +445,20 @@ def test_schur_fill_and_trace_match_dense(q1, r, density, seed):
     A = (A + A.T + sp.diags(rng.random(r) + r)).tocsr()
     Au = sp.triu(A, format="csr")
     Au.sort_indices()
-    out = np.full((r + 2, r + 3), np.pi)
+    c = 2
+    RN = rng.normal(size=(r, c))
+    Sxx = rng.normal(size=(c, c))
+    out = np.full((r + c, r + c), np.pi)
     kernels.schur_fill_rows(*arrays, ptr, rows, pos, w, Au.indptr.astype(np.int64),
-                       Au.indices.astype(np.int64), Au.data, scale, out)
+                            Au.indices.astype(np.int64), Au.data, scale, RN, Sxx, out)
     G = N.T.toarray() @ (w[:, None] * N.toarray())
-    ref = scale[:, None] * (A.toarray() - G) * scale[None, :] + np.eye(r)
-    iu, il = np.triu_indices(r), np.tril_indices(r, -1)
-    assert_allclose(out[:r, :r][iu], ref[iu], rtol=1e-13, atol=1e-12)
-    assert np.all(out[:r, :r][il] == np.pi)  # the other triangle is not touched
-    assert np.all(out[r:] == np.pi)
-    assert np.all(out[:, r:] == np.pi)
+    ref = np.empty((r + c, r + c))
+    ref[:r, :r] = scale[:, None] * (A.toarray() - G) * scale[None, :] + np.eye(r)
+    ref[:r, r:] = scale[:, None] * RN
+    ref[r:, r:] = Sxx
+    iu, il = np.triu_indices(r + c), np.tril_indices(r + c, -1)
+    assert_allclose(out[iu], ref[iu], rtol=1e-13, atol=1e-12)
+    assert np.all(out[il] == np.pi)  # the other triangle is not touched
     S = rng.normal(size=(r, r))
     S = S + S.T
     got = kernels.schur_trace_rows(*arrays, ptr, rows, pos, w, scale, np.triu(S))

@@ -302,6 +302,7 @@ class DirectObjective:
         # triangle is ever written: LAPACK factors its transpose (column-major, lower) in
         # place, and the other triangle stays zero
         self._S = np.zeros((m, m))
+        self._no_rn = np.zeros((0, p + 1))
         # _first_parts' cache: a few entries, on small level spaces only
         self._first_cache = {}
         self._first_cacheable = (2 * self.q1 + (qr + p + 1) * (p + 1)
@@ -377,11 +378,8 @@ class DirectObjective:
         tr_ = self._theta_rest(theta)
         # S's upper triangle, C order (= the lower triangle of the column-major S.T)
         S = np.zeros((m, m)) if keep else self._S
-        if qr:
-            kernels.schur_fill_rows(*self._N_arrays, *self._cols, w1, *self._arr_upper, tr_,
-                                    S)
-            S[:qr, qr:] = tr_[:, None] * RN
-        S[qr:, qr:] = np.triu(Sxx)
+        kernels.schur_fill_rows(*self._N_arrays, *self._cols, w1, *self._arr_upper, tr_,
+                                self._no_rn if RN is None else RN, Sxx, S)
         L, info = sla.lapack.dpotrf(S.T, lower=1, overwrite_a=1, clean=0)
         if info > 0:
             col = info - 1
@@ -455,8 +453,7 @@ class DirectObjective:
         if m > 1:
             c = np.zeros(m)
             c[:m - 1] = L[m - 1, :m - 1]
-            sol = sla.solve_triangular(L, c, lower=True, trans="T", check_finite=False,
-                                       overwrite_b=True)[:m - 1]
+            sol = tri_solve(L, c, lower=True, trans=1)[:m - 1]
         else:
             sol = np.zeros(0)
         v_rest = sol[:qr]
@@ -669,10 +666,19 @@ class DirectObjective:
         ndarray, shape (n_factors + 1, n_factors + 1)
             Order: the factors' variances, then the residual variance.
         """
-        # in level space (the working variates as Z F + [X y] H): no pass over the rows,
-        # the same numbers up to rounding as quadratic_form_P of the row vectors (InstEval:
-        # 3.1 against 5.7 ms, once per Newton step)
-        return 0.5 * self.quadratic_form_P_span(ev, *self.working_variates_span(ev))
+        if not self.has_rows:
+            return 0.5 * self.quadratic_form_P_span(ev, *self.working_variates_span(ev))
+        s2 = ev.sigma2
+        e = self.residuals(ev)
+        wt = self.weights
+        we = e if wt is None else wt * e  # R^{-1} e s^2 = s^2 P y
+        codes = self.design.codes
+        W = np.empty((self.n, self.K + 1))
+        for k in range(self.K):
+            ze = np.bincount(codes[k], weights=we, minlength=self.design.n_levels[k])
+            W[:, k] = ze[codes[k]] / s2
+        W[:, self.K] = e / s2  # dV/ds_e^2 P y = W^{-1} P y
+        return 0.5 * self.quadratic_form_P(ev, W)
 
     def quadratic_form_P(self, ev, W, z_only=False):
         """``W' P W`` for the columns of ``W``, exactly, by one solve in level space.
@@ -758,10 +764,9 @@ def leading_cho_solve(L, mp, b):
     m = L.shape[0]
     rhs = np.zeros((m,) + np.shape(b)[1:])
     rhs[:mp] = b
-    y = sla.solve_triangular(L, rhs, lower=True, check_finite=False, overwrite_b=True)
+    y = tri_solve(L, rhs, lower=True)
     y[mp:] = 0.0
-    return sla.solve_triangular(L, y, lower=True, trans="T", check_finite=False,
-                                overwrite_b=True)[:mp]
+    return tri_solve(L, y, lower=True, trans=1)[:mp]
 
 
 #: :meth:`DirectObjective._first_parts` keeps at most this many values of ``t1``, where

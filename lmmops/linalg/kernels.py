@@ -62,10 +62,11 @@ schur_fill(AG, RN, Sxx, t, S)
     The exact solver's dense Schur block from its parts, in one pass (serial only).
 csr_column_positions(indptr, indices, ncols)
     A CSR matrix's transpose as an index (rows and positions of each column's nonzeros).
-schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale,
-                out)
-    The exact solver's Schur block, ``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba
-    + [a = b]``, row by row in place (no dense Gram).
+schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale, RN,
+                Sxx, out)
+    The exact solver's Schur block's upper triangle, ``out[b, b:r] = scale_b scale_a
+    (A - N' diag(w) N)_ba + [a = b]`` row by row in place (no dense Gram), then the
+    ``X``/``y`` columns ``scale RN`` and block ``Sxx``.
 schur_trace_rows(indptr, indices, data, cptr, crows, cpos, w, scale, S)
     ``sum(S o scale (N' diag(w) N) scale)`` for a symmetric ``S`` given by its upper
     triangle (no dense Gram).
@@ -1132,8 +1133,10 @@ def csr_column_positions(indptr, indices, ncols):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval,
-                    scale, out):  # pragma: no cover - compiled
-    """``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba + [a = b]`` for ``b < r``.
+                    scale, RN, Sxx, out):  # pragma: no cover - compiled
+    """The exact solver's Schur block's upper triangle, in place: for ``b < r``,
+    ``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba + [a = b]`` and
+    ``out[b, r:] = scale_b RN[b]``; then the upper triangle of ``out[r:, r:] = Sxx``.
 
     ``N`` is CSR (``(q1, r)``, column indices sorted within rows) with
     :func:`csr_column_positions` ``(cptr, crows, cpos)``; ``A`` (``r x r``) is given by
@@ -1142,9 +1145,9 @@ def schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, ava
     ``i`` from ``b`` on: ``sum_i nnz_i (nnz_i + 1) / 2`` products reading ``N`` (small)
     and writing one output row at a time (in cache): no dense Gram, and the zeroing and
     scaling are done row by row in the same sweep.
-    ``out`` has at least ``r`` columns; only the upper triangle of its leading ``r x r``
-    block is written (a C-ordered ``out`` is the lower triangle of LAPACK's
-    column-major ``out.T``).
+    ``out`` is square of size ``r + c`` (``RN``: ``(r, c)``, ``Sxx``: ``(c, c)``); only
+    its upper triangle is written (a C-ordered ``out`` is the lower triangle of
+    LAPACK's column-major ``out.T``).
     """
     r = cptr.size - 1
     for b in range(r):
@@ -1163,6 +1166,11 @@ def schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, ava
         for a in range(b, r):
             row[a] *= sb * scale[a]
         row[b] += 1.0
+        for j in range(RN.shape[1]):
+            row[r + j] = sb * RN[b, j]
+    for i in range(Sxx.shape[0]):
+        for j in range(i, Sxx.shape[0]):
+            out[r + i, r + j] = Sxx[i, j]
 
 
 @numba.njit(cache=True, nogil=True)
