@@ -226,3 +226,41 @@ def test_optimum_does_not_depend_on_the_start(seed):
         assert opt.converged
         assert ev.objective == pytest.approx(ref.objective, abs=1e-6)
         np.testing.assert_allclose(ev.theta, ref.theta, rtol=1e-3)
+
+
+def test_factor_is_the_dense_schur_cholesky_and_survives_later_evaluations(problem):
+    """The blocked factor equals numpy's Cholesky of the dense Schur block (upper
+    triangle zero), and an Evaluation keeps it: criterion-only evaluations factor in the
+    objective's scratch block, later evaluations in new ones."""
+    from lmmops.estimation.direct import leading_cho_solve
+
+    d, X, y = problem
+    obj = DirectObjective(d, X, y, "REML")
+    theta = np.linspace(0.4, 1.3, d.n_factors)
+    ev = obj.evaluate(theta)
+    L = ev.factor[0].copy()
+    # the dense Schur block: Omega = [[Lam Z'Z Lam + I, Lam Z'[X y]], [., [X y]'[X y]]],
+    # the first factor eliminated
+    f, rest = obj.first, obj.rest
+    Z = [d.indicator(k).toarray() for k in range(d.n_factors)]
+    Zr = np.hstack([theta[k] * Z[k] for k in rest]) if rest else np.zeros((d.n_obs, 0))
+    W = np.hstack([Zr, X, y[:, None]])
+    Z1 = theta[f] * Z[f]
+    A11 = Z1.T @ Z1 + np.eye(Z1.shape[1])
+    Om = W.T @ W
+    Om[:obj.qr, :obj.qr] += np.eye(obj.qr)
+    S = Om - (W.T @ Z1) @ np.linalg.solve(A11, Z1.T @ W)
+    np.testing.assert_allclose(L, np.linalg.cholesky(S), rtol=1e-10, atol=1e-12)
+    assert np.all(np.triu(L, 1) == 0.0)
+    # later evaluations leave ev's factor alone; its solves still match dense ones
+    for t in (0.5 * theta, 2.0 * theta):
+        obj.criterion(t)
+        obj.evaluate(t)
+    np.testing.assert_array_equal(ev.factor[0], L)
+    mp = obj.qr + obj.p
+    b = np.random.default_rng(1).normal(size=(mp, 2))
+    np.testing.assert_allclose(leading_cho_solve(ev.factor[0], mp, b),
+                               np.linalg.solve(S[:mp, :mp], b), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(leading_cho_solve(ev.factor[0], obj.qr, b[:obj.qr]),
+                               np.linalg.solve(S[:obj.qr, :obj.qr], b[:obj.qr]),
+                               rtol=1e-9, atol=1e-12)

@@ -413,3 +413,54 @@ def test_csr_residual_matches_scipy(parallel):
     inplace = b.copy()
     kern(A.indptr, A.indices, A.data, x, inplace, scale, inplace)
     np.testing.assert_allclose(inplace, scale * (b - A @ x), rtol=1e-13, atol=1e-13)
+
+
+def _sorted_csr(rng, q1, r, density):
+    N = sp.random(q1, r, density=density, random_state=rng, format="csr",
+                  data_rvs=lambda k: rng.integers(1, 4, k).astype(float))
+    N.sum_duplicates()
+    N.sort_indices()
+    return N, (N.indptr.astype(np.int64), N.indices.astype(np.int64), N.data)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(q1=st.integers(1, 40), r=st.integers(1, 25), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31 - 1))
+def test_schur_fill_and_trace_match_dense(q1, r, density, seed):
+    """The exact solver's Schur block from N's transpose index equals
+    ``T (A - N' diag(w) N) T + I`` densely (upper triangle only written), and the trace
+    kernel equals ``sum(S o T N'diag(w)N T)`` for a symmetric S given by its upper triangle."""
+    rng = np.random.default_rng(seed)
+    N, arrays = _sorted_csr(rng, q1, r, density)
+    ptr, rows, pos = kernels.csr_column_positions(arrays[0], arrays[1], r)
+    # the index is the transpose: column b's nonzeros, rows increasing
+    Nc = N.tocsc()
+    Nc.sort_indices()
+    assert_allclose(ptr, Nc.indptr)
+    assert np.array_equal(rows, Nc.indices)
+    assert np.array_equal(arrays[1][pos], np.repeat(np.arange(r), np.diff(ptr)))
+    w = rng.random(q1)
+    scale = rng.random(r) + 0.1
+    A = sp.random(r, r, density=0.3, random_state=rng)
+    A = (A + A.T + sp.diags(rng.random(r) + r)).tocsr()
+    Au = sp.triu(A, format="csr")
+    Au.sort_indices()
+    c = 2
+    RN = rng.normal(size=(r, c))
+    Sxx = rng.normal(size=(c, c))
+    out = np.full((r + c, r + c), np.pi)
+    kernels.schur_fill_rows(*arrays, ptr, rows, pos, w, Au.indptr.astype(np.int64),
+                            Au.indices.astype(np.int64), Au.data, scale, RN, Sxx, out)
+    G = N.T.toarray() @ (w[:, None] * N.toarray())
+    ref = np.empty((r + c, r + c))
+    ref[:r, :r] = scale[:, None] * (A.toarray() - G) * scale[None, :] + np.eye(r)
+    ref[:r, r:] = scale[:, None] * RN
+    ref[r:, r:] = Sxx
+    iu, il = np.triu_indices(r + c), np.tril_indices(r + c, -1)
+    assert_allclose(out[iu], ref[iu], rtol=1e-13, atol=1e-12)
+    assert np.all(out[il] == np.pi)  # the other triangle is not touched
+    S = rng.normal(size=(r, r))
+    S = S + S.T
+    got = kernels.schur_trace_rows(*arrays, ptr, rows, pos, w, scale, np.triu(S))
+    want = float(np.sum(S * (scale[:, None] * G * scale[None, :])))
+    assert_allclose(got, want, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(S).sum() * G.max()))

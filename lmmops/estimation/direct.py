@@ -51,7 +51,7 @@ from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
 from lmmops.estimation.criterion import profiled_criterion
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
-from lmmops.linalg.lapack import chol_inverse, chol_solve, tri_solve
+from lmmops.linalg.lapack import tri_solve
 from lmmops.threads import limit_threads, limits_active
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "NumericalFailure",
     "OptSummary",
     "fit_direct",
+    "leading_cho_solve",
     "moment_start",
     "theta_gradient",
     "theta_scale",
@@ -267,7 +268,6 @@ class DirectObjective:
         self.TT = stats.TT
         if self.qr:
             self.rest_offsets = np.concatenate([[0], np.cumsum(self.q_rest)]).astype(np.int64)
-            self.Arr = stats.block(self.rest)
             self.ZrT = np.vstack([stats.ZT[k] for k in self.rest])
             N = sp.hstack([stats.crosstab(self.first, k) for k in self.rest], format="csr")
             N.sum_duplicates()
@@ -276,7 +276,6 @@ class DirectObjective:
             self.Nt = N.T.tocsr()
         else:
             self.rest_offsets = np.zeros(1, dtype=np.int64)
-            self.Arr = np.zeros((0, 0))
             self.ZrT = np.zeros((0, p + 1))
             self.N = sp.csr_matrix((self.q1, 0))
             self.Nt = sp.csr_matrix((0, self.q1))
@@ -290,11 +289,23 @@ class DirectObjective:
         # theta_k repeated over the levels of each factor but the first
         self._rest_index = np.repeat(np.asarray(self.rest, dtype=np.intp), self.q_rest)
         qr = self.qr
-        self._S = np.empty((m, m))  # the Schur block, written in place (schur_fill)
-        self._G2 = np.empty((qr, qr))
+        # the Schur block's symbolic work, once: N's transpose as an index (the rows of
+        # N with a nonzero in each column, kernels.csr_column_positions) and
+        # Z_rest'WZ_rest's upper triangle (sparse); each evaluation refills the values
+        self._cols = kernels.csr_column_positions(self._N_arrays[0], self._N_arrays[1], qr)
+        A = sp.triu(sp.bmat([[stats.crosstab(k, l) for l in self.rest] for k in self.rest],
+                            format="csr"), format="csr") if qr else sp.csr_matrix((0, 0))
+        A.sort_indices()
+        self._arr_upper = (A.indptr.astype(np.int64), A.indices.astype(np.int64),
+                           A.data.astype(np.float64))
+        # scratch for criterion-only evaluations; C order, of which only the upper
+        # triangle is ever written: LAPACK factors its transpose (column-major, lower) in
+        # place, and the other triangle stays zero
+        self._S = np.zeros((m, m))
+        self._no_rn = np.zeros((0, p + 1))
         # _first_parts' cache: a few entries, on small level spaces only
         self._first_cache = {}
-        self._first_cacheable = (self.q1 * (p + 3) + qr * (2 * qr + p + 1)
+        self._first_cacheable = (2 * self.q1 + (qr + p + 1) * (p + 1)
                                  <= _FIRST_CACHE_DOUBLES)
         self._offsets = [int(o) for o in design.offsets]
         self._level_index = {}  # _zt_times' bin index per number of columns
@@ -348,25 +359,28 @@ class DirectObjective:
         with limit_threads(self.threads, dense_size=self.m, inner=True):
             return self._evaluate(theta, gradient)
 
-    def _factor(self, theta, gradient):
+    def _factor(self, theta, gradient, keep=True):
         """The blocked Cholesky factor at ``theta`` and the criterion's pieces:
-        ``(theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, criterion, dof)``."""
+        ``(theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, criterion, dof)``.
+
+        ``L`` is column-major, lower, with a zero upper triangle; ``keep=False`` factors
+        in the objective's scratch block (the criterion alone: ``L`` is overwritten by the
+        next such call), otherwise in a new one (an :class:`Evaluation` keeps it).
+        ``gradient`` is unused (the gradient's Gram terms are summed on the fly).
+        """
         theta = np.array(theta, dtype=np.float64)
         if theta.shape != (self.K,) or not all(0.0 <= t < math.inf for t in theta.tolist()):
             raise LmmopsError(f"theta must be {self.K} finite values >= 0, got {theta}")
         self.n_evaluations += 1
         n, p, qr, m = self.n, self.p, self.qr, self.m
         t1 = theta[self.first]
-        d, w1, G2, AG, RN, Sxx, logdet_d = self._first_parts(t1, gradient)
+        d, w1, RN, Sxx, logdet_d = self._first_parts(t1)
         tr_ = self._theta_rest(theta)
-        S = self._S
-        if qr:
-            if gradient:
-                self._G2 = G2
-            kernels.schur_fill(AG, RN, Sxx, tr_, S)
-        else:
-            S[...] = Sxx
-        L, info = sla.lapack.dpotrf(S, lower=1, overwrite_a=0, clean=1)
+        # S's upper triangle, C order (= the lower triangle of the column-major S.T)
+        S = np.zeros((m, m)) if keep else self._S
+        kernels.schur_fill_rows(*self._N_arrays, *self._cols, w1, *self._arr_upper, tr_,
+                                self._no_rn if RN is None else RN, Sxx, S)
+        L, info = sla.lapack.dpotrf(S.T, lower=1, overwrite_a=1, clean=0)
         if info > 0:
             col = info - 1
             if col == m - 1:  # y in the span of X and Z: perfect fit
@@ -388,16 +402,17 @@ class DirectObjective:
         obj, dof = profiled_criterion(logdet_L, logdet_RX, pwrss, n, p, self.method, self.ldW)
         return theta, L, d, w1, tr_, t1, logdet_L, logdet_RX, pwrss, obj, dof
 
-    def _first_parts(self, t1, gradient):
+    def _first_parts(self, t1, gradient=False):
         """The parts of the Schur block that depend on the first factor's ``theta`` alone:
-        ``(d, w1, G2, A - G1, Z_r'T - N'W_1 Z_1'T, T'T - T'Z_1 W_1 Z_1'T, sum(log d))``
-        with ``d = t1^2 D_1 + 1``, ``w1 = t1^2 / d``, ``G1 = N' diag(w1) N`` and (with
-        ``gradient``) ``G2 = N' diag(w1 / d) N``.
+        ``(d, w1, Z_r'T - N'W_1 Z_1'T, T'T - T'Z_1 W_1 Z_1'T, sum(log d))`` with
+        ``d = t1^2 D_1 + 1`` and ``w1 = t1^2 / d`` (the block of the other factors is
+        filled from ``w1`` by :func:`~lmmops.linalg.kernels.schur_fill_rows`; ``gradient``
+        is unused).
 
         Kept for the last few values of ``t1`` on a small level space (the optimiser's
         grids move the other components with ``t1`` fixed), so a repeated ``t1`` reuses
         the same numbers."""
-        key = (float(t1), bool(gradient))
+        key = float(t1)
         hit = self._first_cache.get(key)
         if hit is not None:
             return hit
@@ -405,20 +420,11 @@ class DirectObjective:
         d = t1 * t1 * self.d1 + 1.0
         w1 = t1 * t1 / d
         WZ1 = w1[:, None] * self.Z1T
-        G2 = AG = RN = None
-        if qr:
-            G1 = np.empty((qr, qr))
-            if gradient:
-                G2 = np.empty((qr, qr))
-                kernels.weighted_gram2(*self._N_arrays, w1, w1 / d, G1, G2)
-            else:
-                kernels.weighted_gram(*self._N_arrays, w1, G1)
-            AG = self.Arr - G1
-            RN = self.ZrT - self._Nt_times(WZ1)
+        RN = self.ZrT - self._Nt_times(WZ1) if qr else None
         Sxx = self.TT - self.Z1T.T @ WZ1
-        parts = (d, w1, G2, AG, RN, Sxx, np.log(d).sum())
+        parts = (d, w1, RN, Sxx, np.log(d).sum())
         if self._first_cacheable:
-            for a in parts[:6]:
+            for a in parts[:4]:
                 if a is not None:
                     a.setflags(write=False)  # shared by the evaluations at this t1
             if len(self._first_cache) >= _FIRST_CACHE_ENTRIES:
@@ -431,9 +437,9 @@ class DirectObjective:
         and its diagonal, for the optimiser's grid and line searches (about a third of
         the time of :meth:`evaluate`, mostly fixed overhead, on small designs)."""
         if limits_active():
-            return float(self._factor(theta, False)[9])
+            return float(self._factor(theta, False, keep=False)[9])
         with limit_threads(self.threads, dense_size=self.m, inner=True):
-            return float(self._factor(theta, False)[9])
+            return float(self._factor(theta, False, keep=False)[9])
 
     def _evaluate(self, theta, gradient):
         p, qr, m = self.p, self.qr, self.m
@@ -441,10 +447,15 @@ class DirectObjective:
             theta, gradient)
         sigma2 = pwrss / dof
 
-        # conditional modes: back-substitute the y column, then the first block
-        Lm = L[: m - 1, : m - 1]
-        c = L[m - 1, : m - 1]
-        sol = tri_solve(Lm, c, lower=True, trans=1) if m > 1 else np.zeros(0)
+        # conditional modes: back-substitute the y column, then the first block. With the
+        # whole factor (no copy of its leading block): L' [x; 0] = [c; 0] is
+        # L_11' x = c as the last pivot sqrt(pwrss) > 0
+        if m > 1:
+            c = np.zeros(m)
+            c[:m - 1] = L[m - 1, :m - 1]
+            sol = tri_solve(L, c, lower=True, trans=1)[:m - 1]
+        else:
+            sol = np.zeros(0)
         v_rest = sol[:qr]
         beta = sol[qr:qr + p]
         rhs1 = t1 * self.Z1T[:, p] - t1 * (self.Z1T[:, :p] @ beta)
@@ -470,31 +481,33 @@ class DirectObjective:
     def _gradient(self, theta, L, d, w1, tr_, v, sigma2):
         p, qr = self.p, self.qr
         mp = self._reml_dims()
-        # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X])
+        # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X]): its lower
+        # triangle (column-major); the upper one is L's, zero
         if mp:
-            try:
-                Sinv = chol_inverse(L[:mp, :mp], lower=True)
-            except NumericalFailure:
-                raise LmmopsError("could not invert the Schur block") from None
+            Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
+            if info != 0:
+                raise LmmopsError("could not invert the Schur block")
         else:
             Sinv = np.zeros((0, 0))
-        # trace of the first factor's block of M^{-1}: sum 1/d + tr(S'^{-1} B'D^{-2}B)
+        # trace of the first factor's block of M^{-1}: sum 1/d + tr(S'^{-1} B'D^{-2}B),
+        # B'D^{-2}B = [[T N'W2 N T, T N'W2 X1], [., t1^2 X1'D^{-2}X1]] with W2 = w1 / d,
+        # summed against S'^{-1}'s lower triangle (off-diagonal entries twice)
         tr_first = float(np.sum(1.0 / d))
         if mp:
             t1 = theta[self.first]
             w2 = w1 / d
-            Bt = np.zeros((mp, mp))
-            if qr:
-                Bt[:qr, :qr] = self._G2 * tr_[:, None] * tr_[None, :]
+            if qr:  # on N'N's pattern only, no dense Gram
+                tr_first += kernels.schur_trace_rows(*self._N_arrays, *self._cols, w2, tr_, Sinv.T)
             if self.method == "REML" and p:
                 X1 = self.Z1T[:, :p]
-                Bt[qr:, qr:] = t1 * t1 * (X1.T @ (X1 / (d * d)[:, None]))
+                Sxx = Sinv[qr:, qr:]
+                Bxx = t1 * t1 * (X1.T @ (X1 / (d * d)[:, None]))
+                tr_first += float(2.0 * np.sum(np.tril(Sxx) * Bxx)
+                                  - np.sum(np.diagonal(Sxx) * np.diagonal(Bxx)))
                 if qr:
-                    NwX = self._Nt_times(w2[:, None] * X1)
-                    Bt[:qr, qr:] = tr_[:, None] * NwX
-                    Bt[qr:, :qr] = Bt[:qr, qr:].T
-            tr_first += float(np.sum(Sinv * Bt))
-        diag_inv = np.diag(Sinv)
+                    NwX = self._Nt_times(w2[:, None] * X1)  # (qr, p)
+                    tr_first += 2.0 * float(np.sum(Sinv[qr:, :qr].T * (tr_[:, None] * NwX)))
+        diag_inv = np.diagonal(Sinv)
         traces = np.zeros(self.K)
         for k in range(self.K):
             if k == self.first:
@@ -629,7 +642,7 @@ class DirectObjective:
         if p:
             cr[qr:] -= t1 * (X1.T @ z)
         mp = qr + p
-        xr = chol_solve(L[:mp, :mp], cr, lower=True) if mp else cr
+        xr = leading_cho_solve(L, mp, cr) if mp else cr
         back = X1 @ xr[qr:] if p else np.zeros_like(b1)
         if qr:
             back = back + self._N_times(tr_[:, None] * xr[:qr])
@@ -722,6 +735,38 @@ class DirectObjective:
     def __call__(self, theta):
         """Return the criterion at ``theta`` (lme4's ``devfun``)."""
         return self.criterion(theta)
+
+
+def leading_cho_solve(L, mp, b):
+    """Solve ``L_11 L_11' x = b`` with the leading ``mp x mp`` block of the lower factor
+    ``L`` (column-major), by triangular solves with the whole of ``L`` (no copy of the
+    block): forward with ``[b; 0]``, the trailing part of the result set to 0, backward.
+
+    Parameters
+    ----------
+    L : ndarray, shape (m, m)
+        Lower Cholesky factor with a nonsingular trailing block.
+    mp : int
+    b : ndarray, shape (mp,) or (mp, k)
+
+    Returns
+    -------
+    ndarray, shape of ``b``
+
+    Examples
+    --------
+    >>> A = np.array([[4.0, 2.0, 1.0], [2.0, 3.0, 0.5], [1.0, 0.5, 2.0]])
+    >>> L = np.asfortranarray(np.linalg.cholesky(A))
+    >>> x = leading_cho_solve(L, 2, np.array([1.0, 2.0]))
+    >>> bool(np.allclose(A[:2, :2] @ x, [1.0, 2.0]))
+    True
+    """
+    m = L.shape[0]
+    rhs = np.zeros((m,) + np.shape(b)[1:])
+    rhs[:mp] = b
+    y = tri_solve(L, rhs, lower=True)
+    y[mp:] = 0.0
+    return tri_solve(L, y, lower=True, trans=1)[:mp]
 
 
 #: :meth:`DirectObjective._first_parts` keeps at most this many values of ``t1``, where

@@ -58,10 +58,18 @@ cg_update(X, R, P, AP, pinv, a, nblocks, partial), cg_direction(P, R, pinv, b, n
     The fused updates of block preconditioned CG with a diagonal preconditioner.
 weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
-weighted_gram2(indptr, indices, data, w1, w2, out1, out2)
-    Two weighted Grams of the same ``N`` in one pass (serial only).
 schur_fill(AG, RN, Sxx, t, S)
     The exact solver's dense Schur block from its parts, in one pass (serial only).
+csr_column_positions(indptr, indices, ncols)
+    A CSR matrix's transpose as an index (rows and positions of each column's nonzeros).
+schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale, RN,
+                Sxx, out)
+    The exact solver's Schur block's upper triangle, ``out[b, b:r] = scale_b scale_a
+    (A - N' diag(w) N)_ba + [a = b]`` row by row in place (no dense Gram), then the
+    ``X``/``y`` columns ``scale RN`` and block ``Sxx``.
+schur_trace_rows(indptr, indices, data, cptr, crows, cpos, w, scale, S)
+    ``sum(S o scale (N' diag(w) N) scale)`` for a symmetric ``S`` given by its upper
+    triangle (no dense Gram).
 csr_gauss_seidel(indptr, indices, data, x, b, forward)
     One in-place Gauss-Seidel sweep on a CSR matrix (serial only; AMG's coarse levels).
 csr_append(indptr, indices, data, row_offset, col_offset, transpose, fill, out_indices, out_data)
@@ -100,12 +108,13 @@ __all__ = [
     "cg_update_bj_serial",
     "cg_update_parallel",
     "cg_update_serial",
+    "component_labels",
     "cov_matmat_parallel",
     "cov_matmat_serial",
     "cov_matvec_parallel",
     "cov_matvec_serial",
-    "component_labels",
     "csr_append",
+    "csr_column_positions",
     "csr_gauss_seidel",
     "csr_matmat_parallel",
     "csr_matmat_serial",
@@ -147,14 +156,15 @@ __all__ = [
     "scatter_block_serial",
     "scatter_parallel",
     "scatter_serial",
-    "schur_rows_parallel",
     "schur_fill",
+    "schur_fill_rows",
+    "schur_rows_parallel",
     "schur_rows_serial",
+    "schur_trace_rows",
     "sym_matmat_parallel",
     "sym_matmat_serial",
     "union_csr",
     "weighted_gram",
-    "weighted_gram2",
 ]
 
 # Parallel variants are cached too: tests/test_kernels.py::test_numba_cache_hits shows the
@@ -1092,22 +1102,101 @@ def weighted_gram(indptr, indices, data, w, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def weighted_gram2(indptr, indices, data, w1, w2, out1, out2):  # pragma: no cover
-    """``out1 = N' diag(w1) N`` and ``out2 = N' diag(w2) N`` in one pass over ``N``."""
-    out1[:, :] = 0.0
-    out2[:, :] = 0.0
-    for i in range(indptr.size - 1):
-        wi1 = w1[i]
-        wi2 = w2[i]
-        lo, hi = indptr[i], indptr[i + 1]
-        for a in range(lo, hi):
-            ja = indices[a]
-            da = data[a]
-            for b in range(lo, hi):
-                prod = da * data[b]
-                jb = indices[b]
-                out1[ja, jb] += wi1 * prod
-                out2[ja, jb] += wi2 * prod
+def csr_column_positions(indptr, indices, ncols):  # pragma: no cover - compiled
+    """Where each column's nonzeros sit in a CSR matrix ``N`` (shape ``(q1, ncols)``).
+
+    For column ``b`` and ``t`` in ``ptr[b] .. ptr[b + 1]``: the nonzero's row ``rows[t]``
+    and its position ``pos[t]`` in ``indices``/``data`` (rows increasing): the transpose
+    as an index, for :func:`schur_fill_rows` and :func:`schur_trace_rows` (symbolic, once).
+
+    Returns
+    -------
+    ptr : (ncols + 1,) int64; rows, pos : (nnz,) int64
+    """
+    q1 = indptr.size - 1
+    ptr = np.zeros(ncols + 1, dtype=np.int64)
+    for p in range(indptr[q1]):
+        ptr[indices[p] + 1] += 1
+    for b in range(ncols):
+        ptr[b + 1] += ptr[b]
+    rows = np.empty(indptr[q1], dtype=np.int64)
+    pos = np.empty(indptr[q1], dtype=np.int64)
+    nxt = ptr[:ncols].copy()
+    for i in range(q1):
+        for p in range(indptr[i], indptr[i + 1]):
+            t = nxt[indices[p]]
+            rows[t] = i
+            pos[t] = p
+            nxt[indices[p]] = t + 1
+    return ptr, rows, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval,
+                    scale, RN, Sxx, out):  # pragma: no cover - compiled
+    """The exact solver's Schur block's upper triangle, in place: for ``b < r``,
+    ``out[b, b:r] = scale_b scale_a (A - N' diag(w) N)_ba + [a = b]`` and
+    ``out[b, r:] = scale_b RN[b]``; then the upper triangle of ``out[r:, r:] = Sxx``.
+
+    ``N`` is CSR (``(q1, r)``, column indices sorted within rows) with
+    :func:`csr_column_positions` ``(cptr, crows, cpos)``; ``A`` (``r x r``) is given by
+    its CSR upper triangle ``(aptr, aidx, aval)``. Row ``b`` of the Gram sums, over the
+    rows ``i`` of ``N`` with a nonzero in column ``b``, ``w_i N_ib`` times the rest of row
+    ``i`` from ``b`` on: ``sum_i nnz_i (nnz_i + 1) / 2`` products reading ``N`` (small)
+    and writing one output row at a time (in cache): no dense Gram, and the zeroing and
+    scaling are done row by row in the same sweep.
+    ``out`` is square of size ``r + c`` (``RN``: ``(r, c)``, ``Sxx``: ``(c, c)``); only
+    its upper triangle is written (a C-ordered ``out`` is the lower triangle of
+    LAPACK's column-major ``out.T``).
+    """
+    r = cptr.size - 1
+    for b in range(r):
+        row = out[b]
+        for a in range(b, r):
+            row[a] = 0.0
+        for t in range(cptr[b], cptr[b + 1]):
+            i = crows[t]
+            p = cpos[t]
+            c = w[i] * data[p]
+            for q in range(p, indptr[i + 1]):
+                row[indices[q]] -= c * data[q]
+        for t in range(aptr[b], aptr[b + 1]):
+            row[aidx[t]] += aval[t]
+        sb = scale[b]
+        for a in range(b, r):
+            row[a] *= sb * scale[a]
+        row[b] += 1.0
+        for j in range(RN.shape[1]):
+            row[r + j] = sb * RN[b, j]
+    for i in range(Sxx.shape[0]):
+        for j in range(i, Sxx.shape[0]):
+            out[r + i, r + j] = Sxx[i, j]
+
+
+@numba.njit(cache=True, nogil=True)
+def schur_trace_rows(indptr, indices, data, cptr, crows, cpos, w, scale,
+                     S):  # pragma: no cover - compiled
+    """``sum_{a,b} S_ab scale_a scale_b (N' diag(w) N)_ab``, the trace of ``S`` times
+    the dense Gram without forming it (:func:`schur_fill_rows`' arguments).
+
+    ``S`` is symmetric and only its upper triangle ``S[b, a]``, ``a >= b``, is read (a
+    C-ordered view of LAPACK's column-major lower triangle); off-diagonal entries
+    count twice.
+    """
+    r = cptr.size - 1
+    total = 0.0
+    for b in range(r):
+        row = S[b]
+        acc = 0.0
+        for t in range(cptr[b], cptr[b + 1]):
+            i = crows[t]
+            p = cpos[t]
+            sp_ = 0.0
+            for q in range(p + 1, indptr[i + 1]):
+                sp_ += data[q] * scale[indices[q]] * row[indices[q]]
+            acc += w[i] * data[p] * (data[p] * scale[b] * row[b] + 2.0 * sp_)
+        total += scale[b] * acc
+    return total
 
 
 @numba.njit(cache=True, nogil=True)
