@@ -307,24 +307,3 @@ def test_result_tables_are_built_once_and_assignable():
     assert np.array_equal(res.tvalues.to_numpy(), res.fixef.to_numpy() / se)
     res.fixef = pd.Series([1.0], index=["(Intercept)"])  # still a plain attribute to set
     assert res.fixef.iloc[0] == 1.0
-
-
-@settings(**FAST)
-@given(r=st.integers(0, 8), x=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
-def test_schur_fill_equals_the_numpy_assembly(r, x, seed):
-    from lmmops.linalg.kernels import schur_fill
-
-    rng = np.random.default_rng(seed)
-    m = r + x
-    AG, RN, Sxx = rng.normal(size=(r, r)), rng.normal(size=(r, x)), rng.normal(size=(x, x))
-    t = rng.uniform(0.0, 3.0, r)
-    want = np.empty((m, m))
-    want[:r, :r] = AG * t[:, None]
-    want[:r, :r] *= t[None, :]
-    want[np.arange(r), np.arange(r)] += 1.0
-    want[:r, r:] = t[:, None] * RN
-    want[r:, :r] = want[:r, r:].T
-    want[r:, r:] = Sxx
-    S = np.full((m, m), np.nan)
-    schur_fill(AG, RN, Sxx, t, S)
-    assert np.array_equal(S, want)

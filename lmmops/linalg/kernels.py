@@ -58,8 +58,6 @@ cg_update(X, R, P, AP, pinv, a, nblocks, partial), cg_direction(P, R, pinv, b, n
     The fused updates of block preconditioned CG with a diagonal preconditioner.
 weighted_gram(indptr, indices, data, w, out)
     Dense ``out = N' diag(w) N`` for a CSR matrix ``N`` (serial only).
-schur_fill(AG, RN, Sxx, t, S)
-    The exact solver's dense Schur block from its parts, in one pass (serial only).
 csr_column_positions(indptr, indices, ncols)
     A CSR matrix's transpose as an index (rows and positions of each column's nonzeros).
 schur_fill_rows(indptr, indices, data, cptr, crows, cpos, w, aptr, aidx, aval, scale, RN,
@@ -156,7 +154,6 @@ __all__ = [
     "scatter_block_serial",
     "scatter_parallel",
     "scatter_serial",
-    "schur_fill",
     "schur_fill_rows",
     "schur_rows_parallel",
     "schur_rows_serial",
@@ -1197,32 +1194,6 @@ def schur_trace_rows(indptr, indices, data, cptr, crows, cpos, w, scale,
             acc += w[i] * data[p] * (data[p] * scale[b] * row[b] + 2.0 * sp_)
         total += scale[b] * acc
     return total
-
-
-@numba.njit(cache=True, nogil=True)
-def schur_fill(AG, RN, Sxx, t, S):  # pragma: no cover - compiled
-    """The exact solver's Schur block ``S`` (``m x m``, C order) from its parts.
-
-    With ``r = t.size`` rows for the factors after the first: ``S[:r, :r] = (AG t_i) t_j``
-    plus 1 on the diagonal, ``S[:r, r:] = t_i RN`` and its transpose below, and
-    ``S[r:, r:] = Sxx``; the same operations, in the same order, as the numpy
-    expressions of ``DirectObjective._factor`` (one call instead of six).
-    AG : (r, r); RN : (r, m - r); Sxx : (m - r, m - r); t : (r,); all float64.
-    """
-    r = t.size
-    m = S.shape[0]
-    for i in range(r):
-        ti = t[i]
-        for j in range(r):
-            S[i, j] = AG[i, j] * ti * t[j]
-        S[i, i] += 1.0
-        for j in range(m - r):
-            v = ti * RN[i, j]
-            S[i, r + j] = v
-            S[r + j, i] = v
-    for i in range(m - r):
-        for j in range(m - r):
-            S[r + i, r + j] = Sxx[i, j]
 
 
 @numba.njit(cache=True, nogil=True)
