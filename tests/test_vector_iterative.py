@@ -356,3 +356,15 @@ def test_ai_newton_and_lbfgsb_reach_the_same_optimum_ai_with_fewer_evaluations()
     with pytest.raises(LmmopsError, match="unknown optimizer"):
         fit_vector_iterative(VectorIterativeObjective(terms, X, y, n_probes=4),
                              optimizer="nelder-mead")
+
+
+@pytest.mark.slow
+def test_fit_agrees_with_exact_within_mc_error_at_a_million_rows():
+    """The issue-14 acceptance at 10^6 rows: two crossed slope terms, 5,000 x 400 Zipf
+    levels; theta and the criterion within ``K_SE`` Monte Carlo standard errors of the
+    exact optimum."""
+    ex, ev, opt, _ = _fit_both([True, True], 10**6, (5000, 400), seed=3)
+    assert opt.converged, opt.message
+    sd = np.sqrt(np.diag(ev.theta_mc_cov))
+    assert np.all(np.abs(ev.theta - ex.theta) <= K_SE * sd + 1e-6)
+    assert abs(ev.objective - ex.objective) <= K_SE * ev.objective_se
