@@ -199,7 +199,7 @@ def test_sdcor_theta_jacobian_is_the_finite_difference_one(sd, cor, sigma):
     term = types.SimpleNamespace(dim=3, n_theta=6)
     # column-major lower triangle: sd0, cor10, cor20, sd1, cor21, sd2
     x = np.array([sd[0], cor[0], cor[1], sd[1], cor[2], sd[2]])
-    J = _sdcor_theta_jacobian([term], x, sigma)
+    _, J = _sdcor_theta_jacobian([term], x, sigma)
     h = 1e-6
     for i in range(x.size + 1):
         xp, xm, sp_, sm = x.copy(), x.copy(), sigma, sigma

@@ -322,14 +322,15 @@ def _sdcor_criterion(obj, terms, x, sigma):
 
 
 def _sdcor_theta_jacobian(terms, x, sigma, h=1e-7):
-    """``d theta / d (x, sigma)`` of :func:`sdcor_theta` (``n_theta x (len(x) + 1)``):
+    """``theta`` of :func:`sdcor_theta` and ``d theta / d (x, sigma)``
+    (``n_theta x (len(x) + 1)``):
     exact for the standard deviations (``dT/ds_a = e_a e_a' chol(R) / sigma``, at 0 too)
     and ``sigma`` (``-T / sigma``), central differences of the factor for the
     correlations (one-sided where a step would leave [-1, 1] or the semidefinite cone);
-    None where ``theta`` is not defined."""
+    ``(None, None)`` where ``theta`` is not defined."""
     theta = sdcor_theta(terms, x, sigma)
     if theta is None:
-        return None
+        return None, None
     J = np.zeros((theta.size, x.size + 1))
     J[:, -1] = -theta / sigma
     pos = 0
@@ -360,17 +361,16 @@ def _sdcor_theta_jacobian(terms, x, sigma, h=1e-7):
             elif tm is not None:
                 J[:, i] = (theta - tm) / h
         pos += n
-    return J
+    return theta, J
 
 
 def _sdcor_criterion_and_gradient(obj, terms, x, sigma):
     """:func:`_sdcor_criterion` and its gradient in ``(x, sigma)`` from the objective's
     analytic ``evaluate_at_sigma`` and :func:`_sdcor_theta_jacobian`; ``(inf, 0)``
     where the criterion is not defined."""
-    J = _sdcor_theta_jacobian(terms, x, sigma)
-    if J is None:
+    theta, J = _sdcor_theta_jacobian(terms, x, sigma)
+    if theta is None:
         return np.inf, np.zeros(x.size + 1)
-    theta = sdcor_theta(terms, x, sigma)
     try:
         F, g_theta, g_s2 = obj.evaluate_at_sigma(theta, sigma * sigma)
     except RankDeficientError:

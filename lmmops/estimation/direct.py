@@ -51,7 +51,7 @@ from lmmops.errors import ConvergenceWarning, LmmopsError, NumericalFailure
 from lmmops.estimation.criterion import profiled_criterion
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
-from lmmops.linalg.lapack import tri_solve
+from lmmops.linalg.lapack import chol_inverse, tri_solve
 from lmmops.threads import limit_threads, limits_active
 
 __all__ = [
@@ -484,9 +484,7 @@ class DirectObjective:
         # inverse of the leading Schur block S' = L' L'^T (rest factors [+ X]): its lower
         # triangle (column-major); the upper one is L's, zero
         if mp:
-            Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
-            if info != 0:
-                raise LmmopsError("could not invert the Schur block")
+            Sinv = chol_inverse(L[:mp, :mp], lower=True, full=False)
         else:
             Sinv = np.zeros((0, 0))
         # trace of the first factor's block of M^{-1}: sum 1/d + tr(S'^{-1} B'D^{-2}B),

@@ -45,6 +45,7 @@ from lmmops.data.formula import rank_columns
 from lmmops.errors import LmmopsError
 from lmmops.estimation.direct import DirectObjective
 from lmmops.guard import check_dense
+from lmmops.linalg.lapack import chol_inverse
 
 __all__ = [
     "MMESolution",
@@ -333,12 +334,7 @@ def _level_order(obj, design, p):
 def _schur_inverse(L, mp):
     if not mp:
         return np.zeros((0, 0))
-    Sinv, info = sla.lapack.dpotri(L[:mp, :mp], lower=1)
-    if info != 0:
-        raise LmmopsError("could not invert the Schur block of the mixed model equations")
-    iu = np.triu_indices(mp, 1)
-    Sinv[iu] = Sinv.T[iu]
-    return Sinv
+    return chol_inverse(L[:mp, :mp], lower=True)
 
 
 def observation_vectors(obj, rows=None):

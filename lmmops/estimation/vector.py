@@ -40,7 +40,6 @@ import copy
 import math
 import time
 
-import numba
 import numpy as np
 import scipy.linalg as sla
 import scipy.optimize as sopt
@@ -64,7 +63,7 @@ from lmmops.estimation.criterion import criterion_at_sigma
 from lmmops.estimation.direct import Evaluation, OptSummary
 from lmmops.guard import check_dense
 from lmmops.linalg import kernels
-from lmmops.linalg.lapack import chol_factor, chol_solve
+from lmmops.linalg.lapack import chol_factor, chol_inverse, chol_solve, mirror_triangle
 
 __all__ = ["ScaledTheta", "VectorObjective", "VectorStatistics", "fit_vector", "profiled_gls",
            "random_effects_matrix", "span_average_information", "term_units",
@@ -515,11 +514,9 @@ class VectorObjective:
             T12 = sp.csr_matrix((np.arange(1.0, p21.size + 1), cols[p21], ptr21),
                                 shape=(m, q1)).T.tocsr()
             T12.sort_indices()
-            d22 = np.empty(m, dtype=np.int64)
             c22 = cols[p22] - q1
-            for r in range(m):  # the diagonal entry of each row of A_22
-                lo, hi = ptr22[r], ptr22[r + 1]
-                d22[r] = lo + np.searchsorted(c22[lo:hi], r)
+            # the diagonal entry of each row of A_22 (present: the pattern is closed)
+            d22 = np.flatnonzero(rows[p22] - q1 == c22)
             pat.update(p21=p21, ptr21=ptr21.astype(np.int64),
                        ind21=cols[p21].astype(np.int32), p22=p22,
                        ptr22=ptr22.astype(np.int64), ind22=c22.astype(np.int32),
@@ -589,18 +586,14 @@ class VectorObjective:
         """``S^{-1}`` from the Schur block's factor (LAPACK ``potri``), its lower
         triangle only (column-major), cached in ``fac``."""
         if "A22L" not in fac:
-            inv, info = sla.lapack.dpotri(fac["Ls"], lower=1, overwrite_c=0)
-            if info != 0:
-                raise LmmopsError(f"inverting the Schur block failed (LAPACK info {info})")
-            fac["A22L"] = inv
+            fac["A22L"] = chol_inverse(fac["Ls"], lower=True, full=False)
         return fac["A22L"]
 
     def _schur_inverse(self, fac):
         """``S^{-1}`` from the Schur block's factor, both triangles, cached in ``fac``."""
         if "A22" not in fac:
-            inv = self._schur_inverse_lower(fac)
-            _mirror_lower(inv)  # in place: a tenth of np.tril(inv) + np.tril(inv, -1).T
-            fac["A22"] = inv
+            # the cached lower triangle, mirrored in place
+            fac["A22"] = mirror_triangle(self._schur_inverse_lower(fac), lower=True)
         return fac["A22"]
 
     def _selected_inverse(self, fac):
@@ -807,7 +800,7 @@ class VectorObjective:
         Z1, W = Z[:q1], Z[q1:]
         K = fac["K"]
         rhs = np.hstack([K.T @ Z1, W])
-        Y = sla.cho_solve((fac["Ls"], True), rhs, check_finite=False)
+        Y = chol_solve(fac["Ls"], rhs, lower=True)
         KY = K @ Y[:, :P]
         n1 = q1 // d1
         est = [fac["B1inv"].sum(axis=0)
@@ -1220,16 +1213,6 @@ def span_average_information(obj, ev, cmul, lam, lam_t, solve, sol_x, cx_inv):
     tt = slice(0, obj.n_theta)
     ss = AI[-1, -1]
     return 2.0 * (AI[tt, tt] - np.outer(AI[tt, -1], AI[-1, tt]) / ss)
-
-
-@numba.njit(cache=True)
-def _mirror_lower(A):  # pragma: no cover (compiled)
-    """Copy the lower triangle of the square ``A`` onto its upper triangle, in place
-    (``A`` as LAPACK returns it, column-major: the reads run down the columns)."""
-    n = A.shape[0]
-    for j in range(n):
-        for i in range(j + 1, n):
-            A[j, i] = A[i, j]
 
 
 def _block_sum(A, d):

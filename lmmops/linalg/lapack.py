@@ -18,7 +18,7 @@ from scipy.linalg import lapack as _lapack
 
 from lmmops.errors import NumericalFailure
 
-__all__ = ["chol_factor", "chol_inverse", "chol_solve", "tri_solve"]
+__all__ = ["chol_factor", "chol_inverse", "chol_solve", "mirror_triangle", "tri_solve"]
 
 # the LAPACK routines are looked up at each call (scipy.linalg.lapack.dtrtrs, ...), so
 # that a test's spy on them sees these calls too
@@ -157,16 +157,21 @@ def chol_solve(c, b, lower=True):
     return x
 
 
-def chol_inverse(c, lower=True):
-    """The inverse of ``A = c c'`` from its Cholesky factor, both triangles filled.
+def chol_inverse(c, lower=True, full=True):
+    """The inverse of ``A = c c'`` from its Cholesky factor.
 
-    LAPACK ``dpotri`` (which fills one triangle), then the other triangle copied from it.
+    LAPACK ``dpotri``, which fills one triangle (``lower``'s); with ``full`` the other
+    triangle is copied from it (:func:`mirror_triangle`).
 
     Parameters
     ----------
     c : ndarray, shape (m, m), float64
-        The lower (``lower=True``) or upper Cholesky factor, finite.
+        The lower (``lower=True``) or upper Cholesky factor, finite; only that triangle
+        is read.
     lower : bool
+    full : bool, optional
+        Fill both triangles (default); ``False`` leaves the other triangle as LAPACK
+        leaves it (the factor's).
 
     Returns
     -------
@@ -183,14 +188,42 @@ def chol_inverse(c, lower=True):
     >>> c = np.linalg.cholesky(A)
     >>> bool(np.allclose(chol_inverse(c), np.linalg.inv(A)))
     True
+    >>> half = chol_inverse(c, full=False)
+    >>> bool(np.allclose(np.tril(half), np.tril(np.linalg.inv(A))))
+    True
     """
     inv, info = _lapack.dpotri(c, lower=int(lower))
     if info != 0:
         raise NumericalFailure(f"could not invert the Cholesky factor (LAPACK potri info "
                                f"{info})")
-    iu = _upper_indices(inv.shape[0])
-    if lower:
-        inv[iu] = inv.T[iu]
-    else:
-        inv.T[iu] = inv[iu]
+    if full:
+        mirror_triangle(inv, lower)
     return inv
+
+
+def mirror_triangle(a, lower=True):
+    """Copy the ``lower`` (or upper) triangle of the square ``a`` onto the other, in
+    place.
+
+    Parameters
+    ----------
+    a : ndarray, shape (m, m)
+    lower : bool
+
+    Returns
+    -------
+    ndarray
+        ``a``.
+
+    Examples
+    --------
+    >>> a = np.array([[1.0, 9.0], [2.0, 3.0]])
+    >>> mirror_triangle(a).tolist()
+    [[1.0, 2.0], [2.0, 3.0]]
+    """
+    iu = _upper_indices(a.shape[0])
+    if lower:
+        a[iu] = a.T[iu]
+    else:
+        a.T[iu] = a[iu]
+    return a
